@@ -1,0 +1,44 @@
+# kvmesh: `make demo` and `make test` work on a fresh machine (Python 3.11).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(CURDIR)/$(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-unit test-integration test-docker proto proto-check bench bench-quick image clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Regenerate gRPC/protobuf code from proto/ (the one command for it).
+proto: $(STAMP)
+	PYTHON=$(PY) bash scripts/gen_proto.sh
+
+## Fail if the generated code differs from what proto/ would generate now.
+proto-check: $(STAMP)
+	PYTHON=$(PY) bash scripts/check_proto.sh
+
+demo: $(STAMP)
+	$(VENV)/bin/kvmesh demo
+
+## The full suite: unit + property, multi-process on loopback, multi-container.
+test: $(STAMP) proto-check
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+bench: $(STAMP)
+	$(VENV)/bin/kvmesh bench all
+
+bench-quick: $(STAMP)
+	$(VENV)/bin/kvmesh bench all --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,45 @@
+"""The `kvmesh` command: one subcommand per process kind.
+
+Each subcommand lives in the module that implements it, which provides
+``configure_parser(parser)`` and ``run(args) -> int``; this file only wires
+them together and imports them lazily so `kvmesh --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "router": ("router.node", "run a router node (gRPC API, KV-event subscribers, proxy)"),
+    "sim-engine": (
+        "engine_adapters.sim_engine.server",
+        "run a simulated vLLM-like engine (OpenAI /v1/completions + ZMQ KV events)",
+    ),
+    "demo": ("kvmesh.demo", "start engines and a router on this machine and compare policies"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvmesh",
+        description="KV-cache-aware request router for LLM serving.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        mod.configure_parser(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
