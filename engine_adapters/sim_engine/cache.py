@@ -1,0 +1,345 @@
+"""The simulated engine's paged prefix cache (pure: no I/O, no clock).
+
+Modelled on vLLM's v1 ``KVCacheManager``/``BlockPool``:
+
+- A fixed pool of ``num_gpu_blocks`` blocks of ``block_size`` tokens.
+- A full block is identified by a chained hash of (parent hash, its tokens).
+  The function is deliberately NOT the router's xxh3 chain: blake2b-64 with an
+  engine seed, read as an UNSIGNED 64-bit int (so values >= 2**63 occur, as
+  with vLLM). The router must treat these as opaque ids and map them through
+  the ``BlockStored`` token ids and parent hash, exactly as with a real vLLM.
+- A request pins (refcounts) its cached prefix blocks and takes fresh blocks
+  for the rest. Unpinned cached blocks stay cached in LRU order and are
+  evicted only when a fresh block is needed and no uncached free block is left
+  (each eviction is a ``BlockRemoved``). Like vLLM, a finished request's
+  blocks are released tail first, so a prefix outlives its suffixes.
+- Blocks become cached when they are full, for prompt and generated tokens
+  alike (vLLM caches generated blocks too); consecutive newly cached blocks of
+  one request become one ``BlockStored`` with the parent of the first block.
+- If a block with the same hash is already cached (two requests computed the
+  same prefix at once), the request switches to the cached copy and frees its
+  own, so each hash lives in at most one block and the event stream has set
+  semantics: replaying every event in order onto an empty set gives exactly
+  the set of cached hashes.
+
+Every event is appended to an outbox in the order things happened;
+:meth:`PrefixCache.drain_events` hands them to the shell, which publishes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from engine_adapters.kv_events import (
+    MEDIUM_GPU,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+)
+
+_U32_MAX = 2**32 - 1
+
+
+class NotEnoughBlocks(Exception):
+    """Not enough free or evictable blocks now; the scheduler should wait."""
+
+
+def engine_block_hash(parent: int, tokens: Sequence[int]) -> int:
+    """blake2b-64 of the parent hash and the block's token ids, unsigned."""
+    h = hashlib.blake2b(parent.to_bytes(8, "big"), digest_size=8, person=b"kvmesh-sim")
+    h.update(array("I", tokens).tobytes())
+    return int.from_bytes(h.digest(), "big")
+
+
+def root_hash(seed: int) -> int:
+    """The parent of a prompt's first block (like vLLM's NONE_HASH)."""
+    return engine_block_hash(seed & 0xFFFFFFFFFFFFFFFF, ())
+
+
+@dataclass(slots=True)
+class _Block:
+    block_id: int
+    ref: int = 0
+    hash: int | None = None
+    parent: int | None = None  # engine hash of the previous block; None for the first
+    tokens: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class _Req:
+    blocks: list[int]  # block ids, in token order
+    chain: list[int]  # engine hashes of the request's full blocks, computed so far
+    committed: int  # leading blocks already cached (or deliberately left private)
+    caching: bool = True  # False after clear(): nothing of it is cached any more
+    hit_blocks: int = 0
+
+
+@dataclass(slots=True)
+class CacheStats:
+    num_blocks: int
+    pinned: int
+    cached: int
+    free_uncached: int
+    evictable: int
+    evictions: int = field(default=0)
+
+
+class PrefixCache:
+    def __init__(self, num_gpu_blocks: int, block_size: int = 16, hash_seed: int = 0) -> None:
+        if num_gpu_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_gpu_blocks and block_size must be positive")
+        self.num_gpu_blocks = num_gpu_blocks
+        self.block_size = block_size
+        self._root = root_hash(hash_seed)
+        self._blocks = [_Block(i) for i in range(num_gpu_blocks)]
+        self._free: list[int] = list(range(num_gpu_blocks - 1, -1, -1))  # uncached, ref 0
+        self._lru: OrderedDict[int, None] = OrderedDict()  # cached, ref 0; oldest first
+        self._by_hash: dict[int, int] = {}
+        self._reqs: dict[str, _Req] = {}
+        self._events: list[KVEvent] = []
+        self._evictions = 0
+
+    # --- queries ---------------------------------------------------------------
+
+    def chain_hashes(self, tokens: Sequence[int], max_blocks: int | None = None) -> list[int]:
+        """Engine hashes of the full blocks of ``tokens``."""
+        bs = self.block_size
+        n = len(tokens) // bs
+        if max_blocks is not None:
+            n = min(n, max_blocks)
+        out: list[int] = []
+        parent = self._root
+        for i in range(n):
+            parent = engine_block_hash(parent, tokens[i * bs : (i + 1) * bs])
+            out.append(parent)
+        return out
+
+    def lookup(self, tokens: Sequence[int]) -> list[int]:
+        """Hashes of the longest cached prefix of full blocks (read-only)."""
+        bs = self.block_size
+        out: list[int] = []
+        parent = self._root
+        for i in range(len(tokens) // bs):
+            parent = engine_block_hash(parent, tokens[i * bs : (i + 1) * bs])
+            if parent not in self._by_hash:
+                break
+            out.append(parent)
+        return out
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def usage(self) -> float:
+        """Fraction of blocks pinned by running requests (vLLM's kv_cache_usage)."""
+        return self.num_pinned() / self.num_gpu_blocks
+
+    def num_pinned(self) -> int:
+        return self.num_gpu_blocks - len(self._free) - len(self._lru)
+
+    def num_cached(self) -> int:
+        return len(self._by_hash)
+
+    def cached_hashes(self) -> set[int]:
+        return set(self._by_hash)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._reqs
+
+    def request_blocks(self, request_id: str) -> list[int]:
+        return list(self._reqs[request_id].blocks)
+
+    def stats(self) -> CacheStats:
+        return CacheStats(
+            num_blocks=self.num_gpu_blocks,
+            pinned=self.num_pinned(),
+            cached=len(self._by_hash),
+            free_uncached=len(self._free),
+            evictable=len(self._lru),
+            evictions=self._evictions,
+        )
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """Every cached block: ``{"hash", "parent", "tokens"}``."""
+        out: list[dict[str, object]] = []
+        for h, bid in self._by_hash.items():
+            b = self._blocks[bid]
+            out.append({"hash": h, "parent": b.parent, "tokens": list(b.tokens)})
+        return out
+
+    # --- mutations -------------------------------------------------------------
+
+    def allocate(
+        self, request_id: str, tokens: Sequence[int], reserve_tokens: int = 0
+    ) -> tuple[int, int]:
+        """Pin the cached prefix of ``tokens`` and take blocks for the rest.
+
+        Room is taken for ``len(tokens) + reserve_tokens`` tokens (the shell
+        reserves the request's output up front, so there is no preemption).
+        As in vLLM, at most ``len(tokens) - 1`` prompt tokens count as a hit:
+        the last prompt token is always computed to produce the first output.
+        Returns ``(hit_blocks, new_blocks)``. Raises :class:`NotEnoughBlocks`
+        (changing nothing) if the pool cannot supply the fresh blocks now.
+        """
+        if request_id in self._reqs:
+            raise ValueError(f"request {request_id!r} already holds blocks")
+        if not tokens:
+            raise ValueError("empty prompt")
+        bs = self.block_size
+        chain = self.chain_hashes(tokens)
+        max_hit = (len(tokens) - 1) // bs
+        hits: list[int] = []
+        for h in chain[:max_hit]:
+            bid = self._by_hash.get(h)
+            if bid is None:
+                break
+            hits.append(bid)
+        total = self.blocks_needed(len(tokens) + max(0, reserve_tokens))
+        need = total - len(hits)
+        hits_evictable = sum(1 for bid in hits if self._blocks[bid].ref == 0)
+        if need > len(self._free) + len(self._lru) - hits_evictable:
+            raise NotEnoughBlocks(
+                f"need {need} blocks, {len(self._free)} free and "
+                f"{len(self._lru) - hits_evictable} evictable"
+            )
+        for bid in hits:
+            self._pin(bid)
+        new_ids = [self._take_block() for _ in range(need)]
+        self._reqs[request_id] = _Req(
+            blocks=hits + new_ids, chain=chain, committed=len(hits), hit_blocks=len(hits)
+        )
+        return len(hits), need
+
+    def commit_full_blocks(
+        self, request_id: str, tokens_so_far: Sequence[int], num_tokens: int | None = None
+    ) -> list[BlockStored]:
+        """Cache the request's blocks that ``tokens_so_far`` (prompt + output
+        whose KV is computed) has filled since the last call.
+
+        ``num_tokens`` limits it to a prefix of ``tokens_so_far`` without the
+        caller copying it (the common call fills no new block: O(1)).
+        """
+        req = self._reqs[request_id]
+        bs = self.block_size
+        n = len(tokens_so_far) if num_tokens is None else min(num_tokens, len(tokens_so_far))
+        n_full = min(n // bs, len(req.blocks))
+        if n_full <= req.committed:
+            return []
+        if not req.caching:
+            req.committed = n_full
+            return []
+        # extend the hash chain over the newly full blocks
+        parent = req.chain[-1] if req.chain else self._root
+        for i in range(len(req.chain), n_full):
+            parent = engine_block_hash(parent, tokens_so_far[i * bs : (i + 1) * bs])
+            req.chain.append(parent)
+        stored: list[BlockStored] = []
+        run_hashes: list[int] = []
+        run_tokens: list[int] = []
+        run_parent: int | None = None
+        for i in range(req.committed, n_full):
+            h = req.chain[i]
+            parent_h = req.chain[i - 1] if i > 0 else None
+            block_tokens = tuple(tokens_so_far[i * bs : (i + 1) * bs])
+            existing = self._by_hash.get(h)
+            if existing is not None:
+                # Someone cached the same block meanwhile: share theirs, free ours.
+                own = req.blocks[i]
+                if existing != own:
+                    self._pin(existing)
+                    req.blocks[i] = existing
+                    self._unpin(own)
+                if run_hashes:
+                    stored.append(self._stored(run_hashes, run_parent, run_tokens))
+                    run_hashes, run_tokens = [], []
+                continue
+            b = self._blocks[req.blocks[i]]
+            b.hash, b.parent, b.tokens = h, parent_h, block_tokens
+            self._by_hash[h] = b.block_id
+            if not run_hashes:
+                run_parent = parent_h
+            run_hashes.append(h)
+            run_tokens.extend(block_tokens)
+        if run_hashes:
+            stored.append(self._stored(run_hashes, run_parent, run_tokens))
+        req.committed = n_full
+        self._events.extend(stored)
+        return stored
+
+    def release(self, request_id: str) -> None:
+        """Unpin a finished or aborted request's blocks (cached ones stay, LRU)."""
+        req = self._reqs.pop(request_id, None)
+        if req is None:
+            return
+        # Tail first, so the tail is evicted before the shared prefix.
+        for bid in reversed(req.blocks):
+            self._unpin(bid)
+
+    def clear(self) -> AllBlocksCleared:
+        """Drop every cached block (vLLM's reset_prefix_cache).
+
+        Blocks still pinned by running requests keep their data but stop being
+        cached; those requests cache nothing more, so no later ``BlockStored``
+        can name a parent the receiver was told to forget.
+        """
+        for bid in self._by_hash.values():
+            b = self._blocks[bid]
+            b.hash, b.parent, b.tokens = None, None, ()
+        self._by_hash.clear()
+        self._free.extend(reversed(self._lru))
+        self._lru.clear()
+        for req in self._reqs.values():
+            req.caching = False
+        ev = AllBlocksCleared()
+        self._events.append(ev)
+        return ev
+
+    def drain_events(self) -> list[KVEvent]:
+        """All events since the last call, in the order they happened."""
+        ev, self._events = self._events, []
+        return ev
+
+    # --- internals ---------------------------------------------------------------
+
+    def _stored(self, hashes: list[int], parent: int | None, tokens: list[int]) -> BlockStored:
+        return BlockStored(
+            block_hashes=hashes,
+            parent_block_hash=parent,
+            token_ids=tokens,
+            block_size=self.block_size,
+            medium=MEDIUM_GPU,
+        )
+
+    def _pin(self, bid: int) -> None:
+        b = self._blocks[bid]
+        if b.ref == 0 and b.hash is not None:
+            del self._lru[bid]
+        b.ref += 1
+
+    def _unpin(self, bid: int) -> None:
+        b = self._blocks[bid]
+        b.ref -= 1
+        if b.ref > 0:
+            return
+        if b.hash is not None:
+            self._lru[bid] = None  # most recently used end
+        else:
+            self._free.append(bid)
+
+    def _take_block(self) -> int:
+        if self._free:
+            bid = self._free.pop()
+        else:
+            bid, _ = self._lru.popitem(last=False)
+            b = self._blocks[bid]
+            assert b.hash is not None
+            del self._by_hash[b.hash]
+            self._events.append(BlockRemoved(block_hashes=[b.hash], medium=MEDIUM_GPU))
+            self._evictions += 1
+            b.hash, b.parent, b.tokens = None, None, ()
+        self._blocks[bid].ref = 1
+        return bid

@@ -1,0 +1,171 @@
+"""Drive a workload through routers' gRPC ``Generate`` and measure it.
+
+Sessions run concurrently (up to ``concurrency`` at a time); the turns of one
+session run in order, each prompt carrying the engine's previous answers, so
+prefix reuse is exactly what a chat client would produce. Requests are spread
+over the given router addresses round-robin (a DNS load balancer's view).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from kvmesh.v1 import router_pb2 as pb
+from kvmesh.v1 import router_pb2_grpc as pb_grpc
+from kvmesh.workloads import Session
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    session_id: str
+    turn: int
+    engine_id: str
+    prompt_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    ttft_ms: float  # client-side: send -> first token chunk
+    latency_ms: float
+    attempts: int
+    ok: bool
+    error: str = ""
+
+
+@dataclass
+class RunResult:
+    policy: str
+    records: list[RequestRecord] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> list[RequestRecord]:
+        return [r for r in self.records if r.ok]
+
+    def summary(self) -> dict[str, float]:
+        ok = self.ok
+        prompt = sum(r.prompt_tokens for r in ok)
+        cached = sum(r.cached_tokens for r in ok)
+        ttfts = sorted(r.ttft_ms for r in ok)
+        lats = sorted(r.latency_ms for r in ok)
+        per_engine: dict[str, int] = {}
+        for r in ok:
+            per_engine[r.engine_id] = per_engine.get(r.engine_id, 0) + 1
+        counts = list(per_engine.values()) or [0]
+        return {
+            "requests": len(self.records),
+            "failed": len(self.records) - len(ok),
+            "hit_rate": cached / prompt if prompt else 0.0,
+            "ttft_p50_ms": pct(ttfts, 50),
+            "ttft_p90_ms": pct(ttfts, 90),
+            "ttft_p99_ms": pct(ttfts, 99),
+            "latency_p50_ms": pct(lats, 50),
+            "latency_p90_ms": pct(lats, 90),
+            "throughput_rps": len(ok) / self.wall_s if self.wall_s else 0.0,
+            "output_tps": sum(r.output_tokens for r in ok) / self.wall_s if self.wall_s else 0.0,
+            "imbalance": max(counts) / statistics.mean(counts) if ok else 0.0,
+            "wall_s": self.wall_s,
+        }
+
+
+def pct(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return 0.0
+    k = min(len(sorted_values) - 1, max(0, round(p / 100.0 * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+async def generate_once(
+    stub: pb_grpc.RouterStub,
+    token_ids: list[int],
+    max_tokens: int,
+    policy: str = "",
+    session_key: str = "",
+    request_id: str = "",
+    timeout: float = 120.0,
+) -> tuple[RequestRecord, list[int]]:
+    """One Generate call; returns its record and the generated token ids."""
+    req = pb.GenerateRequest(
+        request_id=request_id,
+        prompt=pb.Prompt(token_ids=pb.TokenIds(ids=token_ids)),
+        sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        session_key=session_key,
+        policy=policy,
+    )
+    t0 = time.perf_counter()
+    ttft = -1.0
+    out: list[int] = []
+    fin = None
+    try:
+        async for msg in stub.Generate(req, timeout=timeout):
+            kind = msg.WhichOneof("event")
+            if kind == "chunk":
+                if ttft < 0:
+                    ttft = (time.perf_counter() - t0) * 1000.0
+                out.extend(msg.chunk.token_ids)
+            elif kind == "finished":
+                fin = msg.finished
+    except grpc.aio.AioRpcError as e:
+        rec = RequestRecord("", 0, "", len(token_ids), 0, 0, 0.0,
+                            (time.perf_counter() - t0) * 1000.0, 0, False, f"{e.code().name}: {e.details()}")
+        return rec, out
+    latency = (time.perf_counter() - t0) * 1000.0
+    ok = fin is not None and fin.finish_reason != "error"
+    rec = RequestRecord(
+        session_id="",
+        turn=0,
+        engine_id=fin.engine_id if fin else "",
+        prompt_tokens=fin.prompt_tokens if fin else len(token_ids),
+        cached_tokens=fin.cached_prompt_tokens if fin else 0,
+        output_tokens=len(out),
+        ttft_ms=max(ttft, 0.0),
+        latency_ms=latency,
+        attempts=fin.attempts if fin else 0,
+        ok=ok,
+        error="" if ok else "no finish" if fin is None else "engine error",
+    )
+    return rec, out
+
+
+async def run_sessions(
+    addresses: list[str],
+    sessions: list[Session],
+    policy: str = "",
+    concurrency: int = 16,
+    on_request=None,  # noqa: ANN001 - optional progress callback(RequestRecord)
+) -> RunResult:
+    channels = [grpc.aio.insecure_channel(a) for a in addresses]
+    stubs = [pb_grpc.RouterStub(c) for c in channels]
+    result = RunResult(policy=policy)
+    sem = asyncio.Semaphore(concurrency)
+    counter = 0
+
+    async def one_session(s: Session) -> None:
+        nonlocal counter
+        async with sem:
+            history = list(s.system)
+            for k, user in enumerate(s.user_turns):
+                prompt = history + user
+                stub = stubs[counter % len(stubs)]
+                counter += 1
+                rec, answer = await generate_once(
+                    stub, prompt, s.max_tokens, policy=policy, session_key=s.session_id,
+                    request_id=f"{policy or 'req'}-{s.session_id}-t{k}",
+                )
+                rec.session_id, rec.turn = s.session_id, k
+                result.records.append(rec)
+                if on_request is not None:
+                    on_request(rec)
+                history = prompt + answer
+
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(one_session(s) for s in sessions))
+    finally:
+        result.wall_s = time.perf_counter() - t0
+        for c in channels:
+            await c.close()
+    return result

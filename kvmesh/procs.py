@@ -1,0 +1,112 @@
+"""Start kvmesh processes (sim engines, router nodes) on this machine.
+
+Used by the demo, the benchmarks and the multi-process tests. Every process
+prints one ``READY key=value ...`` line on stdout once it serves; we wait for
+that line (bounded) instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[str]
+    info: dict[str, str] = field(default_factory=dict)
+    output: deque[str] = field(default_factory=lambda: deque(maxlen=400))
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(5.0)
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(list(self.output)[-n:])
+
+
+def start(name: str, args: list[str], ready_timeout: float = 30.0, env: dict[str, str] | None = None) -> Proc:
+    """Run ``kvmesh ARGS`` and wait for its READY line."""
+    cmd = [sys.executable, "-m", "kvmesh.cli", *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    popen = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+        start_new_session=True,
+    )
+    proc = Proc(name, popen)
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert popen.stdout is not None
+        for line in popen.stdout:
+            line = line.rstrip("\n")
+            proc.output.append(line)
+            if not ready.is_set() and line.startswith("READY"):
+                for part in line.split()[1:]:
+                    k, _, v = part.partition("=")
+                    proc.info[k] = v
+                ready.set()
+
+    threading.Thread(target=pump, name=f"pump-{name}", daemon=True).start()
+    deadline = time.monotonic() + ready_timeout
+    while not ready.wait(0.05):
+        if popen.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{name} did not become ready (rc={popen.poll()}):\n{proc.tail()}")
+    return proc
+
+
+def start_sim_engine(name: str, extra: list[str] | None = None, host: str = "127.0.0.1") -> Proc:
+    """A simulated engine on free loopback ports; info has http, kv, replay."""
+    http, kv, replay = free_port(host), free_port(host), free_port(host)
+    args = [
+        "sim-engine", "--host", host, "--port", str(http),
+        "--kv-events-endpoint", f"tcp://{host}:{kv}",
+        "--kv-replay-endpoint", f"tcp://{host}:{replay}",
+        *(extra or []),
+    ]
+    p = start(name, args)
+    p.info.setdefault("http", f"http://{host}:{http}")
+    p.info["url"] = f"http://{host}:{http}"
+    p.info["kv_endpoint"] = f"tcp://{host}:{kv}"
+    p.info["replay_endpoint"] = f"tcp://{host}:{replay}"
+    return p
+
+
+def engine_flag(engine_id: str, p: Proc, model: str = "sim-model", block_size: int = 16) -> str:
+    return (
+        f"id={engine_id},url={p.info['url']},kv={p.info['kv_endpoint']},"
+        f"replay={p.info['replay_endpoint']},model={model},block_size={block_size}"
+    )
+
+
+def start_router(name: str, engines: list[str], extra: list[str] | None = None, host: str = "127.0.0.1") -> Proc:
+    args = ["router", "--listen", f"{host}:{free_port(host)}", "--node-id", name]
+    for e in engines:
+        args += ["--engine", e]
+    return start(name, args + (extra or []))

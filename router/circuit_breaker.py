@@ -1,0 +1,64 @@
+"""Per-engine circuit breaker (pure: time is passed in).
+
+closed --N consecutive failures--> open --cooldown--> half_open
+half_open lets one probe request through: success closes, failure reopens
+with a doubled cooldown (capped), so a dead engine costs one failed attempt
+per cooldown instead of one per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CLOSED = "closed"
+OPEN = "open"
+HALF_OPEN = "half_open"
+
+
+@dataclass(slots=True)
+class BreakerConfig:
+    failure_threshold: int = 3
+    cooldown_s: float = 2.0
+    max_cooldown_s: float = 30.0
+
+
+class CircuitBreaker:
+    def __init__(self, config: BreakerConfig | None = None) -> None:
+        self.config = config or BreakerConfig()
+        self.state = CLOSED
+        self.failures = 0
+        self._cooldown = self.config.cooldown_s
+        self._opened_at = 0.0
+        self._probe_in_flight = False
+
+    def allows(self, now: float) -> bool:
+        """May a request be sent now? (Does not reserve the half-open probe.)"""
+        if self.state == CLOSED:
+            return True
+        if self.state == OPEN and now - self._opened_at >= self._cooldown:
+            self.state = HALF_OPEN
+            self._probe_in_flight = False
+        return self.state == HALF_OPEN and not self._probe_in_flight
+
+    def on_attempt(self, now: float) -> None:
+        if self.state == HALF_OPEN:
+            self._probe_in_flight = True
+
+    def on_success(self, now: float) -> None:
+        self.state = CLOSED
+        self.failures = 0
+        self._cooldown = self.config.cooldown_s
+        self._probe_in_flight = False
+
+    def on_failure(self, now: float) -> None:
+        self.failures += 1
+        if self.state == HALF_OPEN:
+            self._cooldown = min(self._cooldown * 2, self.config.max_cooldown_s)
+            self._open(now)
+        elif self.state == CLOSED and self.failures >= self.config.failure_threshold:
+            self._open(now)
+
+    def _open(self, now: float) -> None:
+        self.state = OPEN
+        self._opened_at = now
+        self._probe_in_flight = False

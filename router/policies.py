@@ -1,0 +1,569 @@
+"""Routing policies: pick one healthy worker for a request and say why.
+
+Every policy is a small class with a ``name``, ``choose(req, candidates, now,
+rng) -> Decision`` and ``on_routed(req, worker, now)``. They are pure: the
+caller passes the time and a ``random.Random``; the index, the approximate
+tree and the load numbers are passed in, never fetched.
+
+Contract for callers (the service): build candidates (see
+:func:`candidates_from`), call ``choose``, send the request, and once the
+request has actually gone to a worker (after any retry on another one) call
+``on_routed(req, worker, now)`` so policies that learn from routing
+(``cache_aware_approx``, ``precise`` with hints) record it.
+
+Load is in-flight requests per worker, summed over the mesh
+(:class:`router.load.LoadView`); ``Candidate.load_tokens`` optionally carries
+the tokens of work in flight for the precise cost (the node counts a request's
+uncached prompt tokens until its first token, then one block of decode).
+
+Defaults, and why:
+- Balance guard (``cache_aware_approx`` and ``precise``), SGLang's rule: the
+  fleet is imbalanced when ``max_load - min_load > abs_threshold`` and
+  ``max_load > rel_threshold * min_load``; then pure least load.
+  ``abs_threshold=32`` (SGLang uses 64; an engine of our size saturates well
+  before 64 concurrent long prompts), ``rel_threshold=1.5`` (as SGLang).
+- ``cache_aware_approx`` ``cache_threshold=0.3`` (SGLang router's default): go
+  to the best match when more than 30% of the prompt's full blocks were
+  routed there before, else least load. A lower threshold keeps more locality
+  for multi-turn chats whose history grows every turn.
+- ``precise`` cost, after NVIDIA Dynamo's KV router (``logit =
+  overlap_score_weight * prefill_blocks + decode_blocks``):
+  ``cost = overlap_weight * uncached_prompt_blocks + load_blocks`` where
+  ``uncached_prompt_blocks = prompt_tokens / block_size - overlap`` (the prefill
+  this worker would have to do) and ``load_blocks = in-flight tokens /
+  block_size`` (KV blocks the worker is already busy with: its queued prefill
+  and running decode). When a candidate has no token count, its in-flight
+  requests are assumed to be the size of this one. ``overlap_weight=1``
+  weighs one block of saved prefill against one block of queued work.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import xxhash
+
+from router.approx_tree import ApproxTree
+from router.index import PrefixIndex
+from router.load import LoadView
+
+__all__ = [
+    "POLICY_NAMES",
+    "ApproxCacheAware",
+    "Candidate",
+    "CandidateScore",
+    "ConsistentHash",
+    "Decision",
+    "LeastLoad",
+    "NoEngineAvailable",
+    "Policy",
+    "PowerOfTwo",
+    "Precise",
+    "RandomPolicy",
+    "RoundRobin",
+    "RouteRequest",
+    "candidates_from",
+    "is_imbalanced",
+    "make_policy",
+]
+
+_xxh3 = xxhash.xxh3_64_intdigest
+
+
+class NoEngineAvailable(Exception):
+    """No healthy candidate to route to."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    request_id: str
+    block_hashes: list[int]  # router block hashes of the prompt's full blocks
+    prompt_tokens: int
+    session_key: str | None = None
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        if not isinstance(self.prompt_tokens, int) or self.prompt_tokens < 0:
+            raise ValueError(f"prompt_tokens must be a non-negative int, got {self.prompt_tokens!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    worker: str
+    load: float = 0.0  # in-flight requests (mesh-wide)
+    healthy: bool = True
+    load_tokens: float | None = None  # tokens of work in flight, when tracked
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateScore:
+    worker: str
+    overlap_blocks: int
+    load: float
+    score: float
+    chosen: bool
+    healthy: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    policy: str
+    worker: str
+    reason: str
+    candidates: list[CandidateScore]
+    score_meaning: str = ""  # what CandidateScore.score is for this policy
+    prompt_blocks: int = 0
+    imbalanced: bool = False
+
+    @property
+    def chosen(self) -> str:
+        """Alias of ``worker`` (the chosen worker id)."""
+        return self.worker
+
+    def explain(self) -> str:
+        """Multi-line, human-readable account of the decision."""
+        lines = [f"policy={self.policy} chosen={self.worker}: {self.reason}"]
+        if self.score_meaning:
+            lines.append(f"score = {self.score_meaning}")
+        for c in self.candidates:
+            mark = "*" if c.chosen else " "
+            health = "" if c.healthy else " (unhealthy)"
+            lines.append(
+                f"{mark} {c.worker}: overlap {c.overlap_blocks}/{self.prompt_blocks} blocks, "
+                f"load {_fmt(c.load)}, score {_fmt(c.score)}{health}"
+            )
+        return "\n".join(lines)
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:.3f}"
+
+
+class Policy(Protocol):
+    name: str
+
+    def choose(
+        self, req: RouteRequest, candidates: Sequence[Candidate], now: float, rng: _random.Random
+    ) -> Decision: ...
+
+    def on_routed(self, req: RouteRequest, worker: str, now: float) -> None: ...
+
+
+def candidates_from(
+    workers: Iterable[str],
+    load: LoadView | Mapping[str, float],
+    unhealthy: Collection[str] = (),
+    tokens: Mapping[str, float] | None = None,
+) -> list[Candidate]:
+    """Candidates for ``workers`` with loads from a LoadView or a plain dict."""
+    if isinstance(load, LoadView):
+        req_load = load.snapshot()
+        tok_load: Mapping[str, float] | None = load.snapshot_tokens() if tokens is None else tokens
+    else:
+        req_load, tok_load = load, tokens
+    return [
+        Candidate(
+            worker=w,
+            load=float(req_load.get(w, 0.0)),
+            healthy=w not in unhealthy,
+            load_tokens=None if tok_load is None else float(tok_load.get(w, 0.0)),
+        )
+        for w in workers
+    ]
+
+
+def is_imbalanced(loads: Iterable[float], abs_threshold: float, rel_threshold: float) -> tuple[bool, float, float]:
+    """SGLang's balance guard. Returns (imbalanced, max, min)."""
+    ls = list(loads)
+    if not ls:
+        return False, 0.0, 0.0
+    hi, lo = max(ls), min(ls)
+    return (hi - lo > abs_threshold and hi > rel_threshold * lo), hi, lo
+
+
+# -- shared helpers ------------------------------------------------------------
+
+
+def _healthy(policy: str, candidates: Sequence[Candidate]) -> list[Candidate]:
+    if not candidates:
+        raise NoEngineAvailable(f"{policy}: no candidate workers")
+    seen: set[str] = set()
+    for c in candidates:
+        if c.worker in seen:
+            raise ValueError(f"{policy}: duplicate candidate {c.worker!r}")
+        seen.add(c.worker)
+    healthy = [c for c in candidates if c.healthy]
+    if not healthy:
+        raise NoEngineAvailable(
+            f"{policy}: none of {len(candidates)} candidates is healthy ({', '.join(c.worker for c in candidates)})"
+        )
+    return healthy
+
+
+def _pick_min(items: list[Candidate], key: Callable[[Candidate], tuple], rng: _random.Random) -> Candidate:
+    """Lowest key; exact ties broken by the seeded rng, never by position."""
+    best = min(key(c) for c in items)
+    ties = [c for c in items if key(c) == best]
+    return ties[0] if len(ties) == 1 else rng.choice(ties)
+
+
+def _least_load(healthy: list[Candidate], rng: _random.Random) -> Candidate:
+    return _pick_min(healthy, lambda c: (c.load,), rng)
+
+
+def _decision(
+    policy: str,
+    req: RouteRequest,
+    candidates: Sequence[Candidate],
+    chosen: str,
+    reason: str,
+    overlaps: Mapping[str, int] | None,
+    scores: Mapping[str, float] | None,
+    score_meaning: str,
+    imbalanced: bool = False,
+) -> Decision:
+    rows = [
+        CandidateScore(
+            worker=c.worker,
+            overlap_blocks=overlaps.get(c.worker, 0) if overlaps else 0,
+            load=c.load,
+            score=scores.get(c.worker, 0.0) if scores else c.load,
+            chosen=c.worker == chosen,
+            healthy=c.healthy,
+        )
+        for c in candidates
+    ]
+    return Decision(
+        policy=policy,
+        worker=chosen,
+        reason=reason,
+        candidates=rows,
+        score_meaning=score_meaning,
+        prompt_blocks=len(req.block_hashes),
+        imbalanced=imbalanced,
+    )
+
+
+class _Base:
+    name = ""
+
+    def __init__(self, index: PrefixIndex | None = None) -> None:
+        # With an index, load-only policies still report each candidate's
+        # cached overlap, so decisions of every policy can be compared.
+        self.index = index
+
+    def _info_overlaps(self, req: RouteRequest, candidates: Sequence[Candidate]) -> dict[str, int] | None:
+        if self.index is None:
+            return None
+        return self.index.match(req.block_hashes, [c.worker for c in candidates])
+
+    def on_routed(self, req: RouteRequest, worker: str, now: float) -> None:
+        return None
+
+
+# -- load-only policies --------------------------------------------------------
+
+
+class RoundRobin(_Base):
+    """Cycle over the healthy candidates in worker-id order."""
+
+    name = "round_robin"
+
+    def __init__(self, index: PrefixIndex | None = None) -> None:
+        super().__init__(index)
+        self._next = 0
+
+    def choose(
+        self, req: RouteRequest, candidates: Sequence[Candidate], now: float, rng: _random.Random
+    ) -> Decision:
+        healthy = sorted(_healthy(self.name, candidates), key=lambda c: c.worker)
+        i = self._next % len(healthy)
+        self._next = (self._next + 1) % (1 << 62)
+        c = healthy[i]
+        return _decision(
+            self.name, req, candidates, c.worker,
+            f"turn {i + 1} of {len(healthy)} healthy workers -> {c.worker}",
+            self._info_overlaps(req, candidates), None, "load (not used)",
+        )
+
+
+class RandomPolicy(_Base):
+    name = "random"
+
+    def choose(
+        self, req: RouteRequest, candidates: Sequence[Candidate], now: float, rng: _random.Random
+    ) -> Decision:
+        healthy = _healthy(self.name, candidates)
+        c = rng.choice(healthy)
+        return _decision(
+            self.name, req, candidates, c.worker,
+            f"uniform random over {len(healthy)} healthy workers -> {c.worker}",
+            self._info_overlaps(req, candidates), None, "load (not used)",
+        )
+
+
+class LeastLoad(_Base):
+    name = "least_load"
+
+    def choose(
+        self, req: RouteRequest, candidates: Sequence[Candidate], now: float, rng: _random.Random
+    ) -> Decision:
+        healthy = _healthy(self.name, candidates)
+        c = _least_load(healthy, rng)
+        return _decision(
+            self.name, req, candidates, c.worker,
+            f"least load {_fmt(c.load)} on {c.worker}",
+            self._info_overlaps(req, candidates), None, "in-flight requests (lowest wins)",
+        )
+
+
+class PowerOfTwo(_Base):
+    """Two distinct random healthy candidates; the less loaded one wins."""
+
+    name = "power_of_two"
+
+    def choose(
+        self, req: RouteRequest, candidates: Sequence[Candidate], now: float, rng: _random.Random
+    ) -> Decision:
+        healthy = _healthy(self.name, candidates)
+        if len(healthy) == 1:
+            c = healthy[0]
+            reason = f"only healthy worker {c.worker}"
+        else:
+            a, b = rng.sample(healthy, 2)
+            c = b if b.load < a.load else a  # sample order is random, so ties are too
+            other = b if c is a else a
+            reason = f"sampled {a.worker} (load {_fmt(a.load)}) and {b.worker} (load {_fmt(b.load)}) -> {c.worker}"
+            if c.load == other.load:
+                reason += " (tie)"
+        return _decision(
+            self.name, req, candidates, c.worker, reason,
+            self._info_overlaps(req, candidates), None, "in-flight requests (lower of two samples wins)",
+        )
+
+
+class ConsistentHash(_Base):
+    """Rendezvous (highest random weight) hashing of the session key.
+
+    Removing a worker moves only the keys that were on it. Without a session
+    key the chained hash of the first ``prefix_blocks`` blocks is the key, so
+    prompts sharing that prefix land together; with no full block either, the
+    request id is hashed (effectively random).
+    """
+
+    name = "consistent_hash"
+
+    def __init__(self, index: PrefixIndex | None = None, prefix_blocks: int = 4) -> None:
+        super().__init__(index)
+        if prefix_blocks < 1:
+            raise ValueError(f"prefix_blocks must be >= 1, got {prefix_blocks!r}")
+        self.prefix_blocks = prefix_blocks
+
+    def _key(self, req: RouteRequest) -> tuple[int, str]:
+        if req.session_key is not None:
+            return _xxh3(req.session_key.encode("utf-8")), f"session key {req.session_key!r}"
+        if req.block_hashes:
+            k = min(self.prefix_blocks, len(req.block_hashes))
+            return req.block_hashes[k - 1], f"first {k} prompt block(s)"
+        return _xxh3(str(req.request_id).encode("utf-8")), "request id (no session key, no full block)"
+
+    def choose(
+        self, req: RouteRequest, candidates: Sequence[Candidate], now: float, rng: _random.Random
+    ) -> Decision:
+        healthy = _healthy(self.name, candidates)
+        key, what = self._key(req)
+        # exact 64-bit ints: floats would round distinct weights into ties
+        weights = {c.worker: _xxh3(c.worker.encode("utf-8"), key) for c in candidates}
+        c = max(healthy, key=lambda c: (weights[c.worker], c.worker))
+        return _decision(
+            self.name, req, candidates, c.worker,
+            f"rendezvous hash of {what} -> {c.worker}",
+            self._info_overlaps(req, candidates), weights, "rendezvous weight, 64-bit (highest wins)",
+        )
+
+
+# -- cache-aware policies ------------------------------------------------------
+
+
+class _Guarded(_Base):
+    def __init__(self, index: PrefixIndex | None, abs_threshold: float, rel_threshold: float) -> None:
+        super().__init__(index)
+        if abs_threshold < 0 or rel_threshold < 1:
+            raise ValueError(f"need abs_threshold >= 0 and rel_threshold >= 1, got {abs_threshold}, {rel_threshold}")
+        self.abs_threshold = abs_threshold
+        self.rel_threshold = rel_threshold
+
+    def _guard(
+        self, req: RouteRequest, candidates: Sequence[Candidate], healthy: list[Candidate],
+        overlaps: Mapping[str, int], rng: _random.Random,
+    ) -> Decision | None:
+        imb, hi, lo = is_imbalanced((c.load for c in healthy), self.abs_threshold, self.rel_threshold)
+        if not imb:
+            return None
+        c = _least_load(healthy, rng)
+        return _decision(
+            self.name, req, candidates, c.worker,
+            f"imbalanced: max {_fmt(hi)} min {_fmt(lo)} -> least load {c.worker}",
+            overlaps, None, "in-flight requests (imbalanced fleet: lowest wins)", imbalanced=True,
+        )
+
+
+class ApproxCacheAware(_Guarded):
+    """SGLang-style cache-aware routing from a tree of what this router routed."""
+
+    name = "cache_aware_approx"
+
+    def __init__(
+        self,
+        tree: ApproxTree | None = None,
+        index: PrefixIndex | None = None,
+        cache_threshold: float = 0.3,
+        abs_threshold: float = 32,
+        rel_threshold: float = 1.5,
+        max_blocks_per_worker: int = 100_000,
+    ) -> None:
+        super().__init__(index, abs_threshold, rel_threshold)
+        if not 0 <= cache_threshold <= 1:
+            raise ValueError(f"cache_threshold must be in [0, 1], got {cache_threshold!r}")
+        self.tree = tree if tree is not None else ApproxTree(max_blocks_per_worker)
+        self.cache_threshold = cache_threshold
+
+    def choose(
+        self, req: RouteRequest, candidates: Sequence[Candidate], now: float, rng: _random.Random
+    ) -> Decision:
+        healthy = _healthy(self.name, candidates)
+        overlaps = self.tree.match(req.block_hashes, [c.worker for c in candidates], now)
+        guarded = self._guard(req, candidates, healthy, overlaps, rng)
+        if guarded is not None:
+            return guarded
+        n = len(req.block_hashes)
+        best = max(overlaps[c.worker] for c in healthy)
+        rate = best / n if n else 0.0
+        if rate > self.cache_threshold:
+            c = _pick_min(healthy, lambda c: (-overlaps[c.worker], c.load), rng)
+            reason = f"best match {best}/{n} blocks ({rate:.0%} > {self.cache_threshold:.0%}) on {c.worker}, load {_fmt(c.load)}"
+        else:
+            c = _least_load(healthy, rng)
+            reason = f"best match {best}/{n} blocks ({rate:.0%} <= {self.cache_threshold:.0%}) -> least load {_fmt(c.load)} on {c.worker}"
+        scores = {w: (v / n if n else 0.0) for w, v in overlaps.items()}
+        return _decision(
+            self.name, req, candidates, c.worker, reason, overlaps, scores, "routed-prefix match rate"
+        )
+
+    def on_routed(self, req: RouteRequest, worker: str, now: float) -> None:
+        self.tree.insert(worker, req.block_hashes, now)
+
+
+class Precise(_Guarded):
+    """KV-event-driven: overlap from the PrefixIndex weighed against load.
+
+    Optional ``hints`` (an :class:`ApproxTree`, typically with a short ttl):
+    prefixes just routed to a worker count as cached there until the engine's
+    events arrive, so a burst of identical prompts lands on one worker.
+    """
+
+    name = "precise"
+
+    def __init__(
+        self,
+        index: PrefixIndex,
+        overlap_weight: float = 1.0,
+        abs_threshold: float = 32,
+        rel_threshold: float = 1.5,
+        hints: ApproxTree | None = None,
+    ) -> None:
+        if index is None:
+            raise ValueError("precise policy needs a PrefixIndex (index=...)")
+        super().__init__(index, abs_threshold, rel_threshold)
+        if overlap_weight < 0:
+            raise ValueError(f"overlap_weight must be >= 0, got {overlap_weight!r}")
+        self.overlap_weight = overlap_weight
+        self.hints = hints
+
+    def _overlaps(self, req: RouteRequest, candidates: Sequence[Candidate], now: float) -> dict[str, int]:
+        workers = [c.worker for c in candidates]
+        assert self.index is not None
+        ov = self.index.match(req.block_hashes, workers)
+        if self.hints is not None:
+            for w, v in self.hints.match(req.block_hashes, workers, now).items():
+                if v > ov[w]:
+                    ov[w] = v
+        return ov
+
+    def choose(
+        self, req: RouteRequest, candidates: Sequence[Candidate], now: float, rng: _random.Random
+    ) -> Decision:
+        healthy = _healthy(self.name, candidates)
+        overlaps = self._overlaps(req, candidates, now)
+        guarded = self._guard(req, candidates, healthy, overlaps, rng)
+        if guarded is not None:
+            return guarded
+        bs = req.block_size
+        prompt_blocks = req.prompt_tokens / bs
+        w = self.overlap_weight
+        costs: dict[str, float] = {}
+        for c in candidates:
+            busy = c.load_tokens if c.load_tokens is not None else c.load * req.prompt_tokens
+            costs[c.worker] = w * max(prompt_blocks - overlaps[c.worker], 0.0) + busy / bs
+        c = _pick_min(healthy, lambda c: (costs[c.worker], c.load), rng)
+        n = len(req.block_hashes)
+        reason = (
+            f"best cost {_fmt(costs[c.worker])} on {c.worker}: overlap {overlaps[c.worker]}/{n} blocks, "
+            f"load {_fmt(c.load)}"
+        )
+        return _decision(
+            self.name, req, candidates, c.worker, reason, overlaps, costs,
+            f"{_fmt(w)} x uncached prompt blocks + in-flight blocks (lowest wins)",
+        )
+
+    def on_routed(self, req: RouteRequest, worker: str, now: float) -> None:
+        if self.hints is not None:
+            self.hints.insert(worker, req.block_hashes, now)
+
+
+# -- registry ------------------------------------------------------------------
+
+_SIMPLE: dict[str, type[_Base]] = {
+    RoundRobin.name: RoundRobin,
+    RandomPolicy.name: RandomPolicy,
+    ConsistentHash.name: ConsistentHash,
+    LeastLoad.name: LeastLoad,
+    PowerOfTwo.name: PowerOfTwo,
+}
+POLICY_NAMES: tuple[str, ...] = (*_SIMPLE, ApproxCacheAware.name, Precise.name)
+
+
+def make_policy(
+    name: str,
+    index: PrefixIndex | None = None,
+    approx_tree: ApproxTree | None = None,
+    **opts: object,
+) -> Policy:
+    """Build a policy by name. Unknown names and options raise ValueError.
+
+    Options: consistent_hash ``prefix_blocks``; cache_aware_approx
+    ``cache_threshold``, ``abs_threshold``, ``rel_threshold``,
+    ``max_blocks_per_worker``; precise ``overlap_weight``, ``abs_threshold``,
+    ``rel_threshold``, ``hints_ttl`` (seconds; builds a hints tree, off when
+    absent or None), ``hints`` (an ApproxTree).
+    """
+    try:
+        if name in _SIMPLE:
+            return _SIMPLE[name](index=index, **opts)  # type: ignore[arg-type]
+        if name == ApproxCacheAware.name:
+            return ApproxCacheAware(tree=approx_tree, index=index, **opts)  # type: ignore[arg-type]
+        if name == Precise.name:
+            if index is None:
+                raise ValueError("precise policy needs a PrefixIndex (index=...)")
+            hints_ttl = opts.pop("hints_ttl", None)
+            if hints_ttl is not None and "hints" not in opts:
+                opts["hints"] = ApproxTree(ttl=float(hints_ttl))  # type: ignore[arg-type]
+            return Precise(index=index, **opts)  # type: ignore[arg-type]
+    except TypeError as e:  # unknown option for that policy
+        raise ValueError(f"bad options for policy {name!r}: {e}") from None
+    raise ValueError(f"unknown policy {name!r}; valid: {', '.join(POLICY_NAMES)}")

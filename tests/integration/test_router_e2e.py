@@ -1,0 +1,191 @@
+"""Multi-process on loopback: a real router process in front of real simulated
+engine processes, talking gRPC, HTTP and ZMQ exactly as in production."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from kvmesh import procs
+from kvmesh.loadgen import generate_once
+from kvmesh.v1 import router_pb2 as pb
+from kvmesh.v1 import router_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engines():
+    ps = [procs.start_sim_engine(f"e{i}", ["--num-gpu-blocks", "2000", "--seed", str(i)]) for i in range(2)]
+    yield ps
+    for p in ps:
+        p.stop()
+
+
+def _router(engines, policy: str, extra: list[str] | None = None) -> procs.Proc:
+    flags = [procs.engine_flag(f"e{i}", p) for i, p in enumerate(engines)]
+    return procs.start_router(f"router-{policy}", flags, ["--policy", policy, "--health-interval", "0.5",
+                                                           *(extra or [])])
+
+
+def _tokens(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(256, 32000) for _ in range(n)]
+
+
+async def _wait_index(addr: str, min_entries: int, timeout: float = 5.0) -> None:
+    async with grpc.aio.insecure_channel(addr) as ch:
+        admin = pb_grpc.AdminStub(ch)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (await admin.GetStats(pb.GetStatsRequest())).index_entries >= min_entries:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"router index never reached {min_entries} entries")
+
+
+async def _clear(engines) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        for p in engines:
+            async with http.post(f"{p.info['url']}/admin/clear") as r:
+                assert r.status == 200
+
+
+async def test_shared_prefix_lands_on_same_engine_with_cached_tokens(engines):
+    await _clear(engines)
+    router = _router(engines, "precise")
+    try:
+        addr = router.info["grpc"]
+        prefix = _tokens(1, 800)  # 50 blocks
+        async with grpc.aio.insecure_channel(addr) as ch:
+            stub = pb_grpc.RouterStub(ch)
+            first, answer = await generate_once(stub, prefix + _tokens(2, 40), 8)
+            assert first.ok, first.error
+            await _wait_index(addr, 50)
+            second, _ = await generate_once(stub, prefix + _tokens(2, 40) + answer + _tokens(3, 30), 8)
+            assert second.ok, second.error
+            assert second.engine_id == first.engine_id
+            assert second.cached_tokens >= 800, second
+            # The Route RPC agrees and explains itself.
+            route = await stub.Route(pb.RouteRequest(
+                prompt=pb.Prompt(token_ids=pb.TokenIds(ids=prefix + _tokens(9, 20))), dry_run=True))
+            assert route.engine_id == first.engine_id
+            assert route.predicted_cached_blocks >= 50
+            assert route.decision.policy == "precise"
+            assert {c.engine_id for c in route.decision.candidates} == {"e0", "e1"}
+            assert sum(c.chosen for c in route.decision.candidates) == 1
+    finally:
+        router.stop()
+
+
+async def test_round_robin_alternates(engines):
+    await _clear(engines)
+    router = _router(engines, "round_robin")
+    try:
+        prefix = _tokens(5, 640)
+        async with grpc.aio.insecure_channel(router.info["grpc"]) as ch:
+            stub = pb_grpc.RouterStub(ch)
+            seen = []
+            for i in range(4):
+                rec, _ = await generate_once(stub, prefix + _tokens(100 + i, 20), 4)
+                assert rec.ok, rec.error
+                seen.append(rec.engine_id)
+        assert seen[0] != seen[1] and seen[0] == seen[2] and seen[1] == seen[3], seen
+    finally:
+        router.stop()
+
+
+async def test_text_prompt_health_reflection_admin_and_bad_input(engines):
+    router = _router(engines, "precise")
+    try:
+        addr = router.info["grpc"]
+        async with grpc.aio.insecure_channel(addr) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            resp = await health.Check(health_pb2.HealthCheckRequest(service="kvmesh.v1.Router"))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+            refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+            names = set()
+            async for r in refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
+                names |= {s.name for s in r.list_services_response.service}
+            assert {"kvmesh.v1.Router", "kvmesh.v1.Admin", "grpc.health.v1.Health"} <= names
+
+            stub = pb_grpc.RouterStub(ch)
+            chunks, fin = [], None
+            async for m in stub.Generate(pb.GenerateRequest(
+                    prompt=pb.Prompt(text="Hello there, how are you today?"),
+                    sampling=pb.SamplingParams(max_tokens=5))):
+                if m.WhichOneof("event") == "chunk":
+                    chunks.extend(m.chunk.token_ids)
+                elif m.WhichOneof("event") == "finished":
+                    fin = m.finished
+            assert fin is not None and fin.finish_reason == "length" and len(chunks) == 5
+            assert fin.prompt_tokens > 0
+
+            # Bad input: clear errors, and the node keeps serving.
+            for bad in (
+                pb.GenerateRequest(),  # no prompt
+                pb.GenerateRequest(prompt=pb.Prompt(text="x"), policy="nope"),
+                pb.GenerateRequest(prompt=pb.Prompt(text="x"), model="unknown-model"),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as ei:
+                    async for _ in stub.Generate(bad):
+                        pass
+                assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value
+            admin = pb_grpc.AdminStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                await admin.RegisterEngine(pb.RegisterEngineRequest(spec=pb.EngineSpec(engine_id="x", endpoint="nope")))
+            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                await admin.DeregisterEngine(pb.DeregisterEngineRequest(engine_id="ghost"))
+            assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+
+            # Deregister and re-register through the admin API.
+            listed = await admin.ListEngines(pb.ListEnginesRequest())
+            e1 = next(e for e in listed.engines if e.spec.engine_id == "e1")
+            assert (await admin.DeregisterEngine(pb.DeregisterEngineRequest(engine_id="e1"))).removed
+            ids = {e.spec.engine_id for e in (await admin.ListEngines(pb.ListEnginesRequest())).engines}
+            assert ids == {"e0"}
+            rec, _ = await generate_once(stub, _tokens(11, 100), 3)
+            assert rec.ok and rec.engine_id == "e0"
+            status = (await admin.RegisterEngine(pb.RegisterEngineRequest(spec=e1.spec))).status
+            assert status.spec.engine_id == "e1" and status.healthy
+            ids = {e.spec.engine_id for e in (await admin.ListEngines(pb.ListEnginesRequest())).engines}
+            assert ids == {"e0", "e1"}
+            assert router.popen.poll() is None
+    finally:
+        router.stop()
+
+
+async def test_killing_the_chosen_engine_fails_over():
+    ps = [procs.start_sim_engine(f"k{i}", ["--seed", str(i)]) for i in range(2)]
+    router = _router(ps, "precise", ["--max-attempts", "3"])
+    try:
+        prefix = _tokens(21, 480)
+        async with grpc.aio.insecure_channel(router.info["grpc"]) as ch:
+            stub = pb_grpc.RouterStub(ch)
+            first, _ = await generate_once(stub, prefix + _tokens(22, 10), 4)
+            assert first.ok
+            victim = int(first.engine_id[1])
+            ps[victim].kill()
+            survivor = f"e{1 - victim}"
+            for i in range(6):
+                rec, _ = await generate_once(stub, prefix + _tokens(30 + i, 10), 4)
+                assert rec.ok, rec.error
+                assert rec.engine_id == survivor
+            admin = pb_grpc.AdminStub(ch)
+            stats = await admin.GetStats(pb.GetStatsRequest())
+            assert stats.retries_total >= 1
+            assert stats.requests_failed == 0
+    finally:
+        router.stop()
+        for p in ps:
+            p.stop()

@@ -1,0 +1,48 @@
+from hypothesis import given
+from hypothesis import strategies as st
+
+from router.circuit_breaker import CLOSED, HALF_OPEN, OPEN, BreakerConfig, CircuitBreaker
+
+
+def test_opens_after_threshold_and_probes_back():
+    b = CircuitBreaker(BreakerConfig(failure_threshold=3, cooldown_s=1.0, max_cooldown_s=8.0))
+    for t in range(2):
+        b.on_failure(float(t))
+        assert b.state == CLOSED and b.allows(float(t))
+    b.on_failure(2.0)
+    assert b.state == OPEN and not b.allows(2.5)
+    assert b.allows(3.0) and b.state == HALF_OPEN
+    b.on_attempt(3.0)
+    assert not b.allows(3.1), "only one probe at a time while half-open"
+    b.on_failure(3.2)  # probe failed: cooldown doubles
+    assert b.state == OPEN and not b.allows(4.5) and b.allows(5.2)
+    b.on_attempt(5.2)
+    b.on_success(5.3)
+    assert b.state == CLOSED and b.allows(5.3) and b.failures == 0
+
+
+def test_success_resets_consecutive_failures():
+    b = CircuitBreaker(BreakerConfig(failure_threshold=2))
+    b.on_failure(0.0)
+    b.on_success(0.1)
+    b.on_failure(0.2)
+    assert b.state == CLOSED
+
+
+@given(st.lists(st.tuples(st.sampled_from(["ok", "fail", "ask"]), st.floats(0, 5)), max_size=60))
+def test_cooldown_never_exceeds_cap_and_open_blocks(ops):
+    cfg = BreakerConfig(failure_threshold=2, cooldown_s=0.5, max_cooldown_s=4.0)
+    b = CircuitBreaker(cfg)
+    now = 0.0
+    for op, dt in ops:
+        now += dt
+        if op == "ok":
+            b.on_success(now)
+        elif op == "fail":
+            b.on_failure(now)
+        else:
+            if b.allows(now):
+                b.on_attempt(now)
+        assert b._cooldown <= cfg.max_cooldown_s
+        if b.state == OPEN:
+            assert not b.allows(b._opened_at + b._cooldown - 1e-6) or b._cooldown == 0
