@@ -1,10 +1,13 @@
-"""vLLM's KV-cache event wire format, declared once as msgspec structs.
+"""The engines' KV-cache event wire format, declared once as msgspec structs.
 
-Matched against ``vllm/distributed/kv_events.py`` of vLLM 0.24 (tagged maps,
-``{"type": "BlockStored", ...}``) and of vLLM <= 0.23 (``array_like`` structs:
-positional arrays, the tag first). SGLang publishes the same frames; its batch
-field is ``attn_dp_rank`` instead of ``data_parallel_rank`` and its block hashes
-are signed int64 (a SHA-256 chain), which are opaque ids here like vLLM's.
+Matched against ``vllm/distributed/kv_events.py``: every release sends the
+batch as a positional array ``[ts, events, data_parallel_rank]``; up to vLLM
+0.23 each event is a positional array with the tag first, from vLLM 0.24
+(vllm-project/vllm#42892) a tagged map ``{"type": "BlockStored", ...}``.
+SGLang publishes the 0.24 shape; its third batch field is called
+``attn_dp_rank`` and its block hashes are signed int64 (a SHA-256 chain),
+opaque ids here like vLLM's. A map-encoded batch envelope is accepted too.
+Later versions add optional fields; unknown fields are ignored.
 
 A ZMQ message is three frames: topic, an 8-byte big-endian sequence number
 (per publisher, starting at 0) and the msgpack payload of a ``KVEventBatch``.
@@ -46,6 +49,7 @@ class BlockStored(msgspec.Struct, tag=True, omit_defaults=True, gc=False):
     lora_name: str | None = None
     extra_keys: list[Any] | None = None
     group_idx: int | None = None
+    cache_salt: str | None = None  # SGLang only; vLLM puts it in extra_keys
 
 
 class BlockRemoved(msgspec.Struct, tag=True, omit_defaults=True, gc=False):
@@ -109,31 +113,114 @@ class _ArrKVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     data_parallel_rank: int | None = None
 
 
-_map_decoder = msgspec.msgpack.Decoder(KVEventBatch)
-_arr_decoder = msgspec.msgpack.Decoder(_ArrKVEventBatch)
+class _ArrBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """The batch envelope of every released engine: ``[ts, events, rank]``.
+
+    vLLM <= 0.23 puts positional events in it, vLLM >= 0.24 and SGLang tagged
+    maps (SGLang calls the third field ``attn_dp_rank``; positionally the same).
+    Events stay raw here and are decoded one by one by their own shape.
+    """
+
+    ts: float
+    events: list[msgspec.Raw]
+    data_parallel_rank: int | None = None
+
+
+class _MapBatch(msgspec.Struct, omit_defaults=True, gc=False):
+    """A map-encoded envelope (seen on vLLM main between releases); accepted too."""
+
+    ts: float
+    events: list[msgspec.Raw]
+    data_parallel_rank: int | None = None
+    attn_dp_rank: int | None = None
+
+
+# Encoder-side copies of vLLM's event structs: vLLM declares lora_id, medium
+# and lora_name without defaults, so they are always on the wire (as nil when
+# unset); the decoder-side structs above default them for SGLang, which omits.
+class _OutBlockStored(msgspec.Struct, tag="BlockStored", omit_defaults=True, gc=False):
+    block_hashes: list[BlockHash]
+    parent_block_hash: BlockHash | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+
+
+class _OutBlockRemoved(msgspec.Struct, tag="BlockRemoved", omit_defaults=True, gc=False):
+    block_hashes: list[BlockHash]
+    medium: str | None
+    group_idx: int | None = None
+
+
+class _OutAllBlocksCleared(msgspec.Struct, tag="AllBlocksCleared", omit_defaults=True, gc=False):
+    pass
+
+
+class _ArrBatchOut(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """Encoder for the vLLM >= 0.24 shape: array envelope, tagged-map events."""
+
+    ts: float
+    events: list[Any]
+    data_parallel_rank: int | None = None
+
+
+def _to_out_event(e: KVEvent) -> Any:
+    if isinstance(e, BlockStored):
+        return _OutBlockStored(
+            e.block_hashes, e.parent_block_hash, e.token_ids, e.block_size,
+            e.lora_id, e.medium, e.lora_name, e.extra_keys, e.group_idx,
+        )
+    if isinstance(e, BlockRemoved):
+        return _OutBlockRemoved(e.block_hashes, e.medium, e.group_idx)
+    return _OutAllBlocksCleared()
+
+
+_arr_batch_decoder = msgspec.msgpack.Decoder(_ArrBatch)
+_map_batch_decoder = msgspec.msgpack.Decoder(_MapBatch)
+_map_event_decoder = msgspec.msgpack.Decoder(KVEvent)
+_arr_event_decoder = msgspec.msgpack.Decoder(
+    Union[_ArrBlockStored, _ArrBlockRemoved, _ArrAllBlocksCleared]
+)
 _encoder = msgspec.msgpack.Encoder()
 
 
-def _from_array(b: _ArrKVEventBatch) -> KVEventBatch:
-    events: list[KVEvent] = []
-    for e in b.events:
-        if isinstance(e, _ArrBlockStored):
-            events.append(
-                BlockStored(
-                    block_hashes=e.block_hashes,
-                    parent_block_hash=e.parent_block_hash,
-                    token_ids=e.token_ids,
-                    block_size=e.block_size,
-                    lora_id=e.lora_id,
-                    medium=e.medium,
-                    lora_name=e.lora_name,
-                )
-            )
-        elif isinstance(e, _ArrBlockRemoved):
-            events.append(BlockRemoved(block_hashes=e.block_hashes, medium=e.medium))
-        else:
-            events.append(AllBlocksCleared())
-    return KVEventBatch(ts=b.ts, events=events, data_parallel_rank=b.data_parallel_rank)
+def _is_array(b: bytes | memoryview) -> bool:
+    first = b[0]
+    return 0x90 <= first <= 0x9F or first in (0xDC, 0xDD)
+
+
+def _is_map(b: bytes | memoryview) -> bool:
+    first = b[0]
+    return 0x80 <= first <= 0x8F or first in (0xDE, 0xDF)
+
+
+def _from_array_event(e: Any) -> KVEvent:
+    if isinstance(e, _ArrBlockStored):
+        return BlockStored(
+            block_hashes=e.block_hashes,
+            parent_block_hash=e.parent_block_hash,
+            token_ids=e.token_ids,
+            block_size=e.block_size,
+            lora_id=e.lora_id,
+            medium=e.medium,
+            lora_name=e.lora_name,
+        )
+    if isinstance(e, _ArrBlockRemoved):
+        return BlockRemoved(block_hashes=e.block_hashes, medium=e.medium)
+    return AllBlocksCleared()
+
+
+def _decode_event(raw: msgspec.Raw, index: int) -> KVEvent:
+    b = memoryview(raw)
+    if len(b) and _is_map(b):
+        return _map_event_decoder.decode(b)
+    if len(b) and _is_array(b):
+        return _from_array_event(_arr_event_decoder.decode(b))
+    raise EventDecodeError(f"event {index} is neither a tagged map nor a tagged array")
 
 
 def _validate(batch: KVEventBatch) -> KVEventBatch:
@@ -150,28 +237,44 @@ def _validate(batch: KVEventBatch) -> KVEventBatch:
 
 
 def decode_batch(payload: bytes) -> KVEventBatch:
-    """Decode one msgpack ``KVEventBatch`` payload in either vLLM format.
+    """Decode one msgpack ``KVEventBatch`` payload in any engine's format.
 
-    Raises :class:`EventDecodeError` on anything malformed; on success every
-    event is well-formed (a ``BlockStored`` carries exactly ``block_size``
-    token ids per block hash).
+    Accepts the array envelope with positional events (vLLM <= 0.23) or with
+    tagged-map events (vLLM >= 0.24, SGLang), and a map envelope. Unknown
+    extra fields are ignored. Raises :class:`EventDecodeError` on anything
+    malformed; on success every ``BlockStored`` carries exactly
+    ``block_size`` token ids per block hash.
     """
     if not payload:
         raise EventDecodeError("empty payload")
-    first = payload[0]
-    is_array = 0x90 <= first <= 0x9F or first in (0xDC, 0xDD)
     try:
-        if is_array:
-            return _validate(_from_array(_arr_decoder.decode(payload)))
-        return _validate(_map_decoder.decode(payload))
+        if _is_array(payload):
+            env: _ArrBatch | _MapBatch = _arr_batch_decoder.decode(payload)
+            dp_rank, attn_rank = env.data_parallel_rank, None
+        elif _is_map(payload):
+            env = _map_batch_decoder.decode(payload)
+            dp_rank, attn_rank = env.data_parallel_rank, env.attn_dp_rank
+        else:
+            raise EventDecodeError("payload is neither a msgpack array nor a map")
+        events = [_decode_event(raw, i) for i, raw in enumerate(env.events)]
     except msgspec.DecodeError as e:
         raise EventDecodeError(f"malformed KV event batch: {e}") from None
+    batch = KVEventBatch(
+        ts=env.ts, events=events, data_parallel_rank=dp_rank, attn_dp_rank=attn_rank
+    )
+    return _validate(batch)
 
 
 def encode_batch(batch: KVEventBatch, fmt: EventFormat = "map") -> bytes:
-    """Encode a batch as vLLM would: ``map`` (vLLM >= 0.24) or ``array`` (<= 0.23)."""
+    """Encode a batch as vLLM would: ``[ts, events, rank]`` with tagged-map
+    events (``map``, vLLM >= 0.24) or positional events (``array``, <= 0.23)."""
+    rank = batch.data_parallel_rank
+    if rank is None:
+        rank = batch.attn_dp_rank
     if fmt == "map":
-        return _encoder.encode(batch)
+        return _encoder.encode(_ArrBatchOut(batch.ts, [_to_out_event(e) for e in batch.events], rank))
+    if fmt != "array":
+        raise ValueError(f"unknown event format {fmt!r}")
     arr_events: list[Any] = []
     for e in batch.events:
         if isinstance(e, BlockStored):
@@ -185,7 +288,7 @@ def encode_batch(batch: KVEventBatch, fmt: EventFormat = "map") -> bytes:
             arr_events.append(_ArrBlockRemoved(e.block_hashes, e.medium))
         else:
             arr_events.append(_ArrAllBlocksCleared())
-    return _encoder.encode(_ArrKVEventBatch(batch.ts, arr_events, batch.data_parallel_rank))
+    return _encoder.encode(_ArrKVEventBatch(batch.ts, arr_events, rank))
 
 
 def encode_seq(seq: int) -> bytes:

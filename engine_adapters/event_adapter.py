@@ -1,0 +1,412 @@
+"""Subscribes to one engine's KV events (all data-parallel ranks) and hands a
+``KvDelta`` per batch, in router block hashes, to a sink (I/O shell).
+
+Per rank: one SUB socket on ``kv_endpoint`` port + rank (connects; the engine
+binds), a ``Sequencer`` that says apply / duplicate / gap / restart, and a
+``BlockMapper`` that turns engine hashes into router hashes. Gaps are filled
+from the engine's replay socket (a fresh DEALER per request, bounded wait,
+bounded retries). While a replay runs the SUB socket is simply not read, so
+ZMQ queues the live batches and they are applied in order afterwards; the
+sequencer drops the live copies of batches the replay already delivered.
+
+If the replay buffer no longer holds the missing batches (or there is no
+replay socket, or it does not answer), the worker's state is unknown: the
+adapter emits ``KvDelta(worker, -1, [OP_CLEAR])``, forgets the mapping, counts
+a reset and continues from the oldest batch it can get. vLLM offers no full
+snapshot over the wire, so blocks cached before that point stay unknown until
+the engine stores or evicts them again.
+
+On start each rank first replays from its start sequence + 1 (resume after a
+handover) or from 0 (learn the recent history), then reads live messages. The
+ZMQ slow-joiner window (batches published before the subscription took
+effect) shows up as a gap on the first live message and is replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import structlog
+import zmq
+import zmq.asyncio
+
+from engine_adapters.block_mapper import BlockMapper
+from engine_adapters.kv_delta import OP_CLEAR, KvDelta, KvOp, worker_id
+from engine_adapters.kv_events import EventDecodeError, decode_batch, decode_seq, encode_seq
+from engine_adapters.sequencer import Sequencer, Verdict
+from engine_adapters.zmq_publisher import offset_endpoint_port
+
+log = structlog.get_logger(__name__)
+
+_END = object()
+_MAX_REPLAY_ROUNDS = 64  # a 10k-batch buffer through a 1000-message HWM needs ~10
+_DRAIN_MAX = 512  # live batches handled per wake-up before yielding to the loop
+
+
+def connect_endpoint(endpoint: str, data_parallel_rank: int = 0) -> str:
+    """The address to connect to for ``rank``: port + rank, wildcard hosts -> loopback."""
+    ep = offset_endpoint_port(endpoint, data_parallel_rank)
+    assert ep is not None
+    for wildcard in ("tcp://*:", "tcp://0.0.0.0:"):
+        if ep.startswith(wildcard):
+            return "tcp://127.0.0.1:" + ep[len(wildcard):]
+    return ep
+
+
+def parse_live_frames(frames: list[bytes]) -> tuple[int, bytes]:
+    """``[topic, seq, payload]`` -> (seq, payload); EventDecodeError otherwise."""
+    if len(frames) != 3:
+        raise EventDecodeError(f"live message of {len(frames)} frames, want 3")
+    seq = decode_seq(frames[1])
+    if seq < 0:
+        raise EventDecodeError(f"negative sequence number {seq} on the live stream")
+    return seq, frames[2]
+
+
+def parse_replay_frames(frames: list[bytes]) -> tuple[int, bytes] | object:
+    """One replay reply as a DEALER sees it -> (seq, payload), or ``_END``.
+
+    vLLM after 0.24: ``[b"", topic, seq, payload]``, end ``[b"", b"", END, b""]``;
+    vLLM <= 0.24 and SGLang: ``[b"", seq, payload]``, end ``[b"", END, b""]``.
+    """
+    if len(frames) >= 3 and frames[0] == b"":
+        frames = frames[1:]
+    if len(frames) == 3:
+        seq_frame, payload = frames[1], frames[2]
+    elif len(frames) == 2:
+        seq_frame, payload = frames[0], frames[1]
+    else:
+        raise EventDecodeError(f"replay reply of {len(frames)} frames")
+    seq = decode_seq(seq_frame)
+    if seq == -1:
+        return _END
+    if seq < 0:
+        raise EventDecodeError(f"negative sequence number {seq} in a replay reply")
+    return seq, payload
+
+
+@dataclass
+class RankStats:
+    last_seq: int | None = None
+    batches: int = 0  # batches applied (live + replayed)
+    events: int = 0  # engine events in those batches
+    replayed_batches: int = 0  # of which obtained through replay
+    duplicates: int = 0  # live copies of replayed batches, dropped
+    gaps: int = 0  # gaps detected
+    gaps_replayed: int = 0  # gaps fully filled from the replay socket
+    replay_failures: int = 0  # replay requests unanswered within the timeout
+    resets: int = 0  # worker state cleared because history was lost
+    restarts: int = 0  # publisher restarted (sequence went back)
+    history_truncated: int = 0  # first sync could not reach back to seq 0
+    decode_errors: int = 0  # malformed frames or payloads (nothing applied)
+    sink_errors: int = 0
+
+
+class _Rank:
+    def __init__(self, rank: int, worker: str, model: str, start: int | None) -> None:
+        self.rank = rank
+        self.worker = worker
+        self.seq = Sequencer(last_applied=start)
+        self.mapper = BlockMapper(model, worker)
+        self.stats = RankStats(last_seq=start)
+        self.ready = asyncio.Event()  # set after the first catch-up attempt
+
+
+class EventAdapter:
+    """One engine's KV-event subscriber; ``await start()``, ``await stop()``."""
+
+    def __init__(
+        self,
+        engine_id: str,
+        model: str,
+        kv_endpoint: str,
+        replay_endpoint: str | None,
+        topic: str = "",
+        data_parallel_size: int = 1,
+        sink: Callable[[KvDelta], None] | None = None,
+        start_seqs: dict[int, int] | None = None,
+        *,
+        replay_timeout: float = 1.0,
+        replay_retries: int = 3,
+        replay_deadline: float = 30.0,
+        max_gap_rounds: int = 4,
+        rcvhwm: int = 100_000,
+        mappers: dict[int, BlockMapper] | None = None,
+    ) -> None:
+        if sink is None:
+            raise TypeError("EventAdapter needs a sink: Callable[[KvDelta], None]")
+        if data_parallel_size < 1:
+            raise ValueError("data_parallel_size must be >= 1")
+        self.engine_id = engine_id
+        self.model = model
+        self._kv_endpoint = kv_endpoint
+        self._replay_endpoint = replay_endpoint
+        self._topic = topic.encode("utf-8")
+        self._sink = sink
+        self._replay_timeout_ms = max(1, int(replay_timeout * 1000))
+        self._replay_retries = max(1, replay_retries)
+        self._replay_deadline = replay_deadline
+        self._max_gap_rounds = max(1, max_gap_rounds)
+        self._rcvhwm = rcvhwm
+        start_seqs = start_seqs or {}
+        self._ranks = [
+            _Rank(r, worker_id(engine_id, r), model, start_seqs.get(r))
+            for r in range(data_parallel_size)
+        ]
+        for r, m in (mappers or {}).items():
+            m.worker = self._ranks[r].worker
+            self._ranks[r].mapper = m
+        self._ctx: zmq.asyncio.Context | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._log = log.bind(engine=engine_id)
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._tasks:
+            return
+        self._ctx = zmq.asyncio.Context()
+        for st in self._ranks:
+            self._tasks.append(
+                asyncio.create_task(self._run_rank(st), name=f"kv-events-{st.worker}")
+            )
+        self._log.info(
+            "kv_adapter_started", endpoint=self._kv_endpoint, ranks=len(self._ranks)
+        )
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = None
+        self._log.info("kv_adapter_stopped")
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Until every rank has made its first catch-up attempt."""
+        await asyncio.wait_for(
+            asyncio.gather(*(st.ready.wait() for st in self._ranks)), timeout
+        )
+
+    # --- introspection -----------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        per_rank = {st.rank: asdict(st.stats) for st in self._ranks}
+        total: dict[str, object] = {"engine_id": self.engine_id}
+        for key in RankStats.__dataclass_fields__:
+            if key == "last_seq":
+                continue
+            total[key] = sum(int(r[key]) for r in per_rank.values())
+        total["last_seq"] = {r: s["last_seq"] for r, s in per_rank.items()}
+        total["ranks"] = per_rank
+        return total
+
+    def last_seqs(self) -> dict[int, int | None]:
+        return {st.rank: st.seq.last for st in self._ranks}
+
+    def mapper(self, rank: int = 0) -> BlockMapper:
+        return self._ranks[rank].mapper
+
+    # --- per-rank loop -------------------------------------------------------------
+
+    async def _run_rank(self, st: _Rank) -> None:
+        assert self._ctx is not None
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, self._rcvhwm)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, self._topic)
+        sub.connect(connect_endpoint(self._kv_endpoint, st.rank))
+        try:
+            try:
+                await self._catch_up(st)
+            except Exception:
+                self._log.exception("kv_catch_up_failed", rank=st.rank)
+            finally:
+                st.ready.set()
+            # Drain what is already queued through a plain (sync) view of the
+            # same socket: one await per burst instead of one per batch.
+            raw = zmq.Socket.shadow(sub.underlying)
+            while True:
+                frames: list[bytes] | None = await sub.recv_multipart()
+                handled = 0
+                while frames is not None:
+                    try:
+                        await self._on_live(st, frames)
+                    except Exception:  # keep consuming whatever one batch did
+                        self._log.exception("kv_live_batch_failed", rank=st.rank)
+                    handled += 1
+                    if handled >= _DRAIN_MAX:
+                        await asyncio.sleep(0)  # let other tasks run under load
+                        break
+                    try:
+                        frames = raw.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        frames = None
+        finally:
+            sub.close(linger=0)
+
+    async def _catch_up(self, st: _Rank) -> None:
+        if self._replay_endpoint is None:
+            return
+        start = st.seq.expected if st.seq.last is not None else 0
+        self._log.info("kv_catch_up", rank=st.rank, from_seq=start)
+        # One attempt: an engine that is not up yet must not delay live reads;
+        # anything missed shows up as a gap later.
+        await self._replay_rounds(st, 0, retries=1)
+
+    async def _on_live(self, st: _Rank, frames: list[bytes]) -> None:
+        try:
+            seq, payload = parse_live_frames(frames)
+        except EventDecodeError as e:
+            st.stats.decode_errors += 1
+            self._log.error("kv_bad_frame", rank=st.rank, error=str(e))
+            return
+        digest = hash(payload)
+        for round_ in range(self._max_gap_rounds + 1):
+            d = st.seq.check_live(seq, digest)
+            if d.verdict is Verdict.APPLY:
+                self._apply(st, seq, payload, digest, replayed=False)
+                return
+            if d.verdict is Verdict.DUPLICATE:
+                st.stats.duplicates += 1
+                return
+            if round_ == self._max_gap_rounds:
+                break
+            if d.verdict is Verdict.RESTART:
+                st.stats.restarts += 1
+                self._log.warning(
+                    "kv_publisher_restarted", rank=st.rank, seq=seq, last=st.seq.last
+                )
+                self._reset(st, "restart")
+                st.seq.reset(None)
+                continue
+            st.stats.gaps += 1
+            self._log.info(
+                "kv_gap", rank=st.rank, seq=seq, gap_from=d.gap_from, gap_to=d.gap_to
+            )
+            await self._fill(st, d.gap_from, d.gap_to)
+        # Could not get the stream contiguous: give up on the history before it.
+        self._lost(st, seq - 1, "gap_not_converging")
+        self._apply(st, seq, payload, digest, replayed=False)
+
+    async def _fill(self, st: _Rank, gap_from: int, gap_to: int) -> None:
+        if self._replay_endpoint is not None:
+            await self._replay_rounds(st, gap_from, retries=self._replay_retries)
+        covered = st.seq.last is not None and st.seq.last >= gap_to
+        if covered:
+            st.stats.gaps_replayed += 1
+        else:
+            self._lost(st, gap_to, "replay_unavailable")
+
+    async def _replay_rounds(self, st: _Rank, start_if_unknown: int, retries: int) -> bool:
+        """Replay until an answer arrives whole; each round resumes after the
+        last applied batch. Rounds that make progress do not count as retries:
+        vLLM's ROUTER drops replies past its send HWM (1000 by default), so a
+        long replay arrives in pieces. True once a replay ended without holes."""
+        failures = 0
+        for _ in range(_MAX_REPLAY_ROUNDS):
+            start = st.seq.expected if st.seq.last is not None else start_if_unknown
+            before = st.seq.last
+            if await self._replay_once(st, start):
+                return True
+            if st.seq.last == before:
+                failures += 1
+                if failures >= retries:
+                    return False
+        return False
+
+    async def _replay_once(self, st: _Rank, start: int) -> bool:
+        """Ask for every buffered batch >= start and apply them in order.
+
+        True if the end marker came and nothing was missing in between.
+        """
+        assert self._ctx is not None and self._replay_endpoint is not None
+        dealer = self._ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.RCVHWM, 0)  # a replay may be the whole buffer
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(connect_endpoint(self._replay_endpoint, st.rank))
+        first, holes = True, False
+        try:
+            await dealer.send_multipart([b"", encode_seq(start)])
+            deadline = time.monotonic() + self._replay_deadline
+            while time.monotonic() < deadline:  # bounded even if replies trickle
+                if not await dealer.poll(self._replay_timeout_ms, zmq.POLLIN):
+                    break
+                frames = await dealer.recv_multipart()
+                try:
+                    item = parse_replay_frames(frames)
+                except EventDecodeError as e:
+                    st.stats.decode_errors += 1
+                    self._log.error("kv_bad_replay_frame", rank=st.rank, error=str(e))
+                    holes = True
+                    continue
+                if item is _END:
+                    return not holes
+                seq, payload = item  # type: ignore[misc]
+                was_first, first = first, False
+                if holes:
+                    continue  # never apply past a hole; the next round resumes
+                d = st.seq.check_replayed(seq)
+                if d.verdict is Verdict.DUPLICATE:
+                    continue
+                if d.verdict is Verdict.GAP:
+                    if not was_first:
+                        # Missing in the middle: dropped in transit, ask again.
+                        holes = True
+                        continue
+                    # The buffer starts after what we need: that history is gone.
+                    self._lost(st, seq - 1, "replay_buffer_exceeded")
+                self._apply(st, seq, payload, hash(payload), replayed=True)
+                st.stats.replayed_batches += 1
+            st.stats.replay_failures += 1
+            self._log.warning("kv_replay_timeout", rank=st.rank, from_seq=start)
+            return False
+        finally:
+            dealer.close(linger=0)
+
+    # --- applying --------------------------------------------------------------------
+
+    def _apply(self, st: _Rank, seq: int, payload: bytes, digest: int, replayed: bool) -> None:
+        try:
+            batch = decode_batch(payload)
+        except EventDecodeError as e:
+            st.stats.decode_errors += 1
+            self._log.error("kv_event_decode_error", rank=st.rank, seq=seq, error=str(e))
+            # Consumed: replaying it would give the same bytes. Nothing applied.
+            st.seq.applied(seq, digest, replayed)
+            st.stats.last_seq = seq
+            self._emit(st, KvDelta(st.worker, seq, []))
+            return
+        delta = st.mapper.map_batch(batch.events, seq)
+        st.seq.applied(seq, digest, replayed)
+        st.stats.batches += 1
+        st.stats.events += len(batch.events)
+        st.stats.last_seq = seq
+        self._emit(st, delta)
+
+    def _lost(self, st: _Rank, upto: int, reason: str) -> None:
+        """History up to ``upto`` cannot be had: reset the worker if it had any."""
+        if st.seq.last is None:
+            st.stats.history_truncated += 1
+            self._log.info("kv_history_truncated", rank=st.rank, upto=upto)
+        else:
+            self._reset(st, reason)
+        st.seq.skip_to(upto)
+
+    def _reset(self, st: _Rank, reason: str) -> None:
+        st.stats.resets += 1
+        self._log.warning("kv_worker_reset", rank=st.rank, reason=reason, last=st.seq.last)
+        st.mapper.clear()
+        self._emit(st, KvDelta(st.worker, -1, [KvOp(OP_CLEAR, [])]))
+
+    def _emit(self, st: _Rank, delta: KvDelta) -> None:
+        try:
+            self._sink(delta)
+        except Exception:
+            st.stats.sink_errors += 1
+            self._log.exception("kv_sink_failed", rank=st.rank, seq=delta.seq)

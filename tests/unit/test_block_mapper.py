@@ -1,0 +1,206 @@
+"""BlockMapper: engine block hashes -> router block hashes."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine_adapters.block_mapper import BlockMapper
+from engine_adapters.kv_delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvOp
+from engine_adapters.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from router.hashing import block_hashes, root_seed
+
+MODEL = "llama-test"
+BS = 4
+
+
+def _stored(hashes: list, parent, tokens: list[int], **kw) -> BlockStored:
+    return BlockStored(hashes, parent, tokens, BS, **kw)
+
+
+def test_mapping_equals_router_hashing_of_the_same_tokens() -> None:
+    tokens = list(range(100, 124))  # 6 blocks
+    expected = block_hashes(tokens, BS, root_seed(MODEL))
+    m = BlockMapper(MODEL, "e1")
+    # The engine stores the prompt in two events: 2 blocks, then 4 chained to them.
+    d1 = m.map_batch([_stored([2**64 - 1, b"\x01" * 32], None, tokens[:8])], seq=0)
+    d2 = m.map_batch([_stored([-3, 7, 8, 9], b"\x01" * 32, tokens[8:])], seq=1)
+    assert d1.worker == "e1" and d1.seq == 0
+    assert d1.ops == [KvOp(OP_STORE, expected[:2])]
+    assert d2.ops == [KvOp(OP_STORE, expected[2:])]
+    assert m.router_hash(9) == expected[-1]
+    assert m.live_router_hashes() == set(expected)
+
+
+def test_lora_and_cache_salt_change_the_root() -> None:
+    tokens = list(range(8))
+
+    def mapped(ev: BlockStored) -> list[int]:
+        return BlockMapper(MODEL).map_batch([ev], 0).ops[0].hashes
+
+    plain = mapped(_stored([1, 2], None, tokens))
+    lora = mapped(_stored([3, 4], None, tokens, lora_name="a"))
+    # vLLM >= 0.24: typed extra key on the first block; SGLang: a field
+    salted_vllm = mapped(
+        _stored([5, 6], None, tokens, extra_keys=[[{"type": "cache_salt", "salt": "s"}], None])
+    )
+    salted_sgl = mapped(_stored([7, 8], None, tokens, cache_salt="s"))
+    assert plain == block_hashes(tokens, BS, root_seed(MODEL))
+    assert lora == block_hashes(tokens, BS, root_seed(MODEL, "a"))
+    assert salted_vllm == salted_sgl == block_hashes(tokens, BS, root_seed(MODEL, None, "s"))
+    assert len({plain[0], lora[0], salted_vllm[0]}) == 3
+
+
+def test_unknown_parent_blocks_are_skipped_and_counted() -> None:
+    m = BlockMapper(MODEL)
+    d = m.map_batch([_stored([10, 11], 999, list(range(8)))], 0)
+    assert d.ops == []
+    assert m.stats.unknown_parent == 2
+    assert len(m) == 0
+    # children of skipped blocks are unplaceable too
+    d = m.map_batch([_stored([12], 11, list(range(4)))], 1)
+    assert d.ops == [] and m.stats.unknown_parent == 3
+
+
+def test_remove_forgets_and_unknown_removals_are_ignored() -> None:
+    tokens = list(range(12))
+    expected = block_hashes(tokens, BS, root_seed(MODEL))
+    m = BlockMapper(MODEL)
+    m.map_batch([_stored([1, 2, 3], None, tokens)], 0)
+    d = m.map_batch([BlockRemoved([3, 404, 2])], 1)
+    assert d.ops == [KvOp(OP_REMOVE, [expected[2], expected[1]])]
+    assert m.stats.unknown_removed == 1 and m.stats.removed == 2
+    assert len(m) == 1
+    # a child of an evicted block cannot be placed any more
+    assert m.map_batch([_stored([4], 3, list(range(4)))], 2).ops == []
+
+
+def test_ops_keep_event_order_and_clear_drops_everything() -> None:
+    t = list(range(8))
+    h = block_hashes(t, BS, root_seed(MODEL))
+    m = BlockMapper(MODEL)
+    d = m.map_batch(
+        [
+            _stored([1], None, t[:4]),
+            _stored([2], 1, t[4:]),  # merged with the previous store
+            BlockRemoved([2]),
+            AllBlocksCleared(),
+            _stored([1], None, t[:4]),
+        ],
+        seq=5,
+    )
+    assert d.ops == [
+        KvOp(OP_STORE, [h[0], h[1]]),
+        KvOp(OP_REMOVE, [h[1]]),
+        KvOp(OP_CLEAR, []),
+        KvOp(OP_STORE, [h[0]]),
+    ]
+    assert m.stats.cleared == 1 and len(m) == 1
+
+
+def test_router_hash_shared_by_two_engine_blocks_is_removed_with_the_last() -> None:
+    # vLLM hashes extra keys (e.g. multimodal inputs) the router does not see:
+    # two engine blocks, same tokens, same router hash.
+    t = list(range(4))
+    h = block_hashes(t, BS, root_seed(MODEL))[0]
+    m = BlockMapper(MODEL)
+    assert m.map_batch([_stored([1], None, t)], 0).ops == [KvOp(OP_STORE, [h])]
+    assert m.map_batch([_stored([2], None, t)], 1).ops == []  # already live
+    assert m.map_batch([BlockRemoved([1])], 2).ops == []
+    assert m.map_batch([BlockRemoved([2])], 3).ops == [KvOp(OP_REMOVE, [h])]
+    assert m.live_router_hashes() == set()
+
+
+def test_engine_hash_reused_for_other_tokens_replaces_the_old_block() -> None:
+    a, b = [1, 1, 1, 1], [2, 2, 2, 2]
+    ha = block_hashes(a, BS, root_seed(MODEL))[0]
+    hb = block_hashes(b, BS, root_seed(MODEL))[0]
+    m = BlockMapper(MODEL)
+    m.map_batch([_stored([7], None, a)], 0)
+    d = m.map_batch([_stored([7], None, b)], 1)
+    assert d.ops == [KvOp(OP_REMOVE, [ha]), KvOp(OP_STORE, [hb])]
+    assert m.live_router_hashes() == {hb}
+
+
+def test_invalid_token_ids_are_skipped_not_raised() -> None:
+    m = BlockMapper(MODEL)
+    d = m.map_batch([_stored([1], None, [-1, 2, 3, 4]), _stored([2], None, [1, 2, 3, 4])], 0)
+    assert d.ops == [KvOp(OP_STORE, block_hashes([1, 2, 3, 4], BS, root_seed(MODEL)))]
+    assert m.stats.invalid_tokens == 1
+
+
+def test_export_restore_hands_the_mapping_over() -> None:
+    t = list(range(8))
+    a = BlockMapper(MODEL)
+    a.map_batch([_stored([1, b"x"], None, t)], 0)
+    b = BlockMapper(MODEL)
+    b.restore(a.export())
+    # the new owner can place children and removals of blocks it never saw stored
+    child = b.map_batch([_stored([3], b"x", list(range(4)))], 1)
+    assert child.ops and b.stats.unknown_parent == 0
+    assert b.map_batch([BlockRemoved([1])], 2).ops == [KvOp(OP_REMOVE, [a.router_hash(1)])]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32), steps=st.integers(1, 60))
+def test_random_cache_churn_matches_router_hashing(seed: int, steps: int) -> None:
+    """A toy engine cache (prefix tree, random eviction of leaves): the mapped
+    live set always equals the router hashes of the cached token prefixes,
+    and the mapper's memory equals the number of live blocks."""
+    rng = random.Random(seed)
+    m = BlockMapper(MODEL)
+    index: set[int] = set()
+    # engine state: engine hash -> (parent engine hash, router hash); children count
+    cached: dict[int, tuple[int | None, int]] = {}
+    by_prefix: dict[tuple[int, ...], int] = {}
+    children: dict[int, int] = {}
+    next_hash = 2**63  # engine hashes above 2**63
+    for s in range(steps):
+        events: list = []
+        if rng.random() < 0.6 or not cached:
+            n_blocks = rng.randint(1, 5)
+            tokens = [rng.randint(0, 3) for _ in range(n_blocks * BS)]  # small alphabet: shared prefixes
+            parent: int | None = None
+            new_hashes: list[int] = []
+            new_tokens: list[int] = []
+            first_parent: int | None = None
+            for i in range(n_blocks):
+                prefix = tuple(tokens[: (i + 1) * BS])
+                eh = by_prefix.get(prefix)
+                if eh is not None and eh in cached and not new_hashes:
+                    parent = eh
+                    continue
+                if not new_hashes:
+                    first_parent = parent
+                eh = next_hash
+                next_hash += 1
+                by_prefix[prefix] = eh
+                rh = block_hashes(list(prefix), BS, root_seed(MODEL))[-1]
+                cached[eh] = (parent, rh)
+                if parent is not None:
+                    children[parent] = children.get(parent, 0) + 1
+                new_hashes.append(eh)
+                new_tokens.extend(prefix[-BS:])
+                parent = eh
+            if new_hashes:
+                events.append(BlockStored(new_hashes, first_parent, new_tokens, BS))
+        else:
+            leaves = [h for h in cached if not children.get(h)]
+            gone = rng.sample(leaves, k=min(len(leaves), rng.randint(1, 3)))
+            for h in gone:
+                p, _ = cached.pop(h)
+                if p is not None:
+                    children[p] -= 1
+            events.append(BlockRemoved(gone))
+        delta = m.map_batch(events, s)
+        for op in delta.ops:
+            if op.kind == OP_STORE:
+                index.update(op.hashes)
+            elif op.kind == OP_REMOVE:
+                index.difference_update(op.hashes)
+        want = {rh for _, rh in cached.values()}
+        assert index == want == m.live_router_hashes()
+        assert len(m) == len(cached)
+    assert m.stats.unknown_parent == 0 and m.stats.unknown_removed == 0

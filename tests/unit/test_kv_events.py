@@ -1,0 +1,361 @@
+"""Wire format of KV events: golden frames written by hand from vLLM's and
+SGLang's struct definitions, malformed input, and round trips."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine_adapters.event_adapter import (
+    _END,
+    connect_endpoint,
+    parse_live_frames,
+    parse_replay_frames,
+)
+from engine_adapters.kv_events import (
+    END_SEQ,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventDecodeError,
+    KVEventBatch,
+    decode_batch,
+    decode_seq,
+    encode_batch,
+    encode_seq,
+)
+from engine_adapters.zmq_publisher import offset_endpoint_port, should_bind
+
+_plain = msgspec.msgpack.encode  # generic msgpack of plain lists/dicts (no kvmesh structs)
+
+
+def _s(text: str) -> str:
+    """msgpack fixstr as hex."""
+    raw = text.encode()
+    assert len(raw) < 32
+    return f"{0xA0 + len(raw):02x}" + raw.hex()
+
+
+# vLLM >= 0.24: KVEventBatch(ts=1.5, events=[BlockStored(block_hashes=[1],
+# parent_block_hash=None, token_ids=[1, 2], block_size=2, lora_id=None,
+# medium="GPU", lora_name=None)], data_parallel_rank=0), byte by byte:
+# array_like batch, tagged-map event, fields in declaration order, the three
+# default-less optional fields present as nil.
+GOLDEN_MAP = bytes.fromhex(
+    "93"  # [ts, events, data_parallel_rank]
+    "cb3ff8000000000000"  # 1.5 as float64
+    "91"  # one event
+    "88"  # map of 8
+    + _s("type") + _s("BlockStored")
+    + _s("block_hashes") + "9101"
+    + _s("parent_block_hash") + "c0"
+    + _s("token_ids") + "920102"
+    + _s("block_size") + "02"
+    + _s("lora_id") + "c0"
+    + _s("medium") + _s("GPU")
+    + _s("lora_name") + "c0"
+    + "00"  # data_parallel_rank 0
+)
+
+# vLLM <= 0.23: the same batch with a positional event, tag first.
+GOLDEN_ARRAY = bytes.fromhex(
+    "93" "cb3ff8000000000000" "91"
+    "98"  # array of 8
+    + _s("BlockStored") + "9101" + "c0" + "920102" + "02" + "c0" + _s("GPU") + "c0"
+    + "00"
+)
+
+EXPECTED = KVEventBatch(
+    ts=1.5,
+    events=[BlockStored([1], None, [1, 2], 2, medium="GPU")],
+    data_parallel_rank=0,
+)
+
+
+@pytest.mark.parametrize("golden,fmt", [(GOLDEN_MAP, "map"), (GOLDEN_ARRAY, "array")])
+def test_golden_frames_decode_and_encode_byte_exact(golden: bytes, fmt: str) -> None:
+    assert decode_batch(golden) == EXPECTED
+    assert encode_batch(EXPECTED, fmt) == golden  # type: ignore[arg-type]
+
+
+BIG = 2**64 - 1  # vLLM hashes are unsigned 64-bit: values >= 2**63 occur
+SHA = bytes(range(32))  # vLLM with sha256 block hashing sends bytes
+
+
+def test_map_events_with_big_and_bytes_hashes_and_every_event_kind() -> None:
+    payload = _plain(
+        [
+            2.0,
+            [
+                {
+                    "type": "BlockStored",
+                    "block_hashes": [BIG, SHA],
+                    "parent_block_hash": 2**63,
+                    "token_ids": list(range(8)),
+                    "block_size": 4,
+                    "lora_id": 7,
+                    "medium": "GPU",
+                    "lora_name": "adapter-a",
+                },
+                {"type": "BlockRemoved", "block_hashes": [BIG], "medium": "GPU"},
+                {"type": "AllBlocksCleared"},
+            ],
+            1,
+        ]
+    )
+    b = decode_batch(payload)
+    stored, removed, cleared = b.events
+    assert isinstance(stored, BlockStored)
+    assert stored.block_hashes == [BIG, SHA]
+    assert stored.parent_block_hash == 2**63
+    assert stored.lora_name == "adapter-a" and stored.lora_id == 7
+    assert removed == BlockRemoved([BIG], medium="GPU")
+    assert cleared == AllBlocksCleared()
+    assert b.rank == 1
+
+
+def test_array_events_with_big_and_bytes_hashes() -> None:
+    payload = _plain(
+        [
+            2.0,
+            [
+                ["BlockStored", [BIG, SHA], SHA, list(range(8)), 4, None, "GPU", None],
+                ["BlockRemoved", [SHA], "GPU"],
+                ["AllBlocksCleared"],
+            ],
+        ]
+    )
+    b = decode_batch(payload)
+    assert b.events[0] == BlockStored([BIG, SHA], SHA, list(range(8)), 4, medium="GPU")
+    assert b.events[1] == BlockRemoved([SHA], medium="GPU")
+    assert b.events[2] == AllBlocksCleared()
+    assert b.rank == 0 and b.data_parallel_rank is None
+
+
+def test_sglang_batch_attn_dp_rank_and_negative_int64_hashes() -> None:
+    # SGLang: EventBatch array_like [ts, events, attn_dp_rank]; tagged-map
+    # events; SHA-256 chain hashes as signed int64; cache_salt field.
+    payload = _plain(
+        [
+            3.25,
+            [
+                {
+                    "type": "BlockStored",
+                    "block_hashes": [-(2**63), -5],
+                    "parent_block_hash": -1,
+                    "token_ids": [9] * 32,
+                    "block_size": 16,
+                    "lora_id": None,
+                    "medium": "GPU",
+                    "cache_salt": "tenant-1",
+                },
+                {"type": "BlockRemoved", "block_hashes": [-5]},
+            ],
+            3,
+        ]
+    )
+    b = decode_batch(payload)
+    assert b.rank == 3
+    assert b.events[0].block_hashes == [-(2**63), -5]  # type: ignore[union-attr]
+    assert b.events[0].parent_block_hash == -1  # type: ignore[union-attr]
+    assert b.events[0].cache_salt == "tenant-1"  # type: ignore[union-attr]
+    assert b.events[1] == BlockRemoved([-5])
+
+
+def test_map_envelope_with_attn_dp_rank() -> None:
+    payload = _plain({"ts": 1.0, "events": [{"type": "AllBlocksCleared"}], "attn_dp_rank": 2})
+    b = decode_batch(payload)
+    assert b.rank == 2 and b.events == [AllBlocksCleared()]
+
+
+def test_unknown_extra_fields_are_ignored_in_every_shape() -> None:
+    newer_map_event = {
+        "type": "BlockStored",
+        "block_hashes": [1],
+        "parent_block_hash": None,
+        "token_ids": [5, 6],
+        "block_size": 2,
+        "lora_id": None,
+        "medium": "GPU",
+        "lora_name": None,
+        "event_version": 1,
+        "extra_keys": [[{"type": "cache_salt", "salt": "s"}]],
+        "group_idx": 0,
+        "kv_cache_spec_kind": "full_attention",
+        "kv_cache_spec_sliding_window": None,
+        "locality": "LOCAL",
+        "ownership": None,
+        "some_future_field": {"nested": [1, 2]},
+    }
+    newer_array_event = ["BlockRemoved", [1], "GPU", 0, "LOCAL", "future"]
+    payload = _plain([1.0, [newer_map_event, newer_array_event], 0, "future batch field"])
+    b = decode_batch(payload)
+    assert b.events[0].token_ids == [5, 6]  # type: ignore[union-attr]
+    assert b.events[0].extra_keys == [[{"type": "cache_salt", "salt": "s"}]]  # type: ignore[union-attr]
+    assert b.events[1] == BlockRemoved([1], medium="GPU")
+
+
+_GOOD_EVENT = {
+    "type": "BlockStored",
+    "block_hashes": [1],
+    "parent_block_hash": None,
+    "token_ids": [1, 2],
+    "block_size": 2,
+}
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(GOLDEN_MAP[:-5], id="truncated-map"),
+        pytest.param(GOLDEN_ARRAY[:10], id="truncated-array"),
+        pytest.param(b"\xc1", id="reserved-byte"),
+        pytest.param(_plain(42), id="not-a-batch"),
+        pytest.param(_plain(["soon", []]), id="ts-is-str"),
+        pytest.param(_plain([1.0, "events"]), id="events-not-list"),
+        pytest.param(_plain([1.0, [7]]), id="event-is-int"),
+        pytest.param(_plain([1.0, [{"type": "BlockExploded"}]]), id="unknown-tag"),
+        pytest.param(_plain([1.0, [["BlockExploded", 1]]]), id="unknown-array-tag"),
+        pytest.param(_plain([1.0, [{**_GOOD_EVENT, "block_hashes": "abc"}]]), id="hashes-str"),
+        pytest.param(_plain([1.0, [{**_GOOD_EVENT, "block_hashes": [1.5]}]]), id="hash-float"),
+        pytest.param(_plain([1.0, [{**_GOOD_EVENT, "token_ids": [1, "x"]}]]), id="token-str"),
+        pytest.param(_plain([1.0, [{**_GOOD_EVENT, "block_hashes": [{"h": 1}]}]]), id="hash-map"),
+        pytest.param(_plain([1.0, [{**_GOOD_EVENT, "token_ids": [1, 2, 3]}]]), id="token-count"),
+        pytest.param(_plain([1.0, [{**_GOOD_EVENT, "block_size": 0, "token_ids": []}]]), id="bs-0"),
+        pytest.param(
+            _plain([1.0, [["BlockStored", [1, 2], None, [1, 2, 3], 2, None, None, None]]]),
+            id="token-count-array",
+        ),
+        pytest.param(_plain([1.0, [{"block_hashes": [1]}]]), id="missing-tag"),
+        pytest.param(_plain([1.0, [{"type": "BlockRemoved"}]]), id="missing-field"),
+        # A good event followed by a bad one: the whole batch is rejected.
+        pytest.param(_plain([1.0, [_GOOD_EVENT, {"type": 5}]]), id="second-event-bad"),
+    ],
+)
+def test_malformed_payloads_raise_event_decode_error_only(payload: bytes) -> None:
+    with pytest.raises(EventDecodeError):
+        decode_batch(payload)
+
+
+def test_sequence_frames() -> None:
+    assert encode_seq(0) == b"\x00" * 8
+    assert encode_seq(258) == b"\x00" * 6 + b"\x01\x02"
+    assert decode_seq(encode_seq(2**62)) == 2**62
+    assert decode_seq(END_SEQ) == -1
+    for bad in (b"", b"\x00" * 7, b"\x00" * 9):
+        with pytest.raises(EventDecodeError):
+            decode_seq(bad)
+
+
+def test_live_frame_parsing() -> None:
+    assert parse_live_frames([b"kv", encode_seq(5), b"p"]) == (5, b"p")
+    with pytest.raises(EventDecodeError):
+        parse_live_frames([b"kv", encode_seq(5)])
+    with pytest.raises(EventDecodeError):
+        parse_live_frames([b"kv", b"\x01\x02", b"p"])
+    with pytest.raises(EventDecodeError):
+        parse_live_frames([b"kv", END_SEQ, b"p"])
+
+
+def test_replay_reply_parsing_both_generations() -> None:
+    # vLLM after 0.24 (topic included), as a DEALER receives it
+    assert parse_replay_frames([b"", b"kv", encode_seq(3), b"p"]) == (3, b"p")
+    assert parse_replay_frames([b"", b"", encode_seq(3), b"p"]) == (3, b"p")  # empty topic
+    assert parse_replay_frames([b"", b"", END_SEQ, b""]) is _END
+    # vLLM <= 0.24 and SGLang
+    assert parse_replay_frames([b"", encode_seq(4), b"p"]) == (4, b"p")
+    assert parse_replay_frames([b"", END_SEQ, b""]) is _END
+    # as a REQ socket receives them (delimiter stripped)
+    assert parse_replay_frames([b"kv", encode_seq(6), b"p"]) == (6, b"p")
+    assert parse_replay_frames([END_SEQ, b""]) is _END
+    for bad in ([b""], [b"", b"x", b"y", b"z", b"w"], [b"", b"kv", b"\x00", b"p"]):
+        with pytest.raises(EventDecodeError):
+            parse_replay_frames(bad)
+
+
+def test_endpoint_rules_follow_vllm() -> None:
+    assert offset_endpoint_port("tcp://*:5557", 0) == "tcp://*:5557"
+    assert offset_endpoint_port("tcp://*:5557", 3) == "tcp://*:5560"
+    assert offset_endpoint_port("tcp://[::1]:5557", 1) == "tcp://[::1]:5558"
+    assert offset_endpoint_port("inproc://kv", 2) == "inproc://kv_dp2"
+    assert offset_endpoint_port(None, 2) is None
+    with pytest.raises(ValueError):
+        offset_endpoint_port("udp://x:1", 1)
+    assert should_bind("tcp://*:5557") and should_bind("tcp://[::]:5557")
+    assert should_bind("tcp://127.0.0.1:0")
+    assert not should_bind("tcp://127.0.0.1:5557")
+    assert connect_endpoint("tcp://*:5557", 2) == "tcp://127.0.0.1:5559"
+    assert connect_endpoint("tcp://engine-a:5557", 1) == "tcp://engine-a:5558"
+
+
+# --- round trips ---------------------------------------------------------------
+
+_hashes = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.binary(min_size=1, max_size=32),
+)
+_opt_str = st.one_of(st.none(), st.text(max_size=8))
+
+
+@st.composite
+def _stored(draw: st.DrawFn) -> BlockStored:
+    n = draw(st.integers(0, 4))
+    bs = draw(st.integers(1, 8))
+    return BlockStored(
+        block_hashes=draw(st.lists(_hashes, min_size=n, max_size=n)),
+        parent_block_hash=draw(st.one_of(st.none(), _hashes)),
+        token_ids=draw(st.lists(st.integers(0, 2**31), min_size=n * bs, max_size=n * bs)),
+        block_size=bs,
+        lora_id=draw(st.one_of(st.none(), st.integers(0, 100))),
+        medium=draw(st.sampled_from([None, "GPU", "CPU"])),
+        lora_name=draw(_opt_str),
+    )
+
+
+_events = st.lists(
+    st.one_of(
+        _stored(),
+        st.builds(BlockRemoved, st.lists(_hashes, max_size=4), st.sampled_from([None, "GPU"])),
+        st.just(AllBlocksCleared()),
+    ),
+    max_size=6,
+)
+_batches = st.builds(
+    KVEventBatch,
+    ts=st.floats(allow_nan=False, allow_infinity=False),
+    events=_events,
+    data_parallel_rank=st.one_of(st.none(), st.integers(0, 64)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(batch=_batches, fmt=st.sampled_from(["map", "array"]))
+def test_round_trip_both_formats(batch: KVEventBatch, fmt: str) -> None:
+    assert decode_batch(encode_batch(batch, fmt)) == batch  # type: ignore[arg-type]
+
+
+@settings(max_examples=100, deadline=None)
+@given(batch=_batches)
+def test_map_and_array_formats_decode_to_the_same_batch(batch: KVEventBatch) -> None:
+    assert decode_batch(encode_batch(batch, "map")) == decode_batch(encode_batch(batch, "array"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=64))
+def test_arbitrary_bytes_never_raise_anything_but_event_decode_error(data: bytes) -> None:
+    try:
+        decode_batch(data)
+    except EventDecodeError:
+        pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(batch=_batches, cut=st.integers(1, 10_000))
+def test_any_truncation_of_a_valid_payload_is_rejected(batch: KVEventBatch, cut: int) -> None:
+    payload = encode_batch(batch, "map")
+    cut = min(cut, len(payload) - 1)
+    with pytest.raises(EventDecodeError):
+        decode_batch(payload[: len(payload) - cut])
