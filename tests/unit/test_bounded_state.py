@@ -1,0 +1,139 @@
+"""State stays bounded under endless KV churn (design.md decision 3).
+
+1M block store/remove events in 16-block KvDeltas over a ~50k-block live set,
+through an owner and a replica (merged updates, as gossip would send them).
+The encoded CRDT size and the process memory held by the state must stay
+within 2x of what they are with the live set alone. Run with ``-s`` to see
+the measured figures and the owner/replica throughput.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import random
+import time
+
+from engine_adapters.kv_delta import OP_REMOVE, OP_STORE, KvDelta, KvOp
+from mesh.state import MeshState, merge_deltas
+
+LIVE = 50_000
+EVENTS = 1_000_000
+BATCH = 16  # blocks per KvDelta: 8 removed + 8 stored
+MERGE = 64  # owner messages merged into one gossip message
+SAMPLE_EVERY = 256
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+try:
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _malloc_trim = None
+
+
+def rss(trim: bool = False) -> int:
+    """Resident set size; with ``trim``, after glibc hands cached free memory back.
+
+    Without the trim, RSS also counts memory glibc keeps after the transient
+    allocations of a compaction were freed: not held by the state.
+    """
+    if trim and _malloc_trim is not None:
+        _malloc_trim(0)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def test_churn_keeps_encoded_size_and_memory_within_2x_of_live_set() -> None:
+    rng = random.Random(7)
+    workers = ["e", "e#dp1"]
+    live = {w: [] for w in workers}  # the driver's model, allocated before the baseline
+    for w in workers:
+        live[w] = [rng.getrandbits(64) for _ in range(LIVE // len(workers))]
+    seqs = {w: 0 for w in workers}
+    gc.collect()
+    rss0 = rss(trim=True)
+
+    owner = MeshState("owner", 0.0, random.Random(1))
+    replica = MeshState("replica", 0.0, random.Random(2))
+    replica.apply_remote(owner.take_ownership("e", 0.0).message, 0.0)
+    pending = []
+    t_owner = t_replica = 0.0
+    blocks_owned = 0
+    received = 0
+
+    def send(force: bool = False) -> None:
+        nonlocal t_replica, received, pending
+        if pending and (force or len(pending) >= MERGE):
+            msg = merge_deltas("owner", pending)
+            pending = []
+            t = time.perf_counter()
+            received += sum(len(op.hashes) for d in replica.apply_remote(msg, 0.0) for op in d.ops)
+            t_replica += time.perf_counter() - t
+
+    def append(d: KvDelta) -> None:
+        nonlocal t_owner, blocks_owned
+        t = time.perf_counter()
+        pending.append(owner.local_deltas("e", [d]))
+        t_owner += time.perf_counter() - t
+        blocks_owned += sum(len(op.hashes) for op in d.ops)
+        send()
+
+    # The live set alone: stored in realistic batches.
+    for w in workers:
+        hs = live[w]
+        for i in range(0, len(hs), BATCH):
+            append(KvDelta(w, seqs[w], [KvOp(OP_STORE, hs[i : i + BATCH])]))
+            seqs[w] += 1
+    send(force=True)
+    gc.collect()
+    base_size = owner.encoded_size() + replica.encoded_size()
+    base_mem = rss(trim=True) - rss0
+
+    max_size = max_mem = max_raw = 0
+    epochs = set()
+    half = BATCH // 2
+    for n in range(EVENTS // BATCH):
+        w = workers[n % len(workers)]
+        hs = live[w]
+        removed = []
+        for _ in range(half):  # swap-remove random live blocks
+            j = rng.randrange(len(hs))
+            hs[j], hs[-1] = hs[-1], hs[j]
+            removed.append(hs.pop())
+        stored = [rng.getrandbits(64) for _ in range(half)]
+        hs.extend(stored)
+        append(KvDelta(w, seqs[w], [KvOp(OP_REMOVE, removed), KvOp(OP_STORE, stored)]))
+        seqs[w] += 1
+        epochs.add(owner.epoch("e"))
+        if n % SAMPLE_EVERY == 0:
+            size = owner.encoded_size() + replica.encoded_size()
+            max_size = max(max_size, size)
+            max_raw = max(max_raw, rss() - rss0)
+            max_mem = max(max_mem, rss(trim=True) - rss0)
+    send(force=True)
+    gc.collect()
+    max_size = max(max_size, owner.encoded_size() + replica.encoded_size())
+    max_raw = max(max_raw, rss() - rss0)
+    max_mem = max(max_mem, rss(trim=True) - rss0)
+
+    owner_bps = blocks_owned / t_owner
+    replica_bps = received / t_replica
+    print(
+        f"\nbounded state: live={LIVE} events={EVENTS} batch={BATCH} compactions={len(epochs) - 1}\n"
+        f"  encoded size: live set alone {base_size / 1e6:.2f} MB, max under churn "
+        f"{max_size / 1e6:.2f} MB ({max_size / base_size:.2f}x)\n"
+        f"  memory in use (RSS delta after malloc_trim): live set alone {base_mem / 1e6:.1f} MB,"
+        f" max under churn {max_mem / 1e6:.1f} MB ({max_mem / base_mem:.2f}x);"
+        f" untrimmed RSS max {max_raw / 1e6:.1f} MB ({max_raw / base_mem:.2f}x)\n"
+        f"  owner append {owner_bps / 1e6:.2f} M blocks/s ({blocks_owned // BATCH / t_owner:.0f} "
+        f"deltas/s); replica apply (merged x{MERGE}) {replica_bps / 1e6:.2f} M blocks/s"
+    )
+    assert len(epochs) > 10, "compaction did not run"
+    truth = {w: set(hs) for w, hs in live.items()}
+    assert owner.materialise("e") == truth
+    assert replica.materialise("e") == truth
+    assert replica.resume_seqs("e") == seqs
+    assert max_size <= 2 * base_size
+    assert max_mem <= 2 * base_mem

@@ -1,0 +1,57 @@
+"""Route hints: union merge, relative TTL expiry, prefix overlap, bounds."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh.hints import Hint, HintStore
+
+
+def test_union_merge_and_duplicates() -> None:
+    a, b = HintStore("a"), HintStore("b")
+    h1 = a.add_local("w1", [1, 2, 3], 0.0)
+    h2 = a.add_local("w2", [1, 2], 0.0)
+    assert b.merge([h1, h2, h1], 0.0) == 2
+    assert b.merge([h2], 0.1) == 0
+    assert b.overlap([1, 2, 3, 4], 0.1) == {"w1": 3, "w2": 2}
+
+
+def test_expiry_uses_receiver_clock_and_remaining_ttl() -> None:
+    a = HintStore("a", ttl=2.0)
+    b = HintStore("b", ttl=2.0)
+    a.add_local("w", [7, 8], 1000.0)  # a's clock is far ahead of b's
+    sent = a.live(1001.5)  # 0.5 s left
+    assert sent[0].ttl == pytest.approx(0.5)
+    b.merge(sent, 5.0)
+    assert b.overlap([7, 8], 5.4) == {"w": 2}
+    assert b.overlap([7, 8], 5.6) == {}
+    assert len(b) == 0
+    assert a.overlap([7], 1001.9) == {"w": 1}
+    assert a.overlap([7], 1002.0) == {}
+
+
+def test_overlap_is_a_consecutive_prefix_per_worker() -> None:
+    s = HintStore("a")
+    s.add_local("w1", [1, 2], 0.0)
+    s.add_local("w2", [1, 9, 3], 0.0)
+    assert s.overlap([1, 2, 3], 0.1) == {"w1": 2, "w2": 1}
+    assert s.overlap([5, 1], 0.1) == {}
+
+
+def test_overlapping_hints_keep_the_later_expiry() -> None:
+    s = HintStore("a", ttl=1.0)
+    s.add_local("w", [1, 2], 0.0)
+    s.add_local("w", [1], 0.5)
+    assert s.overlap([1, 2], 1.2) == {"w": 1}  # first hint gone, second still covers 1
+    assert s.overlap([1], 1.6) == {}
+
+
+def test_bounded_and_bad_ttl_rejected() -> None:
+    s = HintStore("a", max_hints=10)
+    for i in range(50):
+        s.add_local("w", [i], 0.0)
+    assert len(s) == 10
+    assert s.overlap([0], 0.1) == {} and s.overlap([49], 0.1) == {"w": 1}
+    assert s.merge([Hint("x", 1, "w", [1], -1.0), Hint("x", 2, "w", [1], 1e9)], 0.0) == 0
+    with pytest.raises(ValueError):
+        HintStore("a", ttl=0)
