@@ -40,5 +40,12 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(VENV)/bin/kvmesh bench all --quick
 
+## Container images without a registry: the local Debian base (rebuilt only when
+## the dependencies change) + the app image kvmesh:local, built with no network.
+image:
+	bash deploy/build-base-image.sh
+	docker build -q --force-rm --network none -f deploy/Dockerfile --build-arg BASE=kvmesh-base:local -t kvmesh:local .
+	@docker image prune -f --filter label=kvmesh.image=app >/dev/null
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
