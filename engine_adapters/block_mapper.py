@@ -9,22 +9,23 @@ router hash of block i is ``chain_hash(router hash of block i-1, tokens of i)``
 and the parent of the first block is the mapping of ``parent_block_hash`` (or
 the model/LoRA/salt root seed when it is ``None``).
 
-The map holds one entry per live block (removals forget it), so memory stays
-proportional to the engine's cache, not to its history. Several engine blocks
-can name the same router block (vLLM hashes multimodal inputs and extra keys
-that the router does not see), so the router hash is reference-counted: it is
-removed from the index only when its last engine block goes.
+The map (``kv_delta.BlockMap``) holds one entry per live block (removals
+forget it), so memory stays proportional to the engine's cache, not to its
+history. Several engine blocks can name the same router block (vLLM hashes
+multimodal inputs and extra keys that the router does not see), so the router
+hash is reference-counted: it is removed from the index only when its last
+engine block goes. Every op lists the engine hashes it binds or forgets, so
+the mapping itself travels with the deltas (see ``kv_delta``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
-from engine_adapters.kv_delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp
+from engine_adapters.kv_delta import OP_CLEAR, OP_REMOVE, OP_STORE, BlockMap, KvDelta, KvOp
 from engine_adapters.kv_events import (
     AllBlocksCleared,
     BlockHash,
@@ -64,24 +65,38 @@ def _cache_salt(event: BlockStored) -> str | None:
 
 
 class BlockMapper:
-    """Translates one worker's engine events into router-hash ops."""
+    """Translates one worker's engine events into router-hash ops.
+
+    The ops carry the engine hashes too (``KvOp.ehashes``), so replaying a
+    mapper's deltas onto an empty :class:`BlockMap` gives exactly its mapping:
+    that is how the mesh hands a worker to a new owner (:meth:`from_pairs`).
+    """
 
     def __init__(self, model: str, worker: str = "") -> None:
         self.model = model
         self.worker = worker
-        self._to_router: dict[BlockHash, int] = {}
-        self._refs: dict[int, int] = {}  # router hash -> live engine blocks naming it
+        self.map = BlockMap()
         self._roots: dict[tuple[str | None, str | None], int] = {}
         self.stats = MapperStats()
 
+    @classmethod
+    def from_pairs(
+        cls, model: str, worker: str, pairs: Iterable[tuple[BlockHash, int]]
+    ) -> BlockMapper:
+        """A mapper that resumes a worker from its (engine hash, router hash)
+        pairs, e.g. ``Takeover.mappings[worker]`` after a mesh handover."""
+        m = cls(model, worker)
+        m.restore(pairs)
+        return m
+
     def __len__(self) -> int:
-        return len(self._to_router)
+        return len(self.map)
 
     def router_hash(self, engine_hash: BlockHash) -> int | None:
-        return self._to_router.get(engine_hash)
+        return self.map.to_router.get(engine_hash)
 
     def live_router_hashes(self) -> set[int]:
-        return set(self._refs)
+        return self.map.live()
 
     def _root(self, lora_name: str | None, salt: str | None) -> int:
         key = (lora_name, salt)
@@ -97,104 +112,104 @@ class BlockMapper:
         (adjacent ops of the same kind are merged)."""
         ops: list[KvOp] = []
         kind = -1
-        cur: list[int] = []
+        hs: list[int] = []
+        ehs: list[BlockHash] = []
 
-        def emit(k: int, hashes: list[int]) -> None:
-            nonlocal kind, cur
+        def emit(k: int, hashes: list[int], ehashes: list[BlockHash]) -> None:
+            nonlocal kind, hs, ehs
             if k == kind and k != OP_CLEAR:
-                cur.extend(hashes)
+                hs.extend(hashes)
+                ehs.extend(ehashes)
                 return
-            if kind != -1 and (cur or kind == OP_CLEAR):
-                ops.append(KvOp(kind, cur))
-            kind, cur = k, list(hashes)
+            if kind != -1:
+                ops.append(KvOp(kind, hs, ehs))
+            kind, hs, ehs = k, hashes, ehashes
 
         for ev in events:
             if isinstance(ev, BlockStored):
-                replaced, stored = self._store(ev, seq)
-                if replaced:
-                    emit(OP_REMOVE, replaced)
-                if stored:
-                    emit(OP_STORE, stored)
+                self._store(ev, seq, emit)
             elif isinstance(ev, BlockRemoved):
-                gone = self._remove(ev.block_hashes)
-                if gone:
-                    emit(OP_REMOVE, gone)
+                gone, egone = self._remove(ev.block_hashes)
+                if egone:
+                    emit(OP_REMOVE, gone, egone)
             elif isinstance(ev, AllBlocksCleared):
                 self.clear()
                 self.stats.cleared += 1
-                emit(OP_CLEAR, [])
-        if kind != -1 and (cur or kind == OP_CLEAR):
-            ops.append(KvOp(kind, cur))
+                emit(OP_CLEAR, [], [])
+        if kind != -1:
+            ops.append(KvOp(kind, hs, ehs))
         return KvDelta(worker=self.worker, seq=seq, ops=ops)
 
-    def _store(self, ev: BlockStored, seq: int) -> tuple[list[int], list[int]]:
-        """(router hashes no longer live, router hashes newly live)."""
+    def _store(
+        self, ev: BlockStored, seq: int,
+        emit: Callable[[int, list[int], list[BlockHash]], None],
+    ) -> None:
+        """Emit STORE of every new binding, in block order; an engine hash
+        reused for other content is emitted as its REMOVE then its STORE."""
+        to_router = self.map.to_router
         if ev.parent_block_hash is None:
             parent: int | None = self._root(ev.lora_name, _cache_salt(ev))
         else:
-            parent = self._to_router.get(ev.parent_block_hash)
+            parent = to_router.get(ev.parent_block_hash)
         n = len(ev.block_hashes)
         if parent is None:
             self.stats.unknown_parent += n
             log.debug("kv_unknown_parent", worker=self.worker, seq=seq, blocks=n)
-            return [], []
+            return
         try:
             hashes = block_hashes(ev.token_ids, ev.block_size, parent)
         except ValueError as e:
             self.stats.invalid_tokens += n
             log.warning("kv_invalid_token_ids", worker=self.worker, seq=seq, error=str(e))
-            return [], []
-        out: list[int] = []
-        replaced: list[int] = []
-        to_router, refs = self._to_router, self._refs
+            return
+        bind, unbind = self.map.bind, self.map.unbind
+        hs: list[int] = []
+        ehs: list[BlockHash] = []
         for eh, rh in zip(ev.block_hashes, hashes):
             old = to_router.get(eh)
             if old == rh:
                 continue  # stored again: already live
-            if old is not None and self._unref(old):
-                replaced.append(old)  # same engine hash, other content: engine reused it
-            to_router[eh] = rh
-            n_refs = refs.get(rh, 0) + 1
-            refs[rh] = n_refs
-            if n_refs == 1:  # newly live for the router
-                out.append(rh)
+            if old is not None:  # same engine hash, other content: engine reused it
+                if hs:
+                    emit(OP_STORE, hs, ehs)
+                    hs, ehs = [], []
+                _, dropped = unbind(eh)
+                emit(OP_REMOVE, [old] if dropped else [], [eh])
+            bind(eh, rh)
+            hs.append(rh)
+            ehs.append(eh)
+        if hs:
+            emit(OP_STORE, hs, ehs)
         self.stats.stored += n
-        return replaced, out
 
-    def _unref(self, rh: int) -> bool:
-        left = self._refs[rh] - 1
-        if left:
-            self._refs[rh] = left
-            return False
-        del self._refs[rh]
-        return True
-
-    def _remove(self, engine_hashes: Iterable[BlockHash]) -> list[int]:
+    def _remove(self, engine_hashes: Iterable[BlockHash]) -> tuple[list[int], list[BlockHash]]:
+        """(router hashes no longer live, engine hashes forgotten)."""
         out: list[int] = []
+        eout: list[BlockHash] = []
+        unbind = self.map.unbind
         for eh in engine_hashes:
-            rh = self._to_router.pop(eh, None)
+            rh, dropped = unbind(eh)
             if rh is None:
                 self.stats.unknown_removed += 1
                 continue
             self.stats.removed += 1
-            if self._unref(rh):
+            eout.append(eh)
+            if dropped:
                 out.append(rh)
-        return out
+        return out, eout
 
     def clear(self) -> None:
         """Forget every block (engine cleared its cache, or the worker is reset)."""
-        self._to_router.clear()
-        self._refs.clear()
+        self.map.clear()
 
     # --- handover --------------------------------------------------------------
 
-    def export(self) -> list[tuple[Any, int]]:
+    def export(self) -> list[tuple[BlockHash, int]]:
         """The live mapping as (engine hash, router hash) pairs, for handing a
         worker to another node (the new owner cannot rebuild it from events)."""
-        return list(self._to_router.items())
+        return self.map.pairs()
 
-    def restore(self, pairs: Iterable[tuple[Any, int]]) -> None:
-        self.clear()
-        for eh, rh in pairs:
-            self._to_router[eh] = rh
-            self._refs[rh] = self._refs.get(rh, 0) + 1
+    def restore(self, pairs: Iterable[tuple[BlockHash, int]]) -> None:
+        """Replace the mapping with ``pairs`` (any order; a repeated engine
+        hash keeps its last router hash)."""
+        self.map = BlockMap.from_pairs(pairs)

@@ -6,9 +6,29 @@ router node applies it straight to its prefix index; in the mesh the engine's
 owner appends it to that engine's replicated log and every node's index is
 materialised from the log. Ops keep the order of the engine's events, since a
 batch may remove and store the same block.
+
+Each op also carries the *engine* block hashes it is about (``ehashes``), so
+the log holds the engine hash -> router hash mapping and a new owner of the
+engine can keep translating the engine's events (``BlockMapper`` cannot
+rebuild the mapping from events it never saw). The index reads ``hashes``
+only; :class:`BlockMap` is the state the ops describe including the mapping:
+
+* ``STORE``: ``ehashes[i]`` is the engine block whose router hash is
+  ``hashes[i]``; every binding is listed, also when the router hash was
+  already live through another engine block (router hashes are refcounted).
+* ``REMOVE``: ``ehashes`` are the engine blocks gone, ``hashes`` the router
+  hashes whose last engine block went (the lists can differ in length).
+* ``CLEAR``: both empty.
+
+An op without ``ehashes`` (written before they existed, or by a producer
+without engine hashes) names each block by its router hash: the pair is
+``(h, h)``. Old encodings decode unchanged (``ehashes`` defaults to empty).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Union
 
 import msgspec
 
@@ -16,10 +36,13 @@ OP_STORE = 0
 OP_REMOVE = 1
 OP_CLEAR = 2  # all blocks of the worker dropped; hashes is empty
 
+EngineHash = Union[int, bytes]  # opaque engine block id (as in kv_events.BlockHash)
+
 
 class KvOp(msgspec.Struct, array_like=True, gc=False, frozen=True):
     kind: int
     hashes: list[int]  # router block hashes (unsigned 64-bit)
+    ehashes: list[EngineHash] = []  # engine block hashes (see module docstring)
 
 
 class KvDelta(msgspec.Struct, array_like=True, gc=False):
@@ -38,6 +61,189 @@ def split_worker_id(worker: str) -> tuple[str, int]:
     if sep and rank.isdigit():
         return engine_id, int(rank)
     return worker, 0
+
+
+def ehash_bytes(eh: EngineHash) -> int:
+    """Upper bound of the msgpack size of one engine hash."""
+    if eh.__class__ is int:
+        return 9
+    n = len(eh)  # type: ignore[arg-type]
+    return n + (2 if n < 256 else 3 if n < 65536 else 5)
+
+
+class BlockMap:
+    """One worker's live blocks: engine hash -> router hash.
+
+    The router's live set is the set of mapped router hashes: several engine
+    blocks can name one router block, which goes only with the last of them.
+    ``BlockMapper`` keeps one while translating, with ``refs`` (router hash ->
+    engine blocks naming it) to know when a router hash goes; the mesh log's
+    owner and replay rebuild the same mapping from the ops (:meth:`apply`) and
+    need no refcounts (``refs=False`` saves a dict per worker: the live set is
+    derived on demand). ``ebytes`` tracks the encoded size of the non-identity
+    engine hashes, so a snapshot's size is known without encoding it.
+    """
+
+    __slots__ = ("to_router", "refs", "ebytes")
+
+    def __init__(self, refs: bool = True) -> None:
+        self.to_router: dict[EngineHash, int] = {}
+        # router hash -> engine blocks naming it; None when not tracked
+        self.refs: dict[int, int] | None = {} if refs else None
+        self.ebytes = 0
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[EngineHash, int]], refs: bool = True) -> BlockMap:
+        m = cls(refs)
+        for eh, rh in pairs:
+            m.bind(eh, rh)
+        return m
+
+    def __len__(self) -> int:
+        return len(self.to_router)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BlockMap) and self.to_router == other.to_router
+
+    def __repr__(self) -> str:
+        return f"BlockMap({len(self.to_router)} engine blocks, {len(self.refs)} router)"
+
+    def live(self) -> set[int]:
+        """The live router hashes."""
+        return set(self.refs) if self.refs is not None else set(self.to_router.values())
+
+    def counts(self) -> dict[int, int]:
+        """Router hash -> engine blocks naming it."""
+        if self.refs is not None:
+            return dict(self.refs)
+        out: dict[int, int] = {}
+        for rh in self.to_router.values():
+            out[rh] = out.get(rh, 0) + 1
+        return out
+
+    def pairs(self) -> list[tuple[EngineHash, int]]:
+        return list(self.to_router.items())
+
+    def bind(self, eh: EngineHash, rh: int) -> tuple[int | None, bool]:
+        """Map ``eh`` to ``rh`` (replacing its old binding).
+
+        Returns (old router hash if this dropped its last ref, rh newly
+        live); without refcounts, (None, False).
+        """
+        old = self.to_router.get(eh)
+        if old == rh:
+            return None, False
+        if old is None and eh != rh:
+            self.ebytes += ehash_bytes(eh)
+        self.to_router[eh] = rh
+        refs = self.refs
+        if refs is None:
+            return None, False
+        dropped = old if old is not None and self._unref(refs, old) else None
+        n = refs.get(rh, 0) + 1
+        refs[rh] = n
+        return dropped, n == 1
+
+    def unbind(self, eh: EngineHash) -> tuple[int | None, bool]:
+        """Forget ``eh``: (its router hash or None if unknown, that hash no
+        longer live; False without refcounts)."""
+        rh = self.to_router.pop(eh, None)
+        if rh is None:
+            return None, False
+        if eh != rh:
+            self.ebytes -= ehash_bytes(eh)
+        refs = self.refs
+        return rh, refs is not None and self._unref(refs, rh)
+
+    @staticmethod
+    def _unref(refs: dict[int, int], rh: int) -> bool:
+        left = refs[rh] - 1
+        if left:
+            refs[rh] = left
+            return False
+        del refs[rh]
+        return True
+
+    def compact(self) -> None:
+        """Rebuild the dicts without the slots of deleted entries.
+
+        A dict under churn keeps deleted slots until it resizes, and then
+        sizes itself for 3x its entries: steady state is ~2x the memory of
+        the same dict built by insertions only. Called on log compaction.
+        """
+        self.to_router = dict(self.to_router)
+        if self.refs is not None:
+            self.refs = dict(self.refs)
+
+    def clear(self) -> None:
+        self.to_router.clear()
+        if self.refs is not None:
+            self.refs.clear()
+        self.ebytes = 0
+
+    def apply(self, op: KvOp) -> None:
+        """Apply one op (see the module docstring for what its lists mean)."""
+        kind = op.kind
+        if kind == OP_STORE:
+            ehs = op.ehashes or op.hashes
+            if len(ehs) != len(op.hashes):
+                raise ValueError(
+                    f"STORE with {len(op.hashes)} router and {len(ehs)} engine hashes"
+                )
+            if self.refs is not None:
+                bind = self.bind
+                for eh, rh in zip(ehs, op.hashes):
+                    bind(eh, rh)
+                return
+            # No refcounts (the mesh log's case): bind() inlined, it is the
+            # owner's hot path.
+            to = self.to_router
+            eb = 0
+            for eh, rh in zip(ehs, op.hashes):
+                if eh not in to and eh != rh:
+                    eb += 9 if eh.__class__ is int else ehash_bytes(eh)
+                to[eh] = rh
+            self.ebytes += eb
+        elif kind == OP_REMOVE:
+            ehs = op.ehashes or op.hashes
+            if self.refs is not None:
+                unbind = self.unbind
+                for eh in ehs:
+                    unbind(eh)
+                return
+            pop = self.to_router.pop
+            eb = 0
+            for eh in ehs:
+                rh = pop(eh, None)
+                if rh is not None and eh != rh:
+                    eb += 9 if eh.__class__ is int else ehash_bytes(eh)
+            self.ebytes -= eb
+        elif kind == OP_CLEAR:
+            self.clear()
+        else:
+            raise ValueError(f"unknown KvOp kind {op.kind!r}")
+
+    def snapshot_ops(self) -> list[KvOp]:
+        """``[CLEAR, STORE(...)]`` that rebuild this map on an empty one.
+
+        Identity pairs (router-hash-named blocks) go in a STORE without
+        engine hashes, so they cost what they did before ehashes existed.
+        """
+        ops = [KvOp(OP_CLEAR, [])]
+        ident: list[int] = []
+        hs: list[int] = []
+        ehs: list[EngineHash] = []
+        for eh, rh in self.to_router.items():
+            if eh == rh:
+                ident.append(rh)
+            else:
+                ehs.append(eh)
+                hs.append(rh)
+        if ident:
+            ops.append(KvOp(OP_STORE, ident))
+        if hs:
+            ops.append(KvOp(OP_STORE, hs, ehs))
+        return ops
 
 
 _enc = msgspec.msgpack.Encoder()

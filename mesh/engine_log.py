@@ -13,8 +13,20 @@ Layout of one epoch document (a ``pycrdt.Doc`` whose client id is the epoch's
 * ``log`` (Array): append-only entries, each the msgpack bytes of a list of
   ``KvDelta`` (everything one ``append`` call was given). Entry 0 is always a
   *snapshot*: per worker ``KvDelta(worker, last_seq, [CLEAR, STORE(all live
-  hashes)])``. Nothing is ever deleted from the Array, so a document carries no
+  blocks)])``. Nothing is ever deleted from the Array, so a document carries no
   tombstones; history is bounded by replacing the whole document (below).
+
+The state a log describes is, per worker, a ``kv_delta.BlockMap``: engine
+block hash -> router block hash (several engine blocks may name one router
+block). The ops carry both hashes (``KvOp.ehashes``), so the router's live
+set is the map's values and a
+new owner gets the exact mapping its ``BlockMapper`` needs to keep
+translating the engine's events (``MeshState.take_ownership`` hands it over);
+without it, removals of blocks stored before a handover would leave stale
+index entries and stores chained to them would be skipped. The snapshot
+carries the pairs (``STORE(hashes, ehashes)``). The owner keeps that map
+(without refcounts: one dict per worker) and rebuilds its dicts on every
+snapshot, since a dict under churn holds ~2x the memory of a fresh one.
 
 Why batch entries and not one CRDT key per block (design.md decision 3): a Map
 key per block costs ~300 B and leaves a tombstone per delete forever. An
@@ -41,15 +53,17 @@ epochs -- from ever being merged into one (garbage) log: they are simply two
 distinct, ordered epochs.
 
 Compaction. The owner tracks the bytes of the entries in the current document
-and the live blocks. When the log outgrows ``K x`` the size a snapshot of the
-live set would have (K = ``CompactionPolicy.factor``, default 2; never below
+and the live mapping. When the log outgrows ``K x`` the size a snapshot of the
+live mapping would have (K = ``CompactionPolicy.factor``, default 2; never below
 ``min_ops`` blocks' worth), it starts ``gen + 1`` whose entry 0 is that
 snapshot. Old documents are dropped whole, so memory and encoded size stay
 within about K x the live set. The trigger counts *bytes*, not block-ops: an
 op inside a 16-block churn batch costs ~10-11 B on the wire (entry and delta
 framing, two op lists) against 9 B in a snapshot, so "2 x the live set in
 block-ops" measured 1.99-2.0x the live-set bytes, while bytes bound exactly
-what we care about (measured: tests/unit/test_bounded_state.py).
+what we care about (measured: tests/unit/test_bounded_state.py). With engine
+hashes carried, a block costs ~18 B instead of ~9 B in a snapshot and in a
+churn entry alike, so the ratio is unchanged.
 
 Replicas materialise incrementally: ``EngineLogReplica`` observes the log
 Array of its current document and hands every newly visible ``KvDelta`` to a
@@ -83,6 +97,8 @@ from engine_adapters.kv_delta import (
     OP_CLEAR,
     OP_REMOVE,
     OP_STORE,
+    BlockMap,
+    EngineHash,
     KvDelta,
     KvOp,
     split_worker_id,
@@ -138,6 +154,14 @@ def validate_delta(engine_id: str, d: KvDelta) -> None:
     for op in d.ops:
         if op.kind not in (OP_STORE, OP_REMOVE, OP_CLEAR):
             raise LogError(f"unknown op kind {op.kind!r} for worker {d.worker!r}")
+        if op.ehashes:
+            if op.kind == OP_CLEAR:
+                raise LogError(f"CLEAR with engine hashes for worker {d.worker!r}")
+            if op.kind == OP_STORE and len(op.ehashes) != len(op.hashes):
+                raise LogError(
+                    f"STORE of {len(op.hashes)} router and {len(op.ehashes)} engine "
+                    f"hashes for worker {d.worker!r}"
+                )
         # min/max run in C: far cheaper than a per-hash Python check.
         if op.hashes and (min(op.hashes) < 0 or max(op.hashes) >= _U64):
             raise LogError(f"block hash out of unsigned 64-bit range for worker {d.worker!r}")
@@ -156,30 +180,37 @@ def checked_entry(engine_id: str, deltas: list[KvDelta]) -> bytes:
 
 
 # Upper bound of a 64-bit hash in msgpack (uint64: tag + 8 bytes), and of the
-# per-worker framing of a snapshot delta (worker id, seq, two ops).
+# per-worker framing of a snapshot delta (worker id, seq, three ops).
 HASH_BYTES = 9
 SNAPSHOT_WORKER_BYTES = 48
 
+LiveMaps = dict[str, BlockMap]  # worker -> its live mapping
 
-def apply_to_sets(live: dict[str, set[int]], d: KvDelta) -> None:
-    s = live.setdefault(d.worker, set())
+
+def apply_delta(live: LiveMaps, d: KvDelta) -> BlockMap:
+    """Apply ``d`` (validated) to its worker's map; returns that map.
+
+    The maps keep no refcounts: a log's state is the mapping alone.
+    """
+    m = live.get(d.worker)
+    if m is None:
+        m = live[d.worker] = BlockMap(refs=False)
     for op in d.ops:
-        if op.kind == OP_STORE:
-            s.update(op.hashes)
-        elif op.kind == OP_REMOVE:
-            s.difference_update(op.hashes)
-        elif op.kind == OP_CLEAR:
-            s.clear()
+        m.apply(op)
+    return m
 
 
-def snapshot_deltas(live: dict[str, set[int]], seqs: dict[str, int]) -> list[KvDelta]:
-    """Per worker ``[CLEAR, STORE(live)]`` carrying its last applied seq."""
+def live_sets(live: LiveMaps) -> dict[str, set[int]]:
+    """The router's view: per worker, the live router hashes."""
+    return {w: m.live() for w, m in live.items()}
+
+
+def snapshot_deltas(live: LiveMaps, seqs: dict[str, int]) -> list[KvDelta]:
+    """Per worker ``[CLEAR, STORE(pairs)]`` carrying its last applied seq."""
     out = []
     for worker in sorted(set(live) | set(seqs)):
-        hashes = sorted(live.get(worker, ()))
-        ops = [KvOp(OP_CLEAR, [])]
-        if hashes:
-            ops.append(KvOp(OP_STORE, hashes))
+        m = live.get(worker)
+        ops = m.snapshot_ops() if m is not None else [KvOp(OP_CLEAR, [])]
         out.append(KvDelta(worker, seqs.get(worker, -1), ops))
     return out
 
@@ -416,15 +447,19 @@ class EngineLogReplica:
             self.sink(d)
 
     # -- reading --------------------------------------------------------------
-    def materialise(self) -> dict[str, set[int]]:
-        """The live set per worker, replayed from the current document."""
-        live: dict[str, set[int]] = {}
+    def materialise_maps(self) -> LiveMaps:
+        """The live mapping per worker, replayed from the current document."""
+        live: LiveMaps = {}
         if self.current is None:
             return live
         for raw in self.current.entries():
             for d in _decode_or_skip(self.engine_id, self.current.epoch, raw):
-                apply_to_sets(live, d)
+                apply_delta(live, d)
         return live
+
+    def materialise(self) -> dict[str, set[int]]:
+        """The live router hashes per worker, replayed from the current document."""
+        return live_sets(self.materialise_maps())
 
     def resume_seqs(self) -> dict[str, int]:
         """Per worker, the first engine sequence number not yet in the log."""
@@ -454,16 +489,17 @@ class CompactionPolicy:
 class EngineLogOwner:
     """The single writer of one engine's log on its owner node.
 
-    Keeps the live set per worker (needed for snapshots) and the entry bytes
-    of the current document. Writes through the replica's current
-    document, so the node's own view is the same object.
+    Keeps the live mapping per worker (needed for snapshots and handed to the
+    adapter on takeover) and the entry bytes of the current document. Writes
+    through the replica's current document, so the node's own view is the
+    same object.
     """
 
     replica: EngineLogReplica
     node_id: str
     rng: random.Random
     policy: CompactionPolicy = field(default_factory=CompactionPolicy)
-    live: dict[str, set[int]] = field(default_factory=dict)
+    live: LiveMaps = field(default_factory=dict)
     log_bytes: int = 0
     _length: int = 0  # entries in the current document
     _updates: list[bytes] = field(default_factory=list)
@@ -478,13 +514,27 @@ class EngineLogOwner:
         assert self.replica.current is not None
         return self.replica.current.epoch
 
-    live_blocks: int = 0  # sum of len(live[w]), kept incrementally
+    engine_blocks: int = 0  # mapped engine blocks (snapshot pairs), all workers
+    ehash_bytes: int = 0  # encoded size of their non-identity engine hashes
+
+    @property
+    def live_blocks(self) -> int:
+        """Live router hashes, all workers (O(live): for logs and tests)."""
+        return sum(len(m.live()) for m in self.live.values())
 
     def snapshot_bytes(self) -> int:
-        """What a snapshot of the live set would take (upper bound for 64-bit hashes)."""
-        return HASH_BYTES * self.live_blocks + SNAPSHOT_WORKER_BYTES * len(self.live)
+        """What a snapshot of the live mapping would take (upper bound for
+        64-bit router hashes)."""
+        return (
+            HASH_BYTES * self.engine_blocks + self.ehash_bytes
+            + SNAPSHOT_WORKER_BYTES * len(self.live)
+        )
 
-    def start_epoch(self, epoch: Epoch, live: dict[str, set[int]], seqs: dict[str, int]) -> bytes:
+    def mappings(self) -> dict[str, list[tuple[EngineHash, int]]]:
+        """Per worker, the (engine hash, router hash) pairs (``BlockMapper.restore``)."""
+        return {w: m.pairs() for w, m in self.live.items()}
+
+    def start_epoch(self, epoch: Epoch, live: LiveMaps, seqs: dict[str, int]) -> bytes:
         """Begin ``epoch`` with a snapshot of ``live``/``seqs``; returns its full update.
 
         Takes ``live`` over (no copy: a copy would double the peak memory).
@@ -498,8 +548,11 @@ class EngineLogOwner:
             old.doc.unobserve(self._sub)
         self.replica.pending = None
         self.replica._install(ed, None, notify=False, local=True)
+        for m in live.values():
+            m.compact()  # as the log: drop what churn left behind
         self.live = live
-        self.live_blocks = sum(len(s) for s in live.values())
+        self.engine_blocks = sum(len(m) for m in live.values())
+        self.ehash_bytes = sum(m.ebytes for m in live.values())
         self.log_bytes = snap_bytes
         self._length = 1
         self._sub = ed.doc.observe(self._on_txn)
@@ -536,9 +589,14 @@ class EngineLogOwner:
         self.log_bytes += len(entry)
         live = self.live
         for d in batch:
-            before = len(live.get(d.worker, ()))
-            apply_to_sets(live, d)
-            self.live_blocks += len(live[d.worker]) - before
+            m = live.get(d.worker)
+            if m is None:
+                m = live[d.worker] = BlockMap(refs=False)
+            n_eng, n_eb = len(m.to_router), m.ebytes
+            for op in d.ops:
+                m.apply(op)
+            self.engine_blocks += len(m.to_router) - n_eng
+            self.ehash_bytes += m.ebytes - n_eb
             self.replica._note(d)
         upd = self._updates
         self._updates = []

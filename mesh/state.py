@@ -16,7 +16,8 @@ Everything that leaves or enters is a msgspec struct (:class:`Delta`,
   remote lacks. Two nodes that exchange summaries and apply each other's diffs
   converge; ``full_state(now)`` is the diff against nothing, for a joiner.
 * Ownership: ``take_ownership(engine_id, now)`` starts term + 1 from this
-  node's materialised view and returns the resume sequence per worker; a
+  node's materialised view and returns the resume sequence and the engine
+  hash -> router hash mapping per worker (``Takeover``); a
   node that learns of a higher epoch of an engine it owns stops owning it
   (``take_lost_ownership()`` tells the shell to stop that engine's adapter).
 * ``drop_node(node_id, now)`` removes a dead or departed node's load slot.
@@ -28,7 +29,10 @@ once); on ``take_lost_ownership()`` stop that engine's adapter and, if
 membership still says this node owns it, ``take_ownership`` again (two nodes
 handed the same engine before hearing of each other pick the same term; the
 higher node id wins the tie and the other re-takes at term + 1); after
-``take_ownership`` start the adapter at the returned resume points.
+``take_ownership`` start the adapter at the returned resume points, with one
+``BlockMapper.from_pairs(model, worker, takeover.mappings[worker])`` per worker
+(a mapper started empty could not map removals of, or stores chained to,
+blocks stored before the handover).
 
 Route hints are pushed only (``add_hint`` -> Delta) and handed to joiners; they
 are not part of the summary: they live ~2 s, less than an anti-entropy round
@@ -45,7 +49,7 @@ import msgspec
 import pycrdt
 import structlog
 
-from engine_adapters.kv_delta import KvDelta
+from engine_adapters.kv_delta import BlockMap, KvDelta
 from mesh.engine_log import (
     CLIENT_ID_BITS,
     CompactionPolicy,
@@ -113,6 +117,8 @@ class Takeover(msgspec.Struct, gc=False):
     epoch: Epoch
     resume: dict[str, int]  # worker -> first engine sequence number to fetch
     message: Delta
+    # worker -> its live (engine hash, router hash) pairs: BlockMapper.from_pairs
+    mappings: dict[str, list[tuple[int | bytes, int]]] = {}
 
 
 Message = Union[Delta, Summary]
@@ -228,7 +234,7 @@ class MeshState:
             return None
         old = owner.epoch
         epoch = Epoch(old.term, self.node_id, old.gen + 1, owner.new_doc_id())
-        empty = {w: set() for w in owner.live}
+        empty = {w: BlockMap(refs=False) for w in owner.live}
         update = owner.start_epoch(epoch, empty, dict(owner.replica.last_seq))
         log.info("engine_log_retired", engine=engine_id, epoch=epoch)
         return Delta(sender=self.node_id, logs=[LogUpdate(engine_id, epoch, update)])
@@ -239,12 +245,14 @@ class MeshState:
 
         The new epoch starts from this node's materialised view; events that the
         previous owner wrote but this node has not seen are not lost: the
-        returned resume points make the adapter replay them from the engine.
+        returned resume points make the adapter replay them from the engine,
+        and the returned mappings are exactly the state a mapper has after
+        the events before those points.
         """
         rep = self._replica(engine_id)
         known = rep.known_epoch
         term = known.term + 1 if known is not None else 1
-        live = rep.materialise()
+        live = rep.materialise_maps()
         seqs = dict(rep.last_seq)
         owner = EngineLogOwner(rep, self.node_id, self.rng, self.policy)
         epoch = Epoch(term, self.node_id, 0, owner.new_doc_id())
@@ -260,6 +268,7 @@ class MeshState:
             epoch=epoch,
             resume=rep.resume_seqs(),
             message=Delta(sender=self.node_id, logs=[LogUpdate(engine_id, epoch, update)]),
+            mappings=owner.mappings(),
         )
 
     def release_ownership(self, engine_id: str) -> None:

@@ -27,6 +27,7 @@ from engine_adapters.kv_events import (
     encode_seq,
 )
 from engine_adapters.zmq_publisher import ZmqEventPublisher
+from mesh.state import MeshState, encode
 from router.hashing import block_hashes, root_seed
 from router.index import PrefixIndex
 
@@ -492,3 +493,57 @@ async def test_adapter_recovers_a_replay_truncated_by_a_vllm_like_router_hwm() -
             assert sink.state["eng-a"] == eng.expected()
         finally:
             await ad.stop()
+
+
+async def test_mesh_handover_gives_the_new_owner_the_mapping() -> None:
+    """Owner A's adapter writes the engine's deltas to the mesh log; B takes
+    over from the log alone (resume point + engine->router mapping), replays
+    what A missed from the engine and goes on live: removals of, and stores
+    chained to, blocks A saw stored are mapped exactly."""
+    eng = ToyEngine(9)
+    a = MeshState("n-a", 0.0, random.Random(1))
+    b = MeshState("n-b", 0.0, random.Random(2))
+    b.apply_remote(a.take_ownership("eng-a", 0.0).message, 0.0)
+
+    def sink_a(d: KvDelta) -> None:
+        b.apply_remote(encode(a.local_deltas("eng-a", [d])), 0.0)
+
+    def sink_b(d: KvDelta) -> None:
+        b.local_deltas("eng-a", [d])
+
+    with ZmqEventPublisher(LOOP, LOOP, topic="kv") as pub:
+        prompts = [eng.prompt(3) for _ in range(6)]
+        for p in prompts:
+            pub.publish(batch(eng.store(p)))
+        ad = make_adapter(pub, sink_a)
+        await ad.start()
+        try:
+            await wait_until(lambda: ad.last_seqs()[0] == 5, what="A caught up")
+        finally:
+            await ad.stop()
+        before = set(ad.mapper().map.to_router)
+        # while nobody owns the engine: evictions and prompts extending cached ones
+        pub.publish(batch(eng.evict(4), eng.store(prompts[0] + eng.prompt(2))))
+        pub.publish(batch(eng.store(prompts[1] + eng.prompt(1)), eng.evict(2)))
+
+        t = b.take_ownership("eng-a", 1.0)
+        assert t.resume == {"eng-a": 6}
+        mapper = BlockMapper.from_pairs(MODEL, "eng-a", t.mappings["eng-a"])
+        assert mapper.map == ad.mapper().map
+        ad_b = make_adapter(
+            pub, sink_b, start_seqs={0: t.resume["eng-a"] - 1}, mappers={0: mapper}
+        )
+        await ad_b.start()
+        try:
+            await wait_until(lambda: ad_b.last_seqs()[0] == 7, what="B replayed")
+            assert b.materialise("eng-a")["eng-a"] == eng.expected()
+            removed_old = before - set(eng.live)
+            pub.publish(batch(eng.evict(5), eng.store(prompts[2] + eng.prompt(1))))
+            await wait_until(lambda: ad_b.last_seqs()[0] == 8, what="B live")
+            assert b.materialise("eng-a")["eng-a"] == eng.expected()
+            assert removed_old  # the scenario removes blocks A mapped
+            st = ad_b.mapper().stats
+            assert st.unknown_removed == 0 and st.unknown_parent == 0
+            assert ad_b.stats()["resets"] == 0
+        finally:
+            await ad_b.stop()

@@ -8,7 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine_adapters.block_mapper import BlockMapper
-from engine_adapters.kv_delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvOp
+from engine_adapters.kv_delta import (
+    OP_CLEAR,
+    OP_REMOVE,
+    OP_STORE,
+    BlockMap,
+    KvDelta,
+    KvOp,
+    decode_delta,
+    encode_delta,
+)
 from engine_adapters.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from router.hashing import block_hashes, root_seed
 
@@ -28,8 +37,8 @@ def test_mapping_equals_router_hashing_of_the_same_tokens() -> None:
     d1 = m.map_batch([_stored([2**64 - 1, b"\x01" * 32], None, tokens[:8])], seq=0)
     d2 = m.map_batch([_stored([-3, 7, 8, 9], b"\x01" * 32, tokens[8:])], seq=1)
     assert d1.worker == "e1" and d1.seq == 0
-    assert d1.ops == [KvOp(OP_STORE, expected[:2])]
-    assert d2.ops == [KvOp(OP_STORE, expected[2:])]
+    assert d1.ops == [KvOp(OP_STORE, expected[:2], [2**64 - 1, b"\x01" * 32])]
+    assert d2.ops == [KvOp(OP_STORE, expected[2:], [-3, 7, 8, 9])]
     assert m.router_hash(9) == expected[-1]
     assert m.live_router_hashes() == set(expected)
 
@@ -70,7 +79,7 @@ def test_remove_forgets_and_unknown_removals_are_ignored() -> None:
     m = BlockMapper(MODEL)
     m.map_batch([_stored([1, 2, 3], None, tokens)], 0)
     d = m.map_batch([BlockRemoved([3, 404, 2])], 1)
-    assert d.ops == [KvOp(OP_REMOVE, [expected[2], expected[1]])]
+    assert d.ops == [KvOp(OP_REMOVE, [expected[2], expected[1]], [3, 2])]  # 404: unknown
     assert m.stats.unknown_removed == 1 and m.stats.removed == 2
     assert len(m) == 1
     # a child of an evicted block cannot be placed any more
@@ -92,10 +101,10 @@ def test_ops_keep_event_order_and_clear_drops_everything() -> None:
         seq=5,
     )
     assert d.ops == [
-        KvOp(OP_STORE, [h[0], h[1]]),
-        KvOp(OP_REMOVE, [h[1]]),
+        KvOp(OP_STORE, [h[0], h[1]], [1, 2]),
+        KvOp(OP_REMOVE, [h[1]], [2]),
         KvOp(OP_CLEAR, []),
-        KvOp(OP_STORE, [h[0]]),
+        KvOp(OP_STORE, [h[0]], [1]),
     ]
     assert m.stats.cleared == 1 and len(m) == 1
 
@@ -106,10 +115,12 @@ def test_router_hash_shared_by_two_engine_blocks_is_removed_with_the_last() -> N
     t = list(range(4))
     h = block_hashes(t, BS, root_seed(MODEL))[0]
     m = BlockMapper(MODEL)
-    assert m.map_batch([_stored([1], None, t)], 0).ops == [KvOp(OP_STORE, [h])]
-    assert m.map_batch([_stored([2], None, t)], 1).ops == []  # already live
-    assert m.map_batch([BlockRemoved([1])], 2).ops == []
-    assert m.map_batch([BlockRemoved([2])], 3).ops == [KvOp(OP_REMOVE, [h])]
+    assert m.map_batch([_stored([1], None, t)], 0).ops == [KvOp(OP_STORE, [h], [1])]
+    # already live for the router; the binding is still logged (for a new owner)
+    assert m.map_batch([_stored([2], None, t)], 1).ops == [KvOp(OP_STORE, [h], [2])]
+    assert m.map_batch([_stored([2], None, t)], 2).ops == []  # stored again: nothing new
+    assert m.map_batch([BlockRemoved([1])], 3).ops == [KvOp(OP_REMOVE, [], [1])]
+    assert m.map_batch([BlockRemoved([2])], 4).ops == [KvOp(OP_REMOVE, [h], [2])]
     assert m.live_router_hashes() == set()
 
 
@@ -120,14 +131,19 @@ def test_engine_hash_reused_for_other_tokens_replaces_the_old_block() -> None:
     m = BlockMapper(MODEL)
     m.map_batch([_stored([7], None, a)], 0)
     d = m.map_batch([_stored([7], None, b)], 1)
-    assert d.ops == [KvOp(OP_REMOVE, [ha]), KvOp(OP_STORE, [hb])]
+    assert d.ops == [KvOp(OP_REMOVE, [ha], [7]), KvOp(OP_STORE, [hb], [7])]
     assert m.live_router_hashes() == {hb}
+    assert BlockMap.from_pairs([(7, ha)]) != m.map
+    replayed = BlockMap.from_pairs([(7, ha)])
+    for op in d.ops:
+        replayed.apply(op)
+    assert replayed == m.map
 
 
 def test_invalid_token_ids_are_skipped_not_raised() -> None:
     m = BlockMapper(MODEL)
     d = m.map_batch([_stored([1], None, [-1, 2, 3, 4]), _stored([2], None, [1, 2, 3, 4])], 0)
-    assert d.ops == [KvOp(OP_STORE, block_hashes([1, 2, 3, 4], BS, root_seed(MODEL)))]
+    assert d.ops == [KvOp(OP_STORE, block_hashes([1, 2, 3, 4], BS, root_seed(MODEL)), [2])]
     assert m.stats.invalid_tokens == 1
 
 
@@ -140,7 +156,9 @@ def test_export_restore_hands_the_mapping_over() -> None:
     # the new owner can place children and removals of blocks it never saw stored
     child = b.map_batch([_stored([3], b"x", list(range(4)))], 1)
     assert child.ops and b.stats.unknown_parent == 0
-    assert b.map_batch([BlockRemoved([1])], 2).ops == [KvOp(OP_REMOVE, [a.router_hash(1)])]
+    assert b.map_batch([BlockRemoved([1])], 2).ops == [KvOp(OP_REMOVE, [a.router_hash(1)], [1])]
+    c = BlockMapper.from_pairs(MODEL, "w", a.export())
+    assert c.worker == "w" and c.map == a.map and c.live_router_hashes() == a.live_router_hashes()
 
 
 @settings(max_examples=60, deadline=None)
@@ -204,3 +222,69 @@ def test_random_cache_churn_matches_router_hashing(seed: int, steps: int) -> Non
         assert index == want == m.live_router_hashes()
         assert len(m) == len(cached)
     assert m.stats.unknown_parent == 0 and m.stats.unknown_removed == 0
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32), steps=st.integers(1, 40))
+def test_deltas_carry_the_mapping_exactly(seed: int, steps: int) -> None:
+    """Replaying a mapper's deltas (through their wire encoding) onto an empty
+    BlockMap gives the mapper's own map, and the router hashes in the ops give
+    its live set: shared router hashes, engine-hash reuse, unknown removals,
+    clears and several events per batch included."""
+    rng = random.Random(seed)
+    m = BlockMapper(MODEL, "w")
+    replayed = BlockMap()
+    lean = BlockMap(refs=False)  # as the mesh log keeps it
+    index: set[int] = set()
+    pool: list = [rng.getrandbits(64) for _ in range(12)]
+    pool += [rng.randbytes(32) for _ in range(4)]
+    for s in range(steps):
+        events: list = []
+        for _ in range(rng.randint(1, 4)):
+            r = rng.random()
+            live = list(m.map.to_router)
+            if r < 0.55:
+                n = rng.randint(1, 3)
+                parent = rng.choice(live) if live and rng.random() < 0.5 else None
+                tokens = [rng.randint(0, 2) for _ in range(n * BS)]  # tiny alphabet: shared router hashes
+                events.append(BlockStored(rng.sample(pool, n), parent, tokens, BS))
+            elif r < 0.9:
+                gone = rng.sample(live, min(len(live), rng.randint(1, 3))) + [rng.choice(pool)]
+                events.append(BlockRemoved(gone))
+            else:
+                events.append(AllBlocksCleared())
+        d = decode_delta(encode_delta(m.map_batch(events, s)))
+        assert isinstance(d, KvDelta)
+        for op in d.ops:
+            replayed.apply(op)
+            lean.apply(op)
+            if op.kind == OP_STORE:
+                assert len(op.ehashes) == len(op.hashes)
+                index.update(op.hashes)
+            elif op.kind == OP_REMOVE:
+                index.difference_update(op.hashes)
+            else:
+                assert op.ehashes == [] and op.hashes == []
+                index.clear()
+        assert replayed == m.map
+        assert replayed.refs == m.map.refs == lean.counts()
+        assert lean == m.map and lean.live() == m.live_router_hashes()
+        assert index == m.live_router_hashes() == set(replayed.to_router.values())
+        assert replayed.ebytes == m.map.ebytes
+    # the pairs restore the same state
+    assert BlockMapper.from_pairs(MODEL, "w", replayed.pairs()).map.refs == m.map.refs
+
+
+def test_block_map_without_engine_hashes_names_blocks_by_router_hash() -> None:
+    # Ops written before ehashes existed (or without engine hashes): pair (h, h).
+    bm = BlockMap()
+    bm.apply(KvOp(OP_STORE, [5, 6]))
+    bm.apply(KvOp(OP_STORE, [5]))  # re-store: set semantics
+    bm.apply(KvOp(OP_REMOVE, [6, 7]))
+    assert bm.pairs() == [(5, 5)] and bm.live() == {5} and bm.ebytes == 0
+    assert bm.snapshot_ops() == [KvOp(OP_CLEAR, []), KvOp(OP_STORE, [5])]
+    bm.apply(KvOp(OP_STORE, [9], [b"e" * 32]))
+    assert bm.ebytes == 34
+    assert bm.snapshot_ops() == [
+        KvOp(OP_CLEAR, []), KvOp(OP_STORE, [5]), KvOp(OP_STORE, [9], [b"e" * 32])
+    ]

@@ -2,6 +2,11 @@
 
 1M block store/remove events in 16-block KvDeltas over a ~50k-block live set,
 through an owner and a replica (merged updates, as gossip would send them).
+The ops carry engine hashes, as ``BlockMapper`` writes them (the log holds
+the engine -> router mapping): ~18 B per block instead of ~9 B, in snapshots
+and churn entries alike. ``EHASHES=False`` below measures router-only ops
+(run that alone: a second memory test in the same process starts from
+memory the first one freed, and its baseline reads low).
 The encoded CRDT size and the process memory held by the state must stay
 within 2x of what they are with the live set alone. Run with ``-s`` to see
 the measured figures and the owner/replica throughput.
@@ -45,12 +50,19 @@ def rss(trim: bool = False) -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
+EHASHES = True
+
+
 def test_churn_keeps_encoded_size_and_memory_within_2x_of_live_set() -> None:
+    ehashes = EHASHES
     rng = random.Random(7)
     workers = ["e", "e#dp1"]
     live = {w: [] for w in workers}  # the driver's model, allocated before the baseline
+    elive: dict[str, list[int]] = {w: [] for w in workers}  # engine hashes, parallel
     for w in workers:
         live[w] = [rng.getrandbits(64) for _ in range(LIVE // len(workers))]
+        if ehashes:
+            elive[w] = [rng.getrandbits(64) for _ in range(LIVE // len(workers))]
     seqs = {w: 0 for w in workers}
     gc.collect()
     rss0 = rss(trim=True)
@@ -82,29 +94,37 @@ def test_churn_keeps_encoded_size_and_memory_within_2x_of_live_set() -> None:
 
     # The live set alone: stored in realistic batches.
     for w in workers:
-        hs = live[w]
+        hs, ehs = live[w], elive[w]
         for i in range(0, len(hs), BATCH):
-            append(KvDelta(w, seqs[w], [KvOp(OP_STORE, hs[i : i + BATCH])]))
+            append(KvDelta(w, seqs[w], [KvOp(OP_STORE, hs[i : i + BATCH], ehs[i : i + BATCH])]))
             seqs[w] += 1
     send(force=True)
     gc.collect()
     base_size = owner.encoded_size() + replica.encoded_size()
     base_mem = rss(trim=True) - rss0
+    snap_per_block = owner.owners["e"].snapshot_bytes() / LIVE
 
     max_size = max_mem = max_raw = 0
     epochs = set()
     half = BATCH // 2
     for n in range(EVENTS // BATCH):
         w = workers[n % len(workers)]
-        hs = live[w]
+        hs, ehs = live[w], elive[w]
         removed = []
+        eremoved = []
         for _ in range(half):  # swap-remove random live blocks
             j = rng.randrange(len(hs))
             hs[j], hs[-1] = hs[-1], hs[j]
             removed.append(hs.pop())
+            if ehashes:
+                ehs[j], ehs[-1] = ehs[-1], ehs[j]
+                eremoved.append(ehs.pop())
         stored = [rng.getrandbits(64) for _ in range(half)]
         hs.extend(stored)
-        append(KvDelta(w, seqs[w], [KvOp(OP_REMOVE, removed), KvOp(OP_STORE, stored)]))
+        estored = [rng.getrandbits(64) for _ in range(half)] if ehashes else []
+        ehs.extend(estored)
+        ops = [KvOp(OP_REMOVE, removed, eremoved), KvOp(OP_STORE, stored, estored)]
+        append(KvDelta(w, seqs[w], ops))
         seqs[w] += 1
         epochs.add(owner.epoch("e"))
         if n % SAMPLE_EVERY == 0:
@@ -121,8 +141,10 @@ def test_churn_keeps_encoded_size_and_memory_within_2x_of_live_set() -> None:
     owner_bps = blocks_owned / t_owner
     replica_bps = received / t_replica
     print(
-        f"\nbounded state: live={LIVE} events={EVENTS} batch={BATCH} compactions={len(epochs) - 1}\n"
-        f"  encoded size: live set alone {base_size / 1e6:.2f} MB, max under churn "
+        f"\nbounded state (engine hashes: {ehashes}): live={LIVE} events={EVENTS} batch={BATCH}"
+        f" compactions={len(epochs) - 1}\n"
+        f"  encoded size: live set alone {base_size / 1e6:.2f} MB ({base_size / LIVE:.1f} B/block,"
+        f" owner + replica; snapshot {snap_per_block:.1f} B/block), max under churn "
         f"{max_size / 1e6:.2f} MB ({max_size / base_size:.2f}x)\n"
         f"  memory in use (RSS delta after malloc_trim): live set alone {base_mem / 1e6:.1f} MB,"
         f" max under churn {max_mem / 1e6:.1f} MB ({max_mem / base_mem:.2f}x);"
@@ -135,5 +157,10 @@ def test_churn_keeps_encoded_size_and_memory_within_2x_of_live_set() -> None:
     assert owner.materialise("e") == truth
     assert replica.materialise("e") == truth
     assert replica.resume_seqs("e") == seqs
+    if ehashes:
+        maps = replica.logs["e"].materialise_maps()
+        assert {w: m.to_router for w, m in maps.items()} == {
+            w: dict(zip(elive[w], live[w])) for w in workers
+        }
     assert max_size <= 2 * base_size
     assert max_mem <= 2 * base_mem

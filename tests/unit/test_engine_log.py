@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import random
 
+import msgspec
 import pycrdt
 import pytest
 
-from engine_adapters.kv_delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp
+from engine_adapters.kv_delta import (
+    OP_CLEAR,
+    OP_REMOVE,
+    OP_STORE,
+    BlockMap,
+    KvDelta,
+    KvOp,
+    decode_delta,
+)
 from mesh.engine_log import (
     CompactionPolicy,
     EngineLogOwner,
@@ -16,6 +25,7 @@ from mesh.engine_log import (
     EpochDoc,
     LogError,
     NotOwnerError,
+    apply_delta,
     decode_entry,
     encode_entry,
     snapshot_deltas,
@@ -90,12 +100,48 @@ def test_entry_is_batch_granular() -> None:
 
 
 def test_snapshot_deltas_clear_then_store_with_seq() -> None:
-    snap = snapshot_deltas({"e": {3, 1}, "e#dp1": set()}, {"e": 9, "e#dp2": 4})
+    live = {
+        "e": BlockMap.from_pairs([(3, 3), (1, 1), (b"x", 7), (-5, 7), (2**64 - 1, 8)]),
+        "e#dp1": BlockMap(),
+    }
+    snap = snapshot_deltas(live, {"e": 9, "e#dp2": 4})
     assert snap == [
-        KvDelta("e", 9, [KvOp(OP_CLEAR, []), KvOp(OP_STORE, [1, 3])]),
+        KvDelta("e", 9, [
+            KvOp(OP_CLEAR, []),
+            KvOp(OP_STORE, [3, 1]),  # identity pairs: no engine hashes needed
+            KvOp(OP_STORE, [7, 7, 8], [b"x", -5, 2**64 - 1]),
+        ]),
         KvDelta("e#dp1", -1, [KvOp(OP_CLEAR, [])]),
         KvDelta("e#dp2", 4, [KvOp(OP_CLEAR, [])]),
     ]
+    rebuilt: dict[str, BlockMap] = {}
+    for d in decode_entry(encode_entry(snap)):
+        apply_delta(rebuilt, d)
+    assert rebuilt["e"] == live["e"] and rebuilt["e"].counts() == {3: 1, 1: 1, 7: 2, 8: 1}
+
+
+def test_snapshot_size_estimate_is_a_tight_upper_bound() -> None:
+    # The compaction trigger compares log bytes with this estimate: too low and
+    # it would compact on every append, too high and the log grows past K x.
+    rng = random.Random(4)
+    big = 1 << 63
+    pairs = [(rng.getrandbits(63) | big, rng.getrandbits(63) | big) for _ in range(300)]
+    pairs += [(rng.randbytes(32), rng.getrandbits(63) | big) for _ in range(100)]
+    live = {
+        "e": BlockMap.from_pairs(pairs),
+        "e#dp1": BlockMap.from_pairs((h, h) for _, h in pairs[:50]),
+    }
+    owner, _, _ = owner_and_replica()
+    owner.start_epoch(Epoch(1, "n0", 1, 5), live, {"e": 9})
+    real = len(encode_entry(snapshot_deltas(live, {"e": 9})))
+    assert owner.log_bytes == real
+    assert real <= owner.snapshot_bytes() <= real + 100
+    # ... and stays so when appends change the mapping
+    owner.append([KvDelta("e", 10, [KvOp(OP_REMOVE, [], [p[0] for p in pairs[::2]])])])
+    owner.append([KvDelta("e", 11, [KvOp(OP_STORE, [big + 1, big + 2], [b"y" * 32, big + 3])])])
+    real = len(encode_entry(snapshot_deltas(owner.live, {"e": 11})))
+    assert real <= owner.snapshot_bytes() <= real + 100
+    assert owner.live_blocks == sum(len(m.live()) for m in owner.live.values())
 
 
 def test_compaction_bumps_gen_and_replica_reset_reproduces_contents() -> None:
@@ -160,7 +206,7 @@ def test_foreign_entry_is_skipped_not_fatal() -> None:
 def test_fenced_owner_cannot_append() -> None:
     owner, _, _ = owner_and_replica()
     other = EpochDoc.create(
-        "e", Epoch(2, "n1", 0, 99), encode_entry(snapshot_deltas({"e": {1}}, {"e": 0}))
+        "e", Epoch(2, "n1", 0, 99), encode_entry(snapshot_deltas({"e": BlockMap.from_pairs([(1, 1)])}, {"e": 0}))
     )
     changes = owner.replica.apply(other.epoch, other.update_since())
     assert [d.worker for d in changes] == ["e"]
@@ -174,3 +220,48 @@ def test_merged_updates_apply_in_one_go() -> None:
     ups = [first] + [owner.append([st("e", s, s)]) for s in range(100)]
     out = rep.apply(owner.epoch, pycrdt.merge_updates(*ups))
     assert [d.seq for d in out] == list(range(100))
+
+
+class _OldOp(msgspec.Struct, array_like=True):  # KvOp before engine hashes
+    kind: int
+    hashes: list[int]
+
+
+class _OldDelta(msgspec.Struct, array_like=True):
+    worker: str
+    seq: int
+    ops: list[_OldOp]
+
+
+def test_entries_written_before_engine_hashes_still_decode_and_replay() -> None:
+    enc = msgspec.msgpack.encode
+    snap = enc([_OldDelta("e", 3, [_OldOp(OP_CLEAR, []), _OldOp(OP_STORE, [1, 2])])])
+    entry = enc([_OldDelta("e", 4, [_OldOp(OP_REMOVE, [1]), _OldOp(OP_STORE, [5])])])
+    assert decode_entry(entry) == [KvDelta("e", 4, [KvOp(OP_REMOVE, [1]), KvOp(OP_STORE, [5])])]
+    assert decode_delta(enc(_OldDelta("e", 0, [_OldOp(OP_STORE, [7])]))).ops[0].ehashes == []
+    ep = Epoch(1, "n0", 0, 11)
+    ed = EpochDoc.create("e", ep, snap)
+    ed.log.append(entry)
+    rep = EngineLogReplica("e")
+    assert [d.seq for d in rep.apply(ep, ed.update_since())] == [3, 4]
+    assert rep.materialise() == {"e": {2, 5}}
+    # without engine hashes a block is named by its router hash
+    assert rep.materialise_maps()["e"].pairs() == [(2, 2), (5, 5)]
+    assert rep.resume_seqs() == {"e": 5}
+
+
+def test_engine_hashes_are_validated_before_writing() -> None:
+    owner, _, _ = owner_and_replica()
+    for bad in (
+        [KvDelta("e", 0, [KvOp(OP_STORE, [1, 2], [10])])],  # not parallel
+        [KvDelta("e", 0, [KvOp(OP_CLEAR, [], [10])])],
+        [KvDelta("e", 0, [KvOp(OP_STORE, [1], [1 << 64])])],  # not msgpack-encodable
+        [KvDelta("e", 0, [KvOp(OP_STORE, [1], ["str"])])],  # type: ignore[list-item]
+    ):
+        with pytest.raises(LogError):
+            owner.append(bad)
+    assert owner.live == {} and len(owner.replica.current) == 1
+    owner.append(
+        [KvDelta("e", 0, [KvOp(OP_STORE, [1, 1], [b"a", -2]), KvOp(OP_REMOVE, [], [b"a"])])]
+    )
+    assert owner.mappings() == {"e": [(-2, 1)]}

@@ -6,9 +6,13 @@ import random
 
 import pytest
 
+from engine_adapters.block_mapper import BlockMapper
 from engine_adapters.kv_delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp
+from engine_adapters.kv_events import BlockRemoved, BlockStored
+from engine_adapters.sim_engine.cache import NotEnoughBlocks, PrefixCache
 from mesh.engine_log import CompactionPolicy, NotOwnerError, decode_entry
 from mesh.state import Delta, MeshState, MessageError, Summary, decode, encode, merge_deltas
+from router.hashing import chain_hash, root_seed
 
 WORKERS = {"e1": ["e1", "e1#dp1"], "e2": ["e2"]}
 
@@ -306,7 +310,7 @@ def test_compaction_keeps_contents_and_resume_and_bounds_log() -> None:
         owner = a.owners["e"]
         # the log never outgrows K x a snapshot by more than one entry
         assert owner.log_bytes <= 2 * max(owner.snapshot_bytes(), 9 * 8) + 200
-        assert owner.live_blocks == sum(len(s) for s in owner.live.values())
+        assert owner.live_blocks == sum(len(m.live()) for m in owner.live.values())
     assert len(epochs) > 3, "compaction never ran"
     assert {e.term for e in epochs} == {1}  # compaction keeps the term
     assert a.materialise("e") == truth == b.materialise("e")
@@ -450,3 +454,161 @@ def test_summary_round_trip_and_diff_is_minimal() -> None:
     changes = b.apply_remote(diff[0], 0.0)
     assert [d.seq for d in changes] == [7, 8, 9]
     assert all(not d.logs for d in a.diff(b.summary(), 0.0))
+
+
+# --- handover of the engine hash -> router hash mapping ---------------------------
+
+MODEL = "toy-model"
+BS = 4
+
+
+def cache_batches(
+    cache: PrefixCache, rng: random.Random, prefixes: list[list[int]], n: int, clear_p: float = 0.0
+) -> list[list]:
+    """``n`` engine batches of a vLLM-like prefix cache under prompts sharing
+    a few prefixes (small pool: evictions in most batches)."""
+    out = []
+    for step in range(n):
+        rid = f"r{step}"
+        prompt = rng.choice(prefixes) + [rng.randrange(500) for _ in range(rng.randint(1, 3 * BS))]
+        outputs = [rng.randrange(500) for _ in range(rng.randint(0, 2 * BS))]
+        try:
+            cache.allocate(rid, prompt, reserve_tokens=len(outputs))
+        except NotEnoughBlocks:
+            pass
+        else:
+            cache.commit_full_blocks(rid, prompt)
+            cache.commit_full_blocks(rid, prompt + outputs)
+            cache.release(rid)
+        if rng.random() < clear_p:
+            cache.clear()
+        out.append(cache.drain_events())
+    return out
+
+
+class RouterTruth:
+    """Router hashes of what a cache really holds, from its snapshot."""
+
+    def __init__(self) -> None:
+        self.known: dict[int, int] = {}  # engine hash -> router hash (a hash names a prefix)
+
+    def __call__(self, cache: PrefixCache) -> set[int]:
+        blocks = {b["hash"]: b for b in cache.snapshot()}
+
+        def rh(eh: int) -> int:
+            if eh not in self.known:
+                b = blocks[eh]
+                parent = root_seed(MODEL) if b["parent"] is None else rh(b["parent"])
+                self.known[eh] = chain_hash(parent, b["tokens"])
+            return self.known[eh]
+
+        return {rh(eh) for eh in blocks}
+
+
+def _pre_handover_activity(batches: list[list], live_eh: set) -> tuple[int, int]:
+    """(removals of, stores chained to) engine blocks live at the handover."""
+    removed = chained = 0
+    for events in batches:
+        for ev in events:
+            if isinstance(ev, BlockRemoved):
+                removed += len(live_eh.intersection(ev.block_hashes))
+            elif isinstance(ev, BlockStored) and ev.parent_block_hash in live_eh:
+                chained += 1
+    return removed, chained
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_new_owner_resumes_the_mapping_from_the_log(seed: int) -> None:
+    """Owner A maps a PrefixCache's events and logs them; B takes over, gets
+    the mapping from the log, maps the rest of the events: B's live set is the
+    router hashes of the cache's real contents, pre-handover blocks included."""
+    rng = random.Random(seed)
+    workers = ["e", "e#dp1"]
+    caches = {w: PrefixCache(num_gpu_blocks=40, block_size=BS, hash_seed=seed) for w in workers}
+    prefixes = [[rng.randrange(500) for _ in range(BS * k)] for k in (1, 2, 3, 4)]
+    before = {w: cache_batches(caches[w], rng, prefixes, 120, clear_p=0.01) for w in workers}
+    a, b, c = _mk(3, seed, CompactionPolicy(factor=2.0, min_ops=16))
+    t = a.take_ownership("e", 0.0)
+    b.apply_remote(t.message, 0.0)
+    c.apply_remote(t.message, 0.0)
+    index: dict[str, set[int]] = {}
+    mappers = {w: BlockMapper(MODEL, w) for w in workers}
+    for seq in range(120):
+        for w in workers:
+            msg = a.local_deltas("e", [mappers[w].map_batch(before[w][seq], seq)])
+            for ch in b.apply_remote(encode(msg), 0.0):
+                apply_model(index, ch)
+            c.apply_remote(encode(msg), 0.0)
+    assert a.epoch("e").gen >= 1, "no compaction before the handover"
+
+    t2 = b.take_ownership("e", 1.0)
+    assert t2.resume == {w: 120 for w in workers}
+    assert set(t2.mappings) == set(workers)
+    restored = {w: BlockMapper.from_pairs(MODEL, w, t2.mappings[w]) for w in workers}
+    for w in workers:
+        assert restored[w].map == mappers[w].map and restored[w].map.refs == mappers[w].map.counts()
+    c.apply_remote(encode(t2.message), 1.0)  # c follows the new epoch
+
+    after = {w: cache_batches(caches[w], rng, prefixes, 150) for w in workers}
+    for w in workers:
+        removed, chained = _pre_handover_activity(after[w], set(mappers[w].map.to_router))
+        assert removed > 0 and chained > 0, "scenario does not exercise the handover"
+    naive = {w: BlockMapper(MODEL, w) for w in workers}  # what B would do without the log's mapping
+    naive_index: dict[str, set[int]] = {w: set(s) for w, s in index.items()}
+    for seq in range(120, 270):
+        for w in workers:
+            events = after[w][seq - 120]
+            d = restored[w].map_batch(events, seq)
+            msg = b.local_deltas("e", [d])
+            apply_model(index, d)
+            c.apply_remote(encode(msg), 2.0)
+            apply_model(naive_index, naive[w].map_batch(events, seq))
+
+    truth = RouterTruth()
+    for w in workers:
+        real = truth(caches[w])
+        assert real, "empty cache: nothing to compare"
+        assert index[w] == real
+        assert restored[w].live_router_hashes() == real
+        assert restored[w].stats.unknown_removed == 0 and restored[w].stats.unknown_parent == 0
+        assert b.materialise("e")[w] == real == c.materialise("e")[w]
+        assert c.logs["e"].materialise_maps()[w] == restored[w].map
+        # the control: a mapper started empty leaves stale blocks and misses new ones
+        assert naive_index[w] != real
+        assert naive[w].stats.unknown_removed > 0 and naive[w].stats.unknown_parent > 0
+
+
+def test_compaction_snapshots_carry_the_exact_mapping() -> None:
+    """Mapper deltas with bytes engine hashes and router hashes shared by
+    several engine blocks (refcounts > 1): every compaction's snapshot rebuilds
+    the owner's mapping, and a replica's replay equals the mapper's."""
+    rng = random.Random(11)
+    a, b = _mk(2, 3, CompactionPolicy(factor=2.0, min_ops=8))
+    b.apply_remote(a.take_ownership("e", 0.0).message, 0.0)
+    m = BlockMapper(MODEL, "e")
+    pool: list = [rng.getrandbits(64) for _ in range(30)] + [rng.randbytes(32) for _ in range(10)]
+    gens = set()
+    shared = 0
+    for seq in range(400):
+        live = list(m.map.to_router)
+        if live and rng.random() < 0.4:
+            events: list = [BlockRemoved(rng.sample(live, min(3, len(live))))]
+        else:
+            parent = rng.choice(live) if live and rng.random() < 0.5 else None
+            tokens = [rng.randint(0, 1) for _ in range(BS * rng.randint(1, 3))]
+            events = [BlockStored(rng.sample(pool, len(tokens) // BS), parent, tokens, BS)]
+        msg = a.local_deltas("e", [m.map_batch(events, seq)])
+        b.apply_remote(encode(msg), 0.0)
+        owner = a.owners["e"]
+        assert owner.live["e"] == m.map and owner.live["e"].counts() == m.map.refs
+        shared += any(n > 1 for n in m.map.refs.values())
+        if len(msg.logs) == 2:  # compacted: the new epoch's entry 0 is the snapshot
+            gens.add(msg.logs[1].epoch.gen)
+            snap = decode_entry(a.logs["e"].current.entries()[0])
+            assert len(snap) == 1 and snap[0].seq == seq
+            pairs = [p for op in snap[0].ops[1:] for p in zip(op.ehashes or op.hashes, op.hashes)]
+            assert dict(pairs) == m.map.to_router
+            assert b.logs["e"].materialise_maps()["e"] == m.map
+    assert len(gens) >= 5 and shared > 20
+    assert b.logs["e"].materialise_maps()["e"].counts() == m.map.refs
+    assert b.take_ownership("e", 1.0).mappings == {"e": m.export()}
