@@ -35,10 +35,10 @@ test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
 bench: $(STAMP)
-	$(VENV)/bin/kvmesh bench all
+	$(VENV)/bin/kvmesh bench index
 
 bench-quick: $(STAMP)
-	$(VENV)/bin/kvmesh bench all --quick
+	$(VENV)/bin/kvmesh bench index --blocks 200000
 
 ## Container images without a registry: the local Debian base (rebuilt only when
 ## the dependencies change) + the app image kvmesh:local, built with no network.

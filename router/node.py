@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import random
 import signal
+import socket
 import time
 import uuid
 from collections import Counter
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from engine_adapters.block_mapper import BlockMapper
 from engine_adapters.event_adapter import EventAdapter
 from engine_adapters.kv_delta import KvDelta, split_worker_id
 from engine_adapters.proxy import (
@@ -44,6 +47,9 @@ from router.policies import (
     RouteRequest,
     make_policy,
 )
+from mesh.membership import MembershipConfig
+from mesh.core import EngineAdded, EngineRemoved, MeshConfig, MeshCore, MemberChanged, StartOwning, StopOwning
+from mesh.transport import MeshTransport
 from router.approx_tree import ApproxTree
 
 log = structlog.get_logger(__name__)
@@ -105,21 +111,31 @@ class NodeStats:
 
 
 class RouterNode:
+    """A router node. Every node is a mesh node: alone it is a mesh of one.
+
+    Engine registrations, the per-engine KV logs and load go through the
+    pure :class:`mesh.core.MeshCore`; this class runs its effects: event
+    adapters for the engines this node owns, index updates, peer sends.
+    """
+
     def __init__(
         self,
         node_id: str,
+        addr: str = "",
         default_policy: str = "precise",
         tokenizers: dict[str, str] | None = None,
         max_attempts: int = 3,
         breaker: BreakerConfig | None = None,
         health_interval_s: float = 2.0,
         route_hint_ttl_s: float = 2.0,
+        mesh_config: MeshConfig | None = None,
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if default_policy not in POLICY_NAMES:
             raise ValueError(f"unknown policy {default_policy!r}; one of {', '.join(POLICY_NAMES)}")
         self.node_id = node_id
+        self.addr = addr or node_id
         self.default_policy = default_policy
         self.max_attempts = max(1, max_attempts)
         self.health_interval_s = health_interval_s
@@ -133,20 +149,54 @@ class RouterNode:
         self.adapters: dict[str, EventAdapter] = {}
         self.stats = NodeStats()
         self.client = EngineClient()
+        self.core = MeshCore(node_id, self.addr, clock(), random.Random(seed), mesh_config)
+        self.transport = MeshTransport(self.addr, self._deliver)
+        self._published_load: dict[str, tuple[int, int]] = {}
         self._breaker_cfg = breaker
         self._tokenizer_specs = dict(tokenizers or {})
         self._tokenizers: dict[str, Tokenizer] = {}
         self._policies: dict[str, object] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._adapter_cmds: asyncio.Queue[tuple[str, str, object]] = asyncio.Queue()
+        self._wake = asyncio.Event()
         self._closing = False
         self.log = log.bind(node=node_id)
 
     # --- lifecycle -------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, join: list[str] | None = None) -> None:
+        """Start the node's loops and join the mesh through ``join`` (seed
+        addresses; none: the first node of a new mesh)."""
         for model, spec in self._tokenizer_specs.items():
             self._tokenizers[model] = get_tokenizer(spec)  # fail fast on a bad path
-        self._tasks.append(asyncio.create_task(self._health_loop(), name="health"))
+        self.core.join(list(join or []), self.clock())
+        self._tasks += [
+            asyncio.create_task(self._mesh_loop(), name="mesh"),
+            asyncio.create_task(self._adapter_worker(), name="adapters"),
+            asyncio.create_task(self._health_loop(), name="health"),
+        ]
+        self._flush()
+
+    @property
+    def ready(self) -> bool:
+        return self.core.ready
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else self.clock() + timeout
+        while not self.core.ready:
+            if deadline is not None and self.clock() > deadline:
+                raise TimeoutError("did not receive the mesh state in time")
+            await asyncio.sleep(0.02)
+
+    async def leave(self, timeout: float = 3.0) -> None:
+        """Graceful leave: hand engines over and tell the mesh, then stop sending."""
+        self.core.leave(self.clock())
+        self._flush()
+        deadline = self.clock() + timeout
+        while self.clock() < deadline and not self.core.membership.leave_done():
+            await asyncio.sleep(0.05)
+            self.core.tick(self.clock())
+            self._flush()
 
     async def stop(self) -> None:
         self._closing = True
@@ -157,10 +207,124 @@ class RouterNode:
             await adapter.stop()
         self.adapters.clear()
         await self.client.close()
+        await self.transport.close()
+
+    # --- the mesh ----------------------------------------------------------------
+
+    def _deliver(self, msg: object) -> None:
+        self.core.handle(msg, self.clock())
+        self._flush()
+
+    def _flush(self) -> None:
+        """Carry out everything the mesh core asked for since the last flush."""
+        sends = self.core.take_sends()
+        if sends:
+            self.transport.send(sends)
+        for delta in self.core.take_index_changes():
+            try:
+                self.index.apply(delta)
+            except ValueError as e:
+                self.log.error("bad delta from the mesh; not applied", worker=delta.worker, error=str(e))
+        for eff in self.core.take_effects():
+            self._effect(eff)
+
+    def _effect(self, eff: object) -> None:
+        if isinstance(eff, EngineAdded):
+            spec = EngineSpec(**eff.spec)
+            old = self.engines.get(eff.engine_id)
+            if old is None or old.spec != spec:
+                self.engines[eff.engine_id] = EngineRecord.new(spec, self._breaker_cfg)
+                self.log.info("engine added", engine=eff.engine_id, endpoint=spec.endpoint, model=spec.model)
+        elif isinstance(eff, EngineRemoved):
+            rec = self.engines.pop(eff.engine_id, None)
+            if rec is not None:
+                for w in rec.spec.workers:
+                    self.index.remove_worker(w)
+                    self.approx_tree.remove_worker(w)
+                    self.load.drop_worker(w)
+                self.log.info("engine removed", engine=eff.engine_id)
+            self._adapter_cmds.put_nowait(("stop", eff.engine_id, None))
+        elif isinstance(eff, StartOwning):
+            self._adapter_cmds.put_nowait(("start", eff.engine_id, eff))
+        elif isinstance(eff, StopOwning):
+            self._adapter_cmds.put_nowait(("stop", eff.engine_id, None))
+        elif isinstance(eff, MemberChanged):
+            ev = eff.event
+            self.log.info("member " + ev.kind, member=ev.node, member_addr=ev.addr, incarnation=ev.incarnation)
+
+    async def _mesh_loop(self) -> None:
+        while not self._closing:
+            now = self.clock()
+            local = {w: (self.load.in_flight(w), self.load.in_flight_tokens(w))
+                     for w in self.load.snapshot()}
+            if local != self._published_load:
+                self.core.set_local_load(local, now)
+                self._published_load = local
+            self.core.tick(now)
+            self._flush()
+            delay = min(max(self.core.next_deadline() - self.clock(), 0.002), 0.05)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+
+    async def _adapter_worker(self) -> None:
+        """Start and stop event adapters one at a time, in the order asked."""
+        while True:
+            cmd, engine_id, eff = await self._adapter_cmds.get()
+            try:
+                old = self.adapters.pop(engine_id, None)
+                if old is not None:
+                    await old.stop()
+                if cmd == "start":
+                    await self._start_adapter(eff)  # type: ignore[arg-type]
+            except Exception:
+                self.log.exception("adapter command failed", engine=engine_id, cmd=cmd)
+
+    async def _start_adapter(self, eff: StartOwning) -> None:
+        spec = EngineSpec(**eff.spec)
+        if not spec.kv_events_endpoint or eff.engine_id not in self.core.owned():
+            return
+        start_seqs: dict[int, int] = {}
+        mappers: dict[int, BlockMapper] = {}
+        pairs = getattr(eff.takeover, "mappings", None) or {}
+        for worker, first in eff.takeover.resume.items():
+            _, rank = split_worker_id(worker)
+            start_seqs[rank] = first - 1  # the adapter takes the last applied seq
+        for worker, wp in pairs.items():
+            _, rank = split_worker_id(worker)
+            m = BlockMapper(spec.model, worker)
+            m.restore(wp)
+            mappers[rank] = m
+        engine_id = eff.engine_id
+        adapter = EventAdapter(
+            engine_id=engine_id,
+            model=spec.model,
+            kv_endpoint=spec.kv_events_endpoint,
+            replay_endpoint=spec.replay_endpoint or None,
+            topic=spec.topic,
+            data_parallel_size=spec.data_parallel_size,
+            sink=lambda delta: self._owner_delta(engine_id, delta),
+            start_seqs=start_seqs,
+            mappers=mappers,
+        )
+        self.adapters[engine_id] = adapter
+        await adapter.start()
+        self.log.info("owning engine", engine=engine_id, resume=dict(eff.takeover.resume),
+                      mapped_blocks=sum(len(v) for v in pairs.values()))
+
+    def _owner_delta(self, engine_id: str, delta: KvDelta) -> None:
+        if not self.core.engine_deltas(engine_id, [delta], self.clock()):
+            self.log.warning("no longer the owner; stopping the adapter", engine=engine_id)
+            self._adapter_cmds.put_nowait(("stop", engine_id, None))
+        self._flush()
+        self._wake.set()
 
     # --- engines ---------------------------------------------------------------
 
     async def register_engine(self, spec: EngineSpec) -> EngineRecord:
+        """Register (or update) an engine on the whole mesh."""
         spec.validate()
         for other in self.engines.values():
             if (
@@ -173,44 +337,16 @@ class RouterNode:
                     f"{other.spec.engine_id}'s {other.spec.block_size} for model {spec.model}; "
                     "engines of one model must share a block size"
                 )
-        if spec.engine_id in self.engines:
-            await self.deregister_engine(spec.engine_id)
-        record = EngineRecord.new(spec, self._breaker_cfg)
-        self.engines[spec.engine_id] = record
-        if spec.kv_events_endpoint:
-            adapter = EventAdapter(
-                engine_id=spec.engine_id,
-                model=spec.model,
-                kv_endpoint=spec.kv_events_endpoint,
-                replay_endpoint=spec.replay_endpoint or None,
-                topic=spec.topic,
-                data_parallel_size=spec.data_parallel_size,
-                sink=self._apply_delta,
-            )
-            self.adapters[spec.engine_id] = adapter
-            await adapter.start()
-        self.log.info("engine registered", engine=spec.engine_id, endpoint=spec.endpoint,
-                      model=spec.model, kv=spec.kv_events_endpoint or None)
-        return record
+        self.core.register_engine(spec.engine_id, dataclasses.asdict(spec), self.clock())
+        self._flush()
+        return self.engines[spec.engine_id]
 
     async def deregister_engine(self, engine_id: str) -> bool:
-        record = self.engines.pop(engine_id, None)
-        if record is None:
+        if engine_id not in self.core.engines():
             return False
-        adapter = self.adapters.pop(engine_id, None)
-        if adapter is not None:
-            await adapter.stop()
-        for w in record.spec.workers:
-            self.index.remove_worker(w)
-            self.approx_tree.remove_worker(w)
-        self.log.info("engine deregistered", engine=engine_id)
+        self.core.deregister_engine(engine_id, self.clock())
+        self._flush()
         return True
-
-    def _apply_delta(self, delta: KvDelta) -> None:
-        engine_id, _ = split_worker_id(delta.worker)
-        if engine_id not in self.engines:
-            return  # deregistered while a batch was in flight
-        self.index.apply(delta)
 
     # --- preparing and routing -------------------------------------------------
 
@@ -269,25 +405,42 @@ class RouterNode:
     def _policy(self, name: str):  # noqa: ANN202 - returns a policy object
         p = self._policies.get(name)
         if p is None:
-            opts = {"hints_ttl": self.route_hint_ttl_s} if name == "precise" else {}
+            opts = {"hint_overlap": self.core.hint_overlap} if name == "precise" else {}
             p = self._policies[name] = make_policy(
                 name, index=self.index, approx_tree=self.approx_tree, **opts
             )
         return p
 
+    def _remote_load(self) -> dict[str, tuple[float, float]]:
+        """Other nodes' in-flight (requests, tokens) per worker: the mesh sum
+        minus the slot this node last published (its own load is read live)."""
+        out: dict[str, tuple[float, float]] = {}
+        for w, (r, t) in self.core.worker_load().items():
+            own_r, own_t = self._published_load.get(w, (0, 0))
+            if r - own_r > 0 or t - own_t > 0:
+                out[w] = (max(r - own_r, 0.0), max(t - own_t, 0.0))
+        return out
+
+    def worker_load(self, worker: str) -> tuple[float, float]:
+        """Mesh-wide in-flight (requests, tokens) of a worker."""
+        rr, rt = self._remote_load().get(worker, (0.0, 0.0))
+        return self.load.in_flight(worker) + rr, self.load.in_flight_tokens(worker) + rt
+
     def candidates(self, model: str, exclude: set[str], now: float) -> list[Candidate]:
+        remote = self._remote_load()
         out: list[Candidate] = []
         for rec in self.engines.values():
             if rec.spec.model != model:
                 continue
             usable = rec.healthy and rec.breaker.allows(now)
             for w in rec.spec.workers:
+                rr, rt = remote.get(w, (0.0, 0.0))
                 out.append(
                     Candidate(
                         worker=w,
-                        load=self.load.in_flight(w),
+                        load=self.load.in_flight(w) + rr,
                         healthy=usable and w not in exclude,
-                        load_tokens=self.load.in_flight_tokens(w),
+                        load_tokens=self.load.in_flight_tokens(w) + rt,
                     )
                 )
         return out
@@ -307,6 +460,9 @@ class RouterNode:
         on_routed = getattr(policy, "on_routed", None)
         if on_routed is not None:
             on_routed(req, decision.chosen, now)
+        if req.block_hashes:
+            # Tell the mesh too: a burst of this prefix on other nodes lands here.
+            self.core.add_hint(decision.chosen, req.block_hashes, now)
         return decision
 
     def route_only(self, prep: Prepared, dry_run: bool) -> Routed:
@@ -437,7 +593,14 @@ class RouterNode:
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="127.0.0.1:50051", help="gRPC address HOST:PORT (port 0: any free port)")
-    p.add_argument("--node-id", default="", help="node name in logs and stats (default: the listen address)")
+    p.add_argument("--advertise", default="", help="HOST:PORT other nodes reach this one at (default: the "
+                   "listen address; with 0.0.0.0, this host's address)")
+    p.add_argument("--node-id", default="", help="unique node name in the mesh (default: the advertised address)")
+    p.add_argument("--join", action="append", default=[], metavar="SEED",
+                   help="join the mesh through a live node, repeatable: HOST:PORT, or a DNS name:PORT that "
+                   "resolves to several nodes (each address is tried). Without it, this node starts a new mesh")
+    p.add_argument("--probe-interval", type=float, default=1.0, help="SWIM probe interval, seconds")
+    p.add_argument("--gossip-interval", type=float, default=0.2, help="state/membership gossip interval, seconds")
     p.add_argument("--policy", default="precise", choices=POLICY_NAMES, help="default routing policy")
     p.add_argument(
         "--engine",
@@ -486,9 +649,20 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency
         pass
 
+    listen = resolve_listen(args.listen)
+    advertise = args.advertise or advertised_address(listen)
+
     async def main() -> None:
+        seeds = await resolve_seeds(args.join, advertise)
+        mesh_config = MeshConfig(
+            membership=MembershipConfig(probe_interval=args.probe_interval,
+                                        probe_timeout=min(0.5, args.probe_interval / 2)),
+            gossip_interval=args.gossip_interval,
+        )
         node = RouterNode(
-            node_id=args.node_id or args.listen,
+            node_id=args.node_id or advertise,
+            addr=advertise,
+            mesh_config=mesh_config,
             default_policy=args.policy,
             tokenizers=tokenizers,
             max_attempts=args.max_attempts,
@@ -499,7 +673,53 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(node, args.listen, specs, stop, metrics_port=args.metrics_port)
+        await serve(node, listen, specs, stop, join=seeds, metrics_port=args.metrics_port)
 
     asyncio.run(main())
     return 0
+
+
+def resolve_listen(listen: str) -> str:
+    """HOST:PORT with a concrete port (0 -> a free one), so the node can
+    advertise its address before the server starts."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"kvmesh router: --listen {listen!r}: want HOST:PORT")
+    if port == "0":
+        with socket.socket() as s:
+            s.bind((host if host not in ("0.0.0.0", "[::]") else "", 0))
+            port = str(s.getsockname()[1])
+    return f"{host}:{port}"
+
+
+def advertised_address(listen: str) -> str:
+    host, _, port = listen.rpartition(":")
+    if host in ("0.0.0.0", "[::]", ""):
+        host = socket.gethostbyname(socket.gethostname())
+    return f"{host}:{port}"
+
+
+async def resolve_seeds(seeds: list[str], me: str, timeout: float = 30.0) -> list[str]:
+    """Expand each seed HOST:PORT into every address its name resolves to
+    (a DNS name in front of several nodes), retrying while DNS is not ready."""
+    loop = asyncio.get_running_loop()
+    out: list[str] = []
+    for seed in seeds:
+        host, _, port = seed.rpartition(":")
+        if not host or not port.isdigit():
+            raise SystemExit(f"kvmesh router: --join {seed!r}: want HOST:PORT")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                infos = await loop.getaddrinfo(host, int(port), family=socket.AF_INET, type=socket.SOCK_STREAM)
+                break
+            except socket.gaierror as e:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"kvmesh router: cannot resolve seed {seed!r}: {e}") from None
+                log.warning("seed not resolvable yet; retrying", seed=seed, error=str(e))
+                await asyncio.sleep(1.0)
+        for info in infos:
+            addr = f"{info[4][0]}:{port}"
+            if addr != me and addr not in out:
+                out.append(addr)
+    return out

@@ -476,6 +476,7 @@ class Precise(_Guarded):
         abs_threshold: float = 32,
         rel_threshold: float = 1.5,
         hints: ApproxTree | None = None,
+        hint_overlap: Callable[[list[int], float], Mapping[str, int]] | None = None,
     ) -> None:
         if index is None:
             raise ValueError("precise policy needs a PrefixIndex (index=...)")
@@ -484,6 +485,9 @@ class Precise(_Guarded):
             raise ValueError(f"overlap_weight must be >= 0, got {overlap_weight!r}")
         self.overlap_weight = overlap_weight
         self.hints = hints
+        # Mesh-wide hints (mesh/hints.py via the node): blocks any node just
+        # routed somewhere, counted as cached there until the events arrive.
+        self.hint_overlap = hint_overlap
 
     def _overlaps(self, req: RouteRequest, candidates: Sequence[Candidate], now: float) -> dict[str, int]:
         workers = [c.worker for c in candidates]
@@ -492,6 +496,10 @@ class Precise(_Guarded):
         if self.hints is not None:
             for w, v in self.hints.match(req.block_hashes, workers, now).items():
                 if v > ov[w]:
+                    ov[w] = v
+        if self.hint_overlap is not None:
+            for w, v in self.hint_overlap(req.block_hashes, now).items():
+                if w in ov and v > ov[w]:
                     ov[w] = v
         return ov
 

@@ -86,6 +86,8 @@ class RouterService(pb_grpc.RouterServicer):
         self.node = node
 
     def _prepare(self, request: pb.GenerateRequest | pb.RouteRequest, context) -> Prepared:  # noqa: ANN001
+        if not self.node.ready:
+            raise NoEngineAvailable("this node is still joining the mesh")
         kind = request.prompt.WhichOneof("kind")
         text = request.prompt.text if kind == "text" else None
         ids = list(request.prompt.token_ids.ids) if kind == "token_ids" else None
@@ -170,13 +172,14 @@ class AdminService(pb_grpc.AdminServicer):
             spec=spec_pb(spec),
             healthy=rec.healthy,
             circuit=rec.breaker.state,
-            in_flight=sum(self.node.load.in_flight(w) for w in spec.workers),
+            in_flight=sum(self.node.worker_load(w)[0] for w in spec.workers),
             cached_blocks=sum(self.node.index.blocks_of(w) for w in spec.workers),
             last_seq=-1 if last is None else last,
             events_applied=int(st.get("events", 0)),
             gaps_replayed=int(st.get("gaps_replayed", 0)),
             resets=int(st.get("resets", 0)),
-            owner_node=self.node.node_id,
+            owner_node=self.node.core.owner_of(spec.engine_id) or "",
+            worker_seqs={w: s - 1 for w, s in self.node.core.state.resume_seqs(spec.engine_id).items()},
         )
 
     async def RegisterEngine(self, request, context):  # noqa: ANN001, ANN201, N802
@@ -210,6 +213,44 @@ class AdminService(pb_grpc.AdminServicer):
             index_entries=len(self.node.index),
             requests_by_engine=dict(s.requests_by_engine),
             requests_by_policy=dict(s.requests_by_policy),
+            ready=self.node.ready,
+            live_members=len(self.node.core.live_members()),
+            mesh_bytes_sent=self.node.transport.stats.bytes_sent,
+            mesh_messages_sent=self.node.transport.stats.messages_sent,
+        )
+
+    async def GetIndexDigest(self, request, context):  # noqa: ANN001, ANN201, N802
+        rec = self.node.engines.get(request.engine_id)
+        if rec is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown engine {request.engine_id!r}")
+        out = []
+        for w in rec.spec.workers:
+            x = 0
+            hashes = self.node.index.worker_hashes(w)
+            for h in hashes:
+                x ^= h
+            out.append(pb.WorkerDigest(worker=w, blocks=len(hashes), xor_hashes=x))
+        return pb.GetIndexDigestResponse(workers=out)
+
+    async def ListMembers(self, request, context):  # noqa: ANN001, ANN201, N802
+        core = self.node.core
+        owned: dict[str, list[str]] = {}
+        for engine_id in sorted(core.engines()):
+            owner = core.owner_of(engine_id)
+            if owner:
+                owned.setdefault(owner, []).append(engine_id)
+        return pb.ListMembersResponse(
+            members=[
+                pb.Member(
+                    node_id=m.node,
+                    addr=m.addr,
+                    state=m.state,
+                    incarnation=m.incarnation,
+                    is_self=m.node == self.node.node_id,
+                    owned_engines=owned.get(m.node, []),
+                )
+                for m in sorted(core.members(), key=lambda m: m.node)
+            ]
         )
 
 
@@ -218,53 +259,66 @@ async def serve(
     listen: str,
     engines: list[EngineSpec],
     stop: asyncio.Event,
+    join: list[str] | None = None,
     metrics_port: int = 0,
     ready: asyncio.Future[str] | None = None,
 ) -> None:
-    """Run the node's gRPC server until ``stop`` is set."""
+    """Run the node's gRPC server (public API + mesh) until ``stop`` is set.
+
+    Health reports NOT_SERVING and the READY line is withheld until the node
+    has joined the mesh and applied a seed's full state.
+    """
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.max_receive_message_length", 256 << 20),
+            ("grpc.max_send_message_length", 256 << 20),
             ("grpc.so_reuseport", 0),
         ]
     )
     pb_grpc.add_RouterServicer_to_server(RouterService(node), server)
     pb_grpc.add_AdminServicer_to_server(AdminService(node), server)
+    node.transport.add_to_server(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
         pb.DESCRIPTOR.services_by_name["Router"].full_name,
         pb.DESCRIPTOR.services_by_name["Admin"].full_name,
+        "kvmesh.mesh.v1.Mesh",
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(listen)
-    if port == 0:
+    if server.add_insecure_port(listen) == 0:
         raise OSError(f"cannot listen on {listen}")
-    host = listen.rsplit(":", 1)[0]
-    address = f"{host}:{port}"
-    await node.start()
-    for spec in engines:
-        await node.register_engine(spec)
-    if metrics_port:
-        from router.metrics import start_metrics_server
-
-        start_metrics_server(node, metrics_port)
+    served = names[:2] + ("",)
+    for name in served:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    for name in names[:2] + ("",):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    node.log.info("router serving", grpc=address, policy=node.default_policy,
-                  engines=[s.engine_id for s in engines])
-    print(f"READY grpc={address}", flush=True)
-    if ready is not None and not ready.done():
-        ready.set_result(address)
+    await node.start(join or [])
     try:
+        if join:
+            node.log.info("joining the mesh", seeds=join)
+        while not node.ready and not stop.is_set():
+            await asyncio.sleep(0.02)
+        for spec in engines:
+            await node.register_engine(spec)
+        if metrics_port:
+            from router.metrics import start_metrics_server
+
+            start_metrics_server(node, metrics_port)
+        for name in served:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        node.log.info("router serving", grpc=node.addr, policy=node.default_policy,
+                      engines=sorted(node.engines), members=len(node.core.live_members()))
+        print(f"READY grpc={node.addr} node={node.node_id}", flush=True)
+        if ready is not None and not ready.done():
+            ready.set_result(node.addr)
         await stop.wait()
     finally:
-        for name in names[:2] + ("",):
+        for name in served:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if node.ready:
+            await node.leave()
         await server.stop(grace=2.0)
         await node.stop()
         node.log.info("router stopped")

@@ -191,7 +191,14 @@ class EngineSpec(_message.Message):
     def __init__(self, engine_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_events_endpoint: _Optional[str] = ..., replay_endpoint: _Optional[str] = ..., data_parallel_size: _Optional[int] = ..., topic: _Optional[str] = ..., capacity_blocks: _Optional[int] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
-    __slots__ = ("spec", "healthy", "circuit", "in_flight", "cached_blocks", "last_seq", "events_applied", "gaps_replayed", "resets", "owner_node")
+    __slots__ = ("spec", "healthy", "circuit", "in_flight", "cached_blocks", "last_seq", "events_applied", "gaps_replayed", "resets", "owner_node", "worker_seqs")
+    class WorkerSeqsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     SPEC_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     CIRCUIT_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +209,7 @@ class EngineStatus(_message.Message):
     GAPS_REPLAYED_FIELD_NUMBER: _ClassVar[int]
     RESETS_FIELD_NUMBER: _ClassVar[int]
     OWNER_NODE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SEQS_FIELD_NUMBER: _ClassVar[int]
     spec: EngineSpec
     healthy: bool
     circuit: str
@@ -212,7 +220,8 @@ class EngineStatus(_message.Message):
     gaps_replayed: int
     resets: int
     owner_node: str
-    def __init__(self, spec: _Optional[_Union[EngineSpec, _Mapping]] = ..., healthy: _Optional[bool] = ..., circuit: _Optional[str] = ..., in_flight: _Optional[float] = ..., cached_blocks: _Optional[int] = ..., last_seq: _Optional[int] = ..., events_applied: _Optional[int] = ..., gaps_replayed: _Optional[int] = ..., resets: _Optional[int] = ..., owner_node: _Optional[str] = ...) -> None: ...
+    worker_seqs: _containers.ScalarMap[str, int]
+    def __init__(self, spec: _Optional[_Union[EngineSpec, _Mapping]] = ..., healthy: _Optional[bool] = ..., circuit: _Optional[str] = ..., in_flight: _Optional[float] = ..., cached_blocks: _Optional[int] = ..., last_seq: _Optional[int] = ..., events_applied: _Optional[int] = ..., gaps_replayed: _Optional[int] = ..., resets: _Optional[int] = ..., owner_node: _Optional[str] = ..., worker_seqs: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class RegisterEngineRequest(_message.Message):
     __slots__ = ("spec",)
@@ -253,7 +262,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("node_id", "default_policy", "requests_total", "requests_failed", "retries_total", "prompt_tokens_total", "cached_prompt_tokens_total", "index_blocks", "index_entries", "requests_by_engine", "requests_by_policy")
+    __slots__ = ("node_id", "default_policy", "requests_total", "requests_failed", "retries_total", "prompt_tokens_total", "cached_prompt_tokens_total", "index_blocks", "index_entries", "requests_by_engine", "requests_by_policy", "ready", "live_members", "mesh_bytes_sent", "mesh_messages_sent")
     class RequestsByEngineEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -279,6 +288,10 @@ class GetStatsResponse(_message.Message):
     INDEX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_BY_ENGINE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_BY_POLICY_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    LIVE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    MESH_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    MESH_MESSAGES_SENT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     default_policy: str
     requests_total: int
@@ -290,4 +303,56 @@ class GetStatsResponse(_message.Message):
     index_entries: int
     requests_by_engine: _containers.ScalarMap[str, int]
     requests_by_policy: _containers.ScalarMap[str, int]
-    def __init__(self, node_id: _Optional[str] = ..., default_policy: _Optional[str] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., retries_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., cached_prompt_tokens_total: _Optional[int] = ..., index_blocks: _Optional[int] = ..., index_entries: _Optional[int] = ..., requests_by_engine: _Optional[_Mapping[str, int]] = ..., requests_by_policy: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    ready: bool
+    live_members: int
+    mesh_bytes_sent: int
+    mesh_messages_sent: int
+    def __init__(self, node_id: _Optional[str] = ..., default_policy: _Optional[str] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., retries_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., cached_prompt_tokens_total: _Optional[int] = ..., index_blocks: _Optional[int] = ..., index_entries: _Optional[int] = ..., requests_by_engine: _Optional[_Mapping[str, int]] = ..., requests_by_policy: _Optional[_Mapping[str, int]] = ..., ready: _Optional[bool] = ..., live_members: _Optional[int] = ..., mesh_bytes_sent: _Optional[int] = ..., mesh_messages_sent: _Optional[int] = ...) -> None: ...
+
+class ListMembersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Member(_message.Message):
+    __slots__ = ("node_id", "addr", "state", "incarnation", "is_self", "owned_engines")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    IS_SELF_FIELD_NUMBER: _ClassVar[int]
+    OWNED_ENGINES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    addr: str
+    state: str
+    incarnation: int
+    is_self: bool
+    owned_engines: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., addr: _Optional[str] = ..., state: _Optional[str] = ..., incarnation: _Optional[int] = ..., is_self: _Optional[bool] = ..., owned_engines: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListMembersResponse(_message.Message):
+    __slots__ = ("members",)
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    members: _containers.RepeatedCompositeFieldContainer[Member]
+    def __init__(self, members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
+
+class GetIndexDigestRequest(_message.Message):
+    __slots__ = ("engine_id",)
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    engine_id: str
+    def __init__(self, engine_id: _Optional[str] = ...) -> None: ...
+
+class WorkerDigest(_message.Message):
+    __slots__ = ("worker", "blocks", "xor_hashes")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    XOR_HASHES_FIELD_NUMBER: _ClassVar[int]
+    worker: str
+    blocks: int
+    xor_hashes: int
+    def __init__(self, worker: _Optional[str] = ..., blocks: _Optional[int] = ..., xor_hashes: _Optional[int] = ...) -> None: ...
+
+class GetIndexDigestResponse(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerDigest]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerDigest, _Mapping]]] = ...) -> None: ...

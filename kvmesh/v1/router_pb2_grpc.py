@@ -171,6 +171,16 @@ class AdminStub:
                 request_serializer=kvmesh_dot_v1_dot_router__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_router__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.ListMembers = channel.unary_unary(
+                '/kvmesh.v1.Admin/ListMembers',
+                request_serializer=kvmesh_dot_v1_dot_router__pb2.ListMembersRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_router__pb2.ListMembersResponse.FromString,
+                _registered_method=True)
+        self.GetIndexDigest = channel.unary_unary(
+                '/kvmesh.v1.Admin/GetIndexDigest',
+                request_serializer=kvmesh_dot_v1_dot_router__pb2.GetIndexDigestRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_router__pb2.GetIndexDigestResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -200,6 +210,21 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListMembers(self, request, context):
+        """The mesh as this node sees it: members, their state, what each owns.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetIndexDigest(self, request, context):
+        """What this node's index holds for an engine, as a digest per worker: lets
+        an operator (or a test) compare nodes with each other and with the engine.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -222,6 +247,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=kvmesh_dot_v1_dot_router__pb2.GetStatsRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_router__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'ListMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMembers,
+                    request_deserializer=kvmesh_dot_v1_dot_router__pb2.ListMembersRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_router__pb2.ListMembersResponse.SerializeToString,
+            ),
+            'GetIndexDigest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIndexDigest,
+                    request_deserializer=kvmesh_dot_v1_dot_router__pb2.GetIndexDigestRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_router__pb2.GetIndexDigestResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -332,6 +367,60 @@ class Admin:
             '/kvmesh.v1.Admin/GetStats',
             kvmesh_dot_v1_dot_router__pb2.GetStatsRequest.SerializeToString,
             kvmesh_dot_v1_dot_router__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.v1.Admin/ListMembers',
+            kvmesh_dot_v1_dot_router__pb2.ListMembersRequest.SerializeToString,
+            kvmesh_dot_v1_dot_router__pb2.ListMembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIndexDigest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.v1.Admin/GetIndexDigest',
+            kvmesh_dot_v1_dot_router__pb2.GetIndexDigestRequest.SerializeToString,
+            kvmesh_dot_v1_dot_router__pb2.GetIndexDigestResponse.FromString,
             options,
             channel_credentials,
             insecure,

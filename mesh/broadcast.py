@@ -1,0 +1,128 @@
+"""Transmit-limited broadcast queue: what to piggyback on the next gossip message.
+
+Gossip dissemination (SWIM's "infection style") does not send an update to
+everybody. Each node keeps a queue of recent updates and attaches a few of
+them to every message it sends anyway (probes, acks, gossip rounds). An update
+reaches all ``n`` members with high probability after O(log n) rounds, so each
+queued update is sent at most::
+
+    retransmit_limit(n) = retransmit_mult * ceil(log10(n + 1))
+
+times and then dropped. Three rules keep the queue small and useful:
+
+* **Invalidation.** Updates carry a key (for membership: the member's id). A
+  newer update with the same key replaces the queued one, because the older
+  one is now stale (``Alive`` at incarnation 5 supersedes ``Suspect`` at 4).
+* **Freshest first.** A message is filled with the least-transmitted updates
+  first, so new information spreads fast and old updates use leftover space.
+  Among equally transmitted ones the larger go first (they are harder to fit
+  later), then the newer.
+* **Budget.** A message holds at most ``max_bytes`` (each update costs its size
+  plus a per-item ``overhead``) and at most ``max_count`` updates. Items that do
+  not fit are skipped, smaller ones may still fit.
+
+Pure and single-threaded: no clock, no randomness.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+__all__ = ["BroadcastQueue", "retransmit_limit"]
+
+T = TypeVar("T")
+
+
+def retransmit_limit(retransmit_mult: int, n_nodes: int) -> int:
+    """How many times one update is transmitted in a cluster of ``n_nodes``."""
+    return retransmit_mult * math.ceil(math.log10(max(0, n_nodes) + 1))
+
+
+class _Item(Generic[T]):
+    __slots__ = ("key", "payload", "size", "transmits", "id")
+
+    def __init__(self, key: Hashable, payload: T, size: int, item_id: int) -> None:
+        self.key = key
+        self.payload = payload
+        self.size = size
+        self.transmits = 0
+        self.id = item_id
+
+
+class BroadcastQueue(Generic[T]):
+    """Updates waiting to be gossiped, each with its own transmit count."""
+
+    __slots__ = ("retransmit_mult", "_items", "_next_id")
+
+    def __init__(self, retransmit_mult: int) -> None:
+        if retransmit_mult < 1:
+            raise ValueError(f"retransmit_mult must be >= 1, got {retransmit_mult}")
+        self.retransmit_mult = retransmit_mult
+        self._items: dict[Hashable, _Item[T]] = {}
+        self._next_id = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
+    def push(self, key: Hashable, payload: T, size: int) -> None:
+        """Queue ``payload``; it replaces any queued update with the same key."""
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        self._next_id += 1
+        self._items.pop(key, None)  # re-insert so dict order stays oldest-first
+        self._items[key] = _Item(key, payload, size, self._next_id)
+
+    def get(self, key: Hashable) -> T | None:
+        item = self._items.get(key)
+        return None if item is None else item.payload
+
+    def transmits(self, key: Hashable) -> int | None:
+        """How often the update queued under ``key`` has been sent (None: not queued)."""
+        item = self._items.get(key)
+        return None if item is None else item.transmits
+
+    def discard(self, key: Hashable) -> None:
+        self._items.pop(key, None)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def take(
+        self, n_nodes: int, max_bytes: int, max_count: int | None = None, overhead: int = 0
+    ) -> list[T]:
+        """Pick updates for one outgoing message and count them as transmitted.
+
+        Updates that reach the transmit limit for ``n_nodes`` leave the queue.
+        """
+        if not self._items or max_bytes <= 0 or max_count == 0:
+            return []
+        limit = retransmit_limit(self.retransmit_mult, n_nodes)
+        order = sorted(self._items.values(), key=lambda it: (it.transmits, -it.size, -it.id))
+        free = max_bytes
+        cap = len(order) if max_count is None else max_count
+        out: list[T] = []
+        for item in order:
+            cost = item.size + overhead
+            if cost > free:
+                continue
+            free -= cost
+            out.append(item.payload)
+            item.transmits += 1
+            if item.transmits >= limit:
+                del self._items[item.key]
+            if len(out) >= cap:
+                break
+        return out
+
+    def prune(self, max_retain: int) -> None:
+        """Keep only the ``max_retain`` freshest updates (bounds memory under churn)."""
+        if len(self._items) <= max_retain:
+            return
+        order = sorted(self._items.values(), key=lambda it: (it.transmits, -it.id))
+        for item in order[max_retain:]:
+            del self._items[item.key]

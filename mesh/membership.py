@@ -1,0 +1,947 @@
+"""SWIM membership as a pure state machine: who is in the mesh, and who is alive.
+
+Every router node runs one :class:`Membership`. It does no I/O and reads no
+clock: the caller feeds it time (``now``, seconds) and messages, and sends the
+messages it returns, each addressed by ``dst``. The same object therefore runs
+behind the gRPC transport and inside the deterministic simulator
+(``mesh/simnet.py``). This follows SWIM (Das et al., 2002) with the suspicion and
+Lifeguard refinements of hashicorp/memberlist; defaults are memberlist's LAN
+values.
+
+Members, states and incarnations
+    Each member has a state (``alive``, ``suspect``, ``dead``, ``left``) and an
+    *incarnation* number that only the member itself increases. Updates about
+    a member are ordered by incarnation; at equal incarnation the more severe
+    state wins (``alive`` < ``suspect`` < ``dead``/``left``)::
+
+        Alive(i)   overrides alive/suspect/dead/left with incarnation < i
+        Suspect(i) overrides alive with incarnation <= i
+        Dead(i)    overrides alive/suspect with incarnation <= i
+        Leave(i)   overrides alive/suspect/dead with incarnation <= i
+
+    Because only the member raises its incarnation, the member itself is the
+    only one who can clear a suspicion: *refutation*. A node that hears itself
+    suspected, declared dead or declared left (at an incarnation >= its own)
+    while it is running raises its incarnation above the accusation and gossips
+    ``Alive``. A node that restarted and lost its incarnation learns its old one
+    from the first member list it receives (``JoinReply``/``PushPull``) and
+    refutes the same way, so a restart with the same id always rejoins.
+
+Failure detection (one probe per ``probe_interval``)
+    1. ``Ping`` the next member of a shuffled round-robin list (new members are
+       inserted at a random position, so every member is probed within one
+       cycle and detection time is bounded).
+    2. No ``Ack`` within ``probe_timeout``: ask ``indirect_checks`` random
+       members to probe it for us (``PingReq``). They ``Ping`` the target and
+       forward its ``Ack``, or answer ``Nack`` when they got nothing. An
+       indirect ack saves a member whose link to *us* is bad.
+    3. No ack by the end of the probe interval: gossip ``Suspect``. Every node
+       hearing it starts a :class:`~mesh.suspicion.Suspicion` timer; when the
+       timer fires without a refutation, that node declares the member
+       ``Dead`` and gossips it. A ping to a suspect carries the suspicion
+       (Lifeguard's "buddy system") and every ``Ack`` carries the responder's
+       incarnation, so a refutation also travels back on the probe itself
+       instead of relying on gossip alone.
+    Lifeguard's local health ("awareness"): missing nacks, or having to refute
+    a suspicion about ourselves, suggest that *we* are the slow one, so probe
+    timeouts and intervals stretch by ``awareness + 1`` until probes succeed.
+
+Dissemination
+    Accepted updates go into a :class:`~mesh.broadcast.BroadcastQueue` and ride
+    on every ``Ping``/``Ack``/``PingReq`` we send; every ``gossip_interval`` up
+    to ``gossip_nodes`` random members (plus members dead for less than
+    ``gossip_to_dead_time``, so a wrongly declared member hears of it and
+    refutes) get a ``Gossip`` message with whatever is queued.
+
+Anti-entropy
+    Every ``push_pull_interval`` (scaled up beyond 32 members) we exchange the
+    full member list with one random live member (``PushPull``). Merging treats
+    a remote ``dead`` as ``suspect``: we verify deaths ourselves. Every
+    ``reconnect_interval`` we also push-pull with the member we believe dead
+    that we tried least recently. That merges the two halves of a healed
+    network partition, which declared each other dead and would otherwise
+    never talk again. And when our views visibly differ (a member we do not
+    know or believe dead probes us, or gossip names a member we never heard
+    of) we push-pull with that sender at once, rate-limited per address.
+
+Join and leave
+    ``join(seeds)`` sends ``Join`` (carrying our member list) to up to
+    ``join_fanout`` seeds and retries every ``join_retry_interval`` until a
+    ``JoinReply`` (the seed's full member list, i.e. a push-pull) arrives; a
+    few seconds later it push-pulls once more with a random member, to learn
+    about members that joined at the same time as it did.
+    ``leave()`` raises our incarnation and gossips ``Leave``, which others
+    record as ``left`` (never mistaken for a failure). Dead and left members
+    are forgotten ``dead_reclaim_time`` after their last state change.
+
+Outputs
+    ``tick``/``handle``/``join``/``leave`` return messages to send. Membership
+    changes are queued as :class:`MemberEvent` (``joined``, ``suspect``,
+    ``alive`` (suspicion refuted), ``dead``, ``left``) and drained with
+    :meth:`Membership.events`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Union
+
+import structlog
+
+from mesh.broadcast import BroadcastQueue
+from mesh.suspicion import Suspicion, confirmations_wanted, suspicion_timeouts
+
+__all__ = [
+    "ALIVE",
+    "SUSPECT",
+    "DEAD",
+    "LEFT",
+    "STATES",
+    "MembershipConfig",
+    "MembershipError",
+    "Alive",
+    "Suspect",
+    "Dead",
+    "Leave",
+    "Update",
+    "MemberRecord",
+    "Ping",
+    "Ack",
+    "PingReq",
+    "Nack",
+    "Gossip",
+    "Join",
+    "JoinReply",
+    "PushPull",
+    "Message",
+    "Send",
+    "MemberEvent",
+    "Membership",
+]
+
+ALIVE = "alive"
+SUSPECT = "suspect"
+DEAD = "dead"
+LEFT = "left"
+STATES = (ALIVE, SUSPECT, DEAD, LEFT)
+_LIVE = (ALIVE, SUSPECT)
+
+log = structlog.get_logger(__name__)
+
+
+class MembershipError(ValueError):
+    """A malformed message or argument; the state machine was not changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipConfig:
+    """Timing in seconds. Defaults are hashicorp/memberlist's DefaultLANConfig."""
+
+    probe_interval: float = 1.0
+    probe_timeout: float = 0.5
+    indirect_checks: int = 3
+    suspicion_mult: int = 4
+    suspicion_max_timeout_mult: int = 6
+    retransmit_mult: int = 4
+    gossip_interval: float = 0.2
+    gossip_nodes: int = 3
+    gossip_to_dead_time: float = 30.0
+    push_pull_interval: float = 30.0
+    # Not in memberlist (serf does this): push-pull with a dead member to heal partitions.
+    reconnect_interval: float = 10.0
+    # Not in memberlist: push-pull with a prober we do not know, at most once per this.
+    push_pull_backoff: float = 5.0
+    dead_reclaim_time: float = 300.0
+    join_retry_interval: float = 2.0
+    join_fanout: int = 3
+    awareness_max_multiplier: int = 8
+    max_message_bytes: int = 1400  # memberlist's UDP buffer: piggyback budget per message
+    max_queued_broadcasts: int = 4096
+    max_pending_events: int = 10_000
+
+    def __post_init__(self) -> None:
+        positive = ("probe_interval", "probe_timeout", "gossip_interval", "push_pull_interval",
+                    "reconnect_interval", "push_pull_backoff", "join_retry_interval", "max_message_bytes")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise MembershipError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.probe_timeout > self.probe_interval:
+            raise MembershipError("probe_timeout must not exceed probe_interval")
+        for name in ("indirect_checks", "gossip_nodes", "gossip_to_dead_time", "dead_reclaim_time"):
+            if getattr(self, name) < 0:
+                raise MembershipError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("suspicion_mult", "suspicion_max_timeout_mult", "retransmit_mult",
+                     "join_fanout", "awareness_max_multiplier", "max_queued_broadcasts",
+                     "max_pending_events"):
+            if getattr(self, name) < 1:
+                raise MembershipError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+# --- gossiped updates (no addressing: they ride inside messages) ----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Alive:
+    node: str
+    addr: str
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Suspect:
+    node: str
+    incarnation: int
+    accuser: str  # node id of whoever suspects it; confirmations must be independent
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    node: str
+    incarnation: int
+    accuser: str
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    node: str
+    incarnation: int
+
+
+Update = Union[Alive, Suspect, Dead, Leave]
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRecord:
+    """One member as seen by one node (push-pull payload and snapshot item)."""
+
+    node: str
+    addr: str
+    incarnation: int
+    state: str
+
+
+# --- messages (every one has src and dst addresses) ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    src: str
+    dst: str
+    seq: int
+    target: str  # node id expected at dst; a different node there ignores the ping
+    source: str  # node id of the sender
+    updates: tuple[Update, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    src: str
+    dst: str
+    seq: int
+    responder: str  # node id that answered the ping (forwarded unchanged by relays)
+    incarnation: int  # the responder's own incarnation: first-hand, so it counts as Alive
+    updates: tuple[Update, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PingReq:
+    src: str
+    dst: str
+    seq: int
+    target: str
+    target_addr: str
+    updates: tuple[Update, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    src: str
+    dst: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Gossip:
+    src: str
+    dst: str
+    updates: tuple[Update, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    src: str
+    dst: str
+    node: str
+    members: tuple[MemberRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class JoinReply:
+    src: str
+    dst: str
+    node: str
+    members: tuple[MemberRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PushPull:
+    src: str
+    dst: str
+    node: str
+    members: tuple[MemberRecord, ...]
+    reply: bool = False
+
+
+Message = Union[Ping, Ack, PingReq, Nack, Gossip, Join, JoinReply, PushPull]
+Send = Message  # outputs are messages; the transport routes them by ``dst``
+
+
+@dataclass(frozen=True, slots=True)
+class MemberEvent:
+    kind: str  # joined | suspect | alive | dead | left
+    node: str
+    addr: str
+    incarnation: int
+    at: float
+
+
+# --- internals ---------------------------------------------------------------------------
+
+
+class _Member:
+    __slots__ = ("node", "addr", "incarnation", "state", "state_change")
+
+    def __init__(self, node: str, addr: str, incarnation: int, state: str, now: float) -> None:
+        self.node = node
+        self.addr = addr
+        self.incarnation = incarnation
+        self.state = state
+        self.state_change = now
+
+    def record(self) -> MemberRecord:
+        return MemberRecord(self.node, self.addr, self.incarnation, self.state)
+
+
+class _Probe:
+    __slots__ = ("seq", "target", "indirect_at", "deadline", "indirect_sent", "expected_nacks", "nacks")
+
+    def __init__(self, seq: int, target: str, indirect_at: float, deadline: float) -> None:
+        self.seq = seq
+        self.target = target
+        self.indirect_at = indirect_at
+        self.deadline = deadline
+        self.indirect_sent = False
+        self.expected_nacks = 0
+        self.nacks = 0
+
+
+class _Relay:
+    """A ping we send on behalf of another node's PingReq."""
+
+    __slots__ = ("requester_addr", "requester_seq", "nack_at")
+
+    def __init__(self, requester_addr: str, requester_seq: int, nack_at: float) -> None:
+        self.requester_addr = requester_addr
+        self.requester_seq = requester_seq
+        self.nack_at = nack_at
+
+
+def _update_size(u: Update) -> int:
+    # Rough encoded size: strings plus a few varints and framing.
+    if isinstance(u, Alive):
+        return 12 + len(u.node) + len(u.addr)
+    if isinstance(u, Leave):
+        return 10 + len(u.node)
+    return 12 + len(u.node) + len(u.accuser)
+
+
+def _check_str(value: Any, what: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise MembershipError(f"{what} must be a non-empty string, got {value!r}")
+
+
+def _check_inc(value: Any, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise MembershipError(f"{what} must be an int >= 0, got {value!r}")
+
+
+def _validate_update(u: Any) -> None:
+    if not isinstance(u, (Alive, Suspect, Dead, Leave)):
+        raise MembershipError(f"unknown gossip update {type(u).__name__}")
+    _check_str(u.node, "update.node")
+    _check_inc(u.incarnation, "update.incarnation")
+    if isinstance(u, Alive):
+        _check_str(u.addr, "Alive.addr")
+    elif not isinstance(u, Leave):
+        _check_str(u.accuser, "update.accuser")
+
+
+def _validate_record(r: Any) -> None:
+    if not isinstance(r, MemberRecord):
+        raise MembershipError(f"member list holds a {type(r).__name__}, not a MemberRecord")
+    _check_str(r.node, "MemberRecord.node")
+    _check_str(r.addr, "MemberRecord.addr")
+    _check_inc(r.incarnation, "MemberRecord.incarnation")
+    if r.state not in STATES:
+        raise MembershipError(f"MemberRecord.state must be one of {STATES}, got {r.state!r}")
+
+
+_MESSAGE_TYPES = (Ping, Ack, PingReq, Nack, Gossip, Join, JoinReply, PushPull)
+
+
+def _validate_message(msg: Any) -> None:
+    if not isinstance(msg, _MESSAGE_TYPES):
+        raise MembershipError(f"not a membership message: {type(msg).__name__}")
+    _check_str(msg.src, "src")
+    if isinstance(msg, (Ping, Ack, PingReq, Nack)):
+        _check_inc(msg.seq, "seq")
+    if isinstance(msg, Ack):
+        _check_str(msg.responder, "responder")
+        _check_inc(msg.incarnation, "incarnation")
+    if isinstance(msg, (Ping, PingReq)):
+        _check_str(msg.target, "target")
+    if isinstance(msg, Ping):
+        _check_str(msg.source, "source")
+    if isinstance(msg, PingReq):
+        _check_str(msg.target_addr, "target_addr")
+    if isinstance(msg, (Join, JoinReply, PushPull)):
+        _check_str(msg.node, "node")
+        if not isinstance(msg.members, (tuple, list)):
+            raise MembershipError(f"members must be a tuple, got {type(msg.members).__name__}")
+        for r in msg.members:
+            _validate_record(r)
+    elif not isinstance(msg, Nack):
+        if not isinstance(msg.updates, (tuple, list)):
+            raise MembershipError(f"updates must be a tuple, got {type(msg.updates).__name__}")
+        for u in msg.updates:
+            _validate_update(u)
+
+
+class Membership:
+    """One node's SWIM membership state machine (see the module docstring)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        addr: str,
+        config: MembershipConfig,
+        now: float,
+        rng: random.Random,
+        incarnation: int = 0,
+        logger: Any = None,
+    ) -> None:
+        _check_str(node_id, "node_id")
+        _check_str(addr, "addr")
+        _check_inc(incarnation, "incarnation")
+        self.node_id = node_id
+        self.addr = addr
+        self.config = config
+        self._rng = rng
+        self._log = (logger if logger is not None else log).bind(node=node_id)
+        self._self = _Member(node_id, addr, incarnation, ALIVE, now)
+        self._members: dict[str, _Member] = {node_id: self._self}
+        self._n_live = 1  # alive + suspect members, ourselves included
+        self._queue: BroadcastQueue[Update] = BroadcastQueue(config.retransmit_mult)
+        self._events: deque[MemberEvent] = deque(maxlen=config.max_pending_events)
+        self._suspicions: dict[str, Suspicion] = {}
+        self._seq = 0
+        self._probe: _Probe | None = None
+        self._probe_order: list[str] = []
+        self._probe_idx = 0
+        self._relays: dict[int, _Relay] = {}
+        self._awareness = 0
+        self._leaving = False
+        self._seeds: list[str] = []
+        self._join_pending = False
+        # Random phase so that nodes started together do not probe in lockstep.
+        self._next_probe = now + rng.uniform(0, config.probe_interval)
+        self._next_gossip = now + rng.uniform(0, config.gossip_interval)
+        self._next_push_pull = now + rng.uniform(0.5, 1.0) * config.push_pull_interval
+        self._next_reconnect = now + rng.uniform(0.5, 1.0) * config.reconnect_interval
+        self._next_join = math.inf
+        self._reconnect_tried: dict[str, float] = {}
+        self._pp_unknown: dict[str, float] = {}  # addr -> last targeted push-pull
+        self._heard_unknown = False  # set when an update names a member we do not know
+
+    # --- queries ---------------------------------------------------------------------------
+
+    @property
+    def incarnation(self) -> int:
+        return self._self.incarnation
+
+    @property
+    def awareness(self) -> int:
+        """Lifeguard local-health score: 0 is healthy; timeouts scale by score + 1."""
+        return self._awareness
+
+    @property
+    def leaving(self) -> bool:
+        return self._leaving
+
+    @property
+    def joined(self) -> bool:
+        """False while a join is still waiting for its first JoinReply."""
+        return not self._join_pending
+
+    def leave_done(self) -> bool:
+        """True once our Leave update has been sent its full retransmit count."""
+        return self._leaving and self.node_id not in self._queue
+
+    def members(self) -> list[MemberRecord]:
+        """Every known member (ourselves included), sorted by node id."""
+        return [self._members[k].record() for k in sorted(self._members)]
+
+    def live_members(self) -> list[MemberRecord]:
+        """Alive and suspect members (ourselves included unless we left), sorted."""
+        return [m.record() for k, m in sorted(self._members.items()) if m.state in _LIVE]
+
+    def member(self, node_id: str) -> MemberRecord | None:
+        m = self._members.get(node_id)
+        return None if m is None else m.record()
+
+    def num_live(self) -> int:
+        return self._n_live
+
+    def pending_broadcasts(self) -> int:
+        return len(self._queue)
+
+    def events(self) -> list[MemberEvent]:
+        """Drain the membership change events recorded since the last call."""
+        out = list(self._events)
+        self._events.clear()
+        return out
+
+    def next_deadline(self) -> float:
+        """Earliest time at which :meth:`tick` has work (for shells that sleep)."""
+        t = min(self._next_gossip, self._next_join)
+        if not self._leaving:
+            t = min(t, self._next_probe, self._next_push_pull, self._next_reconnect)
+        if self._probe is not None:
+            t = min(t, self._probe.deadline if self._probe.indirect_sent else self._probe.indirect_at)
+        for r in self._relays.values():
+            t = min(t, r.nack_at)
+        for s in self._suspicions.values():
+            t = min(t, s.deadline)
+        return t
+
+    # --- inputs ----------------------------------------------------------------------------
+
+    def join(self, seed_addrs: list[str], now: float) -> list[Send]:
+        """Start joining through any of ``seed_addrs`` (our own address is skipped)."""
+        for a in seed_addrs:
+            _check_str(a, "seed address")
+        self._seeds = [a for a in dict.fromkeys(seed_addrs) if a != self.addr]
+        if not self._seeds or self._leaving:
+            self._join_pending = False
+            self._next_join = math.inf
+            return []
+        self._join_pending = True
+        out: list[Send] = []
+        self._send_joins(now, out)
+        return out
+
+    def leave(self, now: float) -> list[Send]:
+        """Leave gracefully: gossip ``Leave`` with a raised incarnation.
+
+        Keep calling :meth:`tick` (it only gossips now) until :meth:`leave_done`
+        or a grace period passes, then stop the node.
+        """
+        if self._leaving:
+            return []
+        self._leaving = True
+        self._join_pending = False
+        self._next_join = math.inf
+        self._probe = None
+        me = self._self
+        me.incarnation += 1
+        self._set_state(me, LEFT, now)
+        self._broadcast(Leave(self.node_id, me.incarnation))
+        self._log.info("membership.leave", incarnation=me.incarnation)
+        out: list[Send] = []
+        self._gossip_round(now, out)
+        return out
+
+    def tick(self, now: float) -> list[Send]:
+        """Run every timer that is due at ``now``."""
+        out: list[Send] = []
+        cfg = self.config
+        if self._relays:
+            for seq in [s for s, r in self._relays.items() if now >= r.nack_at]:
+                r = self._relays.pop(seq)
+                out.append(Nack(self.addr, r.requester_addr, r.requester_seq))
+        probe = self._probe
+        if probe is not None:
+            if not probe.indirect_sent and now >= probe.indirect_at:
+                self._send_indirect(probe, out)
+            if now >= probe.deadline:
+                self._probe_failed(probe, now)
+        if self._suspicions:
+            for node in [n for n, s in self._suspicions.items() if now >= s.deadline]:
+                m = self._members[node]
+                self._on_dead(Dead(node, m.incarnation, self.node_id), now)
+        if not self._leaving:
+            if now >= self._next_probe:
+                self._next_probe = now + cfg.probe_interval * (self._awareness + 1)
+                self._reap(now)
+                self._start_probe(now, out)
+            if now >= self._next_push_pull:
+                self._next_push_pull = now + cfg.push_pull_interval * self._push_pull_scale()
+                self._push_pull(now, out, dead=False)
+            if now >= self._next_reconnect:
+                self._next_reconnect = now + cfg.reconnect_interval
+                self._push_pull(now, out, dead=True)
+            if now >= self._next_join:
+                self._send_joins(now, out)
+        if now >= self._next_gossip:
+            self._next_gossip = now + cfg.gossip_interval
+            if self._queue:
+                self._gossip_round(now, out)
+        return out
+
+    def handle(self, msg: Message, now: float) -> list[Send]:
+        """Process one received message; raises :class:`MembershipError` on bad input."""
+        _validate_message(msg)
+        out: list[Send] = []
+        if isinstance(msg, (Join, JoinReply, PushPull)):
+            self._merge(msg.members, msg.node, now)
+            if isinstance(msg, Join):
+                out.append(JoinReply(self.addr, msg.src, self.node_id, self._records()))
+            elif isinstance(msg, JoinReply):
+                if self._join_pending:
+                    self._join_pending = False
+                    self._next_join = math.inf
+                    # The seed may not yet know members that are joining at the same
+                    # time; one early push-pull with a random member catches them.
+                    early = now + self._rng.uniform(1.0, 3.0) * self.config.probe_interval
+                    self._next_push_pull = min(self._next_push_pull, early)
+                    self._log.info("membership.joined", seed=msg.src, members=self._n_live)
+            elif not msg.reply:
+                out.append(PushPull(self.addr, msg.src, self.node_id, self._records(), reply=True))
+            return out
+        if isinstance(msg, Nack):
+            if self._probe is not None and msg.seq == self._probe.seq:
+                self._probe.nacks += 1
+            return out
+        # Apply piggybacked updates first so that a refutation rides on our reply.
+        self._heard_unknown = False
+        for u in msg.updates:
+            self._apply(u, now)
+        if self._heard_unknown:
+            # The sender knows a member we never heard of: we missed its Alive.
+            self._push_pull_with(msg.src, now, out)
+        if isinstance(msg, Ping):
+            if msg.target == self.node_id:
+                out.append(Ack(self.addr, msg.src, msg.seq, self.node_id, self._self.incarnation,
+                               self._piggyback()))
+                self._check_prober(msg, now, out)
+        elif isinstance(msg, Ack):
+            m = self._members.get(msg.responder)
+            if m is not None and msg.incarnation > m.incarnation:
+                self._on_alive(Alive(m.node, m.addr, msg.incarnation), now)
+            probe = self._probe
+            if probe is not None and msg.seq == probe.seq and msg.responder == probe.target:
+                self._probe = None
+                self._adjust_awareness(-1)
+            else:
+                relay = self._relays.pop(msg.seq, None)
+                if relay is not None:
+                    out.append(Ack(self.addr, relay.requester_addr, relay.requester_seq, msg.responder,
+                                   msg.incarnation))
+        elif isinstance(msg, PingReq):
+            if msg.target != self.node_id and not self._leaving:
+                seq = self._next_seq()
+                self._relays[seq] = _Relay(msg.src, msg.seq, now + self.config.probe_timeout)
+                out.append(Ping(self.addr, msg.target_addr, seq, msg.target, self.node_id, self._piggyback()))
+        return out
+
+    # --- probing ---------------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _next_probe_target(self) -> _Member | None:
+        members = self._members
+        for _ in range(len(self._probe_order) + 2):
+            if self._probe_idx >= len(self._probe_order):
+                self._probe_order = [k for k, m in members.items() if m.state in _LIVE and k != self.node_id]
+                self._rng.shuffle(self._probe_order)
+                self._probe_idx = 0
+                if not self._probe_order:
+                    return None
+            m = members.get(self._probe_order[self._probe_idx])
+            self._probe_idx += 1
+            if m is not None and m.state in _LIVE and m is not self._self:
+                return m
+        return None
+
+    def _start_probe(self, now: float, out: list[Send]) -> None:
+        target = self._next_probe_target()
+        if target is None:
+            return
+        scale = self._awareness + 1
+        seq = self._next_seq()
+        self._probe = _Probe(
+            seq,
+            target.node,
+            indirect_at=now + self.config.probe_timeout * scale,
+            deadline=now + self.config.probe_interval * scale,
+        )
+        updates = self._piggyback()
+        if target.state == SUSPECT:
+            # Lifeguard's buddy system: tell a suspect it is suspected so it can refute
+            # now; its Ack then carries the new incarnation and clears the suspicion.
+            updates = (Suspect(target.node, target.incarnation, self.node_id),) + updates
+        out.append(Ping(self.addr, target.addr, seq, target.node, self.node_id, updates))
+
+    def _send_indirect(self, probe: _Probe, out: list[Send]) -> None:
+        probe.indirect_sent = True
+        target = self._members.get(probe.target)
+        if target is None or target.state not in _LIVE:
+            return
+        helpers = [m for k, m in self._members.items()
+                   if m.state == ALIVE and k != self.node_id and k != probe.target]
+        k = min(self.config.indirect_checks, len(helpers))
+        chosen = self._rng.sample(helpers, k) if k else []
+        probe.expected_nacks = len(chosen)
+        for h in chosen:
+            out.append(PingReq(self.addr, h.addr, probe.seq, target.node, target.addr, self._piggyback()))
+
+    def _probe_failed(self, probe: _Probe, now: float) -> None:
+        self._probe = None
+        # Lifeguard: helpers that did not even nack suggest our own links are bad.
+        if probe.expected_nacks > 0:
+            self._adjust_awareness(probe.expected_nacks - probe.nacks)
+        else:
+            self._adjust_awareness(1)
+        m = self._members.get(probe.target)
+        if m is not None and m.state in _LIVE:
+            self._on_suspect(Suspect(m.node, m.incarnation, self.node_id), now)
+
+    def _adjust_awareness(self, delta: int) -> None:
+        self._awareness = min(max(self._awareness + delta, 0), self.config.awareness_max_multiplier - 1)
+
+    # --- gossip, push-pull, join -----------------------------------------------------------
+
+    def _broadcast(self, u: Update) -> None:
+        self._queue.push(u.node, u, _update_size(u))
+        if len(self._queue) > self.config.max_queued_broadcasts:
+            self._queue.prune(self.config.max_queued_broadcasts)
+
+    def _piggyback(self) -> tuple[Update, ...]:
+        if not self._queue:
+            return ()
+        return tuple(self._queue.take(self._n_live, self.config.max_message_bytes, overhead=2))
+
+    def _gossip_round(self, now: float, out: list[Send]) -> None:
+        dead_cut = now - self.config.gossip_to_dead_time
+        cands = [m for k, m in self._members.items() if k != self.node_id and (
+            m.state in _LIVE or (m.state == DEAD and m.state_change >= dead_cut))]
+        k = min(self.config.gossip_nodes, len(cands))
+        for m in self._rng.sample(cands, k) if k else ():
+            ups = self._queue.take(self._n_live, self.config.max_message_bytes, overhead=2)
+            if not ups:
+                break
+            out.append(Gossip(self.addr, m.addr, tuple(ups)))
+
+    def _push_pull_scale(self) -> float:
+        # memberlist: beyond 32 members, exchange full state proportionally less often.
+        n = self._n_live
+        return 1.0 if n <= 32 else math.ceil(math.log2(n) - math.log2(32)) + 1.0
+
+    def _push_pull(self, now: float, out: list[Send], dead: bool) -> None:
+        if not dead:
+            cands = [m for k, m in self._members.items() if m.state == ALIVE and k != self.node_id]
+            if cands:
+                m = self._rng.choice(cands)
+                out.append(PushPull(self.addr, m.addr, self.node_id, self._records()))
+            return
+        # Reconnect: the dead member we tried least recently, so that with d dead
+        # members each one is retried every d reconnect intervals.
+        tried = self._reconnect_tried
+        dead_members = [m for m in self._members.values() if m.state == DEAD]
+        for k in [k for k in tried if k not in self._members or self._members[k].state != DEAD]:
+            del tried[k]
+        if dead_members:
+            m = min(dead_members, key=lambda d: (tried.get(d.node, -math.inf), self._rng.random()))
+            tried[m.node] = now
+            out.append(PushPull(self.addr, m.addr, self.node_id, self._records()))
+
+    def _check_prober(self, ping: Ping, now: float, out: list[Send]) -> None:
+        """A member that probes us but that we do not know (or think dead) has a
+        view that differs from ours: push-pull with it right away instead of
+        waiting for periodic anti-entropy. This repairs a joiner that missed
+        the gossip about the rest of the cluster, and a node that missed its
+        own death certificate, within one probe cycle."""
+        m = self._members.get(ping.source)
+        if (m is None or m.state == DEAD) and ping.source != self.node_id:
+            self._push_pull_with(ping.src, now, out)
+
+    def _push_pull_with(self, addr: str, now: float, out: list[Send]) -> None:
+        """Targeted anti-entropy with ``addr``, at most once per ``push_pull_backoff``."""
+        last = self._pp_unknown.get(addr)
+        if self._leaving or addr == self.addr:
+            return
+        if last is not None and now - last < self.config.push_pull_backoff:
+            return
+        self._pp_unknown[addr] = now
+        out.append(PushPull(self.addr, addr, self.node_id, self._records()))
+
+    def _records(self) -> tuple[MemberRecord, ...]:
+        return tuple(m.record() for m in self._members.values())
+
+    def _send_joins(self, now: float, out: list[Send]) -> None:
+        self._next_join = now + self.config.join_retry_interval
+        k = min(self.config.join_fanout, len(self._seeds))
+        records = self._records()
+        for seed in self._rng.sample(self._seeds, k):
+            out.append(Join(self.addr, seed, self.node_id, records))
+
+    def _merge(self, records: tuple[MemberRecord, ...], sender: str, now: float) -> None:
+        for r in records:
+            if r.state == ALIVE:
+                self._on_alive(Alive(r.node, r.addr, r.incarnation), now)
+            elif r.state == LEFT:
+                self._on_leave(Leave(r.node, r.incarnation), now)
+            else:
+                # A remote "dead" only makes us suspect: we verify deaths ourselves.
+                m = self._members.get(r.node)
+                if r.node == self.node_id or (m is not None and m.state != r.state):
+                    self._on_suspect(Suspect(r.node, r.incarnation, sender), now)
+
+    # --- state transitions -----------------------------------------------------------------
+
+    def _apply(self, u: Update, now: float) -> None:
+        if isinstance(u, Alive):
+            self._on_alive(u, now)
+        elif isinstance(u, Suspect):
+            self._on_suspect(u, now)
+        elif isinstance(u, Dead):
+            self._on_dead(u, now)
+        else:
+            self._on_leave(u, now)
+
+    def _set_state(self, m: _Member, state: str, now: float) -> None:
+        was_live = m.state in _LIVE
+        is_live = state in _LIVE
+        if was_live != is_live:
+            self._n_live += 1 if is_live else -1
+        if state != m.state:
+            m.state = state
+            m.state_change = now
+        if state != SUSPECT:
+            self._suspicions.pop(m.node, None)
+
+    def _event(self, kind: str, m: _Member, now: float) -> None:
+        self._events.append(MemberEvent(kind, m.node, m.addr, m.incarnation, now))
+
+    def _refute(self, accused_incarnation: int, now: float) -> None:
+        me = self._self
+        me.incarnation = max(me.incarnation, accused_incarnation) + 1
+        self._broadcast(Alive(self.node_id, self.addr, me.incarnation))
+        self._log.info("membership.refute", incarnation=me.incarnation)
+
+    def _on_alive(self, a: Alive, now: float) -> None:
+        if a.node == self.node_id:
+            # Someone knows a newer incarnation of us: we restarted and lost it.
+            if a.incarnation > self._self.incarnation and not self._leaving:
+                self._refute(a.incarnation, now)
+            return
+        m = self._members.get(a.node)
+        if m is None:
+            m = _Member(a.node, a.addr, a.incarnation, DEAD, now)  # DEAD: _set_state counts it live
+            self._members[a.node] = m
+            self._set_state(m, ALIVE, now)
+            # Random position in the probe cycle keeps the detection bound low.
+            pos = self._rng.randint(self._probe_idx, len(self._probe_order))
+            self._probe_order.insert(pos, a.node)
+            self._event("joined", m, now)
+            self._log.info("membership.member_joined", member=a.node, addr=a.addr, incarnation=a.incarnation)
+            self._broadcast(a)
+            return
+        if a.incarnation <= m.incarnation:
+            return
+        prev = m.state
+        m.incarnation = a.incarnation
+        m.addr = a.addr
+        self._set_state(m, ALIVE, now)
+        if prev in (DEAD, LEFT):
+            self._event("joined", m, now)
+            self._log.info("membership.member_rejoined", member=a.node, incarnation=a.incarnation)
+        elif prev == SUSPECT:
+            self._event("alive", m, now)
+        self._broadcast(a)
+
+    def _on_suspect(self, s: Suspect, now: float) -> None:
+        if s.node == self.node_id:
+            if s.incarnation >= self._self.incarnation and not self._leaving:
+                self._refute(s.incarnation, now)
+                self._adjust_awareness(1)
+            return
+        m = self._members.get(s.node)
+        if m is None:
+            self._heard_unknown = True
+            return
+        if s.incarnation < m.incarnation:
+            return
+        susp = self._suspicions.get(s.node)
+        if susp is not None:
+            m.incarnation = s.incarnation
+            if susp.confirm(s.accuser):
+                self._broadcast(s)  # pass the confirmation on so others speed up too
+            return
+        if m.state != ALIVE:
+            return
+        m.incarnation = s.incarnation
+        self._set_state(m, SUSPECT, now)
+        cfg = self.config
+        n = self._n_live
+        lo, hi = suspicion_timeouts(cfg.suspicion_mult, cfg.suspicion_max_timeout_mult, n, cfg.probe_interval)
+        k = confirmations_wanted(cfg.suspicion_mult, n)
+        self._suspicions[s.node] = Suspicion(s.accuser, k, lo, hi, now)
+        self._event("suspect", m, now)
+        self._broadcast(s)
+
+    def _on_dead(self, d: Dead, now: float) -> None:
+        if d.node == self.node_id:
+            if d.incarnation >= self._self.incarnation and not self._leaving:
+                self._refute(d.incarnation, now)
+            return
+        m = self._members.get(d.node)
+        if m is None:
+            self._heard_unknown = True
+            return
+        if d.incarnation < m.incarnation or m.state in (DEAD, LEFT):
+            return
+        m.incarnation = d.incarnation
+        self._set_state(m, DEAD, now)
+        self._event("dead", m, now)
+        self._log.info("membership.member_dead", member=d.node, incarnation=d.incarnation, accuser=d.accuser)
+        self._broadcast(d)
+
+    def _on_leave(self, lv: Leave, now: float) -> None:
+        if lv.node == self.node_id:
+            if lv.incarnation >= self._self.incarnation and not self._leaving:
+                self._refute(lv.incarnation, now)
+            return
+        m = self._members.get(lv.node)
+        if m is None or lv.incarnation < m.incarnation or m.state == LEFT:
+            return
+        m.incarnation = lv.incarnation
+        self._set_state(m, LEFT, now)
+        self._event("left", m, now)
+        self._log.info("membership.member_left", member=lv.node, incarnation=lv.incarnation)
+        self._broadcast(lv)
+
+    def _reap(self, now: float) -> None:
+        if self._pp_unknown:
+            old = now - self.config.push_pull_backoff
+            self._pp_unknown = {a: t for a, t in self._pp_unknown.items() if t > old}
+        cut = now - self.config.dead_reclaim_time
+        gone = [k for k, m in self._members.items() if m.state in (DEAD, LEFT) and m.state_change <= cut
+                and k != self.node_id]
+        for k in gone:
+            del self._members[k]

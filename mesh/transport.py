@@ -1,0 +1,153 @@
+"""gRPC shell of the mesh: delivers addressed messages between nodes.
+
+Outgoing messages are grouped by destination and sent as one ``Deliver``
+batch per peer, fire-and-forget with a short deadline: the protocols above
+(SWIM, epidemic push, anti-entropy) treat every message as a datagram that
+may be lost, so a failed call is counted and dropped, never retried here.
+In-flight calls per peer are capped so a dead peer cannot pile up tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import structlog
+
+from kvmesh.mesh.v1 import mesh_pb2 as pb
+from kvmesh.mesh.v1 import mesh_pb2_grpc as pb_grpc
+from mesh.wire import WireError, from_envelope, to_envelope
+
+log = structlog.get_logger(__name__)
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 << 20),
+    ("grpc.max_send_message_length", 256 << 20),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+@dataclass
+class TransportStats:
+    batches_sent: int = 0
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    send_failures: int = 0
+    dropped_backpressure: int = 0
+    messages_received: int = 0
+    rejected: int = 0
+
+
+class _Servicer(pb_grpc.MeshServicer):
+    def __init__(self, transport: MeshTransport) -> None:
+        self.t = transport
+
+    async def Deliver(self, request: pb.Batch, context: grpc.aio.ServicerContext) -> pb.DeliverReply:  # noqa: N802
+        accepted = rejected = 0
+        for env in request.messages:
+            try:
+                msg = from_envelope(env)
+            except WireError as e:
+                rejected += 1
+                log.warning("mesh message rejected", node=self.t.addr, error=str(e))
+                continue
+            accepted += 1
+            try:
+                self.t.deliver(msg)
+            except Exception:  # a bug in the core must not kill the server
+                rejected += 1
+                log.exception("mesh message handling failed", node=self.t.addr, kind=type(msg).__name__)
+        self.t.stats.messages_received += accepted
+        self.t.stats.rejected += rejected
+        return pb.DeliverReply(accepted=accepted, rejected=rejected)
+
+
+class MeshTransport:
+    def __init__(
+        self,
+        addr: str,
+        deliver: Callable[[Any], None],
+        rpc_timeout_s: float = 2.0,
+        max_inflight_per_peer: int = 8,
+    ) -> None:
+        self.addr = addr
+        self.deliver = deliver
+        self.rpc_timeout_s = rpc_timeout_s
+        self.max_inflight_per_peer = max_inflight_per_peer
+        self.stats = TransportStats()
+        self.bytes_by_kind: dict[str, int] = defaultdict(int)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, pb_grpc.MeshStub] = {}
+        self._inflight: dict[str, int] = defaultdict(int)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_MeshServicer_to_server(_Servicer(self), server)
+
+    def _stub(self, dst: str) -> pb_grpc.MeshStub:
+        stub = self._stubs.get(dst)
+        if stub is None:
+            ch = grpc.aio.insecure_channel(dst, options=CHANNEL_OPTIONS)
+            self._channels[dst] = ch
+            stub = self._stubs[dst] = pb_grpc.MeshStub(ch)
+        return stub
+
+    def send(self, msgs: list[Any]) -> None:
+        """Queue messages for delivery; returns at once."""
+        by_dst: dict[str, list[pb.Envelope]] = defaultdict(list)
+        for m in msgs:
+            try:
+                env = to_envelope(m)
+            except WireError:
+                log.exception("cannot encode mesh message", node=self.addr, kind=type(m).__name__)
+                continue
+            by_dst[m.dst].append(env)
+        for dst, envs in by_dst.items():
+            if self._inflight[dst] >= self.max_inflight_per_peer:
+                self.stats.dropped_backpressure += len(envs)
+                continue
+            batch = pb.Batch(messages=envs)
+            size = batch.ByteSize()
+            for e in envs:
+                self.bytes_by_kind[e.WhichOneof("body")] += e.ByteSize()
+            self.stats.batches_sent += 1
+            self.stats.messages_sent += len(envs)
+            self.stats.bytes_sent += size
+            self._inflight[dst] += 1
+            task = asyncio.get_running_loop().create_task(self._call(dst, batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _call(self, dst: str, batch: pb.Batch) -> None:
+        try:
+            await self._stub(dst).Deliver(batch, timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            self.stats.send_failures += 1
+            log.debug("mesh send failed", node=self.addr, dst=dst, code=e.code().name)
+        except Exception:
+            self.stats.send_failures += 1
+            log.exception("mesh send crashed", node=self.addr, dst=dst)
+        finally:
+            self._inflight[dst] -= 1
+
+    def forget(self, dst: str) -> None:
+        """Close the channel to a peer that left for good."""
+        ch = self._channels.pop(dst, None)
+        self._stubs.pop(dst, None)
+        if ch is not None:
+            asyncio.get_running_loop().create_task(ch.close())
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+        self._stubs.clear()
