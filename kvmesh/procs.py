@@ -7,6 +7,7 @@ that line (bounded) instead of sleeping.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -50,6 +51,17 @@ class Proc:
         return "\n".join(list(self.output)[-n:])
 
 
+_live: list[Proc] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    # Children run in their own session (so a Ctrl-C reaches us, not them):
+    # never leave one behind when this process exits, whatever the reason.
+    for p in _live:
+        p.kill()
+
+
 def start(name: str, args: list[str], ready_timeout: float = 30.0, env: dict[str, str] | None = None) -> Proc:
     """Run ``kvmesh ARGS`` and wait for its READY line."""
     cmd = [sys.executable, "-m", "kvmesh.cli", *args]
@@ -59,6 +71,7 @@ def start(name: str, args: list[str], ready_timeout: float = 30.0, env: dict[str
         start_new_session=True,
     )
     proc = Proc(name, popen)
+    _live.append(proc)
     ready = threading.Event()
 
     def pump() -> None:

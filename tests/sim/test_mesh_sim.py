@@ -3,7 +3,7 @@
 Each seed builds a scenario (``build``): 3-5 nodes (3-7 in the larger ones)
 running ``MeshCore``, 2-3 engines (2-4) with real prefix caches publishing
 vLLM-style batches, consumed by their current owner through the real
-Sequencer and BlockMapper (``tests/sim/mesh_world.py``). Faults during the
+Sequencer and BlockMapper (``kvmesh/simulation/mesh_world.py``). Faults during the
 first ``FAULT_END`` seconds: message delay, loss up to 20 %, duplication,
 reordering, a partition that heals, node crashes (some restart with the same
 id), sometimes a graceful leave, a late joiner, an engine restart (cache
@@ -45,8 +45,8 @@ import pytest
 
 from mesh.ownership import owner_of
 from mesh.simnet import NetConfig, SimNet
-from tests.sim.engine_model import SimEngine
-from tests.sim.mesh_world import (
+from kvmesh.simulation.engine_model import SimEngine
+from kvmesh.simulation.mesh_world import (
     MeshNode,
     World,
     default_sim_config,
