@@ -34,6 +34,18 @@ from engine_adapters.proxy import (
     Usage,
 )
 from engine_adapters.tokenizer import Tokenizer, get_tokenizer
+from mesh.core import (
+    EngineAdded,
+    EngineRemoved,
+    MemberChanged,
+    MeshConfig,
+    MeshCore,
+    StartOwning,
+    StopOwning,
+)
+from mesh.membership import MembershipConfig
+from mesh.transport import MeshTransport
+from router.approx_tree import ApproxTree
 from router.circuit_breaker import BreakerConfig
 from router.engine_registry import EngineRecord, EngineSpec, EngineSpecError
 from router.hashing import block_hashes, root_seed
@@ -47,10 +59,6 @@ from router.policies import (
     RouteRequest,
     make_policy,
 )
-from mesh.membership import MembershipConfig
-from mesh.core import EngineAdded, EngineRemoved, MeshConfig, MeshCore, MemberChanged, StartOwning, StopOwning
-from mesh.transport import MeshTransport
-from router.approx_tree import ApproxTree
 
 log = structlog.get_logger(__name__)
 
@@ -192,6 +200,8 @@ class RouterNode:
         """Graceful leave: hand engines over and tell the mesh, then stop sending."""
         self.core.leave(self.clock())
         self._flush()
+        if not [m for m in self.core.live_members() if m.node != self.node_id]:
+            return  # nobody to tell
         deadline = self.clock() + timeout
         while self.clock() < deadline and not self.core.membership.leave_done():
             await asyncio.sleep(0.05)
@@ -470,11 +480,19 @@ class RouterNode:
         routed = self._routed(prep, decision, attempt=1)
         if not dry_run:
             # Count the pick as load for a while: the caller sends it itself.
-            self.load.start(routed.worker, prep.request_id, len(prep.token_ids), self.clock())
+            self.load.start(routed.worker, prep.request_id, self._work_tokens(prep, routed), self.clock())
             asyncio.get_running_loop().call_later(
                 self.route_hint_ttl_s, self.load.finish, prep.request_id
             )
         return routed
+
+    @staticmethod
+    def _work_tokens(prep: Prepared, routed: Routed) -> int:
+        """Load of a request in tokens of work: the prefill the engine still has
+        to do (uncached prompt) plus one block of decode. After the first token
+        only the decode block is left (see ``generate``)."""
+        uncached = max(len(prep.token_ids) - routed.predicted_cached_blocks * prep.block_size, 0)
+        return uncached + prep.block_size
 
     def _routed(self, prep: Prepared, decision: Decision, attempt: int) -> Routed:
         engine_id, _ = split_worker_id(decision.chosen)
@@ -513,10 +531,7 @@ class RouterNode:
             record.breaker.on_attempt(now)
             record.requests += 1
             yield routed
-            # Load in tokens of work: the prefill this engine still has to do
-            # (uncached prompt) until the first token, then one block of decode.
-            uncached = max(len(prep.token_ids) - routed.predicted_cached_blocks * prep.block_size, 0)
-            self.load.start(routed.worker, prep.request_id, uncached + prep.block_size, now)
+            self.load.start(routed.worker, prep.request_id, self._work_tokens(prep, routed), now)
             ttft_ms = -1.0
             headers = {}
             _, rank = split_worker_id(routed.worker)
