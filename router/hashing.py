@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import xxhash
 
@@ -94,3 +94,13 @@ def block_hashes(tokens: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE, se
         h = f(buf[off : off + step], h)
         append(h)
     return out
+
+
+def xor_digest(hashes: Iterable[int]) -> tuple[int, int]:
+    """(count, XOR) of a set of block hashes: an order-free fingerprint for
+    comparing one node's index with another's or with an engine's cache."""
+    n = x = 0
+    for h in hashes:
+        n += 1
+        x ^= h
+    return n, x

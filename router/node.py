@@ -455,7 +455,9 @@ class RouterNode:
                 )
         return out
 
-    def route(self, prep: Prepared, exclude: set[str] | None = None) -> Decision:
+    def route(self, prep: Prepared, exclude: set[str] | None = None, record: bool = True) -> Decision:
+        """Pick a worker. With ``record`` (a real routing), policies that learn
+        from routing and the mesh-wide hints remember the pick."""
         now = self.clock()
         cands = self.candidates(prep.model, exclude or set(), now)
         req = RouteRequest(
@@ -467,6 +469,8 @@ class RouterNode:
         )
         policy = self._policy(prep.policy)
         decision = policy.choose(req, cands, now, self.rng)
+        if not record:
+            return decision
         on_routed = getattr(policy, "on_routed", None)
         if on_routed is not None:
             on_routed(req, decision.chosen, now)
@@ -476,7 +480,7 @@ class RouterNode:
         return decision
 
     def route_only(self, prep: Prepared, dry_run: bool) -> Routed:
-        decision = self.route(prep)
+        decision = self.route(prep, record=not dry_run)
         routed = self._routed(prep, decision, attempt=1)
         if not dry_run:
             # Count the pick as load for a while: the caller sends it itself.

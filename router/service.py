@@ -18,6 +18,7 @@ from engine_adapters.proxy import Chunk, CompletionParams
 from kvmesh.v1 import router_pb2 as pb
 from kvmesh.v1 import router_pb2_grpc as pb_grpc
 from router.engine_registry import EngineRecord, EngineSpec, EngineSpecError
+from router.hashing import xor_digest
 from router.node import Finished, Prepared, RequestError, Routed, RouterNode
 from router.policies import Decision, NoEngineAvailable
 
@@ -225,11 +226,8 @@ class AdminService(pb_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown engine {request.engine_id!r}")
         out = []
         for w in rec.spec.workers:
-            x = 0
-            hashes = self.node.index.worker_hashes(w)
-            for h in hashes:
-                x ^= h
-            out.append(pb.WorkerDigest(worker=w, blocks=len(hashes), xor_hashes=x))
+            n, x = xor_digest(self.node.index.worker_hashes(w))
+            out.append(pb.WorkerDigest(worker=w, blocks=n, xor_hashes=x))
         return pb.GetIndexDigestResponse(workers=out)
 
     async def ListMembers(self, request, context):  # noqa: ANN001, ANN201, N802

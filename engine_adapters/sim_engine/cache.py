@@ -343,3 +343,29 @@ class PrefixCache:
             b.hash, b.parent, b.tokens = None, None, ()
         self._blocks[bid].ref = 1
         return bid
+
+
+def snapshot_router_hashes(
+    snapshot: list[dict[str, object]], model: str, lora_name: str | None = None
+) -> set[int]:
+    """Router block hashes of the blocks in a :meth:`PrefixCache.snapshot` (or
+    the engine's ``GET /admin/cache``): what a correct router index holds for
+    this engine. Each block is chained through its parent, as the router does."""
+    from router.hashing import chain_hash, root_seed
+
+    by_hash = {b["hash"]: b for b in snapshot}
+    seed = root_seed(model, lora_name)
+    memo: dict[object, int] = {}
+    for start in by_hash:
+        path = []  # walk up to a known ancestor, then hash down (no recursion)
+        h: object = start
+        while h not in memo:
+            path.append(h)
+            parent = by_hash[h]["parent"]
+            if parent is None:
+                break
+            h = parent
+        for h in reversed(path):
+            parent = by_hash[h]["parent"]
+            memo[h] = chain_hash(seed if parent is None else memo[parent], by_hash[h]["tokens"])  # type: ignore[arg-type]
+    return set(memo.values())

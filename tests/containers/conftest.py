@@ -127,10 +127,42 @@ class DockerScope:
         self.containers: list[Any] = []
         self.networks: list[Any] = []
 
-    def network(self) -> Any:
-        net = self.client.networks.create(f"{self.prefix}-net", driver="bridge", labels=self.labels)
-        self.networks.append(net)
-        return net
+    def network(self, *, static_ips: bool = False) -> Any:
+        """A bridge network of this test. ``static_ips``: with an explicit subnet
+        (one Docker picks from its own pools, so it clashes with nothing), so
+        containers can be given fixed addresses that survive a reconnect."""
+        name = f"{self.prefix}-net{len(self.networks)}"
+        if not static_ips:
+            net = self.client.networks.create(name, driver="bridge", labels=self.labels)
+            self.networks.append(net)
+            return net
+        import docker
+
+        last: Exception | None = None
+        for _ in range(5):  # another network may take the probed subnet meanwhile
+            probe = self.client.networks.create(name, driver="bridge", labels=self.labels)
+            try:
+                subnet = probe.attrs["IPAM"]["Config"][0]["Subnet"]
+            finally:
+                probe.remove()
+            ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=subnet)])
+            try:
+                net = self.client.networks.create(name, driver="bridge", ipam=ipam, labels=self.labels)
+            except docker.errors.APIError as e:
+                last = e
+                continue
+            self.networks.append(net)
+            return net
+        pytest.fail(f"cannot create a network with a fixed subnet: {last}")
+
+    @staticmethod
+    def subnet_ip(network: Any, host: int) -> str:
+        """Address number ``host`` of a ``static_ips`` network (Docker hands out low numbers first)."""
+        import ipaddress
+
+        network.reload()
+        subnet = ipaddress.ip_network(network.attrs["IPAM"]["Config"][0]["Subnet"])
+        return str(subnet[host])
 
     def run(
         self,
@@ -141,9 +173,19 @@ class DockerScope:
         network: Any | None = None,
         entrypoint: list[str] | None = None,
         ports: dict[str, tuple[str, None]] | None = None,
+        aliases: list[str] | None = None,
+        ip: str | None = None,
+        start: bool = True,
     ) -> Any:
-        """Start a detached container named ``<prefix>-<name>`` (its DNS name on ``network``)."""
-        c = self.client.containers.run(
+        """A detached container named ``<prefix>-<name>`` (its DNS name on ``network``),
+        also known there as ``aliases`` and at address ``ip`` if given; created
+        but not started when ``start`` is false (start it with ``.start()``)."""
+        kwargs: dict[str, Any] = {}
+        if network is not None and (aliases or ip):
+            kwargs["networking_config"] = {
+                network.name: self.client.api.create_endpoint_config(aliases=aliases, ipv4_address=ip)
+            }
+        c = (self.client.containers.run if start else self.client.containers.create)(
             image,
             command,
             name=f"{self.prefix}-{name}",
@@ -153,6 +195,7 @@ class DockerScope:
             labels=self.labels,
             detach=True,
             mem_limit="1g",
+            **kwargs,
         )
         self.containers.append(c)
         return c

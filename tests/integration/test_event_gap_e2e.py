@@ -12,28 +12,12 @@ import aiohttp
 import pytest
 
 from engine_adapters.event_adapter import EventAdapter
+from engine_adapters.sim_engine.cache import snapshot_router_hashes
 from kvmesh import procs
-from router.hashing import chain_hash, root_seed
 from router.index import PrefixIndex
 
 pytestmark = pytest.mark.slow
 MODEL = "sim-model"
-
-
-def router_hashes_of(snapshot: list[dict]) -> set[int]:
-    """Router hashes of the engine's cached blocks, chained through parents."""
-    by_hash = {b["hash"]: b for b in snapshot}
-    memo: dict[object, int] = {}
-
-    def rh(h: object) -> int:
-        if h in memo:
-            return memo[h]
-        b = by_hash[h]
-        parent = root_seed(MODEL) if b["parent"] is None else rh(b["parent"])
-        memo[h] = chain_hash(parent, b["tokens"])
-        return memo[h]
-
-    return {rh(h) for h in by_hash}
 
 
 async def _complete(http: aiohttp.ClientSession, url: str, prompt: list[int]) -> None:
@@ -46,7 +30,7 @@ async def _converged(index: PrefixIndex, http: aiohttp.ClientSession, url: str, 
     deadline = time.monotonic() + timeout
     while True:
         async with http.get(f"{url}/admin/cache") as r:
-            expected = router_hashes_of(await r.json())
+            expected = snapshot_router_hashes(await r.json(), MODEL)
         if index.worker_hashes("e0") == expected or time.monotonic() > deadline:
             return expected
         await asyncio.sleep(0.1)

@@ -15,7 +15,8 @@ from kvmesh import procs
 from kvmesh.loadgen import generate_once
 from kvmesh.v1 import router_pb2 as pb
 from kvmesh.v1 import router_pb2_grpc as pb_grpc
-from router.hashing import chain_hash, root_seed
+from engine_adapters.sim_engine.cache import snapshot_router_hashes
+from router.hashing import xor_digest
 
 pytestmark = pytest.mark.slow
 MODEL = "sim-model"
@@ -29,20 +30,7 @@ def _tokens(seed: int, n: int) -> list[int]:
 
 def engine_digest(snapshot: list[dict]) -> tuple[int, int]:
     """(blocks, XOR of router hashes) of an engine's real cache."""
-    by_hash = {b["hash"]: b for b in snapshot}
-    memo: dict[object, int] = {}
-
-    def rh(h: object) -> int:
-        if h not in memo:
-            b = by_hash[h]
-            parent = root_seed(MODEL) if b["parent"] is None else rh(b["parent"])
-            memo[h] = chain_hash(parent, b["tokens"])
-        return memo[h]
-
-    x = 0
-    for h in by_hash:
-        x ^= rh(h)
-    return len(by_hash), x
+    return xor_digest(snapshot_router_hashes(snapshot, MODEL))
 
 
 async def _digest(addr: str, engine_id: str) -> tuple[int, int]:

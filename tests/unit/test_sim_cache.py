@@ -304,3 +304,21 @@ TestCacheMachine.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_snapshot_router_hashes_are_the_routers_chain_of_each_cached_prefix() -> None:
+    from engine_adapters.sim_engine.cache import snapshot_router_hashes
+    from router.hashing import block_hashes, root_seed
+
+    c = PrefixCache(num_gpu_blocks=64, block_size=4)
+    a = list(range(100, 120))  # 5 blocks
+    b = a[:8] + list(range(500, 512))  # shares 2 blocks with a, then 3 of its own
+    for rid, toks in (("a", a), ("b", b)):
+        c.allocate(rid, toks)
+        c.commit_full_blocks(rid, toks)
+        c.release(rid)
+    seed = root_seed("m")
+    want = set(block_hashes(a, 4, seed)) | set(block_hashes(b, 4, seed))
+    assert len(want) == 8
+    assert snapshot_router_hashes(c.snapshot(), "m") == want
+    assert snapshot_router_hashes(c.snapshot(), "other-model").isdisjoint(want)
