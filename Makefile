@@ -34,11 +34,15 @@ test: $(STAMP) proto-check
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
+## The benchmark suite: writes docs/benchmarks.md, docs/benchmarks.json, docs/img/*.png (~20 min).
 bench: $(STAMP)
-	$(VENV)/bin/kvmesh bench index
+	$(PY) -m pip install -q -e '.[dev,bench,peers]'
+	$(VENV)/bin/kvmesh bench all
 
+## The same suite, short (~3 min).
 bench-quick: $(STAMP)
-	$(VENV)/bin/kvmesh bench index --blocks 200000
+	$(PY) -m pip install -q -e '.[dev,bench,peers]'
+	$(VENV)/bin/kvmesh bench all --quick
 
 ## Container images without a registry: the local Debian base (rebuilt only when
 ## the dependencies change) + the app image kvmesh:local, built with no network.

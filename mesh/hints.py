@@ -91,7 +91,8 @@ class HintStore:
         for bh in hashes:
             ws = self._by_hash.get(bh)
             # Only the hint that set the latest expiry removes the entry.
-            if ws is not None and ws.get(worker, 0.0) <= exp:
+            # (Two hints may set the same expiry: the first pop removes the entry.)
+            if ws is not None and worker in ws and ws[worker] <= exp:
                 del ws[worker]
                 if not ws:
                     del self._by_hash[bh]

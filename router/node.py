@@ -157,7 +157,10 @@ class RouterNode:
         self.adapters: dict[str, EventAdapter] = {}
         self.stats = NodeStats()
         self.client = EngineClient()
-        self.core = MeshCore(node_id, self.addr, clock(), random.Random(seed), mesh_config)
+        # Never seeded from --seed: the mesh draws pycrdt client ids from this,
+        # and two nodes (or one node before and after a restart) sharing a
+        # client id would corrupt the replicated documents.
+        self.core = MeshCore(node_id, self.addr, clock(), random.SystemRandom(), mesh_config)
         self.transport = MeshTransport(self.addr, self._deliver)
         self._published_load: dict[str, tuple[int, int]] = {}
         self._breaker_cfg = breaker
@@ -265,13 +268,18 @@ class RouterNode:
     async def _mesh_loop(self) -> None:
         while not self._closing:
             now = self.clock()
-            local = {w: (self.load.in_flight(w), self.load.in_flight_tokens(w))
-                     for w in self.load.snapshot()}
-            if local != self._published_load:
-                self.core.set_local_load(local, now)
-                self._published_load = local
-            self.core.tick(now)
-            self._flush()
+            try:
+                local = {w: (self.load.in_flight(w), self.load.in_flight_tokens(w))
+                         for w in self.load.snapshot()}
+                if local != self._published_load:
+                    self.core.set_local_load(local, now)
+                    self._published_load = local
+                self.core.tick(now)
+                self._flush()
+            except Exception:
+                # A bug in one round must not stop gossip and failure detection
+                # for good: log it loudly and run the next round.
+                self.log.exception("mesh round failed")
             delay = min(max(self.core.next_deadline() - self.clock(), 0.002), 0.05)
             self._wake.clear()
             try:

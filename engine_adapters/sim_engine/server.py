@@ -20,6 +20,9 @@ HTTP (aiohttp), vLLM-compatible where it matters to kvmesh:
   ``{hash, parent, tokens}``), ``GET /admin/stats``, ``POST /admin/drop_events
   {"count": n}`` (the next n event batches are lost on PUB but replayable),
   ``POST /admin/clear`` (reset the prefix cache -> ``AllBlocksCleared``).
+- SGLang-native, for SGLang's router: ``POST /generate`` (``input_ids`` or
+  ``text``, ``sampling_params``, ``stream``; ``meta_info.cached_tokens``),
+  ``GET /server_info`` / ``/get_server_info``, ``/model_info`` / ``/get_model_info``.
 
 A scheduler task runs the pure core (``core.py``): plan a step, sleep for its
 simulated duration, sample one token per due request, then publish the step's
@@ -274,6 +277,13 @@ class SimEngine:
         app.router.add_get("/admin/stats", self.admin_stats)
         app.router.add_post("/admin/drop_events", self.admin_drop_events)
         app.router.add_post("/admin/clear", self.admin_clear)
+        # SGLang-native endpoints, so SGLang's own router (sglang-router) can
+        # front the simulator: worker discovery and /generate.
+        for path in ("/server_info", "/get_server_info"):
+            app.router.add_get(path, self.sglang_server_info)
+        for path in ("/model_info", "/get_model_info"):
+            app.router.add_get(path, self.sglang_model_info)
+        app.router.add_post("/generate", self.sglang_generate)
         return app
 
     async def health(self, request: web.Request) -> web.Response:
@@ -380,6 +390,101 @@ class SimEngine:
                 if self.core.abort(rid):
                     self.metrics.aborted.inc()
                     log.info("sim_request_aborted", request_id=rid)
+                self._wake.set()
+
+    # --- SGLang-native API (for sglang-router) ------------------------------------
+
+    async def sglang_server_info(self, request: web.Request) -> web.Response:
+        st = self.core.cache.stats()
+        return web.json_response({
+            "model_path": self.args.model_path or self.model, "served_model_name": self.model,
+            "tokenizer_path": self.args.model_path,
+            "page_size": self.core.cache.block_size, "max_total_num_tokens": st.num_blocks * self.core.cache.block_size,
+            "context_length": self.core.max_model_len, "max_running_requests": self.args.max_num_seqs,
+            "dp_size": 1, "tp_size": 1, "version": "kvmesh-sim",
+        })
+
+    async def sglang_model_info(self, request: web.Request) -> web.Response:
+        # A local --model-path lets SGLang's router load a tokenizer from disk
+        # instead of asking the Hugging Face hub for "sim-model".
+        path = self.args.model_path
+        return web.json_response({"model_path": path or self.model, "tokenizer_path": path, "is_generation": True})
+
+    async def sglang_generate(self, request: web.Request) -> web.StreamResponse:
+        """SGLang's ``POST /generate``: ``input_ids`` (or ``text``), ``sampling_params``
+        (``max_new_tokens``, ``ignore_eos``, ``stop``), ``stream``, ``rid``.
+
+        Responses carry ``text``, ``output_ids`` and ``meta_info`` (``id``,
+        ``prompt_tokens``, ``completion_tokens``, ``cached_tokens``,
+        ``finish_reason``) as SGLang's do; streamed chunks are cumulative, like
+        SGLang's default, followed by ``data: [DONE]``.
+        """
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self.metrics.reject("bad_request")
+            return _error(400, f"request body is not valid JSON: {e}")
+        if not isinstance(body, dict):
+            return _error(400, "request body must be a JSON object")
+        sp = body.get("sampling_params") or {}
+        if not isinstance(sp, dict):
+            return _error(400, "sampling_params must be an object", "sampling_params")
+        prompt = body.get("input_ids") if body.get("input_ids") is not None else body.get("text")
+        oa = {"prompt": prompt, "max_tokens": sp.get("max_new_tokens", 128), "stream": bool(body.get("stream", False)),
+              "ignore_eos": sp.get("ignore_eos", False), "stop": sp.get("stop"), "seed": sp.get("sampling_seed")}
+        try:
+            p = parse_completion(oa, self.tokenizer)
+        except BadRequest as e:
+            self.metrics.reject("bad_request")
+            return _error(400, str(e), e.param)
+        why = self.core.check(len(p.prompt), p.max_tokens)
+        if why is not None:
+            self.metrics.reject("bad_request")
+            return _error(400, why)
+        rid_in = body.get("rid")
+        ext_id = rid_in if isinstance(rid_in, str) and rid_in else (request.headers.get("X-Request-Id") or uuid.uuid4().hex)
+        rid = f"gen-{ext_id}"
+        if rid in self._pending:
+            rid = f"{rid}-{uuid.uuid4().hex[:8]}"
+        seed = p.seed if p.seed is not None else self._prompt_seed(p.prompt)
+        seq = self.core.add(SimRequest(rid, p.prompt, p.max_tokens, seed, p.ignore_eos),
+                            asyncio.get_running_loop().time())
+        pend = _Pending(p, seq)
+        self._pending[rid] = pend
+        self._wake.set()
+        try:
+            resp: web.StreamResponse | None = None
+            if p.stream:
+                resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
+                                                               "Cache-Control": "no-cache"})
+                await resp.prepare(request)
+            ids: list[int] = []
+            texts: list[str] = []
+            obj: dict[str, Any] = {}
+            async for tok, text, finish, _stop in self._tokens(rid, pend):
+                ids.append(tok)
+                texts.append(text)
+                meta = {"id": ext_id, "prompt_tokens": len(p.prompt), "completion_tokens": len(ids),
+                        "cached_tokens": seq.num_cached,
+                        "finish_reason": None if finish is None else {"type": finish, "length": len(ids)}}
+                obj = {"text": "".join(texts), "output_ids": list(ids), "meta_info": meta}
+                if finish is not None:
+                    meta["kvmesh_sim"] = self._sim_info(pend)
+                if resp is not None and not await self._write(resp, rid, obj):
+                    return resp
+            if resp is None:
+                return web.json_response(obj)
+            try:
+                await resp.write(b"data: [DONE]\n\n")
+                await resp.write_eof()
+            except ConnectionResetError:
+                pass
+            return resp
+        finally:
+            self._pending.pop(rid, None)
+            if not pend.done:
+                if self.core.abort(rid):
+                    self.metrics.aborted.inc()
                 self._wake.set()
 
     def _prompt_seed(self, prompt: list[int]) -> int:
@@ -602,6 +707,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     a("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     a("--port", type=int, default=8000, help="HTTP port; 0 picks a free one (default 8000)")
     a("--model", default="sim-model", help="served model name (default sim-model)")
+    a("--model-path", default=None,
+      help="local directory with a tokenizer.json, reported to SGLang's router as the model path")
     a("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     # Llama-3-8B on an A100-80GB at 90% memory: ~52 GB of KV at 2 MiB per 16-token block.
     a("--num-gpu-blocks", type=int, default=26_000, help="KV blocks in the pool (default 26000)")

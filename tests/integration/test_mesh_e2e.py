@@ -20,7 +20,9 @@ from router.hashing import xor_digest
 
 pytestmark = pytest.mark.slow
 MODEL = "sim-model"
-FAST_MESH = ["--probe-interval", "0.5", "--gossip-interval", "0.1", "--health-interval", "0.5"]
+# Every node gets the same --seed on purpose: it seeds policy choices only and
+# must never make two nodes share pycrdt client ids.
+FAST_MESH = ["--probe-interval", "0.5", "--gossip-interval", "0.1", "--health-interval", "0.5", "--seed", "7"]
 
 
 def _tokens(seed: int, n: int) -> list[int]:

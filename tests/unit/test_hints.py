@@ -55,3 +55,15 @@ def test_bounded_and_bad_ttl_rejected() -> None:
     assert s.merge([Hint("x", 1, "w", [1], -1.0), Hint("x", 2, "w", [1], 1e9)], 0.0) == 0
     with pytest.raises(ValueError):
         HintStore("a", ttl=0)
+
+
+def test_two_hints_with_the_same_expiry_expire_cleanly() -> None:
+    # Regression: the second pop of an entry already removed by an equal-expiry
+    # hint raised KeyError(worker), which surfaced as failed Generate calls.
+    s = HintStore("n1", ttl=2.0)
+    s.add_local("e1", [1, 2, 3], now=10.0)
+    s.add_local("e1", [1, 2, 3], now=10.0)  # same worker, same expiry
+    s.merge([Hint("n2", 1, "e2", [1, 2], 5.0)], now=10.0)  # another worker outlives them
+    assert s.overlap([1, 2, 3], now=11.0) == {"e1": 3, "e2": 2}
+    assert s.overlap([1, 2, 3], now=12.5) == {"e2": 2}
+    assert s.overlap([1, 2, 3], now=15.5) == {}
