@@ -1,0 +1,297 @@
+"""Microbenchmarks of the routing core, side by side with NVIDIA Dynamo's
+Rust RadixTree (``ai-dynamo-runtime``, ``from dynamo.llm import RadixTree``).
+
+Index ingest, END TO END on our side: vLLM-format ``KVEventBatch`` frames
+(msgpack, as the engines publish them) are decoded
+(``engine_adapters.kv_events.decode_batch``), mapped to router hashes
+(``engine_adapters.block_mapper.BlockMapper``), appended to the replicated
+state as the engine's owner (``mesh.state.MeshState.local_deltas``: the pycrdt
+log that is gossiped) and applied to the index (``router.index.PrefixIndex``).
+Dynamo's side is timed on ``RadixTree.apply_event(worker_id, json_bytes)``
+alone, with its JSON ``KvCacheEvent``s (``{"event_id", "data": {"stored":
+{"parent_hash", "blocks": [{"block_hash", "tokens_hash"}]}}, "dp_rank"}``,
+lib/llm/src/kv_router/protocols.rs) serialised beforehand: the work a Dynamo
+router does per event it receives. Both ingest the same blocks, in the same
+batches, in the same order; ``apply_event`` only queues to the tree's worker
+thread, so Dynamo's clock stops when a sentinel event sent last is visible
+to ``find_matches``.
+
+Prefix match: a 128-block prompt against every engine, ours on router hashes
+(``PrefixIndex.match``), Dynamo's on its local block hashes
+(``RadixTree.find_matches``); the same prompts, hits of every depth.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import time
+from collections.abc import Callable
+
+import structlog
+import xxhash
+
+from engine_adapters.block_mapper import BlockMapper
+from engine_adapters.kv_events import BlockStored, KVEventBatch, decode_batch, encode_batch
+from mesh.state import MeshState
+from router.hashing import block_hashes, root_seed
+from router.index import PrefixIndex
+
+log = structlog.get_logger(__name__)
+MODEL = "sim-model"
+BS = 16
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))] if xs else 0.0
+
+
+def _block_tokens(b: int) -> list[int]:
+    """Unique content per block id (cheap to make, distinct hashes)."""
+    base = 256 + (b * BS) % (2**31)
+    return list(range(base, base + BS))
+
+
+def _ehash(engine: int, b: int) -> int:
+    """The engine's (opaque, unsigned 64-bit) hash of block b. Equal on every
+    engine, as with vLLM's sha256 block hashing: Dynamo's RadixTree expects
+    that (with per-engine hashes it rejects a store chained to a block that
+    another worker also holds). kvmesh maps either kind."""
+    return xxhash.xxh3_64_intdigest(b.to_bytes(8, "little"), 1)
+
+
+def build_population(n_blocks: int, n_engines: int, seed: int = 0, max_batch: int = 128):
+    """Conversations (shared roots + own blocks) cached on 1-2 engines each,
+    as per-engine event batches of at most ``max_batch`` blocks (one chunked
+    prefill step). Returns (batches [(engine, parent_block or None,
+    [block ids])], conversations [[block ids]])."""
+    rng = random.Random(seed)
+    n_roots = max(1, min(256, n_blocks // 4000))
+    next_b = 0
+    roots = []
+    for _ in range(n_roots):
+        k = rng.randint(8, 32)
+        roots.append(list(range(next_b, next_b + k)))
+        next_b += k
+    convs: list[list[int]] = []
+    batches: list[tuple[int, int | None, list[int]]] = []
+    has_root: set[tuple[int, int]] = set()
+    stored = 0
+    while stored < n_blocks:
+        ri = rng.randrange(n_roots)
+        own = rng.randint(64, 256)
+        chain = roots[ri] + list(range(next_b, next_b + own))
+        next_b += own
+        convs.append(chain)
+        for e in rng.sample(range(n_engines), 1 if rng.random() < 0.7 else 2):
+            start = 0 if (e, ri) not in has_root else len(roots[ri])
+            has_root.add((e, ri))
+            i = start
+            while i < len(chain):
+                seg = chain[i:i + max_batch]
+                batches.append((e, chain[i - 1] if i else None, seg))
+                stored += len(seg)
+                i += len(seg)
+    # Interleave engines as a live fleet would, keeping each engine's order.
+    per: dict[int, list] = {}
+    for b in batches:
+        per.setdefault(b[0], []).append(b)
+    out = []
+    queues = [list(reversed(v)) for v in per.values()]
+    while queues:
+        q = queues[rng.randrange(len(queues))]
+        out.append(q.pop())
+        if not q:
+            queues.remove(q)
+    return out, convs
+
+
+def _vllm_frames(batches) -> list[tuple[int, bytes]]:
+    frames = []
+    for e, parent, seg in batches:
+        ev = BlockStored(
+            block_hashes=[_ehash(e, b) for b in seg],
+            parent_block_hash=None if parent is None else _ehash(e, parent),
+            token_ids=[t for b in seg for t in _block_tokens(b)], block_size=BS, lora_id=None,
+        )
+        frames.append((e, encode_batch(KVEventBatch(ts=0.0, events=[ev], data_parallel_rank=0), "map")))
+    return frames
+
+
+def _local_hash(b: int) -> int:
+    """Dynamo's tokens_hash of a block (its content, unchained)."""
+    return xxhash.xxh3_64_intdigest(b"".join(t.to_bytes(4, "little") for t in _block_tokens(b)))
+
+
+def _dynamo_events(batches) -> list[tuple[int, bytes]]:
+    out = []
+    for i, (e, parent, seg) in enumerate(batches):
+        ev = {"event_id": i, "data": {"stored": {
+            "parent_hash": None if parent is None else _ehash(e, parent),
+            "blocks": [{"block_hash": _ehash(e, b), "tokens_hash": _local_hash(b)} for b in seg]}}, "dp_rank": 0}
+        out.append((e, json.dumps(ev).encode()))
+    return out
+
+
+def _quiet() -> None:
+    """Per-engine ownership logs would drown the progress output."""
+    import logging
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def dynamo_available() -> str | None:
+    try:
+        from dynamo.llm import RadixTree  # noqa: F401
+    except ImportError as e:
+        return f"ai-dynamo-runtime not installed ({e}); pip install -e '.[bench]'"
+    return None
+
+
+def bench_ingest_and_match(n_blocks: int = 1_000_000, n_engines: int = 64, prompt_blocks: int = 128,
+                           n_queries: int = 3000, seed: int = 0,
+                           note: Callable[[str], None] = print) -> dict:
+    batches, convs = build_population(n_blocks, n_engines, seed)
+    stored_blocks = sum(len(s) for _, _, s in batches)
+    note(f"index: {stored_blocks:,} blocks in {len(batches):,} batches over {n_engines} engines; encoding frames")
+    frames = _vllm_frames(batches)
+    workers = [f"e{i}" for i in range(n_engines)]
+
+    # -- ours, end to end ---------------------------------------------------------
+    _quiet()
+    state = MeshState("bench-node", 0.0, random.Random(seed))
+    for w in workers:
+        state.register_engine(w, {"endpoint": f"http://127.0.0.1:1/{w}", "model": MODEL, "block_size": BS})
+        state.take_ownership(w, 0.0)
+    mappers = [BlockMapper(MODEL, w) for w in workers]
+    index = PrefixIndex()
+    for w in workers:
+        index.add_worker(w)
+    gossip_bytes = 0
+    gc.collect()
+    t0 = time.perf_counter()
+    for seq, (e, payload) in enumerate(frames):
+        batch = decode_batch(payload)
+        delta = mappers[e].map_batch(batch.events, seq)
+        md = state.local_deltas(workers[e], [delta])
+        index.apply(delta)
+        gossip_bytes += sum(len(lu.update) for lu in md.logs)
+    ours_s = time.perf_counter() - t0
+    ours = {"blocks_per_s": stored_blocks / ours_s, "seconds": ours_s, "entries": len(index),
+            "crdt_update_bytes": gossip_bytes}
+    note(f"index: ours {ours['blocks_per_s']:,.0f} blocks/s end to end")
+
+    # -- queries (shared) -----------------------------------------------------------
+    rng = random.Random(seed + 1)
+    queries: list[list[int]] = []  # block ids
+    fresh = 10**9
+    for q in range(n_queries):
+        chain = rng.choice(convs)
+        hit = min(len(chain), prompt_blocks) if q % 4 == 0 else rng.randint(0, min(len(chain), prompt_blocks))
+        ids = chain[:hit]
+        while len(ids) < prompt_blocks:
+            ids.append(fresh)
+            fresh += 1
+        queries.append(ids)
+    root = root_seed(MODEL)
+    q_router = [block_hashes([t for b in ids for t in _block_tokens(b)], BS, root) for ids in queries]
+    lat = []
+    gc.collect()
+    gc.freeze()
+    match = index.match
+    perf = time.perf_counter
+    for hs in q_router:
+        t = perf()
+        match(hs, workers)
+        lat.append(perf() - t)
+    gc.unfreeze()
+    ours["match_p50_us"] = _pct(lat, 0.5) * 1e6
+    ours["match_p99_us"] = _pct(lat, 0.99) * 1e6
+    # Hashing a 2048-token prompt (done once per request before the match).
+    toks = [t for b in queries[0] for t in _block_tokens(b)]
+    t = perf()
+    for _ in range(200):
+        block_hashes(toks, BS, root)
+    ours["hash_128_blocks_us"] = (perf() - t) / 200 * 1e6
+    res: dict = {"n_engines": n_engines, "stored_blocks": stored_blocks, "batches": len(batches),
+                 "prompt_blocks": prompt_blocks, "queries": n_queries, "kvmesh": ours}
+    del state, mappers, frames
+
+    # -- Dynamo ---------------------------------------------------------------------
+    why = dynamo_available()
+    if why:
+        res["dynamo"] = {"skipped": why}
+        note(f"index: skip Dynamo: {why}")
+        return res
+    from dynamo.llm import RadixTree
+
+    note("index: serialising Dynamo JSON events")
+    events = _dynamo_events(batches)
+    tree = RadixTree()
+    gc.collect()
+    t0 = time.perf_counter()
+    apply = tree.apply_event
+    for e, raw in events:
+        apply(e, raw)
+    # apply_event only queues to the tree's worker thread: the clock stops when
+    # a sentinel event, applied after all the others, is visible.
+    sentinel = 0xFFFF_FFFF_FFFF_0001
+    apply(n_engines, json.dumps({"event_id": len(events), "dp_rank": 0, "data": {"stored": {
+        "parent_hash": None, "blocks": [{"block_hash": sentinel, "tokens_hash": sentinel}]}}}).encode())
+    deadline = time.perf_counter() + 120
+    while not tree.find_matches([sentinel]).scores and time.perf_counter() < deadline:
+        time.sleep(0.0005)
+    dyn_s = time.perf_counter() - t0
+    dyn = {"blocks_per_s": stored_blocks / dyn_s, "seconds": dyn_s}
+    note(f"index: Dynamo {dyn['blocks_per_s']:,.0f} blocks/s")
+    q_local = [[_local_hash(b) for b in ids] for ids in queries]
+    lat = []
+    fm = tree.find_matches
+    agree = 0
+    for i, hs in enumerate(q_local):
+        t = perf()
+        r = fm(hs)
+        lat.append(perf() - t)
+        if i < 200:
+            best = max(r.scores.values(), default=0)
+            agree += best == max(index.match(q_router[i], workers).values())
+    dyn["match_p50_us"] = _pct(lat, 0.5) * 1e6
+    dyn["match_p99_us"] = _pct(lat, 0.99) * 1e6
+    dyn["best_overlap_agrees_with_kvmesh"] = f"{agree}/200"
+    res["dynamo"] = dyn
+    res["ingest_ratio"] = ours["blocks_per_s"] / dyn["blocks_per_s"]
+    res["match_p99_ratio"] = ours["match_p99_us"] / dyn["match_p99_us"]
+    return res
+
+
+def bench_decisions(n_engines: int = 8, prompt_blocks: int = 128, n: int = 3000, seed: int = 0) -> dict:
+    """In-process decision latency (choose + on_routed) per policy, 8
+    engines, 128-block prompts, an index holding prompts of every depth."""
+    from router.approx_tree import ApproxTree
+    from router.policies import POLICY_NAMES, RouteRequest, candidates_from, make_policy
+
+    rng = random.Random(seed)
+    workers = [f"e{i}" for i in range(n_engines)]
+    index = PrefixIndex()
+    prompts = []
+    for i in range(400):
+        hs = [rng.getrandbits(64) for _ in range(prompt_blocks)]
+        index.store(workers[i % n_engines], hs[: rng.randint(0, prompt_blocks)])
+        prompts.append(hs)
+    out: dict = {}
+    for name in POLICY_NAMES:
+        pol = make_policy(name, index=index, approx_tree=ApproxTree())
+        load = {w: float(rng.randint(0, 8)) for w in workers}
+        cands = candidates_from(workers, load)
+        prng = random.Random(seed)
+        lat = []
+        for i in range(n):
+            req = RouteRequest(f"r{i}", prompts[i % len(prompts)], prompt_blocks * BS, f"s{i % 50}")
+            t = time.perf_counter()
+            d = pol.choose(req, cands, float(i), prng)
+            pol.on_routed(req, d.worker, float(i))
+            lat.append(time.perf_counter() - t)
+        out[name] = {"p50_us": _pct(lat, 0.5) * 1e6, "p99_us": _pct(lat, 0.99) * 1e6}
+    return out

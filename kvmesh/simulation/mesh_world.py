@@ -1,0 +1,300 @@
+"""The whole-mesh simulation world: MeshCore nodes + vLLM-like engines on SimNet (pure).
+
+Each node (:class:`MeshNode`) is a real :class:`mesh.core.MeshCore` with its
+own :class:`router.index.PrefixIndex`; the engines it owns (per the core's
+``StartOwning``/``StopOwning`` effects) are consumed by a :class:`Consumer`
+(real Sequencer + BlockMapper restored from the takeover's mapping pairs) and
+fed to ``core.engine_deltas``. Engines (:class:`SimEngine`, the real
+PrefixCache) publish batches on a schedule; a batch reaches the consumers
+that exist when it is published, in order (like a ZMQ SUB), unless the
+scenario drops it (the consumer then replays the gap).
+
+Used by ``tests/sim/test_mesh_sim.py``, ``kvmesh bench convergence`` (faults, convergence property over many
+seeds) and :func:`measure_convergence` (event -> every node's index latency).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from engine_adapters.kv_delta import KvDelta
+from mesh.core import MeshConfig, MeshCore, StartOwning, StopOwning
+from mesh.engine_log import Epoch
+from mesh.membership import MembershipConfig
+from mesh.simnet import NetConfig, SimNet
+from router.index import PrefixIndex
+from kvmesh.simulation.engine_model import Consumer, SimEngine
+
+LIVE_DELAY = 0.002  # engine -> owner; constant so batches arrive in order (ZMQ is ordered)
+
+
+def quiet_logs() -> None:
+    """The sim runs thousands of nodes' worth of events: log only errors."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+
+
+@dataclass
+class Stint:
+    """One node's ownership of one engine, from StartOwning to StopOwning."""
+
+    node: str
+    incarnation: int  # the sim's restart count of that node
+    engine_id: str
+    epoch: Epoch
+    base: Epoch | None
+    resume: int | None
+    consumer: Consumer
+    started: float
+    others_len: dict[int, int] = field(default_factory=dict)  # id(other stint) -> its log length then
+    stopped: float | None = None
+
+
+class World:
+    def __init__(self, seed: int, config: MeshConfig) -> None:
+        self.seed = seed
+        self.config = config
+        self.rng = random.Random(f"world/{seed}")
+        self.engines: dict[str, SimEngine] = {}
+        self.stints: dict[str, list[Stint]] = {}
+        self.left: set[str] = set()
+        self.live_loss = 0.0
+        self.sim: SimNet[MeshNode] | None = None
+        self.restarts: dict[str, int] = {}
+        self.recorder: Any = None  # (addr, worker, seq, now) for convergence timing
+
+    # -- engines ----------------------------------------------------------------------
+    def publish(self, eid: str, kind: str = "step") -> None:
+        sim = self.sim
+        assert sim is not None
+        eng = self.engines[eid]
+        now = sim.now
+        if kind == "clear":
+            out = eng.clear(now)
+        else:
+            out = eng.step(now)
+        if out is None:
+            return
+        seq, payload = out
+        for addr in sorted(sim.up_nodes()):
+            node = sim.node(addr)
+            if node is None or eid not in node.consumers:
+                continue
+            if self.live_loss and self.rng.random() < self.live_loss:
+                continue
+            sim.call_node(addr, now + LIVE_DELAY,
+                          lambda n, t, eid=eid, seq=seq, p=payload: n.on_live(eid, seq, p, t))
+
+    def schedule_engine(self, eid: str, start: float, end: float, period: tuple[float, float],
+                        clear_prob: float = 0.0) -> None:
+        sim = self.sim
+        assert sim is not None
+        t = start
+        while t < end:
+            kind = "clear" if self.rng.random() < clear_prob else "step"
+            sim.at(t, lambda s, eid=eid, kind=kind: self.publish(eid, kind))
+            t += self.rng.uniform(*period)
+
+    def active_stints(self, eid: str) -> list[Stint]:
+        return [s for s in self.stints.get(eid, []) if s.stopped is None]
+
+
+class MeshNode:
+    """SimNet node: a MeshCore, its PrefixIndex and its engine consumers."""
+
+    def __init__(self, addr: str, now: float, rng: random.Random, world: World,
+                 seeds: list[str]) -> None:
+        self.addr = addr
+        self.world = world
+        self.incarnation = world.restarts.get(addr, 0)
+        world.restarts[addr] = self.incarnation + 1
+        self.core = MeshCore(addr, addr, now, rng, world.config)
+        self.index = PrefixIndex()
+        self.consumers: dict[str, Consumer] = {}
+        self.stints: dict[str, Stint] = {}
+        self.core.join(seeds, now)
+
+    # -- SimNode --------------------------------------------------------------------
+    def tick(self, now: float) -> list[Any]:
+        self.core.tick(now)
+        return self.pump(now)
+
+    def handle(self, msg: Any, now: float) -> list[Any]:
+        try:
+            self.core.handle(msg, now)
+        finally:
+            out = self.pump(now)
+        return out
+
+    # -- scripted inputs ------------------------------------------------------------
+    def on_live(self, eid: str, seq: int, payload: bytes, now: float) -> list[Any]:
+        c = self.consumers.get(eid)
+        if c is not None:
+            self._feed(eid, c.on_live(seq, payload, self.world.engines[eid]), now)
+        return self.pump(now)
+
+    def register(self, eid: str, now: float) -> list[Any]:
+        self.core.register_engine(eid, {"endpoint": f"tcp://{eid}:5557", "model": "sim-model"}, now)
+        return self.pump(now)
+
+    def leave(self, now: float) -> list[Any]:
+        self.core.leave(now)
+        return self.pump(now)
+
+    # -- plumbing -------------------------------------------------------------------
+    def _feed(self, eid: str, deltas: list[KvDelta], now: float) -> None:
+        if deltas and not self.core.engine_deltas(eid, deltas, now):
+            self._stop(eid, now)
+
+    def _stop(self, eid: str, now: float) -> None:
+        self.consumers.pop(eid, None)
+        st = self.stints.pop(eid, None)
+        if st is not None:
+            st.stopped = now
+
+    def _start(self, ef: StartOwning, now: float) -> None:
+        eid = ef.engine_id
+        to = ef.takeover
+        pairs = getattr(to, "mappings", {}).get(eid)
+        c = Consumer(eid, to.resume.get(eid), pairs)
+        others = {id(s): len(s.consumer.log) for s in self.world.active_stints(eid)}
+        st = Stint(self.addr, self.incarnation, eid, to.epoch, ef.base_epoch, to.resume.get(eid), c,
+                   now, others)
+        self.world.stints.setdefault(eid, []).append(st)
+        self.consumers[eid] = c
+        self.stints[eid] = st
+        self._feed(eid, c.catch_up(self.world.engines[eid]), now)
+
+    def pump(self, now: float) -> list[Any]:
+        for _ in range(1000):
+            effects = self.core.take_effects()
+            if not effects:
+                break
+            for ef in effects:
+                if isinstance(ef, StartOwning):
+                    self._start(ef, now)
+                elif isinstance(ef, StopOwning):
+                    self._stop(ef.engine_id, now)
+        rec = self.world.recorder
+        for d in self.core.take_index_changes():
+            self.index.apply(d)
+            if rec is not None and d.seq >= 0:
+                rec(self.addr, d.worker, d.seq, now)
+        return self.core.take_sends()
+
+    def crash_cleanup(self, now: float) -> None:
+        for eid in list(self.stints):
+            self._stop(eid, now)
+
+
+def node_factory(world: World, seeds_of: Any):
+    def factory(addr: str, now: float, rng: random.Random):
+        node = MeshNode(addr, now, rng, world, seeds_of(addr))
+        return node, node.pump(now)
+
+    return factory
+
+
+# --- convergence measurement -------------------------------------------------------------
+
+
+def _pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
+
+
+def measure_convergence(n: int, seed: int = 1, events: int = 40, engines: int = 2,
+                        loss: float = 0.0, config: MeshConfig | None = None) -> dict[str, float]:
+    """Event published on an engine -> applied in every node's index: p50/p99 seconds.
+
+    N nodes join (three random earlier seeds each), ``engines`` engines are
+    registered; after a warm-up, one batch per engine every 0.5 s. Returns
+    the latency percentiles, the state-gossip bytes (pushes + anti-entropy,
+    summed over all nodes) per event, and the wall time.
+    """
+    quiet_logs()
+    cfg = config or MeshConfig()
+    world = World(seed, cfg)
+    sim: SimNet[MeshNode] = SimNet(seed, NetConfig(delay_min=0.001, delay_max=0.01, loss_prob=loss))
+    world.sim = sim
+    r = random.Random(f"conv/{seed}")
+    addrs = [f"n{i}" for i in range(n)]
+    seeds = {a: (r.sample(addrs[:i], min(3, i)) if i else []) for i, a in enumerate(addrs)}
+    fac = node_factory(world, lambda a: seeds[a])
+    for i, a in enumerate(addrs):
+        sim.add_node(a, fac, at=0.0 if i == 0 else r.uniform(0.0, 3.0))
+    eids = [f"e{j}" for j in range(engines)]
+    for j, eid in enumerate(eids):
+        world.engines[eid] = SimEngine(eid, random.Random(f"{seed}/{eid}"), num_blocks=200)
+        sim.call_node("n0", 1.0 + j * 0.1, lambda node, now, eid=eid: node.register(eid, now))
+    warm = 15.0 + n * 0.05
+    span = events * 0.5 + 15.0
+    sim.run_until(warm)
+    # Background traffic (anti-entropy, load slots) over an idle window as long as the test.
+    b0 = _state_bytes(sim)
+    sim.run_until(warm + span)
+    background = _state_bytes(sim) - b0
+    seen: dict[tuple[str, int], dict[str, float]] = {}
+
+    def rec(addr: str, worker: str, seq: int, now: float) -> None:
+        seen.setdefault((worker, seq), {}).setdefault(addr, now)
+
+    world.recorder = rec
+    published: list[tuple[str, int, float]] = []
+    t = start = warm + span
+    for _ in range(events):
+        for eid in eids:
+            def pub(s: SimNet[MeshNode], eid: str = eid) -> None:
+                before = world.engines[eid].next_seq
+                world.publish(eid)
+                if world.engines[eid].next_seq > before:
+                    published.append((eid, before, s.now))
+            sim.at(t, pub)
+        t += 0.5
+    b1 = _state_bytes(sim)
+    t0 = time.perf_counter()
+    sim.run_until(start + span)
+    wall = time.perf_counter() - t0
+    total = _state_bytes(sim) - b1
+    lat = []
+    missing = 0
+    up = set(sim.up_nodes())
+    for eid, seq, at in published:
+        got = seen.get((eid, seq), {})
+        if set(got) >= up:
+            lat.append(max(got[a] for a in up) - at)
+        else:
+            missing += 1
+    return {
+        "n": n, "events": len(published), "missing": missing,
+        "p50": _pct(lat, 0.5) if lat else float("inf"),
+        "p99": _pct(lat, 0.99) if lat else float("inf"),
+        "max": max(lat) if lat else float("inf"),
+        "mean": statistics.fmean(lat) if lat else float("inf"),
+        "bytes_per_event": (total - background) / max(1, len(published)),
+        "background_bytes_per_s": background / span,
+        "wall_s": wall,
+    }
+
+
+def _state_bytes(sim: SimNet[MeshNode]) -> int:
+    total = 0
+    for node in sim.up_nodes().values():
+        for k, v in node.core.stats().items():
+            if k.startswith("sent.") and k.endswith(".bytes"):
+                total += v
+    return total
+
+
+def default_sim_config(fast: bool = True) -> MeshConfig:
+    """MeshConfig for the fault simulation: memberlist timings, or 2x faster probes."""
+    if not fast:
+        return MeshConfig()
+    return MeshConfig(membership=MembershipConfig(probe_interval=0.5, probe_timeout=0.25,
+                                                  reconnect_interval=5.0, push_pull_interval=15.0))
