@@ -391,13 +391,9 @@ WHY_MISSED: dict[str, str] = {
     "3-node mesh hit-rate loss": (
         "Each node routes a third of the requests and learns the others' decisions through gossip (load "
         "slots, route hints every 0.2 s) and engine events; under the trace's bursts (time-compressed 30x) "
-        "related requests arriving at two nodes within one gossip round can split. The run also exposed a "
-        "mesh defect (see the warnings above): after the trace run, every mesh node's index still held "
-        "15-25k entries 20 s after all engines cleared their caches, and the next run's Generate calls then "
-        "failed with `KeyError: 'e1'` inside the router (10 of 100 requests). A stale index also sends "
-        "requests to engines that no longer hold the prefix. Fix: find why AllBlocksCleared (or the epoch "
-        "switch that follows heavy churn) does not reach / is not applied by every node's index; then "
-        "shorter hint gossip interval or session-affine entry into the mesh."
+        "related requests arriving at two nodes within one gossip round can split. Fix: shorter hint gossip "
+        "interval (push a node's hints at once instead of at the next round) or session-affine entry into "
+        "the mesh."
     ),
     "index ingest vs Dynamo": (
         "Profile of the kvmesh ingest loop (cProfile, 200k blocks): ~60% in the block mapper "
