@@ -96,6 +96,17 @@ class BadRequest(ValueError):
         self.param = param
 
 
+async def _end_stream(resp: web.StreamResponse) -> web.StreamResponse:
+    """Close an SSE stream the OpenAI way (``data: [DONE]``); a client that
+    already went away is not an error."""
+    try:
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass
+    return resp
+
+
 def _error(status: int, message: str, param: str | None = None) -> web.Response:
     kind = {400: "BadRequestError", 404: "NotFoundError", 503: "ServiceUnavailableError"}
     body = {
@@ -474,12 +485,7 @@ class SimEngine:
                     return resp
             if resp is None:
                 return web.json_response(obj)
-            try:
-                await resp.write(b"data: [DONE]\n\n")
-                await resp.write_eof()
-            except ConnectionResetError:
-                pass
-            return resp
+            return await _end_stream(resp)
         finally:
             self._pending.pop(rid, None)
             if not pend.done:
@@ -622,12 +628,7 @@ class SimEngine:
             }
             if not await self._write(resp, rid, last):
                 return resp
-        try:
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
-        except ConnectionResetError:
-            pass
-        return resp
+        return await _end_stream(resp)
 
     async def _write(self, resp: web.StreamResponse, rid: str, obj: dict[str, Any]) -> bool:
         """One SSE chunk; False if the client is gone (the caller then aborts)."""

@@ -25,8 +25,7 @@ from engine_adapters.block_mapper import BlockMapper
 from engine_adapters.kv_delta import OP_CLEAR, KvDelta, KvOp
 from engine_adapters.kv_events import KVEventBatch, decode_batch, encode_batch
 from engine_adapters.sequencer import Sequencer, Verdict
-from engine_adapters.sim_engine.cache import NotEnoughBlocks, PrefixCache
-from router.hashing import chain_hash, root_seed
+from engine_adapters.sim_engine.cache import NotEnoughBlocks, PrefixCache, snapshot_router_hashes
 
 MODEL = "sim-model"
 
@@ -96,19 +95,7 @@ class SimEngine:
 
     def router_hashes(self) -> set[int]:
         """The router hashes of what the cache really holds (ground truth)."""
-        snap = {b["hash"]: b for b in self.cache.snapshot()}
-        memo: dict[int, int] = {}
-        root = root_seed(MODEL)
-
-        def rh(h: int) -> int:
-            got = memo.get(h)
-            if got is None:
-                b = snap[h]
-                parent = root if b["parent"] is None else rh(b["parent"])  # type: ignore[arg-type]
-                got = memo[h] = chain_hash(parent, b["tokens"])  # type: ignore[arg-type]
-            return got
-
-        return {rh(h) for h in snap}
+        return snapshot_router_hashes(self.cache.snapshot(), MODEL)
 
 
 def digest(payload: bytes) -> int:

@@ -29,7 +29,7 @@ import grpc  # noqa: E402
 from kvmesh.v1 import router_pb2 as pb  # noqa: E402
 from kvmesh.v1 import router_pb2_grpc as pb_grpc  # noqa: E402
 # The engine-side digest: XOR of the router block hashes of an engine's real cache.
-from tests.integration.test_mesh_e2e import engine_digest  # noqa: E402
+from kvmesh.benchmarks.convergence import engine_digest  # noqa: E402
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
 

@@ -12,11 +12,10 @@ import grpc
 import pytest
 
 from kvmesh import procs
+from kvmesh.benchmarks.convergence import engine_digest
 from kvmesh.loadgen import generate_once
 from kvmesh.v1 import router_pb2 as pb
 from kvmesh.v1 import router_pb2_grpc as pb_grpc
-from engine_adapters.sim_engine.cache import snapshot_router_hashes
-from router.hashing import xor_digest
 
 pytestmark = pytest.mark.slow
 MODEL = "sim-model"
@@ -28,11 +27,6 @@ FAST_MESH = ["--probe-interval", "0.5", "--gossip-interval", "0.1", "--health-in
 def _tokens(seed: int, n: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(256, 32000) for _ in range(n)]
-
-
-def engine_digest(snapshot: list[dict]) -> tuple[int, int]:
-    """(blocks, XOR of router hashes) of an engine's real cache."""
-    return xor_digest(snapshot_router_hashes(snapshot, MODEL))
 
 
 async def _digest(addr: str, engine_id: str) -> tuple[int, int]:
