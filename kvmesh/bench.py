@@ -56,6 +56,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         help="trace replay speed: offered prompt tokens/s as a multiple of the fleet's prefill "
                         "capacity (default 1.0)")
         sp.add_argument("--chat-rate", type=float, default=12.0, help="chat sessions arriving per second")
+        sp.add_argument("--router-arg", action="append", default=[], metavar="ARG",
+                        help="extra flag for every kvmesh router, repeatable; use the = form: "
+                        "--router-arg=--policy-opt=precise.overlap_weight=2")
 
     a = sub.add_parser("all", help="the whole suite; writes docs/benchmarks.md, .json and docs/img/*.png")
     common(a)
@@ -140,7 +143,8 @@ def run_routing_cmd(args: argparse.Namespace) -> dict:
     bad = [s for s in systems if s not in SYSTEMS]
     if bad:
         raise SystemExit(f"unknown system(s) {bad}; known: {', '.join(SYSTEMS)}")
-    cfg = FleetConfig(engines=args.engines, num_gpu_blocks=args.num_gpu_blocks)
+    cfg = FleetConfig(engines=args.engines, num_gpu_blocks=args.num_gpu_blocks,
+                      router_args=tuple(getattr(args, "router_arg", ())))
     wls = build_workloads(args, cfg.prefill_tokens_per_s)
     return run_routing(wls, systems, cfg, progress=_Bar, note=_note, probes=8 if args.quick else 20)
 

@@ -141,6 +141,11 @@ class MeshConfig:
     retake_backoff: float = 0.5
     ownership_check_interval: float = 1.0
     hint_ttl: float = 2.0
+    # A new route hint (and this node's load) goes out this soon, not at the
+    # next round: requests for one prefix that reach two nodes within a gossip
+    # interval would otherwise split across engines (measured: 2.8 hit-rate
+    # points lost on the Mooncake trace with 3 nodes at 0.2 s).
+    hint_push_delay: float = 0.01
     compaction: CompactionPolicy | None = None
 
     def __post_init__(self) -> None:
@@ -152,8 +157,8 @@ class MeshConfig:
         for name in ("gossip_fanout", "retransmit_mult", "max_push_bytes", "max_queued_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.bootstrap_wait < 0 or self.retake_backoff < 0:
-            raise ValueError("bootstrap_wait and retake_backoff must be >= 0")
+        if self.bootstrap_wait < 0 or self.retake_backoff < 0 or self.hint_push_delay < 0:
+            raise ValueError("bootstrap_wait, retake_backoff and hint_push_delay must be >= 0")
 
 
 # --- messages (flat: the transport maps them to protobuf) --------------------------------
@@ -560,6 +565,9 @@ class MeshCore:
         for h in d.hints:
             self._seen_hints[(h.origin, h.hid)] = now + h.ttl
         self._local_out.append(d)
+        soon = now + self.config.hint_push_delay
+        self._next_gossip = min(self._next_gossip, soon)
+        self._next_load = min(self._next_load, soon)  # the routed request is load too
 
     # --- outputs ------------------------------------------------------------------------------
 

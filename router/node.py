@@ -139,9 +139,13 @@ class RouterNode:
         mesh_config: MeshConfig | None = None,
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        policy_opts: dict[str, dict[str, float]] | None = None,
     ) -> None:
         if default_policy not in POLICY_NAMES:
             raise ValueError(f"unknown policy {default_policy!r}; one of {', '.join(POLICY_NAMES)}")
+        self.policy_opts = {k: dict(v) for k, v in (policy_opts or {}).items()}
+        for name, opts in self.policy_opts.items():  # fail at start, not on the first request
+            make_policy(name, index=PrefixIndex(), approx_tree=ApproxTree(), **dict(opts))
         self.node_id = node_id
         self.addr = addr or node_id
         self.default_policy = default_policy
@@ -423,7 +427,9 @@ class RouterNode:
     def _policy(self, name: str):  # noqa: ANN202 - returns a policy object
         p = self._policies.get(name)
         if p is None:
-            opts = {"hint_overlap": self.core.hint_overlap} if name == "precise" else {}
+            opts: dict[str, object] = dict(self.policy_opts.get(name, {}))
+            if name == "precise":
+                opts["hint_overlap"] = self.core.hint_overlap
             p = self._policies[name] = make_policy(
                 name, index=self.index, approx_tree=self.approx_tree, **opts
             )
@@ -485,6 +491,7 @@ class RouterNode:
         if req.block_hashes:
             # Tell the mesh too: a burst of this prefix on other nodes lands here.
             self.core.add_hint(decision.chosen, req.block_hashes, now)
+            self._wake.set()  # the mesh loop sends it (and our load) in hint_push_delay
         return decision
 
     def route_only(self, prep: Prepared, dry_run: bool) -> Routed:
@@ -618,6 +625,26 @@ class RouterNode:
 # --- the `kvmesh router` command ----------------------------------------------
 
 
+def parse_policy_opts(items: list[str]) -> dict[str, dict[str, float]]:
+    """``["precise.overlap_weight=2", ...]`` -> ``{"precise": {"overlap_weight": 2.0}}``."""
+    out: dict[str, dict[str, float]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        policy, dot, opt = key.partition(".")
+        if not sep or not dot or not opt:
+            raise ValueError(f"--policy-opt {item!r}: want POLICY.KEY=VALUE")
+        if policy not in POLICY_NAMES:
+            raise ValueError(f"--policy-opt {item!r}: unknown policy {policy!r}; one of {', '.join(POLICY_NAMES)}")
+        try:
+            v = float(value)
+        except ValueError:
+            raise ValueError(f"--policy-opt {item!r}: value must be a number") from None
+        out.setdefault(policy, {})[opt] = int(v) if v.is_integer() and "." not in value else v
+    for policy, opts in out.items():  # unknown or out-of-range options fail here, with the policy's words
+        make_policy(policy, index=PrefixIndex(), approx_tree=ApproxTree(), **dict(opts))
+    return out
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="127.0.0.1:50051", help="gRPC address HOST:PORT (port 0: any free port)")
     p.add_argument("--advertise", default="", help="HOST:PORT other nodes reach this one at (default: the "
@@ -629,6 +656,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-interval", type=float, default=1.0, help="SWIM probe interval, seconds")
     p.add_argument("--gossip-interval", type=float, default=0.2, help="state/membership gossip interval, seconds")
     p.add_argument("--policy", default="precise", choices=POLICY_NAMES, help="default routing policy")
+    p.add_argument("--policy-opt", action="append", default=[], metavar="POLICY.KEY=VALUE",
+                   help="tune a policy, repeatable, e.g. precise.overlap_weight=2, "
+                   "cache_aware_approx.cache_threshold=0.5 (options: see docs/architecture.md)")
     p.add_argument(
         "--engine",
         action="append",
@@ -666,7 +696,8 @@ def run(args: argparse.Namespace) -> int:
             if not sep:
                 raise EngineSpecError(f"--tokenizer {t!r}: want MODEL=PATH or MODEL=builtin")
             tokenizers[model] = spec
-    except EngineSpecError as e:
+        policy_opts = parse_policy_opts(args.policy_opt)
+    except (EngineSpecError, ValueError) as e:
         print(f"kvmesh router: {e}")
         return 2
     try:
@@ -695,6 +726,7 @@ def run(args: argparse.Namespace) -> int:
             max_attempts=args.max_attempts,
             health_interval_s=args.health_interval,
             seed=args.seed,
+            policy_opts=policy_opts,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -48,6 +48,7 @@ class FleetConfig:
     time_scale: float = 1.0
     seed: int = 7
     block_size: int = 16
+    router_args: tuple[str, ...] = ()  # extra `kvmesh router` flags, e.g. ("--policy-opt", "precise.overlap_weight=2")
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -120,7 +121,7 @@ def _flags(engines: list[procs.Proc], block_size: int) -> list[str]:
 
 def start_system(name: str, engines: list[procs.Proc], cfg: FleetConfig) -> System:
     flags = _flags(engines, cfg.block_size)
-    common = ["--log-level", "warning", "--seed", str(cfg.seed)]
+    common = ["--log-level", "warning", "--seed", str(cfg.seed), *cfg.router_args]
     if name in KVMESH_POLICIES:
         p = procs.start_router(f"router-{name}", flags, ["--policy", name, *common])
         return System(name, [p], [p.info["grpc"]])

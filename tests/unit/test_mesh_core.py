@@ -258,6 +258,19 @@ def test_hints_spread_and_expire() -> None:
         assert c.hint_overlap([1, 2, 3], net.now) == {}
 
 
+def test_a_new_hint_is_pushed_within_hint_push_delay_not_the_next_round() -> None:
+    net = mesh(3)
+    a = net.nodes["a"]
+    assert a.config.hint_push_delay < a.config.gossip_interval / 4
+    # Just after a round: the next regular one is a whole gossip interval away.
+    a.tick(net.now)
+    net.pump()
+    a.add_hint("e1", [7, 8], net.now)
+    assert a.next_deadline() <= net.now + a.config.hint_push_delay
+    net.run(0.02, step=0.01)  # < gossip_interval (0.2 s)
+    assert [c.hint_overlap([7, 8], net.now) for c in net.nodes.values()] == [{"e1": 2}] * 3
+
+
 def test_sync_request_reply_repairs_a_missed_push() -> None:
     net = mesh(2)
     a, b = net.nodes["a"], net.nodes["n1"]

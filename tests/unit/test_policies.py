@@ -176,7 +176,7 @@ def test_precise_picks_strictly_longest_overlap_when_loads_equal(overlaps, load,
 def test_precise_weighs_overlap_against_load():
     idx = PrefixIndex()
     idx.store("hot", PROMPT)  # full 16-block hit
-    p = make_policy("precise", index=idx)
+    p = make_policy("precise", index=idx, overlap_weight=1.0, delay_weight=0.0)  # Dynamo's rule
     r = req()  # 259 tokens: 16.19 blocks
     # hot has 10 blocks of queued work, cold none: 16.19 uncached vs 10 busy -> hot wins
     d = p.choose(r, [Candidate("hot", 1, load_tokens=160), Candidate("cold", 0, load_tokens=0)], 0, random.Random(0))
@@ -188,9 +188,30 @@ def test_precise_weighs_overlap_against_load():
     scores = {c.worker: c.score for c in d.candidates}
     assert scores["hot"] == pytest.approx(0.1875 + 20) and scores["cold"] == pytest.approx(259 / 16)
     # a larger overlap weight favours the cache again
-    p2 = make_policy("precise", index=idx, overlap_weight=2.0)
+    p2 = make_policy("precise", index=idx, overlap_weight=2.0, delay_weight=0.0)
     d = p2.choose(r, [Candidate("hot", 2, load_tokens=320), Candidate("cold", 0, load_tokens=0)], 0, random.Random(0))
     assert d.worker == "hot"
+
+
+def test_precise_delay_weight_charges_recompute_by_the_requests_it_stalls():
+    idx = PrefixIndex()
+    idx.store("hot", PROMPT)
+    r = req()  # 259 tokens: 16.19 blocks, all cached on hot
+    # A busy fleet: hot has 24 blocks queued, cold 4; both run 6 requests.
+    cands = [Candidate("hot", 6, load_tokens=24 * 16), Candidate("cold", 6, load_tokens=4 * 16)]
+    dyn = make_policy("precise", index=idx, overlap_weight=1.0, delay_weight=0.0)
+    assert dyn.choose(r, cands, 0, random.Random(0)).worker == "cold"  # 16.19 + 4 < 0.19 + 24
+    d = make_policy("precise", index=idx, overlap_weight=1.0, delay_weight=0.5).choose(r, cands, 0, random.Random(0))
+    assert d.worker == "hot"  # recomputing 16 blocks on cold stalls its 6 requests: 16.19 x 4 + 4 > 0.19 x 4 + 24
+    scores = {c.worker: c.score for c in d.candidates}
+    assert scores["cold"] == pytest.approx(259 / 16 * 4 + 4) and scores["hot"] == pytest.approx(0.1875 * 4 + 24)
+    assert "in-flight requests" in d.explain()
+    # On an idle fleet the factor is 1: the same rule as Dynamo's.
+    idle = [Candidate("hot", 0, load_tokens=24 * 16), Candidate("cold", 0, load_tokens=4 * 16)]
+    assert make_policy("precise", index=idx, overlap_weight=1.0, delay_weight=0.5).choose(
+        r, idle, 0, random.Random(0)).worker == "cold"
+    with pytest.raises(ValueError, match="delay_weight"):
+        make_policy("precise", index=idx, delay_weight=-1)
 
 
 def test_precise_ties_are_broken_randomly_not_by_position():
