@@ -114,16 +114,19 @@ class BlockMapper:
         kind = -1
         hs: list[int] = []
         ehs: list[BlockHash] = []
+        owned = False  # hs/ehs are our own lists (else the caller's: copy before extending)
 
         def emit(k: int, hashes: list[int], ehashes: list[BlockHash]) -> None:
-            nonlocal kind, hs, ehs
+            nonlocal kind, hs, ehs, owned
             if k == kind and k != OP_CLEAR:
+                if not owned:
+                    hs, ehs, owned = list(hs), list(ehs), True
                 hs.extend(hashes)
                 ehs.extend(ehashes)
                 return
             if kind != -1:
                 ops.append(KvOp(kind, hs, ehs))
-            kind, hs, ehs = k, hashes, ehashes
+            kind, hs, ehs, owned = k, hashes, ehashes, False
 
         for ev in events:
             if isinstance(ev, BlockStored):
@@ -146,12 +149,14 @@ class BlockMapper:
     ) -> None:
         """Emit STORE of every new binding, in block order; an engine hash
         reused for other content is emitted as its REMOVE then its STORE."""
-        to_router = self.map.to_router
+        m = self.map
+        to_router = m.to_router
         if ev.parent_block_hash is None:
             parent: int | None = self._root(ev.lora_name, _cache_salt(ev))
         else:
             parent = to_router.get(ev.parent_block_hash)
-        n = len(ev.block_hashes)
+        ehashes = ev.block_hashes
+        n = len(ehashes)
         if parent is None:
             self.stats.unknown_parent += n
             log.debug("kv_unknown_parent", worker=self.worker, seq=seq, blocks=n)
@@ -162,10 +167,17 @@ class BlockMapper:
             self.stats.invalid_tokens += n
             log.warning("kv_invalid_token_ids", worker=self.worker, seq=seq, error=str(e))
             return
-        bind, unbind = self.map.bind, self.map.unbind
+        self.stats.stored += n
+        # Fast path, a fresh prefill: every engine hash is new, bound in bulk,
+        # and the op shares the event's list (emit copies before extending).
+        if len(hashes) == n and m.bind_new(ehashes, hashes):
+            if n:
+                emit(OP_STORE, hashes, ehashes)
+            return
+        bind, unbind = m.bind, m.unbind
         hs: list[int] = []
         ehs: list[BlockHash] = []
-        for eh, rh in zip(ev.block_hashes, hashes):
+        for eh, rh in zip(ehashes, hashes):
             old = to_router.get(eh)
             if old == rh:
                 continue  # stored again: already live
@@ -180,7 +192,6 @@ class BlockMapper:
             ehs.append(eh)
         if hs:
             emit(OP_STORE, hs, ehs)
-        self.stats.stored += n
 
     def _remove(self, engine_hashes: Iterable[BlockHash]) -> tuple[list[int], list[BlockHash]]:
         """(router hashes no longer live, engine hashes forgotten)."""

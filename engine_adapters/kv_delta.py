@@ -27,10 +27,22 @@ without engine hashes) names each block by its router hash: the pair is
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Sequence
+from itertools import islice
+from operator import eq
 from typing import Union
 
 import msgspec
+
+try:  # C helper behind Counter.update: mapping[x] = mapping.get(x, 0) + 1 per item
+    from collections import _count_elements  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - other Pythons
+
+    def _count_elements(mapping: dict, iterable: Iterable) -> None:
+        get = mapping.get
+        for x in iterable:
+            mapping[x] = get(x, 0) + 1
 
 OP_STORE = 0
 OP_REMOVE = 1
@@ -49,6 +61,10 @@ class KvDelta(msgspec.Struct, array_like=True, gc=False):
     worker: str  # engine_id, or "engine_id#dp<rank>" for data-parallel rank > 0
     seq: int  # the engine's sequence number of the batch; -1 for a synthetic reset
     ops: list[KvOp]
+
+
+# Runs an iterator to its end in C, keeping nothing.
+_consume = deque(maxlen=0).extend
 
 
 def worker_id(engine_id: str, dp_rank: int) -> str:
@@ -71,6 +87,20 @@ def ehash_bytes(eh: EngineHash) -> int:
     return n + (2 if n < 256 else 3 if n < 65536 else 5)
 
 
+def _new_ebytes(ehs: Sequence[EngineHash], rhs: Sequence[int]) -> int:
+    """``ebytes`` of the pairs ``zip(ehs, rhs)`` (identity pairs cost nothing).
+
+    In C for the usual case (int engine hashes, no identity pair); a Python
+    loop only for bytes hashes or identity pairs.
+    """
+    if ehs is rhs:  # an op without engine hashes: all identity pairs
+        return 0
+    n = len(ehs)
+    if list(map(type, ehs)).count(int) == n and not any(map(eq, ehs, rhs)):
+        return 9 * n
+    return sum(ehash_bytes(eh) for eh, rh in zip(ehs, rhs) if eh != rh)
+
+
 class BlockMap:
     """One worker's live blocks: engine hash -> router hash.
 
@@ -80,17 +110,26 @@ class BlockMap:
     engine blocks naming it) to know when a router hash goes; the mesh log's
     owner and replay rebuild the same mapping from the ops (:meth:`apply`) and
     need no refcounts (``refs=False`` saves a dict per worker: the live set is
-    derived on demand). ``ebytes`` tracks the encoded size of the non-identity
-    engine hashes, so a snapshot's size is known without encoding it.
+    derived on demand). ``ebytes`` is the encoded size of the non-identity
+    engine hashes, so a snapshot's size is known without encoding it: the
+    log's maps (``refs=False``) track it as they change, since the owner reads
+    it on every append; a refcounted map (the mapper's, whose hot path never
+    needs it) computes it when asked.
     """
 
-    __slots__ = ("to_router", "refs", "ebytes")
+    __slots__ = ("to_router", "refs", "_eb")
 
     def __init__(self, refs: bool = True) -> None:
         self.to_router: dict[EngineHash, int] = {}
         # router hash -> engine blocks naming it; None when not tracked
         self.refs: dict[int, int] | None = {} if refs else None
-        self.ebytes = 0
+        self._eb: int | None = None if refs else 0  # ebytes, when tracked
+
+    @property
+    def ebytes(self) -> int:
+        if self._eb is not None:
+            return self._eb
+        return sum(ehash_bytes(eh) for eh, rh in self.to_router.items() if eh != rh)
 
     @classmethod
     def from_pairs(cls, pairs: Iterable[tuple[EngineHash, int]], refs: bool = True) -> BlockMap:
@@ -106,7 +145,7 @@ class BlockMap:
         return isinstance(other, BlockMap) and self.to_router == other.to_router
 
     def __repr__(self) -> str:
-        return f"BlockMap({len(self.to_router)} engine blocks, {len(self.refs)} router)"
+        return f"BlockMap({len(self.to_router)} engine blocks, {len(self.live())} router)"
 
     def live(self) -> set[int]:
         """The live router hashes."""
@@ -133,8 +172,8 @@ class BlockMap:
         old = self.to_router.get(eh)
         if old == rh:
             return None, False
-        if old is None and eh != rh:
-            self.ebytes += ehash_bytes(eh)
+        if old is None and self._eb is not None and eh != rh:
+            self._eb += ehash_bytes(eh)
         self.to_router[eh] = rh
         refs = self.refs
         if refs is None:
@@ -144,14 +183,43 @@ class BlockMap:
         refs[rh] = n
         return dropped, n == 1
 
+    def bind_new(self, ehs: list[EngineHash], rhs: list[int]) -> bool:
+        """Bind ``ehs[i]`` to ``rhs[i]`` in bulk, if every engine hash is new.
+
+        Returns False, changing nothing, if one is already mapped or repeats
+        in ``ehs`` (the caller then binds one by one). This is the common case
+        of a fresh prefill and costs a few C-level passes instead of a Python
+        call per block.
+        """
+        n = len(ehs)
+        if len(rhs) != n:
+            raise ValueError(f"bind_new of {n} engine and {len(rhs)} router hashes")
+        to = self.to_router
+        if n and ehs[0] in to:  # cheap early out: a re-store or a reused hash
+            return False
+        n0 = len(to)
+        _consume(map(to.setdefault, ehs, rhs))  # inserts only the new ones
+        added = len(to) - n0
+        if added != n:
+            # Some engine hash was mapped already or repeats: undo. The keys
+            # inserted are the last `added` ones (dicts keep insertion order).
+            for eh in list(islice(reversed(to), added)):
+                del to[eh]
+            return False
+        if self.refs is not None:
+            _count_elements(self.refs, rhs)
+        else:
+            self._eb += _new_ebytes(ehs, rhs)  # type: ignore[operator]
+        return True
+
     def unbind(self, eh: EngineHash) -> tuple[int | None, bool]:
         """Forget ``eh``: (its router hash or None if unknown, that hash no
         longer live; False without refcounts)."""
         rh = self.to_router.pop(eh, None)
         if rh is None:
             return None, False
-        if eh != rh:
-            self.ebytes -= ehash_bytes(eh)
+        if self._eb is not None and eh != rh:
+            self._eb -= ehash_bytes(eh)
         refs = self.refs
         return rh, refs is not None and self._unref(refs, rh)
 
@@ -179,7 +247,8 @@ class BlockMap:
         self.to_router.clear()
         if self.refs is not None:
             self.refs.clear()
-        self.ebytes = 0
+        if self._eb is not None:
+            self._eb = 0
 
     def apply(self, op: KvOp) -> None:
         """Apply one op (see the module docstring for what its lists mean)."""
@@ -190,6 +259,8 @@ class BlockMap:
                 raise ValueError(
                     f"STORE with {len(op.hashes)} router and {len(ehs)} engine hashes"
                 )
+            if self.bind_new(ehs, op.hashes):  # all new: in bulk
+                return
             if self.refs is not None:
                 bind = self.bind
                 for eh, rh in zip(ehs, op.hashes):
@@ -203,7 +274,7 @@ class BlockMap:
                 if eh not in to and eh != rh:
                     eb += 9 if eh.__class__ is int else ehash_bytes(eh)
                 to[eh] = rh
-            self.ebytes += eb
+            self._eb += eb  # type: ignore[operator]
         elif kind == OP_REMOVE:
             ehs = op.ehashes or op.hashes
             if self.refs is not None:
@@ -217,7 +288,7 @@ class BlockMap:
                 rh = pop(eh, None)
                 if rh is not None and eh != rh:
                     eb += 9 if eh.__class__ is int else ehash_bytes(eh)
-            self.ebytes -= eb
+            self._eb -= eb  # type: ignore[operator]
         elif kind == OP_CLEAR:
             self.clear()
         else:

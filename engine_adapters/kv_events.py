@@ -126,6 +126,16 @@ class _ArrBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     data_parallel_rank: int | None = None
 
 
+class _FastBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """The array envelope with tagged-map events (vLLM >= 0.24, SGLang), the
+    common case, decoded in one call; anything else falls back to
+    :class:`_ArrBatch` and decoding event by event."""
+
+    ts: float
+    events: list[KVEvent]
+    data_parallel_rank: int | None = None
+
+
 class _MapBatch(msgspec.Struct, omit_defaults=True, gc=False):
     """A map-encoded envelope (seen on vLLM main between releases); accepted too."""
 
@@ -179,6 +189,7 @@ def _to_out_event(e: KVEvent) -> Any:
     return _OutAllBlocksCleared()
 
 
+_fast_batch_decoder = msgspec.msgpack.Decoder(_FastBatch)
 _arr_batch_decoder = msgspec.msgpack.Decoder(_ArrBatch)
 _map_batch_decoder = msgspec.msgpack.Decoder(_MapBatch)
 _map_event_decoder = msgspec.msgpack.Decoder(KVEvent)
@@ -247,6 +258,15 @@ def decode_batch(payload: bytes) -> KVEventBatch:
     """
     if not payload:
         raise EventDecodeError("empty payload")
+    if _is_array(payload):
+        try:
+            fast = _fast_batch_decoder.decode(payload)
+        except msgspec.DecodeError:
+            pass  # positional events, or malformed: the general path tells which
+        else:
+            return _validate(
+                KVEventBatch(ts=fast.ts, events=fast.events, data_parallel_rank=fast.data_parallel_rank)
+            )
     try:
         if _is_array(payload):
             env: _ArrBatch | _MapBatch = _arr_batch_decoder.decode(payload)

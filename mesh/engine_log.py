@@ -106,7 +106,6 @@ from engine_adapters.kv_delta import (
 
 log = structlog.get_logger(__name__)
 
-_U64 = 1 << 64
 # yrs/JS-safe client ids: below 2**53.
 CLIENT_ID_BITS = 53
 
@@ -162,17 +161,46 @@ def validate_delta(engine_id: str, d: KvDelta) -> None:
                     f"STORE of {len(op.hashes)} router and {len(op.ehashes)} engine "
                     f"hashes for worker {d.worker!r}"
                 )
-        # min/max run in C: far cheaper than a per-hash Python check.
-        if op.hashes and (min(op.hashes) < 0 or max(op.hashes) >= _U64):
+        # Decoded msgpack ints are below 2**64, so only negatives (int64 on the
+        # wire) can be out of range; min runs in C.
+        if op.hashes and min(op.hashes) < 0:
             raise LogError(f"block hash out of unsigned 64-bit range for worker {d.worker!r}")
+
+
+def _plain(deltas: list[KvDelta]) -> bool:
+    """True if every field already has the exact type the typed decoder
+    gives back (str, int, lists of int / int or bytes): such deltas equal
+    their decoded copy, so they can be validated as they are."""
+    for d in deltas:
+        if d.__class__ is not KvDelta or d.worker.__class__ is not str or d.seq.__class__ is not int:
+            return False
+        if d.ops.__class__ is not list:
+            return False
+        for op in d.ops:
+            if op.__class__ is not KvOp or op.kind.__class__ is not int:
+                return False
+            hs, ehs = op.hashes, op.ehashes
+            if hs.__class__ is not list or ehs.__class__ is not list:
+                return False
+            # One C pass per list (bool and float are not int here).
+            if hs and list(map(type, hs)).count(int) != len(hs):
+                return False
+            if ehs:
+                types = list(map(type, ehs))
+                if types.count(int) + types.count(bytes) != len(ehs):
+                    return False
+    return True
 
 
 def checked_entry(engine_id: str, deltas: list[KvDelta]) -> bytes:
     """Encode ``deltas`` as one entry, refusing anything a replica could not decode."""
     try:
         entry = encode_entry(deltas)
-        # The typed decode checks every field's type (ints, strings) in C.
-        for d in decode_entry(entry):
+        # Encoding already refuses ints outside msgpack's range. Deltas of
+        # exact types (the mapper's) are checked as they are; anything else
+        # goes through the typed decode, which checks every field's type in C
+        # (a bool or float where an int belongs, say).
+        for d in deltas if _plain(deltas) else decode_entry(entry):
             validate_delta(engine_id, d)
     except (msgspec.EncodeError, msgspec.DecodeError, TypeError, OverflowError) as e:
         raise LogError(f"invalid delta for engine {engine_id!r}: {e}") from None

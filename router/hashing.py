@@ -13,6 +13,7 @@ engine's own hash function.
 
 from __future__ import annotations
 
+import struct
 import sys
 from array import array
 from collections.abc import Iterable, Sequence
@@ -53,7 +54,12 @@ def root_seed(model: str, lora_name: str | None = None, cache_salt: str | None =
 
 def _pack(tokens: Sequence[int]) -> bytes:
     try:
-        arr = array("I", tokens)
+        if tokens.__class__ is list:
+            # fromlist: a third fewer instructions per token than array("I", list)
+            arr = array("I")
+            arr.fromlist(tokens)  # type: ignore[arg-type]
+        else:
+            arr = array("I", tokens)
     except (OverflowError, TypeError) as e:
         raise ValueError(f"token ids must be ints in [0, 2**32): {e}") from None
     if arr.itemsize != 4:  # pragma: no cover - 'I' is 4 bytes on every supported platform
@@ -74,6 +80,23 @@ def chain_hash(parent: int, block_tokens: Sequence[int]) -> int:
     return _xxh3(_pack(block_tokens), parent)
 
 
+# Blocks hashed per struct unpack: bounds the cached formats (one per count
+# and block size) while keeping one C call per chunk of a long prompt.
+_CHUNK = 256
+_splitters: dict[tuple[int, int], struct.Struct] = {}
+
+
+def _splitter(count: int, step: int) -> struct.Struct:
+    """A Struct that cuts ``count`` consecutive ``step``-byte blocks out of a
+    buffer in one C call (cheaper than a slice per block)."""
+    s = _splitters.get((count, step))
+    if s is None:
+        if len(_splitters) >= 2 * _CHUNK:  # several block sizes: start over
+            _splitters.clear()
+        s = _splitters[(count, step)] = struct.Struct(f"{step}s" * count)
+    return s
+
+
 def block_hashes(tokens: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE, seed: int = 0) -> list[int]:
     """Chained hashes of every full block of ``tokens`` (the partial tail is skipped)."""
     if not isinstance(block_size, int) or block_size < 1:
@@ -82,17 +105,22 @@ def block_hashes(tokens: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE, se
     n_full = len(tokens) // block_size
     if n_full == 0:
         return []
-    # Pack once, then hash fixed-size byte slices: the per-block cost is one
-    # small slice and one C call, which keeps us above 2M blocks/s.
+    # Pack once, cut the blocks out with one struct call per chunk, then one
+    # xxh3 call per block chained through `h`: no per-block slicing or
+    # appending in Python.
     buf = _pack(tokens)  # the tail is packed (and validated) but not hashed
     step = block_size * 4
     h = seed
-    out: list[int] = []
-    append = out.append
     f = _xxh3
-    for off in range(0, n_full * step, step):
-        h = f(buf[off : off + step], h)
-        append(h)
+    if n_full <= _CHUNK:
+        return [h := f(b, h) for b in _splitter(n_full, step).unpack_from(buf)]
+    out: list[int] = []
+    off = 0
+    while n_full:
+        k = min(n_full, _CHUNK)
+        out += [h := f(b, h) for b in _splitter(k, step).unpack_from(buf, off)]
+        off += k * step
+        n_full -= k
     return out
 
 

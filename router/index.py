@@ -9,14 +9,16 @@ No tree is needed; a dict is faster in CPython than any tree we could build.
 Workers (``engine_id`` or ``engine_id#dp<r>``) are mapped to small int slots;
 a freed slot is reused (lowest first) so masks stay small. Each worker also
 keeps the set of its hashes, so clearing one worker touches only its own
-entries instead of scanning the whole dict.
+entries instead of scanning the whole dict, and a match walks that set (in C)
+once a single candidate is left, past the prefix it shares with others.
 """
 
 from __future__ import annotations
 
 import heapq
-from itertools import compress
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from itertools import compress, repeat
 
 import structlog
 
@@ -27,20 +29,38 @@ __all__ = ["PrefixIndex"]
 log = structlog.get_logger(__name__)
 
 _VALID_OPS = (OP_STORE, OP_REMOVE, OP_CLEAR)
+# At most this many candidates left: match counts each one's blocks in its
+# own set instead of walking the shared map. One set probe is cheaper than a
+# map probe (smaller table, no mask), but two workers already cost two probes
+# per block against one: measured, 1 is the break-even.
+_FEW = 1
+# Runs an iterator to its end in C, keeping nothing.
+_consume = deque(maxlen=0).extend
+# Bound of PrefixIndex._canon (distinct holder sets kept canonical).
+_CANON_MAX = 1 << 16
 
 
 class PrefixIndex:
-    __slots__ = ("_map", "_slot_of", "_worker_at", "_held", "_free", "_all_mask", "_wcache")
+    __slots__ = (
+        "_map", "_slot_of", "_worker_at", "_held", "_bits", "_canon", "_free", "_all_mask", "_wcache",
+    )
 
     def __init__(self) -> None:
         self._map: dict[int, int] = {}  # block hash -> bitmask of slots
         self._slot_of: dict[str, int] = {}
         self._worker_at: list[str | None] = []  # slot -> worker
         self._held: list[set[int]] = []  # slot -> hashes of that worker
+        # slot -> 1 << slot, one int object per slot: every block held by that
+        # worker alone shares it (less memory, fewer cache misses in match)
+        self._bits: list[int] = []
+        # mask value -> the one int object the map uses for it. Blocks held by
+        # the same workers share one object, so match can skip a block with an
+        # identity test (`is`) instead of an AND and a compare of big ints.
+        self._canon: dict[int, int] = {}
         self._free: list[int] = []  # min-heap of freed slots
         self._all_mask = 0  # bits of every registered slot
-        # worker list -> (names, mask, slots); reset whenever slots change
-        self._wcache: dict[tuple[str, ...] | None, tuple[tuple[str, ...], int, list[int]]] = {}
+        # worker list -> _Cand; reset whenever slots change
+        self._wcache: dict[tuple[str, ...] | None, _Cand] = {}
 
     # -- workers -----------------------------------------------------------
 
@@ -57,10 +77,21 @@ class PrefixIndex:
             slot = len(self._worker_at)
             self._worker_at.append(worker)
             self._held.append(set())
+            self._bits.append(self._canon_setdefault()(1 << slot, 1 << slot))
         self._slot_of[worker] = slot
         self._all_mask |= 1 << slot
         self._wcache.clear()
         return slot
+
+    def _canon_setdefault(self) -> Callable[[int, int], int]:
+        """``setdefault`` of the canonical masks (``intern(m, m)`` is m's
+        object), bounded: past _CANON_MAX distinct holder sets it starts over
+        (only identity tests in match lose, never correctness)."""
+        canon = self._canon
+        if len(canon) >= _CANON_MAX:
+            canon.clear()
+            canon.update((b, b) for b in self._bits)
+        return canon.setdefault
 
     def add_worker(self, worker: str) -> None:
         """Register a worker with no blocks (it then shows up in ``match``)."""
@@ -89,18 +120,33 @@ class PrefixIndex:
 
     def store(self, worker: str, hashes: Iterable[int]) -> None:
         slot = self._slot(worker)
-        bit = 1 << slot
+        bit = self._bits[slot]
         m = self._map
-        get = m.get
-        held = self._held[slot]
         if not isinstance(hashes, (list, tuple)):
             hashes = list(hashes)
-        for h in hashes:
-            old = get(h)
-            # Blocks held by one worker share that worker's `bit` object: less
-            # memory and fewer cache misses when match reads the mask.
-            m[h] = bit if old is None else old | bit
-        held.update(hashes)
+        # Blocks no worker holds yet (a fresh prefill, the usual case) are
+        # inserted by one C-level pass.
+        if not hashes or hashes[0] not in m:
+            n0 = len(m)
+            _consume(map(m.setdefault, hashes, repeat(bit)))
+            done = len(m) - n0 == len(hashes)
+        else:  # starts with a shared block: likely all shared, skip that pass
+            done = False
+        if not done:
+            # Blocks other workers hold: their masks are canonical objects, so
+            # a batch has few distinct ones; OR the bit into each distinct
+            # mask once, then rewrite the blocks in C.
+            olds = list(map(m.get, hashes))
+            intern = self._canon_setdefault()
+            new_of: dict[int | None, int] = {}
+            for old in dict.fromkeys(olds):
+                if old is None:
+                    new_of[old] = bit
+                else:
+                    new = old | bit
+                    new_of[old] = intern(new, new)
+            m.update(zip(hashes, map(new_of.__getitem__, olds)))
+        self._held[slot].update(hashes)
 
     def remove(self, worker: str, hashes: Iterable[int]) -> None:
         """Drop ``hashes`` from ``worker``; hashes it does not hold are ignored."""
@@ -110,12 +156,13 @@ class PrefixIndex:
         keep = ~(1 << slot)
         m = self._map
         held = self._held[slot]
+        intern = self._canon_setdefault()
         for h in hashes:
             if h in held:
                 held.discard(h)
                 rest = m[h] & keep
                 if rest:
-                    m[h] = rest
+                    m[h] = intern(rest, rest)
                 else:
                     del m[h]
 
@@ -131,10 +178,11 @@ class PrefixIndex:
         m = self._map
         held = self._held[slot]
         n = len(held)
+        intern = self._canon_setdefault()
         for h in held:
             rest = m[h] & keep
             if rest:
-                m[h] = rest
+                m[h] = intern(rest, rest)
             else:
                 del m[h]
         held.clear()
@@ -175,23 +223,21 @@ class PrefixIndex:
 
     # -- queries -----------------------------------------------------------
 
-    def _candidates(self, workers: Iterable[str] | None) -> tuple[tuple[str, ...], int, list[int]]:
-        """(worker ids, their mask, each one's bit; 0 if unknown), cached per worker list.
+    def _candidates(self, workers: Iterable[str] | None) -> _Cand:
+        """The candidate list's precomputed match state, cached per worker list.
 
         Policies pass the same candidate list request after request, so the
         slot lookups are done once, not on every match.
         """
-        key = None if workers is None else tuple(workers)
+        key = None if workers is None else workers if workers.__class__ is tuple else tuple(workers)
         ent = self._wcache.get(key)
         if ent is None:
             names = tuple(self._slot_of) if key is None else key
-            bits = [0 if (s := self._slot_of.get(w)) is None else 1 << s for w in names]
-            mask = 0
-            for b in bits:
-                mask |= b
+            slot_of = self._slot_of
+            bits = [0 if (s := slot_of.get(w)) is None else 1 << s for w in names]
             if len(self._wcache) >= 64:
                 self._wcache.clear()
-            ent = self._wcache[key] = (names, mask, bits)
+            ent = self._wcache[key] = _Cand(names, bits)
         return ent
 
     def match(self, hashes: Sequence[int], workers: Iterable[str] | None = None) -> dict[str, int]:
@@ -199,25 +245,105 @@ class PrefixIndex:
 
         ``workers=None`` means every registered worker; unknown workers get 0.
         """
-        names, active, bits = self._candidates(workers)
-        out = dict.fromkeys(names, 0)
+        if hashes.__class__ is not list and hashes.__class__ is not tuple:
+            hashes = list(hashes)  # walked twice (see _count_each)
+        c = self._candidates(workers)
+        out = c.zeros.copy()
+        active = c.mask
+        if active.bit_count() <= _FEW:
+            self._count_each(out, c, active, hashes, 0)
+            return out
         get = self._map.get
+        canon = self._canon.get
         i = 0
+        # One dict probe per block while many candidates are left; the
+        # workers that drop out at block i get depth i (those at block 0 keep
+        # 0). `active` is kept as the canonical object of its value, so a
+        # block held by exactly the active workers passes the `is` test.
         for h in hashes:
-            m = get(h, 0) & active
-            if m != active:
-                if i:  # workers dropping out at block 0 keep their 0
-                    gone = active ^ m
-                    # C-level scatter of depth i to the workers in `gone`.
-                    out.update(dict.fromkeys(compress(names, map(gone.__and__, bits)), i))
-                active = m
-                if not active:
-                    break
+            v = get(h, 0)
+            if v is not active:
+                m = v & active
+                if m != active:
+                    if i:
+                        c.scatter(out, active ^ m, i)
+                    if not m:
+                        return out
+                    active = canon(m, m)
+                    if active.bit_count() <= _FEW:  # past the shared prefix
+                        self._count_each(out, c, active, hashes, i + 1)
+                        return out
             i += 1
-        else:
-            if active and i:
-                out.update(dict.fromkeys(compress(names, map(active.__and__, bits)), i))
+        if i:
+            c.scatter(out, active, i)
         return out
+
+    def _count_each(self, out: dict[str, int], c: _Cand, active: int, hashes: Sequence[int], start: int) -> None:
+        """``out[w] = start + leading blocks of hashes[start:] that w holds``
+        for the few workers ``w`` in ``active`` (each holds hashes[:start]).
+
+        Checked against each worker's own set, a table far smaller (so more
+        often cached) than the map, by ``issuperset`` over list slices: a C
+        loop with no Python call per block. A full hit is one pass; otherwise
+        a binary search finds the first missing block, checking each block
+        about twice.
+        """
+        held, name_of = self._held, c.name_of
+        n = len(hashes)
+        while active:
+            low = active & -active
+            mine = held[low.bit_length() - 1]
+            lo, hi = start, n
+            if not mine.issuperset(hashes[lo:hi]):
+                while hi - lo > 1:  # the first block `mine` lacks is in [lo, hi)
+                    mid = (lo + hi) // 2
+                    if mine.issuperset(hashes[lo:mid]):
+                        lo = mid
+                    else:
+                        hi = mid
+                hi = lo
+            out[name_of[low]] = hi
+            active ^= low
 
     def stats(self) -> dict[str, int]:
         return {"entries": len(self._map), "workers": len(self._slot_of)}
+
+
+class _Cand:
+    """One candidate list, ready for ``match``: its workers' names, the mask
+    of their bits, a zero result to copy, and what ``scatter`` needs."""
+
+    __slots__ = ("names", "mask", "zeros", "name_of", "by_pos", "fmt")
+
+    def __init__(self, names: tuple[str, ...], bits: list[int]) -> None:
+        self.names = names
+        mask = 0
+        for b in bits:
+            mask |= b
+        self.mask = mask
+        self.zeros = dict.fromkeys(names, 0)
+        self.name_of = {b: w for w, b in zip(names, bits) if b}  # bit -> name
+        # Position p of format(mask, fmt) (most significant bit first) -> the
+        # name of that slot (None for slots not among the candidates).
+        width = max(1, mask.bit_length())
+        self.fmt = f"0{width}b"
+        self.by_pos = tuple(self.name_of.get(1 << (width - 1 - p)) for p in range(width))
+
+    def scatter(self, out: dict[str, int], mask: int, depth: int) -> None:
+        """``out[w] = depth`` for every candidate ``w`` whose bit is in ``mask``."""
+        if mask.bit_count() <= 3:
+            # Few workers (the usual case past a shared prefix): walk the bits.
+            name_of = self.name_of
+            while mask:
+                low = mask & -mask
+                out[name_of[low]] = depth
+                mask ^= low
+        else:
+            # Many (the end of a prefix shared by many workers): the mask as
+            # one 0/1 byte per slot selects the names, all in C.
+            sel = format(mask, self.fmt).encode().translate(_BIT_BYTES)
+            out.update(dict.fromkeys(compress(self.by_pos, sel), depth))
+
+
+# b"0" -> 0, b"1" -> 1: a binary string as selectors for itertools.compress.
+_BIT_BYTES = bytes.maketrans(b"01", b"\x00\x01")

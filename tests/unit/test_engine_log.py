@@ -265,3 +265,22 @@ def test_engine_hashes_are_validated_before_writing() -> None:
         [KvDelta("e", 0, [KvOp(OP_STORE, [1, 1], [b"a", -2]), KvOp(OP_REMOVE, [], [b"a"])])]
     )
     assert owner.mappings() == {"e": [(-2, 1)]}
+
+
+def test_values_a_replica_would_not_decode_as_ints_are_refused() -> None:
+    # bool and float encode fine but a replica's typed decode rejects them;
+    # deltas of exact types skip that decode, these must not.
+    owner, _, _ = owner_and_replica()
+    for bad in (
+        [KvDelta("e", 0, [KvOp(OP_STORE, [True], [10])])],
+        [KvDelta("e", 0, [KvOp(OP_STORE, [1.0], [10])])],  # type: ignore[list-item]
+        [KvDelta("e", 0, [KvOp(OP_STORE, [1], [2.5])])],  # type: ignore[list-item]
+        [KvDelta("e", 0, [KvOp(OP_STORE, [2**64 - 1, -1], [1, 2])])],
+        [KvDelta("e", True, [KvOp(OP_STORE, [1], [2])])],
+    ):
+        with pytest.raises(LogError):
+            owner.append(bad)
+    assert owner.live == {} and len(owner.replica.current) == 1
+    # A tuple is not a list but decodes to one: accepted, as it always was.
+    owner.append([KvDelta("e", 0, [KvOp(OP_STORE, (5, 2**64 - 1), (7, b"x"))])])  # type: ignore[arg-type]
+    assert sorted(owner.mappings()["e"], key=str) == sorted([(7, 5), (b"x", 2**64 - 1)], key=str)

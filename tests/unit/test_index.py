@@ -175,3 +175,39 @@ def test_many_workers_beyond_64_bits():
         idx.store(w, [1, 2, 3][: 1 + i % 3])
     got = idx.match([1, 2, 3], ws)
     assert got == {w: 1 + i % 3 for i, w in enumerate(ws)}
+
+
+def test_match_with_many_workers_dropping_at_many_depths():
+    # Exercises both ways match hands depths out (few and many workers
+    # leaving at once), holes, slots freed and reused, and unknown workers.
+    import random
+
+    rng = random.Random(5)
+    chain = list(range(1000, 1040))
+    idx = PrefixIndex()
+    model: dict[str, set[int]] = {}
+    ws = [f"w{i}" for i in range(150)]
+    for w in ws:
+        held = set(chain[: rng.randint(0, 40)]) | set(rng.sample(chain, 3))
+        idx.store(w, rng.sample(sorted(held), len(held)))
+        model[w] = held
+    for w in rng.sample(ws, 20):
+        idx.remove_worker(w)
+        del model[w]
+    for i in range(10):  # reuse the freed slots
+        w = f"n{i}"
+        held = set(chain[: rng.randint(0, 40)])
+        idx.store(w, sorted(held))
+        model[w] = held
+    for q in (chain, chain[:7], [1000, 5, 1001], chain[::-1]):
+        cand = rng.sample(sorted(model), 90) + ["ghost", ws[0]]
+        assert idx.match(q, cand) == naive_match(model, q, cand)
+        assert idx.match(q) == naive_match(model, q, model)
+
+
+def test_match_accepts_any_iterable_of_hashes():
+    idx = PrefixIndex()
+    idx.store("a", [1, 2, 3])
+    idx.store("b", [1, 2])
+    assert idx.match(iter([1, 2, 3, 4])) == {"a": 3, "b": 2}
+    assert idx.match((h for h in [1, 2, 3]), ["a"]) == {"a": 3}
