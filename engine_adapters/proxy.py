@@ -6,6 +6,14 @@ and asks for ``return_token_ids`` (vLLM >= 0.10.2) so generated ids stream back.
 The usage block of the last chunk carries ``prompt_tokens_details.cached_tokens``:
 the engine's own word on how much of the prompt it found cached.
 
+This is the router's hot path, so it is lean: the request body is encoded and
+the SSE events decoded with msgspec (typed: only the fields kvmesh reads are
+built), the stream is read in whatever pieces arrived (not line by line) and
+split into events at once, and the tokens of every event already received
+come out as ONE :class:`Chunk`. Nothing ever waits to batch: when the router
+keeps up a chunk is one event; when it falls behind, fewer and larger messages
+go out, which is exactly when per-message costs matter.
+
 Errors are split by what the caller can still do: :class:`EngineUnavailable`
 before the first token (safe to retry on another engine), :class:`EngineStreamError`
 after it (tokens were already sent to the client).
@@ -14,12 +22,12 @@ after it (tokens were already sent to the client).
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import msgspec
 
 
 class EngineUnavailable(Exception):
@@ -42,6 +50,8 @@ class CompletionParams:
 
 @dataclass(slots=True)
 class Chunk:
+    """Tokens streamed by the engine since the previous chunk (one or more SSE events)."""
+
     token_ids: list[int]
     text: str
 
@@ -100,56 +110,89 @@ class EngineClient:
         request_id: str,
         headers: dict[str, str] | None = None,
     ) -> AsyncIterator[Chunk | Usage]:
-        """Yield :class:`Chunk` per streamed piece, then one :class:`Usage`."""
-        body: dict[str, Any] = {
-            "model": model,
-            "prompt": prompt_token_ids,
-            "max_tokens": params.max_tokens,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "return_token_ids": True,
-        }
-        if params.stop:
-            body["stop"] = params.stop
-        if params.ignore_eos:
-            body["ignore_eos"] = True
-        if params.seed is not None:
-            body["seed"] = params.seed
-        hdrs = {"X-Request-Id": request_id, **(headers or {})}
+        """Yield a :class:`Chunk` per batch of streamed events, then one :class:`Usage`."""
+        body = _ENCODE(
+            _CompletionRequest(
+                model=model,
+                prompt=prompt_token_ids,
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                stream=True,
+                stream_options=_STREAM_OPTIONS,
+                return_token_ids=True,
+                stop=params.stop,
+                ignore_eos=params.ignore_eos,
+                seed=params.seed,
+            )
+        )
+        hdrs = {"Content-Type": "application/json", "X-Request-Id": _header_value(request_id),
+                **(headers or {})}
         usage = Usage()
         produced = False
+        # One deadline for everything up to the first event: connect, send,
+        # response head, first token.
+        first_deadline = asyncio.get_running_loop().time() + self._first_token_timeout
         try:
-            async with self._get_session().post(
-                f"{endpoint}/v1/completions", json=body, headers=hdrs
-            ) as resp:
+            async with asyncio.timeout_at(first_deadline):
+                resp = await self._get_session().post(
+                    f"{endpoint}/v1/completions", data=body, headers=hdrs
+                )
+            async with resp:
                 if resp.status != 200:
                     detail = (await resp.text())[:300]
                     raise EngineUnavailable(f"HTTP {resp.status} from {endpoint}: {detail}")
-                async for data in _sse_events(resp.content, self._first_token_timeout):
-                    if data == "[DONE]":
+                content = resp.content
+                sse = SSEDecoder()
+                first = True
+                done = False
+                while not done:
+                    # Everything buffered, in one piece (not line by line).
+                    if first:
+                        async with asyncio.timeout_at(first_deadline):
+                            data = await content.readany()
+                    else:
+                        data = await content.readany()
+                    payloads = sse.feed(data) if data else sse.flush()
+                    if payloads:
+                        first = False
+                    ids: list[int] = []
+                    texts: list[str] = []
+                    error = ""
+                    for payload in payloads:
+                        if payload == b"[DONE]":
+                            done = True
+                            break
+                        try:
+                            ev = _DECODE(payload)
+                        except msgspec.DecodeError as e:
+                            error = f"bad JSON chunk from {endpoint}: {e}"
+                            break
+                        if ev.error is not None and not ev.choices:
+                            error = f"engine error from {endpoint}: {ev.error}"
+                            break
+                        for choice in ev.choices or ():
+                            if choice.token_ids:
+                                ids += choice.token_ids
+                            if choice.text:
+                                texts.append(choice.text)
+                            if choice.finish_reason:
+                                usage.finish_reason = choice.finish_reason
+                        u = ev.usage
+                        if u is not None:
+                            usage.prompt_tokens = u.prompt_tokens or 0
+                            usage.completion_tokens = u.completion_tokens or 0
+                            d = u.prompt_tokens_details
+                            usage.cached_tokens = (d.cached_tokens or 0) if d is not None else 0
+                    # Tokens that arrived before an error still go out first:
+                    # the error is then a stream error, as it would be one by one.
+                    if ids or texts:
+                        produced = True
+                        yield Chunk(token_ids=ids, text="".join(texts))
+                    if error:
+                        raise _broken(produced, error)
+                    if not data:
                         break
-                    try:
-                        obj = json.loads(data)
-                    except json.JSONDecodeError as e:
-                        raise _broken(produced, f"bad JSON chunk from {endpoint}: {e}") from None
-                    if "error" in obj and not obj.get("choices"):
-                        raise _broken(produced, f"engine error from {endpoint}: {obj['error']}")
-                    for choice in obj.get("choices") or ():
-                        ids = choice.get("token_ids") or []
-                        text = choice.get("text") or ""
-                        if ids or text:
-                            produced = True
-                            yield Chunk(token_ids=list(ids), text=text)
-                        if choice.get("finish_reason"):
-                            usage.finish_reason = choice["finish_reason"]
-                    u = obj.get("usage")
-                    if u:
-                        usage.prompt_tokens = int(u.get("prompt_tokens") or 0)
-                        usage.completion_tokens = int(u.get("completion_tokens") or 0)
-                        details = u.get("prompt_tokens_details") or {}
-                        usage.cached_tokens = int(details.get("cached_tokens") or 0)
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise _broken(produced, f"{type(e).__name__} talking to {endpoint}: {e}") from None
         if not usage.finish_reason:
@@ -161,25 +204,105 @@ def _broken(produced: bool, msg: str) -> Exception:
     return EngineStreamError(msg) if produced else EngineUnavailable(msg)
 
 
-async def _sse_events(content: aiohttp.StreamReader, first_timeout: float) -> AsyncIterator[str]:
-    """The ``data:`` payloads of a server-sent-events stream."""
-    buf: list[str] = []
-    first = True
-    while True:
-        if first:
-            line_b = await asyncio.wait_for(content.readline(), first_timeout)
-        else:
-            line_b = await content.readline()
-        if not line_b:
-            if buf:
-                yield "\n".join(buf)
-            return
-        line = line_b.decode("utf-8", "replace").rstrip("\r\n")
-        if not line:
-            if buf:
-                first = False
-                yield "\n".join(buf)
-                buf = []
-            continue
-        if line.startswith("data:"):
-            buf.append(line[5:].lstrip())
+def _header_value(value: str) -> str:
+    """A client-chosen value (the request id) that cannot end the header."""
+    if "\r" in value or "\n" in value or "\0" in value:
+        value = value.replace("\r", " ").replace("\n", " ").replace("\0", " ")
+    return value
+
+
+# --- SSE ------------------------------------------------------------------------------
+
+
+class SSEDecoder:
+    """Splits a server-sent-events byte stream, fed in arbitrary pieces, into
+    the ``data`` payloads of its complete events (several ``data:`` lines of
+    one event are joined with a newline; other fields and comments are
+    ignored). Pure: no I/O."""
+
+    __slots__ = ("_pending", "_cr")
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._cr = False  # the previous piece ended with a bare CR
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if b"\r" in data or self._cr:
+            # CRLF or CR line ends: normalise to LF. A CR that ends the piece
+            # may be the first half of a CRLF split across two reads.
+            if self._cr and data.startswith(b"\n"):
+                data = data[1:]
+            self._cr = data.endswith(b"\r")
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buf = self._pending + data if self._pending else data
+        if b"\n\n" not in buf:
+            self._pending = buf
+            return []
+        events = buf.split(b"\n\n")
+        self._pending = events.pop()
+        return [p for p in map(_data_of, events) if p is not None]
+
+    def flush(self) -> list[bytes]:
+        """The last event when the stream ends without its blank line."""
+        rest, self._pending = self._pending, b""
+        p = _data_of(rest)
+        return [] if p is None else [p]
+
+
+def _data_of(event: bytes) -> bytes | None:
+    if event.startswith(b"data: ") and b"\n" not in event:  # the usual one-line event
+        return event[6:]
+    data = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(data) if data else None
+
+
+# --- wire types: only the fields kvmesh reads are declared; msgspec skips the rest
+# (e.g. the prompt's ``prompt_token_ids`` echoed in the first chunk) without
+# building Python objects for them.
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool
+
+
+_STREAM_OPTIONS = _StreamOptions(include_usage=True)
+
+
+class _CompletionRequest(msgspec.Struct, omit_defaults=True):
+    model: str
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stream: bool
+    stream_options: _StreamOptions
+    return_token_ids: bool
+    stop: list[str] = []
+    ignore_eos: bool = False
+    seed: int | None = None
+
+
+class _Choice(msgspec.Struct):
+    text: str | None = None
+    token_ids: list[int] | None = None
+    finish_reason: str | None = None
+
+
+class _PromptDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _UsageWire(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    prompt_tokens_details: _PromptDetails | None = None
+
+
+class _Event(msgspec.Struct):
+    choices: list[_Choice] | None = None
+    usage: _UsageWire | None = None
+    error: Any = None
+
+
+_ENCODE = msgspec.json.Encoder().encode
+_DECODE = msgspec.json.Decoder(_Event).decode

@@ -4,12 +4,15 @@ HTTP (aiohttp), vLLM-compatible where it matters to kvmesh:
 
 - ``POST /v1/completions``: ``prompt`` as token ids or a string (tokenized by
   the builtin tokenizer), ``max_tokens`` (default 16), ``stream`` with SSE
-  chunks and ``data: [DONE]``, ``stream_options.include_usage``,
-  ``return_token_ids`` (vLLM >= 0.10.2: ``token_ids`` per chunk,
-  ``prompt_token_ids`` in the first), ``ignore_eos``, ``seed``, ``stop``
-  (strings matched in the output text; text already streamed is not taken
-  back), ``X-Request-Id``. Usage carries ``prompt_tokens_details.cached_tokens``
-  (the cached prefix at admission, a multiple of the block size). The last
+  chunks and ``data: [DONE]`` (a chunk carries every token produced since the
+  previous one was written: one per step while the reader keeps up, several
+  when it falls behind, as vLLM's output collector merges them),
+  ``stream_options.include_usage``, ``return_token_ids`` (vLLM >= 0.10.2:
+  ``token_ids`` per chunk, ``prompt_token_ids`` in the first), ``ignore_eos``,
+  ``seed``, ``stop`` (strings matched in the output text; text already
+  streamed is not taken back), ``X-Request-Id``. Usage carries
+  ``prompt_tokens_details.cached_tokens`` (the cached prefix at admission, a
+  multiple of the block size). The last
   chunk (or the response) also carries a non-standard ``kvmesh_sim`` object
   with the simulated queue/prefill/TTFT seconds, so tests can see the engine's
   own view. ``temperature``/``top_p`` are accepted and ignored: output is
@@ -41,9 +44,11 @@ import sys
 import time
 import uuid
 from array import array
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import structlog
 import xxhash
 from aiohttp import web
@@ -70,6 +75,10 @@ from engine_adapters.tokenizer import BuiltinTokenizer
 log = structlog.get_logger(__name__)
 
 _MAX_TOKEN_ID = 2**32 - 1
+# Token ids as the request may carry them: JSON integers (not bools, not
+# floats) in [0, 2**32). msgspec checks a 2000-token prompt in C.
+_TOKEN_IDS = list[Annotated[int, msgspec.Meta(ge=0, le=_MAX_TOKEN_ID)]]
+_encode_json = msgspec.json.Encoder().encode
 _MAX_CATCHUP_S = 0.005
 # Output "words": generated ids decode to readable text with the builtin tokenizer.
 _OUTPUT_WORDS = (
@@ -96,15 +105,19 @@ class BadRequest(ValueError):
         self.param = param
 
 
-async def _end_stream(resp: web.StreamResponse) -> web.StreamResponse:
-    """Close an SSE stream the OpenAI way (``data: [DONE]``); a client that
-    already went away is not an error."""
+async def _end_stream(resp: web.StreamResponse, before: bytes = b"") -> web.StreamResponse:
+    """Close an SSE stream the OpenAI way (``data: [DONE]``), after ``before``
+    (already encoded events), in one write; a client that already went away is
+    not an error."""
     try:
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+        await resp.write_eof(before + b"data: [DONE]\n\n")
     except ConnectionResetError:
         pass
     return resp
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + _encode_json(obj) + b"\n\n"
 
 
 def _error(status: int, message: str, param: str | None = None) -> web.Response:
@@ -148,9 +161,10 @@ def parse_completion(body: Any, tokenizer: BuiltinTokenizer) -> CompletionParams
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt)
     elif isinstance(prompt, list):
-        if not all(_is_int(t) and 0 <= t <= _MAX_TOKEN_ID for t in prompt):
-            raise BadRequest("prompt token ids must be integers in [0, 2**32)", "prompt")
-        ids = list(prompt)
+        try:
+            ids = msgspec.convert(prompt, _TOKEN_IDS)
+        except msgspec.ValidationError:
+            raise BadRequest("prompt token ids must be integers in [0, 2**32)", "prompt") from None
     elif prompt is None:
         raise BadRequest("'prompt' is required", "prompt")
     else:
@@ -224,11 +238,40 @@ class _Metrics:
         self.rejected.labels(self.model, reason).inc()
 
 
+class _TokenQueue:
+    """Scheduler -> stream handoff of one request's tokens: ``put_nowait`` per
+    token, :meth:`take` everything produced since the last call. A deque and
+    one waiter, lighter than an ``asyncio.Queue`` (one per token on the hot path)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[TokenOut] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: TokenOut) -> None:
+        self._items.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def take(self) -> list[TokenOut]:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+
 @dataclass(slots=True)
 class _Pending:
     params: CompletionParams
     seq: Seq
-    queue: asyncio.Queue[TokenOut] = field(default_factory=asyncio.Queue)
+    queue: _TokenQueue = field(default_factory=_TokenQueue)
     done: bool = False
 
 
@@ -357,8 +400,8 @@ class SimEngine:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            body = msgspec.json.decode(await request.read())
+        except msgspec.DecodeError as e:
             self.metrics.reject("bad_request")
             return _error(400, f"request body is not valid JSON: {e}")
         try:
@@ -431,8 +474,8 @@ class SimEngine:
         SGLang's default, followed by ``data: [DONE]``.
         """
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            body = msgspec.json.decode(await request.read())
+        except msgspec.DecodeError as e:
             self.metrics.reject("bad_request")
             return _error(400, f"request body is not valid JSON: {e}")
         if not isinstance(body, dict):
@@ -496,31 +539,46 @@ class SimEngine:
     def _prompt_seed(self, prompt: list[int]) -> int:
         return xxhash.xxh3_64_intdigest(array("I", prompt).tobytes(), self._seed & (2**64 - 1))
 
-    async def _tokens(self, rid: str, pend: _Pending):  # type: ignore[no-untyped-def]
-        """Yield ``(token_id, text, finish_reason, stop_reason)`` as produced."""
+    async def _batches(self, rid: str, pend: _Pending):  # type: ignore[no-untyped-def]
+        """Yield lists of ``(token_id, text, finish_reason, stop_reason)``: every
+        token produced since the previous list (one per step when the reader
+        keeps up). vLLM's output collector merges a slow reader's outputs the
+        same way; the last list ends with the finish reason."""
         p = pend.params
+        q = pend.queue
         text_so_far = ""
         while True:
-            out = await pend.queue.get()
-            tok, finish = out.token_id, out.finish_reason
-            text = "" if tok == self.core.eos_token_id else self._token_text(tok)
-            stop_reason: str | None = None
-            if p.stop and finish != FINISH_STOP:
-                combined = text_so_far + text
-                for s in p.stop:
-                    i = combined.find(s, max(0, len(text_so_far) - len(s) + 1))
-                    if i >= 0:
-                        text = combined[len(text_so_far) : i] if i > len(text_so_far) else ""
-                        finish, stop_reason = FINISH_STOP, s
-                        self.core.abort(rid)  # stop early; its cached blocks stay cached
-                        break
-            text_so_far += text
-            if finish is not None:
-                pend.done = True
-                self._finished(pend, finish)
-            yield tok, text, finish, stop_reason
+            outs = await q.take()
+            batch: list[tuple[int, str, str | None, str | None]] = []
+            finish: str | None = None
+            for out in outs:
+                tok, finish = out.token_id, out.finish_reason
+                text = "" if tok == self.core.eos_token_id else self._token_text(tok)
+                stop_reason: str | None = None
+                if p.stop and finish != FINISH_STOP:
+                    combined = text_so_far + text
+                    for s in p.stop:
+                        i = combined.find(s, max(0, len(text_so_far) - len(s) + 1))
+                        if i >= 0:
+                            text = combined[len(text_so_far) : i] if i > len(text_so_far) else ""
+                            finish, stop_reason = FINISH_STOP, s
+                            self.core.abort(rid)  # stop early; its cached blocks stay cached
+                            break
+                text_so_far += text
+                batch.append((tok, text, finish, stop_reason))
+                if finish is not None:
+                    pend.done = True
+                    self._finished(pend, finish)
+                    break  # anything queued after a stop string is dropped
+            yield batch
             if finish is not None:
                 return
+
+    async def _tokens(self, rid: str, pend: _Pending):  # type: ignore[no-untyped-def]
+        """Yield ``(token_id, text, finish_reason, stop_reason)`` as produced."""
+        async for batch in self._batches(rid, pend):
+            for item in batch:
+                yield item
 
     def _token_text(self, tok: int) -> str:
         t = self._out_text.get(tok)
@@ -591,11 +649,19 @@ class SimEngine:
         created = int(time.time())
         n_out = 0
         first = True
-        async for tok, text, finish, stop_reason in self._tokens(rid, pend):
-            n_out += 1
+        # Every chunk is {"id", "object", "created", "model", "choices": [one
+        # choice][, "usage": null]}: encode the envelope once per stream.
+        head = (b'data: {"id":' + _encode_json(rid) + b',"object":"text_completion","created":'
+                + str(created).encode() + b',"model":' + _encode_json(self.model) + b',"choices":[')
+        tail = b'],"usage":null}\n\n' if p.include_usage else b"]}\n\n"
+        # One chunk per batch of tokens (see _batches): several tokens per
+        # chunk only when this handler fell behind the scheduler.
+        async for batch in self._batches(rid, pend):
+            n_out += len(batch)
+            _, _, finish, stop_reason = batch[-1]
             choice: dict[str, Any] = {
                 "index": 0,
-                "text": text,
+                "text": batch[0][1] if len(batch) == 1 else "".join(b[1] for b in batch),
                 "logprobs": None,
                 "finish_reason": finish,
                 "stop_reason": stop_reason,
@@ -603,37 +669,34 @@ class SimEngine:
             if p.return_token_ids:
                 if first:
                     choice["prompt_token_ids"] = p.prompt
-                choice["token_ids"] = [tok]
+                choice["token_ids"] = [b[0] for b in batch]
             first = False
-            chunk: dict[str, Any] = {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": self.model,
-                "choices": [choice],
-            }
-            if p.include_usage:
-                chunk["usage"] = None
-            if not await self._write(resp, rid, chunk):
-                return resp
-        if p.include_usage:
-            last = {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": self.model,
-                "choices": [],
-                "usage": self._usage(pend, n_out),
-                "kvmesh_sim": self._sim_info(pend),
-            }
-            if not await self._write(resp, rid, last):
+            data = head + _encode_json(choice) + tail
+            if finish is not None:
+                # The last tokens, the usage chunk and [DONE] are ready at the
+                # same moment: one write (and one TCP segment), not three.
+                if p.include_usage:
+                    data += _sse({
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": self.model,
+                        "choices": [],
+                        "usage": self._usage(pend, n_out),
+                        "kvmesh_sim": self._sim_info(pend),
+                    })
+                return await _end_stream(resp, data)
+            if not await self._write_raw(resp, rid, data):
                 return resp
         return await _end_stream(resp)
 
     async def _write(self, resp: web.StreamResponse, rid: str, obj: dict[str, Any]) -> bool:
         """One SSE chunk; False if the client is gone (the caller then aborts)."""
+        return await self._write_raw(resp, rid, _sse(obj))
+
+    async def _write_raw(self, resp: web.StreamResponse, rid: str, data: bytes) -> bool:
         try:
-            await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            await resp.write(data)
         except ConnectionResetError:
             log.info("sim_client_disconnected", request_id=rid)
             return False

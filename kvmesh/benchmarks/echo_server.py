@@ -1,6 +1,10 @@
-"""A bare grpcio (aio) server with the router's ``Generate`` streaming shape:
-``routed``, one chunk per output token, ``finished``. No routing, no engine:
-the ceiling a proxy on this machine can reach. ``python -m
+"""A bare grpcio (aio) server with the router's ``Generate`` streaming shape.
+
+Per request it sends ``routed``, then ``max_tokens`` ``chunk`` messages of one
+token each (ids taken from the prompt), then ``finished``: what the router
+sends when it forwards every engine token as it arrives. No routing, no
+engine, no HTTP: the ceiling a proxy on this machine can reach (the proxy
+benchmark pins it to the same CPU as the router). ``python -m
 kvmesh.benchmarks.echo_server --port 0`` prints ``READY grpc=HOST:PORT``."""
 
 from __future__ import annotations

@@ -1,14 +1,42 @@
 """Generate proxy throughput: a kvmesh router in front of fast simulated
 engines vs a bare grpcio server with the same streaming shape, same client,
-same run. Each client task loops ``Generate`` (a ``prompt_tokens``-token
-prompt, ``max_tokens`` streamed tokens) for ``seconds``; requests/s and
-streamed messages/s are counted at the client."""
+same run.
+
+Each client task loops ``Generate`` (the same ``prompt_tokens``-token prompts,
+``max_tokens`` streamed tokens, ``ignore_eos``) for ``seconds``; requests,
+streamed messages and tokens are counted at the client.
+
+What each server sends per request:
+
+- the bare grpcio echo server (``echo_server.py``): ``routed``, then one
+  ``chunk`` message per token (``max_tokens`` of them), then ``finished``;
+- the kvmesh router: ``routed``, the engine's tokens as they arrive (one
+  ``chunk`` message per batch of engine events already received: one per token
+  when it keeps up, several tokens per message when it falls behind; it never
+  waits to batch), then ``finished``. ``tokens_per_chunk`` shows which.
+
+The engines (simulated, time scale 0.01: a decode step every ~0.1 ms, all
+prompts cached after the warm-up) stream one SSE event per decode step, with
+several tokens only when their HTTP handler fell behind, as vLLM's output
+collector merges them; both runs stream the same ``max_tokens`` tokens.
+
+Fairness: the server under test (echo server or router) is pinned to the same
+CPU set in both runs (``server_cpus``, the last CPU of this process's
+affinity), and the client (this process) and the engines to the other CPUs
+(``client_cpus``). So both servers get the same CPU, and the router's engines
+never take CPU from the router; they do share the client's CPUs, which can
+only slow the kvmesh run. The CPU time each side used is reported (``cpu``, in
+cores; ``other`` is the rest of the machine, noise when large), with the
+server's CPU ms per request and their ratio (``cpu_ratio``, echo / router).
+With a single CPU nothing is pinned (``pinned`` is false).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import random
+import resource
 import subprocess
 import sys
 import threading
@@ -17,39 +45,110 @@ import time
 import grpc
 
 from kvmesh import procs
-from kvmesh.loadgen import generate_once
+from kvmesh.v1 import router_pb2 as pb
 from kvmesh.v1 import router_pb2_grpc as pb_grpc
 
+ENGINE_TIME_SCALE = 0.01
 
-async def _drive(addr: str, concurrency: int, seconds: float, prompt_tokens: int, max_tokens: int) -> dict:
+
+def cpu_sets() -> tuple[set[int], set[int]] | None:
+    """(server CPUs, client+engine CPUs), or None if there is only one CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return {cpus[-1]}, set(cpus[:-1])
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of ``pid`` (threads it starts later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, FileNotFoundError):  # a thread that just exited
+            pass
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _self_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds all processes on the machine spent busy (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+async def _drive(addr: str, concurrency: int, seconds: float, prompt_tokens: int, max_tokens: int,
+                 server_pid: int, engine_pids: list[int]) -> dict:
     rng = random.Random(0)
     prompts = [[rng.randrange(256, 32000) for _ in range(prompt_tokens)] for _ in range(64)]
+    reqs = [pb.GenerateRequest(prompt=pb.Prompt(token_ids=pb.TokenIds(ids=p)),
+                               sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True)) for p in prompts]
     ch = grpc.aio.insecure_channel(addr)
     stub = pb_grpc.RouterStub(ch)
-    done = failed = toks = 0
-    # Warm-up: connections, engine caches.
-    for p in prompts[:8]:
-        await generate_once(stub, p, max_tokens)
+    done = failed = toks = msgs = chunk_msgs = 0
+
+    async def once(req: pb.GenerateRequest) -> tuple[bool, int, int, int]:
+        n_tok = n_msg = n_chunk = 0
+        ok = False
+        try:
+            async for m in stub.Generate(req, timeout=60.0):
+                n_msg += 1
+                kind = m.WhichOneof("event")
+                if kind == "chunk":
+                    n_chunk += 1
+                    n_tok += len(m.chunk.token_ids)
+                elif kind == "finished":
+                    ok = m.finished.finish_reason != "error"
+        except grpc.aio.AioRpcError:
+            ok = False
+        return ok and n_tok == max_tokens, n_tok, n_msg, n_chunk
+
+    # Warm-up: connections, engine caches (every prompt once).
+    for r in reqs:
+        await once(r)
     t_end = time.perf_counter() + seconds
 
     async def worker(k: int) -> None:
-        nonlocal done, failed, toks
+        nonlocal done, failed, toks, msgs, chunk_msgs
         i = k
         while time.perf_counter() < t_end:
-            rec, out = await generate_once(stub, prompts[i % len(prompts)], max_tokens, policy="")
+            ok, n_tok, n_msg, n_chunk = await once(reqs[i % len(reqs)])
             i += concurrency
-            if rec.ok:
+            if ok:
                 done += 1
-                toks += len(out)
+                toks += n_tok
+                msgs += n_msg
+                chunk_msgs += n_chunk
             else:
                 failed += 1
 
+    c0 = {"server": _cpu_s(server_pid), "client": _self_cpu_s(), "engines": sum(map(_cpu_s, engine_pids))}
+    m0 = _machine_busy_s()
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
     wall = time.perf_counter() - t0
+    m1 = _machine_busy_s()
+    c1 = {"server": _cpu_s(server_pid), "client": _self_cpu_s(), "engines": sum(map(_cpu_s, engine_pids))}
     await ch.close()
-    return {"requests_per_s": done / wall, "messages_per_s": (done * (max_tokens + 2)) / wall,
-            "failed": failed, "requests": done, "wall_s": wall}
+    cpu = {k: (c1[k] - c0[k]) / wall for k in c0}
+    if not engine_pids:
+        del cpu["engines"]
+    # Anything else running on the machine meanwhile (noise: rerun if large).
+    cpu["other"] = max(0.0, (m1 - m0) / wall - sum(cpu.values()))
+    return {"requests_per_s": done / wall, "messages_per_s": msgs / wall, "tokens_per_s": toks / wall,
+            "tokens_per_chunk": toks / chunk_msgs if chunk_msgs else 0.0,
+            "failed": failed, "requests": done, "wall_s": wall, "cpu": cpu,
+            "server_cpu_ms_per_request": cpu["server"] * wall / done * 1000.0 if done else 0.0}
 
 
 def _start_echo() -> tuple[subprocess.Popen, str]:
@@ -69,24 +168,47 @@ def _start_echo() -> tuple[subprocess.Popen, str]:
 
 def run_proxy(seconds: float = 8.0, concurrency: int = 32, prompt_tokens: int = 2000, max_tokens: int = 16,
               engines: int = 2) -> dict:
-    popen, addr = _start_echo()
+    sets = cpu_sets()
+    own = os.sched_getaffinity(0)
+    if sets is not None:
+        pin(os.getpid(), sets[1])  # the client
     try:
-        echo = asyncio.run(_drive(addr, concurrency, seconds, prompt_tokens, max_tokens))
+        popen, addr = _start_echo()
+        try:
+            if sets is not None:
+                pin(popen.pid, sets[0])
+            echo = asyncio.run(_drive(addr, concurrency, seconds, prompt_tokens, max_tokens, popen.pid, []))
+        finally:
+            popen.terminate()
+            popen.wait(10)
+        engs = [procs.start_sim_engine(f"proxy-engine-{i}",
+                                       ["--time-scale", str(ENGINE_TIME_SCALE), "--log-level", "warning"])
+                for i in range(engines)]
+        router = None
+        try:
+            router = procs.start_router("proxy-router",
+                                        [procs.engine_flag(f"e{i}", p) for i, p in enumerate(engs)],
+                                        ["--policy", "precise", "--log-level", "warning"])
+            if sets is not None:
+                pin(router.popen.pid, sets[0])
+            kv = asyncio.run(_drive(router.info["grpc"], concurrency, seconds, prompt_tokens, max_tokens,
+                                    router.popen.pid, [p.popen.pid for p in engs]))
+        finally:
+            if router is not None:
+                router.stop()
+            for p in engs:
+                p.stop()
     finally:
-        popen.terminate()
-        popen.wait(10)
-    engs = [procs.start_sim_engine(f"proxy-engine-{i}", ["--time-scale", "0.01", "--log-level", "warning"])
-            for i in range(engines)]
-    router = None
-    try:
-        router = procs.start_router("proxy-router", [procs.engine_flag(f"e{i}", p) for i, p in enumerate(engs)],
-                                    ["--policy", "precise", "--log-level", "warning"])
-        kv = asyncio.run(_drive(router.info["grpc"], concurrency, seconds, prompt_tokens, max_tokens))
-    finally:
-        if router is not None:
-            router.stop()
-        for p in engs:
-            p.stop()
+        pin(os.getpid(), own)
     return {"echo": echo, "kvmesh": kv, "ratio": kv["requests_per_s"] / echo["requests_per_s"],
+            # Server CPU per request, echo / router: what the router costs on
+            # top of a bare server, whoever else shares the machine.
+            "cpu_ratio": echo["server_cpu_ms_per_request"] / kv["server_cpu_ms_per_request"]
+            if kv["server_cpu_ms_per_request"] else 0.0,
             "shape": {"prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "concurrency": concurrency,
-                      "seconds": seconds, "engines": engines, "engine_time_scale": 0.01}}
+                      "seconds": seconds, "engines": engines, "engine_time_scale": ENGINE_TIME_SCALE,
+                      "pinned": sets is not None,
+                      "server_cpus": sorted(sets[0]) if sets else [],
+                      "client_cpus": sorted(sets[1]) if sets else [],
+                      "echo_sends": f"routed + {max_tokens} chunks of 1 token + finished",
+                      "kvmesh_sends": "routed + the engine's tokens as received (no waiting) + finished"}}

@@ -219,9 +219,11 @@ async def test_streaming_matches_non_streaming_and_token_ids(engine: Engine) -> 
     chunks = await stream(engine.http, body)
     assert chunks[-1] == "[DONE]"
     toks = [c["choices"][0] for c in chunks[:-1]]
-    assert [t["token_ids"] for t in toks] == [[i] for i in ids]
-    assert "prompt_token_ids" in toks[0] and "prompt_token_ids" not in toks[1]
-    assert [t["finish_reason"] for t in toks] == [None] * 5 + ["length"]
+    # One chunk per step, or several tokens in one when the reader fell behind.
+    assert all(t["token_ids"] for t in toks)
+    assert [i for t in toks for i in t["token_ids"]] == ids
+    assert "prompt_token_ids" in toks[0] and all("prompt_token_ids" not in t for t in toks[1:])
+    assert [t["finish_reason"] for t in toks] == [None] * (len(toks) - 1) + ["length"]
     assert "".join(t["text"] for t in toks) == full["choices"][0]["text"]
 
 
