@@ -153,7 +153,10 @@ class EngineClient:
                             data = await content.readany()
                     else:
                         data = await content.readany()
-                    payloads = sse.feed(data) if data else sse.flush()
+                    try:
+                        payloads = sse.feed(data) if data else sse.flush()
+                    except ValueError as e:
+                        raise _broken(produced, f"bad event stream from {endpoint}: {e}") from None
                     if payloads:
                         first = False
                     ids: list[int] = []
@@ -220,9 +223,11 @@ class SSEDecoder:
     one event are joined with a newline; other fields and comments are
     ignored). Pure: no I/O."""
 
-    __slots__ = ("_pending", "_cr")
+    __slots__ = ("_pending", "_cr", "max_event_bytes")
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int = 16 << 20) -> None:
+        # A broken engine that never ends an event must not grow the buffer forever.
+        self.max_event_bytes = max_event_bytes
         self._pending = b""
         self._cr = False  # the previous piece ended with a bare CR
 
@@ -236,6 +241,8 @@ class SSEDecoder:
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buf = self._pending + data if self._pending else data
         if b"\n\n" not in buf:
+            if len(buf) > self.max_event_bytes:
+                raise ValueError(f"SSE event longer than {self.max_event_bytes} bytes")
             self._pending = buf
             return []
         events = buf.split(b"\n\n")

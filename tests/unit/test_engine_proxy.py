@@ -269,3 +269,10 @@ def test_request_body_omits_unset_options() -> None:
     full = body(stop=["\n"], ignore_eos=True, seed=0)
     assert (full["stop"], full["ignore_eos"], full["seed"]) == (["\n"], True, 0)
 
+
+
+def test_sse_event_that_never_ends_is_refused_not_buffered_forever() -> None:
+    d = SSEDecoder(max_event_bytes=64)
+    assert d.feed(b"data: " + b"x" * 40) == []
+    with pytest.raises(ValueError, match="longer than 64"):
+        d.feed(b"y" * 40)
