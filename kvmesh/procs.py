@@ -62,9 +62,10 @@ def _kill_leftovers() -> None:
         p.kill()
 
 
-def start(name: str, args: list[str], ready_timeout: float = 30.0, env: dict[str, str] | None = None) -> Proc:
-    """Run ``kvmesh ARGS`` and wait for its READY line."""
-    cmd = [sys.executable, "-m", "kvmesh.cli", *args]
+def start(name: str, args: list[str], ready_timeout: float = 30.0, env: dict[str, str] | None = None,
+          module: str = "kvmesh.cli") -> Proc:
+    """Run ``python -m MODULE ARGS`` (``kvmesh ARGS`` by default) and wait for its READY line."""
+    cmd = [sys.executable, "-m", module, *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     popen = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,

@@ -112,8 +112,6 @@ def block_hashes(tokens: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE, se
     step = block_size * 4
     h = seed
     f = _xxh3
-    if n_full <= _CHUNK:
-        return [h := f(b, h) for b in _splitter(n_full, step).unpack_from(buf)]
     out: list[int] = []
     off = 0
     while n_full:

@@ -37,9 +37,6 @@ import asyncio
 import os
 import random
 import resource
-import subprocess
-import sys
-import threading
 import time
 
 import grpc
@@ -151,21 +148,6 @@ async def _drive(addr: str, concurrency: int, seconds: float, prompt_tokens: int
             "server_cpu_ms_per_request": cpu["server"] * wall / done * 1000.0 if done else 0.0}
 
 
-def _start_echo() -> tuple[subprocess.Popen, str]:
-    popen = subprocess.Popen([sys.executable, "-m", "kvmesh.benchmarks.echo_server", "--port", "0"],
-                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                             start_new_session=True)
-    assert popen.stdout is not None
-    box: list[str] = []
-    t = threading.Thread(target=lambda: box.append(popen.stdout.readline()), daemon=True)
-    t.start()
-    t.join(20)
-    if not box or not box[0].startswith("READY"):
-        popen.kill()
-        raise RuntimeError("echo server did not start")
-    return popen, box[0].split("grpc=")[1].strip()
-
-
 def run_proxy(seconds: float = 8.0, concurrency: int = 32, prompt_tokens: int = 2000, max_tokens: int = 16,
               engines: int = 2) -> dict:
     sets = cpu_sets()
@@ -173,14 +155,14 @@ def run_proxy(seconds: float = 8.0, concurrency: int = 32, prompt_tokens: int = 
     if sets is not None:
         pin(os.getpid(), sets[1])  # the client
     try:
-        popen, addr = _start_echo()
+        echo_srv = procs.start("proxy-echo", ["--port", "0"], module="kvmesh.benchmarks.echo_server")
         try:
             if sets is not None:
-                pin(popen.pid, sets[0])
-            echo = asyncio.run(_drive(addr, concurrency, seconds, prompt_tokens, max_tokens, popen.pid, []))
+                pin(echo_srv.popen.pid, sets[0])
+            echo = asyncio.run(_drive(echo_srv.info["grpc"], concurrency, seconds, prompt_tokens, max_tokens,
+                                      echo_srv.popen.pid, []))
         finally:
-            popen.terminate()
-            popen.wait(10)
+            echo_srv.stop(10)
         engs = [procs.start_sim_engine(f"proxy-engine-{i}",
                                        ["--time-scale", str(ENGINE_TIME_SCALE), "--log-level", "warning"])
                 for i in range(engines)]
