@@ -2,20 +2,20 @@
 
 Engines name blocks with their own hash function (vLLM: sha256/xxhash of
 Python objects, SGLang: a signed SHA-256 chain). The router names a block by
-the chained xxh3 of its token ids (``router.hashing``), so every node computes
+the chained xxh3 of its token ids (``blocks.hashing``), so every node computes
 the same id for a prompt without asking the engine. ``BlockStored`` carries
 the token ids and the parent's engine hash, which is enough to translate: the
 router hash of block i is ``chain_hash(router hash of block i-1, tokens of i)``
 and the parent of the first block is the mapping of ``parent_block_hash`` (or
 the model/LoRA/salt root seed when it is ``None``).
 
-The map (``kv_delta.BlockMap``) holds one entry per live block (removals
+The map (``blocks.block_map.BlockMap``) holds one entry per live block (removals
 forget it), so memory stays proportional to the engine's cache, not to its
 history. Several engine blocks can name the same router block (vLLM hashes
 multimodal inputs and extra keys that the router does not see), so the router
 hash is reference-counted: it is removed from the index only when its last
 engine block goes. Every op lists the engine hashes it binds or forgets, so
-the mapping itself travels with the deltas (see ``kv_delta``).
+the mapping itself travels with the deltas (see ``blocks.delta``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 import structlog
 
-from engine_adapters.kv_delta import OP_CLEAR, OP_REMOVE, OP_STORE, BlockMap, KvDelta, KvOp
+from blocks.block_map import BlockMap
+from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp
+from blocks.hashing import block_hashes, root_seed
 from engine_adapters.kv_events import (
     AllBlocksCleared,
     BlockHash,
@@ -33,7 +35,6 @@ from engine_adapters.kv_events import (
     BlockStored,
     KVEvent,
 )
-from router.hashing import block_hashes, root_seed
 
 log = structlog.get_logger(__name__)
 
@@ -80,9 +81,7 @@ class BlockMapper:
         self.stats = MapperStats()
 
     @classmethod
-    def from_pairs(
-        cls, model: str, worker: str, pairs: Iterable[tuple[BlockHash, int]]
-    ) -> BlockMapper:
+    def from_pairs(cls, model: str, worker: str, pairs: Iterable[tuple[BlockHash, int]]) -> BlockMapper:
         """A mapper that resumes a worker from its (engine hash, router hash)
         pairs, e.g. ``Takeover.mappings[worker]`` after a mesh handover."""
         m = cls(model, worker)
@@ -144,7 +143,9 @@ class BlockMapper:
         return KvDelta(worker=self.worker, seq=seq, ops=ops)
 
     def _store(
-        self, ev: BlockStored, seq: int,
+        self,
+        ev: BlockStored,
+        seq: int,
         emit: Callable[[int, list[int], list[BlockHash]], None],
     ) -> None:
         """Emit STORE of every new binding, in block order; an engine hash

@@ -33,11 +33,12 @@ import structlog
 import zmq
 import zmq.asyncio
 
+from blocks.delta import OP_CLEAR, KvDelta, KvOp
+from blocks.workers import worker_id
 from engine_adapters.block_mapper import BlockMapper
-from engine_adapters.kv_delta import OP_CLEAR, KvDelta, KvOp, worker_id
+from engine_adapters.kv_endpoints import offset_endpoint_port
 from engine_adapters.kv_events import EventDecodeError, decode_batch, decode_seq, encode_seq
 from engine_adapters.sequencer import Sequencer, Verdict
-from engine_adapters.zmq_publisher import offset_endpoint_port
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +53,7 @@ def connect_endpoint(endpoint: str, data_parallel_rank: int = 0) -> str:
     assert ep is not None
     for wildcard in ("tcp://*:", "tcp://0.0.0.0:"):
         if ep.startswith(wildcard):
-            return "tcp://127.0.0.1:" + ep[len(wildcard):]
+            return "tcp://127.0.0.1:" + ep[len(wildcard) :]
     return ep
 
 
@@ -153,8 +154,7 @@ class EventAdapter:
         self._rcvhwm = rcvhwm
         start_seqs = start_seqs or {}
         self._ranks = [
-            _Rank(r, worker_id(engine_id, r), model, start_seqs.get(r))
-            for r in range(data_parallel_size)
+            _Rank(r, worker_id(engine_id, r), model, start_seqs.get(r)) for r in range(data_parallel_size)
         ]
         for r, m in (mappers or {}).items():
             m.worker = self._ranks[r].worker
@@ -170,12 +170,8 @@ class EventAdapter:
             return
         self._ctx = zmq.asyncio.Context()
         for st in self._ranks:
-            self._tasks.append(
-                asyncio.create_task(self._run_rank(st), name=f"kv-events-{st.worker}")
-            )
-        self._log.info(
-            "kv_adapter_started", endpoint=self._kv_endpoint, ranks=len(self._ranks)
-        )
+            self._tasks.append(asyncio.create_task(self._run_rank(st), name=f"kv-events-{st.worker}"))
+        self._log.info("kv_adapter_started", endpoint=self._kv_endpoint, ranks=len(self._ranks))
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -189,9 +185,7 @@ class EventAdapter:
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Until every rank has made its first catch-up attempt."""
-        await asyncio.wait_for(
-            asyncio.gather(*(st.ready.wait() for st in self._ranks)), timeout
-        )
+        await asyncio.wait_for(asyncio.gather(*(st.ready.wait() for st in self._ranks)), timeout)
 
     # --- introspection -----------------------------------------------------------
 
@@ -279,16 +273,12 @@ class EventAdapter:
                 break
             if d.verdict is Verdict.RESTART:
                 st.stats.restarts += 1
-                self._log.warning(
-                    "kv_publisher_restarted", rank=st.rank, seq=seq, last=st.seq.last
-                )
+                self._log.warning("kv_publisher_restarted", rank=st.rank, seq=seq, last=st.seq.last)
                 self._reset(st, "restart")
                 st.seq.reset(None)
                 continue
             st.stats.gaps += 1
-            self._log.info(
-                "kv_gap", rank=st.rank, seq=seq, gap_from=d.gap_from, gap_to=d.gap_to
-            )
+            self._log.info("kv_gap", rank=st.rank, seq=seq, gap_from=d.gap_from, gap_to=d.gap_to)
             await self._fill(st, d.gap_from, d.gap_to)
         # Could not get the stream contiguous: give up on the history before it.
         self._lost(st, seq - 1, "gap_not_converging")

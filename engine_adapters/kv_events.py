@@ -82,9 +82,7 @@ class KVEventBatch(msgspec.Struct, omit_defaults=True, gc=False):
 # --- vLLM <= 0.23: positional arrays, tag first --------------------------------
 
 
-class _ArrBlockStored(
-    msgspec.Struct, tag="BlockStored", array_like=True, omit_defaults=True, gc=False
-):
+class _ArrBlockStored(msgspec.Struct, tag="BlockStored", array_like=True, omit_defaults=True, gc=False):
     block_hashes: list[BlockHash]
     parent_block_hash: BlockHash | None
     token_ids: list[int]
@@ -94,9 +92,7 @@ class _ArrBlockStored(
     lora_name: str | None = None
 
 
-class _ArrBlockRemoved(
-    msgspec.Struct, tag="BlockRemoved", array_like=True, omit_defaults=True, gc=False
-):
+class _ArrBlockRemoved(msgspec.Struct, tag="BlockRemoved", array_like=True, omit_defaults=True, gc=False):
     block_hashes: list[BlockHash]
     medium: str | None = None
 
@@ -109,7 +105,7 @@ class _ArrAllBlocksCleared(
 
 class _ArrKVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     ts: float
-    events: list[Union[_ArrBlockStored, _ArrBlockRemoved, _ArrAllBlocksCleared]]
+    events: list[_ArrBlockStored | _ArrBlockRemoved | _ArrAllBlocksCleared]
     data_parallel_rank: int | None = None
 
 
@@ -181,8 +177,15 @@ class _ArrBatchOut(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
 def _to_out_event(e: KVEvent) -> Any:
     if isinstance(e, BlockStored):
         return _OutBlockStored(
-            e.block_hashes, e.parent_block_hash, e.token_ids, e.block_size,
-            e.lora_id, e.medium, e.lora_name, e.extra_keys, e.group_idx,
+            e.block_hashes,
+            e.parent_block_hash,
+            e.token_ids,
+            e.block_size,
+            e.lora_id,
+            e.medium,
+            e.lora_name,
+            e.extra_keys,
+            e.group_idx,
         )
     if isinstance(e, BlockRemoved):
         return _OutBlockRemoved(e.block_hashes, e.medium, e.group_idx)
@@ -193,9 +196,7 @@ _fast_batch_decoder = msgspec.msgpack.Decoder(_FastBatch)
 _arr_batch_decoder = msgspec.msgpack.Decoder(_ArrBatch)
 _map_batch_decoder = msgspec.msgpack.Decoder(_MapBatch)
 _map_event_decoder = msgspec.msgpack.Decoder(KVEvent)
-_arr_event_decoder = msgspec.msgpack.Decoder(
-    Union[_ArrBlockStored, _ArrBlockRemoved, _ArrAllBlocksCleared]
-)
+_arr_event_decoder = msgspec.msgpack.Decoder(Union[_ArrBlockStored, _ArrBlockRemoved, _ArrAllBlocksCleared])
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -279,9 +280,7 @@ def decode_batch(payload: bytes) -> KVEventBatch:
         events = [_decode_event(raw, i) for i, raw in enumerate(env.events)]
     except msgspec.DecodeError as e:
         raise EventDecodeError(f"malformed KV event batch: {e}") from None
-    batch = KVEventBatch(
-        ts=env.ts, events=events, data_parallel_rank=dp_rank, attn_dp_rank=attn_rank
-    )
+    batch = KVEventBatch(ts=env.ts, events=events, data_parallel_rank=dp_rank, attn_dp_rank=attn_rank)
     return _validate(batch)
 
 
@@ -300,8 +299,13 @@ def encode_batch(batch: KVEventBatch, fmt: EventFormat = "map") -> bytes:
         if isinstance(e, BlockStored):
             arr_events.append(
                 _ArrBlockStored(
-                    e.block_hashes, e.parent_block_hash, e.token_ids, e.block_size,
-                    e.lora_id, e.medium, e.lora_name,
+                    e.block_hashes,
+                    e.parent_block_hash,
+                    e.token_ids,
+                    e.block_size,
+                    e.lora_id,
+                    e.medium,
+                    e.lora_name,
                 )
             )
         elif isinstance(e, BlockRemoved):

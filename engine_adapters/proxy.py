@@ -82,9 +82,7 @@ class EngineClient:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=0),
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self._connect_timeout, sock_read=None
-                ),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout, sock_read=None),
             )
         return self._session
 
@@ -126,8 +124,11 @@ class EngineClient:
                 seed=params.seed,
             )
         )
-        hdrs = {"Content-Type": "application/json", "X-Request-Id": _header_value(request_id),
-                **(headers or {})}
+        hdrs = {
+            "Content-Type": "application/json",
+            "X-Request-Id": _header_value(request_id),
+            **(headers or {}),
+        }
         usage = Usage()
         produced = False
         # One deadline for everything up to the first event: connect, send,
@@ -135,9 +136,7 @@ class EngineClient:
         first_deadline = asyncio.get_running_loop().time() + self._first_token_timeout
         try:
             async with asyncio.timeout_at(first_deadline):
-                resp = await self._get_session().post(
-                    f"{endpoint}/v1/completions", data=body, headers=hdrs
-                )
+                resp = await self._get_session().post(f"{endpoint}/v1/completions", data=body, headers=hdrs)
             async with resp:
                 if resp.status != 200:
                     detail = (await resp.text())[:300]
@@ -223,7 +222,7 @@ class SSEDecoder:
     one event are joined with a newline; other fields and comments are
     ignored). Pure: no I/O."""
 
-    __slots__ = ("_pending", "_cr", "max_event_bytes")
+    __slots__ = ("_cr", "_pending", "max_event_bytes")
 
     def __init__(self, max_event_bytes: int = 16 << 20) -> None:
         # A broken engine that never ends an event must not grow the buffer forever.

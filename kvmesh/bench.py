@@ -40,40 +40,68 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         sp.add_argument("--seed", type=int, default=0, help="workload seed (same seed, same workload)")
 
     def routing_flags(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--workload", default=",".join(WORKLOADS),
-                        help=f"comma-separated workloads: {', '.join(WORKLOADS)} (default: all; --quick: chat,trace)")
-        sp.add_argument("--systems", default="",
-                        help="comma-separated systems (default: all; --quick: " + QUICK_SYSTEMS + "); known: "
-                        "round_robin, random, consistent_hash, least_load, power_of_two, cache_aware_approx, "
-                        "precise, precise_mesh3, sglang_cache_aware, sglang_round_robin")
-        sp.add_argument("--mooncake", default=str(DEFAULT_MOONCAKE),
-                        help="path of the Mooncake conversation_trace.jsonl (default: ../shared/data/mooncake/ "
-                        "relative to the repository)")
+        sp.add_argument(
+            "--workload",
+            default=",".join(WORKLOADS),
+            help=f"comma-separated workloads: {', '.join(WORKLOADS)} (default: all; --quick: chat,trace)",
+        )
+        sp.add_argument(
+            "--systems",
+            default="",
+            help="comma-separated systems (default: all; --quick: " + QUICK_SYSTEMS + "); known: "
+            "round_robin, random, consistent_hash, least_load, power_of_two, cache_aware_approx, "
+            "precise, precise_mesh3, sglang_cache_aware, sglang_round_robin",
+        )
+        sp.add_argument(
+            "--mooncake",
+            default=str(DEFAULT_MOONCAKE),
+            help="path of the Mooncake conversation_trace.jsonl (default: ../shared/data/mooncake/ "
+            "relative to the repository)",
+        )
         sp.add_argument("--engines", type=int, default=8, help="simulated engines (default 8)")
-        sp.add_argument("--num-gpu-blocks", type=int, default=4000,
-                        help="KV cache of each engine, in 16-token blocks (default 4000)")
-        sp.add_argument("--trace-load", type=float, default=1.0,
-                        help="trace replay speed: offered prompt tokens/s as a multiple of the fleet's prefill "
-                        "capacity (default 1.0)")
+        sp.add_argument(
+            "--num-gpu-blocks",
+            type=int,
+            default=4000,
+            help="KV cache of each engine, in 16-token blocks (default 4000)",
+        )
+        sp.add_argument(
+            "--trace-load",
+            type=float,
+            default=1.0,
+            help="trace replay speed: offered prompt tokens/s as a multiple of the fleet's prefill "
+            "capacity (default 1.0)",
+        )
         sp.add_argument("--chat-rate", type=float, default=12.0, help="chat sessions arriving per second")
-        sp.add_argument("--router-arg", action="append", default=[], metavar="ARG",
-                        help="extra flag for every kvmesh router, repeatable; use the = form: "
-                        "--router-arg=--policy-opt=precise.overlap_weight=2")
+        sp.add_argument(
+            "--router-arg",
+            action="append",
+            default=[],
+            metavar="ARG",
+            help="extra flag for every kvmesh router, repeatable; use the = form: "
+            "--router-arg=--policy-opt=precise.overlap_weight=2",
+        )
 
     a = sub.add_parser("all", help="the whole suite; writes docs/benchmarks.md, .json and docs/img/*.png")
     common(a)
     routing_flags(a)
-    a.add_argument("--docs", default=str(REPO_ROOT / "docs"), help="output folder (default: the repo's docs/)")
+    a.add_argument(
+        "--docs", default=str(REPO_ROOT / "docs"), help="output folder (default: the repo's docs/)"
+    )
     r = sub.add_parser("routing", help="hit rate, TTFT, throughput of every system on the workloads")
     common(r)
     routing_flags(r)
-    for name, text in (("micro", "index ingest and match vs Dynamo's RadixTree; decision latency per policy"),
-                       ("convergence", "gossip convergence vs mesh size (real processes and simulation)"),
-                       ("proxy", "Generate proxy throughput vs a bare grpcio server")):
+    for name, text in (
+        ("micro", "index ingest and match vs Dynamo's RadixTree; decision latency per policy"),
+        ("convergence", "gossip convergence vs mesh size (real processes and simulation)"),
+        ("proxy", "Generate proxy throughput vs a bare grpcio server"),
+    ):
         sp = sub.add_parser(name, help=text)
         common(sp)
     for sp in (r, *[sub.choices[n] for n in ("micro", "convergence", "proxy")]):
-        sp.add_argument("--json", dest="json_out", default="", metavar="PATH", help="also save the figures here")
+        sp.add_argument(
+            "--json", dest="json_out", default="", metavar="PATH", help="also save the figures here"
+        )
 
 
 def _note(msg: str) -> None:
@@ -118,8 +146,14 @@ def build_workloads(args: argparse.Namespace, capacity_tokens_per_s: float) -> l
     out = []
     for n in names:
         if n == "chat":
-            out.append(W.chat_workload(n_sessions=40 if q else 96, rate=args.chat_rate, seed=args.seed,
-                                       turns=(3, 6) if q else (4, 10)))
+            out.append(
+                W.chat_workload(
+                    n_sessions=40 if q else 96,
+                    rate=args.chat_rate,
+                    seed=args.seed,
+                    turns=(3, 6) if q else (4, 10),
+                )
+            )
         elif n == "agent":
             out.append(W.agent_workload(n_sessions=16 if q else 40, rate=4.0, seed=args.seed))
         elif n == "nosharing":
@@ -129,22 +163,33 @@ def build_workloads(args: argparse.Namespace, capacity_tokens_per_s: float) -> l
             if not os.path.isfile(path):
                 raise SystemExit(f"Mooncake trace not found at {path}; pass --mooncake PATH")
             recs = W.load_mooncake(path, limit=250 if q else 800)
-            out.append(W.mooncake_workload(recs, tokens_per_block=32,
-                                           target_tokens_per_s=args.trace_load * capacity_tokens_per_s,
-                                           seed=args.seed))
+            out.append(
+                W.mooncake_workload(
+                    recs,
+                    tokens_per_block=32,
+                    target_tokens_per_s=args.trace_load * capacity_tokens_per_s,
+                    seed=args.seed,
+                )
+            )
     return out
 
 
 def run_routing_cmd(args: argparse.Namespace) -> dict:
     from kvmesh.benchmarks.routing import SYSTEMS, FleetConfig, run_routing
 
-    systems = [s.strip() for s in (args.systems or (QUICK_SYSTEMS if args.quick else ",".join(SYSTEMS))).split(",")
-               if s.strip()]
+    systems = [
+        s.strip()
+        for s in (args.systems or (QUICK_SYSTEMS if args.quick else ",".join(SYSTEMS))).split(",")
+        if s.strip()
+    ]
     bad = [s for s in systems if s not in SYSTEMS]
     if bad:
         raise SystemExit(f"unknown system(s) {bad}; known: {', '.join(SYSTEMS)}")
-    cfg = FleetConfig(engines=args.engines, num_gpu_blocks=args.num_gpu_blocks,
-                      router_args=tuple(getattr(args, "router_arg", ())))
+    cfg = FleetConfig(
+        engines=args.engines,
+        num_gpu_blocks=args.num_gpu_blocks,
+        router_args=tuple(getattr(args, "router_arg", ())),
+    )
     wls = build_workloads(args, cfg.prefill_tokens_per_s)
     return run_routing(wls, systems, cfg, progress=_Bar, note=_note, probes=8 if args.quick else 20)
 
@@ -153,8 +198,10 @@ def run_micro_cmd(args: argparse.Namespace) -> dict:
     from kvmesh.benchmarks.micro import bench_decisions, bench_ingest_and_match
 
     n = 200_000 if args.quick else 1_000_000
-    return {"index": bench_ingest_and_match(n, 64, 128, 1000 if args.quick else 5000, args.seed, note=_note),
-            "decisions": bench_decisions(n=1000 if args.quick else 5000, seed=args.seed)}
+    return {
+        "index": bench_ingest_and_match(n, 64, 128, 1000 if args.quick else 5000, args.seed, note=_note),
+        "decisions": bench_decisions(n=1000 if args.quick else 5000, seed=args.seed),
+    }
 
 
 def run_convergence_cmd(args: argparse.Namespace) -> dict:
@@ -178,10 +225,15 @@ def _print_md(res: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.bench == "index":
-        from router.bench_index import bench_index
+        from kvmesh.benchmarks.index import bench_index
 
-        res = bench_index(n_blocks=args.blocks, n_workers=args.workers,
-                          prompt_blocks=args.prompt_blocks, n_queries=args.queries, seed=args.seed)
+        res = bench_index(
+            n_blocks=args.blocks,
+            n_workers=args.workers,
+            prompt_blocks=args.prompt_blocks,
+            n_queries=args.queries,
+            seed=args.seed,
+        )
         if args.json:
             print(json.dumps(res, indent=2))
         else:
@@ -190,8 +242,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.bench == "all":
         return run_all(args)
-    part = {"routing": run_routing_cmd, "micro": run_micro_cmd, "convergence": run_convergence_cmd,
-            "proxy": run_proxy_cmd}[args.bench]
+    part = {
+        "routing": run_routing_cmd,
+        "micro": run_micro_cmd,
+        "convergence": run_convergence_cmd,
+        "proxy": run_proxy_cmd,
+    }[args.bench]
     res = {args.bench: part(args)}
     _print_md(res)
     if args.json_out:
@@ -206,10 +262,12 @@ def write_docs(res: dict, docs: Path) -> None:
     res["targets"] = targets(res)
     docs.mkdir(parents=True, exist_ok=True)
     write_plots(res, str(docs / "img"))
-    commands = ("kvmesh bench all            # this page, docs/benchmarks.json, docs/img/*.png\n"
-                "kvmesh bench all --quick    # smoke run\n"
-                "kvmesh bench routing --workload chat,trace --systems precise,round_robin\n"
-                "kvmesh bench micro | convergence | proxy | index")
+    commands = (
+        "kvmesh bench all            # this page, docs/benchmarks.json, docs/img/*.png\n"
+        "kvmesh bench all --quick    # smoke run\n"
+        "kvmesh bench routing --workload chat,trace --systems precise,round_robin\n"
+        "kvmesh bench micro | convergence | proxy | index"
+    )
     (docs / "benchmarks.md").write_text(render_markdown(res, commands))
     (docs / "benchmarks.json").write_text(json.dumps(res, indent=1, default=str))
 
@@ -218,17 +276,27 @@ def run_all(args: argparse.Namespace) -> int:
     from kvmesh.benchmarks.report import machine_info
 
     t0 = time.time()
-    res: dict = {"meta": {"command": "kvmesh " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("kvmesh")
-                          else "kvmesh bench all" + (" --quick" if args.quick else ""),
-                          "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                          "quick": args.quick, **machine_info()}}
-    for name, fn in (("micro", run_micro_cmd), ("convergence", run_convergence_cmd), ("proxy", run_proxy_cmd),
-                     ("routing", run_routing_cmd)):
+    res: dict = {
+        "meta": {
+            "command": "kvmesh " + " ".join(sys.argv[1:])
+            if sys.argv[0].endswith("kvmesh")
+            else "kvmesh bench all" + (" --quick" if args.quick else ""),
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "quick": args.quick,
+            **machine_info(),
+        }
+    }
+    for name, fn in (
+        ("micro", run_micro_cmd),
+        ("convergence", run_convergence_cmd),
+        ("proxy", run_proxy_cmd),
+        ("routing", run_routing_cmd),
+    ):
         _note(f"== {name} ==")
         t = time.time()
         try:
             res[name] = fn(args)
-        except Exception as e:  # noqa: BLE001 - a broken part must not lose the others' figures
+        except Exception as e:
             res[name + "_error"] = f"{type(e).__name__}: {e}"
             _note(f"== {name} FAILED: {res[name + '_error']} ==")
         _note(f"== {name} done in {time.time() - t:.0f}s ==")
@@ -238,5 +306,7 @@ def run_all(args: argparse.Namespace) -> int:
     for t in res["targets"]:
         verdict = "n/a" if t["met"] is None else ("MET" if t["met"] else "MISSED")
         print(f"{verdict:>6}  {t['name']}: {t['measured']} (goal {t['target']})")
-    print(f"wrote {docs / 'benchmarks.md'}, {docs / 'benchmarks.json'}, {docs / 'img'} in {time.time() - t0:.0f}s")
+    print(
+        f"wrote {docs / 'benchmarks.md'}, {docs / 'benchmarks.json'}, {docs / 'img'} in {time.time() - t0:.0f}s"
+    )
     return 0

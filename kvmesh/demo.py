@@ -19,19 +19,29 @@ import grpc
 
 from kvmesh import procs
 from kvmesh.loadgen import RunResult, run_sessions
-from kvmesh.v1 import router_pb2 as pb
-from kvmesh.v1 import router_pb2_grpc as pb_grpc
 from kvmesh.workloads import chat, total_requests
+from kvmesh_pb.v1 import router_pb2 as pb
+from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engines", type=int, default=4, help="simulated engines to start")
-    p.add_argument("--policies", default="round_robin,precise", help="comma-separated policies to compare (through node 0)")
-    p.add_argument("--nodes", type=int, default=3, help="router nodes in the mesh; >1 adds a precise run spread over all")
+    p.add_argument(
+        "--policies",
+        default="round_robin,precise",
+        help="comma-separated policies to compare (through node 0)",
+    )
+    p.add_argument(
+        "--nodes", type=int, default=3, help="router nodes in the mesh; >1 adds a precise run spread over all"
+    )
     p.add_argument("--sessions", type=int, default=64, help="chat sessions (4-10 turns each)")
     p.add_argument("--concurrency", type=int, default=24, help="sessions in flight at once")
-    p.add_argument("--num-gpu-blocks", type=int, default=1200, help="KV cache size of each engine, in 16-token blocks")
-    p.add_argument("--time-scale", type=float, default=1.0, help="simulated engine time scale (1 = real GPU speed)")
+    p.add_argument(
+        "--num-gpu-blocks", type=int, default=1200, help="KV cache size of each engine, in 16-token blocks"
+    )
+    p.add_argument(
+        "--time-scale", type=float, default=1.0, help="simulated engine time scale (1 = real GPU speed)"
+    )
     p.add_argument("--seed", type=int, default=7)
 
 
@@ -46,13 +56,24 @@ async def _clear_engines(urls: list[str], routers: list[str]) -> None:
             deadline = time.monotonic() + 10.0
             while (await admin.GetStats(pb.GetStatsRequest())).index_entries:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"index of {router} did not empty after the engines cleared their caches")
+                    raise RuntimeError(
+                        f"index of {router} did not empty after the engines cleared their caches"
+                    )
                 await asyncio.sleep(0.05)
 
 
 def _print_table(results: list[tuple[int, RunResult]]) -> None:
-    cols = ["requests", "failed", "hit_rate", "ttft_p50_ms", "ttft_p90_ms", "latency_p50_ms",
-            "throughput_rps", "output_tps", "imbalance"]
+    cols = [
+        "requests",
+        "failed",
+        "hit_rate",
+        "ttft_p50_ms",
+        "ttft_p90_ms",
+        "latency_p50_ms",
+        "throughput_rps",
+        "output_tps",
+        "imbalance",
+    ]
     print("  ".join(f"{c:>14}" for c in ["policy", "nodes", *cols]))
     for nodes, r in results:
         s = r.summary()
@@ -63,30 +84,50 @@ def _print_table(results: list[tuple[int, RunResult]]) -> None:
 def run(args: argparse.Namespace) -> int:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     sessions = chat(n_sessions=args.sessions, seed=args.seed)
-    print(f"kvmesh demo: {args.engines} simulated engines ({args.num_gpu_blocks} blocks of 16 tokens each), "
-          f"{args.nodes} router nodes, {len(sessions)} chat sessions / {total_requests(sessions)} requests per policy, "
-          f"{args.concurrency} concurrent sessions", flush=True)
+    print(
+        f"kvmesh demo: {args.engines} simulated engines ({args.num_gpu_blocks} blocks of 16 tokens each), "
+        f"{args.nodes} router nodes, {len(sessions)} chat sessions / {total_requests(sessions)} requests per policy, "
+        f"{args.concurrency} concurrent sessions",
+        flush=True,
+    )
     engines: list[procs.Proc] = []
     routers: list[procs.Proc] = []
     results: list[tuple[int, RunResult]] = []
     try:
         t0 = time.monotonic()
         for i in range(args.engines):
-            engines.append(procs.start_sim_engine(
-                f"engine-{i}",
-                ["--num-gpu-blocks", str(args.num_gpu_blocks), "--time-scale", str(args.time_scale),
-                 "--seed", str(args.seed + i)],
-            ))
-        routers.append(procs.start_router(
-            "router-0", [procs.engine_flag(f"e{i}", p) for i, p in enumerate(engines)],
-            ["--policy", "precise", "--log-level", "warning"],
-        ))
+            engines.append(
+                procs.start_sim_engine(
+                    f"engine-{i}",
+                    [
+                        "--num-gpu-blocks",
+                        str(args.num_gpu_blocks),
+                        "--time-scale",
+                        str(args.time_scale),
+                        "--seed",
+                        str(args.seed + i),
+                    ],
+                )
+            )
+        routers.append(
+            procs.start_router(
+                "router-0",
+                [procs.engine_flag(f"e{i}", p) for i, p in enumerate(engines)],
+                ["--policy", "precise", "--log-level", "warning"],
+            )
+        )
         for n in range(1, args.nodes):
-            routers.append(procs.start_router(
-                f"router-{n}", [], ["--join", routers[0].info["grpc"], "--log-level", "warning"]))
+            routers.append(
+                procs.start_router(
+                    f"router-{n}", [], ["--join", routers[0].info["grpc"], "--log-level", "warning"]
+                )
+            )
         addrs = [r.info["grpc"] for r in routers]
-        print(f"started {args.engines} engines and {len(routers)} router nodes ({', '.join(addrs)}) "
-              f"in {time.monotonic() - t0:.1f}s", flush=True)
+        print(
+            f"started {args.engines} engines and {len(routers)} router nodes ({', '.join(addrs)}) "
+            f"in {time.monotonic() - t0:.1f}s",
+            flush=True,
+        )
         runs = [(p, addrs[:1]) for p in policies]
         if len(addrs) > 1:
             runs.append(("precise", addrs))
@@ -101,11 +142,17 @@ def run(args: argparse.Namespace) -> int:
                 if done % 100 == 0:
                     print(f"  {label}: {done} requests", flush=True)
 
-            res = asyncio.run(run_sessions(targets, sessions, policy=policy,
-                                           concurrency=args.concurrency, on_request=progress))
+            res = asyncio.run(
+                run_sessions(
+                    targets, sessions, policy=policy, concurrency=args.concurrency, on_request=progress
+                )
+            )
             s = res.summary()
-            print(f"{label}: {s['requests']} requests in {s['wall_s']:.1f}s, hit rate {s['hit_rate']:.3f}, "
-                  f"TTFT p90 {s['ttft_p90_ms']:.1f} ms", flush=True)
+            print(
+                f"{label}: {s['requests']} requests in {s['wall_s']:.1f}s, hit rate {s['hit_rate']:.3f}, "
+                f"TTFT p90 {s['ttft_p90_ms']:.1f} ms",
+                flush=True,
+            )
             results.append((len(targets), res))
     finally:
         for p in routers + engines:
@@ -117,10 +164,13 @@ def run(args: argparse.Namespace) -> int:
     for nodes, r in results:
         s = r.summary()
         failed |= s["failed"] > 0
-        print(f"RESULT policy={r.policy} nodes={nodes} hit_rate={s['hit_rate']:.4f} "
-              f"ttft_p50_ms={s['ttft_p50_ms']:.1f} ttft_p90_ms={s['ttft_p90_ms']:.1f} "
-              f"throughput_rps={s['throughput_rps']:.2f} output_tps={s['output_tps']:.1f} "
-              f"requests={s['requests']} failed={s['failed']}", flush=True)
+        print(
+            f"RESULT policy={r.policy} nodes={nodes} hit_rate={s['hit_rate']:.4f} "
+            f"ttft_p50_ms={s['ttft_p50_ms']:.1f} ttft_p90_ms={s['ttft_p90_ms']:.1f} "
+            f"throughput_rps={s['throughput_rps']:.2f} output_tps={s['output_tps']:.1f} "
+            f"requests={s['requests']} failed={s['failed']}",
+            flush=True,
+        )
     return 1 if failed else 0
 
 

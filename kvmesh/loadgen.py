@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from kvmesh.v1 import router_pb2 as pb
-from kvmesh.v1 import router_pb2_grpc as pb_grpc
 from kvmesh.workloads import Session
+from kvmesh_pb.v1 import router_pb2 as pb
+from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
 
 @dataclass(slots=True)
@@ -109,8 +109,19 @@ async def generate_once(
             elif kind == "finished":
                 fin = msg.finished
     except grpc.aio.AioRpcError as e:
-        rec = RequestRecord("", 0, "", len(token_ids), 0, 0, 0.0,
-                            (time.perf_counter() - t0) * 1000.0, 0, False, f"{e.code().name}: {e.details()}")
+        rec = RequestRecord(
+            "",
+            0,
+            "",
+            len(token_ids),
+            0,
+            0,
+            0.0,
+            (time.perf_counter() - t0) * 1000.0,
+            0,
+            False,
+            f"{e.code().name}: {e.details()}",
+        )
         return rec, out
     latency = (time.perf_counter() - t0) * 1000.0
     ok = fin is not None and fin.finish_reason != "error"
@@ -152,7 +163,11 @@ async def run_sessions(
                 stub = stubs[counter % len(stubs)]
                 counter += 1
                 rec, answer = await generate_once(
-                    stub, prompt, s.max_tokens, policy=policy, session_key=s.session_id,
+                    stub,
+                    prompt,
+                    s.max_tokens,
+                    policy=policy,
+                    session_key=s.session_id,
                     request_id=f"{policy or 'req'}-{s.session_id}-t{k}",
                 )
                 rec.session_id, rec.turn = s.session_id, k

@@ -62,13 +62,22 @@ def _kill_leftovers() -> None:
         p.kill()
 
 
-def start(name: str, args: list[str], ready_timeout: float = 30.0, env: dict[str, str] | None = None,
-          module: str = "kvmesh.cli") -> Proc:
+def start(
+    name: str,
+    args: list[str],
+    ready_timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+    module: str = "kvmesh.cli",
+) -> Proc:
     """Run ``python -m MODULE ARGS`` (``kvmesh ARGS`` by default) and wait for its READY line."""
     cmd = [sys.executable, "-m", module, *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     popen = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=full_env,
         start_new_session=True,
     )
     proc = Proc(name, popen)
@@ -99,9 +108,15 @@ def start_sim_engine(name: str, extra: list[str] | None = None, host: str = "127
     """A simulated engine on free loopback ports; info has http, kv, replay."""
     http, kv, replay = free_port(host), free_port(host), free_port(host)
     args = [
-        "sim-engine", "--host", host, "--port", str(http),
-        "--kv-events-endpoint", f"tcp://{host}:{kv}",
-        "--kv-replay-endpoint", f"tcp://{host}:{replay}",
+        "sim-engine",
+        "--host",
+        host,
+        "--port",
+        str(http),
+        "--kv-events-endpoint",
+        f"tcp://{host}:{kv}",
+        "--kv-replay-endpoint",
+        f"tcp://{host}:{replay}",
         *(extra or []),
     ]
     p = start(name, args)
@@ -119,7 +134,9 @@ def engine_flag(engine_id: str, p: Proc, model: str = "sim-model", block_size: i
     )
 
 
-def start_router(name: str, engines: list[str], extra: list[str] | None = None, host: str = "127.0.0.1") -> Proc:
+def start_router(
+    name: str, engines: list[str], extra: list[str] | None = None, host: str = "127.0.0.1"
+) -> Proc:
     args = ["router", "--listen", f"{host}:{free_port(host)}", "--node-id", name]
     for e in engines:
         args += ["--engine", e]

@@ -117,29 +117,58 @@ def _poisson_starts(rng: random.Random, n: int, rate: float) -> list[float]:
 
 
 def chat_workload(
-    n_sessions: int = 96, rate: float = 4.0, think_s: float = 1.0, max_tokens: int = 48, seed: int = 0,
-    n_system_prompts: int = 8, system_tokens: tuple[int, int] = (1000, 3000),
-    user_tokens: tuple[int, int] = (200, 600), turns: tuple[int, int] = (4, 10),
+    n_sessions: int = 96,
+    rate: float = 4.0,
+    think_s: float = 1.0,
+    max_tokens: int = 48,
+    seed: int = 0,
+    n_system_prompts: int = 8,
+    system_tokens: tuple[int, int] = (1000, 3000),
+    user_tokens: tuple[int, int] = (200, 600),
+    turns: tuple[int, int] = (4, 10),
 ) -> Workload:
     """Multi-turn chat (:func:`chat`'s sessions), sessions arriving at ``rate``/s."""
-    base = chat(n_sessions=n_sessions, max_tokens=max_tokens, seed=seed, n_system_prompts=n_system_prompts,
-                system_tokens=system_tokens, user_tokens=user_tokens, turns=turns)
+    base = chat(
+        n_sessions=n_sessions,
+        max_tokens=max_tokens,
+        seed=seed,
+        n_system_prompts=n_system_prompts,
+        system_tokens=system_tokens,
+        user_tokens=user_tokens,
+        turns=turns,
+    )
     starts = _poisson_starts(random.Random(f"chat-arrivals/{seed}"), n_sessions, rate)
     sessions = [
         BenchSession(s.session_id, s.system, s.user_turns, [s.max_tokens] * len(s.user_turns), t, think_s)
         for s, t in zip(base, starts)
     ]
-    return Workload("chat", sessions, {
-        "sessions": n_sessions, "session_rate_per_s": rate, "think_s": think_s, "max_tokens": max_tokens,
-        "system_prompts": n_system_prompts, "system_tokens": list(system_tokens), "user_tokens": list(user_tokens),
-        "turns": list(turns), "seed": seed,
-    })
+    return Workload(
+        "chat",
+        sessions,
+        {
+            "sessions": n_sessions,
+            "session_rate_per_s": rate,
+            "think_s": think_s,
+            "max_tokens": max_tokens,
+            "system_prompts": n_system_prompts,
+            "system_tokens": list(system_tokens),
+            "user_tokens": list(user_tokens),
+            "turns": list(turns),
+            "seed": seed,
+        },
+    )
 
 
 def agent_workload(
-    n_sessions: int = 48, rate: float = 3.0, n_agents: int = 4, tools_tokens: tuple[int, int] = (2000, 4000),
-    steps: tuple[int, int] = (4, 12), result_tokens: tuple[int, int] = (30, 300), max_tokens: int = 16,
-    think_s: float = 0.2, seed: int = 0,
+    n_sessions: int = 48,
+    rate: float = 3.0,
+    n_agents: int = 4,
+    tools_tokens: tuple[int, int] = (2000, 4000),
+    steps: tuple[int, int] = (4, 12),
+    result_tokens: tuple[int, int] = (30, 300),
+    max_tokens: int = 16,
+    think_s: float = 0.2,
+    seed: int = 0,
 ) -> Workload:
     """Agent/tool loops: a long shared prefix per agent (instructions + tool
     schemas), then steps that each append the model's short tool call and the
@@ -151,16 +180,31 @@ def agent_workload(
     for i, t in enumerate(starts):
         n = rng.randint(*steps)
         turns = [_tokens(rng, rng.randint(*result_tokens)) for _ in range(n)]
-        sessions.append(BenchSession(f"a{i}", prefixes[rng.randrange(n_agents)], turns, [max_tokens] * n, t, think_s))
-    return Workload("agent", sessions, {
-        "sessions": n_sessions, "session_rate_per_s": rate, "agents": n_agents, "prefix_tokens": list(tools_tokens),
-        "steps": list(steps), "result_tokens": list(result_tokens), "max_tokens": max_tokens, "think_s": think_s,
-        "seed": seed,
-    })
+        sessions.append(
+            BenchSession(f"a{i}", prefixes[rng.randrange(n_agents)], turns, [max_tokens] * n, t, think_s)
+        )
+    return Workload(
+        "agent",
+        sessions,
+        {
+            "sessions": n_sessions,
+            "session_rate_per_s": rate,
+            "agents": n_agents,
+            "prefix_tokens": list(tools_tokens),
+            "steps": list(steps),
+            "result_tokens": list(result_tokens),
+            "max_tokens": max_tokens,
+            "think_s": think_s,
+            "seed": seed,
+        },
+    )
 
 
 def no_sharing_workload(
-    n_requests: int = 120, rate: float = 8.0, prompt_tokens: tuple[int, int] = (300, 1500), max_tokens: int = 32,
+    n_requests: int = 120,
+    rate: float = 8.0,
+    prompt_tokens: tuple[int, int] = (300, 1500),
+    max_tokens: int = 32,
     seed: int = 0,
 ) -> Workload:
     """Control: single-turn requests with unique random prompts (nothing to reuse)."""
@@ -170,10 +214,17 @@ def no_sharing_workload(
         BenchSession(f"u{i}", [], [_tokens(rng, rng.randint(*prompt_tokens))], [max_tokens], t, 0.0, False)
         for i, t in enumerate(starts)
     ]
-    return Workload("nosharing", sessions, {
-        "requests": n_requests, "rate_per_s": rate, "prompt_tokens": list(prompt_tokens), "max_tokens": max_tokens,
-        "seed": seed,
-    })
+    return Workload(
+        "nosharing",
+        sessions,
+        {
+            "requests": n_requests,
+            "rate_per_s": rate,
+            "prompt_tokens": list(prompt_tokens),
+            "max_tokens": max_tokens,
+            "seed": seed,
+        },
+    )
 
 
 # --- the Mooncake conversation trace -----------------------------------------------------
@@ -203,8 +254,12 @@ def load_mooncake(path: str, limit: int | None = None, offset: int = 0) -> list[
                 break
             try:
                 o = json.loads(line)
-                rec = TraceRecord(int(o["timestamp"]), int(o["input_length"]), int(o["output_length"]),
-                                  tuple(int(h) for h in o["hash_ids"]))
+                rec = TraceRecord(
+                    int(o["timestamp"]),
+                    int(o["input_length"]),
+                    int(o["output_length"]),
+                    tuple(int(h) for h in o["hash_ids"]),
+                )
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{lineno}: bad trace record: {e}") from None
             if rec.input_length < 1 or not rec.hash_ids or rec.output_length < 0:
@@ -219,8 +274,12 @@ def _block_tokens(hash_id: int, n: int, salt: int) -> list[int]:
 
 
 def mooncake_workload(
-    records: list[TraceRecord], tokens_per_block: int = 64, target_tokens_per_s: float | None = None,
-    time_factor: float = 1.0, max_output: int = 256, seed: int = 0,
+    records: list[TraceRecord],
+    tokens_per_block: int = 64,
+    target_tokens_per_s: float | None = None,
+    time_factor: float = 1.0,
+    max_output: int = 256,
+    seed: int = 0,
 ) -> Workload:
     """Replay trace records as single-turn requests with fixed prompts.
 
@@ -264,12 +323,22 @@ def mooncake_workload(
         BenchSession(f"m{i}", [], [p], [o], (r.timestamp_ms - t0) / 1000.0 / time_factor, 0.0, False)
         for i, (r, p, o) in enumerate(zip(records, prompts, outs))
     ]
-    return Workload("trace", sessions, {
-        "source": "Mooncake conversation_trace.jsonl", "records": len(records),
-        "tokens_per_trace_block": tokens_per_block, "length_scale": k, "max_output": max_output,
-        "trace_span_s": span, "time_factor": time_factor, "replay_span_s": span / time_factor,
-        "prompt_tokens": total, "offered_prompt_tokens_per_s": total / (span / time_factor) if span else None,
-    })
+    return Workload(
+        "trace",
+        sessions,
+        {
+            "source": "Mooncake conversation_trace.jsonl",
+            "records": len(records),
+            "tokens_per_trace_block": tokens_per_block,
+            "length_scale": k,
+            "max_output": max_output,
+            "trace_span_s": span,
+            "time_factor": time_factor,
+            "replay_span_s": span / time_factor,
+            "prompt_tokens": total,
+            "offered_prompt_tokens_per_s": total / (span / time_factor) if span else None,
+        },
+    )
 
 
 def ideal_hit_rate(requests: list[tuple[list[int], list[int]]], block_size: int = 16) -> float:
@@ -278,7 +347,7 @@ def ideal_hit_rate(requests: list[tuple[list[int], list[int]]], block_size: int 
     before (at most ``(len - 1) // block_size`` blocks: the last prompt token
     is always computed, as in vLLM), then prompt + output blocks are cached
     (engines cache generated blocks too). Returns cached / prompt tokens."""
-    from router.hashing import block_hashes
+    from blocks.hashing import block_hashes
 
     seen: set[int] = set()
     hit = total = 0

@@ -41,7 +41,7 @@ def retransmit_limit(retransmit_mult: int, n_nodes: int) -> int:
 
 
 class _Item(Generic[T]):
-    __slots__ = ("key", "payload", "size", "transmits", "id")
+    __slots__ = ("id", "key", "payload", "size", "transmits")
 
     def __init__(self, key: Hashable, payload: T, size: int, item_id: int) -> None:
         self.key = key
@@ -54,7 +54,7 @@ class _Item(Generic[T]):
 class BroadcastQueue(Generic[T]):
     """Updates waiting to be gossiped, each with its own transmit count."""
 
-    __slots__ = ("retransmit_mult", "_items", "_next_id")
+    __slots__ = ("_items", "_next_id", "retransmit_mult")
 
     def __init__(self, retransmit_mult: int) -> None:
         if retransmit_mult < 1:
@@ -92,9 +92,7 @@ class BroadcastQueue(Generic[T]):
     def clear(self) -> None:
         self._items.clear()
 
-    def take(
-        self, n_nodes: int, max_bytes: int, max_count: int | None = None, overhead: int = 0
-    ) -> list[T]:
+    def take(self, n_nodes: int, max_bytes: int, max_count: int | None = None, overhead: int = 0) -> list[T]:
         """Pick updates for one outgoing message and count them as transmitted.
 
         Updates that reach the transmit limit for ``n_nodes`` leave the queue.

@@ -3,7 +3,7 @@
 Glues membership (``mesh/membership.py``, SWIM), the replicated state
 (``mesh/state.py``, pycrdt logs, registry, load slots, hints) and engine
 ownership (``mesh/ownership.py``, rendezvous hashing) into one state machine
-that the gRPC shell drives and the simulator (``mesh/simnet.py``) runs by the
+that the gRPC shell drives and the simulator (``kvmesh/simulation/simnet.py``) runs by the
 hundred. It reads no clock and no global randomness: time comes in as ``now``
 and randomness from the ``random.Random`` it is given; everything it does is
 a function of those and of the messages it is handed.
@@ -70,7 +70,8 @@ from typing import Any, Union
 
 import structlog
 
-from engine_adapters.kv_delta import OP_CLEAR, KvDelta, KvOp, split_worker_id
+from blocks.delta import OP_CLEAR, KvDelta, KvOp
+from blocks.workers import split_worker_id
 from mesh.broadcast import retransmit_limit
 from mesh.engine_log import CompactionPolicy, Epoch, NotOwnerError
 from mesh.hints import Hint
@@ -104,18 +105,18 @@ from mesh.state import (
 log = structlog.get_logger(__name__)
 
 __all__ = [
-    "MeshConfig",
-    "MeshCore",
-    "StatePush",
-    "SyncRequest",
-    "SyncReply",
-    "StateMessage",
-    "StartOwning",
-    "StopOwning",
+    "Effect",
     "EngineAdded",
     "EngineRemoved",
     "MemberChanged",
-    "Effect",
+    "MeshConfig",
+    "MeshCore",
+    "StartOwning",
+    "StateMessage",
+    "StatePush",
+    "StopOwning",
+    "SyncReply",
+    "SyncRequest",
 ]
 
 _MEMBERSHIP_TYPES = (Ping, Ack, PingReq, Nack, Gossip, Join, JoinReply, PushPull)
@@ -149,9 +150,15 @@ class MeshConfig:
     compaction: CompactionPolicy | None = None
 
     def __post_init__(self) -> None:
-        for name in ("gossip_interval", "anti_entropy_interval", "load_interval",
-                     "load_refresh_interval", "full_state_retry", "ownership_check_interval",
-                     "hint_ttl"):
+        for name in (
+            "gossip_interval",
+            "anti_entropy_interval",
+            "load_interval",
+            "load_refresh_interval",
+            "full_state_retry",
+            "ownership_check_interval",
+            "hint_ttl",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("gossip_fanout", "retransmit_mult", "max_push_bytes", "max_queued_items"):
@@ -235,7 +242,7 @@ Effect = Union[StartOwning, StopOwning, EngineAdded, EngineRemoved, MemberChange
 
 
 class _Item:
-    __slots__ = ("iid", "delta", "size", "sent", "born")
+    __slots__ = ("born", "delta", "iid", "sent", "size")
 
     def __init__(self, iid: int, delta: Delta, size: int, born: float) -> None:
         self.iid = iid
@@ -278,8 +285,11 @@ class MeshCore:
         self.membership = Membership(node_id, addr, cfg.membership, now, rng, logger=self._log)
         # A child RNG for the CRDT ids: its draws do not shift membership's.
         self.state = MeshState(
-            node_id, now, random.Random(rng.getrandbits(64)),
-            compaction=cfg.compaction, hint_ttl=cfg.hint_ttl,
+            node_id,
+            now,
+            random.Random(rng.getrandbits(64)),
+            compaction=cfg.compaction,
+            hint_ttl=cfg.hint_ttl,
         )
         self._sends: list[Any] = []
         self._effects: list[Effect] = []
@@ -403,8 +413,13 @@ class MeshCore:
             self._after(now)
 
     def next_deadline(self) -> float:
-        t = min(self.membership.next_deadline(), self._next_gossip, self._next_ae,
-                self._next_load, self._next_reconcile)
+        t = min(
+            self.membership.next_deadline(),
+            self._next_gossip,
+            self._next_ae,
+            self._next_load,
+            self._next_reconcile,
+        )
         if self._joining:
             t = min(t, self._next_full)
         return t
@@ -454,8 +469,16 @@ class MeshCore:
         else:
             deltas = self.state.diff(remote, now)
         payloads = tuple(encode(d) for d in deltas)
-        self._send(SyncReply(self.addr, msg.src, payloads, encode(self.state.summary()),
-                             full=msg.want_full, ready=self._ready))
+        self._send(
+            SyncReply(
+                self.addr,
+                msg.src,
+                payloads,
+                encode(self.state.summary()),
+                full=msg.want_full,
+                ready=self._ready,
+            )
+        )
 
     def _on_sync_reply(self, msg: SyncReply, now: float) -> None:
         deltas = [self._decode_delta(p) for p in msg.payloads]  # all or nothing
@@ -502,7 +525,7 @@ class MeshCore:
             fresh = []
             for h in delta.hints:
                 key = (h.origin, h.hid)
-                if key not in self._seen_hints and 0 < h.ttl:
+                if key not in self._seen_hints and h.ttl > 0:
                     self._seen_hints[key] = now + h.ttl
                     fresh.append(h)
             if fresh:
@@ -618,8 +641,11 @@ class MeshCore:
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(sorted(self._stats.items()))
         out.update(
-            ready=self._ready, leaving=self._leaving, owned=len(self._owned),
-            engines=len(self._engines), live_members=len(self._live_ids()),
+            ready=self._ready,
+            leaving=self._leaving,
+            owned=len(self._owned),
+            engines=len(self._engines),
+            live_members=len(self._live_ids()),
             queued_items=len(self._queue),
             queued_bytes=sum(it.size for it in self._queue),
         )
@@ -705,8 +731,7 @@ class MeshCore:
         self._local_out.append(to.message)
         self._effects.append(StartOwning(engine_id, self._engines.get(engine_id, {}), to, base))
         self._bump("ownership.taken")
-        self._log.info("mesh.ownership_taken", engine=engine_id, epoch=to.epoch,
-                       base=base, resume=to.resume)
+        self._log.info("mesh.ownership_taken", engine=engine_id, epoch=to.epoch, base=base, resume=to.resume)
 
     def _release(self, engine_id: str, why: str) -> None:
         self.state.release_ownership(engine_id)
@@ -741,16 +766,23 @@ class MeshCore:
             self._become_ready(now, "alone")
             return
         ids = self._live_ids()
-        if (self._joined_at is not None and now - self._joined_at >= self.config.bootstrap_wait
-                and self._heard_not_ready and ids[0] == self.node_id):
+        if (
+            self._joined_at is not None
+            and now - self._joined_at >= self.config.bootstrap_wait
+            and self._heard_not_ready
+            and ids[0] == self.node_id
+        ):
             # Cold start: nobody answered ready; the smallest live id starts the mesh.
             self._become_ready(now, "bootstrap")
             return
         self._full_attempts += 1
         # Every other attempt goes to the smallest live id: in a cold start it
         # is the one that becomes ready first.
-        target = self._live_addr[ids[0]] if (self._full_attempts % 2 == 0 and ids[0] != self.node_id) \
+        target = (
+            self._live_addr[ids[0]]
+            if (self._full_attempts % 2 == 0 and ids[0] != self.node_id)
             else self._rng.choice(peers)
+        )
         self._next_full = now + self.config.full_state_retry
         self._send(SyncRequest(self.addr, target, encode(self.state.summary()), want_full=True))
 
@@ -761,7 +793,7 @@ class MeshCore:
             # Drop the most-sent, oldest items: anti-entropy still repairs them.
             self._queue.sort(key=lambda it: (it.sent, -it.iid))
             dropped = len(self._queue) - self.config.max_queued_items
-            del self._queue[self.config.max_queued_items:]
+            del self._queue[self.config.max_queued_items :]
             self._queue.sort(key=lambda it: it.iid)
             self._bump("queue.dropped", dropped)
 
@@ -800,8 +832,7 @@ class MeshCore:
         if not d.hints or now <= it.born:
             return d
         age = now - it.born
-        hints = [Hint(h.origin, h.hid, h.worker, h.hashes, h.ttl - age) for h in d.hints
-                 if h.ttl > age]
+        hints = [Hint(h.origin, h.hid, h.worker, h.hashes, h.ttl - age) for h in d.hints if h.ttl > age]
         return Delta(sender=d.sender, logs=d.logs, registry=d.registry, slots=d.slots, hints=hints)
 
     def _ae_scale(self) -> float:

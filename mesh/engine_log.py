@@ -1,6 +1,6 @@
 """Per-engine replicated KV log: one single-writer pycrdt document per epoch.
 
-The unit of KV state is :class:`engine_adapters.kv_delta.KvDelta` (one engine
+The unit of KV state is :class:`blocks.delta.KvDelta` (one engine
 event batch, in router block hashes). Each engine's deltas are written by one
 node, the engine's current *owner*, and read by every node.
 
@@ -16,7 +16,7 @@ Layout of one epoch document (a ``pycrdt.Doc`` whose client id is the epoch's
   blocks)])``. Nothing is ever deleted from the Array, so a document carries no
   tombstones; history is bounded by replacing the whole document (below).
 
-The state a log describes is, per worker, a ``kv_delta.BlockMap``: engine
+The state a log describes is, per worker, a ``blocks.block_map.BlockMap``: engine
 block hash -> router block hash (several engine blocks may name one router
 block). The ops carry both hashes (``KvOp.ehashes``), so the router's live
 set is the map's values and a
@@ -93,16 +93,9 @@ import msgspec
 import pycrdt
 import structlog
 
-from engine_adapters.kv_delta import (
-    OP_CLEAR,
-    OP_REMOVE,
-    OP_STORE,
-    BlockMap,
-    EngineHash,
-    KvDelta,
-    KvOp,
-    split_worker_id,
-)
+from blocks.block_map import BlockMap
+from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, EngineHash, KvDelta, KvOp
+from blocks.workers import split_worker_id
 
 log = structlog.get_logger(__name__)
 
@@ -246,7 +239,7 @@ def snapshot_deltas(live: LiveMaps, seqs: dict[str, int]) -> list[KvDelta]:
 class EpochDoc:
     """One epoch of one engine's log: a pycrdt Doc with ``meta`` and ``log``."""
 
-    __slots__ = ("engine_id", "epoch", "doc", "log", "meta")
+    __slots__ = ("doc", "engine_id", "epoch", "log", "meta")
 
     def __init__(self, engine_id: str, epoch: Epoch, *, writer: bool) -> None:
         self.engine_id = engine_id
@@ -445,8 +438,11 @@ class EngineLogReplica:
         if not local:
             self._sub = ed.log.observe(self._on_log_event)
         log.info(
-            "epoch_installed", engine=self.engine_id, epoch=ed.epoch,
-            entries=len(entries), local=local,
+            "epoch_installed",
+            engine=self.engine_id,
+            epoch=ed.epoch,
+            entries=len(entries),
+            local=local,
         )
 
     def _on_log_event(self, event: pycrdt.ArrayEvent) -> None:
@@ -553,10 +549,7 @@ class EngineLogOwner:
     def snapshot_bytes(self) -> int:
         """What a snapshot of the live mapping would take (upper bound for
         64-bit router hashes)."""
-        return (
-            HASH_BYTES * self.engine_blocks + self.ehash_bytes
-            + SNAPSHOT_WORKER_BYTES * len(self.live)
-        )
+        return HASH_BYTES * self.engine_blocks + self.ehash_bytes + SNAPSHOT_WORKER_BYTES * len(self.live)
 
     def mappings(self) -> dict[str, list[tuple[EngineHash, int]]]:
         """Per worker, the (engine hash, router hash) pairs (``BlockMapper.restore``)."""
@@ -646,7 +639,12 @@ class EngineLogOwner:
         new = Epoch(old.term, self.node_id, old.gen + 1, self.new_doc_id())
         update = self.start_epoch(new, self.live, dict(self.replica.last_seq))
         log.info(
-            "log_compacted", engine=self.engine_id, epoch=new, bytes_before=before,
-            bytes_after=self.log_bytes, live=self.live_blocks, update_bytes=len(update),
+            "log_compacted",
+            engine=self.engine_id,
+            epoch=new,
+            bytes_before=before,
+            bytes_after=self.log_bytes,
+            live=self.live_blocks,
+            update_bytes=len(update),
         )
         return new, update

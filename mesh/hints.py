@@ -104,9 +104,7 @@ class HintStore:
     def live(self, now: float) -> list[Hint]:
         """Unexpired hints with their remaining TTL (to gossip or hand to a joiner)."""
         self.expire(now)
-        return [
-            Hint(o, i, w, hs, exp - now) for (o, i), (exp, w, hs) in self._hints.items()
-        ]
+        return [Hint(o, i, w, hs, exp - now) for (o, i), (exp, w, hs) in self._hints.items()]
 
     def overlap(self, hashes: list[int], now: float) -> dict[str, int]:
         """Per worker, how many leading blocks of ``hashes`` are hinted to it."""

@@ -4,7 +4,7 @@ Every router node runs one :class:`Membership`. It does no I/O and reads no
 clock: the caller feeds it time (``now``, seconds) and messages, and sends the
 messages it returns, each addressed by ``dst``. The same object therefore runs
 behind the gRPC transport and inside the deterministic simulator
-(``mesh/simnet.py``). This follows SWIM (Das et al., 2002) with the suspicion and
+(``kvmesh/simulation/simnet.py``). This follows SWIM (Das et al., 2002) with the suspicion and
 Lifeguard refinements of hashicorp/memberlist; defaults are memberlist's LAN
 values.
 
@@ -96,30 +96,30 @@ from mesh.suspicion import Suspicion, confirmations_wanted, suspicion_timeouts
 
 __all__ = [
     "ALIVE",
-    "SUSPECT",
     "DEAD",
     "LEFT",
     "STATES",
-    "MembershipConfig",
-    "MembershipError",
-    "Alive",
-    "Suspect",
-    "Dead",
-    "Leave",
-    "Update",
-    "MemberRecord",
-    "Ping",
+    "SUSPECT",
     "Ack",
-    "PingReq",
-    "Nack",
+    "Alive",
+    "Dead",
     "Gossip",
     "Join",
     "JoinReply",
-    "PushPull",
-    "Message",
-    "Send",
+    "Leave",
     "MemberEvent",
+    "MemberRecord",
     "Membership",
+    "MembershipConfig",
+    "MembershipError",
+    "Message",
+    "Nack",
+    "Ping",
+    "PingReq",
+    "PushPull",
+    "Send",
+    "Suspect",
+    "Update",
 ]
 
 ALIVE = "alive"
@@ -163,8 +163,16 @@ class MembershipConfig:
     max_pending_events: int = 10_000
 
     def __post_init__(self) -> None:
-        positive = ("probe_interval", "probe_timeout", "gossip_interval", "push_pull_interval",
-                    "reconnect_interval", "push_pull_backoff", "join_retry_interval", "max_message_bytes")
+        positive = (
+            "probe_interval",
+            "probe_timeout",
+            "gossip_interval",
+            "push_pull_interval",
+            "reconnect_interval",
+            "push_pull_backoff",
+            "join_retry_interval",
+            "max_message_bytes",
+        )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise MembershipError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -173,9 +181,15 @@ class MembershipConfig:
         for name in ("indirect_checks", "gossip_nodes", "gossip_to_dead_time", "dead_reclaim_time"):
             if getattr(self, name) < 0:
                 raise MembershipError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("suspicion_mult", "suspicion_max_timeout_mult", "retransmit_mult",
-                     "join_fanout", "awareness_max_multiplier", "max_queued_broadcasts",
-                     "max_pending_events"):
+        for name in (
+            "suspicion_mult",
+            "suspicion_max_timeout_mult",
+            "retransmit_mult",
+            "join_fanout",
+            "awareness_max_multiplier",
+            "max_queued_broadcasts",
+            "max_pending_events",
+        ):
             if getattr(self, name) < 1:
                 raise MembershipError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -312,7 +326,7 @@ class MemberEvent:
 
 
 class _Member:
-    __slots__ = ("node", "addr", "incarnation", "state", "state_change")
+    __slots__ = ("addr", "incarnation", "node", "state", "state_change")
 
     def __init__(self, node: str, addr: str, incarnation: int, state: str, now: float) -> None:
         self.node = node
@@ -326,7 +340,7 @@ class _Member:
 
 
 class _Probe:
-    __slots__ = ("seq", "target", "indirect_at", "deadline", "indirect_sent", "expected_nacks", "nacks")
+    __slots__ = ("deadline", "expected_nacks", "indirect_at", "indirect_sent", "nacks", "seq", "target")
 
     def __init__(self, seq: int, target: str, indirect_at: float, deadline: float) -> None:
         self.seq = seq
@@ -341,7 +355,7 @@ class _Probe:
 class _Relay:
     """A ping we send on behalf of another node's PingReq."""
 
-    __slots__ = ("requester_addr", "requester_seq", "nack_at")
+    __slots__ = ("nack_at", "requester_addr", "requester_seq")
 
     def __init__(self, requester_addr: str, requester_seq: int, nack_at: float) -> None:
         self.requester_addr = requester_addr
@@ -634,8 +648,9 @@ class Membership:
             self._push_pull_with(msg.src, now, out)
         if isinstance(msg, Ping):
             if msg.target == self.node_id:
-                out.append(Ack(self.addr, msg.src, msg.seq, self.node_id, self._self.incarnation,
-                               self._piggyback()))
+                out.append(
+                    Ack(self.addr, msg.src, msg.seq, self.node_id, self._self.incarnation, self._piggyback())
+                )
                 self._check_prober(msg, now, out)
         elif isinstance(msg, Ack):
             m = self._members.get(msg.responder)
@@ -648,8 +663,15 @@ class Membership:
             else:
                 relay = self._relays.pop(msg.seq, None)
                 if relay is not None:
-                    out.append(Ack(self.addr, relay.requester_addr, relay.requester_seq, msg.responder,
-                                   msg.incarnation))
+                    out.append(
+                        Ack(
+                            self.addr,
+                            relay.requester_addr,
+                            relay.requester_seq,
+                            msg.responder,
+                            msg.incarnation,
+                        )
+                    )
         elif isinstance(msg, PingReq):
             if msg.target != self.node_id and not self._leaving:
                 seq = self._next_seq()
@@ -702,8 +724,11 @@ class Membership:
         target = self._members.get(probe.target)
         if target is None or target.state not in _LIVE:
             return
-        helpers = [m for k, m in self._members.items()
-                   if m.state == ALIVE and k != self.node_id and k != probe.target]
+        helpers = [
+            m
+            for k, m in self._members.items()
+            if m.state == ALIVE and k != self.node_id and k != probe.target
+        ]
         k = min(self.config.indirect_checks, len(helpers))
         chosen = self._rng.sample(helpers, k) if k else []
         probe.expected_nacks = len(chosen)
@@ -738,8 +763,11 @@ class Membership:
 
     def _gossip_round(self, now: float, out: list[Send]) -> None:
         dead_cut = now - self.config.gossip_to_dead_time
-        cands = [m for k, m in self._members.items() if k != self.node_id and (
-            m.state in _LIVE or (m.state == DEAD and m.state_change >= dead_cut))]
+        cands = [
+            m
+            for k, m in self._members.items()
+            if k != self.node_id and (m.state in _LIVE or (m.state == DEAD and m.state_change >= dead_cut))
+        ]
         k = min(self.config.gossip_nodes, len(cands))
         for m in self._rng.sample(cands, k) if k else ():
             ups = self._queue.take(self._n_live, self.config.max_message_bytes, overhead=2)
@@ -941,7 +969,10 @@ class Membership:
             old = now - self.config.push_pull_backoff
             self._pp_unknown = {a: t for a, t in self._pp_unknown.items() if t > old}
         cut = now - self.config.dead_reclaim_time
-        gone = [k for k, m in self._members.items() if m.state in (DEAD, LEFT) and m.state_change <= cut
-                and k != self.node_id]
+        gone = [
+            k
+            for k, m in self._members.items()
+            if m.state in (DEAD, LEFT) and m.state_change <= cut and k != self.node_id
+        ]
         for k in gone:
             del self._members[k]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-__all__ = ["score", "owner_of", "owners", "OwnershipChange", "ownership_change"]
+__all__ = ["OwnershipChange", "owner_of", "owners", "ownership_change", "score"]
 
 _xxh3 = xxhash.xxh3_64_intdigest
 _TAG = b"kvmesh.owner.v1"

@@ -49,7 +49,8 @@ import msgspec
 import pycrdt
 import structlog
 
-from engine_adapters.kv_delta import BlockMap, KvDelta
+from blocks.block_map import BlockMap
+from blocks.delta import KvDelta
 from mesh.engine_log import (
     CLIENT_ID_BITS,
     CompactionPolicy,
@@ -166,7 +167,10 @@ def merge_deltas(sender: str, deltas: Iterable[Delta]) -> Delta:
     if regs:
         reg = regs[0] if len(regs) == 1 else pycrdt.merge_updates(*regs)
     return Delta(
-        sender=sender, logs=logs, registry=reg, slots=list(slots.values()),
+        sender=sender,
+        logs=logs,
+        registry=reg,
+        slots=list(slots.values()),
         hints=list(hints.values()),
     )
 
@@ -261,8 +265,13 @@ class MeshState:
         if engine_id in self._lost:
             self._lost.remove(engine_id)
         log.info(
-            "engine_ownership_taken", engine=engine_id, node=self.node_id, epoch=epoch,
-            previous=known, live=owner.live_blocks, now=now,
+            "engine_ownership_taken",
+            engine=engine_id,
+            node=self.node_id,
+            epoch=epoch,
+            previous=known,
+            live=owner.live_blocks,
+            now=now,
         )
         return Takeover(
             epoch=epoch,
@@ -308,7 +317,9 @@ class MeshState:
             self._lost.append(engine_id)
             rep = self.logs.get(engine_id)
             log.warning(
-                "engine_ownership_lost", engine=engine_id, node=self.node_id,
+                "engine_ownership_lost",
+                engine=engine_id,
+                node=self.node_id,
                 epoch=rep.known_epoch if rep else None,
             )
 
@@ -469,6 +480,4 @@ class MeshState:
 
     def encoded_size(self) -> int:
         """Bytes of the full-state updates of all CRDT documents."""
-        return sum(r.encoded_size() for r in self.logs.values()) + len(
-            self.registry.update_since()
-        )
+        return sum(r.encoded_size() for r in self.logs.values()) + len(self.registry.update_since())

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["Suspicion", "suspicion_timeouts", "confirmations_wanted"]
+__all__ = ["Suspicion", "confirmations_wanted", "suspicion_timeouts"]
 
 
 def suspicion_timeouts(
@@ -67,11 +67,9 @@ def confirmations_wanted(suspicion_mult: int, n_members: int) -> int:
 class Suspicion:
     """One member's suspicion timer, as seen by one node."""
 
-    __slots__ = ("k", "min_timeout", "max_timeout", "start", "deadline", "_confirmed_by")
+    __slots__ = ("_confirmed_by", "deadline", "k", "max_timeout", "min_timeout", "start")
 
-    def __init__(
-        self, accuser: str, k: int, min_timeout: float, max_timeout: float, start: float
-    ) -> None:
+    def __init__(self, accuser: str, k: int, min_timeout: float, max_timeout: float, start: float) -> None:
         if not 0 < min_timeout <= max_timeout:
             raise ValueError(f"need 0 < min_timeout <= max_timeout, got {min_timeout}, {max_timeout}")
         if k < 0:

@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 import structlog
 
-from kvmesh.mesh.v1 import mesh_pb2 as pb
-from kvmesh.mesh.v1 import mesh_pb2_grpc as pb_grpc
+from kvmesh_pb.mesh.v1 import mesh_pb2 as pb
+from kvmesh_pb.mesh.v1 import mesh_pb2_grpc as pb_grpc
 from mesh.wire import WireError, from_envelope, to_envelope
 
 log = structlog.get_logger(__name__)

@@ -14,7 +14,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from kvmesh.mesh.v1 import mesh_pb2 as pb
+from kvmesh_pb.mesh.v1 import mesh_pb2 as pb
 from mesh import core as mcore
 from mesh import membership as mm
 

@@ -26,7 +26,7 @@ __all__ = ["ApproxTree"]
 
 
 class ApproxTree:
-    __slots__ = ("max_blocks_per_worker", "ttl", "_index", "_lru")
+    __slots__ = ("_index", "_lru", "max_blocks_per_worker", "ttl")
 
     def __init__(self, max_blocks_per_worker: int = 100_000, ttl: float | None = None) -> None:
         if not isinstance(max_blocks_per_worker, int) or max_blocks_per_worker < 1:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine_adapters.kv_delta import worker_id
+from blocks.workers import worker_id
 from router.circuit_breaker import BreakerConfig, CircuitBreaker
 
 DEFAULT_BLOCK_SIZE = 16
@@ -71,9 +71,7 @@ class EngineSpec:
         for part in filter(None, (p.strip() for p in text.split(","))):
             k, sep, v = part.partition("=")
             if not sep or k not in keys:
-                raise EngineSpecError(
-                    f"bad engine field {part!r} in {text!r}; keys: {', '.join(keys)}"
-                )
+                raise EngineSpecError(f"bad engine field {part!r} in {text!r}; keys: {', '.join(keys)}")
             name = keys[k]
             if name in ("block_size", "data_parallel_size", "capacity_blocks"):
                 try:

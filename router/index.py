@@ -22,7 +22,7 @@ from itertools import compress, repeat
 
 import structlog
 
-from engine_adapters.kv_delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta
+from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta
 
 __all__ = ["PrefixIndex"]
 
@@ -42,7 +42,15 @@ _CANON_MAX = 1 << 16
 
 class PrefixIndex:
     __slots__ = (
-        "_map", "_slot_of", "_worker_at", "_held", "_bits", "_canon", "_free", "_all_mask", "_wcache",
+        "_all_mask",
+        "_bits",
+        "_canon",
+        "_free",
+        "_held",
+        "_map",
+        "_slot_of",
+        "_wcache",
+        "_worker_at",
     )
 
     def __init__(self) -> None:
@@ -278,7 +286,9 @@ class PrefixIndex:
             c.scatter(out, active, i)
         return out
 
-    def _count_each(self, out: dict[str, int], c: _Cand, active: int, hashes: Sequence[int], start: int) -> None:
+    def _count_each(
+        self, out: dict[str, int], c: _Cand, active: int, hashes: Sequence[int], start: int
+    ) -> None:
         """``out[w] = start + leading blocks of hashes[start:] that w holds``
         for the few workers ``w`` in ``active`` (each holds hashes[:start]).
 
@@ -313,7 +323,7 @@ class _Cand:
     """One candidate list, ready for ``match``: its workers' names, the mask
     of their bits, a zero result to copy, and what ``scatter`` needs."""
 
-    __slots__ = ("names", "mask", "zeros", "name_of", "by_pos", "fmt")
+    __slots__ = ("by_pos", "fmt", "mask", "name_of", "names", "zeros")
 
     def __init__(self, names: tuple[str, ...], bits: list[int]) -> None:
         self.names = names

@@ -29,7 +29,7 @@ class _InFlight:
 class LoadTracker:
     """In-flight requests of this node, per worker. Pure: time is passed in."""
 
-    __slots__ = ("_reqs", "_count", "_tokens")
+    __slots__ = ("_count", "_reqs", "_tokens")
 
     def __init__(self) -> None:
         self._reqs: dict[str, _InFlight] = {}
@@ -42,7 +42,9 @@ class LoadTracker:
         if not isinstance(prompt_tokens, int) or prompt_tokens < 0:
             raise ValueError(f"prompt_tokens must be a non-negative int, got {prompt_tokens!r}")
         if request_id in self._reqs:
-            raise ValueError(f"request {request_id!r} is already in flight on {self._reqs[request_id].worker!r}")
+            raise ValueError(
+                f"request {request_id!r} is already in flight on {self._reqs[request_id].worker!r}"
+            )
         self._reqs[request_id] = _InFlight(worker, prompt_tokens, now)
         self._count[worker] = self._count.get(worker, 0) + 1
         self._tokens[worker] = self._tokens.get(worker, 0) + prompt_tokens
@@ -131,7 +133,7 @@ def _check_counts(node_id: str, counts: Mapping[str, float], what: str) -> dict[
 class LoadView:
     """The load policies see: local tracker + remote nodes' slots, summed."""
 
-    __slots__ = ("local", "_remote", "_remote_tokens")
+    __slots__ = ("_remote", "_remote_tokens", "local")
 
     def __init__(self, local: LoadTracker | None = None) -> None:
         self.local = local if local is not None else LoadTracker()

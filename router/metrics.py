@@ -19,14 +19,23 @@ class NodeCollector:
     def collect(self):  # noqa: ANN201 - prometheus_client protocol
         n, s = self.node, self.node.stats
         yield CounterMetricFamily("kvmesh_requests", "Generate requests received", value=s.requests_total)
-        yield CounterMetricFamily("kvmesh_requests_failed", "Generate requests failed", value=s.requests_failed)
-        yield CounterMetricFamily("kvmesh_retries", "engine attempts retried elsewhere", value=s.retries_total)
-        yield CounterMetricFamily("kvmesh_prompt_tokens", "prompt tokens proxied", value=s.prompt_tokens_total)
         yield CounterMetricFamily(
-            "kvmesh_cached_prompt_tokens", "prompt tokens the engines reported cached",
+            "kvmesh_requests_failed", "Generate requests failed", value=s.requests_failed
+        )
+        yield CounterMetricFamily(
+            "kvmesh_retries", "engine attempts retried elsewhere", value=s.retries_total
+        )
+        yield CounterMetricFamily(
+            "kvmesh_prompt_tokens", "prompt tokens proxied", value=s.prompt_tokens_total
+        )
+        yield CounterMetricFamily(
+            "kvmesh_cached_prompt_tokens",
+            "prompt tokens the engines reported cached",
             value=s.cached_prompt_tokens_total,
         )
-        yield GaugeMetricFamily("kvmesh_index_entries", "distinct block hashes in the index", value=len(n.index))
+        yield GaugeMetricFamily(
+            "kvmesh_index_entries", "distinct block hashes in the index", value=len(n.index)
+        )
         inflight = GaugeMetricFamily("kvmesh_engine_in_flight", "in-flight requests", labels=["engine"])
         blocks = GaugeMetricFamily("kvmesh_engine_cached_blocks", "blocks indexed", labels=["engine"])
         up = GaugeMetricFamily("kvmesh_engine_up", "1 if healthy and circuit closed", labels=["engine"])

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from blocks.delta import KvDelta
+from blocks.hashing import block_hashes, root_seed
+from blocks.workers import split_worker_id
 from engine_adapters.block_mapper import BlockMapper
 from engine_adapters.event_adapter import EventAdapter
-from engine_adapters.kv_delta import KvDelta, split_worker_id
 from engine_adapters.proxy import (
     Chunk,
     CompletionParams,
@@ -48,7 +50,6 @@ from mesh.transport import MeshTransport
 from router.approx_tree import ApproxTree
 from router.circuit_breaker import BreakerConfig
 from router.engine_registry import EngineRecord, EngineSpec, EngineSpecError
-from router.hashing import block_hashes, root_seed
 from router.index import PrefixIndex
 from router.load import LoadTracker
 from router.policies import (
@@ -267,14 +268,17 @@ class RouterNode:
             self._adapter_cmds.put_nowait(("stop", eff.engine_id, None))
         elif isinstance(eff, MemberChanged):
             ev = eff.event
-            self.log.info("member " + ev.kind, member=ev.node, member_addr=ev.addr, incarnation=ev.incarnation)
+            self.log.info(
+                "member " + ev.kind, member=ev.node, member_addr=ev.addr, incarnation=ev.incarnation
+            )
 
     async def _mesh_loop(self) -> None:
         while not self._closing:
             now = self.clock()
             try:
-                local = {w: (self.load.in_flight(w), self.load.in_flight_tokens(w))
-                         for w in self.load.snapshot()}
+                local = {
+                    w: (self.load.in_flight(w), self.load.in_flight_tokens(w)) for w in self.load.snapshot()
+                }
                 if local != self._published_load:
                     self.core.set_local_load(local, now)
                     self._published_load = local
@@ -333,8 +337,12 @@ class RouterNode:
         )
         self.adapters[engine_id] = adapter
         await adapter.start()
-        self.log.info("owning engine", engine=engine_id, resume=dict(eff.takeover.resume),
-                      mapped_blocks=sum(len(v) for v in pairs.values()))
+        self.log.info(
+            "owning engine",
+            engine=engine_id,
+            resume=dict(eff.takeover.resume),
+            mapped_blocks=sum(len(v) for v in pairs.values()),
+        )
 
     def _owner_delta(self, engine_id: str, delta: KvDelta) -> None:
         if not self.core.engine_deltas(engine_id, [delta], self.clock()):
@@ -500,9 +508,7 @@ class RouterNode:
         if not dry_run:
             # Count the pick as load for a while: the caller sends it itself.
             self.load.start(routed.worker, prep.request_id, self._work_tokens(prep, routed), self.clock())
-            asyncio.get_running_loop().call_later(
-                self.route_hint_ttl_s, self.load.finish, prep.request_id
-            )
+            asyncio.get_running_loop().call_later(self.route_hint_ttl_s, self.load.finish, prep.request_id)
         return routed
 
     @staticmethod
@@ -570,9 +576,14 @@ class RouterNode:
                         self.stats.prompt_tokens_total += item.prompt_tokens
                         self.stats.cached_prompt_tokens_total += item.cached_tokens
                         self.stats.requests_by_engine[routed.engine_id] += 1
-                        rlog.info("request done", engine=routed.engine_id, attempt=attempt,
-                                  cached=item.cached_tokens, prompt=item.prompt_tokens,
-                                  predicted_blocks=routed.predicted_cached_blocks)
+                        rlog.info(
+                            "request done",
+                            engine=routed.engine_id,
+                            attempt=attempt,
+                            cached=item.cached_tokens,
+                            prompt=item.prompt_tokens,
+                            predicted_blocks=routed.predicted_cached_blocks,
+                        )
                         yield Finished(
                             finish_reason=item.finish_reason,
                             prompt_tokens=item.prompt_tokens,
@@ -589,16 +600,28 @@ class RouterNode:
                 excluded.add(routed.worker)
                 self.stats.retries_total += 1
                 last_error = str(e)
-                rlog.warning("engine failed before first token; retrying", engine=routed.engine_id,
-                             attempt=attempt, error=last_error)
+                rlog.warning(
+                    "engine failed before first token; retrying",
+                    engine=routed.engine_id,
+                    attempt=attempt,
+                    error=last_error,
+                )
                 continue
             except EngineStreamError as e:
                 record.failures += 1
                 record.breaker.on_failure(self.clock())
                 self.stats.requests_failed += 1
                 rlog.error("stream broke after first token", engine=routed.engine_id, error=str(e))
-                yield Finished("error", len(prep.token_ids), 0, 0, routed.engine_id,
-                               max(ttft_ms, 0.0), attempt, error=str(e))
+                yield Finished(
+                    "error",
+                    len(prep.token_ids),
+                    0,
+                    0,
+                    routed.engine_id,
+                    max(ttft_ms, 0.0),
+                    attempt,
+                    error=str(e),
+                )
                 return
             finally:
                 self.load.finish(prep.request_id)
@@ -634,7 +657,9 @@ def parse_policy_opts(items: list[str]) -> dict[str, dict[str, float]]:
         if not sep or not dot or not opt:
             raise ValueError(f"--policy-opt {item!r}: want POLICY.KEY=VALUE")
         if policy not in POLICY_NAMES:
-            raise ValueError(f"--policy-opt {item!r}: unknown policy {policy!r}; one of {', '.join(POLICY_NAMES)}")
+            raise ValueError(
+                f"--policy-opt {item!r}: unknown policy {policy!r}; one of {', '.join(POLICY_NAMES)}"
+            )
         try:
             v = float(value)
         except ValueError:
@@ -646,19 +671,39 @@ def parse_policy_opts(items: list[str]) -> dict[str, dict[str, float]]:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--listen", default="127.0.0.1:50051", help="gRPC address HOST:PORT (port 0: any free port)")
-    p.add_argument("--advertise", default="", help="HOST:PORT other nodes reach this one at (default: the "
-                   "listen address; with 0.0.0.0, this host's address)")
-    p.add_argument("--node-id", default="", help="unique node name in the mesh (default: the advertised address)")
-    p.add_argument("--join", action="append", default=[], metavar="SEED",
-                   help="join the mesh through a live node, repeatable: HOST:PORT, or a DNS name:PORT that "
-                   "resolves to several nodes (each address is tried). Without it, this node starts a new mesh")
+    p.add_argument(
+        "--listen", default="127.0.0.1:50051", help="gRPC address HOST:PORT (port 0: any free port)"
+    )
+    p.add_argument(
+        "--advertise",
+        default="",
+        help="HOST:PORT other nodes reach this one at (default: the "
+        "listen address; with 0.0.0.0, this host's address)",
+    )
+    p.add_argument(
+        "--node-id", default="", help="unique node name in the mesh (default: the advertised address)"
+    )
+    p.add_argument(
+        "--join",
+        action="append",
+        default=[],
+        metavar="SEED",
+        help="join the mesh through a live node, repeatable: HOST:PORT, or a DNS name:PORT that "
+        "resolves to several nodes (each address is tried). Without it, this node starts a new mesh",
+    )
     p.add_argument("--probe-interval", type=float, default=1.0, help="SWIM probe interval, seconds")
-    p.add_argument("--gossip-interval", type=float, default=0.2, help="state/membership gossip interval, seconds")
+    p.add_argument(
+        "--gossip-interval", type=float, default=0.2, help="state/membership gossip interval, seconds"
+    )
     p.add_argument("--policy", default="precise", choices=POLICY_NAMES, help="default routing policy")
-    p.add_argument("--policy-opt", action="append", default=[], metavar="POLICY.KEY=VALUE",
-                   help="tune a policy, repeatable, e.g. precise.overlap_weight=2, "
-                   "cache_aware_approx.cache_threshold=0.5 (options: see docs/architecture.md)")
+    p.add_argument(
+        "--policy-opt",
+        action="append",
+        default=[],
+        metavar="POLICY.KEY=VALUE",
+        help="tune a policy, repeatable, e.g. precise.overlap_weight=2, "
+        "cache_aware_approx.cache_threshold=0.5 (options: see docs/architecture.md)",
+    )
     p.add_argument(
         "--engine",
         action="append",
@@ -713,8 +758,9 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         seeds = await resolve_seeds(args.join, advertise)
         mesh_config = MeshConfig(
-            membership=MembershipConfig(probe_interval=args.probe_interval,
-                                        probe_timeout=min(0.5, args.probe_interval / 2)),
+            membership=MembershipConfig(
+                probe_interval=args.probe_interval, probe_timeout=min(0.5, args.probe_interval / 2)
+            ),
             gossip_interval=args.gossip_interval,
         )
         node = RouterNode(
@@ -770,7 +816,9 @@ async def resolve_seeds(seeds: list[str], me: str, timeout: float = 30.0) -> lis
         deadline = time.monotonic() + timeout
         while True:
             try:
-                infos = await loop.getaddrinfo(host, int(port), family=socket.AF_INET, type=socket.SOCK_STREAM)
+                infos = await loop.getaddrinfo(
+                    host, int(port), family=socket.AF_INET, type=socket.SOCK_STREAM
+                )
                 break
             except socket.gaierror as e:
                 if time.monotonic() > deadline:

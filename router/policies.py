@@ -194,7 +194,9 @@ def candidates_from(
     ]
 
 
-def is_imbalanced(loads: Iterable[float], abs_threshold: float, rel_threshold: float) -> tuple[bool, float, float]:
+def is_imbalanced(
+    loads: Iterable[float], abs_threshold: float, rel_threshold: float
+) -> tuple[bool, float, float]:
     """SGLang's balance guard. Returns (imbalanced, max, min)."""
     ls = list(loads)
     if not ls:
@@ -303,9 +305,14 @@ class RoundRobin(_Base):
         self._next = (self._next + 1) % (1 << 62)
         c = healthy[i]
         return _decision(
-            self.name, req, candidates, c.worker,
+            self.name,
+            req,
+            candidates,
+            c.worker,
             f"turn {i + 1} of {len(healthy)} healthy workers -> {c.worker}",
-            self._info_overlaps(req, candidates), None, "load (not used)",
+            self._info_overlaps(req, candidates),
+            None,
+            "load (not used)",
         )
 
 
@@ -318,9 +325,14 @@ class RandomPolicy(_Base):
         healthy = _healthy(self.name, candidates)
         c = rng.choice(healthy)
         return _decision(
-            self.name, req, candidates, c.worker,
+            self.name,
+            req,
+            candidates,
+            c.worker,
             f"uniform random over {len(healthy)} healthy workers -> {c.worker}",
-            self._info_overlaps(req, candidates), None, "load (not used)",
+            self._info_overlaps(req, candidates),
+            None,
+            "load (not used)",
         )
 
 
@@ -333,9 +345,14 @@ class LeastLoad(_Base):
         healthy = _healthy(self.name, candidates)
         c = _least_load(healthy, rng)
         return _decision(
-            self.name, req, candidates, c.worker,
+            self.name,
+            req,
+            candidates,
+            c.worker,
             f"least load {_fmt(c.load)} on {c.worker}",
-            self._info_overlaps(req, candidates), None, "in-flight requests (lowest wins)",
+            self._info_overlaps(req, candidates),
+            None,
+            "in-flight requests (lowest wins)",
         )
 
 
@@ -355,12 +372,20 @@ class PowerOfTwo(_Base):
             a, b = rng.sample(healthy, 2)
             c = b if b.load < a.load else a  # sample order is random, so ties are too
             other = b if c is a else a
-            reason = f"sampled {a.worker} (load {_fmt(a.load)}) and {b.worker} (load {_fmt(b.load)}) -> {c.worker}"
+            reason = (
+                f"sampled {a.worker} (load {_fmt(a.load)}) and {b.worker} (load {_fmt(b.load)}) -> {c.worker}"
+            )
             if c.load == other.load:
                 reason += " (tie)"
         return _decision(
-            self.name, req, candidates, c.worker, reason,
-            self._info_overlaps(req, candidates), None, "in-flight requests (lower of two samples wins)",
+            self.name,
+            req,
+            candidates,
+            c.worker,
+            reason,
+            self._info_overlaps(req, candidates),
+            None,
+            "in-flight requests (lower of two samples wins)",
         )
 
 
@@ -398,9 +423,14 @@ class ConsistentHash(_Base):
         weights = {c.worker: _xxh3(c.worker.encode("utf-8"), key) for c in candidates}
         c = max(healthy, key=lambda c: (weights[c.worker], c.worker))
         return _decision(
-            self.name, req, candidates, c.worker,
+            self.name,
+            req,
+            candidates,
+            c.worker,
             f"rendezvous hash of {what} -> {c.worker}",
-            self._info_overlaps(req, candidates), weights, "rendezvous weight, 64-bit (highest wins)",
+            self._info_overlaps(req, candidates),
+            weights,
+            "rendezvous weight, 64-bit (highest wins)",
         )
 
 
@@ -411,22 +441,34 @@ class _Guarded(_Base):
     def __init__(self, index: PrefixIndex | None, abs_threshold: float, rel_threshold: float) -> None:
         super().__init__(index)
         if abs_threshold < 0 or rel_threshold < 1:
-            raise ValueError(f"need abs_threshold >= 0 and rel_threshold >= 1, got {abs_threshold}, {rel_threshold}")
+            raise ValueError(
+                f"need abs_threshold >= 0 and rel_threshold >= 1, got {abs_threshold}, {rel_threshold}"
+            )
         self.abs_threshold = abs_threshold
         self.rel_threshold = rel_threshold
 
     def _guard(
-        self, req: RouteRequest, candidates: Sequence[Candidate], healthy: list[Candidate],
-        overlaps: Mapping[str, int], rng: _random.Random,
+        self,
+        req: RouteRequest,
+        candidates: Sequence[Candidate],
+        healthy: list[Candidate],
+        overlaps: Mapping[str, int],
+        rng: _random.Random,
     ) -> Decision | None:
         imb, hi, lo = is_imbalanced((c.load for c in healthy), self.abs_threshold, self.rel_threshold)
         if not imb:
             return None
         c = _least_load(healthy, rng)
         return _decision(
-            self.name, req, candidates, c.worker,
+            self.name,
+            req,
+            candidates,
+            c.worker,
             f"imbalanced: max {_fmt(hi)} min {_fmt(lo)} -> least load {c.worker}",
-            overlaps, None, "in-flight requests (imbalanced fleet: lowest wins)", imbalanced=True,
+            overlaps,
+            None,
+            "in-flight requests (imbalanced fleet: lowest wins)",
+            imbalanced=True,
         )
 
 
@@ -547,7 +589,13 @@ class Precise(_Guarded):
             f"load {_fmt(c.load)}"
         )
         return _decision(
-            self.name, req, candidates, c.worker, reason, overlaps, costs,
+            self.name,
+            req,
+            candidates,
+            c.worker,
+            reason,
+            overlaps,
+            costs,
             f"{_fmt(w)} x uncached prompt blocks x (1 + {_fmt(self.delay_weight)} x in-flight requests)"
             " + in-flight blocks (lowest wins)",
         )

@@ -14,11 +14,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from blocks.hashing import xor_digest
 from engine_adapters.proxy import Chunk, CompletionParams
-from kvmesh.v1 import router_pb2 as pb
-from kvmesh.v1 import router_pb2_grpc as pb_grpc
+from kvmesh_pb.v1 import router_pb2 as pb
+from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 from router.engine_registry import EngineRecord, EngineSpec, EngineSpecError
-from router.hashing import xor_digest
 from router.node import Finished, Prepared, RequestError, Routed, RouterNode
 from router.policies import Decision, NoEngineAvailable
 
@@ -106,7 +106,9 @@ class RouterService(pb_grpc.RouterServicer):
             cache_salt=request.cache_salt,
         )
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:  # noqa: N802
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             prep = self._prepare(request, context)
         except RequestError as e:
@@ -307,8 +309,13 @@ async def serve(
             start_metrics_server(node, metrics_port)
         for name in served:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        node.log.info("router serving", grpc=node.addr, policy=node.default_policy,
-                      engines=sorted(node.engines), members=len(node.core.live_members()))
+        node.log.info(
+            "router serving",
+            grpc=node.addr,
+            policy=node.default_policy,
+            engines=sorted(node.engines),
+            members=len(node.core.live_members()),
+        )
         print(f"READY grpc={node.addr} node={node.node_id}", flush=True)
         if ready is not None and not ready.done():
             ready.set_result(node.addr)

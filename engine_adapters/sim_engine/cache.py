@@ -173,9 +173,7 @@ class PrefixCache:
 
     # --- mutations -------------------------------------------------------------
 
-    def allocate(
-        self, request_id: str, tokens: Sequence[int], reserve_tokens: int = 0
-    ) -> tuple[int, int]:
+    def allocate(self, request_id: str, tokens: Sequence[int], reserve_tokens: int = 0) -> tuple[int, int]:
         """Pin the cached prefix of ``tokens`` and take blocks for the rest.
 
         Room is taken for ``len(tokens) + reserve_tokens`` tokens (the shell
@@ -203,8 +201,7 @@ class PrefixCache:
         hits_evictable = sum(1 for bid in hits if self._blocks[bid].ref == 0)
         if need > len(self._free) + len(self._lru) - hits_evictable:
             raise NotEnoughBlocks(
-                f"need {need} blocks, {len(self._free)} free and "
-                f"{len(self._lru) - hits_evictable} evictable"
+                f"need {need} blocks, {len(self._free)} free and {len(self._lru) - hits_evictable} evictable"
             )
         for bid in hits:
             self._pin(bid)
@@ -351,7 +348,7 @@ def snapshot_router_hashes(
     """Router block hashes of the blocks in a :meth:`PrefixCache.snapshot` (or
     the engine's ``GET /admin/cache``): what a correct router index holds for
     this engine. Each block is chained through its parent, as the router does."""
-    from router.hashing import chain_hash, root_seed
+    from blocks.hashing import chain_hash, root_seed
 
     by_hash = {b["hash"]: b for b in snapshot}
     seed = root_seed(model, lora_name)

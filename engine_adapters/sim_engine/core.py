@@ -95,10 +95,7 @@ class EngineCore:
             )
         need = self.cache.blocks_needed(prompt_len + max_tokens)
         if need > self.cache.num_gpu_blocks:
-            return (
-                f"request needs {need} KV blocks but the engine has only "
-                f"{self.cache.num_gpu_blocks}"
-            )
+            return f"request needs {need} KV blocks but the engine has only {self.cache.num_gpu_blocks}"
         return None
 
     def add(self, req: SimRequest, now: float) -> Seq:
@@ -109,9 +106,7 @@ class EngineCore:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         seq = Seq(req.request_id, len(req.prompt), req.max_tokens, arrival=now)
         self.scheduler.add(seq)
-        self._live[req.request_id] = _Live(
-            req, seq, random.Random(req.seed), tokens=list(req.prompt)
-        )
+        self._live[req.request_id] = _Live(req, seq, random.Random(req.seed), tokens=list(req.prompt))
         return seq
 
     def abort(self, request_id: str) -> bool:
@@ -169,9 +164,7 @@ class EngineCore:
                     self.scheduler.remove(p.seq.request_id)
                     p.seq.finished = True
                 outs.append(TokenOut(p.seq.request_id, tok, finish, p.seq))
-            self.cache.commit_full_blocks(
-                p.seq.request_id, live.tokens, num_tokens=p.seq.num_kv_tokens
-            )
+            self.cache.commit_full_blocks(p.seq.request_id, live.tokens, num_tokens=p.seq.num_kv_tokens)
             if finish is not None:
                 del self._live[p.seq.request_id]
                 self.cache.release(p.seq.request_id)

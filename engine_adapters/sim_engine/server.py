@@ -81,14 +81,96 @@ _TOKEN_IDS = list[Annotated[int, msgspec.Meta(ge=0, le=_MAX_TOKEN_ID)]]
 _encode_json = msgspec.json.Encoder().encode
 _MAX_CATCHUP_S = 0.005
 # Output "words": generated ids decode to readable text with the builtin tokenizer.
-_OUTPUT_WORDS = (
-    "the of and to in is that it for on with as was be by at this are from or an "
-    "have not they which one you were all we can her has there been if more when "
-    "will would who so no out up into time model cache token block engine router "
-    "prefix request fast memory batch layer value key query stream mesh node data "
-    "result simple state event order light river stone cloud green quiet bright "
-    "north garden window paper music story answer number system signal"
-).split()
+_OUTPUT_WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "it",
+    "for",
+    "on",
+    "with",
+    "as",
+    "was",
+    "be",
+    "by",
+    "at",
+    "this",
+    "are",
+    "from",
+    "or",
+    "an",
+    "have",
+    "not",
+    "they",
+    "which",
+    "one",
+    "you",
+    "were",
+    "all",
+    "we",
+    "can",
+    "her",
+    "has",
+    "there",
+    "been",
+    "if",
+    "more",
+    "when",
+    "will",
+    "would",
+    "who",
+    "so",
+    "no",
+    "out",
+    "up",
+    "into",
+    "time",
+    "model",
+    "cache",
+    "token",
+    "block",
+    "engine",
+    "router",
+    "prefix",
+    "request",
+    "fast",
+    "memory",
+    "batch",
+    "layer",
+    "value",
+    "key",
+    "query",
+    "stream",
+    "mesh",
+    "node",
+    "data",
+    "result",
+    "simple",
+    "state",
+    "event",
+    "order",
+    "light",
+    "river",
+    "stone",
+    "cloud",
+    "green",
+    "quiet",
+    "bright",
+    "north",
+    "garden",
+    "window",
+    "paper",
+    "music",
+    "story",
+    "answer",
+    "number",
+    "system",
+    "signal",
+]
 _TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
@@ -218,21 +300,53 @@ class _Metrics:
     def __init__(self, model: str) -> None:
         self.registry = CollectorRegistry()
         r, lbl = self.registry, ["model_name"]
-        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch", lbl, registry=r).labels(model)  # noqa: E501
-        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be admitted", lbl, registry=r).labels(model)  # noqa: E501
-        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (1 = 100%)", lbl, registry=r).labels(model)  # noqa: E501
-        self.cached_blocks = Gauge("kvmesh_sim_cached_blocks", "Blocks in the prefix cache", lbl, registry=r).labels(model)  # noqa: E501
-        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", lbl, registry=r).labels(model)  # noqa: E501
-        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", lbl, registry=r).labels(model)  # noqa: E501
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed", lbl, registry=r).labels(model)  # noqa: E501
-        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", lbl, registry=r).labels(model)  # noqa: E501
-        self.success = Counter("vllm:request_success", "Finished requests", lbl + ["finished_reason"], registry=r)  # noqa: E501
+        self.running = Gauge(
+            "vllm:num_requests_running", "Requests in the running batch", lbl, registry=r
+        ).labels(model)
+        self.waiting = Gauge(
+            "vllm:num_requests_waiting", "Requests waiting to be admitted", lbl, registry=r
+        ).labels(model)
+        self.kv_usage = Gauge(
+            "vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (1 = 100%)", lbl, registry=r
+        ).labels(model)
+        self.cached_blocks = Gauge(
+            "kvmesh_sim_cached_blocks", "Blocks in the prefix cache", lbl, registry=r
+        ).labels(model)
+        self.prefix_queries = Counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", lbl, registry=r
+        ).labels(model)
+        self.prefix_hits = Counter(
+            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", lbl, registry=r
+        ).labels(model)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed", lbl, registry=r).labels(
+            model
+        )
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Tokens generated", lbl, registry=r
+        ).labels(model)
+        self.success = Counter(
+            "vllm:request_success", "Finished requests", lbl + ["finished_reason"], registry=r
+        )
         self.model = model
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", lbl, buckets=_TTFT_BUCKETS, registry=r).labels(model)  # noqa: E501
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency", lbl, buckets=_E2E_BUCKETS, registry=r).labels(model)  # noqa: E501
-        self.rejected = Counter("kvmesh_sim_requests_rejected", "Requests refused before admission", lbl + ["reason"], registry=r)  # noqa: E501
-        self.aborted = Counter("kvmesh_sim_requests_aborted", "Requests aborted (client went away)", lbl, registry=r).labels(model)  # noqa: E501
-        self.event_batches = Counter("kvmesh_sim_kv_event_batches", "KV event batches published", lbl, registry=r).labels(model)  # noqa: E501
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "Time to first token", lbl, buckets=_TTFT_BUCKETS, registry=r
+        ).labels(model)
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "End-to-end request latency",
+            lbl,
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        ).labels(model)
+        self.rejected = Counter(
+            "kvmesh_sim_requests_rejected", "Requests refused before admission", lbl + ["reason"], registry=r
+        )
+        self.aborted = Counter(
+            "kvmesh_sim_requests_aborted", "Requests aborted (client went away)", lbl, registry=r
+        ).labels(model)
+        self.event_batches = Counter(
+            "kvmesh_sim_kv_event_batches", "KV event batches published", lbl, registry=r
+        ).labels(model)
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(self.model, reason).inc()
@@ -307,7 +421,7 @@ class SimEngine:
         self._created = int(time.time())
         self.publisher: Any = None
         if args.kv_events_endpoint:
-            from engine_adapters.zmq_publisher import ZmqEventPublisher
+            from engine_adapters.sim_engine.publisher import ZmqEventPublisher
 
             self.publisher = ZmqEventPublisher(
                 args.kv_events_endpoint,
@@ -383,7 +497,7 @@ class SimEngine:
             body = await request.json()
             count = body.get("count") if isinstance(body, dict) else None
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "body must be JSON {\"count\": n}")
+            return _error(400, 'body must be JSON {"count": n}')
         if not _is_int(count) or count < 0:
             return _error(400, "count must be an integer >= 0", "count")
         if self.publisher is None:
@@ -426,9 +540,7 @@ class SimEngine:
             rid = f"{rid}-{uuid.uuid4().hex[:8]}"
         seed = p.seed if p.seed is not None else self._prompt_seed(p.prompt)
         loop = asyncio.get_running_loop()
-        seq = self.core.add(
-            SimRequest(rid, p.prompt, p.max_tokens, seed, p.ignore_eos), loop.time()
-        )
+        seq = self.core.add(SimRequest(rid, p.prompt, p.max_tokens, seed, p.ignore_eos), loop.time())
         pend = _Pending(p, seq)
         self._pending[rid] = pend
         self._wake.set()
@@ -450,19 +562,28 @@ class SimEngine:
 
     async def sglang_server_info(self, request: web.Request) -> web.Response:
         st = self.core.cache.stats()
-        return web.json_response({
-            "model_path": self.args.model_path or self.model, "served_model_name": self.model,
-            "tokenizer_path": self.args.model_path,
-            "page_size": self.core.cache.block_size, "max_total_num_tokens": st.num_blocks * self.core.cache.block_size,
-            "context_length": self.core.max_model_len, "max_running_requests": self.args.max_num_seqs,
-            "dp_size": 1, "tp_size": 1, "version": "kvmesh-sim",
-        })
+        return web.json_response(
+            {
+                "model_path": self.args.model_path or self.model,
+                "served_model_name": self.model,
+                "tokenizer_path": self.args.model_path,
+                "page_size": self.core.cache.block_size,
+                "max_total_num_tokens": st.num_blocks * self.core.cache.block_size,
+                "context_length": self.core.max_model_len,
+                "max_running_requests": self.args.max_num_seqs,
+                "dp_size": 1,
+                "tp_size": 1,
+                "version": "kvmesh-sim",
+            }
+        )
 
     async def sglang_model_info(self, request: web.Request) -> web.Response:
         # A local --model-path lets SGLang's router load a tokenizer from disk
         # instead of asking the Hugging Face hub for "sim-model".
         path = self.args.model_path
-        return web.json_response({"model_path": path or self.model, "tokenizer_path": path, "is_generation": True})
+        return web.json_response(
+            {"model_path": path or self.model, "tokenizer_path": path, "is_generation": True}
+        )
 
     async def sglang_generate(self, request: web.Request) -> web.StreamResponse:
         """SGLang's ``POST /generate``: ``input_ids`` (or ``text``), ``sampling_params``
@@ -484,8 +605,14 @@ class SimEngine:
         if not isinstance(sp, dict):
             return _error(400, "sampling_params must be an object", "sampling_params")
         prompt = body.get("input_ids") if body.get("input_ids") is not None else body.get("text")
-        oa = {"prompt": prompt, "max_tokens": sp.get("max_new_tokens", 128), "stream": bool(body.get("stream", False)),
-              "ignore_eos": sp.get("ignore_eos", False), "stop": sp.get("stop"), "seed": sp.get("sampling_seed")}
+        oa = {
+            "prompt": prompt,
+            "max_tokens": sp.get("max_new_tokens", 128),
+            "stream": bool(body.get("stream", False)),
+            "ignore_eos": sp.get("ignore_eos", False),
+            "stop": sp.get("stop"),
+            "seed": sp.get("sampling_seed"),
+        }
         try:
             p = parse_completion(oa, self.tokenizer)
         except BadRequest as e:
@@ -496,21 +623,27 @@ class SimEngine:
             self.metrics.reject("bad_request")
             return _error(400, why)
         rid_in = body.get("rid")
-        ext_id = rid_in if isinstance(rid_in, str) and rid_in else (request.headers.get("X-Request-Id") or uuid.uuid4().hex)
+        ext_id = (
+            rid_in
+            if isinstance(rid_in, str) and rid_in
+            else (request.headers.get("X-Request-Id") or uuid.uuid4().hex)
+        )
         rid = f"gen-{ext_id}"
         if rid in self._pending:
             rid = f"{rid}-{uuid.uuid4().hex[:8]}"
         seed = p.seed if p.seed is not None else self._prompt_seed(p.prompt)
-        seq = self.core.add(SimRequest(rid, p.prompt, p.max_tokens, seed, p.ignore_eos),
-                            asyncio.get_running_loop().time())
+        seq = self.core.add(
+            SimRequest(rid, p.prompt, p.max_tokens, seed, p.ignore_eos), asyncio.get_running_loop().time()
+        )
         pend = _Pending(p, seq)
         self._pending[rid] = pend
         self._wake.set()
         try:
             resp: web.StreamResponse | None = None
             if p.stream:
-                resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
-                                                               "Cache-Control": "no-cache"})
+                resp = web.StreamResponse(
+                    status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+                )
                 await resp.prepare(request)
             ids: list[int] = []
             texts: list[str] = []
@@ -518,9 +651,13 @@ class SimEngine:
             async for tok, text, finish, _stop in self._tokens(rid, pend):
                 ids.append(tok)
                 texts.append(text)
-                meta = {"id": ext_id, "prompt_tokens": len(p.prompt), "completion_tokens": len(ids),
-                        "cached_tokens": seq.num_cached,
-                        "finish_reason": None if finish is None else {"type": finish, "length": len(ids)}}
+                meta = {
+                    "id": ext_id,
+                    "prompt_tokens": len(p.prompt),
+                    "completion_tokens": len(ids),
+                    "cached_tokens": seq.num_cached,
+                    "finish_reason": None if finish is None else {"type": finish, "length": len(ids)},
+                }
                 obj = {"text": "".join(texts), "output_ids": list(ids), "meta_info": meta}
                 if finish is not None:
                     meta["kvmesh_sim"] = self._sim_info(pend)
@@ -651,8 +788,15 @@ class SimEngine:
         first = True
         # Every chunk is {"id", "object", "created", "model", "choices": [one
         # choice][, "usage": null]}: encode the envelope once per stream.
-        head = (b'data: {"id":' + _encode_json(rid) + b',"object":"text_completion","created":'
-                + str(created).encode() + b',"model":' + _encode_json(self.model) + b',"choices":[')
+        head = (
+            b'data: {"id":'
+            + _encode_json(rid)
+            + b',"object":"text_completion","created":'
+            + str(created).encode()
+            + b',"model":'
+            + _encode_json(self.model)
+            + b',"choices":['
+        )
         tail = b'],"usage":null}\n\n' if p.include_usage else b"]}\n\n"
         # One chunk per batch of tokens (see _batches): several tokens per
         # chunk only when this handler fell behind the scheduler.
@@ -676,15 +820,17 @@ class SimEngine:
                 # The last tokens, the usage chunk and [DONE] are ready at the
                 # same moment: one write (and one TCP segment), not three.
                 if p.include_usage:
-                    data += _sse({
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": self.model,
-                        "choices": [],
-                        "usage": self._usage(pend, n_out),
-                        "kvmesh_sim": self._sim_info(pend),
-                    })
+                    data += _sse(
+                        {
+                            "id": rid,
+                            "object": "text_completion",
+                            "created": created,
+                            "model": self.model,
+                            "choices": [],
+                            "usage": self._usage(pend, n_out),
+                            "kvmesh_sim": self._sim_info(pend),
+                        }
+                    )
                 return await _end_stream(resp, data)
             if not await self._write_raw(resp, rid, data):
                 return resp
@@ -743,9 +889,7 @@ class SimEngine:
         if not events or self.publisher is None:
             return
         seq = self.publisher.publish(
-            KVEventBatch(
-                ts=time.time(), events=events, data_parallel_rank=self.args.data_parallel_rank
-            )
+            KVEventBatch(ts=time.time(), events=events, data_parallel_rank=self.args.data_parallel_rank)
         )
         self.metrics.event_batches.inc()
         log.debug("sim_kv_events_published", seq=seq, events=len(events))
@@ -771,8 +915,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     a("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     a("--port", type=int, default=8000, help="HTTP port; 0 picks a free one (default 8000)")
     a("--model", default="sim-model", help="served model name (default sim-model)")
-    a("--model-path", default=None,
-      help="local directory with a tokenizer.json, reported to SGLang's router as the model path")
+    a(
+        "--model-path",
+        default=None,
+        help="local directory with a tokenizer.json, reported to SGLang's router as the model path",
+    )
     a("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     # Llama-3-8B on an A100-80GB at 90% memory: ~52 GB of KV at 2 MiB per 16-token block.
     a("--num-gpu-blocks", type=int, default=26_000, help="KV blocks in the pool (default 26000)")

@@ -25,11 +25,11 @@ from collections.abc import Callable
 import aiohttp
 import grpc
 
-from kvmesh import procs
-from kvmesh.v1 import router_pb2 as pb
-from kvmesh.v1 import router_pb2_grpc as pb_grpc
+from blocks.hashing import xor_digest
 from engine_adapters.sim_engine.cache import snapshot_router_hashes
-from router.hashing import xor_digest
+from kvmesh import procs
+from kvmesh_pb.v1 import router_pb2 as pb
+from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
 MODEL = "sim-model"
 
@@ -106,8 +106,12 @@ async def _measure_real(addrs: list[str], url: str, events: int, seed: int) -> d
         for c in chans:
             await c.close()
     return {
-        "n": len(addrs), "events": events, "missing": missing,
-        "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99), "max": max(lat) if lat else float("nan"),
+        "n": len(addrs),
+        "events": events,
+        "missing": missing,
+        "p50": _pct(lat, 0.5),
+        "p99": _pct(lat, 0.99),
+        "max": max(lat) if lat else float("nan"),
         "bytes_per_event": max(0.0, (total - background_per_s * span) / max(1, events)),
         "background_bytes_per_s": background_per_s,
     }
@@ -121,7 +125,9 @@ def converge_real(n: int, events: int = 30, seed: int = 0) -> dict:
         nodes.append(procs.start_router("conv-n0", [flag], ["--log-level", "warning"]))
         seed_addr = nodes[0].info["grpc"]
         for i in range(1, n):
-            nodes.append(procs.start_router(f"conv-n{i}", [], ["--log-level", "warning", "--join", seed_addr]))
+            nodes.append(
+                procs.start_router(f"conv-n{i}", [], ["--log-level", "warning", "--join", seed_addr])
+            )
         return asyncio.run(_measure_real([p.info["grpc"] for p in nodes], engine.info["url"], events, seed))
     finally:
         for p in nodes:
@@ -135,13 +141,16 @@ def converge_sim(n: int, events: int = 40, seed: int = 1) -> dict:
     return measure_convergence(n, seed=seed, events=events)
 
 
-def run_convergence(real_sizes: list[int], sim_sizes: list[int], events: int,
-                    note: Callable[[str], None] = print) -> dict:
+def run_convergence(
+    real_sizes: list[int], sim_sizes: list[int], events: int, note: Callable[[str], None] = print
+) -> dict:
     out: dict = {"real": [], "sim": []}
     for n in real_sizes:
         r = converge_real(n, events)
-        note(f"convergence real n={n}: p50 {r['p50'] * 1000:.0f} ms p99 {r['p99'] * 1000:.0f} ms, "
-             f"{r['bytes_per_event']:.0f} B/event")
+        note(
+            f"convergence real n={n}: p50 {r['p50'] * 1000:.0f} ms p99 {r['p99'] * 1000:.0f} ms, "
+            f"{r['bytes_per_event']:.0f} B/event"
+        )
         out["real"].append(r)
     for n in sim_sizes:
         r = converge_sim(n, max(20, events))

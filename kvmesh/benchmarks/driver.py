@@ -24,8 +24,8 @@ import aiohttp
 import grpc
 
 from kvmesh.loadgen import generate_once, pct
-from kvmesh.v1 import router_pb2_grpc as pb_grpc
 from kvmesh.workloads import BenchSession, Workload, ideal_hit_rate
+from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
 
 @dataclass(slots=True)
@@ -65,12 +65,20 @@ class GrpcTarget:
         for c in self._channels:
             await c.close()
 
-    async def generate(self, prompt: list[int], max_tokens: int, session_id: str, rid: str
-                       ) -> tuple[bool, str, int, int, float, list[int], str]:
+    async def generate(
+        self, prompt: list[int], max_tokens: int, session_id: str, rid: str
+    ) -> tuple[bool, str, int, int, float, list[int], str]:
         stub = self._stubs[self._next % len(self._stubs)]
         self._next += 1
-        rec, out = await generate_once(stub, prompt, max_tokens, policy=self.policy, session_key=session_id,
-                                       request_id=rid, timeout=300.0)
+        rec, out = await generate_once(
+            stub,
+            prompt,
+            max_tokens,
+            policy=self.policy,
+            session_key=session_id,
+            request_id=rid,
+            timeout=300.0,
+        )
         return rec.ok, rec.engine_id, rec.prompt_tokens, rec.cached_tokens, rec.ttft_ms, out, rec.error
 
 
@@ -83,17 +91,23 @@ class SglangTarget:
 
     async def open(self) -> None:
         self._http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=300))
+            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=300)
+        )
 
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
 
-    async def generate(self, prompt: list[int], max_tokens: int, session_id: str, rid: str
-                       ) -> tuple[bool, str, int, int, float, list[int], str]:
+    async def generate(
+        self, prompt: list[int], max_tokens: int, session_id: str, rid: str
+    ) -> tuple[bool, str, int, int, float, list[int], str]:
         assert self._http is not None
-        body = {"input_ids": prompt, "stream": True, "rid": rid,
-                "sampling_params": {"max_new_tokens": max_tokens, "ignore_eos": True}}
+        body = {
+            "input_ids": prompt,
+            "stream": True,
+            "rid": rid,
+            "sampling_params": {"max_new_tokens": max_tokens, "ignore_eos": True},
+        }
         t0 = time.perf_counter()
         ttft = -1.0
         out: list[int] = []
@@ -115,11 +129,18 @@ class SglangTarget:
                         ttft = (time.perf_counter() - t0) * 1000.0
                     out = list(ids)  # SGLang streams cumulative output
                     meta = obj.get("meta_info") or {}
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             return False, "", len(prompt), 0, 0.0, out, f"{type(e).__name__}: {e}"
         ok = bool(meta.get("finish_reason"))
-        return (ok, "", int(meta.get("prompt_tokens", len(prompt))), int(meta.get("cached_tokens", 0)),
-                max(ttft, 0.0), out, "" if ok else "stream ended without a finish")
+        return (
+            ok,
+            "",
+            int(meta.get("prompt_tokens", len(prompt))),
+            int(meta.get("cached_tokens", 0)),
+            max(ttft, 0.0),
+            out,
+            "" if ok else "stream ended without a finish",
+        )
 
 
 class LoadSampler:
@@ -144,7 +165,7 @@ class LoadSampler:
                     self.samples += 1
                 try:
                     await asyncio.wait_for(self._stop.wait(), self.period)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
     async def _one(self, http: aiohttp.ClientSession, url: str) -> int | None:
@@ -152,7 +173,7 @@ class LoadSampler:
             async with http.get(f"{url}/admin/stats") as r:
                 st = await r.json()
             return int(st["running"]) + int(st["waiting"])
-        except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError):
+        except (TimeoutError, aiohttp.ClientError, KeyError, ValueError):
             return None
 
     def stop(self) -> None:
@@ -168,8 +189,11 @@ class LoadSampler:
 
 
 async def run_workload(
-    target: GrpcTarget | SglangTarget, workload: Workload, engine_urls: list[str],
-    on_done: Callable[[Rec], None] | None = None, deadline_s: float = 600.0,
+    target: GrpcTarget | SglangTarget,
+    workload: Workload,
+    engine_urls: list[str],
+    on_done: Callable[[Rec], None] | None = None,
+    deadline_s: float = 600.0,
 ) -> tuple[list[Rec], float, LoadSampler]:
     """Run every session open loop; returns (records, wall seconds, sampler)."""
     await target.open()
@@ -186,10 +210,25 @@ async def run_workload(
             prompt = history + user if s.append_answers else s.system + user
             ts = time.perf_counter() - t0
             ok, eid, ptok, cached, ttft, out, err = await target.generate(
-                prompt, s.max_tokens[k], s.session_id, f"{workload.name}-{s.session_id}-t{k}")
+                prompt, s.max_tokens[k], s.session_id, f"{workload.name}-{s.session_id}-t{k}"
+            )
             td = time.perf_counter() - t0
-            r = Rec(s.session_id, k, ts, td, ok, eid, ptok, cached, len(out), ttft, (td - ts) * 1000.0, err,
-                    prompt, out)
+            r = Rec(
+                s.session_id,
+                k,
+                ts,
+                td,
+                ok,
+                eid,
+                ptok,
+                cached,
+                len(out),
+                ttft,
+                (td - ts) * 1000.0,
+                err,
+                prompt,
+                out,
+            )
             records.append(r)
             if on_done is not None:
                 on_done(r)
@@ -228,8 +267,12 @@ def summarize(records: list[Rec], wall_s: float, sampler: LoadSampler | None, bl
         "failed": len(records) - len(ok),
         "hit_rate": cached / prompt if prompt else 0.0,
         "ideal_hit_rate": ideal_hit_rate([(r.prompt, r.output) for r in order], block_size),
-        "ttft_p50_ms": pct(ttft, 50), "ttft_p90_ms": pct(ttft, 90), "ttft_p99_ms": pct(ttft, 99),
-        "latency_p50_ms": pct(lat, 50), "latency_p90_ms": pct(lat, 90), "latency_p99_ms": pct(lat, 99),
+        "ttft_p50_ms": pct(ttft, 50),
+        "ttft_p90_ms": pct(ttft, 90),
+        "ttft_p99_ms": pct(ttft, 99),
+        "latency_p50_ms": pct(lat, 50),
+        "latency_p90_ms": pct(lat, 90),
+        "latency_p99_ms": pct(lat, 99),
         "throughput_rps": len(ok) / span if span > 0 else 0.0,
         "output_tps": sum(r.output_tokens for r in ok) / span if span > 0 else 0.0,
         "imbalance_inflight": sampler.imbalance() if sampler else 0.0,

@@ -15,8 +15,8 @@ import signal
 
 import grpc
 
-from kvmesh.v1 import router_pb2 as pb
-from kvmesh.v1 import router_pb2_grpc as pb_grpc
+from kvmesh_pb.v1 import router_pb2 as pb
+from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
 
 class Echo(pb_grpc.RouterServicer):
@@ -26,8 +26,15 @@ class Echo(pb_grpc.RouterServicer):
         yield pb.GenerateResponse(routed=pb.RoutedTo(request_id=request.request_id, engine_id="echo"))
         for i in range(n):
             yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=[ids[i % len(ids)] if ids else i]))
-        yield pb.GenerateResponse(finished=pb.Finished(finish_reason="length", prompt_tokens=len(ids),
-                                                       completion_tokens=n, engine_id="echo", attempts=1))
+        yield pb.GenerateResponse(
+            finished=pb.Finished(
+                finish_reason="length",
+                prompt_tokens=len(ids),
+                completion_tokens=n,
+                engine_id="echo",
+                attempts=1,
+            )
+        )
 
 
 async def serve(host: str, port: int) -> None:

@@ -32,10 +32,10 @@ from collections.abc import Callable
 import structlog
 import xxhash
 
+from blocks.hashing import block_hashes, root_seed
 from engine_adapters.block_mapper import BlockMapper
 from engine_adapters.kv_events import BlockStored, KVEventBatch, decode_batch, encode_batch
 from mesh.state import MeshState
-from router.hashing import block_hashes, root_seed
 from router.index import PrefixIndex
 
 log = structlog.get_logger(__name__)
@@ -90,7 +90,7 @@ def build_population(n_blocks: int, n_engines: int, seed: int = 0, max_batch: in
             has_root.add((e, ri))
             i = start
             while i < len(chain):
-                seg = chain[i:i + max_batch]
+                seg = chain[i : i + max_batch]
                 batches.append((e, chain[i - 1] if i else None, seg))
                 stored += len(seg)
                 i += len(seg)
@@ -114,7 +114,9 @@ def _vllm_frames(batches) -> list[tuple[int, bytes]]:
         ev = BlockStored(
             block_hashes=[_ehash(e, b) for b in seg],
             parent_block_hash=None if parent is None else _ehash(e, parent),
-            token_ids=[t for b in seg for t in _block_tokens(b)], block_size=BS, lora_id=None,
+            token_ids=[t for b in seg for t in _block_tokens(b)],
+            block_size=BS,
+            lora_id=None,
         )
         frames.append((e, encode_batch(KVEventBatch(ts=0.0, events=[ev], data_parallel_rank=0), "map")))
     return frames
@@ -128,9 +130,16 @@ def _local_hash(b: int) -> int:
 def _dynamo_events(batches) -> list[tuple[int, bytes]]:
     out = []
     for i, (e, parent, seg) in enumerate(batches):
-        ev = {"event_id": i, "data": {"stored": {
-            "parent_hash": None if parent is None else _ehash(e, parent),
-            "blocks": [{"block_hash": _ehash(e, b), "tokens_hash": _local_hash(b)} for b in seg]}}, "dp_rank": 0}
+        ev = {
+            "event_id": i,
+            "data": {
+                "stored": {
+                    "parent_hash": None if parent is None else _ehash(e, parent),
+                    "blocks": [{"block_hash": _ehash(e, b), "tokens_hash": _local_hash(b)} for b in seg],
+                }
+            },
+            "dp_rank": 0,
+        }
         out.append((e, json.dumps(ev).encode()))
     return out
 
@@ -150,12 +159,19 @@ def dynamo_available() -> str | None:
     return None
 
 
-def bench_ingest_and_match(n_blocks: int = 1_000_000, n_engines: int = 64, prompt_blocks: int = 128,
-                           n_queries: int = 3000, seed: int = 0,
-                           note: Callable[[str], None] = print) -> dict:
+def bench_ingest_and_match(
+    n_blocks: int = 1_000_000,
+    n_engines: int = 64,
+    prompt_blocks: int = 128,
+    n_queries: int = 3000,
+    seed: int = 0,
+    note: Callable[[str], None] = print,
+) -> dict:
     batches, convs = build_population(n_blocks, n_engines, seed)
     stored_blocks = sum(len(s) for _, _, s in batches)
-    note(f"index: {stored_blocks:,} blocks in {len(batches):,} batches over {n_engines} engines; encoding frames")
+    note(
+        f"index: {stored_blocks:,} blocks in {len(batches):,} batches over {n_engines} engines; encoding frames"
+    )
     frames = _vllm_frames(batches)
     workers = [f"e{i}" for i in range(n_engines)]
 
@@ -179,8 +195,12 @@ def bench_ingest_and_match(n_blocks: int = 1_000_000, n_engines: int = 64, promp
         index.apply(delta)
         gossip_bytes += sum(len(lu.update) for lu in md.logs)
     ours_s = time.perf_counter() - t0
-    ours = {"blocks_per_s": stored_blocks / ours_s, "seconds": ours_s, "entries": len(index),
-            "crdt_update_bytes": gossip_bytes}
+    ours = {
+        "blocks_per_s": stored_blocks / ours_s,
+        "seconds": ours_s,
+        "entries": len(index),
+        "crdt_update_bytes": gossip_bytes,
+    }
     note(f"index: ours {ours['blocks_per_s']:,.0f} blocks/s end to end")
 
     # -- queries (shared) -----------------------------------------------------------
@@ -215,8 +235,14 @@ def bench_ingest_and_match(n_blocks: int = 1_000_000, n_engines: int = 64, promp
     for _ in range(200):
         block_hashes(toks, BS, root)
     ours["hash_128_blocks_us"] = (perf() - t) / 200 * 1e6
-    res: dict = {"n_engines": n_engines, "stored_blocks": stored_blocks, "batches": len(batches),
-                 "prompt_blocks": prompt_blocks, "queries": n_queries, "kvmesh": ours}
+    res: dict = {
+        "n_engines": n_engines,
+        "stored_blocks": stored_blocks,
+        "batches": len(batches),
+        "prompt_blocks": prompt_blocks,
+        "queries": n_queries,
+        "kvmesh": ours,
+    }
     del state, mappers, frames
 
     # -- Dynamo ---------------------------------------------------------------------
@@ -238,8 +264,21 @@ def bench_ingest_and_match(n_blocks: int = 1_000_000, n_engines: int = 64, promp
     # apply_event only queues to the tree's worker thread: the clock stops when
     # a sentinel event, applied after all the others, is visible.
     sentinel = 0xFFFF_FFFF_FFFF_0001
-    apply(n_engines, json.dumps({"event_id": len(events), "dp_rank": 0, "data": {"stored": {
-        "parent_hash": None, "blocks": [{"block_hash": sentinel, "tokens_hash": sentinel}]}}}).encode())
+    apply(
+        n_engines,
+        json.dumps(
+            {
+                "event_id": len(events),
+                "dp_rank": 0,
+                "data": {
+                    "stored": {
+                        "parent_hash": None,
+                        "blocks": [{"block_hash": sentinel, "tokens_hash": sentinel}],
+                    }
+                },
+            }
+        ).encode(),
+    )
     deadline = time.perf_counter() + 120
     while not tree.find_matches([sentinel]).scores and time.perf_counter() < deadline:
         time.sleep(0.0005)

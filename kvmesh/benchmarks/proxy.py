@@ -42,8 +42,8 @@ import time
 import grpc
 
 from kvmesh import procs
-from kvmesh.v1 import router_pb2 as pb
-from kvmesh.v1 import router_pb2_grpc as pb_grpc
+from kvmesh_pb.v1 import router_pb2 as pb
+from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
 ENGINE_TIME_SCALE = 0.01
 
@@ -84,12 +84,24 @@ def _machine_busy_s() -> float:
     return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
 
 
-async def _drive(addr: str, concurrency: int, seconds: float, prompt_tokens: int, max_tokens: int,
-                 server_pid: int, engine_pids: list[int]) -> dict:
+async def _drive(
+    addr: str,
+    concurrency: int,
+    seconds: float,
+    prompt_tokens: int,
+    max_tokens: int,
+    server_pid: int,
+    engine_pids: list[int],
+) -> dict:
     rng = random.Random(0)
     prompts = [[rng.randrange(256, 32000) for _ in range(prompt_tokens)] for _ in range(64)]
-    reqs = [pb.GenerateRequest(prompt=pb.Prompt(token_ids=pb.TokenIds(ids=p)),
-                               sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True)) for p in prompts]
+    reqs = [
+        pb.GenerateRequest(
+            prompt=pb.Prompt(token_ids=pb.TokenIds(ids=p)),
+            sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        )
+        for p in prompts
+    ]
     ch = grpc.aio.insecure_channel(addr)
     stub = pb_grpc.RouterStub(ch)
     done = failed = toks = msgs = chunk_msgs = 0
@@ -142,14 +154,26 @@ async def _drive(addr: str, concurrency: int, seconds: float, prompt_tokens: int
         del cpu["engines"]
     # Anything else running on the machine meanwhile (noise: rerun if large).
     cpu["other"] = max(0.0, (m1 - m0) / wall - sum(cpu.values()))
-    return {"requests_per_s": done / wall, "messages_per_s": msgs / wall, "tokens_per_s": toks / wall,
-            "tokens_per_chunk": toks / chunk_msgs if chunk_msgs else 0.0,
-            "failed": failed, "requests": done, "wall_s": wall, "cpu": cpu,
-            "server_cpu_ms_per_request": cpu["server"] * wall / done * 1000.0 if done else 0.0}
+    return {
+        "requests_per_s": done / wall,
+        "messages_per_s": msgs / wall,
+        "tokens_per_s": toks / wall,
+        "tokens_per_chunk": toks / chunk_msgs if chunk_msgs else 0.0,
+        "failed": failed,
+        "requests": done,
+        "wall_s": wall,
+        "cpu": cpu,
+        "server_cpu_ms_per_request": cpu["server"] * wall / done * 1000.0 if done else 0.0,
+    }
 
 
-def run_proxy(seconds: float = 8.0, concurrency: int = 32, prompt_tokens: int = 2000, max_tokens: int = 16,
-              engines: int = 2) -> dict:
+def run_proxy(
+    seconds: float = 8.0,
+    concurrency: int = 32,
+    prompt_tokens: int = 2000,
+    max_tokens: int = 16,
+    engines: int = 2,
+) -> dict:
     sets = cpu_sets()
     own = os.sched_getaffinity(0)
     if sets is not None:
@@ -159,22 +183,45 @@ def run_proxy(seconds: float = 8.0, concurrency: int = 32, prompt_tokens: int = 
         try:
             if sets is not None:
                 pin(echo_srv.popen.pid, sets[0])
-            echo = asyncio.run(_drive(echo_srv.info["grpc"], concurrency, seconds, prompt_tokens, max_tokens,
-                                      echo_srv.popen.pid, []))
+            echo = asyncio.run(
+                _drive(
+                    echo_srv.info["grpc"],
+                    concurrency,
+                    seconds,
+                    prompt_tokens,
+                    max_tokens,
+                    echo_srv.popen.pid,
+                    [],
+                )
+            )
         finally:
             echo_srv.stop(10)
-        engs = [procs.start_sim_engine(f"proxy-engine-{i}",
-                                       ["--time-scale", str(ENGINE_TIME_SCALE), "--log-level", "warning"])
-                for i in range(engines)]
+        engs = [
+            procs.start_sim_engine(
+                f"proxy-engine-{i}", ["--time-scale", str(ENGINE_TIME_SCALE), "--log-level", "warning"]
+            )
+            for i in range(engines)
+        ]
         router = None
         try:
-            router = procs.start_router("proxy-router",
-                                        [procs.engine_flag(f"e{i}", p) for i, p in enumerate(engs)],
-                                        ["--policy", "precise", "--log-level", "warning"])
+            router = procs.start_router(
+                "proxy-router",
+                [procs.engine_flag(f"e{i}", p) for i, p in enumerate(engs)],
+                ["--policy", "precise", "--log-level", "warning"],
+            )
             if sets is not None:
                 pin(router.popen.pid, sets[0])
-            kv = asyncio.run(_drive(router.info["grpc"], concurrency, seconds, prompt_tokens, max_tokens,
-                                    router.popen.pid, [p.popen.pid for p in engs]))
+            kv = asyncio.run(
+                _drive(
+                    router.info["grpc"],
+                    concurrency,
+                    seconds,
+                    prompt_tokens,
+                    max_tokens,
+                    router.popen.pid,
+                    [p.popen.pid for p in engs],
+                )
+            )
         finally:
             if router is not None:
                 router.stop()
@@ -182,15 +229,26 @@ def run_proxy(seconds: float = 8.0, concurrency: int = 32, prompt_tokens: int = 
                 p.stop()
     finally:
         pin(os.getpid(), own)
-    return {"echo": echo, "kvmesh": kv, "ratio": kv["requests_per_s"] / echo["requests_per_s"],
-            # Server CPU per request, echo / router: what the router costs on
-            # top of a bare server, whoever else shares the machine.
-            "cpu_ratio": echo["server_cpu_ms_per_request"] / kv["server_cpu_ms_per_request"]
-            if kv["server_cpu_ms_per_request"] else 0.0,
-            "shape": {"prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "concurrency": concurrency,
-                      "seconds": seconds, "engines": engines, "engine_time_scale": ENGINE_TIME_SCALE,
-                      "pinned": sets is not None,
-                      "server_cpus": sorted(sets[0]) if sets else [],
-                      "client_cpus": sorted(sets[1]) if sets else [],
-                      "echo_sends": f"routed + {max_tokens} chunks of 1 token + finished",
-                      "kvmesh_sends": "routed + the engine's tokens as received (no waiting) + finished"}}
+    return {
+        "echo": echo,
+        "kvmesh": kv,
+        "ratio": kv["requests_per_s"] / echo["requests_per_s"],
+        # Server CPU per request, echo / router: what the router costs on
+        # top of a bare server, whoever else shares the machine.
+        "cpu_ratio": echo["server_cpu_ms_per_request"] / kv["server_cpu_ms_per_request"]
+        if kv["server_cpu_ms_per_request"]
+        else 0.0,
+        "shape": {
+            "prompt_tokens": prompt_tokens,
+            "max_tokens": max_tokens,
+            "concurrency": concurrency,
+            "seconds": seconds,
+            "engines": engines,
+            "engine_time_scale": ENGINE_TIME_SCALE,
+            "pinned": sets is not None,
+            "server_cpus": sorted(sets[0]) if sets else [],
+            "client_cpus": sorted(sets[1]) if sets else [],
+            "echo_sends": f"routed + {max_tokens} chunks of 1 token + finished",
+            "kvmesh_sends": "routed + the engine's tokens as received (no waiting) + finished",
+        },
+    }

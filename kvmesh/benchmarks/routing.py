@@ -30,14 +30,21 @@ import structlog
 
 from kvmesh import procs
 from kvmesh.benchmarks.driver import GrpcTarget, SglangTarget, run_workload, summarize
-from kvmesh.v1 import router_pb2 as pb
-from kvmesh.v1 import router_pb2_grpc as pb_grpc
 from kvmesh.workloads import Workload
+from kvmesh_pb.v1 import router_pb2 as pb
+from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)
 
-KVMESH_POLICIES = ["round_robin", "random", "consistent_hash", "least_load", "power_of_two",
-                   "cache_aware_approx", "precise"]
+KVMESH_POLICIES = [
+    "round_robin",
+    "random",
+    "consistent_hash",
+    "least_load",
+    "power_of_two",
+    "cache_aware_approx",
+    "precise",
+]
 SYSTEMS = KVMESH_POLICIES + ["precise_mesh3", "sglang_cache_aware", "sglang_round_robin"]
 
 
@@ -48,7 +55,9 @@ class FleetConfig:
     time_scale: float = 1.0
     seed: int = 7
     block_size: int = 16
-    router_args: tuple[str, ...] = ()  # extra `kvmesh router` flags, e.g. ("--policy-opt", "precise.overlap_weight=2")
+    router_args: tuple[
+        str, ...
+    ] = ()  # extra `kvmesh router` flags, e.g. ("--policy-opt", "precise.overlap_weight=2")
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -103,11 +112,27 @@ def start_engines(cfg: FleetConfig) -> list[procs.Proc]:
     model_path = local_tokenizer_dir()
     try:
         for i in range(cfg.engines):
-            engines.append(procs.start_sim_engine(f"engine-{i}", [
-                "--num-gpu-blocks", str(cfg.num_gpu_blocks), "--time-scale", str(cfg.time_scale),
-                "--seed", str(cfg.seed), "--kv-buffer-steps", "2000", "--log-level", "warning",
-                "--block-size", str(cfg.block_size), "--model-path", model_path,
-            ]))
+            engines.append(
+                procs.start_sim_engine(
+                    f"engine-{i}",
+                    [
+                        "--num-gpu-blocks",
+                        str(cfg.num_gpu_blocks),
+                        "--time-scale",
+                        str(cfg.time_scale),
+                        "--seed",
+                        str(cfg.seed),
+                        "--kv-buffer-steps",
+                        "2000",
+                        "--log-level",
+                        "warning",
+                        "--block-size",
+                        str(cfg.block_size),
+                        "--model-path",
+                        model_path,
+                    ],
+                )
+            )
     except Exception:
         for e in engines:
             e.stop()
@@ -175,12 +200,27 @@ def _start_sglang(name: str, policy: str, engines: list[procs.Proc], timeout: fl
     if why:
         raise RuntimeError(why)
     port = procs.free_port()
-    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-           "--worker-urls", *[p.info["url"] for p in engines], "--policy", policy, "--log-level", "warn",
-           "--prometheus-port", str(procs.free_port())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang_router.launch_router",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--worker-urls",
+        *[p.info["url"] for p in engines],
+        "--policy",
+        policy,
+        "--log-level",
+        "warn",
+        "--prometheus-port",
+        str(procs.free_port()),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    popen = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                             env=env)
+    popen = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env
+    )
     sysm = System(name, http_url=f"http://127.0.0.1:{port}", sgl_popen=popen)
     try:
         asyncio.run(_wait_sglang(sysm.http_url, len(engines), popen, timeout))
@@ -204,7 +244,7 @@ async def _wait_sglang(url: str, n: int, popen: subprocess.Popen, timeout: float
                         healthy = [w for w in ws if isinstance(w, dict) and w.get("is_healthy", True)]
                         if len(healthy) >= n:
                             return
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            except (TimeoutError, aiohttp.ClientError, ValueError):
                 pass
             await asyncio.sleep(0.3)
     raise RuntimeError("sglang-router did not list every engine as a healthy worker in time")
@@ -230,8 +270,10 @@ async def clear_caches(engine_urls: list[str], grpc_addrs: list[str], timeout: f
                 if st.index_entries == 0:
                     break
                 if time.monotonic() > deadline:
-                    warnings.append(f"router node {st.node_id or a}: index still held {st.index_entries} entries "
-                                    f"{timeout:.0f} s after every engine cleared its cache")
+                    warnings.append(
+                        f"router node {st.node_id or a}: index still held {st.index_entries} entries "
+                        f"{timeout:.0f} s after every engine cleared its cache"
+                    )
                     break
                 await asyncio.sleep(0.05)
     return warnings
@@ -267,8 +309,9 @@ async def overhead_probe(system: System, engine_urls: list[str], n: int = 20) ->
                 toks = [rng.randrange(256, 32000) for _ in range(2048)]
                 for i in range(n * 5):
                     t = time.perf_counter()
-                    await stub.Route(pb.RouteRequest(prompt=pb.Prompt(token_ids=pb.TokenIds(ids=toks)),
-                                                     dry_run=True))
+                    await stub.Route(
+                        pb.RouteRequest(prompt=pb.Prompt(token_ids=pb.TokenIds(ids=toks)), dry_run=True)
+                    )
                     route.append((time.perf_counter() - t) * 1000.0)
     finally:
         await direct.close()
@@ -284,14 +327,20 @@ async def overhead_probe(system: System, engine_urls: list[str], n: int = 20) ->
 
 
 def run_routing(
-    workloads: list[Workload], systems: list[str], cfg: FleetConfig,
+    workloads: list[Workload],
+    systems: list[str],
+    cfg: FleetConfig,
     progress: Callable[[str, int], Callable[[object], None]] | None = None,
-    note: Callable[[str], None] = print, probes: int = 20,
+    note: Callable[[str], None] = print,
+    probes: int = 20,
 ) -> dict:
     """Run every system over every workload; returns the results dict."""
-    results: dict = {"fleet": cfg.__dict__ | {"prefill_tokens_per_s": cfg.prefill_tokens_per_s},
-                     "workloads": {w.name: {"params": w.params, "requests": w.requests} for w in workloads},
-                     "systems": {}, "skipped": {}}
+    results: dict = {
+        "fleet": cfg.__dict__ | {"prefill_tokens_per_s": cfg.prefill_tokens_per_s},
+        "workloads": {w.name: {"params": w.params, "requests": w.requests} for w in workloads},
+        "systems": {},
+        "skipped": {},
+    }
     engines = start_engines(cfg)
     urls = [p.info["url"] for p in engines]
     try:
@@ -305,7 +354,7 @@ def run_routing(
             results["systems"][name] = per
             try:
                 system = start_system(name, engines, cfg)
-            except Exception as e:  # noqa: BLE001 - report it, measure the others
+            except Exception as e:
                 per["error"] = f"did not start: {e}"
                 note(f"{name}: did not start: {e}")
                 continue
@@ -326,10 +375,13 @@ def run_routing(
                             cb.close()
                     s = summarize(recs, wall, sampler, cfg.block_size)
                     per[w.name] = s
-                    note(f"{name} {w.name}: hit {s['hit_rate']:.3f} (ideal {s['ideal_hit_rate']:.3f}) "
-                         f"TTFT p90 {s['ttft_p90_ms']:.0f} ms, {s['throughput_rps']:.1f} req/s, "
-                         f"failed {s['failed']}, {wall:.1f}s" + (f" errors: {s['errors']}" if s["errors"] else ""))
-            except Exception as e:  # noqa: BLE001 - keep what was measured, go on
+                    note(
+                        f"{name} {w.name}: hit {s['hit_rate']:.3f} (ideal {s['ideal_hit_rate']:.3f}) "
+                        f"TTFT p90 {s['ttft_p90_ms']:.0f} ms, {s['throughput_rps']:.1f} req/s, "
+                        f"failed {s['failed']}, {wall:.1f}s"
+                        + (f" errors: {s['errors']}" if s["errors"] else "")
+                    )
+            except Exception as e:
                 per["error"] = f"{type(e).__name__}: {e}"
                 note(f"{name}: FAILED: {per['error']}")
             finally:

@@ -21,8 +21,8 @@ from typing import Any
 
 import xxhash
 
+from blocks.delta import OP_CLEAR, KvDelta, KvOp
 from engine_adapters.block_mapper import BlockMapper
-from engine_adapters.kv_delta import OP_CLEAR, KvDelta, KvOp
 from engine_adapters.kv_events import KVEventBatch, decode_batch, encode_batch
 from engine_adapters.sequencer import Sequencer, Verdict
 from engine_adapters.sim_engine.cache import NotEnoughBlocks, PrefixCache, snapshot_router_hashes
@@ -31,9 +31,17 @@ MODEL = "sim-model"
 
 
 class SimEngine:
-    def __init__(self, engine_id: str, rng: random.Random, *, num_blocks: int = 40,
-                 block_size: int = 4, buffer_steps: int = 10_000, n_prefixes: int = 5,
-                 fmt: str = "map") -> None:
+    def __init__(
+        self,
+        engine_id: str,
+        rng: random.Random,
+        *,
+        num_blocks: int = 40,
+        block_size: int = 4,
+        buffer_steps: int = 10_000,
+        n_prefixes: int = 5,
+        fmt: str = "map",
+    ) -> None:
         self.engine_id = engine_id
         self.rng = rng
         self.num_blocks = num_blocks
@@ -41,8 +49,9 @@ class SimEngine:
         self.buffer_steps = buffer_steps
         self.fmt = fmt
         # Shared "system prompts": requests reuse them, so prefixes are cached and evicted.
-        self.prefixes = [[rng.randrange(1, 5000) for _ in range(block_size * rng.randint(1, 4))]
-                         for _ in range(n_prefixes)]
+        self.prefixes = [
+            [rng.randrange(1, 5000) for _ in range(block_size * rng.randint(1, 4))] for _ in range(n_prefixes)
+        ]
         self.restarts = 0
         self.clears = 0
         self._start()

@@ -24,13 +24,13 @@ from typing import Any
 
 import structlog
 
-from engine_adapters.kv_delta import KvDelta
+from blocks.delta import KvDelta
+from kvmesh.simulation.engine_model import Consumer, SimEngine
+from kvmesh.simulation.simnet import NetConfig, SimNet
 from mesh.core import MeshConfig, MeshCore, StartOwning, StopOwning
 from mesh.engine_log import Epoch
 from mesh.membership import MembershipConfig
-from mesh.simnet import NetConfig, SimNet
 from router.index import PrefixIndex
-from kvmesh.simulation.engine_model import Consumer, SimEngine
 
 LIVE_DELAY = 0.002  # engine -> owner; constant so batches arrive in order (ZMQ is ordered)
 
@@ -88,11 +88,13 @@ class World:
                 continue
             if self.live_loss and self.rng.random() < self.live_loss:
                 continue
-            sim.call_node(addr, now + LIVE_DELAY,
-                          lambda n, t, eid=eid, seq=seq, p=payload: n.on_live(eid, seq, p, t))
+            sim.call_node(
+                addr, now + LIVE_DELAY, lambda n, t, eid=eid, seq=seq, p=payload: n.on_live(eid, seq, p, t)
+            )
 
-    def schedule_engine(self, eid: str, start: float, end: float, period: tuple[float, float],
-                        clear_prob: float = 0.0) -> None:
+    def schedule_engine(
+        self, eid: str, start: float, end: float, period: tuple[float, float], clear_prob: float = 0.0
+    ) -> None:
         sim = self.sim
         assert sim is not None
         t = start
@@ -108,8 +110,7 @@ class World:
 class MeshNode:
     """SimNet node: a MeshCore, its PrefixIndex and its engine consumers."""
 
-    def __init__(self, addr: str, now: float, rng: random.Random, world: World,
-                 seeds: list[str]) -> None:
+    def __init__(self, addr: str, now: float, rng: random.Random, world: World, seeds: list[str]) -> None:
         self.addr = addr
         self.world = world
         self.incarnation = world.restarts.get(addr, 0)
@@ -164,8 +165,9 @@ class MeshNode:
         pairs = getattr(to, "mappings", {}).get(eid)
         c = Consumer(eid, to.resume.get(eid), pairs)
         others = {id(s): len(s.consumer.log) for s in self.world.active_stints(eid)}
-        st = Stint(self.addr, self.incarnation, eid, to.epoch, ef.base_epoch, to.resume.get(eid), c,
-                   now, others)
+        st = Stint(
+            self.addr, self.incarnation, eid, to.epoch, ef.base_epoch, to.resume.get(eid), c, now, others
+        )
         self.world.stints.setdefault(eid, []).append(st)
         self.consumers[eid] = c
         self.stints[eid] = st
@@ -209,8 +211,14 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
 
 
-def measure_convergence(n: int, seed: int = 1, events: int = 40, engines: int = 2,
-                        loss: float = 0.0, config: MeshConfig | None = None) -> dict[str, float]:
+def measure_convergence(
+    n: int,
+    seed: int = 1,
+    events: int = 40,
+    engines: int = 2,
+    loss: float = 0.0,
+    config: MeshConfig | None = None,
+) -> dict[str, float]:
     """Event published on an engine -> applied in every node's index: p50/p99 seconds.
 
     N nodes join (three random earlier seeds each), ``engines`` engines are
@@ -250,11 +258,13 @@ def measure_convergence(n: int, seed: int = 1, events: int = 40, engines: int = 
     t = start = warm + span
     for _ in range(events):
         for eid in eids:
+
             def pub(s: SimNet[MeshNode], eid: str = eid) -> None:
                 before = world.engines[eid].next_seq
                 world.publish(eid)
                 if world.engines[eid].next_seq > before:
                     published.append((eid, before, s.now))
+
             sim.at(t, pub)
         t += 0.5
     b1 = _state_bytes(sim)
@@ -272,7 +282,9 @@ def measure_convergence(n: int, seed: int = 1, events: int = 40, engines: int = 
         else:
             missing += 1
     return {
-        "n": n, "events": len(published), "missing": missing,
+        "n": n,
+        "events": len(published),
+        "missing": missing,
         "p50": _pct(lat, 0.5) if lat else float("inf"),
         "p99": _pct(lat, 0.99) if lat else float("inf"),
         "max": max(lat) if lat else float("inf"),
@@ -296,5 +308,8 @@ def default_sim_config(fast: bool = True) -> MeshConfig:
     """MeshConfig for the fault simulation: memberlist timings, or 2x faster probes."""
     if not fast:
         return MeshConfig()
-    return MeshConfig(membership=MembershipConfig(probe_interval=0.5, probe_timeout=0.25,
-                                                  reconnect_interval=5.0, push_pull_interval=15.0))
+    return MeshConfig(
+        membership=MembershipConfig(
+            probe_interval=0.5, probe_timeout=0.25, reconnect_interval=5.0, push_pull_interval=15.0
+        )
+    )

@@ -216,7 +216,9 @@ class DockerScope:
             if container.status in ("exited", "dead"):
                 pytest.fail(f"{container.name} exited before {prefix!r}:\n{DockerScope.logs(container)}")
             time.sleep(0.2)
-        pytest.fail(f"{container.name}: no {prefix!r} line within {timeout_s} s:\n{DockerScope.logs(container)}")
+        pytest.fail(
+            f"{container.name}: no {prefix!r} line within {timeout_s} s:\n{DockerScope.logs(container)}"
+        )
 
     def wait_exit(self, container: Any, timeout_s: float = 60.0) -> tuple[int, str, str]:
         """Exit code, stdout and stderr of a container that runs to completion."""

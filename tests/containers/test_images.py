@@ -102,8 +102,7 @@ asyncio.run(main())
 def test_sim_engines_answer_by_container_name(kvmesh_image: str, docker_scope: DockerScope) -> None:
     net = docker_scope.network()
     engines = [
-        docker_scope.run(kvmesh_image, sim_engine_cmd(seed=i), name=f"e{i}", network=net)
-        for i in (1, 2)
+        docker_scope.run(kvmesh_image, sim_engine_cmd(seed=i), name=f"e{i}", network=net) for i in (1, 2)
     ]
     for e in engines:
         docker_scope.wait_ready(e)
@@ -138,8 +137,8 @@ def _engine_spec(engine_id: str, host: str) -> str:
 def test_router_container_routes_generate_from_host(kvmesh_image: str, docker_scope: DockerScope) -> None:
     import grpc
 
-    from kvmesh.v1 import router_pb2 as pb
-    from kvmesh.v1 import router_pb2_grpc as pb_grpc
+    from kvmesh_pb.v1 import router_pb2 as pb
+    from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
     net = docker_scope.network()
     engines = {
@@ -186,9 +185,7 @@ def test_router_container_routes_generate_from_host(kvmesh_image: str, docker_sc
         deadline = time.monotonic() + 15
         seen = 0
         while time.monotonic() < deadline:
-            pick = router_stub.Route(
-                pb.RouteRequest(model=MODEL, prompt=prompt, dry_run=True), timeout=10
-            )
+            pick = router_stub.Route(pb.RouteRequest(model=MODEL, prompt=prompt, dry_run=True), timeout=10)
             seen = pick.predicted_cached_blocks if pick.engine_id == routed.engine_id else 0
             if seen >= 3:
                 break
@@ -213,7 +210,9 @@ def _compose_cmd() -> list[str]:
     probe = subprocess.run(["docker", "compose", "version"], capture_output=True)
     if probe.returncode == 0:
         return ["docker", "compose"]
-    pytest.fail("neither docker-compose nor `docker compose` is installed: the compose deployment cannot be tested")
+    pytest.fail(
+        "neither docker-compose nor `docker compose` is installed: the compose deployment cannot be tested"
+    )
 
 
 def test_compose_deployment_every_router_sees_every_engine_cache(
@@ -223,8 +222,8 @@ def test_compose_deployment_every_router_sees_every_engine_cache(
     shared DNS name, 4 engines registered on router-1 only; any router serves any client."""
     import grpc
 
-    from kvmesh.v1 import router_pb2 as pb
-    from kvmesh.v1 import router_pb2_grpc as pb_grpc
+    from kvmesh_pb.v1 import router_pb2 as pb
+    from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
     project = f"kvmesht{SESSION_ID}"
     ports = [_free_loopback_port() for _ in range(3)]
@@ -240,8 +239,12 @@ def test_compose_deployment_every_router_sees_every_engine_cache(
         routers = {}
         for i in (1, 2, 3):
             found = docker_client.containers.list(
-                filters={"label": [f"com.docker.compose.project={project}",
-                                   f"com.docker.compose.service=router-{i}"]}  # fmt: skip
+                filters={
+                    "label": [
+                        f"com.docker.compose.project={project}",
+                        f"com.docker.compose.service=router-{i}",
+                    ]
+                }  # fmt: skip
             )
             assert len(found) == 1, f"router-{i}: {found}"
             routers[i] = found[0]
@@ -286,7 +289,9 @@ def test_compose_deployment_every_router_sees_every_engine_cache(
             deadline = time.monotonic() + 30
             views = [mesh_view(a) for a in admins]
             while not (views[0] is not None and all(v == views[0] for v in views)):
-                assert time.monotonic() < deadline, f"the routers never agreed on 3 members and 4 engines: {views}"
+                assert time.monotonic() < deadline, (
+                    f"the routers never agreed on 3 members and 4 engines: {views}"
+                )
                 time.sleep(0.3)
                 views = [mesh_view(a) for a in admins]
             alive, owners = views[0]
@@ -307,7 +312,10 @@ def test_compose_deployment_every_router_sees_every_engine_cache(
                 deadline = time.monotonic() + 15
                 held: dict[str, Any] = {}
                 while time.monotonic() < deadline:
-                    held = {e.spec.engine_id: e for e in admin.ListEngines(pb.ListEnginesRequest(), timeout=10).engines}
+                    held = {
+                        e.spec.engine_id: e
+                        for e in admin.ListEngines(pb.ListEnginesRequest(), timeout=10).engines
+                    }
                     if held[first_engine].cached_blocks >= 4 and all(e.in_flight == 0 for e in held.values()):
                         break
                     time.sleep(0.2)

@@ -19,17 +19,16 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import grpc
 import pytest
 import requests
 
+# The engine-side digest: XOR of the router block hashes of an engine's real cache.
+from kvmesh.benchmarks.convergence import engine_digest
+from kvmesh_pb.v1 import router_pb2 as pb
+from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 from tests.containers.conftest import DockerScope
 from tests.containers.test_images import BLOCK, MODEL, _engine_spec, sim_engine_cmd
-
-import grpc  # noqa: E402
-from kvmesh.v1 import router_pb2 as pb  # noqa: E402
-from kvmesh.v1 import router_pb2_grpc as pb_grpc  # noqa: E402
-# The engine-side digest: XOR of the router block hashes of an engine's real cache.
-from kvmesh.benchmarks.convergence import engine_digest  # noqa: E402
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
 
@@ -142,7 +141,9 @@ class Mesh:
                 last = f"{type(e).__name__}: {e}"
             if time.monotonic() > deadline:
                 what = what() if callable(what) else what
-                pytest.fail(f"timed out after {timeout_s} s waiting for {what}; last: {last}\n{self.logs_tail()}")
+                pytest.fail(
+                    f"timed out after {timeout_s} s waiting for {what}; last: {last}\n{self.logs_tail()}"
+                )
             time.sleep(0.2)
 
     def wait_all_alive(self, names: list[str], timeout_s: float) -> None:
@@ -155,7 +156,9 @@ class Mesh:
             views.update({n: self.states(n) for n in names})
             return all({k for k, s in v.items() if s == "alive"} == want for v in views.values())
 
-        self.eventually(ok, timeout_s, lambda: f"{sorted(want)} alive on every one of {names} (views: {views})")
+        self.eventually(
+            ok, timeout_s, lambda: f"{sorted(want)} alive on every one of {names} (views: {views})"
+        )
 
     def agreed_owners(self, names: list[str]) -> dict[str, str] | None:
         """The engine -> owner map if every node in ``names`` computes the same one."""
@@ -192,8 +195,9 @@ class Mesh:
         while not check():
             if time.monotonic() > deadline:
                 owners = {n: self.owners(n) for n in names}
-                pytest.fail(f"{what}: not converged after {timeout_s} s: {gaps}; owners: {owners}\n"
-                            f"{self.logs_tail()}")
+                pytest.fail(
+                    f"{what}: not converged after {timeout_s} s: {gaps}; owners: {owners}\n{self.logs_tail()}"
+                )
             time.sleep(0.3)
 
     def close(self) -> None:
@@ -291,7 +295,8 @@ def continuation_lands_on_same_engine(mesh: Mesh, first: str, second: str, seed:
     )  # fmt: skip
     cont = prompt + answer + _tokens(seed + 2, 20)
     route = mesh.router(second).Route(
-        pb.RouteRequest(model=MODEL, prompt=pb.Prompt(token_ids=pb.TokenIds(ids=cont)), dry_run=True), timeout=10
+        pb.RouteRequest(model=MODEL, prompt=pb.Prompt(token_ids=pb.TokenIds(ids=cont)), dry_run=True),
+        timeout=10,
     )
     assert route.engine_id == eid and route.predicted_cached_blocks >= blocks, route
     eid2, _, fin2 = generate(mesh, second, cont)
@@ -423,8 +428,10 @@ def test_killed_owner_hands_over_without_losing_events(kvmesh_image: str, mesh_s
         assert mesh.members(n)[victim].addr == f"{new_ip}:50051", (n, mesh.members(n)[victim])
     mesh.eventually(lambda: mesh.agreed_owners(names), 15, "all three to agree on owners again")
     mesh.wait_converged(names, ["e1", "e2"], 20, "every node after the restart")
-    print(f"kill -> dead on survivors: {dead_after}; requests during the test: {traffic.done}; "
-          f"restart -> 3 alive everywhere: {t_back:.1f} s (address {mesh.ips[victim]} -> {new_ip})")
+    print(
+        f"kill -> dead on survivors: {dead_after}; requests during the test: {traffic.done}; "
+        f"restart -> 3 alive everywhere: {t_back:.1f} s (address {mesh.ips[victim]} -> {new_ip})"
+    )
 
 
 # --- (c) network partition and heal ------------------------------------------------------
@@ -446,7 +453,9 @@ def test_partitioned_router_is_replaced_and_the_mesh_heals(kvmesh_image: str, me
     mesh.net.disconnect(mesh.routers[cut])
     t_cut = time.monotonic()
     for n in majority:
-        mesh.eventually(lambda n=n: mesh.states(n).get(mesh.node_ids[cut]) == "dead", 20, f"{n} to see {cut} dead")
+        mesh.eventually(
+            lambda n=n: mesh.states(n).get(mesh.node_ids[cut]) == "dead", 20, f"{n} to see {cut} dead"
+        )
     t_dead = time.monotonic() - t_cut
     new = mesh.eventually(lambda: mesh.agreed_owners(majority), 10, "the majority to agree on owners")
     assert set(new.values()) <= {mesh.node_ids[n] for n in majority}, new
@@ -464,7 +473,9 @@ def test_partitioned_router_is_replaced_and_the_mesh_heals(kvmesh_image: str, me
     t_heal = time.monotonic()
     mesh.wait_all_alive(names, 45)
     t_healed = time.monotonic() - t_heal
-    healed_owners = mesh.eventually(lambda: mesh.agreed_owners(names), 15, "all three to agree on owners again")
+    healed_owners = mesh.eventually(
+        lambda: mesh.agreed_owners(names), 15, "all three to agree on owners again"
+    )
     assert set(healed_owners) == set(engines)
     # Events keep flowing after the heal, and every node ends with the engines' caches.
     with Traffic(mesh.engine_url("e2"), seed=5, threads=1) as traffic:
@@ -522,7 +533,9 @@ def test_stopped_router_leaves_gracefully_and_its_engines_move(kvmesh_image: str
 # --- (e) a router comes back at another address -------------------------------------------
 
 
-def test_router_restarted_at_a_new_address_rejoins_under_its_node_id(kvmesh_image: str, mesh_scope: Any) -> None:
+def test_router_restarted_at_a_new_address_rejoins_under_its_node_id(
+    kvmesh_image: str, mesh_scope: Any
+) -> None:
     """A restarted pod/container often gets a new IP but keeps its name (StatefulSet,
     compose with explicit --node-id): the mesh must take it back at the new address."""
     scope, meshes = mesh_scope

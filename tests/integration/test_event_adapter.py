@@ -13,9 +13,10 @@ from collections.abc import Callable
 import pytest
 import zmq
 
+from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta
+from blocks.hashing import block_hashes, root_seed
 from engine_adapters.block_mapper import BlockMapper
 from engine_adapters.event_adapter import EventAdapter
-from engine_adapters.kv_delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta
 from engine_adapters.kv_events import (
     END_SEQ,
     BlockRemoved,
@@ -26,9 +27,8 @@ from engine_adapters.kv_events import (
     encode_batch,
     encode_seq,
 )
-from engine_adapters.zmq_publisher import ZmqEventPublisher
+from engine_adapters.sim_engine.publisher import ZmqEventPublisher
 from mesh.state import MeshState, encode
-from router.hashing import block_hashes, root_seed
 from router.index import PrefixIndex
 
 pytestmark = pytest.mark.timeout(60)
@@ -146,9 +146,7 @@ def free_consecutive_ports(n: int) -> int:
 def make_adapter(pub: ZmqEventPublisher, sink, **kw) -> EventAdapter:
     kw.setdefault("replay_timeout", 0.5)
     kw.setdefault("replay_retries", 2)
-    return EventAdapter(
-        "eng-a", MODEL, pub.endpoint, pub.replay_endpoint, topic="kv", sink=sink, **kw
-    )
+    return EventAdapter("eng-a", MODEL, pub.endpoint, pub.replay_endpoint, topic="kv", sink=sink, **kw)
 
 
 # --- publisher wire ---------------------------------------------------------------
@@ -315,8 +313,11 @@ async def test_data_parallel_ranks_are_separate_workers() -> None:
     engines = [ToyEngine(10), ToyEngine(11)]
     pubs = [
         ZmqEventPublisher(
-            f"tcp://127.0.0.1:{base}", f"tcp://127.0.0.1:{rbase}", topic="kv",
-            data_parallel_rank=r, bind=True,
+            f"tcp://127.0.0.1:{base}",
+            f"tcp://127.0.0.1:{rbase}",
+            topic="kv",
+            data_parallel_rank=r,
+            bind=True,
         )
         for r in range(2)
     ]
@@ -324,8 +325,14 @@ async def test_data_parallel_ranks_are_separate_workers() -> None:
     assert pubs[1].replay_endpoint.endswith(f":{rbase + 1}")
     sink = DictSink()
     ad = EventAdapter(
-        "eng-dp", MODEL, f"tcp://127.0.0.1:{base}", f"tcp://127.0.0.1:{rbase}",
-        topic="kv", data_parallel_size=2, sink=sink, replay_timeout=0.5,
+        "eng-dp",
+        MODEL,
+        f"tcp://127.0.0.1:{base}",
+        f"tcp://127.0.0.1:{rbase}",
+        topic="kv",
+        data_parallel_size=2,
+        sink=sink,
+        replay_timeout=0.5,
     )
     await ad.start()
     try:
@@ -530,9 +537,7 @@ async def test_mesh_handover_gives_the_new_owner_the_mapping() -> None:
         assert t.resume == {"eng-a": 6}
         mapper = BlockMapper.from_pairs(MODEL, "eng-a", t.mappings["eng-a"])
         assert mapper.map == ad.mapper().map
-        ad_b = make_adapter(
-            pub, sink_b, start_seqs={0: t.resume["eng-a"] - 1}, mappers={0: mapper}
-        )
+        ad_b = make_adapter(pub, sink_b, start_seqs={0: t.resume["eng-a"] - 1}, mappers={0: mapper})
         await ad_b.start()
         try:
             await wait_until(lambda: ad_b.last_seqs()[0] == 7, what="B replayed")

@@ -26,7 +26,9 @@ async def _complete(http: aiohttp.ClientSession, url: str, prompt: list[int]) ->
         assert r.status == 200, await r.text()
 
 
-async def _converged(index: PrefixIndex, http: aiohttp.ClientSession, url: str, timeout: float = 10.0) -> set[int]:
+async def _converged(
+    index: PrefixIndex, http: aiohttp.ClientSession, url: str, timeout: float = 10.0
+) -> set[int]:
     deadline = time.monotonic() + timeout
     while True:
         async with http.get(f"{url}/admin/cache") as r:
@@ -40,7 +42,9 @@ async def test_dropped_batches_are_replayed_and_index_matches_engine_cache():
     # A small cache so evictions (BlockRemoved) are part of what gets dropped.
     eng = procs.start_sim_engine("gap-engine", ["--num-gpu-blocks", "120", "--seed", "3"])
     index = PrefixIndex()
-    adapter = EventAdapter("e0", MODEL, eng.info["kv_endpoint"], eng.info["replay_endpoint"], sink=index.apply)
+    adapter = EventAdapter(
+        "e0", MODEL, eng.info["kv_endpoint"], eng.info["replay_endpoint"], sink=index.apply
+    )
     rng = random.Random(5)
     shared = [rng.randrange(256, 32000) for _ in range(320)]
     try:

@@ -14,8 +14,8 @@ import pytest
 from kvmesh import procs
 from kvmesh.benchmarks.convergence import engine_digest
 from kvmesh.loadgen import generate_once
-from kvmesh.v1 import router_pb2 as pb
-from kvmesh.v1 import router_pb2_grpc as pb_grpc
+from kvmesh_pb.v1 import router_pb2 as pb
+from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 MODEL = "sim-model"
@@ -47,7 +47,7 @@ async def _engines(addr: str) -> dict[str, pb.EngineStatus]:
     return {e.spec.engine_id: e for e in resp.engines}
 
 
-async def _eventually(pred, timeout: float, what: str):  # noqa: ANN001
+async def _eventually(pred, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -60,7 +60,9 @@ async def _eventually(pred, timeout: float, what: str):  # noqa: ANN001
 
 @pytest.fixture
 def cluster():
-    engines = [procs.start_sim_engine(f"me{i}", ["--num-gpu-blocks", "3000", "--seed", str(i)]) for i in range(4)]
+    engines = [
+        procs.start_sim_engine(f"me{i}", ["--num-gpu-blocks", "3000", "--seed", str(i)]) for i in range(4)
+    ]
     flags = [procs.engine_flag(f"e{i}", p) for i, p in enumerate(engines)]
     nodes = [procs.start_router("node-a", flags, FAST_MESH)]
     seed = nodes[0].info["grpc"]
@@ -99,7 +101,8 @@ async def test_continuation_on_another_node_lands_on_the_same_engine(cluster):
         await _eventually(lambda: _idle(c), 5, "node C to see no request in flight")
         cont = prefix + _tokens(2, 40) + answer + _tokens(3, 30)
         route = await pb_grpc.RouterStub(ch_c).Route(
-            pb.RouteRequest(prompt=pb.Prompt(token_ids=pb.TokenIds(ids=cont)), dry_run=True))
+            pb.RouteRequest(prompt=pb.Prompt(token_ids=pb.TokenIds(ids=cont)), dry_run=True)
+        )
         assert route.engine_id == eid and route.predicted_cached_blocks >= 100, route
         second, _ = await generate_once(pb_grpc.RouterStub(ch_c), cont, 8)
         assert second.ok, second.error
@@ -143,8 +146,7 @@ async def test_owner_killed_while_engine_emits_events_hands_over_without_loss(cl
     stop.set()
     await load
     # A survivor owns e1 now, and every survivor's index equals the engine's cache.
-    new_owner = await _eventually(
-        lambda: _new_owner(survivors[0], owner), 15, "a new owner for e1")
+    new_owner = await _eventually(lambda: _new_owner(survivors[0], owner), 15, "a new owner for e1")
     assert new_owner in by_id and new_owner != owner
     for s in survivors:
         await _eventually(lambda s=s: _match(s, "e1", url), 10, f"index of {s} to equal the engine cache")
@@ -174,8 +176,11 @@ async def test_a_joining_node_routes_correctly_once_ready(cluster):
     try:
         # READY is printed only after the full state arrived: route at once.
         async with grpc.aio.insecure_channel(d.info["grpc"]) as ch:
-            route = await pb_grpc.RouterStub(ch).Route(pb.RouteRequest(
-                prompt=pb.Prompt(token_ids=pb.TokenIds(ids=prefix + _tokens(9, 30))), dry_run=True))
+            route = await pb_grpc.RouterStub(ch).Route(
+                pb.RouteRequest(
+                    prompt=pb.Prompt(token_ids=pb.TokenIds(ids=prefix + _tokens(9, 30))), dry_run=True
+                )
+            )
         assert route.engine_id == first.engine_id
         assert route.predicted_cached_blocks >= 60
     finally:

@@ -14,8 +14,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kvmesh import procs
 from kvmesh.loadgen import generate_once
-from kvmesh.v1 import router_pb2 as pb
-from kvmesh.v1 import router_pb2_grpc as pb_grpc
+from kvmesh_pb.v1 import router_pb2 as pb
+from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,9 @@ def engines():
 
 def _router(engines, policy: str, extra: list[str] | None = None) -> procs.Proc:
     flags = [procs.engine_flag(f"e{i}", p) for i, p in enumerate(engines)]
-    return procs.start_router(f"router-{policy}", flags, ["--policy", policy, "--health-interval", "0.5",
-                                                           *(extra or [])])
+    return procs.start_router(
+        f"router-{policy}", flags, ["--policy", policy, "--health-interval", "0.5", *(extra or [])]
+    )
 
 
 def _tokens(seed: int, n: int) -> list[int]:
@@ -75,8 +76,11 @@ async def test_shared_prefix_lands_on_same_engine_with_cached_tokens(engines):
             assert second.engine_id == first.engine_id
             assert second.cached_tokens >= 800, second
             # The Route RPC agrees and explains itself.
-            route = await stub.Route(pb.RouteRequest(
-                prompt=pb.Prompt(token_ids=pb.TokenIds(ids=prefix + _tokens(9, 20))), dry_run=True))
+            route = await stub.Route(
+                pb.RouteRequest(
+                    prompt=pb.Prompt(token_ids=pb.TokenIds(ids=prefix + _tokens(9, 20))), dry_run=True
+                )
+            )
             assert route.engine_id == first.engine_id
             assert route.predicted_cached_blocks >= 50
             assert route.decision.policy == "precise"
@@ -114,15 +118,20 @@ async def test_text_prompt_health_reflection_admin_and_bad_input(engines):
 
             refl = reflection_pb2_grpc.ServerReflectionStub(ch)
             names = set()
-            async for r in refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
+            async for r in refl.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            ):
                 names |= {s.name for s in r.list_services_response.service}
             assert {"kvmesh.v1.Router", "kvmesh.v1.Admin", "grpc.health.v1.Health"} <= names
 
             stub = pb_grpc.RouterStub(ch)
             chunks, fin = [], None
-            async for m in stub.Generate(pb.GenerateRequest(
+            async for m in stub.Generate(
+                pb.GenerateRequest(
                     prompt=pb.Prompt(text="Hello there, how are you today?"),
-                    sampling=pb.SamplingParams(max_tokens=5))):
+                    sampling=pb.SamplingParams(max_tokens=5),
+                )
+            ):
                 if m.WhichOneof("event") == "chunk":
                     chunks.extend(m.chunk.token_ids)
                 elif m.WhichOneof("event") == "finished":
@@ -142,7 +151,9 @@ async def test_text_prompt_health_reflection_admin_and_bad_input(engines):
                 assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value
             admin = pb_grpc.AdminStub(ch)
             with pytest.raises(grpc.aio.AioRpcError) as ei:
-                await admin.RegisterEngine(pb.RegisterEngineRequest(spec=pb.EngineSpec(engine_id="x", endpoint="nope")))
+                await admin.RegisterEngine(
+                    pb.RegisterEngineRequest(spec=pb.EngineSpec(engine_id="x", endpoint="nope"))
+                )
             assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             with pytest.raises(grpc.aio.AioRpcError) as ei:
                 await admin.DeregisterEngine(pb.DeregisterEngineRequest(engine_id="ghost"))

@@ -140,9 +140,8 @@ def apply(hashes: set[int], batches: list[tuple[int, KVEventBatch]]) -> set[int]
 
 
 async def complete(http: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as s:
-        async with s.post(f"{http}/v1/completions", json=body) as r:
-            return r.status, await r.json(content_type=None)
+    async with aiohttp.ClientSession() as s, s.post(f"{http}/v1/completions", json=body) as r:
+        return r.status, await r.json(content_type=None)
 
 
 async def stream(http: str, body: dict[str, Any]) -> list[Any]:
@@ -159,10 +158,9 @@ async def stream(http: str, body: dict[str, Any]) -> list[Any]:
 
 
 async def get_json(http: str, path: str) -> Any:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"{http}{path}") as r:
-            assert r.status == 200
-            return await r.json()
+    async with aiohttp.ClientSession() as s, s.get(f"{http}{path}") as r:
+        assert r.status == 200
+        return await r.json()
 
 
 def prompt_with(prefix_seed: int, n_blocks: int, tail: list[int]) -> list[int]:
@@ -250,9 +248,8 @@ async def test_bad_requests_get_400_and_engine_keeps_serving(engine: Engine) -> 
     assert status == 404
     status, ok = await complete(engine.http, {"prompt": [1, 2, 3], "max_tokens": 2, "model": "sim-model"})
     assert status == 200 and ok["usage"]["completion_tokens"] == 2
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"{engine.http}/health") as r:
-            assert r.status == 200
+    async with aiohttp.ClientSession() as s, s.get(f"{engine.http}/health") as r:
+        assert r.status == 200
     models = await get_json(engine.http, "/v1/models")
     assert models["data"][0]["id"] == "sim-model"
 
@@ -261,10 +258,9 @@ async def test_metrics(engine: Engine) -> None:
     p = prompt_with(3, 4, [1])
     for _ in range(2):
         assert (await complete(engine.http, {"prompt": p, "max_tokens": 2}))[0] == 200
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"{engine.http}/metrics") as r:
-            assert r.status == 200
-            text = await r.text()
+    async with aiohttp.ClientSession() as s, s.get(f"{engine.http}/metrics") as r:
+        assert r.status == 200
+        text = await r.text()
 
     def value(name: str) -> float:
         m = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M)
@@ -282,7 +278,9 @@ async def test_clear_and_dropped_batches_are_replayable(engine: Engine, sub: zmq
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{engine.http}/admin/clear") as r:
             assert r.status == 200
-        got = recv_batches(sub, lambda g: any(isinstance(e, AllBlocksCleared) for _, b in g for e in b.events))
+        got = recv_batches(
+            sub, lambda g: any(isinstance(e, AllBlocksCleared) for _, b in g for e in b.events)
+        )
         assert got and isinstance(got[-1][1].events[-1], AllBlocksCleared)
         assert await get_json(engine.http, "/admin/cache") == []
         cleared_seq = got[-1][0]
@@ -352,8 +350,11 @@ async def test_stop_string_ends_with_stop(engine: Engine) -> None:
     status, full = await complete(engine.http, body)
     assert status == 200
     ids = full["choices"][0]["token_ids"]
-    words = [(await complete(engine.http, {**body, "max_tokens": i + 1}))[1]["choices"][0]["text"] for i in range(3)]
-    third = words[2][len(words[1]):]  # the text of the third token, e.g. " river"
+    words = [
+        (await complete(engine.http, {**body, "max_tokens": i + 1}))[1]["choices"][0]["text"]
+        for i in range(3)
+    ]
+    third = words[2][len(words[1]) :]  # the text of the third token, e.g. " river"
     assert third and full["choices"][0]["text"].startswith(words[2])
     status, stopped = await complete(engine.http, {**body, "stop": [third]})
     assert status == 200

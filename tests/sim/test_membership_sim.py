@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import pytest
 import structlog
 
+from kvmesh.simulation.simnet import NetConfig, SimNet
 from mesh.membership import ALIVE, Membership, MembershipConfig
-from mesh.simnet import NetConfig, SimNet
 
 FAULT_END = 60.0  # faults happen in [0, FAULT_END)
 QUIET = 60.0  # then a quiet network for this long before the check
@@ -191,8 +191,10 @@ def test_single_seed() -> None:
         print("  plan:", s)
     print("  stats:", sim.stats)
     for a, node in sorted(sim.up_nodes().items()):
-        print(f"  {a} inc={node.incarnation} awareness={node.awareness} members="
-              + ", ".join(f"{m.node}:{m.state}@{m.incarnation}" for m in node.members()))
+        print(
+            f"  {a} inc={node.incarnation} awareness={node.awareness} members="
+            + ", ".join(f"{m.node}:{m.state}@{m.incarnation}" for m in node.members())
+        )
         for e in node.events():
             print(f"    {e.at:8.3f} {e.kind:8s} {e.node}@{e.incarnation}")
     assert not problems, _describe(seed, problems, sc)
@@ -202,8 +204,10 @@ def test_simulation_is_deterministic() -> None:
     def fingerprint(seed: int) -> tuple:
         sim, _ = build(seed)
         sim.run_until(40.0)
-        views = tuple((a, tuple((m.node, m.state, m.incarnation) for m in n.members()))
-                      for a, n in sorted(sim.up_nodes().items()))
+        views = tuple(
+            (a, tuple((m.node, m.state, m.incarnation) for m in n.members()))
+            for a, n in sorted(sim.up_nodes().items())
+        )
         return views, sim.stats.sent, sim.stats.delivered
 
     assert fingerprint(7) == fingerprint(7)
@@ -292,8 +296,9 @@ def test_crash_detection_and_join_latency_n10() -> None:
     assert max(joins) < 5.0, joins
 
 
-def measure(sizes: tuple[int, ...] = (10, 50, 100), loss: float = 0.0,
-            seeds_for: dict[int, int] | None = None) -> None:
+def measure(
+    sizes: tuple[int, ...] = (10, 50, 100), loss: float = 0.0, seeds_for: dict[int, int] | None = None
+) -> None:
     seeds_for = seeds_for or {10: 200, 50: 100, 100: 50}
     for n in sizes:
         k = seeds_for.get(n, 20)
@@ -302,9 +307,9 @@ def measure(sizes: tuple[int, ...] = (10, 50, 100), loss: float = 0.0,
         joins = [join_time(n, s, loss) for s in range(k)]
         wall = time.perf_counter() - t0
         print(
-            f"N={n:3d} loss={loss:.2f} seeds={k:3d}  crash detected by all: p50={_pct(det, .5):6.2f}s "
-            f"p99={_pct(det, .99):6.2f}s max={max(det):6.2f}s | joiner known by all: "
-            f"p50={_pct(joins, .5):5.2f}s p99={_pct(joins, .99):5.2f}s max={max(joins):5.2f}s "
+            f"N={n:3d} loss={loss:.2f} seeds={k:3d}  crash detected by all: p50={_pct(det, 0.5):6.2f}s "
+            f"p99={_pct(det, 0.99):6.2f}s max={max(det):6.2f}s | joiner known by all: "
+            f"p50={_pct(joins, 0.5):5.2f}s p99={_pct(joins, 0.99):5.2f}s max={max(joins):5.2f}s "
             f"(wall {wall:.1f}s)",
             flush=True,
         )

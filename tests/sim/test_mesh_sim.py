@@ -43,8 +43,6 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mesh.ownership import owner_of
-from mesh.simnet import NetConfig, SimNet
 from kvmesh.simulation.engine_model import SimEngine
 from kvmesh.simulation.mesh_world import (
     MeshNode,
@@ -54,6 +52,8 @@ from kvmesh.simulation.mesh_world import (
     node_factory,
     quiet_logs,
 )
+from kvmesh.simulation.simnet import NetConfig, SimNet
+from mesh.ownership import owner_of
 
 FAULT_END = 30.0
 QUIET = 45.0
@@ -189,7 +189,7 @@ def build(seed: int) -> tuple[SimNet[MeshNode], World, Scenario]:
 # --- the property ------------------------------------------------------------------------
 
 
-def _lineage(world: World, eid: str, final) -> tuple[list, list[str]]:  # noqa: ANN001
+def _lineage(world: World, eid: str, final) -> tuple[list, list[str]]:
     """The applied-seq log along the chain of takeovers that produced the final log."""
     problems: list[str] = []
     chain: list = []
@@ -202,8 +202,14 @@ def _lineage(world: World, eid: str, final) -> tuple[list, list[str]]:  # noqa: 
         chain = [("start", s.resume)] + log + chain
         if s.base is None:
             break
-        cands = [p for p in world.stints[eid] if p.epoch.term == s.base.term
-                 and p.epoch.owner == s.base.owner and p.started <= s.started and p is not s]
+        cands = [
+            p
+            for p in world.stints[eid]
+            if p.epoch.term == s.base.term
+            and p.epoch.owner == s.base.owner
+            and p.started <= s.started
+            and p is not s
+        ]
         if not cands:
             problems.append(f"{eid}: no stint for base epoch {s.base} of {s.node}@{s.epoch}")
             break
@@ -220,8 +226,10 @@ def _lineage(world: World, eid: str, final) -> tuple[list, list[str]]:  # noqa: 
                 # prev applied nothing before s took over: s resumed from prev's snapshot.
                 cut = first_int
             elif not idx:
-                problems.append(f"{eid}: {s.node} resumed at {s.resume}, {prev.node} never applied "
-                                f"{s.resume - 1} (tail {plog[-3:]})")
+                problems.append(
+                    f"{eid}: {s.node} resumed at {s.resume}, {prev.node} never applied "
+                    f"{s.resume - 1} (tail {plog[-3:]})"
+                )
                 cut = limit
             else:
                 cut = idx[-1] + 1
@@ -290,8 +298,11 @@ def check(sim: SimNet[MeshNode], world: World, sc: Scenario) -> list[str]:
         chain, lp = _lineage(world, eid, final)
         problems += lp
         problems += _check_chain(eid, chain, eng)
-        lost_history = any(x[0] == "truncated" or x[1] in _RESETS_LOSING_HISTORY
-                           for x in chain if isinstance(x, tuple) and x[0] != "start")
+        lost_history = any(
+            x[0] == "truncated" or x[1] in _RESETS_LOSING_HISTORY
+            for x in chain
+            if isinstance(x, tuple) and x[0] != "start"
+        )
         truth = eng.router_hashes()
         for a, n in up.items():
             got = n.index.worker_hashes(eid)
@@ -299,8 +310,10 @@ def check(sim: SimNet[MeshNode], world: World, sc: Scenario) -> list[str]:
                 if not got <= truth:
                     problems.append(f"{eid}@{a}: {len(got - truth)} stale blocks (history lost)")
             elif got != truth:
-                problems.append(f"{eid}@{a}: index has {len(got)} blocks, engine {len(truth)} "
-                                f"(missing {len(truth - got)}, stale {len(got - truth)})")
+                problems.append(
+                    f"{eid}@{a}: index has {len(got)} blocks, engine {len(truth)} "
+                    f"(missing {len(truth - got)}, stale {len(got - truth)})"
+                )
     return problems
 
 
@@ -356,12 +369,16 @@ def test_single_seed() -> None:
         print(f"  {eid}: restarts={eng.restarts} clears={eng.clears} next_seq={eng.next_seq}")
         for st in stints:
             log = st.consumer.log
-            print(f"    {st.started:7.2f}-{st.stopped if st.stopped is not None else 'now':>7} "
-                  f"{st.node}#{st.incarnation} {st.epoch.term}/{st.epoch.owner} base={st.base and (st.base.term, st.base.owner)} "
-                  f"resume={st.resume} applied={len(log)} head={log[:3]} tail={log[-3:]}")
+            print(
+                f"    {st.started:7.2f}-{st.stopped if st.stopped is not None else 'now':>7} "
+                f"{st.node}#{st.incarnation} {st.epoch.term}/{st.epoch.owner} base={st.base and (st.base.term, st.base.owner)} "
+                f"resume={st.resume} applied={len(log)} head={log[:3]} tail={log[-3:]}"
+            )
     for a, node in sorted(sim.up_nodes().items()):
-        print(f"  {a} ready={node.core.ready} owned={sorted(node.core.owned())} "
-              f"stats={ {k: v for k, v in node.core.stats().items() if 'own' in k} }")
+        print(
+            f"  {a} ready={node.core.ready} owned={sorted(node.core.owned())} "
+            f"stats={ {k: v for k, v in node.core.stats().items() if 'own' in k} }"
+        )
     assert not problems, _describe(seed, problems, sc)
 
 
@@ -369,8 +386,10 @@ def test_simulation_is_deterministic() -> None:
     def fingerprint(seed: int) -> tuple:
         sim, world, _ = build(seed)
         sim.run_until(25.0)
-        idx = tuple((a, tuple(sorted((w, len(n.index.worker_hashes(w))) for w in n.index.workers())))
-                    for a, n in sorted(sim.up_nodes().items()))
+        idx = tuple(
+            (a, tuple(sorted((w, len(n.index.worker_hashes(w))) for w in n.index.workers())))
+            for a, n in sorted(sim.up_nodes().items())
+        )
         return idx, sim.stats.sent, sim.stats.delivered
 
     assert fingerprint(5) == fingerprint(5)
@@ -403,10 +422,14 @@ def test_chain_check_catches_gaps_repeats_and_false_restarts() -> None:
     assert _check_chain("e0", ok, eng) == []
     assert any("repeat" in p for p in _check_chain("e0", [("start", None), 0, 1, 1, 2, 3, 4, 5], eng))
     assert any("gap" in p for p in _check_chain("e0", [("start", None), 0, 1, 3, 4, 5], eng))
-    assert any("resumed at" in p for p in _check_chain("e0", [("start", None), 0, 1, ("start", 3), 3, 4, 5], eng))
+    assert any(
+        "resumed at" in p for p in _check_chain("e0", [("start", None), 0, 1, ("start", 3), 3, 4, 5], eng)
+    )
     assert any("last applied" in p for p in _check_chain("e0", [("start", None), 0, 1, 2, 3, 4], eng))
-    assert any("never restarted" in p for p in _check_chain(
-        "e0", [("start", None), 0, 1, ("reset", "restart"), 0, 1, 2, 3, 4, 5], eng))
+    assert any(
+        "never restarted" in p
+        for p in _check_chain("e0", [("start", None), 0, 1, ("reset", "restart"), 0, 1, 2, 3, 4, 5], eng)
+    )
 
 
 def measure(sizes: tuple[int, ...] = (10, 50, 100, 200), loss: float = 0.0) -> None:

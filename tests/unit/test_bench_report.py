@@ -9,43 +9,98 @@ from kvmesh.benchmarks.report import render_markdown, targets, write_plots
 
 
 def _sys(hit: float, ideal: float, p90: float) -> dict:
-    return {"requests": 10, "failed": 0, "hit_rate": hit, "ideal_hit_rate": ideal, "ttft_p50_ms": p90 / 2,
-            "ttft_p90_ms": p90, "ttft_p99_ms": p90 * 2, "latency_p50_ms": 100.0, "latency_p90_ms": 200.0,
-            "latency_p99_ms": 300.0, "throughput_rps": 5.0, "output_tps": 100.0, "imbalance_inflight": 1.2,
-            "peak_inflight": 3, "requests_by_engine": {}, "wall_s": 2.0, "errors": []}
+    return {
+        "requests": 10,
+        "failed": 0,
+        "hit_rate": hit,
+        "ideal_hit_rate": ideal,
+        "ttft_p50_ms": p90 / 2,
+        "ttft_p90_ms": p90,
+        "ttft_p99_ms": p90 * 2,
+        "latency_p50_ms": 100.0,
+        "latency_p90_ms": 200.0,
+        "latency_p99_ms": 300.0,
+        "throughput_rps": 5.0,
+        "output_tps": 100.0,
+        "imbalance_inflight": 1.2,
+        "peak_inflight": 3,
+        "requests_by_engine": {},
+        "wall_s": 2.0,
+        "errors": [],
+    }
 
 
 def _results() -> dict:
-    ov = {"direct_ttft_p50_ms": 15.0, "via_ttft_p50_ms": 18.0, "overhead_ms": 3.0, "route_rpc_p50_ms": 1.5,
-          "route_rpc_p99_ms": 4.0}
+    ov = {
+        "direct_ttft_p50_ms": 15.0,
+        "via_ttft_p50_ms": 18.0,
+        "overhead_ms": 3.0,
+        "route_rpc_p50_ms": 1.5,
+        "route_rpc_p99_ms": 4.0,
+    }
     return {
         "meta": {"command": "kvmesh bench all", "cpus": 2},
         "routing": {
-            "fleet": {"engines": 8, "num_gpu_blocks": 4000, "time_scale": 1.0, "block_size": 16,
-                      "prefill_tokens_per_s": 80000.0},
+            "fleet": {
+                "engines": 8,
+                "num_gpu_blocks": 4000,
+                "time_scale": 1.0,
+                "block_size": 16,
+                "prefill_tokens_per_s": 80000.0,
+            },
             "workloads": {"chat": {"params": {"sessions": 4}, "requests": 10}},
             "systems": {
                 "round_robin": {"overhead": ov, "chat": _sys(0.5, 0.9, 2000.0)},
                 "precise": {"overhead": ov, "chat": _sys(0.85, 0.9, 100.0)},
                 "precise_mesh3": {"overhead": ov, "chat": _sys(0.82, 0.9, 110.0)},
-                "sglang_cache_aware": {"overhead": {**ov, "route_rpc_p50_ms": None}, "chat": _sys(0.86, 0.9, 300.0)},
+                "sglang_cache_aware": {
+                    "overhead": {**ov, "route_rpc_p50_ms": None},
+                    "chat": _sys(0.86, 0.9, 300.0),
+                },
             },
             "skipped": {},
         },
-        "micro": {"index": {"n_engines": 64, "stored_blocks": 1000, "batches": 10, "prompt_blocks": 128,
-                            "queries": 100,
-                            "kvmesh": {"blocks_per_s": 400_000.0, "match_p50_us": 30.0, "match_p99_us": 60.0,
-                                       "hash_128_blocks_us": 35.0},
-                            "dynamo": {"blocks_per_s": 800_000.0, "match_p50_us": 70.0, "match_p99_us": 200.0,
-                                       "best_overlap_agrees_with_kvmesh": "200/200"},
-                            "ingest_ratio": 0.5, "match_p99_ratio": 0.3},
-                  "decisions": {"precise": {"p50_us": 30.0, "p99_us": 60.0}}},
-        "convergence": {"real": [{"n": 5, "p50": 0.1, "p99": 0.3, "bytes_per_event": 5000.0, "missing": 0}],
-                        "sim": [{"n": 100, "p50": 0.9, "p99": 2.5, "bytes_per_event": 9e4, "missing": 0}]},
-        "proxy": {"echo": {"requests_per_s": 400.0, "messages_per_s": 7200.0},
-                  "kvmesh": {"requests_per_s": 300.0, "messages_per_s": 5400.0}, "ratio": 0.75,
-                  "shape": {"prompt_tokens": 2000, "max_tokens": 16, "concurrency": 32, "seconds": 8,
-                            "engines": 2, "engine_time_scale": 0.01}},
+        "micro": {
+            "index": {
+                "n_engines": 64,
+                "stored_blocks": 1000,
+                "batches": 10,
+                "prompt_blocks": 128,
+                "queries": 100,
+                "kvmesh": {
+                    "blocks_per_s": 400_000.0,
+                    "match_p50_us": 30.0,
+                    "match_p99_us": 60.0,
+                    "hash_128_blocks_us": 35.0,
+                },
+                "dynamo": {
+                    "blocks_per_s": 800_000.0,
+                    "match_p50_us": 70.0,
+                    "match_p99_us": 200.0,
+                    "best_overlap_agrees_with_kvmesh": "200/200",
+                },
+                "ingest_ratio": 0.5,
+                "match_p99_ratio": 0.3,
+            },
+            "decisions": {"precise": {"p50_us": 30.0, "p99_us": 60.0}},
+        },
+        "convergence": {
+            "real": [{"n": 5, "p50": 0.1, "p99": 0.3, "bytes_per_event": 5000.0, "missing": 0}],
+            "sim": [{"n": 100, "p50": 0.9, "p99": 2.5, "bytes_per_event": 9e4, "missing": 0}],
+        },
+        "proxy": {
+            "echo": {"requests_per_s": 400.0, "messages_per_s": 7200.0},
+            "kvmesh": {"requests_per_s": 300.0, "messages_per_s": 5400.0},
+            "ratio": 0.75,
+            "shape": {
+                "prompt_tokens": 2000,
+                "max_tokens": 16,
+                "concurrency": 32,
+                "seconds": 8,
+                "engines": 2,
+                "engine_time_scale": 0.01,
+            },
+        },
     }
 
 

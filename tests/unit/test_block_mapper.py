@@ -7,19 +7,11 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blocks.block_map import BlockMap
+from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp, decode_delta, encode_delta
+from blocks.hashing import block_hashes, root_seed
 from engine_adapters.block_mapper import BlockMapper
-from engine_adapters.kv_delta import (
-    OP_CLEAR,
-    OP_REMOVE,
-    OP_STORE,
-    BlockMap,
-    KvDelta,
-    KvOp,
-    decode_delta,
-    encode_delta,
-)
 from engine_adapters.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
-from router.hashing import block_hashes, root_seed
 
 MODEL = "llama-test"
 BS = 4
@@ -285,6 +277,4 @@ def test_block_map_without_engine_hashes_names_blocks_by_router_hash() -> None:
     assert bm.snapshot_ops() == [KvOp(OP_CLEAR, []), KvOp(OP_STORE, [5])]
     bm.apply(KvOp(OP_STORE, [9], [b"e" * 32]))
     assert bm.ebytes == 34
-    assert bm.snapshot_ops() == [
-        KvOp(OP_CLEAR, []), KvOp(OP_STORE, [5]), KvOp(OP_STORE, [9], [b"e" * 32])
-    ]
+    assert bm.snapshot_ops() == [KvOp(OP_CLEAR, []), KvOp(OP_STORE, [5]), KvOp(OP_STORE, [9], [b"e" * 32])]

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from engine_adapters.kv_delta import OP_REMOVE, OP_STORE, KvDelta, KvOp
+from blocks.delta import OP_REMOVE, OP_STORE, KvDelta, KvOp
 from mesh.state import MeshState, merge_deltas
 
 LIVE = 50_000
@@ -169,9 +169,7 @@ def churn(ehashes: bool = EHASHES) -> dict[str, float]:
     assert replica.resume_seqs("e") == seqs
     if ehashes:
         maps = replica.logs["e"].materialise_maps()
-        assert {w: m.to_router for w, m in maps.items()} == {
-            w: dict(zip(elive[w], live[w])) for w in workers
-        }
+        assert {w: m.to_router for w, m in maps.items()} == {w: dict(zip(elive[w], live[w])) for w in workers}
     return {"base_size": base_size, "max_size": max_size, "base_mem": base_mem, "max_mem": max_mem}
 
 

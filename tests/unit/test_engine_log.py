@@ -8,15 +8,8 @@ import msgspec
 import pycrdt
 import pytest
 
-from engine_adapters.kv_delta import (
-    OP_CLEAR,
-    OP_REMOVE,
-    OP_STORE,
-    BlockMap,
-    KvDelta,
-    KvOp,
-    decode_delta,
-)
+from blocks.block_map import BlockMap
+from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp, decode_delta
 from mesh.engine_log import (
     CompactionPolicy,
     EngineLogOwner,
@@ -32,7 +25,9 @@ from mesh.engine_log import (
 )
 
 
-def owner_and_replica(policy: CompactionPolicy | None = None) -> tuple[EngineLogOwner, EngineLogReplica, bytes]:
+def owner_and_replica(
+    policy: CompactionPolicy | None = None,
+) -> tuple[EngineLogOwner, EngineLogReplica, bytes]:
     rep = EngineLogReplica("e")
     owner = EngineLogOwner(rep, "n0", random.Random(1), policy or CompactionPolicy())
     first = owner.start_epoch(Epoch(1, "n0", 0, owner.new_doc_id()), {}, {})
@@ -106,11 +101,15 @@ def test_snapshot_deltas_clear_then_store_with_seq() -> None:
     }
     snap = snapshot_deltas(live, {"e": 9, "e#dp2": 4})
     assert snap == [
-        KvDelta("e", 9, [
-            KvOp(OP_CLEAR, []),
-            KvOp(OP_STORE, [3, 1]),  # identity pairs: no engine hashes needed
-            KvOp(OP_STORE, [7, 7, 8], [b"x", -5, 2**64 - 1]),
-        ]),
+        KvDelta(
+            "e",
+            9,
+            [
+                KvOp(OP_CLEAR, []),
+                KvOp(OP_STORE, [3, 1]),  # identity pairs: no engine hashes needed
+                KvOp(OP_STORE, [7, 7, 8], [b"x", -5, 2**64 - 1]),
+            ],
+        ),
         KvDelta("e#dp1", -1, [KvOp(OP_CLEAR, [])]),
         KvDelta("e#dp2", 4, [KvOp(OP_CLEAR, [])]),
     ]
@@ -155,7 +154,9 @@ def test_compaction_bumps_gen_and_replica_reset_reproduces_contents() -> None:
         for ch in rep.apply(owner.epoch, owner.append([d])):
             for op in ch.ops:
                 w = index.setdefault(ch.worker, set())
-                {OP_STORE: w.update, OP_REMOVE: w.difference_update}.get(op.kind, lambda _: w.clear())(op.hashes)
+                {OP_STORE: w.update, OP_REMOVE: w.difference_update}.get(op.kind, lambda _: w.clear())(
+                    op.hashes
+                )
         truth = {"e": {s + 100}}
         c = owner.maybe_compact()
         if c is not None:
@@ -206,7 +207,9 @@ def test_foreign_entry_is_skipped_not_fatal() -> None:
 def test_fenced_owner_cannot_append() -> None:
     owner, _, _ = owner_and_replica()
     other = EpochDoc.create(
-        "e", Epoch(2, "n1", 0, 99), encode_entry(snapshot_deltas({"e": BlockMap.from_pairs([(1, 1)])}, {"e": 0}))
+        "e",
+        Epoch(2, "n1", 0, 99),
+        encode_entry(snapshot_deltas({"e": BlockMap.from_pairs([(1, 1)])}, {"e": 0})),
     )
     changes = owner.replica.apply(other.epoch, other.update_since())
     assert [d.worker for d in changes] == ["e"]
@@ -261,9 +264,7 @@ def test_engine_hashes_are_validated_before_writing() -> None:
         with pytest.raises(LogError):
             owner.append(bad)
     assert owner.live == {} and len(owner.replica.current) == 1
-    owner.append(
-        [KvDelta("e", 0, [KvOp(OP_STORE, [1, 1], [b"a", -2]), KvOp(OP_REMOVE, [], [b"a"])])]
-    )
+    owner.append([KvDelta("e", 0, [KvOp(OP_STORE, [1, 1], [b"a", -2]), KvOp(OP_REMOVE, [], [b"a"])])])
     assert owner.mappings() == {"e": [(-2, 1)]}
 
 

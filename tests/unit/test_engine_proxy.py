@@ -31,8 +31,9 @@ def _feed_all(pieces: list[bytes]) -> list[bytes]:
     return out + d.flush()
 
 
-STREAM = (b'data: {"a":1}\n\n: a comment\n\ndata: {"b":2}\n\nevent: x\ndata: line1\ndata:line2\n\n'
-          b"data: [DONE]\n\n")
+STREAM = (
+    b'data: {"a":1}\n\n: a comment\n\ndata: {"b":2}\n\nevent: x\ndata: line1\ndata:line2\n\ndata: [DONE]\n\n'
+)
 EVENTS = [b'{"a":1}', b'{"b":2}', b"line1\nline2", b"[DONE]"]
 
 
@@ -115,23 +116,41 @@ END = chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
 
 def tok(ids: list[int], text: str, finish: str | None = None) -> dict:
-    return {"id": "x", "object": "text_completion",
-            "choices": [{"index": 0, "text": text, "token_ids": ids, "finish_reason": finish}], "usage": None}
+    return {
+        "id": "x",
+        "object": "text_completion",
+        "choices": [{"index": 0, "text": text, "token_ids": ids, "finish_reason": finish}],
+        "usage": None,
+    }
 
 
-USAGE = {"id": "x", "choices": [],
-         "usage": {"prompt_tokens": 5, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 4}}}
+USAGE = {
+    "id": "x",
+    "choices": [],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 4}},
+}
 
 
 async def collect(client: EngineClient, url: str, rid: str = "r1") -> list[Chunk | Usage]:
-    return [x async for x in client.stream_completion(url, "m", [1, 2, 3, 4, 5], CompletionParams(max_tokens=3),
-                                                      rid, {"X-data-parallel-rank": "1"})]
+    return [
+        x
+        async for x in client.stream_completion(
+            url, "m", [1, 2, 3, 4, 5], CompletionParams(max_tokens=3), rid, {"X-data-parallel-rank": "1"}
+        )
+    ]
 
 
 async def test_stream_tokens_usage_request_body_and_coalescing() -> None:
-    async def handler(reader, writer, req) -> None:  # noqa: ANN001
-        writer.write(SSE_HEAD + event({**tok([7], " a"), "choices": [{**tok([7], " a")["choices"][0],
-                                                                       "prompt_token_ids": [1, 2, 3, 4, 5]}]}))
+    async def handler(reader, writer, req) -> None:
+        writer.write(
+            SSE_HEAD
+            + event(
+                {
+                    **tok([7], " a"),
+                    "choices": [{**tok([7], " a")["choices"][0], "prompt_token_ids": [1, 2, 3, 4, 5]}],
+                }
+            )
+        )
         await writer.drain()
         await asyncio.sleep(0.05)
         # Two events already buffered together: one Chunk with both.
@@ -153,9 +172,16 @@ async def test_stream_tokens_usage_request_body_and_coalescing() -> None:
     assert req["line"] == "POST /v1/completions HTTP/1.1"
     assert req["headers"]["x-request-id"] == "req  X-Evil: 1"  # a header value cannot end the header
     assert "x-evil" not in req["headers"] and req["headers"]["x-data-parallel-rank"] == "1"
-    assert req["body"] == {"model": "m", "prompt": [1, 2, 3, 4, 5], "max_tokens": 3, "temperature": 0.0,
-                           "top_p": 1.0, "stream": True, "stream_options": {"include_usage": True},
-                           "return_token_ids": True}
+    assert req["body"] == {
+        "model": "m",
+        "prompt": [1, 2, 3, 4, 5],
+        "max_tokens": 3,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "return_token_ids": True,
+    }
 
 
 async def _fails_with(handler: Handler, exc: type[Exception], match: str, **kw: float) -> list[Chunk | Usage]:
@@ -172,19 +198,19 @@ async def _fails_with(handler: Handler, exc: type[Exception], match: str, **kw: 
 
 
 async def test_errors_before_the_first_token_are_retryable() -> None:
-    async def http_503(reader, writer, req) -> None:  # noqa: ANN001
+    async def http_503(reader, writer, req) -> None:
         writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy")
 
-    async def reset(reader, writer, req) -> None:  # noqa: ANN001
+    async def reset(reader, writer, req) -> None:
         writer.close()
 
-    async def bad_json(reader, writer, req) -> None:  # noqa: ANN001
+    async def bad_json(reader, writer, req) -> None:
         writer.write(SSE_HEAD + chunk(b"data: {nope\n\n") + END)
 
-    async def error_event(reader, writer, req) -> None:  # noqa: ANN001
+    async def error_event(reader, writer, req) -> None:
         writer.write(SSE_HEAD + event({"error": {"message": "boom"}}) + END)
 
-    async def silent(reader, writer, req) -> None:  # noqa: ANN001
+    async def silent(reader, writer, req) -> None:
         writer.write(SSE_HEAD)
         await asyncio.sleep(5)
 
@@ -201,16 +227,16 @@ async def test_errors_before_the_first_token_are_retryable() -> None:
 
 
 async def test_errors_after_a_token_are_stream_errors_and_the_token_is_delivered() -> None:
-    async def error_after(reader, writer, req) -> None:  # noqa: ANN001
+    async def error_after(reader, writer, req) -> None:
         # The token and the error arrive in the same read.
         writer.write(SSE_HEAD + event(tok([7], " a")) + event({"error": "oom"}) + END)
 
-    async def cut_after(reader, writer, req) -> None:  # noqa: ANN001
+    async def cut_after(reader, writer, req) -> None:
         writer.write(SSE_HEAD + event(tok([7], " a")))
         await writer.drain()
         writer.close()
 
-    async def no_finish(reader, writer, req) -> None:  # noqa: ANN001
+    async def no_finish(reader, writer, req) -> None:
         writer.write(SSE_HEAD + event(tok([7], " a")) + END)
 
     assert await _fails_with(error_after, EngineStreamError, "oom") == [Chunk([7], " a")]
@@ -219,7 +245,7 @@ async def test_errors_after_a_token_are_stream_errors_and_the_token_is_delivered
 
 
 async def test_idle_connection_closed_by_the_engine_is_replaced() -> None:
-    async def once_then_close(reader, writer, req) -> None:  # noqa: ANN001
+    async def once_then_close(reader, writer, req) -> None:
         writer.write(SSE_HEAD + event(tok([7], " a", "stop")) + END)
         await writer.drain()
         writer.close()  # an idle-timeout close after the response
@@ -238,7 +264,7 @@ async def test_idle_connection_closed_by_the_engine_is_replaced() -> None:
 
 
 async def test_abandoned_stream_closes_its_connection() -> None:
-    async def endless(reader, writer, req) -> None:  # noqa: ANN001
+    async def endless(reader, writer, req) -> None:
         writer.write(SSE_HEAD)
         while True:
             writer.write(event(tok([7], " a")))
@@ -261,14 +287,25 @@ def test_request_body_omits_unset_options() -> None:
     from engine_adapters.proxy import _STREAM_OPTIONS, _CompletionRequest
 
     def body(**kw: object) -> dict:
-        return msgspec.json.decode(msgspec.json.encode(_CompletionRequest(
-            model="m", prompt=[1], max_tokens=1, temperature=0.0, top_p=1.0, stream=True,
-            stream_options=_STREAM_OPTIONS, return_token_ids=True, **kw)))
+        return msgspec.json.decode(
+            msgspec.json.encode(
+                _CompletionRequest(
+                    model="m",
+                    prompt=[1],
+                    max_tokens=1,
+                    temperature=0.0,
+                    top_p=1.0,
+                    stream=True,
+                    stream_options=_STREAM_OPTIONS,
+                    return_token_ids=True,
+                    **kw,
+                )
+            )
+        )
 
     assert {"stop", "ignore_eos", "seed"}.isdisjoint(body())
     full = body(stop=["\n"], ignore_eos=True, seed=0)
     assert (full["stop"], full["ignore_eos"], full["seed"]) == (["\n"], True, 0)
-
 
 
 def test_sse_event_that_never_ends_is_refused_not_buffered_forever() -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.hashing import block_hashes, chain_hash, root_seed
+from blocks.hashing import block_hashes, chain_hash, root_seed
 
 MASK64 = (1 << 64) - 1
 tokens_st = st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=200)
@@ -23,7 +23,7 @@ def test_golden_values_pin_the_scheme():
 
 def test_same_across_processes_and_hash_seeds():
     code = (
-        "from router.hashing import root_seed, block_hashes;"
+        "from blocks.hashing import root_seed, block_hashes;"
         "print(block_hashes(list(range(64)), 16, root_seed('mdl', 'lora', 'salt')))"
     )
     outs = set()

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine_adapters.kv_delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp, decode_delta, encode_delta
+from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp, decode_delta, encode_delta
 from router.index import PrefixIndex
 
 # Two chains that share a 3-block prefix, plus values >= 2**63 (they occur on the wire).

@@ -14,6 +14,7 @@ from engine_adapters.event_adapter import (
     parse_live_frames,
     parse_replay_frames,
 )
+from engine_adapters.kv_endpoints import offset_endpoint_port, should_bind
 from engine_adapters.kv_events import (
     END_SEQ,
     AllBlocksCleared,
@@ -26,7 +27,6 @@ from engine_adapters.kv_events import (
     encode_batch,
     encode_seq,
 )
-from engine_adapters.zmq_publisher import offset_endpoint_port, should_bind
 
 _plain = msgspec.msgpack.encode  # generic msgpack of plain lists/dicts (no kvmesh structs)
 
@@ -48,23 +48,31 @@ GOLDEN_MAP = bytes.fromhex(
     "cb3ff8000000000000"  # 1.5 as float64
     "91"  # one event
     "88"  # map of 8
-    + _s("type") + _s("BlockStored")
-    + _s("block_hashes") + "9101"
-    + _s("parent_block_hash") + "c0"
-    + _s("token_ids") + "920102"
-    + _s("block_size") + "02"
-    + _s("lora_id") + "c0"
-    + _s("medium") + _s("GPU")
-    + _s("lora_name") + "c0"
+    + _s("type")
+    + _s("BlockStored")
+    + _s("block_hashes")
+    + "9101"
+    + _s("parent_block_hash")
+    + "c0"
+    + _s("token_ids")
+    + "920102"
+    + _s("block_size")
+    + "02"
+    + _s("lora_id")
+    + "c0"
+    + _s("medium")
+    + _s("GPU")
+    + _s("lora_name")
+    + "c0"
     + "00"  # data_parallel_rank 0
 )
 
 # vLLM <= 0.23: the same batch with a positional event, tag first.
 GOLDEN_ARRAY = bytes.fromhex(
-    "93" "cb3ff8000000000000" "91"
-    "98"  # array of 8
-    + _s("BlockStored") + "9101" + "c0" + "920102" + "02" + "c0" + _s("GPU") + "c0"
-    + "00"
+    "93"
+    "cb3ff8000000000000"
+    "91"
+    "98" + _s("BlockStored") + "9101" + "c0" + "920102" + "02" + "c0" + _s("GPU") + "c0" + "00"  # array of 8
 )
 
 EXPECTED = KVEventBatch(

@@ -262,8 +262,9 @@ def test_indirect_probe_saves_node_whose_direct_link_is_lossy() -> None:
 
     net = run(3)
     assert any(isinstance(m, PingReq) for m in net.log)
-    assert any(isinstance(m, Ack) and m.dst == "a:7946" and m.src != "b:7946" and m.responder == "b"
-               for m in net.log)  # b's ack relayed to a
+    assert any(
+        isinstance(m, Ack) and m.dst == "a:7946" and m.src != "b:7946" and m.responder == "b" for m in net.log
+    )  # b's ack relayed to a
     for obs in "abcd":
         for about in "ab":
             assert SUSPECT not in net.kinds(obs, about) and DEAD not in net.kinds(obs, about)

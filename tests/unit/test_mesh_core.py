@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from engine_adapters.kv_delta import OP_STORE, KvDelta, KvOp
+from blocks.delta import OP_STORE, KvDelta, KvOp
 from mesh.core import (
     EngineAdded,
     EngineRemoved,
@@ -339,7 +339,10 @@ def test_determinism() -> None:
         net = mesh(4, seed=9, drop=0.05)
         net.nodes["a"].register_engine("e1", SPEC, net.now)
         net.run(2.0)
-        return tuple((n, sorted(c.owned()), c.stats().get("sent.StatePush.bytes")) for n, c in sorted(net.nodes.items()))
+        return tuple(
+            (n, sorted(c.owned()), c.stats().get("sent.StatePush.bytes"))
+            for n, c in sorted(net.nodes.items())
+        )
 
     assert run() == run()
 

@@ -6,13 +6,13 @@ import random
 
 import pytest
 
+from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp
+from blocks.hashing import chain_hash, root_seed
 from engine_adapters.block_mapper import BlockMapper
-from engine_adapters.kv_delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp
 from engine_adapters.kv_events import BlockRemoved, BlockStored
 from engine_adapters.sim_engine.cache import NotEnoughBlocks, PrefixCache
 from mesh.engine_log import CompactionPolicy, NotOwnerError, decode_entry
 from mesh.state import Delta, MeshState, MessageError, Summary, decode, encode, merge_deltas
-from router.hashing import chain_hash, root_seed
 
 WORKERS = {"e1": ["e1", "e1#dp1"], "e2": ["e2"]}
 
@@ -97,7 +97,7 @@ class Node:
         cur = self.cursor[engine_id]
         pending = []
         for w, hist in eng.history.items():
-            pending.extend(hist[cur.get(w, 0):])
+            pending.extend(hist[cur.get(w, 0) :])
         out = []
         while pending:
             n = rng.randint(1, 3)
@@ -216,10 +216,7 @@ def test_convergence_with_loss_dup_reorder_handover_and_compaction(seed: int) ->
 
 def _mk(n: int, seed: int = 0, policy: CompactionPolicy | None = None) -> list[MeshState]:
     rng = random.Random(seed)
-    return [
-        MeshState(f"n{i}", 0.0, random.Random(rng.getrandbits(64)), compaction=policy)
-        for i in range(n)
-    ]
+    return [MeshState(f"n{i}", 0.0, random.Random(rng.getrandbits(64)), compaction=policy) for i in range(n)]
 
 
 def _store(worker: str, seq: int, hashes: list[int]) -> KvDelta:

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmesh.mesh.v1 import mesh_pb2 as pb
+from kvmesh_pb.mesh.v1 import mesh_pb2 as pb
 from mesh import core as mc
 from mesh import membership as mm
-from mesh.wire import WireError, _BODY, decode_batch, encode_batch, from_envelope, to_envelope
+from mesh.wire import _BODY, WireError, decode_batch, encode_batch, from_envelope, to_envelope
 
 text = st.text(min_size=1, max_size=12)
 u64 = st.integers(0, 2**64 - 1)
@@ -26,8 +26,14 @@ updates = st.lists(
     max_size=4,
 ).map(tuple)
 members = st.lists(
-    st.builds(mm.MemberRecord, node=text, addr=text, incarnation=u64,
-              state=st.sampled_from(["alive", "suspect", "dead", "left"])), max_size=4
+    st.builds(
+        mm.MemberRecord,
+        node=text,
+        addr=text,
+        incarnation=u64,
+        state=st.sampled_from(["alive", "suspect", "dead", "left"]),
+    ),
+    max_size=4,
 ).map(tuple)
 blobs = st.binary(max_size=64)
 
@@ -42,8 +48,15 @@ messages = st.one_of(
     st.builds(mm.PushPull, src=text, dst=text, node=text, members=members, reply=st.booleans()),
     st.builds(mc.StatePush, src=text, dst=text, payload=blobs),
     st.builds(mc.SyncRequest, src=text, dst=text, summary=blobs, want_full=st.booleans()),
-    st.builds(mc.SyncReply, src=text, dst=text, payloads=st.lists(blobs, max_size=3).map(tuple),
-              summary=blobs, full=st.booleans(), ready=st.booleans()),
+    st.builds(
+        mc.SyncReply,
+        src=text,
+        dst=text,
+        payloads=st.lists(blobs, max_size=3).map(tuple),
+        summary=blobs,
+        full=st.booleans(),
+        ready=st.booleans(),
+    ),
 )
 
 

@@ -65,10 +65,16 @@ def test_ownership_change_diff() -> None:
 
 def test_score_is_stable_across_processes() -> None:
     """No dependence on PYTHONHASHSEED: another interpreter computes the same."""
-    code = "from mesh.ownership import score, owner_of; print(score('e1','n1'), owner_of('e7', ['a','b','c']))"
+    code = (
+        "from mesh.ownership import score, owner_of; print(score('e1','n1'), owner_of('e7', ['a','b','c']))"
+    )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
-        env={"PYTHONHASHSEED": "12345", "PATH": ""}, cwd=str(__import__("pathlib").Path(__file__).parents[2]),
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "12345", "PATH": ""},
+        cwd=str(__import__("pathlib").Path(__file__).parents[2]),
     ).stdout.split()
     assert int(out[0]) == score("e1", "n1")
     assert out[1] == owner_of("e7", ["a", "b", "c"])

@@ -22,7 +22,9 @@ WORKERS = [f"e{i}" for i in range(6)]
 
 
 def req(hashes=PROMPT, session=None, rid="r1", bs=16):
-    return RouteRequest(rid, list(hashes), prompt_tokens=len(hashes) * bs + 3, session_key=session, block_size=bs)
+    return RouteRequest(
+        rid, list(hashes), prompt_tokens=len(hashes) * bs + 3, session_key=session, block_size=bs
+    )
 
 
 def policy(name, index=None, **opts):
@@ -91,7 +93,13 @@ def test_load_view_sums_slots_and_rejects_bad_input():
 
 def test_registry_names_and_unknown_policy():
     assert set(POLICY_NAMES) == {
-        "round_robin", "random", "consistent_hash", "least_load", "power_of_two", "cache_aware_approx", "precise",
+        "round_robin",
+        "random",
+        "consistent_hash",
+        "least_load",
+        "power_of_two",
+        "cache_aware_approx",
+        "precise",
     }
     for name in POLICY_NAMES:
         assert make_policy(name, index=PrefixIndex()).name == name
@@ -126,7 +134,12 @@ cand_st = st.lists(
 )
 
 
-@given(name=st.sampled_from(POLICY_NAMES), cands=cand_st, seed=st.integers(0, 2**32), session=st.none() | st.text(max_size=5))
+@given(
+    name=st.sampled_from(POLICY_NAMES),
+    cands=cand_st,
+    seed=st.integers(0, 2**32),
+    session=st.none() | st.text(max_size=5),
+)
 @settings(max_examples=300, deadline=None)
 def test_chosen_is_healthy_and_explain_lists_every_candidate(name, cands, seed, session):
     assume(any(h for _, _, h, _ in cands))
@@ -179,17 +192,23 @@ def test_precise_weighs_overlap_against_load():
     p = make_policy("precise", index=idx, overlap_weight=1.0, delay_weight=0.0)  # Dynamo's rule
     r = req()  # 259 tokens: 16.19 blocks
     # hot has 10 blocks of queued work, cold none: 16.19 uncached vs 10 busy -> hot wins
-    d = p.choose(r, [Candidate("hot", 1, load_tokens=160), Candidate("cold", 0, load_tokens=0)], 0, random.Random(0))
+    d = p.choose(
+        r, [Candidate("hot", 1, load_tokens=160), Candidate("cold", 0, load_tokens=0)], 0, random.Random(0)
+    )
     assert d.worker == "hot"
     assert "overlap 16/16" in d.reason
     # 20 blocks of queued work outweighs 16.19 blocks of saved prefill
-    d = p.choose(r, [Candidate("hot", 2, load_tokens=320), Candidate("cold", 0, load_tokens=0)], 0, random.Random(0))
+    d = p.choose(
+        r, [Candidate("hot", 2, load_tokens=320), Candidate("cold", 0, load_tokens=0)], 0, random.Random(0)
+    )
     assert d.worker == "cold"
     scores = {c.worker: c.score for c in d.candidates}
     assert scores["hot"] == pytest.approx(0.1875 + 20) and scores["cold"] == pytest.approx(259 / 16)
     # a larger overlap weight favours the cache again
     p2 = make_policy("precise", index=idx, overlap_weight=2.0, delay_weight=0.0)
-    d = p2.choose(r, [Candidate("hot", 2, load_tokens=320), Candidate("cold", 0, load_tokens=0)], 0, random.Random(0))
+    d = p2.choose(
+        r, [Candidate("hot", 2, load_tokens=320), Candidate("cold", 0, load_tokens=0)], 0, random.Random(0)
+    )
     assert d.worker == "hot"
 
 
@@ -201,15 +220,25 @@ def test_precise_delay_weight_charges_recompute_by_the_requests_it_stalls():
     cands = [Candidate("hot", 6, load_tokens=24 * 16), Candidate("cold", 6, load_tokens=4 * 16)]
     dyn = make_policy("precise", index=idx, overlap_weight=1.0, delay_weight=0.0)
     assert dyn.choose(r, cands, 0, random.Random(0)).worker == "cold"  # 16.19 + 4 < 0.19 + 24
-    d = make_policy("precise", index=idx, overlap_weight=1.0, delay_weight=0.5).choose(r, cands, 0, random.Random(0))
-    assert d.worker == "hot"  # recomputing 16 blocks on cold stalls its 6 requests: 16.19 x 4 + 4 > 0.19 x 4 + 24
+    d = make_policy("precise", index=idx, overlap_weight=1.0, delay_weight=0.5).choose(
+        r, cands, 0, random.Random(0)
+    )
+    assert (
+        d.worker == "hot"
+    )  # recomputing 16 blocks on cold stalls its 6 requests: 16.19 x 4 + 4 > 0.19 x 4 + 24
     scores = {c.worker: c.score for c in d.candidates}
-    assert scores["cold"] == pytest.approx(259 / 16 * 4 + 4) and scores["hot"] == pytest.approx(0.1875 * 4 + 24)
+    assert scores["cold"] == pytest.approx(259 / 16 * 4 + 4) and scores["hot"] == pytest.approx(
+        0.1875 * 4 + 24
+    )
     assert "in-flight requests" in d.explain()
     # On an idle fleet the factor is 1: the same rule as Dynamo's.
     idle = [Candidate("hot", 0, load_tokens=24 * 16), Candidate("cold", 0, load_tokens=4 * 16)]
-    assert make_policy("precise", index=idx, overlap_weight=1.0, delay_weight=0.5).choose(
-        r, idle, 0, random.Random(0)).worker == "cold"
+    assert (
+        make_policy("precise", index=idx, overlap_weight=1.0, delay_weight=0.5)
+        .choose(r, idle, 0, random.Random(0))
+        .worker
+        == "cold"
+    )
     with pytest.raises(ValueError, match="delay_weight"):
         make_policy("precise", index=idx, delay_weight=-1)
 
@@ -220,7 +249,10 @@ def test_precise_ties_are_broken_randomly_not_by_position():
     picks = {p.choose(req(), cands, 0, random.Random(s)).worker for s in range(60)}
     assert picks == {"a", "b", "c"}
     # same seed -> same pick (reproducible)
-    assert p.choose(req(), cands, 0, random.Random(5)).worker == p.choose(req(), cands, 0, random.Random(5)).worker
+    assert (
+        p.choose(req(), cands, 0, random.Random(5)).worker
+        == p.choose(req(), cands, 0, random.Random(5)).worker
+    )
     # equal cost: lower request count wins before the coin toss
     cands = [Candidate("a", 3, load_tokens=0), Candidate("b", 1, load_tokens=0)]
     assert {p.choose(req(), cands, 0, random.Random(s)).worker for s in range(20)} == {"b"}
@@ -304,7 +336,10 @@ def test_approx_threshold_is_configurable():
     tree = ApproxTree()
     tree.insert("b", PROMPT[:6], 0.0)  # 6/16 = 37.5%
     cands = [Candidate("a", 0), Candidate("b", 3)]
-    assert make_policy("cache_aware_approx", approx_tree=tree).choose(req(), cands, 0, random.Random(0)).worker == "b"
+    assert (
+        make_policy("cache_aware_approx", approx_tree=tree).choose(req(), cands, 0, random.Random(0)).worker
+        == "b"
+    )
     p = make_policy("cache_aware_approx", approx_tree=tree, cache_threshold=0.5)
     assert p.choose(req(), cands, 0, random.Random(0)).worker == "a"
 
@@ -366,8 +401,10 @@ def test_consistent_hash_moves_only_keys_of_removed_worker():
     assert len(set(before.values())) == len(WORKERS)  # spread over everyone
     removed = "e3"
     # removed outright, or present but unhealthy: same result
-    for after_cands in ([c for c in cands if c.worker != removed],
-                        [Candidate(c.worker, healthy=c.worker != removed) for c in cands]):
+    for after_cands in (
+        [c for c in cands if c.worker != removed],
+        [Candidate(c.worker, healthy=c.worker != removed) for c in cands],
+    ):
         after = {k: p.choose(req(session=k), after_cands, 0, random.Random(0)).worker for k in keys}
         for k in keys:
             if before[k] != removed:

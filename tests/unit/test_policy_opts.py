@@ -8,22 +8,33 @@ from router.node import RouterNode, parse_policy_opts
 
 
 def test_parse_policy_opts_types_and_groups() -> None:
-    got = parse_policy_opts(["precise.overlap_weight=2", "precise.delay_weight=0.5",
-                             "consistent_hash.prefix_blocks=8", "cache_aware_approx.cache_threshold=0.4"])
-    assert got == {"precise": {"overlap_weight": 2, "delay_weight": 0.5},
-                   "consistent_hash": {"prefix_blocks": 8},
-                   "cache_aware_approx": {"cache_threshold": 0.4}}
+    got = parse_policy_opts(
+        [
+            "precise.overlap_weight=2",
+            "precise.delay_weight=0.5",
+            "consistent_hash.prefix_blocks=8",
+            "cache_aware_approx.cache_threshold=0.4",
+        ]
+    )
+    assert got == {
+        "precise": {"overlap_weight": 2, "delay_weight": 0.5},
+        "consistent_hash": {"prefix_blocks": 8},
+        "cache_aware_approx": {"cache_threshold": 0.4},
+    }
     assert isinstance(got["consistent_hash"]["prefix_blocks"], int)
 
 
-@pytest.mark.parametrize("bad, words", [
-    ("precise.overlap_weight", "POLICY.KEY=VALUE"),
-    ("overlap_weight=2", "POLICY.KEY=VALUE"),
-    ("nope.overlap_weight=2", "unknown policy 'nope'"),
-    ("precise.overlap_weight=lots", "must be a number"),
-    ("precise.bogus=1", "bogus"),
-    ("precise.delay_weight=-1", "delay_weight must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ("precise.overlap_weight", "POLICY.KEY=VALUE"),
+        ("overlap_weight=2", "POLICY.KEY=VALUE"),
+        ("nope.overlap_weight=2", "unknown policy 'nope'"),
+        ("precise.overlap_weight=lots", "must be a number"),
+        ("precise.bogus=1", "bogus"),
+        ("precise.delay_weight=-1", "delay_weight must be >= 0"),
+    ],
+)
 def test_bad_policy_opts_fail_with_a_clear_error(bad: str, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         parse_policy_opts([bad])

@@ -139,9 +139,7 @@ def test_small_buffer_never_duplicates_or_reorders(n: int, buffer: int, data) ->
 
 @settings(max_examples=200, deadline=None)
 @given(before=st.integers(1, 30), after=st.integers(1, 30), data=st.data())
-def test_restart_is_always_detected_and_the_new_stream_applied_whole(
-    before: int, after: int, data
-) -> None:
+def test_restart_is_always_detected_and_the_new_stream_applied_whole(before: int, after: int, data) -> None:
     n = before + after
     delivered = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
     delivered[before - 1] = True  # the old stream was seen

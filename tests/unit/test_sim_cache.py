@@ -307,8 +307,8 @@ TestCacheMachine.settings = settings(
 
 
 def test_snapshot_router_hashes_are_the_routers_chain_of_each_cached_prefix() -> None:
+    from blocks.hashing import block_hashes, root_seed
     from engine_adapters.sim_engine.cache import snapshot_router_hashes
-    from router.hashing import block_hashes, root_seed
 
     c = PrefixCache(num_gpu_blocks=64, block_size=4)
     a = list(range(100, 120))  # 5 blocks

@@ -1,4 +1,4 @@
-"""The deterministic network simulator (mesh/simnet.py) with a tiny counting node."""
+"""The deterministic network simulator (kvmesh/simulation/simnet.py) with a tiny counting node."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from mesh.simnet import NetConfig, SimNet
+from kvmesh.simulation.simnet import NetConfig, SimNet
 
 
 @dataclass(frozen=True)

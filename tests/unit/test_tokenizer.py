@@ -32,8 +32,13 @@ def test_builtin_is_deterministic_across_processes() -> None:
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=30,
-        cwd=Path(__file__).resolve().parents[2], check=True,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        cwd=Path(__file__).resolve().parents[2],
+        check=True,
     ).stdout
     assert json.loads(out) == ids
 

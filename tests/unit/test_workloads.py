@@ -45,7 +45,9 @@ def test_agent_workload_long_shared_prefix_short_outputs():
     assert len(prefixes) == 2
     assert all(2000 <= len(p) <= 4000 for p in prefixes)
     assert all(m <= 32 for s in w.sessions for m in s.max_tokens)
-    assert agent_workload(n_sessions=12, n_agents=2, seed=2).sessions[3].user_turns == w.sessions[3].user_turns
+    assert (
+        agent_workload(n_sessions=12, n_agents=2, seed=2).sessions[3].user_turns == w.sessions[3].user_turns
+    )
 
 
 def test_no_sharing_prompts_share_nothing():
@@ -62,11 +64,14 @@ def _trace(tmp_path, rows):
 
 
 def test_mooncake_parsing_and_scaling(tmp_path):
-    path = _trace(tmp_path, [
-        {"timestamp": 0, "input_length": 1100, "output_length": 512, "hash_ids": [0, 1, 2]},
-        {"timestamp": 2000, "input_length": 600, "output_length": 8, "hash_ids": [0, 3]},
-        {"timestamp": 4000, "input_length": 1024, "output_length": 100, "hash_ids": [0, 1]},
-    ])
+    path = _trace(
+        tmp_path,
+        [
+            {"timestamp": 0, "input_length": 1100, "output_length": 512, "hash_ids": [0, 1, 2]},
+            {"timestamp": 2000, "input_length": 600, "output_length": 8, "hash_ids": [0, 3]},
+            {"timestamp": 4000, "input_length": 1024, "output_length": 100, "hash_ids": [0, 1]},
+        ],
+    )
     recs = load_mooncake(path)
     assert [r.hash_ids for r in recs] == [(0, 1, 2), (0, 3), (0, 1)]
     w = mooncake_workload(recs, tokens_per_block=64)
@@ -85,8 +90,13 @@ def test_mooncake_parsing_and_scaling(tmp_path):
 
 
 def test_mooncake_bad_record_names_the_line(tmp_path):
-    path = _trace(tmp_path, [{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [0]},
-                             {"timestamp": 1, "input_length": 10}])
+    path = _trace(
+        tmp_path,
+        [
+            {"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [0]},
+            {"timestamp": 1, "input_length": 10},
+        ],
+    )
     with pytest.raises(ValueError, match=":2:"):
         load_mooncake(path)
     assert len(load_mooncake(path, limit=1)) == 1

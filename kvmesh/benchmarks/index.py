@@ -14,7 +14,7 @@ import gc
 import random
 import time
 
-from router.hashing import block_hashes, root_seed
+from blocks.hashing import block_hashes, root_seed
 from router.index import PrefixIndex
 
 __all__ = ["bench_index"]
@@ -140,7 +140,7 @@ def bench_index(
     }
 
 
-if __name__ == "__main__":  # python -m router.bench_index
+if __name__ == "__main__":  # python -m kvmesh.benchmarks.index
     import json
 
     print(json.dumps(bench_index(), indent=2))

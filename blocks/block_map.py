@@ -1,28 +1,8 @@
-"""What one engine event batch changed, in router block hashes.
+"""One worker's live blocks as a map: engine block hash -> router block hash.
 
-This is the unit that leaves ``engine_adapters/``: the event adapter turns each
-vLLM/SGLang ``KVEventBatch`` of a worker into one :class:`KvDelta`. A single
-router node applies it straight to its prefix index; in the mesh the engine's
-owner appends it to that engine's replicated log and every node's index is
-materialised from the log. Ops keep the order of the engine's events, since a
-batch may remove and store the same block.
-
-Each op also carries the *engine* block hashes it is about (``ehashes``), so
-the log holds the engine hash -> router hash mapping and a new owner of the
-engine can keep translating the engine's events (``BlockMapper`` cannot
-rebuild the mapping from events it never saw). The index reads ``hashes``
-only; :class:`BlockMap` is the state the ops describe including the mapping:
-
-* ``STORE``: ``ehashes[i]`` is the engine block whose router hash is
-  ``hashes[i]``; every binding is listed, also when the router hash was
-  already live through another engine block (router hashes are refcounted).
-* ``REMOVE``: ``ehashes`` are the engine blocks gone, ``hashes`` the router
-  hashes whose last engine block went (the lists can differ in length).
-* ``CLEAR``: both empty.
-
-An op without ``ehashes`` (written before they existed, or by a producer
-without engine hashes) names each block by its router hash: the pair is
-``(h, h)``. Old encodings decode unchanged (``ehashes`` defaults to empty).
+The ops of :mod:`blocks.delta` describe changes to this map; the block
+mapper keeps one while it translates an engine's events, and the mesh log's
+owner and replicas rebuild the same map from the ops.
 """
 
 from __future__ import annotations
@@ -31,52 +11,21 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from itertools import islice
 from operator import eq
-from typing import Union
 
-import msgspec
+from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, EngineHash, KvOp
 
 try:  # C helper behind Counter.update: mapping[x] = mapping.get(x, 0) + 1 per item
-    from collections import _count_elements  # type: ignore[attr-defined]
+    from collections import _count_elements  # type: ignore[attr-defined]  # private, no stub
 except ImportError:  # pragma: no cover - other Pythons
 
-    def _count_elements(mapping: dict, iterable: Iterable) -> None:
+    def _count_elements(mapping: dict[int, int], iterable: Iterable[int]) -> None:
         get = mapping.get
         for x in iterable:
             mapping[x] = get(x, 0) + 1
 
-OP_STORE = 0
-OP_REMOVE = 1
-OP_CLEAR = 2  # all blocks of the worker dropped; hashes is empty
-
-EngineHash = Union[int, bytes]  # opaque engine block id (as in kv_events.BlockHash)
-
-
-class KvOp(msgspec.Struct, array_like=True, gc=False, frozen=True):
-    kind: int
-    hashes: list[int]  # router block hashes (unsigned 64-bit)
-    ehashes: list[EngineHash] = []  # engine block hashes (see module docstring)
-
-
-class KvDelta(msgspec.Struct, array_like=True, gc=False):
-    worker: str  # engine_id, or "engine_id#dp<rank>" for data-parallel rank > 0
-    seq: int  # the engine's sequence number of the batch; -1 for a synthetic reset
-    ops: list[KvOp]
-
 
 # Runs an iterator to its end in C, keeping nothing.
 _consume = deque(maxlen=0).extend
-
-
-def worker_id(engine_id: str, dp_rank: int) -> str:
-    """The cache a block lives in: each data-parallel rank has its own."""
-    return engine_id if dp_rank == 0 else f"{engine_id}#dp{dp_rank}"
-
-
-def split_worker_id(worker: str) -> tuple[str, int]:
-    engine_id, sep, rank = worker.rpartition("#dp")
-    if sep and rank.isdigit():
-        return engine_id, int(rank)
-    return worker, 0
 
 
 def ehash_bytes(eh: EngineHash) -> int:
@@ -117,7 +66,7 @@ class BlockMap:
     needs it) computes it when asked.
     """
 
-    __slots__ = ("to_router", "refs", "_eb")
+    __slots__ = ("_eb", "refs", "to_router")
 
     def __init__(self, refs: bool = True) -> None:
         self.to_router: dict[EngineHash, int] = {}
@@ -256,9 +205,7 @@ class BlockMap:
         if kind == OP_STORE:
             ehs = op.ehashes or op.hashes
             if len(ehs) != len(op.hashes):
-                raise ValueError(
-                    f"STORE with {len(op.hashes)} router and {len(ehs)} engine hashes"
-                )
+                raise ValueError(f"STORE with {len(op.hashes)} router and {len(ehs)} engine hashes")
             if self.bind_new(ehs, op.hashes):  # all new: in bulk
                 return
             if self.refs is not None:
@@ -315,15 +262,3 @@ class BlockMap:
         if hs:
             ops.append(KvOp(OP_STORE, hs, ehs))
         return ops
-
-
-_enc = msgspec.msgpack.Encoder()
-_dec = msgspec.msgpack.Decoder(KvDelta)
-
-
-def encode_delta(d: KvDelta) -> bytes:
-    return _enc.encode(d)
-
-
-def decode_delta(b: bytes) -> KvDelta:
-    return _dec.decode(b)

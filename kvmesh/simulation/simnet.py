@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["SimNode", "NetConfig", "SimNet", "NodeFactory", "SimStats"]
+__all__ = ["NetConfig", "NodeFactory", "SimNet", "SimNode", "SimStats"]
 
 
 class SimNode(Protocol):

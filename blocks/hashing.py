@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import xxhash
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "root_seed", "chain_hash", "block_hashes"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "block_hashes", "chain_hash", "root_seed"]
 
 DEFAULT_BLOCK_SIZE = 16
 _MASK64 = (1 << 64) - 1

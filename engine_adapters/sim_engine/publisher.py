@@ -34,34 +34,12 @@ import msgspec
 import structlog
 import zmq
 
+from engine_adapters.kv_endpoints import offset_endpoint_port, should_bind
 from engine_adapters.kv_events import END_SEQ, KVEventBatch, encode_batch, encode_seq
 
 log = structlog.get_logger(__name__)
 
 _POLL_MS = 50  # replay thread wakes this often to notice close()
-
-
-def offset_endpoint_port(endpoint: str | None, data_parallel_rank: int) -> str | None:
-    """vLLM's rule: rank r publishes on port base + r (inproc/ipc get a suffix)."""
-    if not endpoint or data_parallel_rank == 0:
-        return endpoint
-    if endpoint.startswith(("inproc://", "ipc://")):
-        return f"{endpoint}_dp{data_parallel_rank}"
-    if endpoint.startswith("tcp://"):
-        base, sep, port = endpoint.rpartition(":")
-        if sep and port.isdigit():
-            if int(port) == 0:  # ephemeral: every rank gets its own anyway
-                return endpoint
-            return f"{base}:{int(port) + data_parallel_rank}"
-        return endpoint
-    raise ValueError(f"invalid endpoint {endpoint!r}: want tcp://, ipc:// or inproc://")
-
-
-def should_bind(endpoint: str) -> bool:
-    """vLLM's heuristic (wildcards, ipc, inproc bind), plus: port 0 binds."""
-    if "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    return endpoint.startswith("tcp://") and endpoint.rpartition(":")[2] == "0"
 
 
 class ZmqEventPublisher:
@@ -166,9 +144,7 @@ class ZmqEventPublisher:
                 self._drop -= 1  # simulated loss: replay still has it
             else:
                 try:
-                    self._pub.send_multipart(
-                        (self._topic, encode_seq(seq), payload), flags=zmq.NOBLOCK
-                    )
+                    self._pub.send_multipart((self._topic, encode_seq(seq), payload), flags=zmq.NOBLOCK)
                 except zmq.Again:
                     # Past the HWM: the subscriber sees a gap and replays.
                     log.warning("kv_publisher_send_dropped", seq=seq, endpoint=self._endpoint)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from kvmesh.mesh.v1 import mesh_pb2 as kvmesh_dot_mesh_dot_v1_dot_mesh__pb2
+from kvmesh_pb.mesh.v1 import mesh_pb2 as kvmesh_dot_mesh_dot_v1_dot_mesh__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

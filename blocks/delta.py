@@ -1,0 +1,63 @@
+"""What one engine event batch changed, in router block hashes.
+
+This is the unit that leaves ``engine_adapters/``: the event adapter turns each
+vLLM/SGLang ``KVEventBatch`` of a worker into one :class:`KvDelta`. A single
+router node applies it straight to its prefix index; in the mesh the engine's
+owner appends it to that engine's replicated log and every node's index is
+materialised from the log. Ops keep the order of the engine's events, since a
+batch may remove and store the same block.
+
+Each op also carries the *engine* block hashes it is about (``ehashes``), so
+the log holds the engine hash -> router hash mapping and a new owner of the
+engine can keep translating the engine's events (``BlockMapper`` cannot
+rebuild the mapping from events it never saw). The index reads ``hashes``
+only; :class:`blocks.block_map.BlockMap` is the state the ops describe,
+mapping included:
+
+* ``STORE``: ``ehashes[i]`` is the engine block whose router hash is
+  ``hashes[i]``; every binding is listed, also when the router hash was
+  already live through another engine block (router hashes are refcounted).
+* ``REMOVE``: ``ehashes`` are the engine blocks gone, ``hashes`` the router
+  hashes whose last engine block went (the lists can differ in length).
+* ``CLEAR``: both empty.
+
+An op without ``ehashes`` (written before they existed, or by a producer
+without engine hashes) names each block by its router hash: the pair is
+``(h, h)``. Old encodings decode unchanged (``ehashes`` defaults to empty).
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+OP_STORE = 0
+OP_REMOVE = 1
+OP_CLEAR = 2  # all blocks of the worker dropped; hashes is empty
+
+EngineHash = Union[int, bytes]  # opaque engine block id (as in kv_events.BlockHash)
+
+
+class KvOp(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    kind: int
+    hashes: list[int]  # router block hashes (unsigned 64-bit)
+    ehashes: list[EngineHash] = []  # engine block hashes (see module docstring)
+
+
+class KvDelta(msgspec.Struct, array_like=True, gc=False):
+    worker: str  # engine_id, or "engine_id#dp<rank>" for data-parallel rank > 0
+    seq: int  # the engine's sequence number of the batch; -1 for a synthetic reset
+    ops: list[KvOp]
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(KvDelta)
+
+
+def encode_delta(d: KvDelta) -> bytes:
+    return _enc.encode(d)
+
+
+def decode_delta(b: bytes) -> KvDelta:
+    return _dec.decode(b)
