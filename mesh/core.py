@@ -66,14 +66,15 @@ import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import structlog
 
 from blocks.delta import OP_CLEAR, KvDelta, KvOp
 from blocks.workers import split_worker_id
 from mesh.broadcast import retransmit_limit
-from mesh.engine_log import CompactionPolicy, Epoch, NotOwnerError
+from mesh.effects import Effect, EngineAdded, EngineRemoved, MemberChanged, StartOwning, StopOwning
+from mesh.engine_log import CompactionPolicy, NotOwnerError
 from mesh.hints import Hint
 from mesh.load_slots import EngineLoad
 from mesh.membership import (
@@ -81,7 +82,6 @@ from mesh.membership import (
     Gossip,
     Join,
     JoinReply,
-    MemberEvent,
     Membership,
     MembershipConfig,
     Nack,
@@ -96,28 +96,15 @@ from mesh.state import (
     MeshState,
     MessageError,
     Summary,
-    Takeover,
     decode,
     encode,
     merge_deltas,
 )
+from mesh.state_messages import StateMessage, StatePush, SyncReply, SyncRequest
 
 log = structlog.get_logger(__name__)
 
-__all__ = [
-    "Effect",
-    "EngineAdded",
-    "EngineRemoved",
-    "MemberChanged",
-    "MeshConfig",
-    "MeshCore",
-    "StartOwning",
-    "StateMessage",
-    "StatePush",
-    "StopOwning",
-    "SyncReply",
-    "SyncRequest",
-]
+__all__ = ["MeshConfig", "MeshCore"]
 
 _MEMBERSHIP_TYPES = (Ping, Ack, PingReq, Nack, Gossip, Join, JoinReply, PushPull)
 
@@ -128,12 +115,10 @@ _MEMBERSHIP_TYPES = (Ping, Ack, PingReq, Nack, Gossip, Join, JoinReply, PushPull
 @dataclass(frozen=True)
 class MeshConfig:
     membership: MembershipConfig = field(default_factory=MembershipConfig)
-    gossip_interval: float = 0.2
     gossip_fanout: int = 3
     anti_entropy_interval: float = 2.0
     load_interval: float = 0.2
     load_refresh_interval: float = 30.0  # and whenever our incarnation rises
-    retransmit_mult: int = 4
     # Soft cap of one push (the freshest item always goes, however big).
     max_push_bytes: int = 1 << 20
     max_queued_items: int = 4096  # forward queue bound (oldest, most-sent dropped first)
@@ -151,7 +136,6 @@ class MeshConfig:
 
     def __post_init__(self) -> None:
         for name in (
-            "gossip_interval",
             "anti_entropy_interval",
             "load_interval",
             "load_refresh_interval",
@@ -161,81 +145,11 @@ class MeshConfig:
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("gossip_fanout", "retransmit_mult", "max_push_bytes", "max_queued_items"):
+        for name in ("gossip_fanout", "max_push_bytes", "max_queued_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.bootstrap_wait < 0 or self.retake_backoff < 0 or self.hint_push_delay < 0:
             raise ValueError("bootstrap_wait, retake_backoff and hint_push_delay must be >= 0")
-
-
-# --- messages (flat: the transport maps them to protobuf) --------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StatePush:
-    src: str
-    dst: str
-    payload: bytes  # msgspec-encoded mesh.state.Delta
-
-
-@dataclass(frozen=True, slots=True)
-class SyncRequest:
-    src: str
-    dst: str
-    summary: bytes  # msgspec-encoded mesh.state.Summary of the sender
-    want_full: bool = False  # joiner: send everything (incl. live hints)
-
-
-@dataclass(frozen=True, slots=True)
-class SyncReply:
-    src: str
-    dst: str
-    payloads: tuple[bytes, ...]  # encoded Deltas: what the requester lacks
-    summary: bytes  # the replier's Summary, so the requester can push back
-    full: bool = False  # payloads are the replier's full state
-    ready: bool = False  # the replier itself was ready (its full state is complete)
-
-
-StateMessage = Union[StatePush, SyncRequest, SyncReply]
-
-
-# --- effects (what the shell must do) -------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StartOwning:
-    """Start this engine's KV-event adapter at ``takeover.resume`` (per worker,
-    first sequence number to fetch); restore its block mappers from
-    ``takeover.mappings`` when the log carries them."""
-
-    engine_id: str
-    spec: dict[str, Any]
-    takeover: Takeover
-    base_epoch: Epoch | None = None  # the epoch whose view the new term starts from
-
-
-@dataclass(frozen=True, slots=True)
-class StopOwning:
-    engine_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class EngineAdded:
-    engine_id: str
-    spec: dict[str, Any]  # also sent when an engine's spec changed
-
-
-@dataclass(frozen=True, slots=True)
-class EngineRemoved:
-    engine_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class MemberChanged:
-    event: MemberEvent
-
-
-Effect = Union[StartOwning, StopOwning, EngineAdded, EngineRemoved, MemberChanged]
 
 
 # --- the forward queue ---------------------------------------------------------------------
@@ -317,7 +231,7 @@ class MeshCore:
         self._full_attempts = 0
         self._heard_not_ready = False
         # timers (random phase: nodes started together do not gossip in lockstep)
-        self._next_gossip = now + rng.uniform(0, cfg.gossip_interval)
+        self._next_gossip = now + rng.uniform(0, cfg.membership.gossip_interval)
         self._next_ae = now + rng.uniform(0.5, 1.0) * cfg.anti_entropy_interval
         self._next_load = now + rng.uniform(0, cfg.load_interval)
         self._next_refresh = now + cfg.load_refresh_interval
@@ -356,7 +270,7 @@ class MeshCore:
         self._ready = False
         self._joining = False
         self._gossip_round(now)  # push our last deltas before anyone takes over
-        self._next_gossip = now + self.config.gossip_interval
+        self._next_gossip = now + self.config.membership.gossip_interval
         self._msends(self.membership.leave(now))
         self._after(now)
 
@@ -400,7 +314,7 @@ class MeshCore:
                 self._load_dirty = False
                 self._local_out.append(Delta(sender=self.node_id, slots=[self.state.slots.local]))
         if now >= self._next_gossip:
-            self._next_gossip = now + cfg.gossip_interval
+            self._next_gossip = now + cfg.membership.gossip_interval
             self._gossip_round(now)
         if now >= self._next_ae:
             self._next_ae = now + cfg.anti_entropy_interval * self._ae_scale()
@@ -808,7 +722,7 @@ class MeshCore:
         if not peers:
             return
         k = min(self.config.gossip_fanout, len(peers))
-        limit = retransmit_limit(self.config.retransmit_mult, len(self._live_ids()))
+        limit = retransmit_limit(self.config.membership.retransmit_mult, len(self._live_ids()))
         order = sorted(self._queue, key=lambda it: (it.sent, it.iid))
         budget = self.config.max_push_bytes
         chosen: list[_Item] = []

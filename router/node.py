@@ -36,15 +36,8 @@ from engine_adapters.proxy import (
     Usage,
 )
 from engine_adapters.tokenizer import Tokenizer, get_tokenizer
-from mesh.core import (
-    EngineAdded,
-    EngineRemoved,
-    MemberChanged,
-    MeshConfig,
-    MeshCore,
-    StartOwning,
-    StopOwning,
-)
+from mesh.effects import EngineAdded, EngineRemoved, MemberChanged, StartOwning, StopOwning
+from mesh.core import MeshConfig, MeshCore
 from mesh.membership import MembershipConfig
 from mesh.transport import MeshTransport
 from router.approx_tree import ApproxTree
@@ -759,9 +752,10 @@ def run(args: argparse.Namespace) -> int:
         seeds = await resolve_seeds(args.join, advertise)
         mesh_config = MeshConfig(
             membership=MembershipConfig(
-                probe_interval=args.probe_interval, probe_timeout=min(0.5, args.probe_interval / 2)
+                probe_interval=args.probe_interval,
+                probe_timeout=min(0.5, args.probe_interval / 2),
+                gossip_interval=args.gossip_interval,
             ),
-            gossip_interval=args.gossip_interval,
         )
         node = RouterNode(
             node_id=args.node_id or advertise,

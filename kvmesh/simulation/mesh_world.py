@@ -27,7 +27,8 @@ import structlog
 from blocks.delta import KvDelta
 from kvmesh.simulation.engine_model import Consumer, SimEngine
 from kvmesh.simulation.simnet import NetConfig, SimNet
-from mesh.core import MeshConfig, MeshCore, StartOwning, StopOwning
+from mesh.core import MeshConfig, MeshCore
+from mesh.effects import StartOwning, StopOwning
 from mesh.engine_log import Epoch
 from mesh.membership import MembershipConfig
 from router.index import PrefixIndex

@@ -7,17 +7,9 @@ import random
 import pytest
 
 from blocks.delta import OP_STORE, KvDelta, KvOp
-from mesh.core import (
-    EngineAdded,
-    EngineRemoved,
-    MeshConfig,
-    MeshCore,
-    StartOwning,
-    StatePush,
-    StopOwning,
-    SyncReply,
-    SyncRequest,
-)
+from mesh.effects import EngineAdded, EngineRemoved, StartOwning, StopOwning
+from mesh.core import MeshConfig, MeshCore
+from mesh.state_messages import StatePush, SyncReply, SyncRequest
 from mesh.engine_log import LogError
 from mesh.ownership import owner_of
 from mesh.state import MessageError, encode
@@ -261,7 +253,7 @@ def test_hints_spread_and_expire() -> None:
 def test_a_new_hint_is_pushed_within_hint_push_delay_not_the_next_round() -> None:
     net = mesh(3)
     a = net.nodes["a"]
-    assert a.config.hint_push_delay < a.config.gossip_interval / 4
+    assert a.config.hint_push_delay < a.config.membership.gossip_interval / 4
     # Just after a round: the next regular one is a whole gossip interval away.
     a.tick(net.now)
     net.pump()
@@ -349,6 +341,6 @@ def test_determinism() -> None:
 
 def test_config_validation() -> None:
     with pytest.raises(ValueError):
-        MeshConfig(gossip_interval=0)
+        MeshConfig(anti_entropy_interval=0)
     with pytest.raises(ValueError):
         MeshConfig(gossip_fanout=0)
