@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(CURDIR)/$(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-integration test-docker proto proto-check bench bench-quick image clean
+.PHONY: install demo lint test test-unit test-integration test-docker proto proto-check bench bench-quick image clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -27,12 +27,27 @@ proto-check: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/kvmesh demo
 
-## The full suite: unit + property, multi-process on loopback, multi-container.
-test: $(STAMP) proto-check
+## Gates: lint and format (ruff), types (mypy), the package layers (import-linter).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
+
+## The full suite: the gates, then unit + property, simulation, multi-process
+## on loopback, multi-container. pytest exits 5 when it collects no test: that
+## fails the target like any other non-zero exit.
+test: $(STAMP) proto-check lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/sim
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/integration
+
+test-docker: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/containers
 
 ## The benchmark suite: writes docs/benchmarks.md, docs/benchmarks.json, docs/img/*.png (~20 min).
 bench: $(STAMP)

@@ -8,7 +8,7 @@ owner and replicas rebuild the same map from the ops.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
 from operator import eq
 
@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - other Pythons
 
 
 # Runs an iterator to its end in C, keeping nothing.
-_consume = deque(maxlen=0).extend
+_consume: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
 
 
 def ehash_bytes(eh: EngineHash) -> int:
@@ -132,7 +132,7 @@ class BlockMap:
         refs[rh] = n
         return dropped, n == 1
 
-    def bind_new(self, ehs: list[EngineHash], rhs: list[int]) -> bool:
+    def bind_new(self, ehs: Sequence[EngineHash], rhs: Sequence[int]) -> bool:
         """Bind ``ehs[i]`` to ``rhs[i]`` in bulk, if every engine hash is new.
 
         Returns False, changing nothing, if one is already mapped or repeats
@@ -158,7 +158,7 @@ class BlockMap:
         if self.refs is not None:
             _count_elements(self.refs, rhs)
         else:
-            self._eb += _new_ebytes(ehs, rhs)  # type: ignore[operator]
+            self._eb += _new_ebytes(ehs, rhs)  # type: ignore[operator]  # _eb is an int whenever refs is None
         return True
 
     def unbind(self, eh: EngineHash) -> tuple[int | None, bool]:
@@ -200,46 +200,51 @@ class BlockMap:
             self._eb = 0
 
     def apply(self, op: KvOp) -> None:
-        """Apply one op (see the module docstring for what its lists mean)."""
+        """Apply one op (see :mod:`blocks.delta` for what its lists mean)."""
         kind = op.kind
         if kind == OP_STORE:
-            ehs = op.ehashes or op.hashes
-            if len(ehs) != len(op.hashes):
-                raise ValueError(f"STORE with {len(op.hashes)} router and {len(ehs)} engine hashes")
-            if self.bind_new(ehs, op.hashes):  # all new: in bulk
-                return
-            if self.refs is not None:
-                bind = self.bind
-                for eh, rh in zip(ehs, op.hashes):
-                    bind(eh, rh)
-                return
-            # No refcounts (the mesh log's case): bind() inlined, it is the
-            # owner's hot path.
-            to = self.to_router
-            eb = 0
-            for eh, rh in zip(ehs, op.hashes):
-                if eh not in to and eh != rh:
-                    eb += 9 if eh.__class__ is int else ehash_bytes(eh)
-                to[eh] = rh
-            self._eb += eb  # type: ignore[operator]
+            self._store(op)
         elif kind == OP_REMOVE:
-            ehs = op.ehashes or op.hashes
-            if self.refs is not None:
-                unbind = self.unbind
-                for eh in ehs:
-                    unbind(eh)
-                return
-            pop = self.to_router.pop
-            eb = 0
-            for eh in ehs:
-                rh = pop(eh, None)
-                if rh is not None and eh != rh:
-                    eb += 9 if eh.__class__ is int else ehash_bytes(eh)
-            self._eb -= eb  # type: ignore[operator]
+            self._remove(op.ehashes or op.hashes)
         elif kind == OP_CLEAR:
             self.clear()
         else:
             raise ValueError(f"unknown KvOp kind {op.kind!r}")
+
+    def _store(self, op: KvOp) -> None:
+        ehs: Sequence[EngineHash] = op.ehashes or op.hashes
+        if len(ehs) != len(op.hashes):
+            raise ValueError(f"STORE with {len(op.hashes)} router and {len(ehs)} engine hashes")
+        if self.bind_new(ehs, op.hashes):  # all new: in bulk
+            return
+        if self.refs is not None:
+            bind = self.bind
+            for eh, rh in zip(ehs, op.hashes):
+                bind(eh, rh)
+            return
+        # No refcounts (the mesh log's case): bind() inlined, it is the
+        # owner's hot path.
+        to = self.to_router
+        eb = 0
+        for eh, rh in zip(ehs, op.hashes):
+            if eh not in to and eh != rh:
+                eb += 9 if eh.__class__ is int else ehash_bytes(eh)
+            to[eh] = rh
+        self._eb += eb  # type: ignore[operator]  # _eb is an int whenever refs is None
+
+    def _remove(self, ehs: Sequence[EngineHash]) -> None:
+        if self.refs is not None:
+            unbind = self.unbind
+            for eh in ehs:
+                unbind(eh)
+            return
+        pop: Callable[[EngineHash, None], int | None] = self.to_router.pop
+        eb = 0
+        for eh in ehs:
+            gone = pop(eh, None)
+            if gone is not None and eh != gone:
+                eb += 9 if eh.__class__ is int else ehash_bytes(eh)
+        self._eb -= eb  # type: ignore[operator]  # _eb is an int whenever refs is None
 
     def snapshot_ops(self) -> list[KvOp]:
         """``[CLEAR, STORE(...)]`` that rebuild this map on an empty one.

@@ -28,15 +28,13 @@ without engine hashes) names each block by its router hash: the pair is
 
 from __future__ import annotations
 
-from typing import Union
-
 import msgspec
 
 OP_STORE = 0
 OP_REMOVE = 1
 OP_CLEAR = 2  # all blocks of the worker dropped; hashes is empty
 
-EngineHash = Union[int, bytes]  # opaque engine block id (as in kv_events.BlockHash)
+EngineHash = int | bytes  # opaque engine block id, as the engine sent it
 
 
 class KvOp(msgspec.Struct, array_like=True, gc=False, frozen=True):

@@ -9,13 +9,13 @@ router hash of block i is ``chain_hash(router hash of block i-1, tokens of i)``
 and the parent of the first block is the mapping of ``parent_block_hash`` (or
 the model/LoRA/salt root seed when it is ``None``).
 
-The map (``blocks.block_map.BlockMap``) holds one entry per live block (removals
-forget it), so memory stays proportional to the engine's cache, not to its
-history. Several engine blocks can name the same router block (vLLM hashes
-multimodal inputs and extra keys that the router does not see), so the router
-hash is reference-counted: it is removed from the index only when its last
-engine block goes. Every op lists the engine hashes it binds or forgets, so
-the mapping itself travels with the deltas (see ``blocks.delta``).
+The block map (``blocks.block_map.BlockMap``) holds one entry per live block
+(removals forget it), so memory stays proportional to the engine's cache, not
+to its history. Several engine blocks can name the same router block (vLLM
+hashes multimodal inputs and extra keys that the router does not see), so the
+router hash is reference-counted: it is removed from the index only when its
+last engine block goes. Every op lists the engine hashes it binds or forgets,
+so the mapping itself travels with the deltas (see ``blocks.delta``).
 """
 
 from __future__ import annotations
@@ -26,15 +26,9 @@ from dataclasses import dataclass
 import structlog
 
 from blocks.block_map import BlockMap
-from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp
+from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, EngineHash, KvDelta, KvOp
 from blocks.hashing import block_hashes, root_seed
-from engine_adapters.kv_events import (
-    AllBlocksCleared,
-    BlockHash,
-    BlockRemoved,
-    BlockStored,
-    KVEvent,
-)
+from engine_adapters.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 log = structlog.get_logger(__name__)
 
@@ -76,12 +70,12 @@ class BlockMapper:
     def __init__(self, model: str, worker: str = "") -> None:
         self.model = model
         self.worker = worker
-        self.map = BlockMap()
+        self.block_map = BlockMap()
         self._roots: dict[tuple[str | None, str | None], int] = {}
         self.stats = MapperStats()
 
     @classmethod
-    def from_pairs(cls, model: str, worker: str, pairs: Iterable[tuple[BlockHash, int]]) -> BlockMapper:
+    def from_pairs(cls, model: str, worker: str, pairs: Iterable[tuple[EngineHash, int]]) -> BlockMapper:
         """A mapper that resumes a worker from its (engine hash, router hash)
         pairs, e.g. ``Takeover.mappings[worker]`` after a mesh handover."""
         m = cls(model, worker)
@@ -89,13 +83,13 @@ class BlockMapper:
         return m
 
     def __len__(self) -> int:
-        return len(self.map)
+        return len(self.block_map)
 
-    def router_hash(self, engine_hash: BlockHash) -> int | None:
-        return self.map.to_router.get(engine_hash)
+    def router_hash(self, engine_hash: EngineHash) -> int | None:
+        return self.block_map.to_router.get(engine_hash)
 
     def live_router_hashes(self) -> set[int]:
-        return self.map.live()
+        return self.block_map.live()
 
     def _root(self, lora_name: str | None, salt: str | None) -> int:
         key = (lora_name, salt)
@@ -112,10 +106,10 @@ class BlockMapper:
         ops: list[KvOp] = []
         kind = -1
         hs: list[int] = []
-        ehs: list[BlockHash] = []
+        ehs: list[EngineHash] = []
         owned = False  # hs/ehs are our own lists (else the caller's: copy before extending)
 
-        def emit(k: int, hashes: list[int], ehashes: list[BlockHash]) -> None:
+        def emit(k: int, hashes: list[int], ehashes: list[EngineHash]) -> None:
             nonlocal kind, hs, ehs, owned
             if k == kind and k != OP_CLEAR:
                 if not owned:
@@ -146,11 +140,11 @@ class BlockMapper:
         self,
         ev: BlockStored,
         seq: int,
-        emit: Callable[[int, list[int], list[BlockHash]], None],
+        emit: Callable[[int, list[int], list[EngineHash]], None],
     ) -> None:
         """Emit STORE of every new binding, in block order; an engine hash
         reused for other content is emitted as its REMOVE then its STORE."""
-        m = self.map
+        m = self.block_map
         to_router = m.to_router
         if ev.parent_block_hash is None:
             parent: int | None = self._root(ev.lora_name, _cache_salt(ev))
@@ -160,13 +154,13 @@ class BlockMapper:
         n = len(ehashes)
         if parent is None:
             self.stats.unknown_parent += n
-            log.debug("kv_unknown_parent", worker=self.worker, seq=seq, blocks=n)
+            log.debug("adapter.unknown_parent", worker=self.worker, seq=seq, blocks=n)
             return
         try:
             hashes = block_hashes(ev.token_ids, ev.block_size, parent)
         except ValueError as e:
             self.stats.invalid_tokens += n
-            log.warning("kv_invalid_token_ids", worker=self.worker, seq=seq, error=str(e))
+            log.warning("adapter.invalid_token_ids", worker=self.worker, seq=seq, error=str(e))
             return
         self.stats.stored += n
         # Fast path, a fresh prefill: every engine hash is new, bound in bulk,
@@ -177,7 +171,7 @@ class BlockMapper:
             return
         bind, unbind = m.bind, m.unbind
         hs: list[int] = []
-        ehs: list[BlockHash] = []
+        ehs: list[EngineHash] = []
         for eh, rh in zip(ehashes, hashes):
             old = to_router.get(eh)
             if old == rh:
@@ -194,11 +188,11 @@ class BlockMapper:
         if hs:
             emit(OP_STORE, hs, ehs)
 
-    def _remove(self, engine_hashes: Iterable[BlockHash]) -> tuple[list[int], list[BlockHash]]:
+    def _remove(self, engine_hashes: Iterable[EngineHash]) -> tuple[list[int], list[EngineHash]]:
         """(router hashes no longer live, engine hashes forgotten)."""
         out: list[int] = []
-        eout: list[BlockHash] = []
-        unbind = self.map.unbind
+        eout: list[EngineHash] = []
+        unbind = self.block_map.unbind
         for eh in engine_hashes:
             rh, dropped = unbind(eh)
             if rh is None:
@@ -212,16 +206,16 @@ class BlockMapper:
 
     def clear(self) -> None:
         """Forget every block (engine cleared its cache, or the worker is reset)."""
-        self.map.clear()
+        self.block_map.clear()
 
     # --- handover --------------------------------------------------------------
 
-    def export(self) -> list[tuple[BlockHash, int]]:
+    def export(self) -> list[tuple[EngineHash, int]]:
         """The live mapping as (engine hash, router hash) pairs, for handing a
         worker to another node (the new owner cannot rebuild it from events)."""
-        return self.map.pairs()
+        return self.block_map.pairs()
 
-    def restore(self, pairs: Iterable[tuple[BlockHash, int]]) -> None:
+    def restore(self, pairs: Iterable[tuple[EngineHash, int]]) -> None:
         """Replace the mapping with ``pairs`` (any order; a repeated engine
         hash keeps its last router hash)."""
-        self.map = BlockMap.from_pairs(pairs)
+        self.block_map = BlockMap.from_pairs(pairs)

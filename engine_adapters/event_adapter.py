@@ -20,6 +20,13 @@ On start each rank first replays from its start sequence + 1 (resume after a
 handover) or from 0 (learn the recent history), then reads live messages. The
 ZMQ slow-joiner window (batches published before the subscription took
 effect) shows up as a gap on the first live message and is replayed.
+
+The wire framing (live and replay) is in ``kv_events``, the endpoint rules in
+``kv_endpoints``; the decisions are the pure ``Sequencer``'s. What stays here
+is the I/O around them. The replay client is part of it, not a module of its
+own: each reply is judged by the sequencer and applied before the next one is
+read, and a hole in the middle of a reply decides whether the round is asked
+again, so the DEALER loop and gap handling are one piece of logic.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import structlog
 import zmq
@@ -36,57 +44,35 @@ import zmq.asyncio
 from blocks.delta import OP_CLEAR, KvDelta, KvOp
 from blocks.workers import worker_id
 from engine_adapters.block_mapper import BlockMapper
-from engine_adapters.kv_endpoints import offset_endpoint_port
-from engine_adapters.kv_events import EventDecodeError, decode_batch, decode_seq, encode_seq
+from engine_adapters.kv_endpoints import connect_endpoint
+from engine_adapters.kv_events import (
+    EventDecodeError,
+    decode_batch,
+    encode_seq,
+    parse_live_frames,
+    parse_replay_frames,
+)
 from engine_adapters.sequencer import Sequencer, Verdict
 
 log = structlog.get_logger(__name__)
 
-_END = object()
-_MAX_REPLAY_ROUNDS = 64  # a 10k-batch buffer through a 1000-message HWM needs ~10
+# vLLM's ROUTER drops replies past its send high-water mark (1,000 messages by
+# default), so a replay of its default 10,000-batch buffer arrives in about ten
+# rounds; the cap bounds a replay that gains a little every round yet never
+# arrives whole.
+_MAX_REPLAY_ROUNDS = 64
 _DRAIN_MAX = 512  # live batches handled per wake-up before yielding to the loop
 
 
-def connect_endpoint(endpoint: str, data_parallel_rank: int = 0) -> str:
-    """The address to connect to for ``rank``: port + rank, wildcard hosts -> loopback."""
-    ep = offset_endpoint_port(endpoint, data_parallel_rank)
-    assert ep is not None
-    for wildcard in ("tcp://*:", "tcp://0.0.0.0:"):
-        if ep.startswith(wildcard):
-            return "tcp://127.0.0.1:" + ep[len(wildcard) :]
-    return ep
+@dataclass(frozen=True, slots=True)
+class EventAdapterConfig:
+    """Tunables of an :class:`EventAdapter` (the same for every rank)."""
 
-
-def parse_live_frames(frames: list[bytes]) -> tuple[int, bytes]:
-    """``[topic, seq, payload]`` -> (seq, payload); EventDecodeError otherwise."""
-    if len(frames) != 3:
-        raise EventDecodeError(f"live message of {len(frames)} frames, want 3")
-    seq = decode_seq(frames[1])
-    if seq < 0:
-        raise EventDecodeError(f"negative sequence number {seq} on the live stream")
-    return seq, frames[2]
-
-
-def parse_replay_frames(frames: list[bytes]) -> tuple[int, bytes] | object:
-    """One replay reply as a DEALER sees it -> (seq, payload), or ``_END``.
-
-    vLLM after 0.24: ``[b"", topic, seq, payload]``, end ``[b"", b"", END, b""]``;
-    vLLM <= 0.24 and SGLang: ``[b"", seq, payload]``, end ``[b"", END, b""]``.
-    """
-    if len(frames) >= 3 and frames[0] == b"":
-        frames = frames[1:]
-    if len(frames) == 3:
-        seq_frame, payload = frames[1], frames[2]
-    elif len(frames) == 2:
-        seq_frame, payload = frames[0], frames[1]
-    else:
-        raise EventDecodeError(f"replay reply of {len(frames)} frames")
-    seq = decode_seq(seq_frame)
-    if seq == -1:
-        return _END
-    if seq < 0:
-        raise EventDecodeError(f"negative sequence number {seq} in a replay reply")
-    return seq, payload
+    replay_timeout: float = 1.0  # seconds to wait for the next replay reply
+    replay_retries: int = 3  # replay rounds without progress before a gap is given up
+    replay_deadline: float = 30.0  # seconds one replay round may take in all
+    max_gap_rounds: int = 4  # gap fills tried for one live batch before the history behind it is given up
+    rcvhwm: int = 100_000  # SUB receive queue; it holds the live batches while a replay runs
 
 
 @dataclass
@@ -106,18 +92,24 @@ class RankStats:
     sink_errors: int = 0
 
 
-class _Rank:
+class _RankState:
+    """What the adapter keeps for one data-parallel rank (one worker)."""
+
     def __init__(self, rank: int, worker: str, model: str, start: int | None) -> None:
         self.rank = rank
         self.worker = worker
-        self.seq = Sequencer(last_applied=start)
+        self.sequencer = Sequencer(last_applied=start)
         self.mapper = BlockMapper(model, worker)
         self.stats = RankStats(last_seq=start)
         self.ready = asyncio.Event()  # set after the first catch-up attempt
 
 
 class EventAdapter:
-    """One engine's KV-event subscriber; ``await start()``, ``await stop()``."""
+    """One engine's KV-event subscriber; ``await start()``, ``await stop()``.
+
+    ``start_seqs`` (rank -> last applied seq) and ``mappers`` (rank -> mapper)
+    resume ranks another node was consuming (a mesh handover).
+    """
 
     def __init__(
         self,
@@ -130,31 +122,29 @@ class EventAdapter:
         sink: Callable[[KvDelta], None] | None = None,
         start_seqs: dict[int, int] | None = None,
         *,
-        replay_timeout: float = 1.0,
-        replay_retries: int = 3,
-        replay_deadline: float = 30.0,
-        max_gap_rounds: int = 4,
-        rcvhwm: int = 100_000,
+        config: EventAdapterConfig | None = None,
         mappers: dict[int, BlockMapper] | None = None,
     ) -> None:
         if sink is None:
             raise TypeError("EventAdapter needs a sink: Callable[[KvDelta], None]")
         if data_parallel_size < 1:
             raise ValueError("data_parallel_size must be >= 1")
+        cfg = config or EventAdapterConfig()
         self.engine_id = engine_id
         self.model = model
         self._kv_endpoint = kv_endpoint
         self._replay_endpoint = replay_endpoint
         self._topic = topic.encode("utf-8")
         self._sink = sink
-        self._replay_timeout_ms = max(1, int(replay_timeout * 1000))
-        self._replay_retries = max(1, replay_retries)
-        self._replay_deadline = replay_deadline
-        self._max_gap_rounds = max(1, max_gap_rounds)
-        self._rcvhwm = rcvhwm
+        self._replay_timeout_ms = max(1, int(cfg.replay_timeout * 1000))
+        self._replay_retries = max(1, cfg.replay_retries)
+        self._replay_deadline = cfg.replay_deadline
+        self._max_gap_rounds = max(1, cfg.max_gap_rounds)
+        self._rcvhwm = cfg.rcvhwm
         start_seqs = start_seqs or {}
         self._ranks = [
-            _Rank(r, worker_id(engine_id, r), model, start_seqs.get(r)) for r in range(data_parallel_size)
+            _RankState(r, worker_id(engine_id, r), model, start_seqs.get(r))
+            for r in range(data_parallel_size)
         ]
         for r, m in (mappers or {}).items():
             m.worker = self._ranks[r].worker
@@ -171,7 +161,7 @@ class EventAdapter:
         self._ctx = zmq.asyncio.Context()
         for st in self._ranks:
             self._tasks.append(asyncio.create_task(self._run_rank(st), name=f"kv-events-{st.worker}"))
-        self._log.info("kv_adapter_started", endpoint=self._kv_endpoint, ranks=len(self._ranks))
+        self._log.info("adapter.started", endpoint=self._kv_endpoint, ranks=len(self._ranks))
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -181,7 +171,7 @@ class EventAdapter:
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
             self._ctx = None
-        self._log.info("kv_adapter_stopped")
+        self._log.info("adapter.stopped")
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Until every rank has made its first catch-up attempt."""
@@ -189,9 +179,10 @@ class EventAdapter:
 
     # --- introspection -----------------------------------------------------------
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> dict[str, Any]:
+        """Counters summed over ranks, plus ``last_seq`` and ``ranks`` per rank."""
         per_rank = {st.rank: asdict(st.stats) for st in self._ranks}
-        total: dict[str, object] = {"engine_id": self.engine_id}
+        total: dict[str, Any] = {"engine_id": self.engine_id}
         for key in RankStats.__dataclass_fields__:
             if key == "last_seq":
                 continue
@@ -201,14 +192,14 @@ class EventAdapter:
         return total
 
     def last_seqs(self) -> dict[int, int | None]:
-        return {st.rank: st.seq.last for st in self._ranks}
+        return {st.rank: st.sequencer.last for st in self._ranks}
 
     def mapper(self, rank: int = 0) -> BlockMapper:
         return self._ranks[rank].mapper
 
-    # --- per-rank loop -------------------------------------------------------------
+    # --- live stream -----------------------------------------------------------------
 
-    async def _run_rank(self, st: _Rank) -> None:
+    async def _run_rank(self, st: _RankState) -> None:
         assert self._ctx is not None
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.RCVHWM, self._rcvhwm)
@@ -219,12 +210,12 @@ class EventAdapter:
             try:
                 await self._catch_up(st)
             except Exception:
-                self._log.exception("kv_catch_up_failed", rank=st.rank)
+                self._log.exception("adapter.catch_up_failed", worker=st.worker)
             finally:
                 st.ready.set()
             # Drain what is already queued through a plain (sync) view of the
             # same socket: one await per burst instead of one per batch.
-            raw = zmq.Socket.shadow(sub.underlying)
+            raw: zmq.Socket[bytes] = zmq.Socket.shadow(sub.underlying)
             while True:
                 frames: list[bytes] | None = await sub.recv_multipart()
                 handled = 0
@@ -232,7 +223,7 @@ class EventAdapter:
                     try:
                         await self._on_live(st, frames)
                     except Exception:  # keep consuming whatever one batch did
-                        self._log.exception("kv_live_batch_failed", rank=st.rank)
+                        self._log.exception("adapter.live_batch_failed", worker=st.worker)
                     handled += 1
                     if handled >= _DRAIN_MAX:
                         await asyncio.sleep(0)  # let other tasks run under load
@@ -244,25 +235,17 @@ class EventAdapter:
         finally:
             sub.close(linger=0)
 
-    async def _catch_up(self, st: _Rank) -> None:
-        if self._replay_endpoint is None:
-            return
-        start = st.seq.expected if st.seq.last is not None else 0
-        self._log.info("kv_catch_up", rank=st.rank, from_seq=start)
-        # One attempt: an engine that is not up yet must not delay live reads;
-        # anything missed shows up as a gap later.
-        await self._replay_rounds(st, 0, retries=1)
-
-    async def _on_live(self, st: _Rank, frames: list[bytes]) -> None:
+    async def _on_live(self, st: _RankState, frames: list[bytes]) -> None:
         try:
             seq, payload = parse_live_frames(frames)
         except EventDecodeError as e:
             st.stats.decode_errors += 1
-            self._log.error("kv_bad_frame", rank=st.rank, error=str(e))
+            self._log.error("adapter.bad_live_frame", worker=st.worker, error=str(e))
             return
         digest = hash(payload)
+        sequencer = st.sequencer
         for round_ in range(self._max_gap_rounds + 1):
-            d = st.seq.check_live(seq, digest)
+            d = sequencer.check_live(seq, digest)
             if d.verdict is Verdict.APPLY:
                 self._apply(st, seq, payload, digest, replayed=False)
                 return
@@ -273,44 +256,57 @@ class EventAdapter:
                 break
             if d.verdict is Verdict.RESTART:
                 st.stats.restarts += 1
-                self._log.warning("kv_publisher_restarted", rank=st.rank, seq=seq, last=st.seq.last)
-                self._reset(st, "restart")
-                st.seq.reset(None)
+                self._log.warning(
+                    "adapter.publisher_restarted", worker=st.worker, seq=seq, last_seq=sequencer.last
+                )
+                self._reset_worker(st, "restart")
+                sequencer.reset(None)
                 continue
             st.stats.gaps += 1
-            self._log.info("kv_gap", rank=st.rank, seq=seq, gap_from=d.gap_from, gap_to=d.gap_to)
+            self._log.info("adapter.gap", worker=st.worker, seq=seq, gap_from=d.gap_from, gap_to=d.gap_to)
             await self._fill(st, d.gap_from, d.gap_to)
         # Could not get the stream contiguous: give up on the history before it.
-        self._lost(st, seq - 1, "gap_not_converging")
+        self._history_lost(st, seq - 1, "gap_not_converging")
         self._apply(st, seq, payload, digest, replayed=False)
 
-    async def _fill(self, st: _Rank, gap_from: int, gap_to: int) -> None:
+    # --- replay ----------------------------------------------------------------------
+
+    async def _catch_up(self, st: _RankState) -> None:
+        if self._replay_endpoint is None:
+            return
+        self._log.info("adapter.catch_up", worker=st.worker, from_seq=st.sequencer.expected or 0)
+        # One attempt: an engine that is not up yet must not delay live reads;
+        # anything missed shows up as a gap later.
+        await self._replay_rounds(st, 0, retries=1)
+
+    async def _fill(self, st: _RankState, gap_from: int, gap_to: int) -> None:
         if self._replay_endpoint is not None:
             await self._replay_rounds(st, gap_from, retries=self._replay_retries)
-        covered = st.seq.last is not None and st.seq.last >= gap_to
-        if covered:
+        last = st.sequencer.last
+        if last is not None and last >= gap_to:
             st.stats.gaps_replayed += 1
         else:
-            self._lost(st, gap_to, "replay_unavailable")
+            self._history_lost(st, gap_to, "replay_unavailable")
 
-    async def _replay_rounds(self, st: _Rank, start_if_unknown: int, retries: int) -> bool:
+    async def _replay_rounds(self, st: _RankState, start_if_unknown: int, retries: int) -> bool:
         """Replay until an answer arrives whole; each round resumes after the
         last applied batch. Rounds that make progress do not count as retries:
-        vLLM's ROUTER drops replies past its send HWM (1000 by default), so a
-        long replay arrives in pieces. True once a replay ended without holes."""
+        vLLM's ROUTER drops replies past its send HWM, so a long replay arrives
+        in pieces. True once a replay ended without holes."""
         failures = 0
         for _ in range(_MAX_REPLAY_ROUNDS):
-            start = st.seq.expected if st.seq.last is not None else start_if_unknown
-            before = st.seq.last
+            before = st.sequencer.last
+            expected = st.sequencer.expected
+            start = expected if expected is not None else start_if_unknown
             if await self._replay_once(st, start):
                 return True
-            if st.seq.last == before:
+            if st.sequencer.last == before:
                 failures += 1
                 if failures >= retries:
                     return False
         return False
 
-    async def _replay_once(self, st: _Rank, start: int) -> bool:
+    async def _replay_once(self, st: _RankState, start: int) -> bool:
         """Ask for every buffered batch >= start and apply them in order.
 
         True if the end marker came and nothing was missing in between.
@@ -325,23 +321,22 @@ class EventAdapter:
             await dealer.send_multipart([b"", encode_seq(start)])
             deadline = time.monotonic() + self._replay_deadline
             while time.monotonic() < deadline:  # bounded even if replies trickle
-                if not await dealer.poll(self._replay_timeout_ms, zmq.POLLIN):
+                if not await dealer.poll(self._replay_timeout_ms):
                     break
-                frames = await dealer.recv_multipart()
                 try:
-                    item = parse_replay_frames(frames)
+                    item = parse_replay_frames(await dealer.recv_multipart())
                 except EventDecodeError as e:
                     st.stats.decode_errors += 1
-                    self._log.error("kv_bad_replay_frame", rank=st.rank, error=str(e))
+                    self._log.error("adapter.bad_replay_frame", worker=st.worker, error=str(e))
                     holes = True
                     continue
-                if item is _END:
+                if item is None:  # the end marker
                     return not holes
-                seq, payload = item  # type: ignore[misc]
+                seq, payload = item
                 was_first, first = first, False
                 if holes:
                     continue  # never apply past a hole; the next round resumes
-                d = st.seq.check_replayed(seq)
+                d = st.sequencer.check_replayed(seq)
                 if d.verdict is Verdict.DUPLICATE:
                     continue
                 if d.verdict is Verdict.GAP:
@@ -350,53 +345,54 @@ class EventAdapter:
                         holes = True
                         continue
                     # The buffer starts after what we need: that history is gone.
-                    self._lost(st, seq - 1, "replay_buffer_exceeded")
+                    self._history_lost(st, seq - 1, "replay_buffer_exceeded")
                 self._apply(st, seq, payload, hash(payload), replayed=True)
                 st.stats.replayed_batches += 1
             st.stats.replay_failures += 1
-            self._log.warning("kv_replay_timeout", rank=st.rank, from_seq=start)
+            self._log.warning("adapter.replay_timeout", worker=st.worker, from_seq=start)
             return False
         finally:
             dealer.close(linger=0)
 
     # --- applying --------------------------------------------------------------------
 
-    def _apply(self, st: _Rank, seq: int, payload: bytes, digest: int, replayed: bool) -> None:
+    def _apply(self, st: _RankState, seq: int, payload: bytes, digest: int, replayed: bool) -> None:
         try:
             batch = decode_batch(payload)
         except EventDecodeError as e:
             st.stats.decode_errors += 1
-            self._log.error("kv_event_decode_error", rank=st.rank, seq=seq, error=str(e))
+            self._log.error("adapter.batch_undecodable", worker=st.worker, seq=seq, error=str(e))
             # Consumed: replaying it would give the same bytes. Nothing applied.
-            st.seq.applied(seq, digest, replayed)
+            st.sequencer.applied(seq, digest, replayed)
             st.stats.last_seq = seq
             self._emit(st, KvDelta(st.worker, seq, []))
             return
         delta = st.mapper.map_batch(batch.events, seq)
-        st.seq.applied(seq, digest, replayed)
+        st.sequencer.applied(seq, digest, replayed)
         st.stats.batches += 1
         st.stats.events += len(batch.events)
         st.stats.last_seq = seq
         self._emit(st, delta)
 
-    def _lost(self, st: _Rank, upto: int, reason: str) -> None:
+    def _history_lost(self, st: _RankState, upto: int, reason: str) -> None:
         """History up to ``upto`` cannot be had: reset the worker if it had any."""
-        if st.seq.last is None:
+        if st.sequencer.last is None:
             st.stats.history_truncated += 1
-            self._log.info("kv_history_truncated", rank=st.rank, upto=upto)
+            self._log.info("adapter.history_truncated", worker=st.worker, upto=upto)
         else:
-            self._reset(st, reason)
-        st.seq.skip_to(upto)
+            self._reset_worker(st, reason)
+        st.sequencer.skip_to(upto)
 
-    def _reset(self, st: _Rank, reason: str) -> None:
+    def _reset_worker(self, st: _RankState, reason: str) -> None:
+        """Clear the worker everywhere: its mapping here, its blocks in the index."""
         st.stats.resets += 1
-        self._log.warning("kv_worker_reset", rank=st.rank, reason=reason, last=st.seq.last)
+        self._log.warning("adapter.worker_reset", worker=st.worker, reason=reason, last_seq=st.sequencer.last)
         st.mapper.clear()
         self._emit(st, KvDelta(st.worker, -1, [KvOp(OP_CLEAR, [])]))
 
-    def _emit(self, st: _Rank, delta: KvDelta) -> None:
+    def _emit(self, st: _RankState, delta: KvDelta) -> None:
         try:
             self._sink(delta)
         except Exception:
             st.stats.sink_errors += 1
-            self._log.exception("kv_sink_failed", rank=st.rank, seq=delta.seq)
+            self._log.exception("adapter.sink_failed", worker=st.worker, seq=delta.seq)

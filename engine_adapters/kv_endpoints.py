@@ -1,15 +1,23 @@
 """Where an engine's KV events are published: the ZMQ endpoint conventions.
 
 vLLM and SGLang publish one event stream per data-parallel rank, rank ``r``
-on port ``base + r`` of both the PUB and the replay socket; the publisher
-binds and the subscriber connects, decided by the endpoint's shape.
+on port ``base + r`` of both the PUB and the replay socket. The publisher
+binds and the subscriber connects; which side an endpoint is for is decided
+by its shape (:func:`should_bind`), and a subscriber turns a wildcard bind
+address into one it can connect to (:func:`connect_endpoint`).
 """
 
 from __future__ import annotations
 
-__all__ = ["offset_endpoint_port", "should_bind"]
+from typing import overload
+
+__all__ = ["connect_endpoint", "offset_endpoint_port", "should_bind"]
 
 
+@overload
+def offset_endpoint_port(endpoint: str, data_parallel_rank: int) -> str: ...
+@overload
+def offset_endpoint_port(endpoint: str | None, data_parallel_rank: int) -> str | None: ...
 def offset_endpoint_port(endpoint: str | None, data_parallel_rank: int) -> str | None:
     """vLLM's rule: rank r publishes on port base + r (inproc/ipc get a suffix)."""
     if not endpoint or data_parallel_rank == 0:
@@ -31,3 +39,13 @@ def should_bind(endpoint: str) -> bool:
     if "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://")):
         return True
     return endpoint.startswith("tcp://") and endpoint.rpartition(":")[2] == "0"
+
+
+def connect_endpoint(endpoint: str, data_parallel_rank: int = 0) -> str:
+    """The address a subscriber connects to for ``data_parallel_rank``: port +
+    rank, and a wildcard host (the engine's bind address) becomes loopback."""
+    ep = offset_endpoint_port(endpoint, data_parallel_rank)
+    for wildcard in ("tcp://*:", "tcp://0.0.0.0:"):
+        if ep.startswith(wildcard):
+            return "tcp://127.0.0.1:" + ep[len(wildcard) :]
+    return ep

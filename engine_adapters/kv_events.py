@@ -1,4 +1,5 @@
-"""The engines' KV-cache event wire format, declared once as msgspec structs.
+"""The engines' KV-cache event wire format: payload structs (msgspec) and the
+ZMQ framing of the live stream and of replay replies.
 
 Matched against ``vllm/distributed/kv_events.py``: every release sends the
 batch as a positional array ``[ts, events, data_parallel_rank]``; up to vLLM
@@ -9,8 +10,16 @@ SGLang publishes the 0.24 shape; its third batch field is called
 opaque ids here like vLLM's. A map-encoded batch envelope is accepted too.
 Later versions add optional fields; unknown fields are ignored.
 
-A ZMQ message is three frames: topic, an 8-byte big-endian sequence number
-(per publisher, starting at 0) and the msgpack payload of a ``KVEventBatch``.
+Live stream (PUB -> SUB): three frames, topic, an 8-byte big-endian sequence
+number (per publisher and rank, starting at 0) and the msgpack payload of a
+``KVEventBatch``.
+
+Replay (ROUTER, one per rank): a DEALER sends ``[b"", start_seq]`` and gets
+every buffered batch with ``seq >= start_seq`` in order, then an end marker
+whose sequence is -1 (:data:`END_SEQ`). vLLM after 0.24 and SGLang 0.5.23
+frame a reply as ``[b"", topic, seq, payload]`` (end ``[b"", b"", END_SEQ,
+b""]``); vLLM up to 0.24 as ``[b"", seq, payload]`` (end ``[b"", END_SEQ,
+b""]``). :func:`parse_replay_frames` reads both.
 
 Decoding never raises anything but :class:`EventDecodeError`, so a malformed
 frame is reported clearly and nothing of it is applied.
@@ -18,14 +27,15 @@ frame is reported clearly and nothing of it is applied.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeAlias
 
 import msgspec
 
-# Block hashes are opaque: unsigned 64-bit ints (values >= 2**63 occur),
-# signed int64 (SGLang) or bytes (newer vLLM with sha256 hashing).
-BlockHash = Union[int, bytes]
+from blocks.delta import EngineHash
 
+# Block hashes on the wire are the engine's opaque ids (EngineHash): unsigned
+# 64-bit ints (values >= 2**63 occur), signed int64 (SGLang) or bytes (vLLM
+# with sha256 hashing).
 END_SEQ = b"\xff" * 8  # replay end marker: seq -1 as 8 big-endian bytes
 MEDIUM_GPU = "GPU"
 
@@ -40,8 +50,8 @@ class EventDecodeError(ValueError):
 
 
 class BlockStored(msgspec.Struct, tag=True, omit_defaults=True, gc=False):
-    block_hashes: list[BlockHash]
-    parent_block_hash: BlockHash | None
+    block_hashes: list[EngineHash]
+    parent_block_hash: EngineHash | None
     token_ids: list[int]
     block_size: int
     lora_id: int | None = None
@@ -53,7 +63,7 @@ class BlockStored(msgspec.Struct, tag=True, omit_defaults=True, gc=False):
 
 
 class BlockRemoved(msgspec.Struct, tag=True, omit_defaults=True, gc=False):
-    block_hashes: list[BlockHash]
+    block_hashes: list[EngineHash]
     medium: str | None = None
     group_idx: int | None = None
 
@@ -62,7 +72,7 @@ class AllBlocksCleared(msgspec.Struct, tag=True, omit_defaults=True, gc=False):
     pass
 
 
-KVEvent = Union[BlockStored, BlockRemoved, AllBlocksCleared]
+KVEvent: TypeAlias = BlockStored | BlockRemoved | AllBlocksCleared
 
 
 class KVEventBatch(msgspec.Struct, omit_defaults=True, gc=False):
@@ -83,8 +93,8 @@ class KVEventBatch(msgspec.Struct, omit_defaults=True, gc=False):
 
 
 class _ArrBlockStored(msgspec.Struct, tag="BlockStored", array_like=True, omit_defaults=True, gc=False):
-    block_hashes: list[BlockHash]
-    parent_block_hash: BlockHash | None
+    block_hashes: list[EngineHash]
+    parent_block_hash: EngineHash | None
     token_ids: list[int]
     block_size: int
     lora_id: int | None = None
@@ -93,7 +103,7 @@ class _ArrBlockStored(msgspec.Struct, tag="BlockStored", array_like=True, omit_d
 
 
 class _ArrBlockRemoved(msgspec.Struct, tag="BlockRemoved", array_like=True, omit_defaults=True, gc=False):
-    block_hashes: list[BlockHash]
+    block_hashes: list[EngineHash]
     medium: str | None = None
 
 
@@ -101,12 +111,6 @@ class _ArrAllBlocksCleared(
     msgspec.Struct, tag="AllBlocksCleared", array_like=True, omit_defaults=True, gc=False
 ):
     pass
-
-
-class _ArrKVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    ts: float
-    events: list[_ArrBlockStored | _ArrBlockRemoved | _ArrAllBlocksCleared]
-    data_parallel_rank: int | None = None
 
 
 class _ArrBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -145,8 +149,8 @@ class _MapBatch(msgspec.Struct, omit_defaults=True, gc=False):
 # and lora_name without defaults, so they are always on the wire (as nil when
 # unset); the decoder-side structs above default them for SGLang, which omits.
 class _OutBlockStored(msgspec.Struct, tag="BlockStored", omit_defaults=True, gc=False):
-    block_hashes: list[BlockHash]
-    parent_block_hash: BlockHash | None
+    block_hashes: list[EngineHash]
+    parent_block_hash: EngineHash | None
     token_ids: list[int]
     block_size: int
     lora_id: int | None
@@ -157,7 +161,7 @@ class _OutBlockStored(msgspec.Struct, tag="BlockStored", omit_defaults=True, gc=
 
 
 class _OutBlockRemoved(msgspec.Struct, tag="BlockRemoved", omit_defaults=True, gc=False):
-    block_hashes: list[BlockHash]
+    block_hashes: list[EngineHash]
     medium: str | None
     group_idx: int | None = None
 
@@ -166,8 +170,9 @@ class _OutAllBlocksCleared(msgspec.Struct, tag="AllBlocksCleared", omit_defaults
     pass
 
 
-class _ArrBatchOut(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    """Encoder for the vLLM >= 0.24 shape: array envelope, tagged-map events."""
+class _OutBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """The envelope every engine sends, ``[ts, events, rank]``, for encoding:
+    the events are already in their struct of the chosen format."""
 
     ts: float
     events: list[Any]
@@ -196,7 +201,7 @@ _fast_batch_decoder = msgspec.msgpack.Decoder(_FastBatch)
 _arr_batch_decoder = msgspec.msgpack.Decoder(_ArrBatch)
 _map_batch_decoder = msgspec.msgpack.Decoder(_MapBatch)
 _map_event_decoder = msgspec.msgpack.Decoder(KVEvent)
-_arr_event_decoder = msgspec.msgpack.Decoder(Union[_ArrBlockStored, _ArrBlockRemoved, _ArrAllBlocksCleared])
+_arr_event_decoder = msgspec.msgpack.Decoder(_ArrBlockStored | _ArrBlockRemoved | _ArrAllBlocksCleared)
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -291,7 +296,7 @@ def encode_batch(batch: KVEventBatch, fmt: EventFormat = "map") -> bytes:
     if rank is None:
         rank = batch.attn_dp_rank
     if fmt == "map":
-        return _encoder.encode(_ArrBatchOut(batch.ts, [_to_out_event(e) for e in batch.events], rank))
+        return _encoder.encode(_OutBatch(batch.ts, [_to_out_event(e) for e in batch.events], rank))
     if fmt != "array":
         raise ValueError(f"unknown event format {fmt!r}")
     arr_events: list[Any] = []
@@ -312,7 +317,7 @@ def encode_batch(batch: KVEventBatch, fmt: EventFormat = "map") -> bytes:
             arr_events.append(_ArrBlockRemoved(e.block_hashes, e.medium))
         else:
             arr_events.append(_ArrAllBlocksCleared())
-    return _encoder.encode(_ArrKVEventBatch(batch.ts, arr_events, rank))
+    return _encoder.encode(_OutBatch(batch.ts, arr_events, rank))
 
 
 def encode_seq(seq: int) -> bytes:
@@ -324,3 +329,35 @@ def decode_seq(frame: bytes) -> int:
     if len(frame) != 8:
         raise EventDecodeError(f"sequence frame of {len(frame)} bytes, want 8")
     return int.from_bytes(frame, "big", signed=True)
+
+
+def parse_live_frames(frames: list[bytes]) -> tuple[int, bytes]:
+    """``[topic, seq, payload]`` -> (seq, payload); EventDecodeError otherwise."""
+    if len(frames) != 3:
+        raise EventDecodeError(f"live message of {len(frames)} frames, want 3")
+    seq = decode_seq(frames[1])
+    if seq < 0:
+        raise EventDecodeError(f"negative sequence number {seq} on the live stream")
+    return seq, frames[2]
+
+
+def parse_replay_frames(frames: list[bytes]) -> tuple[int, bytes] | None:
+    """One replay reply -> (seq, payload), or None for the end marker.
+
+    Either framing of the module docstring, as a DEALER receives it or
+    without the empty delimiter (as a REQ socket does); the topic is ignored.
+    """
+    if len(frames) >= 3 and frames[0] == b"":
+        frames = frames[1:]
+    if len(frames) == 3:
+        seq_frame, payload = frames[1], frames[2]
+    elif len(frames) == 2:
+        seq_frame, payload = frames[0], frames[1]
+    else:
+        raise EventDecodeError(f"replay reply of {len(frames)} frames")
+    seq = decode_seq(seq_frame)
+    if seq == -1:
+        return None
+    if seq < 0:
+        raise EventDecodeError(f"negative sequence number {seq} in a replay reply")
+    return seq, payload

@@ -38,9 +38,23 @@ class EngineStreamError(Exception):
     """The stream broke after tokens were produced: not retryable."""
 
 
+@dataclass(frozen=True, slots=True)
+class EngineClientConfig:
+    """How the router talks to engines over HTTP."""
+
+    connect_timeout: float = 2.0  # seconds to open a connection
+    # Seconds from sending a request to its first token (connect, queueing and
+    # prefill included); past it the attempt is retryable elsewhere.
+    first_token_timeout: float = 120.0
+    health_timeout: float = 1.0  # seconds for one GET /health
+    pool_size: int = 512  # open connections over all engines
+
+
 @dataclass(slots=True)
-class CompletionParams:
-    max_tokens: int = 16
+class SamplingParams:
+    """The sampling parameters sent to the engine with a prompt."""
+
+    max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
@@ -67,22 +81,16 @@ class Usage:
 class EngineClient:
     """One pooled HTTP session shared by all requests to all engines."""
 
-    def __init__(
-        self,
-        connect_timeout: float = 2.0,
-        first_token_timeout: float = 120.0,
-        pool_size: int = 512,
-    ) -> None:
-        self._connect_timeout = connect_timeout
-        self._first_token_timeout = first_token_timeout
-        self._pool_size = pool_size
+    def __init__(self, config: EngineClientConfig | None = None) -> None:
+        self.config = config or EngineClientConfig()
         self._session: aiohttp.ClientSession | None = None
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            cfg = self.config
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=0),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout, sock_read=None),
+                connector=aiohttp.TCPConnector(limit=cfg.pool_size, limit_per_host=0),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout, sock_read=None),
             )
         return self._session
 
@@ -90,10 +98,10 @@ class EngineClient:
         if self._session is not None:
             await self._session.close()
 
-    async def health(self, endpoint: str, timeout: float = 1.0) -> bool:
+    async def health(self, endpoint: str) -> bool:
         try:
             async with self._get_session().get(
-                f"{endpoint}/health", timeout=aiohttp.ClientTimeout(total=timeout)
+                f"{endpoint}/health", timeout=aiohttp.ClientTimeout(total=self.config.health_timeout)
             ) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
@@ -104,7 +112,7 @@ class EngineClient:
         endpoint: str,
         model: str,
         prompt_token_ids: list[int],
-        params: CompletionParams,
+        params: SamplingParams,
         request_id: str,
         headers: dict[str, str] | None = None,
     ) -> AsyncIterator[Chunk | Usage]:
@@ -129,11 +137,10 @@ class EngineClient:
             "X-Request-Id": _header_value(request_id),
             **(headers or {}),
         }
-        usage = Usage()
-        produced = False
+        events = _EventStream(endpoint)
         # One deadline for everything up to the first event: connect, send,
         # response head, first token.
-        first_deadline = asyncio.get_running_loop().time() + self._first_token_timeout
+        first_deadline = asyncio.get_running_loop().time() + self.config.first_token_timeout
         try:
             async with asyncio.timeout_at(first_deadline):
                 resp = await self._get_session().post(f"{endpoint}/v1/completions", data=body, headers=hdrs)
@@ -142,64 +149,94 @@ class EngineClient:
                     detail = (await resp.text())[:300]
                     raise EngineUnavailable(f"HTTP {resp.status} from {endpoint}: {detail}")
                 content = resp.content
-                sse = SSEDecoder()
-                first = True
-                done = False
-                while not done:
+                while not events.done:
                     # Everything buffered, in one piece (not line by line).
-                    if first:
-                        async with asyncio.timeout_at(first_deadline):
-                            data = await content.readany()
-                    else:
+                    if events.started:
                         data = await content.readany()
-                    try:
-                        payloads = sse.feed(data) if data else sse.flush()
-                    except ValueError as e:
-                        raise _broken(produced, f"bad event stream from {endpoint}: {e}") from None
-                    if payloads:
-                        first = False
-                    ids: list[int] = []
-                    texts: list[str] = []
-                    error = ""
-                    for payload in payloads:
-                        if payload == b"[DONE]":
-                            done = True
-                            break
-                        try:
-                            ev = _DECODE(payload)
-                        except msgspec.DecodeError as e:
-                            error = f"bad JSON chunk from {endpoint}: {e}"
-                            break
-                        if ev.error is not None and not ev.choices:
-                            error = f"engine error from {endpoint}: {ev.error}"
-                            break
-                        for choice in ev.choices or ():
-                            if choice.token_ids:
-                                ids += choice.token_ids
-                            if choice.text:
-                                texts.append(choice.text)
-                            if choice.finish_reason:
-                                usage.finish_reason = choice.finish_reason
-                        u = ev.usage
-                        if u is not None:
-                            usage.prompt_tokens = u.prompt_tokens or 0
-                            usage.completion_tokens = u.completion_tokens or 0
-                            d = u.prompt_tokens_details
-                            usage.cached_tokens = (d.cached_tokens or 0) if d is not None else 0
+                    else:
+                        data = await _read_before(content, first_deadline)
+                    chunk, error = events.feed(data)
                     # Tokens that arrived before an error still go out first:
                     # the error is then a stream error, as it would be one by one.
-                    if ids or texts:
-                        produced = True
-                        yield Chunk(token_ids=ids, text="".join(texts))
+                    if chunk is not None:
+                        yield chunk
                     if error:
-                        raise _broken(produced, error)
+                        raise _broken(events.produced, error)
                     if not data:
                         break
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise _broken(produced, f"{type(e).__name__} talking to {endpoint}: {e}") from None
-        if not usage.finish_reason:
-            raise _broken(produced, f"stream from {endpoint} ended without a finish reason")
-        yield usage
+            raise _broken(events.produced, f"{type(e).__name__} talking to {endpoint}: {e}") from None
+        if not events.usage.finish_reason:
+            raise _broken(events.produced, f"stream from {endpoint} ended without a finish reason")
+        yield events.usage
+
+
+async def _read_before(content: aiohttp.StreamReader, deadline: float) -> bytes:
+    """Whatever the response has buffered (b"" at its end), by ``deadline``."""
+    async with asyncio.timeout_at(deadline):
+        return await content.readany()
+
+
+class _EventStream:
+    """The body of one completion stream, fed as it is read: SSE events ->
+    token chunks, the finish reason and the usage. Pure: no I/O."""
+
+    __slots__ = ("_sse", "done", "endpoint", "produced", "started", "usage")
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self._sse = SSEDecoder()
+        self.usage = Usage()
+        self.started = False  # an event has arrived (the first-token deadline no longer applies)
+        self.produced = False  # a token went to the caller (errors are no longer retryable)
+        self.done = False  # [DONE] seen
+
+    def feed(self, data: bytes) -> tuple[Chunk | None, str]:
+        """One read (b"": the end of the body) -> the tokens it completed and
+        an error message ("" if none)."""
+        try:
+            payloads = self._sse.feed(data) if data else self._sse.flush()
+        except ValueError as e:
+            return None, f"bad event stream from {self.endpoint}: {e}"
+        if payloads:
+            self.started = True
+        ids: list[int] = []
+        texts: list[str] = []
+        error = ""
+        for payload in payloads:
+            if payload == b"[DONE]":
+                self.done = True
+                break
+            error = self._event(payload, ids, texts)
+            if error:
+                break
+        if not (ids or texts):
+            return None, error
+        self.produced = True
+        return Chunk(token_ids=ids, text="".join(texts)), error
+
+    def _event(self, payload: bytes, ids: list[int], texts: list[str]) -> str:
+        try:
+            ev = _DECODE(payload)
+        except msgspec.DecodeError as e:
+            return f"bad JSON chunk from {self.endpoint}: {e}"
+        if ev.error is not None and not ev.choices:
+            return f"engine error from {self.endpoint}: {ev.error}"
+        for choice in ev.choices or ():
+            if choice.token_ids:
+                ids += choice.token_ids
+            if choice.text:
+                texts.append(choice.text)
+            if choice.finish_reason:
+                self.usage.finish_reason = choice.finish_reason
+        u = ev.usage
+        if u is not None:
+            usage = self.usage
+            usage.prompt_tokens = u.prompt_tokens or 0
+            usage.completion_tokens = u.completion_tokens or 0
+            d = u.prompt_tokens_details
+            usage.cached_tokens = (d.cached_tokens or 0) if d is not None else 0
+        return ""
 
 
 def _broken(produced: bool, msg: str) -> Exception:

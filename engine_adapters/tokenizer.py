@@ -96,12 +96,12 @@ class HFTokenizer:
     """A Hugging Face ``tokenizers`` tokenizer from a local tokenizer.json."""
 
     def __init__(self, path: str) -> None:
-        from tokenizers import Tokenizer as _HF
+        import tokenizers  # imported here: only a tokenizer.json needs the library
 
         if not os.path.isfile(path):
             raise TokenizerError(f"tokenizer file not found: {path!r}")
         try:
-            self._tok = _HF.from_file(path)
+            self._tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises plain Exception subclasses
             raise TokenizerError(f"invalid tokenizer file {path!r}: {e}") from None
         self._path = path

@@ -4,6 +4,8 @@
 docs/benchmarks.json and docs/img/*.png; the other subcommands run one part
 and print its tables (``--json PATH`` saves its figures). ``--quick`` is a
 short smoke run of the same code (fewer requests, systems and sizes).
+``kvmesh bench report`` measures nothing: it rewrites docs/benchmarks.md from
+docs/benchmarks.json, e.g. after a hand-written page in docs/evidence/ changed.
 
 Speed targets are checked here, never by timed unit tests: each run measures
 in one process, on this machine, and reports the figures it got.
@@ -19,21 +21,38 @@ import sys
 import time
 from pathlib import Path
 
+from kvmesh.workloads import Workload
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The Mooncake trace is an input the user downloads; by default it is looked
+# for in a data folder next to the repository's own folder.
 DEFAULT_MOONCAKE = REPO_ROOT.parent / "shared" / "data" / "mooncake" / "conversation_trace.jsonl"
+MOONCAKE_SOURCE = "https://github.com/kvcache-ai/Mooncake (FAST25-release/traces/conversation_trace.jsonl)"
 WORKLOADS = ("chat", "agent", "trace", "nosharing")
+QUICK_WORKLOADS = "chat,trace"
 QUICK_SYSTEMS = "round_robin,cache_aware_approx,precise,precise_mesh3,sglang_cache_aware"
 
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    ix = sub.add_parser("index", help="prefix index alone: store throughput and match latency at ~1M blocks")
-    ix.add_argument("--blocks", type=int, default=1_000_000, help="distinct blocks in the index")
-    ix.add_argument("--workers", type=int, default=64, help="engines (workers) holding them")
-    ix.add_argument("--prompt-blocks", type=int, default=128, help="blocks per matched prompt")
-    ix.add_argument("--queries", type=int, default=5_000, help="match calls timed")
-    ix.add_argument("--seed", type=int, default=0)
+def _index_flags(ix: argparse.ArgumentParser) -> None:
+    from kvmesh.benchmarks.index import IndexBenchShape
+
+    d = IndexBenchShape()
+    ix.add_argument("--blocks", type=int, default=d.n_blocks, help="distinct blocks in the index")
+    ix.add_argument("--workers", type=int, default=d.n_workers, help="engines (workers) holding them")
+    ix.add_argument("--prompt-blocks", type=int, default=d.prompt_blocks, help="blocks per matched prompt")
+    ix.add_argument("--queries", type=int, default=d.n_queries, help="match calls timed")
+    ix.add_argument("--seed", type=int, default=d.seed)
     ix.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    from kvmesh.benchmarks.routing import SYSTEMS, FleetConfig
+
+    fleet = FleetConfig()
+    sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    _index_flags(
+        sub.add_parser("index", help="prefix index alone: store throughput and match latency at ~1M blocks")
+    )
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--quick", action="store_true", help="short smoke run (under 3 minutes for `all`)")
@@ -43,34 +62,37 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--workload",
             default=",".join(WORKLOADS),
-            help=f"comma-separated workloads: {', '.join(WORKLOADS)} (default: all; --quick: chat,trace)",
+            help=f"comma-separated workloads: {', '.join(WORKLOADS)} "
+            f"(default: all; --quick: {QUICK_WORKLOADS})",
         )
         sp.add_argument(
             "--systems",
             default="",
-            help="comma-separated systems (default: all; --quick: " + QUICK_SYSTEMS + "); known: "
-            "round_robin, random, consistent_hash, least_load, power_of_two, cache_aware_approx, "
-            "precise, precise_mesh3, sglang_cache_aware, sglang_round_robin",
+            help=f"comma-separated systems (default: all; --quick: {QUICK_SYSTEMS}); known: "
+            + ", ".join(SYSTEMS),
         )
         sp.add_argument(
             "--mooncake",
             default=str(DEFAULT_MOONCAKE),
-            help="path of the Mooncake conversation_trace.jsonl (default: ../shared/data/mooncake/ "
-            "relative to the repository)",
+            metavar="PATH",
+            help="the Mooncake conversation trace for the `trace` workload: an input you provide, "
+            f"downloaded from {MOONCAKE_SOURCE} (default: %(default)s)",
         )
-        sp.add_argument("--engines", type=int, default=8, help="simulated engines (default 8)")
+        sp.add_argument(
+            "--engines", type=int, default=fleet.engines, help="simulated engines (default %(default)s)"
+        )
         sp.add_argument(
             "--num-gpu-blocks",
             type=int,
-            default=4000,
-            help="KV cache of each engine, in 16-token blocks (default 4000)",
+            default=fleet.num_gpu_blocks,
+            help=f"KV cache of each engine, in {fleet.block_size}-token blocks (default %(default)s)",
         )
         sp.add_argument(
             "--trace-load",
             type=float,
             default=1.0,
             help="trace replay speed: offered prompt tokens/s as a multiple of the fleet's prefill "
-            "capacity (default 1.0)",
+            "capacity (default %(default)s)",
         )
         sp.add_argument("--chat-rate", type=float, default=12.0, help="chat sessions arriving per second")
         sp.add_argument(
@@ -102,6 +124,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--json", dest="json_out", default="", metavar="PATH", help="also save the figures here"
         )
+    report = sub.add_parser(
+        "report",
+        help="measure nothing: rewrite DOCS/benchmarks.md from DOCS/benchmarks.json and DOCS/evidence/*.md",
+    )
+    report.add_argument(
+        "--docs", default=str(REPO_ROOT / "docs"), help="docs folder (default: the repo's docs/)"
+    )
 
 
 def _note(msg: str) -> None:
@@ -133,12 +162,12 @@ class _Bar:
             self._bar.close()
 
 
-def build_workloads(args: argparse.Namespace, capacity_tokens_per_s: float) -> list:
-    from kvmesh import workloads as W
+def build_workloads(args: argparse.Namespace, capacity_tokens_per_s: float) -> list[Workload]:
+    from kvmesh import workloads
 
     names = [w.strip() for w in args.workload.split(",") if w.strip()]
     if args.quick and args.workload == ",".join(WORKLOADS):
-        names = ["chat", "trace"]
+        names = QUICK_WORKLOADS.split(",")
     bad = [n for n in names if n not in WORKLOADS]
     if bad:
         raise SystemExit(f"unknown workload(s) {bad}; known: {', '.join(WORKLOADS)}")
@@ -147,24 +176,27 @@ def build_workloads(args: argparse.Namespace, capacity_tokens_per_s: float) -> l
     for n in names:
         if n == "chat":
             out.append(
-                W.chat_workload(
+                workloads.chat_workload(
                     n_sessions=40 if q else 96,
                     rate=args.chat_rate,
                     seed=args.seed,
-                    turns=(3, 6) if q else (4, 10),
+                    turns=(3, 6) if q else workloads.CHAT_TURNS,
                 )
             )
         elif n == "agent":
-            out.append(W.agent_workload(n_sessions=16 if q else 40, rate=4.0, seed=args.seed))
+            out.append(workloads.agent_workload(n_sessions=16 if q else 40, rate=4.0, seed=args.seed))
         elif n == "nosharing":
-            out.append(W.no_sharing_workload(n_requests=60 if q else 100, rate=12.0, seed=args.seed))
+            out.append(workloads.no_sharing_workload(n_requests=60 if q else 100, rate=12.0, seed=args.seed))
         elif n == "trace":
             path = args.mooncake
             if not os.path.isfile(path):
-                raise SystemExit(f"Mooncake trace not found at {path}; pass --mooncake PATH")
-            recs = W.load_mooncake(path, limit=250 if q else 800)
+                raise SystemExit(
+                    f"Mooncake trace not found at {path}; download it from {MOONCAKE_SOURCE} "
+                    "and pass --mooncake PATH"
+                )
+            recs = workloads.load_mooncake(path, limit=250 if q else 800)
             out.append(
-                W.mooncake_workload(
+                workloads.mooncake_workload(
                     recs,
                     tokens_per_block=32,
                     target_tokens_per_s=args.trace_load * capacity_tokens_per_s,
@@ -242,6 +274,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.bench == "all":
         return run_all(args)
+    if args.bench == "report":
+        return rewrite_report(Path(args.docs))
     part = {
         "routing": run_routing_cmd,
         "micro": run_micro_cmd,
@@ -255,21 +289,43 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# The Commands section of docs/benchmarks.md.
+DOC_COMMANDS = (
+    "kvmesh bench all            # this page, docs/benchmarks.json, docs/img/*.png\n"
+    "kvmesh bench all --quick    # smoke run\n"
+    "kvmesh bench routing --workload chat,trace --systems precise,round_robin\n"
+    "kvmesh bench micro | convergence | proxy | index"
+)
+
+
+def _write_markdown(res: dict, docs: Path) -> Path:
+    """docs/benchmarks.md: the results, then the pages of docs/evidence/."""
+    from kvmesh.benchmarks.report import read_evidence, render_markdown
+
+    path = docs / "benchmarks.md"
+    path.write_text(render_markdown(res, DOC_COMMANDS, read_evidence(docs)))
+    return path
+
+
 def write_docs(res: dict, docs: Path) -> None:
     """benchmarks.md, benchmarks.json and img/*.png from a results dict."""
-    from kvmesh.benchmarks.report import render_markdown, targets, write_plots
+    from kvmesh.benchmarks.plots import write_plots
+    from kvmesh.benchmarks.targets import targets
 
     res["targets"] = targets(res)
     docs.mkdir(parents=True, exist_ok=True)
     write_plots(res, str(docs / "img"))
-    commands = (
-        "kvmesh bench all            # this page, docs/benchmarks.json, docs/img/*.png\n"
-        "kvmesh bench all --quick    # smoke run\n"
-        "kvmesh bench routing --workload chat,trace --systems precise,round_robin\n"
-        "kvmesh bench micro | convergence | proxy | index"
-    )
-    (docs / "benchmarks.md").write_text(render_markdown(res, commands))
+    _write_markdown(res, docs)
     (docs / "benchmarks.json").write_text(json.dumps(res, indent=1, default=str))
+
+
+def rewrite_report(docs: Path) -> int:
+    """``kvmesh bench report``: benchmarks.md again from benchmarks.json, measuring nothing."""
+    src = docs / "benchmarks.json"
+    if not src.is_file():
+        raise SystemExit(f"{src} not found: run `kvmesh bench all --docs {docs}` first")
+    print(f"wrote {_write_markdown(json.loads(src.read_text()), docs)}")
+    return 0
 
 
 def run_all(args: argparse.Namespace) -> int:
@@ -306,7 +362,6 @@ def run_all(args: argparse.Namespace) -> int:
     for t in res["targets"]:
         verdict = "n/a" if t["met"] is None else ("MET" if t["met"] else "MISSED")
         print(f"{verdict:>6}  {t['name']}: {t['measured']} (goal {t['target']})")
-    print(
-        f"wrote {docs / 'benchmarks.md'}, {docs / 'benchmarks.json'}, {docs / 'img'} in {time.time() - t0:.0f}s"
-    )
+    outputs = f"{docs / 'benchmarks.md'}, {docs / 'benchmarks.json'}, {docs / 'img'}"
+    print(f"wrote {outputs} in {time.time() - t0:.0f}s")
     return 0

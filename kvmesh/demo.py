@@ -18,8 +18,8 @@ import aiohttp
 import grpc
 
 from kvmesh import procs
-from kvmesh.loadgen import RunResult, run_sessions
-from kvmesh.workloads import chat, total_requests
+from kvmesh.loadgen import RequestRecord, RunResult, run_sessions
+from kvmesh.workloads import CHAT_TURNS, Session, chat, total_requests
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
@@ -34,7 +34,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--nodes", type=int, default=3, help="router nodes in the mesh; >1 adds a precise run spread over all"
     )
-    p.add_argument("--sessions", type=int, default=64, help="chat sessions (4-10 turns each)")
+    p.add_argument(
+        "--sessions", type=int, default=64, help=f"chat sessions ({CHAT_TURNS[0]}-{CHAT_TURNS[1]} turns each)"
+    )
     p.add_argument("--concurrency", type=int, default=24, help="sessions in flight at once")
     p.add_argument(
         "--num-gpu-blocks", type=int, default=1200, help="KV cache size of each engine, in 16-token blocks"
@@ -81,82 +83,83 @@ def _print_table(results: list[tuple[int, RunResult]]) -> None:
         print("  ".join(f"{v:>14}" for v in row))
 
 
-def run(args: argparse.Namespace) -> int:
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    sessions = chat(n_sessions=args.sessions, seed=args.seed)
-    print(
-        f"kvmesh demo: {args.engines} simulated engines ({args.num_gpu_blocks} blocks of 16 tokens each), "
-        f"{args.nodes} router nodes, {len(sessions)} chat sessions / {total_requests(sessions)} requests per policy, "
-        f"{args.concurrency} concurrent sessions",
-        flush=True,
-    )
-    engines: list[procs.Proc] = []
-    routers: list[procs.Proc] = []
-    results: list[tuple[int, RunResult]] = []
-    try:
-        t0 = time.monotonic()
-        for i in range(args.engines):
-            engines.append(
-                procs.start_sim_engine(
-                    f"engine-{i}",
-                    [
-                        "--num-gpu-blocks",
-                        str(args.num_gpu_blocks),
-                        "--time-scale",
-                        str(args.time_scale),
-                        "--seed",
-                        str(args.seed + i),
-                    ],
-                )
+def _start_fleet(args: argparse.Namespace, engines: list[procs.Proc], routers: list[procs.Proc]) -> None:
+    """Start the engines and the router nodes into the given lists (the caller stops them)."""
+    t0 = time.monotonic()
+    for i in range(args.engines):
+        engines.append(
+            procs.start_sim_engine(
+                f"engine-{i}",
+                [
+                    "--num-gpu-blocks",
+                    str(args.num_gpu_blocks),
+                    "--time-scale",
+                    str(args.time_scale),
+                    "--seed",
+                    str(args.seed + i),
+                ],
             )
+        )
+    routers.append(
+        procs.start_router(
+            "router-0",
+            [procs.engine_flag(f"e{i}", p) for i, p in enumerate(engines)],
+            ["--policy", "precise", "--log-level", "warning"],
+        )
+    )
+    for n in range(1, args.nodes):
         routers.append(
             procs.start_router(
-                "router-0",
-                [procs.engine_flag(f"e{i}", p) for i, p in enumerate(engines)],
-                ["--policy", "precise", "--log-level", "warning"],
+                f"router-{n}", [], ["--join", routers[0].info["grpc"], "--log-level", "warning"]
             )
         )
-        for n in range(1, args.nodes):
-            routers.append(
-                procs.start_router(
-                    f"router-{n}", [], ["--join", routers[0].info["grpc"], "--log-level", "warning"]
-                )
-            )
-        addrs = [r.info["grpc"] for r in routers]
-        print(
-            f"started {args.engines} engines and {len(routers)} router nodes ({', '.join(addrs)}) "
-            f"in {time.monotonic() - t0:.1f}s",
-            flush=True,
-        )
-        runs = [(p, addrs[:1]) for p in policies]
-        if len(addrs) > 1:
-            runs.append(("precise", addrs))
-        for policy, targets in runs:
-            asyncio.run(_clear_engines([p.info["url"] for p in engines], addrs))
-            label = f"{policy} via {len(targets)} node{'s' if len(targets) > 1 else ''}"
-            done = 0
+    addrs = [r.info["grpc"] for r in routers]
+    print(
+        f"started {args.engines} engines and {len(routers)} router nodes ({', '.join(addrs)}) "
+        f"in {time.monotonic() - t0:.1f}s",
+        flush=True,
+    )
 
-            def progress(_rec) -> None:  # noqa: ANN001
-                nonlocal done
-                done += 1
-                if done % 100 == 0:
-                    print(f"  {label}: {done} requests", flush=True)
 
-            res = asyncio.run(
-                run_sessions(
-                    targets, sessions, policy=policy, concurrency=args.concurrency, on_request=progress
-                )
-            )
-            s = res.summary()
-            print(
-                f"{label}: {s['requests']} requests in {s['wall_s']:.1f}s, hit rate {s['hit_rate']:.3f}, "
-                f"TTFT p90 {s['ttft_p90_ms']:.1f} ms",
-                flush=True,
-            )
-            results.append((len(targets), res))
-    finally:
-        for p in routers + engines:
-            p.stop()
+class _Progress:
+    """Prints a line every 100 finished requests."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.done = 0
+
+    def __call__(self, _rec: RequestRecord) -> None:
+        self.done += 1
+        if self.done % 100 == 0:
+            print(f"  {self.label}: {self.done} requests", flush=True)
+
+
+def _run_policy(
+    policy: str,
+    targets: list[str],
+    routers: list[str],
+    engines: list[procs.Proc],
+    sessions: list[Session],
+    concurrency: int,
+) -> RunResult:
+    """One run from cold caches: clear every engine (and see every router's
+    index empty), then every session through ``targets``."""
+    asyncio.run(_clear_engines([p.info["url"] for p in engines], routers))
+    label = f"{policy} via {len(targets)} node{'s' if len(targets) > 1 else ''}"
+    res = asyncio.run(
+        run_sessions(targets, sessions, policy=policy, concurrency=concurrency, on_request=_Progress(label))
+    )
+    s = res.summary()
+    print(
+        f"{label}: {s['requests']} requests in {s['wall_s']:.1f}s, hit rate {s['hit_rate']:.3f}, "
+        f"TTFT p90 {s['ttft_p90_ms']:.1f} ms",
+        flush=True,
+    )
+    return res
+
+
+def _print_results(results: list[tuple[int, RunResult]]) -> bool:
+    """The table and one RESULT line per run; True if any request failed."""
     print()
     _print_table(results)
     print()
@@ -171,8 +174,37 @@ def run(args: argparse.Namespace) -> int:
             f"requests={s['requests']} failed={s['failed']}",
             flush=True,
         )
-    return 1 if failed else 0
+    return failed
+
+
+def run(args: argparse.Namespace) -> int:
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    sessions = chat(n_sessions=args.sessions, seed=args.seed)
+    print(
+        f"kvmesh demo: {args.engines} simulated engines ({args.num_gpu_blocks} blocks of 16 tokens each), "
+        f"{args.nodes} router nodes, {len(sessions)} chat sessions / {total_requests(sessions)} requests "
+        f"per policy, {args.concurrency} concurrent sessions",
+        flush=True,
+    )
+    engines: list[procs.Proc] = []
+    routers: list[procs.Proc] = []
+    results: list[tuple[int, RunResult]] = []
+    try:
+        _start_fleet(args, engines, routers)
+        addrs = [r.info["grpc"] for r in routers]
+        runs = [(p, addrs[:1]) for p in policies]
+        if len(addrs) > 1:
+            runs.append(("precise", addrs))
+        for policy, targets in runs:
+            res = _run_policy(policy, targets, addrs, engines, sessions, args.concurrency)
+            results.append((len(targets), res))
+    finally:
+        for p in routers + engines:
+            p.stop()
+    return 1 if _print_results(results) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run(argparse.ArgumentParser().parse_args()))
+    _parser = argparse.ArgumentParser(prog="python -m kvmesh.demo")
+    configure_parser(_parser)
+    sys.exit(run(_parser.parse_args()))

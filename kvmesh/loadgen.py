@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 
+from kvmesh.stats import percentile
 from kvmesh.workloads import Session
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
@@ -49,8 +51,8 @@ class RunResult:
         ok = self.ok
         prompt = sum(r.prompt_tokens for r in ok)
         cached = sum(r.cached_tokens for r in ok)
-        ttfts = sorted(r.ttft_ms for r in ok)
-        lats = sorted(r.latency_ms for r in ok)
+        ttfts = [r.ttft_ms for r in ok]
+        lats = [r.latency_ms for r in ok]
         per_engine: dict[str, int] = {}
         for r in ok:
             per_engine[r.engine_id] = per_engine.get(r.engine_id, 0) + 1
@@ -59,23 +61,16 @@ class RunResult:
             "requests": len(self.records),
             "failed": len(self.records) - len(ok),
             "hit_rate": cached / prompt if prompt else 0.0,
-            "ttft_p50_ms": pct(ttfts, 50),
-            "ttft_p90_ms": pct(ttfts, 90),
-            "ttft_p99_ms": pct(ttfts, 99),
-            "latency_p50_ms": pct(lats, 50),
-            "latency_p90_ms": pct(lats, 90),
+            "ttft_p50_ms": percentile(ttfts, 50),
+            "ttft_p90_ms": percentile(ttfts, 90),
+            "ttft_p99_ms": percentile(ttfts, 99),
+            "latency_p50_ms": percentile(lats, 50),
+            "latency_p90_ms": percentile(lats, 90),
             "throughput_rps": len(ok) / self.wall_s if self.wall_s else 0.0,
             "output_tps": sum(r.output_tokens for r in ok) / self.wall_s if self.wall_s else 0.0,
             "imbalance": max(counts) / statistics.mean(counts) if ok else 0.0,
             "wall_s": self.wall_s,
         }
-
-
-def pct(sorted_values: list[float], p: float) -> float:
-    if not sorted_values:
-        return 0.0
-    k = min(len(sorted_values) - 1, max(0, round(p / 100.0 * (len(sorted_values) - 1))))
-    return sorted_values[k]
 
 
 async def generate_once(
@@ -146,7 +141,7 @@ async def run_sessions(
     sessions: list[Session],
     policy: str = "",
     concurrency: int = 16,
-    on_request=None,  # noqa: ANN001 - optional progress callback(RequestRecord)
+    on_request: Callable[[RequestRecord], None] | None = None,
 ) -> RunResult:
     channels = [grpc.aio.insecure_channel(a) for a in addresses]
     stubs = [pb_grpc.RouterStub(c) for c in channels]

@@ -18,6 +18,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+# The model name ``kvmesh sim-engine`` serves unless given ``--model``: what a
+# router must be told (engine_flag) and what its block hashes are seeded with.
+SIM_MODEL = "sim-model"
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -127,7 +131,8 @@ def start_sim_engine(name: str, extra: list[str] | None = None, host: str = "127
     return p
 
 
-def engine_flag(engine_id: str, p: Proc, model: str = "sim-model", block_size: int = 16) -> str:
+def engine_flag(engine_id: str, p: Proc, model: str = SIM_MODEL, block_size: int = 16) -> str:
+    """The router's ``--engine`` value for the simulated engine ``p``."""
     return (
         f"id={engine_id},url={p.info['url']},kv={p.info['kv_endpoint']},"
         f"replay={p.info['replay_endpoint']},model={model},block_size={block_size}"

@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 
 VOCAB_LO, VOCAB_HI = 256, 32000  # ids below 256 are the built-in tokenizer's reserved ids
+CHAT_TURNS = (4, 10)  # turns per chat session (inclusive range)
 
 
 @dataclass(slots=True)
@@ -29,7 +30,7 @@ def _tokens(rng: random.Random, n: int) -> list[int]:
 
 def chat(
     n_sessions: int = 48,
-    turns: tuple[int, int] = (4, 10),
+    turns: tuple[int, int] = CHAT_TURNS,
     n_system_prompts: int = 8,
     system_tokens: tuple[int, int] = (400, 1000),
     user_tokens: tuple[int, int] = (100, 300),
@@ -125,7 +126,7 @@ def chat_workload(
     n_system_prompts: int = 8,
     system_tokens: tuple[int, int] = (1000, 3000),
     user_tokens: tuple[int, int] = (200, 600),
-    turns: tuple[int, int] = (4, 10),
+    turns: tuple[int, int] = CHAT_TURNS,
 ) -> Workload:
     """Multi-turn chat (:func:`chat`'s sessions), sessions arriving at ``rate``/s."""
     base = chat(

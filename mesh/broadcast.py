@@ -16,12 +16,21 @@ times and then dropped. Three rules keep the queue small and useful:
 * **Freshest first.** A message is filled with the least-transmitted updates
   first, so new information spreads fast and old updates use leftover space.
   Among equally transmitted ones the larger go first (they are harder to fit
-  later), then the newer.
+  later), then the newer -- or, with ``oldest_first``, the older: updates that
+  build on each other (the state deltas of one CRDT writer, which a receiver
+  can only integrate in order) go in the order they were made.
 * **Budget.** A message holds at most ``max_bytes`` (each update costs its size
   plus a per-item ``overhead``) and at most ``max_count`` updates. Items that do
-  not fit are skipped, smaller ones may still fit.
+  not fit are skipped, smaller ones may still fit. With ``at_least_one`` the
+  first item goes even if it alone is over the budget (a large update must
+  still travel).
 
-Pure and single-threaded: no clock, no randomness.
+One message may go to several peers at once (the state push sends one merged
+message to ``fanout`` peers): ``take(..., recipients=k)`` counts k
+transmissions for every update in it.
+
+Membership (``mesh/membership.py``) and the state push (``mesh/gossip.py``)
+both keep one queue. Pure and single-threaded: no clock, no randomness.
 """
 
 from __future__ import annotations
@@ -54,14 +63,16 @@ class _Item(Generic[T]):
 class BroadcastQueue(Generic[T]):
     """Updates waiting to be gossiped, each with its own transmit count."""
 
-    __slots__ = ("_items", "_next_id", "retransmit_mult")
+    __slots__ = ("_bytes", "_items", "_next_id", "oldest_first", "retransmit_mult")
 
-    def __init__(self, retransmit_mult: int) -> None:
+    def __init__(self, retransmit_mult: int, *, oldest_first: bool = False) -> None:
         if retransmit_mult < 1:
             raise ValueError(f"retransmit_mult must be >= 1, got {retransmit_mult}")
         self.retransmit_mult = retransmit_mult
+        self.oldest_first = oldest_first
         self._items: dict[Hashable, _Item[T]] = {}
         self._next_id = 0
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -69,13 +80,24 @@ class BroadcastQueue(Generic[T]):
     def __contains__(self, key: Hashable) -> bool:
         return key in self._items
 
+    @property
+    def queued_bytes(self) -> int:
+        """The summed size of the queued updates."""
+        return self._bytes
+
     def push(self, key: Hashable, payload: T, size: int) -> None:
         """Queue ``payload``; it replaces any queued update with the same key."""
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
         self._next_id += 1
-        self._items.pop(key, None)  # re-insert so dict order stays oldest-first
+        self._remove(key)  # re-insert so dict order stays oldest-first
         self._items[key] = _Item(key, payload, size, self._next_id)
+        self._bytes += size
+
+    def _remove(self, key: Hashable) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self._bytes -= item.size
 
     def get(self, key: Hashable) -> T | None:
         item = self._items.get(key)
@@ -86,41 +108,52 @@ class BroadcastQueue(Generic[T]):
         item = self._items.get(key)
         return None if item is None else item.transmits
 
-    def discard(self, key: Hashable) -> None:
-        self._items.pop(key, None)
+    def _order(self) -> list[_Item[T]]:
+        if self.oldest_first:
+            return sorted(self._items.values(), key=lambda it: (it.transmits, it.id))
+        return sorted(self._items.values(), key=lambda it: (it.transmits, -it.size, -it.id))
 
-    def clear(self) -> None:
-        self._items.clear()
-
-    def take(self, n_nodes: int, max_bytes: int, max_count: int | None = None, overhead: int = 0) -> list[T]:
-        """Pick updates for one outgoing message and count them as transmitted.
+    def take(
+        self,
+        n_nodes: int,
+        max_bytes: int,
+        max_count: int | None = None,
+        overhead: int = 0,
+        *,
+        recipients: int = 1,
+        at_least_one: bool = False,
+    ) -> list[T]:
+        """Pick updates for one outgoing message and count them as transmitted
+        ``recipients`` times (the peers that message goes to).
 
         Updates that reach the transmit limit for ``n_nodes`` leave the queue.
         """
         if not self._items or max_bytes <= 0 or max_count == 0:
             return []
         limit = retransmit_limit(self.retransmit_mult, n_nodes)
-        order = sorted(self._items.values(), key=lambda it: (it.transmits, -it.size, -it.id))
+        order = self._order()
         free = max_bytes
         cap = len(order) if max_count is None else max_count
         out: list[T] = []
         for item in order:
             cost = item.size + overhead
-            if cost > free:
+            if cost > free and not (at_least_one and not out):
                 continue
             free -= cost
             out.append(item.payload)
-            item.transmits += 1
+            item.transmits += recipients
             if item.transmits >= limit:
-                del self._items[item.key]
+                self._remove(item.key)
             if len(out) >= cap:
                 break
         return out
 
-    def prune(self, max_retain: int) -> None:
-        """Keep only the ``max_retain`` freshest updates (bounds memory under churn)."""
+    def prune(self, max_retain: int) -> int:
+        """Keep only the ``max_retain`` freshest updates (bounds memory under
+        churn); returns how many were dropped."""
         if len(self._items) <= max_retain:
-            return
+            return 0
         order = sorted(self._items.values(), key=lambda it: (it.transmits, -it.id))
         for item in order[max_retain:]:
-            del self._items[item.key]
+            self._remove(item.key)
+        return len(order) - max_retain

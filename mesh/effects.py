@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.engine_log import Epoch
-from mesh.membership import MemberEvent
+from mesh.engine_log.epoch import Epoch
 from mesh.state import Takeover
+from mesh.swim_messages import MemberEvent
 
 __all__ = ["Effect", "EngineAdded", "EngineRemoved", "MemberChanged", "StartOwning", "StopOwning"]
 

@@ -4,8 +4,8 @@ Between a routing decision and the engine's KV events for that prompt there
 are hundreds of milliseconds in which other nodes would not know where the
 prefix is going. A hint fills that gap: it is gossiped at once, merged by
 union (keyed by origin node and a per-origin counter, so duplicates are
-harmless) and expires after a short TTL (default 2 s) -- by then the engine's
-own events are in the log.
+harmless) and expires after a short TTL (``MeshConfig.hint_ttl``) -- by then
+the engine's own events are in the log.
 
 Hints travel with their *remaining* TTL, not an absolute expiry time: each
 receiver computes ``expires = now + ttl`` on its own clock, so clock skew
@@ -34,7 +34,7 @@ class Hint(msgspec.Struct, array_like=True, gc=False):
 
 
 class HintStore:
-    def __init__(self, node_id: str, ttl: float = 2.0, max_hints: int = 100_000) -> None:
+    def __init__(self, node_id: str, ttl: float, max_hints: int = 100_000) -> None:
         if ttl <= 0:
             raise ValueError(f"hint ttl must be > 0, got {ttl}")
         self.node_id = node_id
@@ -56,19 +56,23 @@ class HintStore:
         self._insert(h, now)
         return h
 
-    def merge(self, hints: list[Hint], now: float) -> int:
-        """Union with remote hints; returns how many were new."""
+    def merge(self, hints: list[Hint], now: float) -> list[Hint]:
+        """Union with remote hints; returns those that were new here.
+
+        A hint this node already holds (its own, or one heard before) is a
+        duplicate; a hint whose TTL is out of range is refused.
+        """
         self.expire(now)
-        n = 0
+        fresh = []
         for h in hints:
             if not (0 < h.ttl <= 10 * self.ttl):
-                log.warning("hint_bad_ttl", origin=h.origin, ttl=h.ttl)
+                log.warning("mesh.hint_bad_ttl", node=self.node_id, member=h.origin, ttl=h.ttl)
                 continue
             if (h.origin, h.hid) in self._hints:
                 continue
             self._insert(h, now)
-            n += 1
-        return n
+            fresh.append(h)
+        return fresh
 
     def _insert(self, h: Hint, now: float) -> None:
         exp = now + h.ttl

@@ -1,7 +1,7 @@
-"""Global load: one last-writer-wins slot per node, summed per engine.
+"""Global load: one last-writer-wins slot per node, summed per worker.
 
 Each node owns a slot with its own in-flight requests and prompt tokens per
-engine; an engine's load is the sum over the slots of live nodes. A node that
+worker; a worker's load is the sum over the slots of live nodes. A node that
 leaves or dies has its slot dropped (``drop``).
 
 Why not a pycrdt Map: load changes on every request start and end. Each
@@ -31,13 +31,13 @@ log = structlog.get_logger(__name__)
 
 class EngineLoad(msgspec.Struct, array_like=True, gc=False):
     requests: int = 0  # in flight
-    tokens: int = 0  # prompt tokens in flight
+    tokens: int = 0  # tokens of work in flight
 
 
 class Slot(msgspec.Struct, array_like=True, gc=False):
     node_id: str
     version: int
-    loads: dict[str, EngineLoad]
+    loads: dict[str, EngineLoad]  # worker -> its load from this node
 
 
 class LoadSlots:
@@ -57,18 +57,24 @@ class LoadSlots:
     def local(self) -> Slot:
         return self.slots[self.node_id]
 
-    def add_local(self, engine_id: str, requests: int, tokens: int, now: float) -> Slot:
-        """Change this node's in-flight counts (deltas may be negative); never below 0."""
+    def set_local(self, loads: dict[str, tuple[int, int]], now: float) -> bool:
+        """Set this node's in-flight (requests, prompt tokens) per worker.
+
+        Absolute values; workers with nothing in flight are left out, so the
+        slot stays small. Returns True (and re-stamps the slot) if anything
+        changed.
+        """
+        new: dict[str, EngineLoad] = {}
+        for w, (r, t) in loads.items():
+            if r < 0 or t < 0:
+                raise ValueError(f"negative load for {w!r}: {(r, t)}")
+            if r or t:
+                new[w] = EngineLoad(r, t)
         s = self.local
-        cur = s.loads.get(engine_id) or EngineLoad()
-        new = EngineLoad(max(0, cur.requests + requests), max(0, cur.tokens + tokens))
-        loads = dict(s.loads)
-        if new.requests == 0 and new.tokens == 0:
-            loads.pop(engine_id, None)
-        else:
-            loads[engine_id] = new
-        self.slots[self.node_id] = Slot(self.node_id, self._stamp(s.version, now), loads)
-        return self.local
+        if new == s.loads:
+            return False
+        self.slots[self.node_id] = Slot(self.node_id, self._stamp(s.version, now), new)
+        return True
 
     def refresh(self, now: float) -> Slot:
         """Re-stamp the local slot (e.g. after being wrongly declared dead)."""
@@ -81,7 +87,7 @@ class LoadSlots:
         if slot.node_id == self.node_id:
             return False  # only we write our slot
         if not isinstance(slot.version, int) or slot.version < 0:
-            log.warning("slot_bad_version", node=slot.node_id, version=slot.version)
+            log.warning("mesh.slot_bad_version", node=self.node_id, member=slot.node_id, version=slot.version)
             return False
         fence = self._fences.get(slot.node_id)
         if fence is not None:
@@ -108,23 +114,20 @@ class LoadSlots:
             if now - at > self.fence_ttl:
                 del self._fences[n]
 
-    def load(self, engine_id: str) -> EngineLoad:
-        total = EngineLoad()
-        for s in self.slots.values():
-            el = s.loads.get(engine_id)
-            if el is not None:
-                total.requests += el.requests
-                total.tokens += el.tokens
-        return total
-
-    def loads(self) -> dict[str, EngineLoad]:
+    def totals(self, nodes: set[str] | None = None) -> dict[str, EngineLoad]:
+        """Per worker, the in-flight load summed over the slots of ``nodes``
+        (all known slots when None), in worker order."""
         out: dict[str, EngineLoad] = {}
-        for s in self.slots.values():
-            for e, el in s.loads.items():
-                t = out.setdefault(e, EngineLoad())
+        for n in sorted(self.slots):
+            if nodes is not None and n not in nodes:
+                continue
+            for w, el in self.slots[n].loads.items():
+                t = out.get(w)
+                if t is None:
+                    t = out[w] = EngineLoad()
                 t.requests += el.requests
                 t.tokens += el.tokens
-        return out
+        return dict(sorted(out.items()))
 
     def versions(self) -> dict[str, int]:
         return {n: s.version for n, s in self.slots.items()}

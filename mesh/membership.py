@@ -6,7 +6,15 @@ messages it returns, each addressed by ``dst``. The same object therefore runs
 behind the gRPC transport and inside the deterministic simulator
 (``kvmesh/simulation/simnet.py``). This follows SWIM (Das et al., 2002) with the suspicion and
 Lifeguard refinements of hashicorp/memberlist; defaults are memberlist's LAN
-values.
+values. The pieces live apart, as in memberlist:
+
+* ``mesh/swim_messages.py``: member states, gossiped updates, messages, events;
+* ``mesh/swim_checks.py``: validation of received messages (:class:`MembershipError`);
+* ``mesh/swim_probes.py``: probe order, the probe in flight, relayed pings;
+* ``mesh/suspicion.py``: the suspicion timer;
+* ``mesh/awareness.py``: Lifeguard's local health score;
+* ``mesh/broadcast.py``: the transmit-limited gossip queue;
+* this module: the state machine that ties them together, and its config.
 
 Members, states and incarnations
     Each member has a state (``alive``, ``suspect``, ``dead``, ``left``) and an
@@ -28,9 +36,8 @@ Members, states and incarnations
     refutes the same way, so a restart with the same id always rejoins.
 
 Failure detection (one probe per ``probe_interval``)
-    1. ``Ping`` the next member of a shuffled round-robin list (new members are
-       inserted at a random position, so every member is probed within one
-       cycle and detection time is bounded).
+    1. ``Ping`` the next member of the probe ring (:class:`~mesh.swim_probes.ProbeRing`:
+       shuffled round-robin, so every member is probed within one cycle).
     2. No ``Ack`` within ``probe_timeout``: ask ``indirect_checks`` random
        members to probe it for us (``PingReq``). They ``Ping`` the target and
        forward its ``Ack``, or answer ``Nack`` when they got nothing. An
@@ -42,9 +49,9 @@ Failure detection (one probe per ``probe_interval``)
        (Lifeguard's "buddy system") and every ``Ack`` carries the responder's
        incarnation, so a refutation also travels back on the probe itself
        instead of relying on gossip alone.
-    Lifeguard's local health ("awareness"): missing nacks, or having to refute
-    a suspicion about ourselves, suggest that *we* are the slow one, so probe
-    timeouts and intervals stretch by ``awareness + 1`` until probes succeed.
+    Probe timeouts and intervals stretch with our own local health score
+    (:class:`~mesh.awareness.Awareness`): when the evidence says that *we* are
+    the slow one, we probe more patiently instead of accusing healthy members.
 
 Dissemination
     Accepted updates go into a :class:`~mesh.broadcast.BroadcastQueue` and ride
@@ -61,7 +68,7 @@ Anti-entropy
     that we tried least recently. That merges the two halves of a healed
     network partition, which declared each other dead and would otherwise
     never talk again. And when our views visibly differ (a member we do not
-    know or believe dead probes us, or gossip names a member we never heard
+    know or believe dead probes us, or gossip accuses a member we never heard
     of) we push-pull with that sender at once, rate-limited per address.
 
 Join and leave
@@ -76,9 +83,12 @@ Join and leave
 
 Outputs
     ``tick``/``handle``/``join``/``leave`` return messages to send. Membership
-    changes are queued as :class:`MemberEvent` (``joined``, ``suspect``,
-    ``alive`` (suspicion refuted), ``dead``, ``left``) and drained with
-    :meth:`Membership.events`.
+    changes are queued as :class:`~mesh.swim_messages.MemberEvent` (``joined``,
+    ``suspect``, ``alive`` (suspicion refuted), ``dead``, ``left``) and drained
+    with :meth:`Membership.events`.
+
+:class:`MembershipError` is defined with the checks that raise it and is part
+of this module's interface: the config and the state machine raise it too.
 """
 
 from __future__ import annotations
@@ -86,54 +96,45 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, ClassVar
 
 import structlog
 
+from mesh.awareness import Awareness
 from mesh.broadcast import BroadcastQueue
 from mesh.suspicion import Suspicion, confirmations_wanted, suspicion_timeouts
+from mesh.swim_checks import MembershipError, check_message, check_number, check_text
+from mesh.swim_messages import (
+    ALIVE,
+    DEAD,
+    LEFT,
+    LIVE_STATES,
+    SUSPECT,
+    Ack,
+    Alive,
+    Dead,
+    Gossip,
+    Join,
+    JoinReply,
+    Leave,
+    MemberEvent,
+    MemberRecord,
+    Nack,
+    Ping,
+    PingReq,
+    PushPull,
+    Suspect,
+    SwimMessage,
+    Update,
+    encoded_size,
+)
+from mesh.swim_probes import Probe, ProbeRing, Relay
 
-__all__ = [
-    "ALIVE",
-    "DEAD",
-    "LEFT",
-    "STATES",
-    "SUSPECT",
-    "Ack",
-    "Alive",
-    "Dead",
-    "Gossip",
-    "Join",
-    "JoinReply",
-    "Leave",
-    "MemberEvent",
-    "MemberRecord",
-    "Membership",
-    "MembershipConfig",
-    "MembershipError",
-    "Message",
-    "Nack",
-    "Ping",
-    "PingReq",
-    "PushPull",
-    "Send",
-    "Suspect",
-    "Update",
-]
-
-ALIVE = "alive"
-SUSPECT = "suspect"
-DEAD = "dead"
-LEFT = "left"
-STATES = (ALIVE, SUSPECT, DEAD, LEFT)
-_LIVE = (ALIVE, SUSPECT)
+__all__ = ["Membership", "MembershipConfig", "MembershipError"]
 
 log = structlog.get_logger(__name__)
-
-
-class MembershipError(ValueError):
-    """A malformed message or argument; the state machine was not changed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,138 +195,9 @@ class MembershipConfig:
                 raise MembershipError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-# --- gossiped updates (no addressing: they ride inside messages) ----------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Alive:
-    node: str
-    addr: str
-    incarnation: int
-
-
-@dataclass(frozen=True, slots=True)
-class Suspect:
-    node: str
-    incarnation: int
-    accuser: str  # node id of whoever suspects it; confirmations must be independent
-
-
-@dataclass(frozen=True, slots=True)
-class Dead:
-    node: str
-    incarnation: int
-    accuser: str
-
-
-@dataclass(frozen=True, slots=True)
-class Leave:
-    node: str
-    incarnation: int
-
-
-Update = Union[Alive, Suspect, Dead, Leave]
-
-
-@dataclass(frozen=True, slots=True)
-class MemberRecord:
-    """One member as seen by one node (push-pull payload and snapshot item)."""
-
-    node: str
-    addr: str
-    incarnation: int
-    state: str
-
-
-# --- messages (every one has src and dst addresses) ------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Ping:
-    src: str
-    dst: str
-    seq: int
-    target: str  # node id expected at dst; a different node there ignores the ping
-    source: str  # node id of the sender
-    updates: tuple[Update, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Ack:
-    src: str
-    dst: str
-    seq: int
-    responder: str  # node id that answered the ping (forwarded unchanged by relays)
-    incarnation: int  # the responder's own incarnation: first-hand, so it counts as Alive
-    updates: tuple[Update, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class PingReq:
-    src: str
-    dst: str
-    seq: int
-    target: str
-    target_addr: str
-    updates: tuple[Update, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Nack:
-    src: str
-    dst: str
-    seq: int
-
-
-@dataclass(frozen=True, slots=True)
-class Gossip:
-    src: str
-    dst: str
-    updates: tuple[Update, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Join:
-    src: str
-    dst: str
-    node: str
-    members: tuple[MemberRecord, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class JoinReply:
-    src: str
-    dst: str
-    node: str
-    members: tuple[MemberRecord, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class PushPull:
-    src: str
-    dst: str
-    node: str
-    members: tuple[MemberRecord, ...]
-    reply: bool = False
-
-
-Message = Union[Ping, Ack, PingReq, Nack, Gossip, Join, JoinReply, PushPull]
-Send = Message  # outputs are messages; the transport routes them by ``dst``
-
-
-@dataclass(frozen=True, slots=True)
-class MemberEvent:
-    kind: str  # joined | suspect | alive | dead | left
-    node: str
-    addr: str
-    incarnation: int
-    at: float
-
-
-# --- internals ---------------------------------------------------------------------------
-
-
 class _Member:
+    """One entry of the member table (mutable; :meth:`record` is its wire form)."""
+
     __slots__ = ("addr", "incarnation", "node", "state", "state_change")
 
     def __init__(self, node: str, addr: str, incarnation: int, state: str, now: float) -> None:
@@ -339,99 +211,7 @@ class _Member:
         return MemberRecord(self.node, self.addr, self.incarnation, self.state)
 
 
-class _Probe:
-    __slots__ = ("deadline", "expected_nacks", "indirect_at", "indirect_sent", "nacks", "seq", "target")
-
-    def __init__(self, seq: int, target: str, indirect_at: float, deadline: float) -> None:
-        self.seq = seq
-        self.target = target
-        self.indirect_at = indirect_at
-        self.deadline = deadline
-        self.indirect_sent = False
-        self.expected_nacks = 0
-        self.nacks = 0
-
-
-class _Relay:
-    """A ping we send on behalf of another node's PingReq."""
-
-    __slots__ = ("nack_at", "requester_addr", "requester_seq")
-
-    def __init__(self, requester_addr: str, requester_seq: int, nack_at: float) -> None:
-        self.requester_addr = requester_addr
-        self.requester_seq = requester_seq
-        self.nack_at = nack_at
-
-
-def _update_size(u: Update) -> int:
-    # Rough encoded size: strings plus a few varints and framing.
-    if isinstance(u, Alive):
-        return 12 + len(u.node) + len(u.addr)
-    if isinstance(u, Leave):
-        return 10 + len(u.node)
-    return 12 + len(u.node) + len(u.accuser)
-
-
-def _check_str(value: Any, what: str) -> None:
-    if not isinstance(value, str) or not value:
-        raise MembershipError(f"{what} must be a non-empty string, got {value!r}")
-
-
-def _check_inc(value: Any, what: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise MembershipError(f"{what} must be an int >= 0, got {value!r}")
-
-
-def _validate_update(u: Any) -> None:
-    if not isinstance(u, (Alive, Suspect, Dead, Leave)):
-        raise MembershipError(f"unknown gossip update {type(u).__name__}")
-    _check_str(u.node, "update.node")
-    _check_inc(u.incarnation, "update.incarnation")
-    if isinstance(u, Alive):
-        _check_str(u.addr, "Alive.addr")
-    elif not isinstance(u, Leave):
-        _check_str(u.accuser, "update.accuser")
-
-
-def _validate_record(r: Any) -> None:
-    if not isinstance(r, MemberRecord):
-        raise MembershipError(f"member list holds a {type(r).__name__}, not a MemberRecord")
-    _check_str(r.node, "MemberRecord.node")
-    _check_str(r.addr, "MemberRecord.addr")
-    _check_inc(r.incarnation, "MemberRecord.incarnation")
-    if r.state not in STATES:
-        raise MembershipError(f"MemberRecord.state must be one of {STATES}, got {r.state!r}")
-
-
-_MESSAGE_TYPES = (Ping, Ack, PingReq, Nack, Gossip, Join, JoinReply, PushPull)
-
-
-def _validate_message(msg: Any) -> None:
-    if not isinstance(msg, _MESSAGE_TYPES):
-        raise MembershipError(f"not a membership message: {type(msg).__name__}")
-    _check_str(msg.src, "src")
-    if isinstance(msg, (Ping, Ack, PingReq, Nack)):
-        _check_inc(msg.seq, "seq")
-    if isinstance(msg, Ack):
-        _check_str(msg.responder, "responder")
-        _check_inc(msg.incarnation, "incarnation")
-    if isinstance(msg, (Ping, PingReq)):
-        _check_str(msg.target, "target")
-    if isinstance(msg, Ping):
-        _check_str(msg.source, "source")
-    if isinstance(msg, PingReq):
-        _check_str(msg.target_addr, "target_addr")
-    if isinstance(msg, (Join, JoinReply, PushPull)):
-        _check_str(msg.node, "node")
-        if not isinstance(msg.members, (tuple, list)):
-            raise MembershipError(f"members must be a tuple, got {type(msg.members).__name__}")
-        for r in msg.members:
-            _validate_record(r)
-    elif not isinstance(msg, Nack):
-        if not isinstance(msg.updates, (tuple, list)):
-            raise MembershipError(f"updates must be a tuple, got {type(msg.updates).__name__}")
-        for u in msg.updates:
-            _validate_update(u)
+_Handler = Callable[["Membership", Any, float, list[SwimMessage]], None]
 
 
 class Membership:
@@ -447,9 +227,9 @@ class Membership:
         incarnation: int = 0,
         logger: Any = None,
     ) -> None:
-        _check_str(node_id, "node_id")
-        _check_str(addr, "addr")
-        _check_inc(incarnation, "incarnation")
+        check_text(node_id, "node_id")
+        check_text(addr, "addr")
+        check_number(incarnation, "incarnation")
         self.node_id = node_id
         self.addr = addr
         self.config = config
@@ -462,11 +242,10 @@ class Membership:
         self._events: deque[MemberEvent] = deque(maxlen=config.max_pending_events)
         self._suspicions: dict[str, Suspicion] = {}
         self._seq = 0
-        self._probe: _Probe | None = None
-        self._probe_order: list[str] = []
-        self._probe_idx = 0
-        self._relays: dict[int, _Relay] = {}
-        self._awareness = 0
+        self._probe: Probe | None = None
+        self._ring = ProbeRing()
+        self._relays: dict[int, Relay] = {}  # our ping's seq -> the PingReq it answers
+        self._awareness = Awareness(config.awareness_max_multiplier)
         self._leaving = False
         self._seeds: list[str] = []
         self._join_pending = False
@@ -476,9 +255,8 @@ class Membership:
         self._next_push_pull = now + rng.uniform(0.5, 1.0) * config.push_pull_interval
         self._next_reconnect = now + rng.uniform(0.5, 1.0) * config.reconnect_interval
         self._next_join = math.inf
-        self._reconnect_tried: dict[str, float] = {}
-        self._pp_unknown: dict[str, float] = {}  # addr -> last targeted push-pull
-        self._heard_unknown = False  # set when an update names a member we do not know
+        self._reconnect_tried: dict[str, float] = {}  # dead node id -> last reconnect push-pull
+        self._differing_push_pull: dict[str, float] = {}  # addr -> last push-pull on differing views
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -489,7 +267,7 @@ class Membership:
     @property
     def awareness(self) -> int:
         """Lifeguard local-health score: 0 is healthy; timeouts scale by score + 1."""
-        return self._awareness
+        return self._awareness.score
 
     @property
     def leaving(self) -> bool:
@@ -510,7 +288,7 @@ class Membership:
 
     def live_members(self) -> list[MemberRecord]:
         """Alive and suspect members (ourselves included unless we left), sorted."""
-        return [m.record() for k, m in sorted(self._members.items()) if m.state in _LIVE]
+        return [m.record() for k, m in sorted(self._members.items()) if m.state in LIVE_STATES]
 
     def member(self, node_id: str) -> MemberRecord | None:
         m = self._members.get(node_id)
@@ -534,7 +312,7 @@ class Membership:
         if not self._leaving:
             t = min(t, self._next_probe, self._next_push_pull, self._next_reconnect)
         if self._probe is not None:
-            t = min(t, self._probe.deadline if self._probe.indirect_sent else self._probe.indirect_at)
+            t = min(t, self._probe.next_due())
         for r in self._relays.values():
             t = min(t, r.nack_at)
         for s in self._suspicions.values():
@@ -543,25 +321,25 @@ class Membership:
 
     # --- inputs ----------------------------------------------------------------------------
 
-    def join(self, seed_addrs: list[str], now: float) -> list[Send]:
+    def join(self, seed_addrs: list[str], now: float) -> list[SwimMessage]:
         """Start joining through any of ``seed_addrs`` (our own address is skipped)."""
         for a in seed_addrs:
-            _check_str(a, "seed address")
+            check_text(a, "seed address")
         self._seeds = [a for a in dict.fromkeys(seed_addrs) if a != self.addr]
         if not self._seeds or self._leaving:
             self._join_pending = False
             self._next_join = math.inf
             return []
         self._join_pending = True
-        out: list[Send] = []
+        out: list[SwimMessage] = []
         self._send_joins(now, out)
         return out
 
-    def leave(self, now: float) -> list[Send]:
+    def leave(self, now: float) -> list[SwimMessage]:
         """Leave gracefully: gossip ``Leave`` with a raised incarnation.
 
-        Keep calling :meth:`tick` (it only gossips now) until :meth:`leave_done`
-        or a grace period passes, then stop the node.
+        Keep calling :meth:`tick` (it only gossips once leaving) until
+        :meth:`leave_done` or a grace period passes, then stop the node.
         """
         if self._leaving:
             return []
@@ -574,110 +352,152 @@ class Membership:
         self._set_state(me, LEFT, now)
         self._broadcast(Leave(self.node_id, me.incarnation))
         self._log.info("membership.leave", incarnation=me.incarnation)
-        out: list[Send] = []
+        out: list[SwimMessage] = []
         self._gossip_round(now, out)
         return out
 
-    def tick(self, now: float) -> list[Send]:
+    def tick(self, now: float) -> list[SwimMessage]:
         """Run every timer that is due at ``now``."""
-        out: list[Send] = []
-        cfg = self.config
-        if self._relays:
-            for seq in [s for s, r in self._relays.items() if now >= r.nack_at]:
-                r = self._relays.pop(seq)
-                out.append(Nack(self.addr, r.requester_addr, r.requester_seq))
-        probe = self._probe
-        if probe is not None:
-            if not probe.indirect_sent and now >= probe.indirect_at:
-                self._send_indirect(probe, out)
-            if now >= probe.deadline:
-                self._probe_failed(probe, now)
-        if self._suspicions:
-            for node in [n for n, s in self._suspicions.items() if now >= s.deadline]:
-                m = self._members[node]
-                self._on_dead(Dead(node, m.incarnation, self.node_id), now)
+        out: list[SwimMessage] = []
+        self._expire_relays(now, out)
+        if self._probe is not None:
+            self._advance_probe(self._probe, now, out)
+        self._expire_suspicions(now)
         if not self._leaving:
-            if now >= self._next_probe:
-                self._next_probe = now + cfg.probe_interval * (self._awareness + 1)
-                self._reap(now)
-                self._start_probe(now, out)
-            if now >= self._next_push_pull:
-                self._next_push_pull = now + cfg.push_pull_interval * self._push_pull_scale()
-                self._push_pull(now, out, dead=False)
-            if now >= self._next_reconnect:
-                self._next_reconnect = now + cfg.reconnect_interval
-                self._push_pull(now, out, dead=True)
-            if now >= self._next_join:
-                self._send_joins(now, out)
+            self._run_periodic(now, out)
         if now >= self._next_gossip:
-            self._next_gossip = now + cfg.gossip_interval
+            self._next_gossip = now + self.config.gossip_interval
             if self._queue:
                 self._gossip_round(now, out)
         return out
 
-    def handle(self, msg: Message, now: float) -> list[Send]:
+    def handle(self, msg: SwimMessage, now: float) -> list[SwimMessage]:
         """Process one received message; raises :class:`MembershipError` on bad input."""
-        _validate_message(msg)
-        out: list[Send] = []
-        if isinstance(msg, (Join, JoinReply, PushPull)):
-            self._merge(msg.members, msg.node, now)
-            if isinstance(msg, Join):
-                out.append(JoinReply(self.addr, msg.src, self.node_id, self._records()))
-            elif isinstance(msg, JoinReply):
-                if self._join_pending:
-                    self._join_pending = False
-                    self._next_join = math.inf
-                    # The seed may not yet know members that are joining at the same
-                    # time; one early push-pull with a random member catches them.
-                    early = now + self._rng.uniform(1.0, 3.0) * self.config.probe_interval
-                    self._next_push_pull = min(self._next_push_pull, early)
-                    self._log.info("membership.joined", seed=msg.src, members=self._n_live)
-            elif not msg.reply:
-                out.append(PushPull(self.addr, msg.src, self.node_id, self._records(), reply=True))
-            return out
-        if isinstance(msg, Nack):
-            if self._probe is not None and msg.seq == self._probe.seq:
-                self._probe.nacks += 1
-            return out
-        # Apply piggybacked updates first so that a refutation rides on our reply.
-        self._heard_unknown = False
-        for u in msg.updates:
-            self._apply(u, now)
-        if self._heard_unknown:
-            # The sender knows a member we never heard of: we missed its Alive.
-            self._push_pull_with(msg.src, now, out)
-        if isinstance(msg, Ping):
-            if msg.target == self.node_id:
-                out.append(
-                    Ack(self.addr, msg.src, msg.seq, self.node_id, self._self.incarnation, self._piggyback())
-                )
-                self._check_prober(msg, now, out)
-        elif isinstance(msg, Ack):
-            m = self._members.get(msg.responder)
-            if m is not None and msg.incarnation > m.incarnation:
-                self._on_alive(Alive(m.node, m.addr, msg.incarnation), now)
-            probe = self._probe
-            if probe is not None and msg.seq == probe.seq and msg.responder == probe.target:
-                self._probe = None
-                self._adjust_awareness(-1)
-            else:
-                relay = self._relays.pop(msg.seq, None)
-                if relay is not None:
-                    out.append(
-                        Ack(
-                            self.addr,
-                            relay.requester_addr,
-                            relay.requester_seq,
-                            msg.responder,
-                            msg.incarnation,
-                        )
-                    )
-        elif isinstance(msg, PingReq):
-            if msg.target != self.node_id and not self._leaving:
-                seq = self._next_seq()
-                self._relays[seq] = _Relay(msg.src, msg.seq, now + self.config.probe_timeout)
-                out.append(Ping(self.addr, msg.target_addr, seq, msg.target, self.node_id, self._piggyback()))
+        check_message(msg)
+        out: list[SwimMessage] = []
+        self._HANDLERS[type(msg)](self, msg, now, out)
         return out
+
+    # --- timers ----------------------------------------------------------------------------
+
+    def _expire_relays(self, now: float, out: list[SwimMessage]) -> None:
+        if not self._relays:
+            return
+        for seq in [s for s, r in self._relays.items() if now >= r.nack_at]:
+            r = self._relays.pop(seq)
+            out.append(Nack(self.addr, r.requester_addr, r.requester_seq))
+
+    def _advance_probe(self, probe: Probe, now: float, out: list[SwimMessage]) -> None:
+        if not probe.indirect_sent and now >= probe.indirect_at:
+            self._send_indirect(probe, out)
+        if now >= probe.deadline:
+            self._probe_failed(probe, now)
+
+    def _expire_suspicions(self, now: float) -> None:
+        if not self._suspicions:
+            return
+        for node in [n for n, s in self._suspicions.items() if now >= s.deadline]:
+            m = self._members[node]
+            self._on_dead(Dead(node, m.incarnation, self.node_id), now)
+
+    def _run_periodic(self, now: float, out: list[SwimMessage]) -> None:
+        """The timers of a running member: probe, push-pull, reconnect, join retry."""
+        cfg = self.config
+        if now >= self._next_probe:
+            self._next_probe = now + self._awareness.scale(cfg.probe_interval)
+            self._reap(now)
+            self._start_probe(now, out)
+        if now >= self._next_push_pull:
+            self._next_push_pull = now + cfg.push_pull_interval * self._push_pull_scale()
+            self._push_pull_with_random_member(out)
+        if now >= self._next_reconnect:
+            self._next_reconnect = now + cfg.reconnect_interval
+            self._push_pull_with_dead_member(now, out)
+        if now >= self._next_join:
+            self._send_joins(now, out)
+
+    # --- received messages (one handler per message type, see _HANDLERS) -------------------
+
+    def _apply_piggyback(
+        self, msg: Ping | Ack | PingReq | Gossip, now: float, out: list[SwimMessage]
+    ) -> None:
+        # Before the message itself, so that a refutation rides on our reply.
+        missed = False
+        for u in msg.updates:
+            missed |= self._apply(u, now)
+        if missed:
+            # The sender knows a member we never heard of: we missed its Alive.
+            self._push_pull_with_differing_view(msg.src, now, out)
+
+    def _handle_ping(self, msg: Ping, now: float, out: list[SwimMessage]) -> None:
+        self._apply_piggyback(msg, now, out)
+        if msg.target != self.node_id:
+            return  # meant for a node that had this address before us
+        out.append(Ack(self.addr, msg.src, msg.seq, self.node_id, self._self.incarnation, self._piggyback()))
+        self._check_prober(msg, now, out)
+
+    def _handle_ack(self, msg: Ack, now: float, out: list[SwimMessage]) -> None:
+        self._apply_piggyback(msg, now, out)
+        m = self._members.get(msg.responder)
+        if m is not None and msg.incarnation > m.incarnation:
+            self._on_alive(Alive(m.node, m.addr, msg.incarnation), now)
+        probe = self._probe
+        if probe is not None and msg.seq == probe.seq and msg.responder == probe.target:
+            self._probe = None
+            self._awareness.apply_delta(-1)
+            return
+        relay = self._relays.pop(msg.seq, None)
+        if relay is not None:
+            out.append(
+                Ack(self.addr, relay.requester_addr, relay.requester_seq, msg.responder, msg.incarnation)
+            )
+
+    def _handle_ping_req(self, msg: PingReq, now: float, out: list[SwimMessage]) -> None:
+        self._apply_piggyback(msg, now, out)
+        if msg.target == self.node_id or self._leaving:
+            return
+        seq = self._next_seq()
+        self._relays[seq] = Relay(msg.src, msg.seq, now + self.config.probe_timeout)
+        out.append(Ping(self.addr, msg.target_addr, seq, msg.target, self.node_id, self._piggyback()))
+
+    def _handle_nack(self, msg: Nack, now: float, out: list[SwimMessage]) -> None:
+        if self._probe is not None and msg.seq == self._probe.seq:
+            self._probe.nacks += 1
+
+    def _handle_gossip(self, msg: Gossip, now: float, out: list[SwimMessage]) -> None:
+        self._apply_piggyback(msg, now, out)
+
+    def _handle_join(self, msg: Join, now: float, out: list[SwimMessage]) -> None:
+        self._merge(msg.members, msg.node, now)
+        out.append(JoinReply(self.addr, msg.src, self.node_id, self._records()))
+
+    def _handle_join_reply(self, msg: JoinReply, now: float, out: list[SwimMessage]) -> None:
+        self._merge(msg.members, msg.node, now)
+        if not self._join_pending:
+            return
+        self._join_pending = False
+        self._next_join = math.inf
+        # The seed may not yet know members that are joining at the same
+        # time; one early push-pull with a random member catches them.
+        early = now + self._rng.uniform(1.0, 3.0) * self.config.probe_interval
+        self._next_push_pull = min(self._next_push_pull, early)
+        self._log.info("membership.joined", member=msg.node, addr=msg.src, members=self._n_live)
+
+    def _handle_push_pull(self, msg: PushPull, now: float, out: list[SwimMessage]) -> None:
+        self._merge(msg.members, msg.node, now)
+        if not msg.reply:
+            out.append(PushPull(self.addr, msg.src, self.node_id, self._records(), reply=True))
+
+    _HANDLERS: ClassVar[dict[type, _Handler]] = {
+        Ping: _handle_ping,
+        Ack: _handle_ack,
+        PingReq: _handle_ping_req,
+        Nack: _handle_nack,
+        Gossip: _handle_gossip,
+        Join: _handle_join,
+        JoinReply: _handle_join_reply,
+        PushPull: _handle_push_pull,
+    }
 
     # --- probing ---------------------------------------------------------------------------
 
@@ -685,44 +505,28 @@ class Membership:
         self._seq += 1
         return self._seq
 
-    def _next_probe_target(self) -> _Member | None:
-        members = self._members
-        for _ in range(len(self._probe_order) + 2):
-            if self._probe_idx >= len(self._probe_order):
-                self._probe_order = [k for k, m in members.items() if m.state in _LIVE and k != self.node_id]
-                self._rng.shuffle(self._probe_order)
-                self._probe_idx = 0
-                if not self._probe_order:
-                    return None
-            m = members.get(self._probe_order[self._probe_idx])
-            self._probe_idx += 1
-            if m is not None and m.state in _LIVE and m is not self._self:
-                return m
-        return None
-
-    def _start_probe(self, now: float, out: list[Send]) -> None:
-        target = self._next_probe_target()
+    def _start_probe(self, now: float, out: list[SwimMessage]) -> None:
+        target = self._ring.next_target(self._members, self.node_id, self._rng)
         if target is None:
             return
-        scale = self._awareness + 1
         seq = self._next_seq()
-        self._probe = _Probe(
+        self._probe = Probe(
             seq,
             target.node,
-            indirect_at=now + self.config.probe_timeout * scale,
-            deadline=now + self.config.probe_interval * scale,
+            indirect_at=now + self._awareness.scale(self.config.probe_timeout),
+            deadline=now + self._awareness.scale(self.config.probe_interval),
         )
         updates = self._piggyback()
         if target.state == SUSPECT:
             # Lifeguard's buddy system: tell a suspect it is suspected so it can refute
-            # now; its Ack then carries the new incarnation and clears the suspicion.
+            # at once; its Ack then carries the new incarnation and clears the suspicion.
             updates = (Suspect(target.node, target.incarnation, self.node_id),) + updates
         out.append(Ping(self.addr, target.addr, seq, target.node, self.node_id, updates))
 
-    def _send_indirect(self, probe: _Probe, out: list[Send]) -> None:
+    def _send_indirect(self, probe: Probe, out: list[SwimMessage]) -> None:
         probe.indirect_sent = True
         target = self._members.get(probe.target)
-        if target is None or target.state not in _LIVE:
+        if target is None or target.state not in LIVE_STATES:
             return
         helpers = [
             m
@@ -735,24 +539,21 @@ class Membership:
         for h in chosen:
             out.append(PingReq(self.addr, h.addr, probe.seq, target.node, target.addr, self._piggyback()))
 
-    def _probe_failed(self, probe: _Probe, now: float) -> None:
+    def _probe_failed(self, probe: Probe, now: float) -> None:
         self._probe = None
         # Lifeguard: helpers that did not even nack suggest our own links are bad.
         if probe.expected_nacks > 0:
-            self._adjust_awareness(probe.expected_nacks - probe.nacks)
+            self._awareness.apply_delta(probe.expected_nacks - probe.nacks)
         else:
-            self._adjust_awareness(1)
+            self._awareness.apply_delta(1)
         m = self._members.get(probe.target)
-        if m is not None and m.state in _LIVE:
+        if m is not None and m.state in LIVE_STATES:
             self._on_suspect(Suspect(m.node, m.incarnation, self.node_id), now)
-
-    def _adjust_awareness(self, delta: int) -> None:
-        self._awareness = min(max(self._awareness + delta, 0), self.config.awareness_max_multiplier - 1)
 
     # --- gossip, push-pull, join -----------------------------------------------------------
 
     def _broadcast(self, u: Update) -> None:
-        self._queue.push(u.node, u, _update_size(u))
+        self._queue.push(u.node, u, encoded_size(u))
         if len(self._queue) > self.config.max_queued_broadcasts:
             self._queue.prune(self.config.max_queued_broadcasts)
 
@@ -761,12 +562,13 @@ class Membership:
             return ()
         return tuple(self._queue.take(self._n_live, self.config.max_message_bytes, overhead=2))
 
-    def _gossip_round(self, now: float, out: list[Send]) -> None:
+    def _gossip_round(self, now: float, out: list[SwimMessage]) -> None:
         dead_cut = now - self.config.gossip_to_dead_time
         cands = [
             m
             for k, m in self._members.items()
-            if k != self.node_id and (m.state in _LIVE or (m.state == DEAD and m.state_change >= dead_cut))
+            if k != self.node_id
+            and (m.state in LIVE_STATES or (m.state == DEAD and m.state_change >= dead_cut))
         ]
         k = min(self.config.gossip_nodes, len(cands))
         for m in self._rng.sample(cands, k) if k else ():
@@ -780,15 +582,20 @@ class Membership:
         n = self._n_live
         return 1.0 if n <= 32 else math.ceil(math.log2(n) - math.log2(32)) + 1.0
 
-    def _push_pull(self, now: float, out: list[Send], dead: bool) -> None:
-        if not dead:
-            cands = [m for k, m in self._members.items() if m.state == ALIVE and k != self.node_id]
-            if cands:
-                m = self._rng.choice(cands)
-                out.append(PushPull(self.addr, m.addr, self.node_id, self._records()))
-            return
-        # Reconnect: the dead member we tried least recently, so that with d dead
-        # members each one is retried every d reconnect intervals.
+    def _push_pull_with_random_member(self, out: list[SwimMessage]) -> None:
+        """Periodic anti-entropy with one random alive member."""
+        cands = [m for k, m in self._members.items() if m.state == ALIVE and k != self.node_id]
+        if cands:
+            m = self._rng.choice(cands)
+            out.append(PushPull(self.addr, m.addr, self.node_id, self._records()))
+
+    def _push_pull_with_dead_member(self, now: float, out: list[SwimMessage]) -> None:
+        """Reconnect: push-pull with the dead member we tried least recently.
+
+        With d dead members each one is retried every d reconnect intervals;
+        a dead member that is in fact alive behind a healed partition gets
+        our view and refutes.
+        """
         tried = self._reconnect_tried
         dead_members = [m for m in self._members.values() if m.state == DEAD]
         for k in [k for k in tried if k not in self._members or self._members[k].state != DEAD]:
@@ -798,7 +605,7 @@ class Membership:
             tried[m.node] = now
             out.append(PushPull(self.addr, m.addr, self.node_id, self._records()))
 
-    def _check_prober(self, ping: Ping, now: float, out: list[Send]) -> None:
+    def _check_prober(self, ping: Ping, now: float, out: list[SwimMessage]) -> None:
         """A member that probes us but that we do not know (or think dead) has a
         view that differs from ours: push-pull with it right away instead of
         waiting for periodic anti-entropy. This repairs a joiner that missed
@@ -806,22 +613,22 @@ class Membership:
         own death certificate, within one probe cycle."""
         m = self._members.get(ping.source)
         if (m is None or m.state == DEAD) and ping.source != self.node_id:
-            self._push_pull_with(ping.src, now, out)
+            self._push_pull_with_differing_view(ping.src, now, out)
 
-    def _push_pull_with(self, addr: str, now: float, out: list[Send]) -> None:
+    def _push_pull_with_differing_view(self, addr: str, now: float, out: list[SwimMessage]) -> None:
         """Targeted anti-entropy with ``addr``, at most once per ``push_pull_backoff``."""
-        last = self._pp_unknown.get(addr)
+        last = self._differing_push_pull.get(addr)
         if self._leaving or addr == self.addr:
             return
         if last is not None and now - last < self.config.push_pull_backoff:
             return
-        self._pp_unknown[addr] = now
+        self._differing_push_pull[addr] = now
         out.append(PushPull(self.addr, addr, self.node_id, self._records()))
 
     def _records(self) -> tuple[MemberRecord, ...]:
         return tuple(m.record() for m in self._members.values())
 
-    def _send_joins(self, now: float, out: list[Send]) -> None:
+    def _send_joins(self, now: float, out: list[SwimMessage]) -> None:
         self._next_join = now + self.config.join_retry_interval
         k = min(self.config.join_fanout, len(self._seeds))
         records = self._records()
@@ -842,19 +649,26 @@ class Membership:
 
     # --- state transitions -----------------------------------------------------------------
 
-    def _apply(self, u: Update, now: float) -> None:
+    def _apply(self, u: Update, now: float) -> bool:
+        """Apply one gossiped update.
+
+        Returns True when it accuses (Suspect, Dead) a member we never heard
+        of: we missed that member's Alive. Alive adds an unknown member, and a
+        Leave of one needs no repair, so those return False.
+        """
         if isinstance(u, Alive):
             self._on_alive(u, now)
-        elif isinstance(u, Suspect):
-            self._on_suspect(u, now)
-        elif isinstance(u, Dead):
-            self._on_dead(u, now)
-        else:
-            self._on_leave(u, now)
+            return False
+        if isinstance(u, Suspect):
+            return self._on_suspect(u, now)
+        if isinstance(u, Dead):
+            return self._on_dead(u, now)
+        self._on_leave(u, now)
+        return False
 
     def _set_state(self, m: _Member, state: str, now: float) -> None:
-        was_live = m.state in _LIVE
-        is_live = state in _LIVE
+        was_live = m.state in LIVE_STATES
+        is_live = state in LIVE_STATES
         if was_live != is_live:
             self._n_live += 1 if is_live else -1
         if state != m.state:
@@ -866,7 +680,7 @@ class Membership:
     def _event(self, kind: str, m: _Member, now: float) -> None:
         self._events.append(MemberEvent(kind, m.node, m.addr, m.incarnation, now))
 
-    def _refute(self, accused_incarnation: int, now: float) -> None:
+    def _refute(self, accused_incarnation: int) -> None:
         me = self._self
         me.incarnation = max(me.incarnation, accused_incarnation) + 1
         self._broadcast(Alive(self.node_id, self.addr, me.incarnation))
@@ -876,19 +690,11 @@ class Membership:
         if a.node == self.node_id:
             # Someone knows a newer incarnation of us: we restarted and lost it.
             if a.incarnation > self._self.incarnation and not self._leaving:
-                self._refute(a.incarnation, now)
+                self._refute(a.incarnation)
             return
         m = self._members.get(a.node)
         if m is None:
-            m = _Member(a.node, a.addr, a.incarnation, DEAD, now)  # DEAD: _set_state counts it live
-            self._members[a.node] = m
-            self._set_state(m, ALIVE, now)
-            # Random position in the probe cycle keeps the detection bound low.
-            pos = self._rng.randint(self._probe_idx, len(self._probe_order))
-            self._probe_order.insert(pos, a.node)
-            self._event("joined", m, now)
-            self._log.info("membership.member_joined", member=a.node, addr=a.addr, incarnation=a.incarnation)
-            self._broadcast(a)
+            self._add_member(a, now)
             return
         if a.incarnation <= m.incarnation:
             return
@@ -903,26 +709,35 @@ class Membership:
             self._event("alive", m, now)
         self._broadcast(a)
 
-    def _on_suspect(self, s: Suspect, now: float) -> None:
+    def _add_member(self, a: Alive, now: float) -> None:
+        m = _Member(a.node, a.addr, a.incarnation, DEAD, now)  # DEAD, so that _set_state counts it live
+        self._members[a.node] = m
+        self._set_state(m, ALIVE, now)
+        self._ring.insert(a.node, self._rng)
+        self._event("joined", m, now)
+        self._log.info("membership.member_joined", member=a.node, addr=a.addr, incarnation=a.incarnation)
+        self._broadcast(a)
+
+    def _on_suspect(self, s: Suspect, now: float) -> bool:
+        """Apply a suspicion; True when it names a member we do not know."""
         if s.node == self.node_id:
             if s.incarnation >= self._self.incarnation and not self._leaving:
-                self._refute(s.incarnation, now)
-                self._adjust_awareness(1)
-            return
+                self._refute(s.incarnation)
+                self._awareness.apply_delta(1)  # Lifeguard: being suspected hints that we are slow
+            return False
         m = self._members.get(s.node)
         if m is None:
-            self._heard_unknown = True
-            return
+            return True
         if s.incarnation < m.incarnation:
-            return
+            return False
         susp = self._suspicions.get(s.node)
         if susp is not None:
             m.incarnation = s.incarnation
             if susp.confirm(s.accuser):
                 self._broadcast(s)  # pass the confirmation on so others speed up too
-            return
+            return False
         if m.state != ALIVE:
-            return
+            return False
         m.incarnation = s.incarnation
         self._set_state(m, SUSPECT, now)
         cfg = self.config
@@ -932,28 +747,30 @@ class Membership:
         self._suspicions[s.node] = Suspicion(s.accuser, k, lo, hi, now)
         self._event("suspect", m, now)
         self._broadcast(s)
+        return False
 
-    def _on_dead(self, d: Dead, now: float) -> None:
+    def _on_dead(self, d: Dead, now: float) -> bool:
+        """Apply a death; True when it names a member we do not know."""
         if d.node == self.node_id:
             if d.incarnation >= self._self.incarnation and not self._leaving:
-                self._refute(d.incarnation, now)
-            return
+                self._refute(d.incarnation)
+            return False
         m = self._members.get(d.node)
         if m is None:
-            self._heard_unknown = True
-            return
+            return True
         if d.incarnation < m.incarnation or m.state in (DEAD, LEFT):
-            return
+            return False
         m.incarnation = d.incarnation
         self._set_state(m, DEAD, now)
         self._event("dead", m, now)
         self._log.info("membership.member_dead", member=d.node, incarnation=d.incarnation, accuser=d.accuser)
         self._broadcast(d)
+        return False
 
     def _on_leave(self, lv: Leave, now: float) -> None:
         if lv.node == self.node_id:
             if lv.incarnation >= self._self.incarnation and not self._leaving:
-                self._refute(lv.incarnation, now)
+                self._refute(lv.incarnation)
             return
         m = self._members.get(lv.node)
         if m is None or lv.incarnation < m.incarnation or m.state == LEFT:
@@ -965,9 +782,9 @@ class Membership:
         self._broadcast(lv)
 
     def _reap(self, now: float) -> None:
-        if self._pp_unknown:
+        if self._differing_push_pull:
             old = now - self.config.push_pull_backoff
-            self._pp_unknown = {a: t for a, t in self._pp_unknown.items() if t > old}
+            self._differing_push_pull = {a: t for a, t in self._differing_push_pull.items() if t > old}
         cut = now - self.config.dead_reclaim_time
         gone = [
             k

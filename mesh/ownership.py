@@ -2,7 +2,7 @@
 
 Every node computes the owner of an engine from the same inputs -- the engine
 id and the set of live member ids -- so all nodes that agree on membership
-agree on the owner without exchanging a message (design.md decision 2).
+agree on the owner without exchanging a message.
 
 Rendezvous hashing scores every (engine, member) pair with a 64-bit hash and
 picks the member with the highest score. When a member leaves, only the
@@ -19,12 +19,13 @@ depends on iteration order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import xxhash
 
-__all__ = ["OwnershipChange", "owner_of", "owners", "ownership_change", "score"]
+__all__ = ["OwnershipPlan", "OwnershipTracker", "owner_of", "owners", "score"]
 
 _xxh3 = xxhash.xxh3_64_intdigest
 _TAG = b"kvmesh.owner.v1"
@@ -56,28 +57,59 @@ def owners(engine_ids: Iterable[str], live_ids: Iterable[str]) -> dict[str, str 
     return {e: owner_of(e, live) for e in sorted(set(engine_ids))}
 
 
+class OwnershipTracker:
+    """The engines this node owns, and when it may take one back.
+
+    Ownership follows rendezvous hashing over the live members, checked when
+    membership, the registry or readiness changes (and periodically). A node
+    fenced out of an engine's log (a higher epoch appeared: another node took
+    it) gives it up at once; if rendezvous still names it, it re-takes the
+    engine only after ``retake_backoff`` seconds, so two nodes with different
+    views of membership do not hand an engine back and forth at gossip speed.
+    """
+
+    def __init__(self, me: str, retake_backoff: float) -> None:
+        self.me = me
+        self.retake_backoff = retake_backoff
+        self.owned: set[str] = set()
+        self._retake_after: dict[str, float] = {}
+
+    def plan(self, engines: Iterable[str], live: Iterable[str], now: float) -> OwnershipPlan:
+        """What to take and release so that this node owns exactly its share."""
+        registered = sorted(set(engines))
+        take: list[str] = []
+        release: list[tuple[str, str]] = []
+        for e, owner in owners(registered, live).items():
+            if owner == self.me and e not in self.owned:
+                if now >= self._retake_after.get(e, -math.inf):
+                    take.append(e)  # else: retried by the periodic check
+            elif owner != self.me and e in self.owned:
+                release.append((e, "rendezvous moved it"))
+        release += [(e, "not registered") for e in sorted(self.owned - set(registered))]
+        return OwnershipPlan(tuple(take), tuple(release))
+
+    def taken(self, engine_id: str) -> None:
+        self.owned.add(engine_id)
+        self._retake_after.pop(engine_id, None)
+
+    def released(self, engine_id: str) -> None:
+        self.owned.discard(engine_id)
+
+    def fenced(self, engine_id: str, now: float) -> bool:
+        """Another node took ``engine_id``: stop owning it, re-take no sooner
+        than ``retake_backoff`` from now. False if it was not ours."""
+        if engine_id not in self.owned:
+            return False
+        self.owned.discard(engine_id)
+        self._retake_after[engine_id] = now + self.retake_backoff
+        return True
+
+    def expire(self, now: float) -> None:
+        if self._retake_after:
+            self._retake_after = {e: t for e, t in self._retake_after.items() if t > now}
+
+
 @dataclass(frozen=True, slots=True)
-class OwnershipChange:
-    gained: tuple[str, ...]  # engines ``me`` owns after but not before (sorted)
-    lost: tuple[str, ...]  # engines ``me`` owned before but not after (sorted)
-
-
-def ownership_change(
-    me: str,
-    engine_ids: Iterable[str],
-    live_before: Iterable[str],
-    live_after: Iterable[str],
-) -> OwnershipChange:
-    """Which of ``engine_ids`` node ``me`` gains and loses when the live set changes."""
-    engines = sorted(set(engine_ids))
-    before = sorted(set(live_before))
-    after = sorted(set(live_after))
-    gained, lost = [], []
-    for e in engines:
-        was = owner_of(e, before) == me
-        now = owner_of(e, after) == me
-        if now and not was:
-            gained.append(e)
-        elif was and not now:
-            lost.append(e)
-    return OwnershipChange(tuple(gained), tuple(lost))
+class OwnershipPlan:
+    take: tuple[str, ...]  # engines to take, sorted
+    release: tuple[tuple[str, str], ...]  # (engine, why) to release, sorted

@@ -2,7 +2,7 @@
 
 Choice: a pycrdt ``Map`` in one document shared by all nodes (every node may
 register or deregister, each with its own random client id). Engines are few
-and change rarely, so the Map's costs (a tombstone of ~23 B per overwrite or
+and change rarely, so the Map's costs (a small tombstone per overwrite or
 delete) stay negligible, and we get causal, state-vector based anti-entropy
 for free -- the same machinery as the engine logs. Concurrent writes of one
 key resolve deterministically (yrs orders them by client id); a register
@@ -24,7 +24,7 @@ import structlog
 log = structlog.get_logger(__name__)
 
 # Fields with a known meaning; others are carried through untouched.
-_INT_FIELDS = ("block_size", "dp_size")
+_INT_FIELDS = ("block_size", "data_parallel_size")
 
 
 class RegistryError(ValueError):
@@ -43,7 +43,8 @@ def validate_spec(engine_id: str, spec: dict[str, Any]) -> dict[str, Any]:
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise RegistryError(f"spec of {engine_id!r}: {f} must be a positive int, got {v!r}")
     try:
-        return msgspec.json.decode(msgspec.json.encode(spec))
+        clean: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(spec), type=dict[str, Any])
+        return clean
     except (TypeError, msgspec.EncodeError) as e:
         raise RegistryError(f"spec of {engine_id!r} is not JSON-serialisable: {e}") from None
 
@@ -52,8 +53,8 @@ class Registry:
     """The replicated engine registry of one node."""
 
     def __init__(self, client_id: int) -> None:
-        self.doc = pycrdt.Doc(client_id=client_id)
-        self._map: pycrdt.Map = self.doc.get("engines", type=pycrdt.Map)
+        self.doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=client_id)
+        self._map: pycrdt.Map[str] = self.doc.get("engines", type=pycrdt.Map)
         self._updates: list[bytes] = []
         self.doc.observe(self._on_txn)
         self.version = 0  # bumped on every visible change (for pollers)
@@ -73,7 +74,7 @@ class Registry:
         self._updates.clear()
         self._map[engine_id] = msgspec.json.encode(clean).decode()
         self.version += 1
-        log.info("engine_registered", engine=engine_id)
+        log.info("mesh.engine_registered", engine=engine_id)
         return self._take_update()
 
     def deregister(self, engine_id: str) -> bytes | None:
@@ -83,7 +84,7 @@ class Registry:
         self._updates.clear()
         del self._map[engine_id]
         self.version += 1
-        log.info("engine_deregistered", engine=engine_id)
+        log.info("mesh.engine_deregistered", engine=engine_id)
         return self._take_update()
 
     def apply(self, update: bytes) -> tuple[set[str], set[str]]:
@@ -119,7 +120,7 @@ class Registry:
         try:
             spec = msgspec.json.decode(raw)
         except (TypeError, msgspec.DecodeError):
-            log.error("registry_value_unreadable", engine=engine_id)
+            log.error("mesh.registry_value_unreadable", engine=engine_id)
             return None
         return spec if isinstance(spec, dict) else None
 

@@ -2,27 +2,31 @@
 
 Holds the engine registry, every engine's log (the owner side for engines this
 node owns, the replica side for all), the load slots and the route hints.
-Everything that leaves or enters is a msgspec struct (:class:`Delta`,
-:class:`Summary`); the gRPC shell wraps their bytes (``encode``/``decode``).
+Everything that leaves or enters is a payload of :mod:`mesh.state_messages`
+(:class:`Delta`, :class:`Summary`).
 
 * ``local_deltas(engine_id, deltas)`` (owner only) appends one log entry and
   returns the :class:`Delta` to gossip (with a compaction epoch if one was
   due). The caller applies the same deltas to its own index.
-* ``apply_remote(delta, now)`` merges anything received and returns, in order,
-  the ``KvDelta``s the local index must apply (an epoch switch arrives as
-  CLEARs plus the new snapshot, see ``mesh/engine_log.py``).
+* ``apply_remote(delta, now)`` merges anything received and says what it
+  changed (:class:`Applied`): the ``KvDelta``s the local index must apply, in
+  order (an epoch switch arrives as CLEARs plus the new snapshot, see
+  :mod:`mesh.engine_log.replica`), and the part of the input that was new
+  here, measured exactly (the pycrdt diff of each document before and after),
+  which is what a node forwards: duplicates and echoes never are, and an
+  out-of-order update is forwarded once it becomes integrable.
 * Anti-entropy: ``summary()`` (per engine epoch + pycrdt state vector, registry
-  state vector, slot versions); ``diff(remote_summary, now)`` returns what the
+  state vector, slot versions); ``diff(remote_summary)`` returns what the
   remote lacks. Two nodes that exchange summaries and apply each other's diffs
   converge; ``full_state(now)`` is the diff against nothing, for a joiner.
 * Ownership: ``take_ownership(engine_id, now)`` starts term + 1 from this
   node's materialised view and returns the resume sequence and the engine
-  hash -> router hash mapping per worker (``Takeover``); a
-  node that learns of a higher epoch of an engine it owns stops owning it
-  (``take_lost_ownership()`` tells the shell to stop that engine's adapter).
+  hash -> router hash mapping per worker (``Takeover``); a node that learns
+  of a higher epoch of an engine it owns stops owning it
+  (``take_lost_ownership()`` tells the caller to stop that engine's adapter).
 * ``drop_node(node_id, now)`` removes a dead or departed node's load slot.
 
-What the shell must do (ownership is decided outside, by rendezvous hashing
+What the caller must do (ownership is decided outside, by rendezvous hashing
 over live members): apply the seed's ``full_state`` before taking ownership
 of anything (a node that knows no epoch starts at term 1 and is fenced at
 once); on ``take_lost_ownership()`` stop that engine's adapter and, if
@@ -30,149 +34,58 @@ membership still says this node owns it, ``take_ownership`` again (two nodes
 handed the same engine before hearing of each other pick the same term; the
 higher node id wins the tie and the other re-takes at term + 1); after
 ``take_ownership`` start the adapter at the returned resume points, with one
-``BlockMapper.from_pairs(model, worker, takeover.mappings[worker])`` per worker
-(a mapper started empty could not map removals of, or stores chained to,
-blocks stored before the handover).
+``BlockMapper`` per worker restored from ``takeover.mappings[worker]`` (a
+mapper started empty could not map removals of, or stores chained to, blocks
+stored before the handover).
 
 Route hints are pushed only (``add_hint`` -> Delta) and handed to joiners; they
-are not part of the summary: they live ~2 s, less than an anti-entropy round
-is worth.
+are not part of the summary: they live for less time than an anti-entropy
+round is worth.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from typing import Any, Union
+from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
-import pycrdt
 import structlog
 
 from blocks.block_map import BlockMap
-from blocks.delta import KvDelta
-from mesh.engine_log import (
-    CLIENT_ID_BITS,
-    CompactionPolicy,
-    EngineLogOwner,
-    EngineLogReplica,
-    Epoch,
-    LogError,
-    NotOwnerError,
-    empty_update,
-)
-from mesh.hints import Hint, HintStore
-from mesh.load_slots import EngineLoad, LoadSlots, Slot
+from blocks.delta import EngineHash, KvDelta
+from blocks.workers import DP_SEPARATOR
+from mesh.engine_log.entry import LogError, NotOwnerError
+from mesh.engine_log.epoch import CLIENT_ID_BITS, Epoch, EpochDoc, empty_update
+from mesh.engine_log.owner import CompactionPolicy, EngineLogOwner
+from mesh.engine_log.replica import EngineLogReplica
+from mesh.hints import HintStore
+from mesh.load_slots import LoadSlots
 from mesh.registry import Registry, RegistryError
+from mesh.state_messages import Delta, EngineSummary, LogUpdate, Summary, merge_deltas
+
+__all__ = ["Applied", "MeshState", "Takeover"]
 
 log = structlog.get_logger(__name__)
 
-__all__ = [
-    "Delta",
-    "EngineSummary",
-    "LogUpdate",
-    "MeshState",
-    "MessageError",
-    "NotOwnerError",
-    "Summary",
-    "Takeover",
-    "decode",
-    "encode",
-    "merge_deltas",
-]
-
-
-class LogUpdate(msgspec.Struct, array_like=True, gc=False):
-    engine_id: str
-    epoch: Epoch
-    update: bytes  # pycrdt v1 update of that epoch's document
-
-
-class Delta(msgspec.Struct, tag="delta", kw_only=True, gc=False):
-    """Anything a node gossips: log updates, registry update, slots, hints."""
-
-    sender: str
-    logs: list[LogUpdate] = []
-    registry: bytes | None = None
-    slots: list[Slot] = []
-    hints: list[Hint] = []
-
-    def is_empty(self) -> bool:
-        return not (self.logs or self.registry or self.slots or self.hints)
-
-
-class EngineSummary(msgspec.Struct, array_like=True, gc=False):
-    engine_id: str
-    epoch: Epoch
-    state_vector: bytes
-
-
-class Summary(msgspec.Struct, tag="summary", kw_only=True, gc=False):
-    sender: str
-    engines: list[EngineSummary] = []
-    registry_sv: bytes = b"\x00"
-    slots: dict[str, int] = {}
-
 
 class Takeover(msgspec.Struct, gc=False):
+    """What a new owner of an engine starts from (``MeshState.take_ownership``)."""
+
     epoch: Epoch
     resume: dict[str, int]  # worker -> first engine sequence number to fetch
     message: Delta
-    # worker -> its live (engine hash, router hash) pairs: BlockMapper.from_pairs
-    mappings: dict[str, list[tuple[int | bytes, int]]] = {}
+    # worker -> its live (engine hash, router hash) pairs, to restore its BlockMapper
+    mappings: dict[str, list[tuple[EngineHash, int]]] = {}
 
 
-Message = Union[Delta, Summary]
+@dataclass
+class Applied:
+    """What one received Delta changed on this node."""
 
-_enc = msgspec.msgpack.Encoder()
-_dec = msgspec.msgpack.Decoder(Message)
-
-
-class MessageError(ValueError):
-    """Bytes that are not a mesh message."""
-
-
-def encode(msg: Message) -> bytes:
-    return _enc.encode(msg)
-
-
-def decode(raw: bytes) -> Message:
-    try:
-        return _dec.decode(raw)
-    except msgspec.DecodeError as e:
-        raise MessageError(f"malformed mesh message: {e}") from None
-
-
-def merge_deltas(sender: str, deltas: Iterable[Delta]) -> Delta:
-    """Coalesce several outgoing Deltas: one merged pycrdt update per epoch doc."""
-    by_doc: dict[tuple[str, Epoch], list[bytes]] = {}
-    regs: list[bytes] = []
-    slots: dict[str, Slot] = {}
-    hints: dict[tuple[str, int], Hint] = {}
-    for d in deltas:
-        for lu in d.logs:
-            by_doc.setdefault((lu.engine_id, lu.epoch), []).append(lu.update)
-        if d.registry:
-            regs.append(d.registry)
-        for s in d.slots:
-            if s.node_id not in slots or slots[s.node_id].version < s.version:
-                slots[s.node_id] = s
-        for h in d.hints:
-            hints[(h.origin, h.hid)] = h
-    logs = [
-        LogUpdate(e, ep, ups[0] if len(ups) == 1 else pycrdt.merge_updates(*ups))
-        for (e, ep), ups in by_doc.items()
-    ]
-    reg = None
-    if regs:
-        reg = regs[0] if len(regs) == 1 else pycrdt.merge_updates(*regs)
-    return Delta(
-        sender=sender,
-        logs=logs,
-        registry=reg,
-        slots=list(slots.values()),
-        hints=list(hints.values()),
-    )
+    index_changes: list[KvDelta] = field(default_factory=list)  # for the index, in order
+    new: Delta | None = None  # the parts that were new here (what to forward); None: nothing
 
 
 class MeshState:
@@ -182,15 +95,15 @@ class MeshState:
         self,
         node_id: str,
         now: float,
-        rng: random.Random | None = None,
+        rng: random.Random,
         *,
+        hint_ttl: float,
         compaction: CompactionPolicy | None = None,
-        hint_ttl: float = 2.0,
     ) -> None:
         if not node_id:
             raise ValueError("node_id must be non-empty")
         self.node_id = node_id
-        self.rng = rng or random.Random()
+        self.rng = rng
         self.policy = compaction or CompactionPolicy()
         self.registry = Registry(self._client_id())
         self.logs: dict[str, EngineLogReplica] = {}
@@ -240,7 +153,7 @@ class MeshState:
         epoch = Epoch(old.term, self.node_id, old.gen + 1, owner.new_doc_id())
         empty = {w: BlockMap(refs=False) for w in owner.live}
         update = owner.start_epoch(epoch, empty, dict(owner.replica.last_seq))
-        log.info("engine_log_retired", engine=engine_id, epoch=epoch)
+        log.info("engine_log.retired", engine=engine_id, node=self.node_id, epoch=epoch)
         return Delta(sender=self.node_id, logs=[LogUpdate(engine_id, epoch, update)])
 
     # -- engine logs: owner side ----------------------------------------------------
@@ -265,7 +178,7 @@ class MeshState:
         if engine_id in self._lost:
             self._lost.remove(engine_id)
         log.info(
-            "engine_ownership_taken",
+            "engine_log.ownership_taken",
             engine=engine_id,
             node=self.node_id,
             epoch=epoch,
@@ -285,11 +198,8 @@ class MeshState:
         self.owners.pop(engine_id, None)
 
     def owned_engines(self) -> list[str]:
+        """Engines whose log this node writes (and has not been fenced from)."""
         return [e for e, o in self.owners.items() if o.owns()]
-
-    def is_owner(self, engine_id: str) -> bool:
-        o = self.owners.get(engine_id)
-        return o is not None and o.owns()
 
     def local_deltas(self, engine_id: str, deltas: Iterable[KvDelta]) -> Delta:
         """Append the deltas of an owned engine as one entry; returns what to gossip.
@@ -317,7 +227,7 @@ class MeshState:
             self._lost.append(engine_id)
             rep = self.logs.get(engine_id)
             log.warning(
-                "engine_ownership_lost",
+                "engine_log.ownership_lost",
                 engine=engine_id,
                 node=self.node_id,
                 epoch=rep.known_epoch if rep else None,
@@ -331,15 +241,11 @@ class MeshState:
         return lost
 
     def take_outgoing(self) -> list[Delta]:
-        """Messages produced while applying remote state (drains)."""
+        """Deltas produced while applying remote state, to gossip (drains)."""
         out, self._outbox = self._outbox, []
         return out
 
     # -- engine logs: reading ----------------------------------------------------------
-    def materialise(self, engine_id: str) -> dict[str, set[int]]:
-        rep = self.logs.get(engine_id)
-        return rep.materialise() if rep else {}
-
     def resume_seqs(self, engine_id: str) -> dict[str, int]:
         rep = self.logs.get(engine_id)
         return rep.resume_seqs() if rep else {}
@@ -349,18 +255,11 @@ class MeshState:
         return rep.epoch if rep else None
 
     # -- load and hints -------------------------------------------------------------------
-    def add_load(self, engine_id: str, requests: int, tokens: int, now: float) -> Delta:
-        slot = self.slots.add_local(engine_id, requests, tokens, now)
-        return Delta(sender=self.node_id, slots=[slot])
-
-    def engine_load(self, engine_id: str) -> EngineLoad:
-        return self.slots.load(engine_id)
-
     def drop_node(self, node_id: str, now: float) -> bool:
         """A node left or died: its load no longer counts."""
         dropped = self.slots.drop(node_id, now)
         if dropped:
-            log.info("node_slot_dropped", node=node_id, by=self.node_id)
+            log.info("mesh.slot_dropped", node=self.node_id, member=node_id)
         return dropped
 
     def add_hint(self, worker: str, hashes: list[int], now: float) -> Delta:
@@ -374,47 +273,70 @@ class MeshState:
         self.slots.expire(now)
 
     # -- receiving ----------------------------------------------------------------------
-    def apply_remote(self, message: Delta | bytes, now: float) -> list[KvDelta]:
-        """Merge a received Delta; returns the index changes, in order.
+    def apply_remote(self, message: Delta, now: float) -> Applied:
+        """Merge a received Delta; say what changed (index changes, what was new).
 
-        A bad part (malformed update, unknown message) is logged and skipped;
+        A bad part (malformed update, bad engine id) is logged and skipped;
         the other parts still apply.
         """
-        if isinstance(message, (bytes, bytearray, memoryview)):
-            message = decode(bytes(message))  # MessageError for garbage
-        if not isinstance(message, Delta):
-            raise MessageError(f"expected a Delta, got {type(message).__name__}")
-        changes: list[KvDelta] = []
+        out = Applied()
+        new = Delta(sender=self.node_id)
         for lu in message.logs:
-            self._apply_log(lu, changes, message.sender)
+            fresh = self._apply_log(lu, out.index_changes, message.sender)
+            if fresh is not None:
+                new.logs.append(fresh)
         if message.registry:
-            try:
-                _, removed = self.registry.apply(message.registry)
-            except RegistryError as e:
-                log.warning("registry_update_rejected", sender=message.sender, error=str(e))
-            else:
-                for engine_id in removed:
-                    retired = self._retire(engine_id)
-                    if retired is not None:
-                        self._outbox.append(retired)
-        for s in message.slots:
-            self.slots.merge(s)
+            new.registry = self._apply_registry(message.registry, message.sender)
+        new.slots = [s for s in message.slots if self.slots.merge(s)]
         if message.hints:
-            self.hints.merge(message.hints, now)
-        return changes
+            new.hints = self.hints.merge(message.hints, now)
+        if not new.is_empty():
+            out.new = new
+        return out
 
-    def _apply_log(self, lu: LogUpdate, changes: list[KvDelta], sender: str) -> None:
-        if not lu.engine_id or "#dp" in lu.engine_id:
-            log.warning("log_update_bad_engine", engine=lu.engine_id, sender=sender)
-            return
+    def _apply_log(self, lu: LogUpdate, changes: list[KvDelta], sender: str) -> LogUpdate | None:
+        """Apply one log update; returns the part of it that was new here."""
+        if not lu.engine_id or DP_SEPARATOR in lu.engine_id:
+            log.warning("mesh.log_update_bad_engine", node=self.node_id, engine=lu.engine_id, member=sender)
+            return None
         rep = self._replica(lu.engine_id)
+        before = rep.doc_for(lu.epoch)
+        sv = before.state_vector() if before is not None else None
         try:
             changes.extend(rep.apply(lu.epoch, lu.update))
         except LogError as e:
-            log.warning("log_update_rejected", engine=lu.engine_id, sender=sender, error=str(e))
+            log.warning(
+                "mesh.log_update_rejected",
+                node=self.node_id,
+                engine=lu.engine_id,
+                member=sender,
+                error=str(e),
+            )
         owner = self.owners.get(lu.engine_id)
         if owner is not None and not owner.owns():
             self._note_lost(lu.engine_id)
+        after = rep.doc_for(lu.epoch)
+        if after is None:
+            return None  # fenced or rejected
+        if sv is None:
+            return lu  # a document new to this node: all of it was new
+        return _new_since(lu, after, sv)
+
+    def _apply_registry(self, update: bytes, sender: str) -> bytes | None:
+        """Apply a registry update; returns the part of it that was new here."""
+        sv = self.registry.state_vector()
+        try:
+            _, removed = self.registry.apply(update)
+        except RegistryError as e:
+            log.warning("mesh.registry_update_rejected", node=self.node_id, member=sender, error=str(e))
+            return None
+        for engine_id in removed:
+            retired = self._retire(engine_id)
+            if retired is not None:
+                self._outbox.append(retired)
+        if self.registry.state_vector() == sv:
+            return None
+        return self.registry.update_since(sv)
 
     # -- anti-entropy --------------------------------------------------------------------
     def summary(self) -> Summary:
@@ -430,32 +352,19 @@ class MeshState:
             slots=self.slots.versions(),
         )
 
-    def diff(self, remote: Summary, now: float) -> list[Delta]:
+    def diff(self, remote: Summary) -> list[Delta]:
         """What the node that sent ``remote`` lacks: one Delta per engine, one for the rest."""
         out: list[Delta] = []
         theirs = {es.engine_id: es for es in remote.engines}
         for e, rep in sorted(self.logs.items()):
-            logs = []
-            es = theirs.get(e)
-            for ed in (rep.current, rep.pending):
-                if ed is None or (es is not None and ed.epoch < es.epoch):
-                    continue
-                sv = es.state_vector if es is not None and es.epoch == ed.epoch else None
-                if sv is not None and sv == ed.state_vector():
-                    continue
-                try:
-                    upd = ed.update_since(sv)
-                except ValueError:  # their state vector is garbage: send it all
-                    upd = ed.update_since()
-                if not empty_update(upd):
-                    logs.append(LogUpdate(e, ed.epoch, upd))
+            logs = _log_diff(e, rep, theirs.get(e))
             if logs:
                 out.append(Delta(sender=self.node_id, logs=logs))
         rest = Delta(sender=self.node_id, slots=self.slots.newer_than(remote.slots))
         if remote.registry_sv != self.registry.state_vector():
             try:
                 upd = self.registry.update_since(remote.registry_sv)
-            except ValueError:
+            except ValueError:  # their state vector is garbage: send it all
                 upd = self.registry.update_since()
             if not empty_update(upd):
                 rest.registry = upd
@@ -481,3 +390,28 @@ class MeshState:
     def encoded_size(self) -> int:
         """Bytes of the full-state updates of all CRDT documents."""
         return sum(r.encoded_size() for r in self.logs.values()) + len(self.registry.update_since())
+
+
+def _new_since(lu: LogUpdate, doc: EpochDoc, sv: bytes) -> LogUpdate | None:
+    """The part of ``doc`` added since state vector ``sv`` (None if nothing)."""
+    if doc.state_vector() == sv:
+        return None
+    return LogUpdate(lu.engine_id, lu.epoch, doc.update_since(sv))
+
+
+def _log_diff(engine_id: str, rep: EngineLogReplica, theirs: EngineSummary | None) -> list[LogUpdate]:
+    """The updates of ``rep``'s documents that a node summarised by ``theirs`` lacks."""
+    logs = []
+    for ed in (rep.current, rep.pending):
+        if ed is None or (theirs is not None and ed.epoch < theirs.epoch):
+            continue
+        sv = theirs.state_vector if theirs is not None and theirs.epoch == ed.epoch else None
+        if sv is not None and sv == ed.state_vector():
+            continue
+        try:
+            upd = ed.update_since(sv)
+        except ValueError:  # their state vector is garbage: send it all
+            upd = ed.update_since()
+        if not empty_update(upd):
+            logs.append(LogUpdate(engine_id, ed.epoch, upd))
+    return logs

@@ -55,14 +55,14 @@ class _Servicer(pb_grpc.MeshServicer):
                 msg = from_envelope(env)
             except WireError as e:
                 rejected += 1
-                log.warning("mesh message rejected", node=self.t.addr, error=str(e))
+                log.warning("transport.message_rejected", node=self.t.addr, error=str(e))
                 continue
             accepted += 1
             try:
                 self.t.deliver(msg)
             except Exception:  # a bug in the core must not kill the server
                 rejected += 1
-                log.exception("mesh message handling failed", node=self.t.addr, kind=type(msg).__name__)
+                log.exception("transport.handling_failed", node=self.t.addr, kind=type(msg).__name__)
         self.t.stats.messages_received += accepted
         self.t.stats.rejected += rejected
         return pb.DeliverReply(accepted=accepted, rejected=rejected)
@@ -105,7 +105,7 @@ class MeshTransport:
             try:
                 env = to_envelope(m)
             except WireError:
-                log.exception("cannot encode mesh message", node=self.addr, kind=type(m).__name__)
+                log.exception("transport.encode_failed", node=self.addr, kind=type(m).__name__)
                 continue
             by_dst[m.dst].append(env)
         for dst, envs in by_dst.items():
@@ -129,10 +129,10 @@ class MeshTransport:
             await self._stub(dst).Deliver(batch, timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as e:
             self.stats.send_failures += 1
-            log.debug("mesh send failed", node=self.addr, dst=dst, code=e.code().name)
+            log.debug("transport.send_failed", node=self.addr, member=dst, code=e.code().name)
         except Exception:
             self.stats.send_failures += 1
-            log.exception("mesh send crashed", node=self.addr, dst=dst)
+            log.exception("transport.send_crashed", node=self.addr, member=dst)
         finally:
             self._inflight[dst] -= 1
 

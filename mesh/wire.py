@@ -1,10 +1,11 @@
 """Mapping between the pure mesh messages and their protobuf wire form.
 
-The pure cores (mesh/membership.py, mesh/core.py) speak frozen dataclasses;
-``proto/kvmesh/mesh/v1/mesh.proto`` declares the wire. Field names are the same
-on both sides, so the mapping is by name: scalars are copied, ``updates`` and
-``members`` are converted item by item. Anything malformed raises
-:class:`WireError` and the message is dropped; nothing half-decoded escapes.
+The pure cores speak frozen dataclasses (membership: ``mesh/swim_messages.py``;
+replicated state: ``mesh/state_messages.py``); ``proto/kvmesh/mesh/v1/mesh.proto``
+declares the wire. Field names are the same on both sides, so the mapping is
+by name: scalars are copied, ``updates`` and ``members`` are converted item
+by item. Anything malformed raises :class:`WireError` and the message is
+dropped; nothing half-decoded escapes.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from google.protobuf.message import DecodeError
-
 from kvmesh_pb.mesh.v1 import mesh_pb2 as pb
-from mesh import core as mcore
-from mesh import membership as mm
+from mesh import state_messages as sm
+from mesh import swim_messages as sw
 
 
 class WireError(ValueError):
@@ -25,21 +24,21 @@ class WireError(ValueError):
 
 # envelope oneof field name <-> message class
 _BODY: dict[str, type] = {
-    "ping": mm.Ping,
-    "ack": mm.Ack,
-    "ping_req": mm.PingReq,
-    "nack": mm.Nack,
-    "gossip": mm.Gossip,
-    "join": mm.Join,
-    "join_reply": mm.JoinReply,
-    "push_pull": mm.PushPull,
-    "state_push": mcore.StatePush,
-    "sync_request": mcore.SyncRequest,
-    "sync_reply": mcore.SyncReply,
+    "ping": sw.Ping,
+    "ack": sw.Ack,
+    "ping_req": sw.PingReq,
+    "nack": sw.Nack,
+    "gossip": sw.Gossip,
+    "join": sw.Join,
+    "join_reply": sw.JoinReply,
+    "push_pull": sw.PushPull,
+    "state_push": sm.StatePush,
+    "sync_request": sm.SyncRequest,
+    "sync_reply": sm.SyncReply,
 }
 _NAME_OF: dict[type, str] = {cls: name for name, cls in _BODY.items()}
 
-_UPDATE: dict[str, type] = {"alive": mm.Alive, "suspect": mm.Suspect, "dead": mm.Dead, "leave": mm.Leave}
+_UPDATE: dict[str, type] = {"alive": sw.Alive, "suspect": sw.Suspect, "dead": sw.Dead, "leave": sw.Leave}
 _UPDATE_NAME: dict[type, str] = {cls: name for name, cls in _UPDATE.items()}
 
 
@@ -61,12 +60,12 @@ def _update_from(p: pb.Update) -> Any:
     return cls(**{f.name: getattr(sub, f.name) for f in dataclasses.fields(cls)})
 
 
-def _member_pb(r: mm.MemberRecord) -> pb.MemberRecord:
+def _member_pb(r: sw.MemberRecord) -> pb.MemberRecord:
     return pb.MemberRecord(node=r.node, addr=r.addr, incarnation=r.incarnation, state=r.state)
 
 
-def _member_from(p: pb.MemberRecord) -> mm.MemberRecord:
-    return mm.MemberRecord(node=p.node, addr=p.addr, incarnation=p.incarnation, state=p.state)
+def _member_from(p: pb.MemberRecord) -> sw.MemberRecord:
+    return sw.MemberRecord(node=p.node, addr=p.addr, incarnation=p.incarnation, state=p.state)
 
 
 def to_envelope(msg: Any) -> pb.Envelope:
@@ -120,14 +119,3 @@ def from_envelope(env: pb.Envelope) -> Any:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise WireError(f"bad {name}: {e}") from None
-
-
-def encode_batch(msgs: list[Any]) -> bytes:
-    return pb.Batch(messages=[to_envelope(m) for m in msgs]).SerializeToString()
-
-
-def decode_batch(raw: bytes) -> pb.Batch:
-    try:
-        return pb.Batch.FromString(raw)
-    except DecodeError as e:
-        raise WireError(f"malformed batch: {e}") from None

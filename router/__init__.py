@@ -1,2 +1,2 @@
-"""Block hashing, the prefix index, load accounting, routing policies and the
-gRPC service of a router node."""
+"""A router node: the prefix index, load, routing policies, the request path,
+the mesh and adapter shells, and the gRPC service (see router/node.py)."""

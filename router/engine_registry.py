@@ -1,18 +1,26 @@
 """The engines a node routes to: their specs, health and per-engine counters.
 
 An engine is one OpenAI-compatible server; with data parallelism it holds
-several independent KV caches (workers ``engine#dp<r>``), each publishing its
-own event stream on port base + rank. Policies choose among workers.
+several independent KV caches (workers ``engine#dp<r>``, see
+``blocks.workers``), each publishing its own event stream on port base +
+rank. Policies choose among workers.
+
+:class:`EngineSpec` is what is registered (in the mesh's replicated registry,
+so every node learns every engine); :class:`EngineRecord` is one node's
+state of one engine (last health probe, circuit breaker, counters);
+:class:`EngineTable` is all of a node's records, with the lookups the request
+path needs (models served, block size of a model, engines of a model).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+from blocks.hashing import DEFAULT_BLOCK_SIZE
 from blocks.workers import worker_id
 from router.circuit_breaker import BreakerConfig, CircuitBreaker
-
-DEFAULT_BLOCK_SIZE = 16
 
 
 class EngineSpecError(ValueError):
@@ -67,7 +75,7 @@ class EngineSpec:
             "topic": "topic",
             "capacity_blocks": "capacity_blocks",
         }
-        fields: dict[str, object] = {}
+        fields: dict[str, Any] = {}  # str or int by key, checked by the constructor and validate()
         for part in filter(None, (p.strip() for p in text.split(","))):
             k, sep, v = part.partition("=")
             if not sep or k not in keys:
@@ -82,7 +90,7 @@ class EngineSpec:
                 fields[name] = v
         if "engine_id" not in fields or "endpoint" not in fields:
             raise EngineSpecError(f"engine {text!r} needs at least id= and url=")
-        return cls(**fields).validate()  # type: ignore[arg-type]
+        return cls(**fields).validate()
 
 
 @dataclass(slots=True)
@@ -90,9 +98,78 @@ class EngineRecord:
     spec: EngineSpec
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     healthy: bool = True  # last health probe
-    requests: int = 0
-    failures: int = 0
+    attempts: int = 0  # requests sent to it (one per attempt)
+    failures: int = 0  # attempts it failed (before or after the first token)
 
     @classmethod
     def new(cls, spec: EngineSpec, breaker: BreakerConfig | None = None) -> EngineRecord:
         return cls(spec=spec, breaker=CircuitBreaker(breaker))
+
+
+class EngineTable:
+    """This node's records of the registered engines, by engine id, in
+    registration order (the order candidates are listed in)."""
+
+    __slots__ = ("_breaker", "_records")
+
+    def __init__(self, breaker: BreakerConfig | None = None) -> None:
+        self._breaker = breaker
+        self._records: dict[str, EngineRecord] = {}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, engine_id: object) -> bool:
+        return engine_id in self._records
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._records)
+
+    def __getitem__(self, engine_id: str) -> EngineRecord:
+        return self._records[engine_id]
+
+    def get(self, engine_id: str) -> EngineRecord | None:
+        return self._records.get(engine_id)
+
+    def values(self) -> list[EngineRecord]:
+        return list(self._records.values())
+
+    def put(self, spec: EngineSpec) -> bool:
+        """Add an engine, or replace its record if its spec changed (health
+        and breaker start afresh). Returns whether anything changed."""
+        old = self._records.get(spec.engine_id)
+        if old is not None and old.spec == spec:
+            return False
+        self._records[spec.engine_id] = EngineRecord.new(spec, self._breaker)
+        return True
+
+    def pop(self, engine_id: str) -> EngineRecord | None:
+        return self._records.pop(engine_id, None)
+
+    def check_compatible(self, spec: EngineSpec) -> None:
+        """Engines of one model must share a block size: a prompt is hashed
+        once, in blocks of that size, before any engine is chosen."""
+        for other in self._records.values():
+            if (
+                other.spec.model == spec.model
+                and other.spec.block_size != spec.block_size
+                and other.spec.engine_id != spec.engine_id
+            ):
+                raise EngineSpecError(
+                    f"engine {spec.engine_id}: block_size {spec.block_size} differs from "
+                    f"{other.spec.engine_id}'s {other.spec.block_size} for model {spec.model}; "
+                    "engines of one model must share a block size"
+                )
+
+    def models(self) -> set[str]:
+        return {r.spec.model for r in self._records.values()}
+
+    def of_model(self, model: str) -> list[EngineRecord]:
+        return [r for r in self._records.values() if r.spec.model == model]
+
+    def block_size(self, model: str) -> int:
+        """The block size of ``model``'s engines (KeyError if none serves it)."""
+        for r in self._records.values():
+            if r.spec.model == model:
+                return r.spec.block_size
+        raise KeyError(model)

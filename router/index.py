@@ -32,10 +32,10 @@ _VALID_OPS = (OP_STORE, OP_REMOVE, OP_CLEAR)
 # At most this many candidates left: match counts each one's blocks in its
 # own set instead of walking the shared map. One set probe is cheaper than a
 # map probe (smaller table, no mask), but two workers already cost two probes
-# per block against one: measured, 1 is the break-even.
+# per block against one, so one is the break-even.
 _FEW = 1
 # Runs an iterator to its end in C, keeping nothing.
-_consume = deque(maxlen=0).extend
+_consume: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
 # Bound of PrefixIndex._canon (distinct holder sets kept canonical).
 _CANON_MAX = 1 << 16
 
@@ -227,7 +227,7 @@ class PrefixIndex:
                 self.remove(delta.worker, op.hashes)
             else:
                 n = self.clear_worker(delta.worker)
-                log.debug("index.worker_cleared", worker=delta.worker, seq=delta.seq, blocks=n)
+                log.debug("router.worker_cleared", worker=delta.worker, seq=delta.seq, blocks=n)
 
     # -- queries -----------------------------------------------------------
 
@@ -334,10 +334,11 @@ class _Cand:
         self.zeros = dict.fromkeys(names, 0)
         self.name_of = {b: w for w, b in zip(names, bits) if b}  # bit -> name
         # Position p of format(mask, fmt) (most significant bit first) -> the
-        # name of that slot (None for slots not among the candidates).
+        # name of that slot ("" for slots not among the candidates: their bit
+        # is never in a mask scatter is given, so "" is never selected).
         width = max(1, mask.bit_length())
         self.fmt = f"0{width}b"
-        self.by_pos = tuple(self.name_of.get(1 << (width - 1 - p)) for p in range(width))
+        self.by_pos = tuple(self.name_of.get(1 << (width - 1 - p), "") for p in range(width))
 
     def scatter(self, out: dict[str, int], mask: int, depth: int) -> None:
         """``out[w] = depth`` for every candidate ``w`` whose bit is in ``mask``."""

@@ -3,20 +3,20 @@ scrape time (a custom collector: nothing to keep in sync on the hot path)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-if TYPE_CHECKING:
-    from router.node import RouterNode
+from router.circuit_breaker import CLOSED
+from router.node import RouterNode
 
 
 class NodeCollector:
     def __init__(self, node: RouterNode) -> None:
         self.node = node
 
-    def collect(self):  # noqa: ANN201 - prometheus_client protocol
+    def collect(self) -> Iterator[Metric]:
         n, s = self.node, self.node.stats
         yield CounterMetricFamily("kvmesh_requests", "Generate requests received", value=s.requests_total)
         yield CounterMetricFamily(
@@ -39,17 +39,26 @@ class NodeCollector:
         inflight = GaugeMetricFamily("kvmesh_engine_in_flight", "in-flight requests", labels=["engine"])
         blocks = GaugeMetricFamily("kvmesh_engine_cached_blocks", "blocks indexed", labels=["engine"])
         up = GaugeMetricFamily("kvmesh_engine_up", "1 if healthy and circuit closed", labels=["engine"])
+        attempts = CounterMetricFamily(
+            "kvmesh_engine_attempts", "requests sent to the engine (each attempt)", labels=["engine"]
+        )
+        failures = CounterMetricFamily(
+            "kvmesh_engine_failures",
+            "attempts the engine failed (before or after the first token)",
+            labels=["engine"],
+        )
         for rec in n.engines.values():
             eid = rec.spec.engine_id
-            inflight.add_metric([eid], sum(n.load.in_flight(w) for w in rec.spec.workers))
+            # This node's own requests, not the mesh's: each node exports what it sent.
+            inflight.add_metric([eid], sum(n.load.local.in_flight(w) for w in rec.spec.workers))
             blocks.add_metric([eid], sum(n.index.blocks_of(w) for w in rec.spec.workers))
-            up.add_metric([eid], 1.0 if rec.healthy and rec.breaker.state == "closed" else 0.0)
-        yield inflight
-        yield blocks
-        yield up
+            up.add_metric([eid], 1.0 if rec.healthy and rec.breaker.state == CLOSED else 0.0)
+            attempts.add_metric([eid], rec.attempts)
+            failures.add_metric([eid], rec.failures)
+        yield from (inflight, blocks, up, attempts, failures)
 
 
-def start_metrics_server(node: RouterNode, port: int, addr: str = "127.0.0.1") -> None:
+def start_metrics_server(node: RouterNode, port: int, addr: str) -> None:
     registry = CollectorRegistry()
     registry.register(NodeCollector(node))
     start_http_server(port, addr=addr, registry=registry)

@@ -3,16 +3,16 @@
 Every policy is a small class with a ``name``, ``choose(req, candidates, now,
 rng) -> Decision`` and ``on_routed(req, worker, now)``. They are pure: the
 caller passes the time and a ``random.Random``; the index, the approximate
-tree and the load numbers are passed in, never fetched.
+tree, the mesh's route hints and the load numbers are passed in, never
+fetched.
 
-Contract for callers (the service): build candidates (see
-:func:`candidates_from`), call ``choose``, send the request, and once the
-request has actually gone to a worker (after any retry on another one) call
-``on_routed(req, worker, now)`` so policies that learn from routing
-(``cache_aware_approx``, ``precise`` with hints) record it.
+Contract for callers (the node): build candidates (see
+:func:`candidates_from`), call ``choose``, and once the request is really
+routed call ``on_routed(req, worker, now)`` so policies that learn from
+routing (``cache_aware_approx``) record it.
 
 Load is in-flight requests per worker, summed over the mesh
-(:class:`router.load.LoadView`); ``Candidate.load_tokens`` optionally carries
+(:class:`router.load.MeshLoad`); ``Candidate.load_tokens`` optionally carries
 the tokens of work in flight for the precise cost (the node counts a request's
 uncached prompt tokens until its first token, then one block of decode).
 
@@ -36,22 +36,18 @@ Defaults, and why:
   worker would have to do; ``load_blocks = in-flight tokens / block_size`` is
   the work queued ahead of it (uncached prompt tokens of requests before their
   first token, one block per decoding request). Dynamo's rule is the case
-  ``delay_weight = 0``: it minimises this request's own wait, so under load it
-  sends a request with a few dozen cached blocks to a less busy engine and
-  recomputes the prefix. But prefill on an engine also stalls every request in
-  flight there (chunked prefill shares each step with their decode), so the
-  ``(1 + delay_weight * in_flight)`` factor charges recomputation by the
-  requests it delays. On an idle fleet the cost is Dynamo's; near capacity a
-  cache hit is worth more than the queue difference. Measured with
-  ``kvmesh bench routing --workload chat,trace --systems precise
-  --router-arg=--policy-opt=precise.overlap_weight=W
-  --router-arg=--policy-opt=precise.delay_weight=K`` (2026-11-26, 8 engines;
-  hit rate / TTFT p90 ms): W=1 K=0 (Dynamo's) chat 0.862/257, trace
-  0.130/1467; W=4 K=0 chat 0.891/445, trace 0.168/827; W=1 K=0.5 chat
-  0.870/268, trace 0.180/519; W=2 K=0.5 chat 0.880/302, trace 0.187/598;
-  W=4 K=0.25 chat 0.889/363, trace 0.184/631. The defaults are the last: the
-  hit rate of SGLang's rule on chat at a lower TTFT, 95% of the ideal on the
-  trace.
+  ``overlap_weight = 1, delay_weight = 0``: it minimises this request's own
+  wait, so under load it sends a request with a few dozen cached blocks to a
+  less busy engine and recomputes the prefix. But prefill on an engine also
+  stalls every request in flight there (chunked prefill shares each step with
+  their decode), so the ``(1 + delay_weight * in_flight)`` factor charges
+  recomputation by the requests it delays. On an idle fleet the cost is
+  Dynamo's up to the weight; near capacity a cache hit is worth more than the
+  queue difference. ``overlap_weight=4, delay_weight=0.25`` came out of a sweep
+  of both weights on the chat and trace workloads: the cache hit rate of
+  SGLang's rule on chat at a lower TTFT, and most of the ideal hit rate on
+  the trace. The sweep (command, date, table) is in docs/benchmarks.md,
+  section Evidence for defaults.
 """
 
 from __future__ import annotations
@@ -59,13 +55,13 @@ from __future__ import annotations
 import random as _random
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import xxhash
 
+from blocks.hashing import DEFAULT_BLOCK_SIZE
 from router.approx_tree import ApproxTree
 from router.index import PrefixIndex
-from router.load import LoadView
 
 __all__ = [
     "POLICY_NAMES",
@@ -74,6 +70,7 @@ __all__ = [
     "CandidateScore",
     "ConsistentHash",
     "Decision",
+    "HintOverlap",
     "LeastLoad",
     "NoEngineAvailable",
     "Policy",
@@ -89,6 +86,11 @@ __all__ = [
 
 _xxh3 = xxhash.xxh3_64_intdigest
 
+# The mesh's route hints (``MeshCore.hint_overlap``): for a prompt's block
+# hashes at a time, per worker, how many leading blocks any node just routed
+# there (counted as cached until that engine's events arrive).
+HintOverlap: TypeAlias = Callable[[list[int], float], Mapping[str, int]]
+
 
 class NoEngineAvailable(Exception):
     """No healthy candidate to route to."""
@@ -100,7 +102,7 @@ class RouteRequest:
     block_hashes: list[int]  # router block hashes of the prompt's full blocks
     prompt_tokens: int
     session_key: str | None = None
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1:
@@ -137,11 +139,6 @@ class Decision:
     prompt_blocks: int = 0
     imbalanced: bool = False
 
-    @property
-    def chosen(self) -> str:
-        """Alias of ``worker`` (the chosen worker id)."""
-        return self.worker
-
     def explain(self) -> str:
         """Multi-line, human-readable account of the decision."""
         lines = [f"policy={self.policy} chosen={self.worker}: {self.reason}"]
@@ -173,22 +170,18 @@ class Policy(Protocol):
 
 def candidates_from(
     workers: Iterable[str],
-    load: LoadView | Mapping[str, float],
+    load: Mapping[str, float],
     unhealthy: Collection[str] = (),
     tokens: Mapping[str, float] | None = None,
 ) -> list[Candidate]:
-    """Candidates for ``workers`` with loads from a LoadView or a plain dict."""
-    if isinstance(load, LoadView):
-        req_load = load.snapshot()
-        tok_load: Mapping[str, float] | None = load.snapshot_tokens() if tokens is None else tokens
-    else:
-        req_load, tok_load = load, tokens
+    """Candidates for ``workers``, in that order, with their in-flight requests
+    (``load``) and, when given, tokens of work (``tokens``); absent workers are idle."""
     return [
         Candidate(
             worker=w,
-            load=float(req_load.get(w, 0.0)),
+            load=float(load.get(w, 0.0)),
             healthy=w not in unhealthy,
-            load_tokens=None if tok_load is None else float(tok_load.get(w, 0.0)),
+            load_tokens=None if tokens is None else float(tokens.get(w, 0.0)),
         )
         for w in workers
     ]
@@ -219,12 +212,15 @@ def _healthy(policy: str, candidates: Sequence[Candidate]) -> list[Candidate]:
     healthy = [c for c in candidates if c.healthy]
     if not healthy:
         raise NoEngineAvailable(
-            f"{policy}: none of {len(candidates)} candidates is healthy ({', '.join(c.worker for c in candidates)})"
+            f"{policy}: none of {len(candidates)} candidates is healthy "
+            f"({', '.join(c.worker for c in candidates)})"
         )
     return healthy
 
 
-def _pick_min(items: list[Candidate], key: Callable[[Candidate], tuple], rng: _random.Random) -> Candidate:
+def _pick_min(
+    items: list[Candidate], key: Callable[[Candidate], tuple[float, ...]], rng: _random.Random
+) -> Candidate:
     """Lowest key; exact ties broken by the seeded rng, never by position."""
     best = min(key(c) for c in items)
     ties = [c for c in items if key(c) == best]
@@ -505,10 +501,16 @@ class ApproxCacheAware(_Guarded):
         rate = best / n if n else 0.0
         if rate > self.cache_threshold:
             c = _pick_min(healthy, lambda c: (-overlaps[c.worker], c.load), rng)
-            reason = f"best match {best}/{n} blocks ({rate:.0%} > {self.cache_threshold:.0%}) on {c.worker}, load {_fmt(c.load)}"
+            reason = (
+                f"best match {best}/{n} blocks ({rate:.0%} > {self.cache_threshold:.0%}) "
+                f"on {c.worker}, load {_fmt(c.load)}"
+            )
         else:
             c = _least_load(healthy, rng)
-            reason = f"best match {best}/{n} blocks ({rate:.0%} <= {self.cache_threshold:.0%}) -> least load {_fmt(c.load)} on {c.worker}"
+            reason = (
+                f"best match {best}/{n} blocks ({rate:.0%} <= {self.cache_threshold:.0%}) "
+                f"-> least load {_fmt(c.load)} on {c.worker}"
+            )
         scores = {w: (v / n if n else 0.0) for w, v in overlaps.items()}
         return _decision(
             self.name, req, candidates, c.worker, reason, overlaps, scores, "routed-prefix match rate"
@@ -519,12 +521,8 @@ class ApproxCacheAware(_Guarded):
 
 
 class Precise(_Guarded):
-    """KV-event-driven: overlap from the PrefixIndex weighed against load.
-
-    Optional ``hints`` (an :class:`ApproxTree`, typically with a short ttl):
-    prefixes just routed to a worker count as cached there until the engine's
-    events arrive, so a burst of identical prompts lands on one worker.
-    """
+    """KV-event-driven: overlap from the PrefixIndex (raised by the mesh's
+    route hints, when given) weighed against load."""
 
     name = "precise"
 
@@ -535,8 +533,7 @@ class Precise(_Guarded):
         abs_threshold: float = 32,
         rel_threshold: float = 1.5,
         delay_weight: float = 0.25,
-        hints: ApproxTree | None = None,
-        hint_overlap: Callable[[list[int], float], Mapping[str, int]] | None = None,
+        hint_overlap: HintOverlap | None = None,
     ) -> None:
         if index is None:
             raise ValueError("precise policy needs a PrefixIndex (index=...)")
@@ -547,19 +544,11 @@ class Precise(_Guarded):
             raise ValueError(f"delay_weight must be >= 0, got {delay_weight!r}")
         self.overlap_weight = overlap_weight
         self.delay_weight = delay_weight
-        self.hints = hints
-        # Mesh-wide hints (mesh/hints.py via the node): blocks any node just
-        # routed somewhere, counted as cached there until the events arrive.
         self.hint_overlap = hint_overlap
+        self._index = index
 
     def _overlaps(self, req: RouteRequest, candidates: Sequence[Candidate], now: float) -> dict[str, int]:
-        workers = [c.worker for c in candidates]
-        assert self.index is not None
-        ov = self.index.match(req.block_hashes, workers)
-        if self.hints is not None:
-            for w, v in self.hints.match(req.block_hashes, workers, now).items():
-                if v > ov[w]:
-                    ov[w] = v
+        ov = self._index.match(req.block_hashes, [c.worker for c in candidates])
         if self.hint_overlap is not None:
             for w, v in self.hint_overlap(req.block_hashes, now).items():
                 if w in ov and v > ov[w]:
@@ -600,49 +589,51 @@ class Precise(_Guarded):
             " + in-flight blocks (lowest wins)",
         )
 
-    def on_routed(self, req: RouteRequest, worker: str, now: float) -> None:
-        if self.hints is not None:
-            self.hints.insert(worker, req.block_hashes, now)
-
 
 # -- registry ------------------------------------------------------------------
 
-_SIMPLE: dict[str, type[_Base]] = {
+# Constructors by name, in the order the command line lists them. Typed
+# loosely on purpose: the options come from the command line as a dict, and
+# each constructor checks its own (a wrong name is a TypeError, turned into
+# ValueError by make_policy).
+_FACTORIES: dict[str, Callable[..., Policy]] = {
     RoundRobin.name: RoundRobin,
     RandomPolicy.name: RandomPolicy,
     ConsistentHash.name: ConsistentHash,
     LeastLoad.name: LeastLoad,
     PowerOfTwo.name: PowerOfTwo,
+    ApproxCacheAware.name: ApproxCacheAware,
+    Precise.name: Precise,
 }
-POLICY_NAMES: tuple[str, ...] = (*_SIMPLE, ApproxCacheAware.name, Precise.name)
+POLICY_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
 
 def make_policy(
     name: str,
     index: PrefixIndex | None = None,
     approx_tree: ApproxTree | None = None,
+    hint_overlap: HintOverlap | None = None,
     **opts: object,
 ) -> Policy:
     """Build a policy by name. Unknown names and options raise ValueError.
 
+    ``hint_overlap`` (the mesh's route hints) is used by precise only.
     Options: consistent_hash ``prefix_blocks``; cache_aware_approx
     ``cache_threshold``, ``abs_threshold``, ``rel_threshold``,
-    ``max_blocks_per_worker``; precise ``overlap_weight``, ``abs_threshold``,
-    ``rel_threshold``, ``hints_ttl`` (seconds; builds a hints tree, off when
-    absent or None), ``hints`` (an ApproxTree).
+    ``max_blocks_per_worker``; precise ``overlap_weight``, ``delay_weight``,
+    ``abs_threshold``, ``rel_threshold``.
     """
+    factory = _FACTORIES.get(name)
+    if factory is None:
+        raise ValueError(f"unknown policy {name!r}; valid: {', '.join(POLICY_NAMES)}")
+    given: dict[str, object] = {"index": index}
+    if name == ApproxCacheAware.name:
+        given["tree"] = approx_tree
+    elif name == Precise.name:
+        if index is None:
+            raise ValueError("precise policy needs a PrefixIndex (index=...)")
+        given["hint_overlap"] = hint_overlap
     try:
-        if name in _SIMPLE:
-            return _SIMPLE[name](index=index, **opts)  # type: ignore[arg-type]
-        if name == ApproxCacheAware.name:
-            return ApproxCacheAware(tree=approx_tree, index=index, **opts)  # type: ignore[arg-type]
-        if name == Precise.name:
-            if index is None:
-                raise ValueError("precise policy needs a PrefixIndex (index=...)")
-            hints_ttl = opts.pop("hints_ttl", None)
-            if hints_ttl is not None and "hints" not in opts:
-                opts["hints"] = ApproxTree(ttl=float(hints_ttl))  # type: ignore[arg-type]
-            return Precise(index=index, **opts)  # type: ignore[arg-type]
+        return factory(**given, **opts)
     except TypeError as e:  # unknown option for that policy
         raise ValueError(f"bad options for policy {name!r}: {e}") from None
-    raise ValueError(f"unknown policy {name!r}; valid: {', '.join(POLICY_NAMES)}")

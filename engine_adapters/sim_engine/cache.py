@@ -34,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from blocks.delta import EngineHash
 from engine_adapters.kv_events import (
     MEDIUM_GPU,
     AllBlocksCleared,
@@ -41,6 +42,7 @@ from engine_adapters.kv_events import (
     BlockStored,
     KVEvent,
 )
+from engine_adapters.sim_engine.config import DEFAULTS
 
 _U32_MAX = 2**32 - 1
 
@@ -90,7 +92,9 @@ class CacheStats:
 
 
 class PrefixCache:
-    def __init__(self, num_gpu_blocks: int, block_size: int = 16, hash_seed: int = 0) -> None:
+    def __init__(
+        self, num_gpu_blocks: int, block_size: int = DEFAULTS.block_size, hash_seed: int = 0
+    ) -> None:
         if num_gpu_blocks <= 0 or block_size <= 0:
             raise ValueError("num_gpu_blocks and block_size must be positive")
         self.num_gpu_blocks = num_gpu_blocks
@@ -235,7 +239,7 @@ class PrefixCache:
             parent = engine_block_hash(parent, tokens_so_far[i * bs : (i + 1) * bs])
             req.chain.append(parent)
         stored: list[BlockStored] = []
-        run_hashes: list[int] = []
+        run_hashes: list[EngineHash] = []  # always ints here; the event type also admits bytes
         run_tokens: list[int] = []
         run_parent: int | None = None
         for i in range(req.committed, n_full):
@@ -302,7 +306,7 @@ class PrefixCache:
 
     # --- internals ---------------------------------------------------------------
 
-    def _stored(self, hashes: list[int], parent: int | None, tokens: list[int]) -> BlockStored:
+    def _stored(self, hashes: list[EngineHash], parent: int | None, tokens: list[int]) -> BlockStored:
         return BlockStored(
             block_hashes=hashes,
             parent_block_hash=parent,

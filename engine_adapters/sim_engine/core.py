@@ -1,6 +1,6 @@
 """The simulated engine's core (pure): scheduler + prefix cache + sampling.
 
-The HTTP/ZMQ shell (``server.py``) drives it in a loop::
+The shell's step loop (``scheduler.py``) drives it::
 
     plan = core.schedule(now)            # admits requests, reserves KV blocks
     sleep(plan.duration)                 # the timing model's step duration
@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from engine_adapters.kv_events import AllBlocksCleared, KVEvent
 from engine_adapters.sim_engine.cache import NotEnoughBlocks, PrefixCache
-from engine_adapters.sim_engine.timing import Seq, StepPlan, StepScheduler, TimingConfig
+from engine_adapters.sim_engine.config import DEFAULTS
+from engine_adapters.sim_engine.timing import RunningRequest, StepPlan, StepScheduler, TimingConfig
 from engine_adapters.tokenizer import EOS_ID, NUM_RESERVED, VOCAB_SIZE
 
 FINISH_LENGTH = "length"
@@ -40,7 +41,7 @@ class SimRequest:
 @dataclass(slots=True)
 class _Live:
     req: SimRequest
-    seq: Seq
+    running: RunningRequest
     rng: random.Random
     output: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # prompt + output, for the cache
@@ -53,7 +54,7 @@ class TokenOut:
     request_id: str
     token_id: int
     finish_reason: str | None
-    seq: Seq
+    running: RunningRequest
 
 
 class EngineCore:
@@ -62,10 +63,10 @@ class EngineCore:
         cache: PrefixCache,
         timing: TimingConfig,
         *,
-        eos_prob: float = 0.0,
+        eos_prob: float = DEFAULTS.eos_prob,
         output_vocab: Sequence[int] | None = None,
         eos_token_id: int = EOS_ID,
-        max_model_len: int = 131_072,
+        max_model_len: int = DEFAULTS.max_model_len,
     ) -> None:
         if not 0.0 <= eos_prob <= 1.0:
             raise ValueError("eos_prob must be in [0, 1]")
@@ -98,16 +99,16 @@ class EngineCore:
             return f"request needs {need} KV blocks but the engine has only {self.cache.num_gpu_blocks}"
         return None
 
-    def add(self, req: SimRequest, now: float) -> Seq:
+    def add(self, req: SimRequest, now: float) -> RunningRequest:
         err = self.check(len(req.prompt), req.max_tokens)
         if err is not None:
             raise ValueError(err)
         if req.request_id in self._live:
             raise ValueError(f"duplicate request id {req.request_id!r}")
-        seq = Seq(req.request_id, len(req.prompt), req.max_tokens, arrival=now)
-        self.scheduler.add(seq)
-        self._live[req.request_id] = _Live(req, seq, random.Random(req.seed), tokens=list(req.prompt))
-        return seq
+        running = RunningRequest(req.request_id, len(req.prompt), req.max_tokens, arrival=now)
+        self.scheduler.add(running)
+        self._live[req.request_id] = _Live(req, running, random.Random(req.seed), tokens=list(req.prompt))
+        return running
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is and release its blocks."""
@@ -131,18 +132,18 @@ class EngineCore:
 
     # --- steps ----------------------------------------------------------------------
 
-    def _admit(self, seq: Seq) -> bool:
-        live = self._live[seq.request_id]
+    def _admit(self, running: RunningRequest) -> bool:
+        live = self._live[running.request_id]
         try:
             hit_blocks, _ = self.cache.allocate(
-                seq.request_id, live.req.prompt, reserve_tokens=live.req.max_tokens
+                running.request_id, live.req.prompt, reserve_tokens=live.req.max_tokens
             )
         except NotEnoughBlocks:
             return False
-        seq.num_cached = hit_blocks * self.cache.block_size
-        seq.num_computed = seq.num_cached
-        self.prefix_query_tokens += seq.prompt_len
-        self.prefix_hit_tokens += seq.num_cached
+        running.num_cached = hit_blocks * self.cache.block_size
+        running.num_computed = running.num_cached
+        self.prefix_query_tokens += running.prompt_len
+        self.prefix_hit_tokens += running.num_cached
         return True
 
     def schedule(self, now: float) -> StepPlan | None:
@@ -151,7 +152,8 @@ class EngineCore:
     def complete(self, plan: StepPlan, now: float) -> list[TokenOut]:
         outs: list[TokenOut] = []
         for p in self.scheduler.complete(plan, now):
-            live = self._live.get(p.seq.request_id)
+            r = p.running
+            live = self._live.get(r.request_id)
             if live is None:
                 continue
             finish: str | None = FINISH_LENGTH if p.finished else None
@@ -161,13 +163,13 @@ class EngineCore:
                 live.tokens.append(tok)
                 if tok == self.eos_token_id and not live.req.ignore_eos and finish is None:
                     finish = FINISH_STOP
-                    self.scheduler.remove(p.seq.request_id)
-                    p.seq.finished = True
-                outs.append(TokenOut(p.seq.request_id, tok, finish, p.seq))
-            self.cache.commit_full_blocks(p.seq.request_id, live.tokens, num_tokens=p.seq.num_kv_tokens)
+                    self.scheduler.remove(r.request_id)
+                    r.finished = True
+                outs.append(TokenOut(r.request_id, tok, finish, r))
+            self.cache.commit_full_blocks(r.request_id, live.tokens, num_tokens=r.num_kv_tokens)
             if finish is not None:
-                del self._live[p.seq.request_id]
-                self.cache.release(p.seq.request_id)
+                del self._live[r.request_id]
+                self.cache.release(r.request_id)
         return outs
 
     def _sample(self, live: _Live) -> int:

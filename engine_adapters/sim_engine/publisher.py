@@ -21,6 +21,15 @@ Unlike vLLM, ``publish`` sends synchronously (no queue thread): a send on PUB
 never blocks (messages past the high-water mark are dropped, and the replay
 buffer still has them), so the caller's event loop is held only for the
 encode and the send. The replay socket is served by a daemon thread.
+
+Fault injection (the simulator's, not vLLM's): :meth:`ZmqEventPublisher.drop_next`
+loses the next n batches on PUB while they still get their sequence numbers
+and stay in the replay buffer, which is what a subscriber sees when the
+network drops messages (``POST /admin/drop_events``; the event adapter's
+tests use it on a bare publisher). It lives in its own section of the class
+rather than in a wrapper because the loss has to happen between buffering
+and sending, under the lock that orders the two; a wrapper around
+``publish`` could only drop a batch before it is numbered and buffered.
 """
 
 from __future__ import annotations
@@ -28,7 +37,6 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
-from typing import Literal
 
 import msgspec
 import structlog
@@ -36,6 +44,7 @@ import zmq
 
 from engine_adapters.kv_endpoints import offset_endpoint_port, should_bind
 from engine_adapters.kv_events import END_SEQ, KVEventBatch, encode_batch, encode_seq
+from engine_adapters.sim_engine.config import DEFAULTS, EVENT_FORMATS, EventFormat
 
 log = structlog.get_logger(__name__)
 
@@ -49,10 +58,10 @@ class ZmqEventPublisher:
         self,
         endpoint: str,
         replay_endpoint: str | None,
-        topic: str = "",
-        buffer_steps: int = 10_000,
-        fmt: Literal["map", "array"] = "map",
-        data_parallel_rank: int = 0,
+        topic: str = DEFAULTS.kv_topic,
+        buffer_steps: int = DEFAULTS.kv_buffer_steps,
+        fmt: EventFormat = DEFAULTS.kv_event_format,
+        data_parallel_rank: int = DEFAULTS.data_parallel_rank,
         *,
         hwm: int = 100_000,
         replay_hwm: int = 0,
@@ -60,15 +69,15 @@ class ZmqEventPublisher:
     ) -> None:
         if buffer_steps <= 0:
             raise ValueError("buffer_steps must be positive")
-        if fmt not in ("map", "array"):
-            raise ValueError(f"fmt must be 'map' or 'array', not {fmt!r}")
-        self._fmt: Literal["map", "array"] = fmt
+        if fmt not in EVENT_FORMATS:
+            raise ValueError(f"fmt must be one of {EVENT_FORMATS}, not {fmt!r}")
+        self._fmt: EventFormat = fmt
         self._rank = data_parallel_rank
         self._topic = topic.encode("utf-8")
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._seq = itertools.count()
         self._next_seq = 0
-        self._drop = 0
+        self._drop = 0  # fault injection: batches still to lose on PUB
         self._lock = threading.Lock()  # guards PUB socket, seq, buffer, drop count
         self._closed = False
 
@@ -85,7 +94,7 @@ class ZmqEventPublisher:
             self._pub.connect(ep)
             self._endpoint = ep
 
-        self._replay: zmq.Socket | None = None
+        self._replay: zmq.Socket[bytes] | None = None
         self._replay_endpoint: str | None = None
         self._thread: threading.Thread | None = None
         rep = offset_endpoint_port(replay_endpoint, data_parallel_rank)
@@ -103,7 +112,7 @@ class ZmqEventPublisher:
             )
             self._thread.start()
         log.info(
-            "kv_publisher_started",
+            "sim.kv_publisher_started",
             endpoint=self._endpoint,
             replay_endpoint=self._replay_endpoint,
             dp_rank=data_parallel_rank,
@@ -140,22 +149,14 @@ class ZmqEventPublisher:
             seq = next(self._seq)
             self._next_seq = seq + 1
             self._buffer.append((seq, payload))
-            if self._drop > 0:
-                self._drop -= 1  # simulated loss: replay still has it
-            else:
-                try:
-                    self._pub.send_multipart((self._topic, encode_seq(seq), payload), flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    # Past the HWM: the subscriber sees a gap and replays.
-                    log.warning("kv_publisher_send_dropped", seq=seq, endpoint=self._endpoint)
+            if self._lose_this_batch():
+                return seq
+            try:
+                self._pub.send_multipart((self._topic, encode_seq(seq), payload), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                # Past the HWM: the subscriber sees a gap and replays.
+                log.warning("sim.kv_send_dropped", seq=seq, endpoint=self._endpoint)
         return seq
-
-    def drop_next(self, n: int) -> None:
-        """Test hook: buffer but do not send the next ``n`` batches."""
-        if n < 0:
-            raise ValueError("n must be >= 0")
-        with self._lock:
-            self._drop += n
 
     def close(self) -> None:
         with self._lock:
@@ -168,13 +169,29 @@ class ZmqEventPublisher:
         if self._replay is not None:
             self._replay.close(linger=0)
         self._ctx.term()
-        log.info("kv_publisher_closed", endpoint=self._endpoint)
+        log.info("sim.kv_publisher_closed", endpoint=self._endpoint)
 
     def __enter__(self) -> ZmqEventPublisher:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # --- fault injection (the simulator's; vLLM's publisher has none) ---------
+
+    def drop_next(self, n: int) -> None:
+        """Lose the next ``n`` batches on PUB; they stay numbered and replayable."""
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        with self._lock:
+            self._drop += n
+
+    def _lose_this_batch(self) -> bool:
+        """Whether the batch being published is one to lose (lock held)."""
+        if self._drop > 0:
+            self._drop -= 1
+            return True
+        return False
 
     # --- replay ---------------------------------------------------------------
 
@@ -202,16 +219,16 @@ class ZmqEventPublisher:
             except zmq.ZMQError:
                 if self._closed:
                     return
-                log.exception("kv_replay_recv_failed", endpoint=self._replay_endpoint)
+                log.exception("sim.kv_replay_recv_failed", endpoint=self._replay_endpoint)
                 continue
             try:
                 self._answer(sock, frames)
             except zmq.ZMQError:
                 if self._closed:
                     return
-                log.exception("kv_replay_send_failed", endpoint=self._replay_endpoint)
+                log.exception("sim.kv_replay_send_failed", endpoint=self._replay_endpoint)
 
-    def _answer(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+    def _answer(self, sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
         # [identity, b"", start] from DEALER/REQ (vLLM's shape); also accept a
         # bare [identity, start] and answer it in the same shape.
         if len(frames) == 3 and frames[1] == b"":
@@ -221,10 +238,10 @@ class ZmqEventPublisher:
             head = [frames[0]]
             start_frame = frames[1]
         else:
-            log.warning("kv_replay_bad_request", frames=len(frames))
+            log.warning("sim.kv_replay_bad_request", frames=len(frames))
             return
         if len(start_frame) != 8:
-            log.warning("kv_replay_bad_start_seq", size=len(start_frame))
+            log.warning("sim.kv_replay_bad_start_seq", size=len(start_frame))
             sock.send_multipart([*head, b"", END_SEQ, b""])
             return
         start = int.from_bytes(start_frame, "big")
@@ -232,4 +249,4 @@ class ZmqEventPublisher:
         for seq, payload in batches:
             sock.send_multipart([*head, self._topic, encode_seq(seq), payload])
         sock.send_multipart([*head, b"", END_SEQ, b""])
-        log.debug("kv_replay_served", start=start, count=len(batches), dp_rank=self._rank)
+        log.debug("sim.kv_replay_served", start=start, count=len(batches), dp_rank=self._rank)

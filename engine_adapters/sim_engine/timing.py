@@ -1,10 +1,12 @@
 """Timing model and continuous-batching scheduler of the simulated engine (pure).
 
-One engine step runs every scheduled sequence once and lasts
+One engine step runs every scheduled request once and lasts
 
-    decode_base_ms + decode_per_seq_ms * seqs_in_step + prefill_ms_per_token * prefill_tokens
+    decode_base_ms + decode_per_seq_ms * requests_in_step + prefill_ms_per_token * prefill_tokens
 
-(times ``time_scale``). Scheduling follows vLLM v1: running sequences first
+(times ``time_scale``). A request being scheduled is a :class:`RunningRequest`
+(vLLM calls it a sequence, hence the ``*_seq*`` knob names, which follow
+vLLM's flags). Scheduling follows vLLM v1: running requests first
 (one decode token each, or the next chunk of an unfinished prefill), then
 waiting requests in FIFO order while the step's token budget
 (``max_num_batched_tokens``, chunked prefill) and ``max_num_seqs`` allow and
@@ -55,19 +57,19 @@ class TimingConfig:
         if self.time_scale <= 0:
             raise ValueError("time_scale must be > 0")
 
-    def step_seconds(self, seqs_in_step: int, prefill_tokens: int) -> float:
+    def step_seconds(self, requests_in_step: int, prefill_tokens: int) -> float:
         """Duration of one engine step, in (scaled) seconds."""
         ms = (
             self.decode_base_ms
-            + self.decode_per_seq_ms * seqs_in_step
+            + self.decode_per_seq_ms * requests_in_step
             + self.prefill_ms_per_token * prefill_tokens
         )
         return ms * self.time_scale / 1000.0
 
 
 @dataclass(slots=True)
-class Seq:
-    """Scheduling state of one request."""
+class RunningRequest:
+    """Scheduling state of one request, from arrival until it finishes."""
 
     request_id: str
     prompt_len: int
@@ -93,17 +95,18 @@ class Seq:
 
 @dataclass(slots=True)
 class StepPlan:
-    """What one step runs: ``work`` maps request id -> tokens computed for it."""
+    """What one step runs: ``work`` pairs each scheduled request with the
+    number of tokens computed for it in this step."""
 
     duration: float
-    work: list[tuple[Seq, int]] = field(default_factory=list)
-    admitted: list[Seq] = field(default_factory=list)
+    work: list[tuple[RunningRequest, int]] = field(default_factory=list)
+    admitted: list[RunningRequest] = field(default_factory=list)
     prefill_tokens: int = 0
 
 
 @dataclass(slots=True)
 class Progress:
-    seq: Seq
+    running: RunningRequest
     sampled: bool  # a new output token was sampled for it in this step
     finished: bool  # reached max_tokens
 
@@ -113,56 +116,56 @@ class StepScheduler:
 
     def __init__(self, config: TimingConfig) -> None:
         self.config = config
-        self.waiting: deque[Seq] = deque()
-        self.running: dict[str, Seq] = {}
+        self.waiting: deque[RunningRequest] = deque()
+        self.running: dict[str, RunningRequest] = {}
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def add(self, seq: Seq) -> None:
-        if seq.prompt_len < 1 or seq.max_tokens < 1:
+    def add(self, req: RunningRequest) -> None:
+        if req.prompt_len < 1 or req.max_tokens < 1:
             raise ValueError("prompt_len and max_tokens must be >= 1")
-        self.waiting.append(seq)
+        self.waiting.append(req)
 
-    def remove(self, request_id: str) -> Seq | None:
+    def remove(self, request_id: str) -> RunningRequest | None:
         """Take a request out (abort or stop); returns it if it was known."""
-        seq = self.running.pop(request_id, None)
-        if seq is not None:
-            return seq
-        for s in self.waiting:
-            if s.request_id == request_id:
-                self.waiting.remove(s)
-                return s
+        req = self.running.pop(request_id, None)
+        if req is not None:
+            return req
+        for r in self.waiting:
+            if r.request_id == request_id:
+                self.waiting.remove(r)
+                return r
         return None
 
-    def schedule(self, now: float, admit: Callable[[Seq], bool]) -> StepPlan | None:
+    def schedule(self, now: float, admit: Callable[[RunningRequest], bool]) -> StepPlan | None:
         """Plan the next step; None when there is nothing to run.
 
-        ``admit(seq)`` reserves the request's KV blocks and sets
-        ``seq.num_cached``/``num_computed`` to its cached prefix, or returns
+        ``admit(req)`` reserves the request's KV blocks and sets
+        ``req.num_cached``/``num_computed`` to its cached prefix, or returns
         False to keep it (and everything behind it) waiting.
         """
         cfg = self.config
         budget = cfg.max_num_batched_tokens
         plan = StepPlan(duration=0.0)
-        for seq in self.running.values():
+        for req in self.running.values():
             if budget <= 0:
                 break
-            n = min(seq.prefill_remaining, budget) if seq.prefill_remaining > 0 else 1
-            plan.work.append((seq, n))
-            if seq.prefill_remaining > 0:
+            n = min(req.prefill_remaining, budget) if req.prefill_remaining > 0 else 1
+            plan.work.append((req, n))
+            if req.prefill_remaining > 0:
                 plan.prefill_tokens += n
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
-            seq = self.waiting[0]
-            if not admit(seq):
+            req = self.waiting[0]
+            if not admit(req):
                 break
             self.waiting.popleft()
-            seq.admitted_at = now
-            self.running[seq.request_id] = seq
-            plan.admitted.append(seq)
-            n = min(seq.prefill_remaining, budget)
-            plan.work.append((seq, n))
+            req.admitted_at = now
+            self.running[req.request_id] = req
+            plan.admitted.append(req)
+            n = min(req.prefill_remaining, budget)
+            plan.work.append((req, n))
             plan.prefill_tokens += n
             budget -= n
         if not plan.work:
@@ -177,24 +180,24 @@ class StepScheduler:
         ``max_tokens`` leave the running set.
         """
         out: list[Progress] = []
-        for seq, n in plan.work:
-            if self.running.get(seq.request_id) is not seq:
+        for req, n in plan.work:
+            if self.running.get(req.request_id) is not req:
                 continue
             sampled = False
-            if seq.prefill_remaining > 0:
-                seq.num_computed += n
-                seq.prefill_seconds += plan.duration
-                if seq.prefill_remaining == 0:
+            if req.prefill_remaining > 0:
+                req.num_computed += n
+                req.prefill_seconds += plan.duration
+                if req.prefill_remaining == 0:
                     sampled = True
             else:
                 sampled = True
             if sampled:
-                seq.generated += 1
-                if seq.first_token_at is None:
-                    seq.first_token_at = now
-            finished = seq.generated >= seq.max_tokens
+                req.generated += 1
+                if req.first_token_at is None:
+                    req.first_token_at = now
+            finished = req.generated >= req.max_tokens
             if finished:
-                seq.finished = True
-                del self.running[seq.request_id]
-            out.append(Progress(seq, sampled, finished))
+                req.finished = True
+                del self.running[req.request_id]
+            out.append(Progress(req, sampled, finished))
         return out

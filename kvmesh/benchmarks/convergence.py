@@ -25,23 +25,13 @@ from collections.abc import Callable
 import aiohttp
 import grpc
 
-from blocks.hashing import xor_digest
-from engine_adapters.sim_engine.cache import snapshot_router_hashes
 from kvmesh import procs
+from kvmesh.probes import Digest, index_digest, read_engine_digest
+from kvmesh.stats import percentile
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
-MODEL = "sim-model"
-
-
-def engine_digest(snapshot: list[dict]) -> tuple[int, int]:
-    """(blocks, XOR of router hashes) of an engine's cache snapshot."""
-    return xor_digest(snapshot_router_hashes(snapshot, MODEL))
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))] if xs else float("nan")
+ENGINE = "e0"  # the one engine of the real-process mesh
 
 
 async def _mesh_bytes(stubs: list[pb_grpc.AdminStub]) -> int:
@@ -49,6 +39,32 @@ async def _mesh_bytes(stubs: list[pb_grpc.AdminStub]) -> int:
     for s in stubs:
         tot += (await s.GetStats(pb.GetStatsRequest())).mesh_bytes_sent
     return tot
+
+
+async def _wait_engine_known(stubs: list[pb_grpc.AdminStub], timeout: float = 30.0) -> None:
+    """Until every node knows the engine (its index digest lists the worker)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ds = [await s.GetIndexDigest(pb.GetIndexDigestRequest(engine_id=ENGINE)) for s in stubs]
+            if all(d.workers for d in ds):
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.2)
+
+
+async def _time_to_converge(stubs: list[pb_grpc.AdminStub], want: Digest, t0: float) -> float | None:
+    """Seconds from ``t0`` until every node's digest equals ``want``; None after 10 s."""
+    pending = set(range(len(stubs)))
+    while pending and time.perf_counter() - t0 < 10.0:
+        for i in list(pending):
+            if await index_digest(stubs[i], ENGINE) == want:
+                pending.discard(i)
+        if not pending:
+            return time.perf_counter() - t0
+        await asyncio.sleep(0.005)
+    return None
 
 
 async def _measure_real(addrs: list[str], url: str, events: int, seed: int) -> dict:
@@ -60,15 +76,7 @@ async def _measure_real(addrs: list[str], url: str, events: int, seed: int) -> d
     try:
         async with aiohttp.ClientSession() as http:
             # Everyone knows the engine and agrees on its (empty or warm) cache first.
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    ds = [await s.GetIndexDigest(pb.GetIndexDigestRequest(engine_id="e0")) for s in stubs]
-                    if all(d.workers for d in ds):
-                        break
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.2)
+            await _wait_engine_known(stubs)
             idle_window = 3.0
             b0 = await _mesh_bytes(stubs)
             await asyncio.sleep(idle_window)
@@ -77,28 +85,15 @@ async def _measure_real(addrs: list[str], url: str, events: int, seed: int) -> d
             t_start = time.monotonic()
             for _ in range(events):
                 prompt = [rng.randrange(256, 32000) for _ in range(16 * rng.randint(4, 40) + 3)]
-                body = {"model": MODEL, "prompt": prompt, "max_tokens": 1}
+                body = {"model": procs.SIM_MODEL, "prompt": prompt, "max_tokens": 1}
                 async with http.post(f"{url}/v1/completions", json=body) as r:
                     await r.read()
                 t0 = time.perf_counter()
-                async with http.get(f"{url}/admin/cache") as r:
-                    want = engine_digest(await r.json())
-                pending = set(range(len(stubs)))
-                done_at = None
-                while pending and time.perf_counter() - t0 < 10.0:
-                    for i in list(pending):
-                        d = await stubs[i].GetIndexDigest(pb.GetIndexDigestRequest(engine_id="e0"))
-                        w = d.workers[0] if d.workers else None
-                        if w is not None and (w.blocks, w.xor_hashes) == want:
-                            pending.discard(i)
-                    if not pending:
-                        done_at = time.perf_counter()
-                        break
-                    await asyncio.sleep(0.005)
-                if done_at is None:
+                took = await _time_to_converge(stubs, await read_engine_digest(http, url), t0)
+                if took is None:
                     missing += 1
                 else:
-                    lat.append(done_at - t0)
+                    lat.append(took)
                 await asyncio.sleep(rng.uniform(0.05, 0.3))  # events land at random gossip phases
             span = time.monotonic() - t_start
             total = await _mesh_bytes(stubs) - b_start
@@ -109,8 +104,8 @@ async def _measure_real(addrs: list[str], url: str, events: int, seed: int) -> d
         "n": len(addrs),
         "events": events,
         "missing": missing,
-        "p50": _pct(lat, 0.5),
-        "p99": _pct(lat, 0.99),
+        "p50": percentile(lat, 50) if lat else float("nan"),
+        "p99": percentile(lat, 99) if lat else float("nan"),
         "max": max(lat) if lat else float("nan"),
         "bytes_per_event": max(0.0, (total - background_per_s * span) / max(1, events)),
         "background_bytes_per_s": background_per_s,
@@ -121,7 +116,7 @@ def converge_real(n: int, events: int = 30, seed: int = 0) -> dict:
     engine = procs.start_sim_engine("conv-engine", ["--num-gpu-blocks", "4000", "--log-level", "warning"])
     nodes: list[procs.Proc] = []
     try:
-        flag = procs.engine_flag("e0", engine)
+        flag = procs.engine_flag(ENGINE, engine)
         nodes.append(procs.start_router("conv-n0", [flag], ["--log-level", "warning"]))
         seed_addr = nodes[0].info["grpc"]
         for i in range(1, n):

@@ -19,13 +19,27 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import aiohttp
 import grpc
 
-from kvmesh.loadgen import generate_once, pct
+from kvmesh.loadgen import generate_once
+from kvmesh.stats import percentile
 from kvmesh.workloads import BenchSession, Workload, ideal_hit_rate
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
+
+
+class Reply(NamedTuple):
+    """What the client saw of one request, whatever the target."""
+
+    ok: bool
+    engine_id: str  # "" when the target does not say (SGLang)
+    prompt_tokens: int
+    cached_tokens: int
+    ttft_ms: float
+    output: list[int]
+    error: str
 
 
 @dataclass(slots=True)
@@ -65,9 +79,7 @@ class GrpcTarget:
         for c in self._channels:
             await c.close()
 
-    async def generate(
-        self, prompt: list[int], max_tokens: int, session_id: str, rid: str
-    ) -> tuple[bool, str, int, int, float, list[int], str]:
+    async def generate(self, prompt: list[int], max_tokens: int, session_id: str, rid: str) -> Reply:
         stub = self._stubs[self._next % len(self._stubs)]
         self._next += 1
         rec, out = await generate_once(
@@ -79,7 +91,7 @@ class GrpcTarget:
             request_id=rid,
             timeout=300.0,
         )
-        return rec.ok, rec.engine_id, rec.prompt_tokens, rec.cached_tokens, rec.ttft_ms, out, rec.error
+        return Reply(rec.ok, rec.engine_id, rec.prompt_tokens, rec.cached_tokens, rec.ttft_ms, out, rec.error)
 
 
 class SglangTarget:
@@ -98,9 +110,7 @@ class SglangTarget:
         if self._http is not None:
             await self._http.close()
 
-    async def generate(
-        self, prompt: list[int], max_tokens: int, session_id: str, rid: str
-    ) -> tuple[bool, str, int, int, float, list[int], str]:
+    async def generate(self, prompt: list[int], max_tokens: int, session_id: str, rid: str) -> Reply:
         assert self._http is not None
         body = {
             "input_ids": prompt,
@@ -115,7 +125,9 @@ class SglangTarget:
         try:
             async with self._http.post(f"{self.url}/generate", json=body) as r:
                 if r.status != 200:
-                    return False, "", len(prompt), 0, 0.0, out, f"HTTP {r.status}: {(await r.text())[:200]}"
+                    return Reply(
+                        False, "", len(prompt), 0, 0.0, out, f"HTTP {r.status}: {(await r.text())[:200]}"
+                    )
                 async for raw in r.content:
                     line = raw.strip()
                     if not line.startswith(b"data:"):
@@ -130,9 +142,9 @@ class SglangTarget:
                     out = list(ids)  # SGLang streams cumulative output
                     meta = obj.get("meta_info") or {}
         except (TimeoutError, aiohttp.ClientError) as e:
-            return False, "", len(prompt), 0, 0.0, out, f"{type(e).__name__}: {e}"
+            return Reply(False, "", len(prompt), 0, 0.0, out, f"{type(e).__name__}: {e}")
         ok = bool(meta.get("finish_reason"))
-        return (
+        return Reply(
             ok,
             "",
             int(meta.get("prompt_tokens", len(prompt))),
@@ -157,8 +169,9 @@ class LoadSampler:
     async def run(self) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
             while not self._stop.is_set():
-                vals = await asyncio.gather(*(self._one(http, u) for u in self.urls))
-                if all(v is not None for v in vals):
+                got = await asyncio.gather(*(self._one(http, u) for u in self.urls))
+                vals = [v for v in got if v is not None]
+                if len(vals) == len(got):  # a sample counts only if every engine answered
                     for i, v in enumerate(vals):
                         self.sums[i] += v
                         self.peak[i] = max(self.peak[i], v)
@@ -254,8 +267,8 @@ def summarize(records: list[Rec], wall_s: float, sampler: LoadSampler | None, bl
     ok = [r for r in records if r.ok]
     prompt = sum(r.prompt_tokens for r in ok)
     cached = sum(r.cached_tokens for r in ok)
-    ttft = sorted(r.ttft_ms for r in ok)
-    lat = sorted(r.latency_ms for r in ok)
+    ttft = [r.ttft_ms for r in ok]
+    lat = [r.latency_ms for r in ok]
     span = (max(r.t_done for r in ok) - min(r.t_send for r in ok)) if ok else wall_s
     order = sorted(ok, key=lambda r: r.t_send)
     per_engine: dict[str, int] = {}
@@ -267,12 +280,12 @@ def summarize(records: list[Rec], wall_s: float, sampler: LoadSampler | None, bl
         "failed": len(records) - len(ok),
         "hit_rate": cached / prompt if prompt else 0.0,
         "ideal_hit_rate": ideal_hit_rate([(r.prompt, r.output) for r in order], block_size),
-        "ttft_p50_ms": pct(ttft, 50),
-        "ttft_p90_ms": pct(ttft, 90),
-        "ttft_p99_ms": pct(ttft, 99),
-        "latency_p50_ms": pct(lat, 50),
-        "latency_p90_ms": pct(lat, 90),
-        "latency_p99_ms": pct(lat, 99),
+        "ttft_p50_ms": percentile(ttft, 50),
+        "ttft_p90_ms": percentile(ttft, 90),
+        "ttft_p99_ms": percentile(ttft, 99),
+        "latency_p50_ms": percentile(lat, 50),
+        "latency_p90_ms": percentile(lat, 90),
+        "latency_p99_ms": percentile(lat, 99),
         "throughput_rps": len(ok) / span if span > 0 else 0.0,
         "output_tps": sum(r.output_tokens for r in ok) / span if span > 0 else 0.0,
         "imbalance_inflight": sampler.imbalance() if sampler else 0.0,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -20,7 +21,9 @@ from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
 
 class Echo(pb_grpc.RouterServicer):
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def Generate(  # noqa: N802  # servicer methods are named after the proto's RPCs
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
         n = request.sampling.max_tokens or 16
         ids = request.prompt.token_ids.ids
         yield pb.GenerateResponse(routed=pb.RoutedTo(request_id=request.request_id, engine_id="echo"))

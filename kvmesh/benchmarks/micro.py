@@ -28,6 +28,7 @@ import json
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 import xxhash
@@ -35,17 +36,14 @@ import xxhash
 from blocks.hashing import block_hashes, root_seed
 from engine_adapters.block_mapper import BlockMapper
 from engine_adapters.kv_events import BlockStored, KVEventBatch, decode_batch, encode_batch
+from kvmesh.stats import percentile
+from mesh.core import MeshConfig
 from mesh.state import MeshState
 from router.index import PrefixIndex
 
-log = structlog.get_logger(__name__)
-MODEL = "sim-model"
-BS = 16
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))] if xs else 0.0
+MODEL = "sim-model"  # seeds the router hashes; any name would do in process
+BS = 16  # tokens per block
+AGREEMENT_QUERIES = 200  # queries whose best overlap is compared with Dynamo's
 
 
 def _block_tokens(b: int) -> list[int]:
@@ -152,32 +150,18 @@ def _quiet() -> None:
 
 
 def dynamo_available() -> str | None:
+    """None if Dynamo's RadixTree is importable, else why not."""
     try:
-        from dynamo.llm import RadixTree  # noqa: F401
+        from dynamo.llm import RadixTree  # noqa: F401  # imported only to see whether it is installed
     except ImportError as e:
-        return f"ai-dynamo-runtime not installed ({e}); pip install -e '.[bench]'"
+        return f"ai-dynamo-runtime not installed ({e}); pip install -e '.[peers]'"
     return None
 
 
-def bench_ingest_and_match(
-    n_blocks: int = 1_000_000,
-    n_engines: int = 64,
-    prompt_blocks: int = 128,
-    n_queries: int = 3000,
-    seed: int = 0,
-    note: Callable[[str], None] = print,
-) -> dict:
-    batches, convs = build_population(n_blocks, n_engines, seed)
-    stored_blocks = sum(len(s) for _, _, s in batches)
-    note(
-        f"index: {stored_blocks:,} blocks in {len(batches):,} batches over {n_engines} engines; encoding frames"
-    )
-    frames = _vllm_frames(batches)
-    workers = [f"e{i}" for i in range(n_engines)]
-
-    # -- ours, end to end ---------------------------------------------------------
+def _ingest_ours(frames: list[tuple[int, bytes]], workers: list[str], stored_blocks: int, seed: int):
+    """Every frame end to end (decode, map, replicated log, index); (figures, index)."""
     _quiet()
-    state = MeshState("bench-node", 0.0, random.Random(seed))
+    state = MeshState("bench-node", 0.0, random.Random(seed), hint_ttl=MeshConfig().hint_ttl)
     for w in workers:
         state.register_engine(w, {"endpoint": f"http://127.0.0.1:1/{w}", "model": MODEL, "block_size": BS})
         state.take_ownership(w, 0.0)
@@ -195,17 +179,19 @@ def bench_ingest_and_match(
         index.apply(delta)
         gossip_bytes += sum(len(lu.update) for lu in md.logs)
     ours_s = time.perf_counter() - t0
-    ours = {
+    ours: dict[str, float] = {
         "blocks_per_s": stored_blocks / ours_s,
         "seconds": ours_s,
         "entries": len(index),
         "crdt_update_bytes": gossip_bytes,
     }
-    note(f"index: ours {ours['blocks_per_s']:,.0f} blocks/s end to end")
+    return ours, index
 
-    # -- queries (shared) -----------------------------------------------------------
+
+def _queries(convs: list[list[int]], prompt_blocks: int, n_queries: int, seed: int) -> list[list[int]]:
+    """Prompts as block ids: a quarter full hits, the rest hits of random depth."""
     rng = random.Random(seed + 1)
-    queries: list[list[int]] = []  # block ids
+    queries: list[list[int]] = []
     fresh = 10**9
     for q in range(n_queries):
         chain = rng.choice(convs)
@@ -215,8 +201,11 @@ def bench_ingest_and_match(
             ids.append(fresh)
             fresh += 1
         queries.append(ids)
-    root = root_seed(MODEL)
-    q_router = [block_hashes([t for b in ids for t in _block_tokens(b)], BS, root) for ids in queries]
+    return queries
+
+
+def _match_ours(index: PrefixIndex, q_router: list[list[int]], workers: list[str]) -> list[float]:
+    """Seconds per ``PrefixIndex.match``, gc frozen."""
     lat = []
     gc.collect()
     gc.freeze()
@@ -227,35 +216,22 @@ def bench_ingest_and_match(
         match(hs, workers)
         lat.append(perf() - t)
     gc.unfreeze()
-    ours["match_p50_us"] = _pct(lat, 0.5) * 1e6
-    ours["match_p99_us"] = _pct(lat, 0.99) * 1e6
-    # Hashing a 2048-token prompt (done once per request before the match).
-    toks = [t for b in queries[0] for t in _block_tokens(b)]
-    t = perf()
-    for _ in range(200):
-        block_hashes(toks, BS, root)
-    ours["hash_128_blocks_us"] = (perf() - t) / 200 * 1e6
-    res: dict = {
-        "n_engines": n_engines,
-        "stored_blocks": stored_blocks,
-        "batches": len(batches),
-        "prompt_blocks": prompt_blocks,
-        "queries": n_queries,
-        "kvmesh": ours,
-    }
-    del state, mappers, frames
+    return lat
 
-    # -- Dynamo ---------------------------------------------------------------------
-    why = dynamo_available()
-    if why:
-        res["dynamo"] = {"skipped": why}
-        note(f"index: skip Dynamo: {why}")
-        return res
-    from dynamo.llm import RadixTree
 
-    note("index: serialising Dynamo JSON events")
-    events = _dynamo_events(batches)
-    tree = RadixTree()
+def _sentinel_event(event_id: int, block: int) -> bytes:
+    return json.dumps(
+        {
+            "event_id": event_id,
+            "dp_rank": 0,
+            "data": {
+                "stored": {"parent_hash": None, "blocks": [{"block_hash": block, "tokens_hash": block}]}
+            },
+        }
+    ).encode()
+
+
+def _ingest_dynamo(tree: Any, events: list[tuple[int, bytes]], stored_blocks: int, n_engines: int) -> dict:
     gc.collect()
     t0 = time.perf_counter()
     apply = tree.apply_event
@@ -264,49 +240,107 @@ def bench_ingest_and_match(
     # apply_event only queues to the tree's worker thread: the clock stops when
     # a sentinel event, applied after all the others, is visible.
     sentinel = 0xFFFF_FFFF_FFFF_0001
-    apply(
-        n_engines,
-        json.dumps(
-            {
-                "event_id": len(events),
-                "dp_rank": 0,
-                "data": {
-                    "stored": {
-                        "parent_hash": None,
-                        "blocks": [{"block_hash": sentinel, "tokens_hash": sentinel}],
-                    }
-                },
-            }
-        ).encode(),
-    )
+    apply(n_engines, _sentinel_event(len(events), sentinel))
     deadline = time.perf_counter() + 120
     while not tree.find_matches([sentinel]).scores and time.perf_counter() < deadline:
         time.sleep(0.0005)
     dyn_s = time.perf_counter() - t0
-    dyn = {"blocks_per_s": stored_blocks / dyn_s, "seconds": dyn_s}
-    note(f"index: Dynamo {dyn['blocks_per_s']:,.0f} blocks/s")
-    q_local = [[_local_hash(b) for b in ids] for ids in queries]
+    return {"blocks_per_s": stored_blocks / dyn_s, "seconds": dyn_s}
+
+
+def _match_dynamo(tree: Any, q_local: list[list[int]], keep: int) -> tuple[list[float], list[Any]]:
+    """Seconds per ``find_matches``, timed as :func:`_match_ours`; the first
+    ``keep`` results are returned for the agreement check, done after the loop."""
     lat = []
     fm = tree.find_matches
+    perf = time.perf_counter
     firsts = []
-    # Timed exactly as ours above: gc frozen, nothing else between the calls
-    # (the agreement check runs after the loop).
     gc.collect()
     gc.freeze()
     for i, hs in enumerate(q_local):
         t = perf()
         r = fm(hs)
         lat.append(perf() - t)
-        if i < 200:
+        if i < keep:
             firsts.append(r)
     gc.unfreeze()
-    agree = 0
-    for i, r in enumerate(firsts):
-        best = max(r.scores.values(), default=0)
-        agree += best == max(index.match(q_router[i], workers).values())
-    dyn["match_p50_us"] = _pct(lat, 0.5) * 1e6
-    dyn["match_p99_us"] = _pct(lat, 0.99) * 1e6
-    dyn["best_overlap_agrees_with_kvmesh"] = f"{agree}/200"
+    return lat, firsts
+
+
+def _bench_dynamo(
+    batches: list[tuple[int, int | None, list[int]]],
+    queries: list[list[int]],
+    stored_blocks: int,
+    n_engines: int,
+    agrees: Callable[[int, Any], bool],
+    note: Callable[[str], None],
+) -> dict:
+    from dynamo.llm import RadixTree
+
+    note("index: serialising Dynamo JSON events")
+    events = _dynamo_events(batches)
+    tree = RadixTree()
+    dyn: dict[str, Any] = _ingest_dynamo(tree, events, stored_blocks, n_engines)
+    note(f"index: Dynamo {dyn['blocks_per_s']:,.0f} blocks/s")
+    lat, firsts = _match_dynamo(tree, [[_local_hash(b) for b in ids] for ids in queries], AGREEMENT_QUERIES)
+    agree = sum(agrees(i, r) for i, r in enumerate(firsts))
+    dyn["match_p50_us"] = percentile(lat, 50) * 1e6
+    dyn["match_p99_us"] = percentile(lat, 99) * 1e6
+    dyn["best_overlap_agrees_with_kvmesh"] = f"{agree}/{AGREEMENT_QUERIES}"
+    return dyn
+
+
+def bench_ingest_and_match(
+    n_blocks: int = 1_000_000,
+    n_engines: int = 64,
+    prompt_blocks: int = 128,
+    n_queries: int = 3000,
+    seed: int = 0,
+    note: Callable[[str], None] = print,
+) -> dict:
+    batches, convs = build_population(n_blocks, n_engines, seed)
+    stored_blocks = sum(len(s) for _, _, s in batches)
+    note(
+        f"index: {stored_blocks:,} blocks in {len(batches):,} batches over {n_engines} engines; "
+        "encoding frames"
+    )
+    frames = _vllm_frames(batches)
+    workers = [f"e{i}" for i in range(n_engines)]
+    ours, index = _ingest_ours(frames, workers, stored_blocks, seed)
+    del frames
+    note(f"index: ours {ours['blocks_per_s']:,.0f} blocks/s end to end")
+
+    queries = _queries(convs, prompt_blocks, n_queries, seed)
+    root = root_seed(MODEL)
+    q_router = [block_hashes([t for b in ids for t in _block_tokens(b)], BS, root) for ids in queries]
+    lat = _match_ours(index, q_router, workers)
+    ours["match_p50_us"] = percentile(lat, 50) * 1e6
+    ours["match_p99_us"] = percentile(lat, 99) * 1e6
+    # Hashing a 2048-token prompt (done once per request before the match).
+    toks = [t for b in queries[0] for t in _block_tokens(b)]
+    t = time.perf_counter()
+    for _ in range(200):
+        block_hashes(toks, BS, root)
+    ours["hash_128_blocks_us"] = (time.perf_counter() - t) / 200 * 1e6
+    res: dict = {
+        "n_engines": n_engines,
+        "stored_blocks": stored_blocks,
+        "batches": len(batches),
+        "prompt_blocks": prompt_blocks,
+        "queries": n_queries,
+        "kvmesh": ours,
+    }
+
+    why = dynamo_available()
+    if why:
+        res["dynamo"] = {"skipped": why}
+        note(f"index: skip Dynamo: {why}")
+        return res
+
+    def agrees(i: int, r: Any) -> bool:
+        return bool(max(r.scores.values(), default=0) == max(index.match(q_router[i], workers).values()))
+
+    dyn = _bench_dynamo(batches, queries, stored_blocks, n_engines, agrees, note)
     res["dynamo"] = dyn
     res["ingest_ratio"] = ours["blocks_per_s"] / dyn["blocks_per_s"]
     res["match_p99_ratio"] = ours["match_p99_us"] / dyn["match_p99_us"]
@@ -340,5 +374,5 @@ def bench_decisions(n_engines: int = 8, prompt_blocks: int = 128, n: int = 3000,
             d = pol.choose(req, cands, float(i), prng)
             pol.on_routed(req, d.worker, float(i))
             lat.append(time.perf_counter() - t)
-        out[name] = {"p50_us": _pct(lat, 0.5) * 1e6, "p99_us": _pct(lat, 0.99) * 1e6}
+        out[name] = {"p50_us": percentile(lat, 50) * 1e6, "p99_us": percentile(lat, 99) * 1e6}
     return out

@@ -23,18 +23,17 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 import grpc
-import structlog
 
 from kvmesh import procs
-from kvmesh.benchmarks.driver import GrpcTarget, SglangTarget, run_workload, summarize
+from kvmesh.benchmarks.driver import GrpcTarget, Rec, SglangTarget, run_workload, summarize
+from kvmesh.stats import percentile
 from kvmesh.workloads import Workload
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
-
-log = structlog.get_logger(__name__)
 
 KVMESH_POLICIES = [
     "round_robin",
@@ -50,14 +49,15 @@ SYSTEMS = KVMESH_POLICIES + ["precise_mesh3", "sglang_cache_aware", "sglang_roun
 
 @dataclass
 class FleetConfig:
+    """The engines every system is measured in front of (``kvmesh bench``'s flags start here)."""
+
     engines: int = 8
-    num_gpu_blocks: int = 2000
+    num_gpu_blocks: int = 4000  # KV cache of each engine, in blocks
     time_scale: float = 1.0
     seed: int = 7
     block_size: int = 16
-    router_args: tuple[
-        str, ...
-    ] = ()  # extra `kvmesh router` flags, e.g. ("--policy-opt", "precise.overlap_weight=2")
+    # Extra `kvmesh router` flags, e.g. ("--policy-opt", "precise.overlap_weight=2").
+    router_args: tuple[str, ...] = ()
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -189,9 +189,9 @@ async def _wait_mesh(addrs: list[str], n_engines: int, timeout: float = 30.0) ->
 def sglang_available() -> str | None:
     """None if sglang-router is importable, else why not."""
     try:
-        import sglang_router  # noqa: F401
+        import sglang_router  # noqa: F401  # imported only to see whether it is installed
     except ImportError as e:
-        return f"sglang-router not installed ({e}); pip install -e '.[bench]'"
+        return f"sglang-router not installed ({e}); pip install -e '.[peers]'"
     return None
 
 
@@ -279,7 +279,7 @@ async def clear_caches(engine_urls: list[str], grpc_addrs: list[str], timeout: f
     return warnings
 
 
-async def overhead_probe(system: System, engine_urls: list[str], n: int = 20) -> dict[str, float]:
+async def overhead_probe(system: System, engine_urls: list[str], n: int = 20) -> dict[str, float | None]:
     """Idle fleet: TTFT of a 32-token, 1-token-output request through the
     system minus the same request sent straight to an engine (both HTTP/gRPC
     streams read by this client), plus the Route RPC latency for kvmesh."""
@@ -294,20 +294,22 @@ async def overhead_probe(system: System, engine_urls: list[str], n: int = 20) ->
     await direct.open()
     via = system.target()
     await via.open()
-    d_ttft, v_ttft, route = [], [], []
+    d_ttft: list[float] = []
+    v_ttft: list[float] = []
+    route: list[float] = []
     try:
-        for i in range(n):
-            ok, *_rest = r = await direct.generate(prompt(), 1, "probe", f"probe-d-{uuid.uuid4().hex[:8]}")
-            if ok:
-                d_ttft.append(r[4])
-            ok, *_rest = r = await via.generate(prompt(), 1, "probe", f"probe-v-{uuid.uuid4().hex[:8]}")
-            if ok:
-                v_ttft.append(r[4])
+        for _ in range(n):
+            r = await direct.generate(prompt(), 1, "probe", f"probe-d-{uuid.uuid4().hex[:8]}")
+            if r.ok:
+                d_ttft.append(r.ttft_ms)
+            r = await via.generate(prompt(), 1, "probe", f"probe-v-{uuid.uuid4().hex[:8]}")
+            if r.ok:
+                v_ttft.append(r.ttft_ms)
         if system.grpc_addrs:
             async with grpc.aio.insecure_channel(system.grpc_addrs[0]) as ch:
                 stub = pb_grpc.RouterStub(ch)
                 toks = [rng.randrange(256, 32000) for _ in range(2048)]
-                for i in range(n * 5):
+                for _ in range(n * 5):
                     t = time.perf_counter()
                     await stub.Route(
                         pb.RouteRequest(prompt=pb.Prompt(token_ids=pb.TokenIds(ids=toks)), dry_run=True)
@@ -322,15 +324,86 @@ async def overhead_probe(system: System, engine_urls: list[str], n: int = 20) ->
         "via_ttft_p50_ms": med(v_ttft) if v_ttft else 0.0,
         "overhead_ms": (med(v_ttft) - med(d_ttft)) if d_ttft and v_ttft else 0.0,
         "route_rpc_p50_ms": med(route) if route else None,
-        "route_rpc_p99_ms": sorted(route)[int(0.99 * (len(route) - 1))] if route else None,
+        "route_rpc_p99_ms": percentile(route, 99) if route else None,
     }
+
+
+class Progress(Protocol):
+    """A progress display fed one finished request at a time."""
+
+    def __call__(self, rec: Rec, /) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _run_workload(
+    name: str,
+    system: System,
+    w: Workload,
+    urls: list[str],
+    cfg: FleetConfig,
+    per: dict,
+    progress: Callable[[str, int], Progress] | None,
+    note: Callable[[str], None],
+) -> None:
+    """One workload through one system, from cold caches; its figures go to ``per[w.name]``."""
+    warn = asyncio.run(clear_caches(urls, system.grpc_addrs))
+    for x in warn:
+        note(f"{name} {w.name}: WARNING {x}")
+    per["warnings"] += [f"before {w.name}: {x}" for x in warn]
+    bar = progress(f"{w.name:>9} {name}", w.requests) if progress else None
+    try:
+        recs, wall, sampler = asyncio.run(run_workload(system.target(), w, urls, on_done=bar))
+    finally:
+        if bar is not None:
+            bar.close()
+    s = summarize(recs, wall, sampler, cfg.block_size)
+    per[w.name] = s
+    note(
+        f"{name} {w.name}: hit {s['hit_rate']:.3f} (ideal {s['ideal_hit_rate']:.3f}) "
+        f"TTFT p90 {s['ttft_p90_ms']:.0f} ms, {s['throughput_rps']:.1f} req/s, "
+        f"failed {s['failed']}, {wall:.1f}s" + (f" errors: {s['errors']}" if s["errors"] else "")
+    )
+
+
+def _run_system(
+    name: str,
+    engines: list[procs.Proc],
+    workloads: list[Workload],
+    cfg: FleetConfig,
+    progress: Callable[[str, int], Progress] | None,
+    note: Callable[[str], None],
+    probes: int,
+) -> dict:
+    """Start one system, probe its overhead, run every workload, stop it; its results."""
+    urls = [p.info["url"] for p in engines]
+    t0 = time.monotonic()
+    per: dict = {"warnings": []}
+    try:
+        system = start_system(name, engines, cfg)
+    except Exception as e:
+        per["error"] = f"did not start: {e}"
+        note(f"{name}: did not start: {e}")
+        return per
+    note(f"{name}: started in {time.monotonic() - t0:.1f}s")
+    try:
+        per["warnings"] += asyncio.run(clear_caches(urls, system.grpc_addrs))
+        per["overhead"] = asyncio.run(overhead_probe(system, urls, probes))
+        for w in workloads:
+            _run_workload(name, system, w, urls, cfg, per, progress, note)
+    except Exception as e:
+        per["error"] = f"{type(e).__name__}: {e}"
+        note(f"{name}: FAILED: {per['error']}")
+    finally:
+        system.stop()
+    return per
 
 
 def run_routing(
     workloads: list[Workload],
     systems: list[str],
     cfg: FleetConfig,
-    progress: Callable[[str, int], Callable[[object], None]] | None = None,
+    progress: Callable[[str, int], Progress] | None = None,
     note: Callable[[str], None] = print,
     probes: int = 20,
 ) -> dict:
@@ -342,50 +415,13 @@ def run_routing(
         "skipped": {},
     }
     engines = start_engines(cfg)
-    urls = [p.info["url"] for p in engines]
     try:
         for name in systems:
             if name.startswith("sglang_") and (why := sglang_available()):
                 results["skipped"][name] = why
                 note(f"skip {name}: {why}")
                 continue
-            t0 = time.monotonic()
-            per: dict = {"warnings": []}
-            results["systems"][name] = per
-            try:
-                system = start_system(name, engines, cfg)
-            except Exception as e:
-                per["error"] = f"did not start: {e}"
-                note(f"{name}: did not start: {e}")
-                continue
-            note(f"{name}: started in {time.monotonic() - t0:.1f}s")
-            try:
-                per["warnings"] += asyncio.run(clear_caches(urls, system.grpc_addrs))
-                per["overhead"] = asyncio.run(overhead_probe(system, urls, probes))
-                for w in workloads:
-                    warn = asyncio.run(clear_caches(urls, system.grpc_addrs))
-                    for x in warn:
-                        note(f"{name} {w.name}: WARNING {x}")
-                    per["warnings"] += [f"before {w.name}: {x}" for x in warn]
-                    cb = progress(f"{w.name:>9} {name}", w.requests) if progress else None
-                    try:
-                        recs, wall, sampler = asyncio.run(run_workload(system.target(), w, urls, on_done=cb))
-                    finally:
-                        if hasattr(cb, "close"):
-                            cb.close()
-                    s = summarize(recs, wall, sampler, cfg.block_size)
-                    per[w.name] = s
-                    note(
-                        f"{name} {w.name}: hit {s['hit_rate']:.3f} (ideal {s['ideal_hit_rate']:.3f}) "
-                        f"TTFT p90 {s['ttft_p90_ms']:.0f} ms, {s['throughput_rps']:.1f} req/s, "
-                        f"failed {s['failed']}, {wall:.1f}s"
-                        + (f" errors: {s['errors']}" if s["errors"] else "")
-                    )
-            except Exception as e:
-                per["error"] = f"{type(e).__name__}: {e}"
-                note(f"{name}: FAILED: {per['error']}")
-            finally:
-                system.stop()
+            results["systems"][name] = _run_system(name, engines, workloads, cfg, progress, note, probes)
     finally:
         for p in engines:
             p.stop()

@@ -13,9 +13,9 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "router": ("router.node", "run a router node (gRPC API, KV-event subscribers, proxy)"),
+    "router": ("kvmesh.cli.router", "run a router node (gRPC API, KV-event subscribers, proxy)"),
     "sim-engine": (
-        "engine_adapters.sim_engine.server",
+        "kvmesh.cli.sim_engine",
         "run a simulated vLLM-like engine (OpenAI /v1/completions + ZMQ KV events)",
     ),
     "demo": ("kvmesh.demo", "start engines and a router on this machine and compare policies"),

@@ -1,10 +1,13 @@
 """A vLLM-like engine and a KV-event consumer for the whole-mesh simulation (pure).
 
-``SimEngine`` wraps the real :class:`PrefixCache` of the simulated engine: each
-``step`` runs one request (shared prefixes, so blocks are reused and evicted)
-and publishes what the cache reported as one ``KVEventBatch`` in vLLM's wire
-format, numbered 0, 1, 2, ... and kept in a bounded replay buffer. A restart
-empties the cache, the buffer and the numbering, like a new vLLM process.
+``ModelledEngine`` is the engine as the seeded simulation models it, in
+process and in virtual time; it is not the simulated engine *process*
+(``engine_adapters.sim_engine``, ``kvmesh sim-engine``), though it wraps the
+same :class:`PrefixCache`. Each ``step`` runs one request (shared prefixes,
+so blocks are reused and evicted) and publishes what the cache reported as
+one ``KVEventBatch`` in vLLM's wire format, numbered 0, 1, 2, ... and kept in
+a bounded replay buffer. A restart empties the cache, the buffer and the
+numbering, like a new vLLM process.
 
 ``Consumer`` is what an owner node runs for one engine: the same decisions as
 ``engine_adapters/event_adapter.py`` (Sequencer: apply / duplicate / gap ->
@@ -23,14 +26,16 @@ import xxhash
 
 from blocks.delta import OP_CLEAR, KvDelta, KvOp
 from engine_adapters.block_mapper import BlockMapper
-from engine_adapters.kv_events import KVEventBatch, decode_batch, encode_batch
+from engine_adapters.kv_events import EventFormat, KVEventBatch, decode_batch, encode_batch
 from engine_adapters.sequencer import Sequencer, Verdict
 from engine_adapters.sim_engine.cache import NotEnoughBlocks, PrefixCache, snapshot_router_hashes
 
-MODEL = "sim-model"
+MODEL = "sim-model"  # the model every simulated engine serves (seeds its router hashes)
 
 
-class SimEngine:
+class ModelledEngine:
+    """One engine of the simulation: a real prefix cache fed seeded requests."""
+
     def __init__(
         self,
         engine_id: str,
@@ -40,7 +45,7 @@ class SimEngine:
         block_size: int = 4,
         buffer_steps: int = 10_000,
         n_prefixes: int = 5,
-        fmt: str = "map",
+        fmt: EventFormat = "map",
     ) -> None:
         self.engine_id = engine_id
         self.rng = rng
@@ -131,12 +136,12 @@ class Consumer:
             self.mapper.restore(self.pairs)
 
     # -- as event_adapter.EventAdapter, without sockets --------------------------------
-    def catch_up(self, engine: SimEngine) -> list[KvDelta]:
+    def catch_up(self, engine: ModelledEngine) -> list[KvDelta]:
         out: list[KvDelta] = []
         self._replay(engine, 0, out)
         return out
 
-    def on_live(self, seq: int, payload: bytes, engine: SimEngine) -> list[KvDelta]:
+    def on_live(self, seq: int, payload: bytes, engine: ModelledEngine) -> list[KvDelta]:
         out: list[KvDelta] = []
         dg = digest(payload)
         for round_ in range(self.max_gap_rounds + 1):
@@ -159,8 +164,9 @@ class Consumer:
         self._apply(seq, payload, dg, False, out)
         return out
 
-    def _replay(self, engine: SimEngine, start_if_unknown: int, out: list[KvDelta]) -> None:
-        start = self.seq.expected if self.seq.last is not None else start_if_unknown
+    def _replay(self, engine: ModelledEngine, start_if_unknown: int, out: list[KvDelta]) -> None:
+        expected = self.seq.expected  # None before the first batch
+        start = expected if expected is not None else start_if_unknown
         first = True
         for s, p in engine.replay(start):
             was_first, first = first, False

@@ -4,7 +4,7 @@ Each node (:class:`MeshNode`) is a real :class:`mesh.core.MeshCore` with its
 own :class:`router.index.PrefixIndex`; the engines it owns (per the core's
 ``StartOwning``/``StopOwning`` effects) are consumed by a :class:`Consumer`
 (real Sequencer + BlockMapper restored from the takeover's mapping pairs) and
-fed to ``core.engine_deltas``. Engines (:class:`SimEngine`, the real
+fed to ``core.engine_deltas``. Engines (:class:`ModelledEngine`, the real
 PrefixCache) publish batches on a schedule; a batch reaches the consumers
 that exist when it is published, in order (like a ZMQ SUB), unless the
 scenario drops it (the consumer then replays the gap).
@@ -19,17 +19,20 @@ import logging
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import structlog
 
 from blocks.delta import KvDelta
-from kvmesh.simulation.engine_model import Consumer, SimEngine
-from kvmesh.simulation.simnet import NetConfig, SimNet
+from kvmesh.simulation.engine_model import MODEL, Consumer, ModelledEngine
+from kvmesh.simulation.simnet import NetConfig, NodeFactory, SimNet
+from kvmesh.stats import percentile
 from mesh.core import MeshConfig, MeshCore
 from mesh.effects import StartOwning, StopOwning
-from mesh.engine_log import Epoch
+from mesh.engine_log.epoch import Epoch
 from mesh.membership import MembershipConfig
 from router.index import PrefixIndex
 
@@ -62,7 +65,7 @@ class World:
         self.seed = seed
         self.config = config
         self.rng = random.Random(f"world/{seed}")
-        self.engines: dict[str, SimEngine] = {}
+        self.engines: dict[str, ModelledEngine] = {}
         self.stints: dict[str, list[Stint]] = {}
         self.left: set[str] = set()
         self.live_loss = 0.0
@@ -76,10 +79,7 @@ class World:
         assert sim is not None
         eng = self.engines[eid]
         now = sim.now
-        if kind == "clear":
-            out = eng.clear(now)
-        else:
-            out = eng.step(now)
+        out = eng.clear(now) if kind == "clear" else eng.step(now)
         if out is None:
             return
         seq, payload = out
@@ -89,9 +89,7 @@ class World:
                 continue
             if self.live_loss and self.rng.random() < self.live_loss:
                 continue
-            sim.call_node(
-                addr, now + LIVE_DELAY, lambda n, t, eid=eid, seq=seq, p=payload: n.on_live(eid, seq, p, t)
-            )
+            sim.call_node(addr, now + LIVE_DELAY, partial(_on_live, eid=eid, seq=seq, payload=payload))
 
     def schedule_engine(
         self, eid: str, start: float, end: float, period: tuple[float, float], clear_prob: float = 0.0
@@ -101,8 +99,11 @@ class World:
         t = start
         while t < end:
             kind = "clear" if self.rng.random() < clear_prob else "step"
-            sim.at(t, lambda s, eid=eid, kind=kind: self.publish(eid, kind))
+            sim.at(t, partial(self._publish_at, eid=eid, kind=kind))
             t += self.rng.uniform(*period)
+
+    def _publish_at(self, _sim: SimNet[MeshNode], eid: str, kind: str) -> None:
+        self.publish(eid, kind)
 
     def active_stints(self, eid: str) -> list[Stint]:
         return [s for s in self.stints.get(eid, []) if s.stopped is None]
@@ -142,7 +143,7 @@ class MeshNode:
         return self.pump(now)
 
     def register(self, eid: str, now: float) -> list[Any]:
-        self.core.register_engine(eid, {"endpoint": f"tcp://{eid}:5557", "model": "sim-model"}, now)
+        self.core.register_engine(eid, {"endpoint": f"tcp://{eid}:5557", "model": MODEL}, now)
         return self.pump(now)
 
     def leave(self, now: float) -> list[Any]:
@@ -196,8 +197,16 @@ class MeshNode:
             self._stop(eid, now)
 
 
-def node_factory(world: World, seeds_of: Any):
-    def factory(addr: str, now: float, rng: random.Random):
+def _on_live(node: MeshNode, now: float, eid: str, seq: int, payload: bytes) -> list[Any]:
+    return node.on_live(eid, seq, payload, now)
+
+
+def _register(node: MeshNode, now: float, eid: str) -> list[Any]:
+    return node.register(eid, now)
+
+
+def node_factory(world: World, seeds_of: Callable[[str], list[str]]) -> NodeFactory[MeshNode]:
+    def factory(addr: str, now: float, rng: random.Random) -> tuple[MeshNode, list[Any]]:
         node = MeshNode(addr, now, rng, world, seeds_of(addr))
         return node, node.pump(now)
 
@@ -205,11 +214,6 @@ def node_factory(world: World, seeds_of: Any):
 
 
 # --- convergence measurement -------------------------------------------------------------
-
-
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
 
 
 def measure_convergence(
@@ -240,8 +244,8 @@ def measure_convergence(
         sim.add_node(a, fac, at=0.0 if i == 0 else r.uniform(0.0, 3.0))
     eids = [f"e{j}" for j in range(engines)]
     for j, eid in enumerate(eids):
-        world.engines[eid] = SimEngine(eid, random.Random(f"{seed}/{eid}"), num_blocks=200)
-        sim.call_node("n0", 1.0 + j * 0.1, lambda node, now, eid=eid: node.register(eid, now))
+        world.engines[eid] = ModelledEngine(eid, random.Random(f"{seed}/{eid}"), num_blocks=200)
+        sim.call_node("n0", 1.0 + j * 0.1, partial(_register, eid=eid))
     warm = 15.0 + n * 0.05
     span = events * 0.5 + 15.0
     sim.run_until(warm)
@@ -286,8 +290,8 @@ def measure_convergence(
         "n": n,
         "events": len(published),
         "missing": missing,
-        "p50": _pct(lat, 0.5) if lat else float("inf"),
-        "p99": _pct(lat, 0.99) if lat else float("inf"),
+        "p50": percentile(lat, 50) if lat else float("inf"),
+        "p99": percentile(lat, 99) if lat else float("inf"),
         "max": max(lat) if lat else float("inf"),
         "mean": statistics.fmean(lat) if lat else float("inf"),
         "bytes_per_event": (total - background) / max(1, len(published)),

@@ -106,7 +106,7 @@ class SimNet(Generic[N]):
         self._heap: list[tuple[float, int, int, Any, Any]] = []
         self._counter = 0
         self._nodes: dict[str, N] = {}
-        self._factories: dict[str, NodeFactory] = {}
+        self._factories: dict[str, NodeFactory[N]] = {}
         self._epoch: dict[str, int] = {}  # bumped on crash/restart; stale ticks are skipped
         self._link_loss: dict[tuple[str, str], float] = {}
         self._partitions: list[tuple[float, float, dict[str, int]]] = []
@@ -117,7 +117,7 @@ class SimNet(Generic[N]):
         self._counter += 1
         heapq.heappush(self._heap, (t, self._counter, kind, a, b))
 
-    def add_node(self, addr: str, factory: NodeFactory, at: float = 0.0) -> None:
+    def add_node(self, addr: str, factory: NodeFactory[N], at: float = 0.0) -> None:
         """Register ``addr`` and start it at time ``at`` (restart uses the same factory)."""
         if addr in self._factories:
             raise ValueError(f"node {addr!r} already added")
@@ -203,46 +203,50 @@ class SimNet(Generic[N]):
     def run_until(self, t_end: float) -> None:
         """Process every event with time <= ``t_end``; the clock ends at ``t_end``."""
         heap = self._heap
-        nodes = self._nodes
-        stats = self.stats
         pop = heapq.heappop
         while heap and heap[0][0] <= t_end:
             t, _, kind, a, b = pop(heap)
             self.now = t
             if kind == _DELIVER:
-                node = nodes.get(a)
-                if node is None:
-                    stats.to_down_node += 1
-                    continue
-                if self._partitions and not self.can_reach(b[0], a, t):
-                    stats.partitioned += 1
-                    continue
-                stats.delivered += 1
-                try:
-                    out = node.handle(b[1], t)
-                except Exception as exc:  # a real node logs bad input and keeps running
-                    stats.handler_errors += 1
-                    self.last_error = exc
-                    continue
-                if out:
-                    self._send_all(a, out)
+                self._deliver(a, b[0], b[1], t)
             elif kind == _TICK:
-                node = nodes.get(a)
-                if node is None or self._epoch[a] != b:
-                    continue
-                stats.ticks += 1
-                out = node.tick(t)
-                if out:
-                    self._send_all(a, out)
-                self._schedule_tick(a, b)
+                self._tick(a, b, t)
             elif kind == _CALL:
                 b(self)
             elif kind == _START:
                 self._start(a)
-            elif kind == _CRASH:
-                if nodes.pop(a, None) is not None:
-                    self._epoch[a] += 1
+            elif kind == _CRASH and self._nodes.pop(a, None) is not None:
+                self._epoch[a] += 1
         self.now = max(self.now, t_end)
+
+    def _deliver(self, dst: str, src: str, msg: Any, t: float) -> None:
+        stats = self.stats
+        node = self._nodes.get(dst)
+        if node is None:
+            stats.to_down_node += 1
+            return
+        if self._partitions and not self.can_reach(src, dst, t):
+            stats.partitioned += 1
+            return
+        stats.delivered += 1
+        try:
+            out = node.handle(msg, t)
+        except Exception as exc:  # a real node logs bad input and keeps running
+            stats.handler_errors += 1
+            self.last_error = exc
+            return
+        if out:
+            self._send_all(dst, out)
+
+    def _tick(self, addr: str, epoch: int, t: float) -> None:
+        node = self._nodes.get(addr)
+        if node is None or self._epoch[addr] != epoch:
+            return  # scheduled for an earlier life of the node (crashed or restarted since)
+        self.stats.ticks += 1
+        out = node.tick(t)
+        if out:
+            self._send_all(addr, out)
+        self._schedule_tick(addr, epoch)
 
     def _start(self, addr: str) -> None:
         self._nodes.pop(addr, None)

@@ -244,7 +244,7 @@ def test_compose_deployment_every_router_sees_every_engine_cache(
                         f"com.docker.compose.project={project}",
                         f"com.docker.compose.service=router-{i}",
                     ]
-                }  # fmt: skip
+                }
             )
             assert len(found) == 1, f"router-{i}: {found}"
             routers[i] = found[0]

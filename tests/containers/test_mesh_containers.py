@@ -24,7 +24,7 @@ import pytest
 import requests
 
 # The engine-side digest: XOR of the router block hashes of an engine's real cache.
-from kvmesh.benchmarks.convergence import engine_digest
+from kvmesh.probes import engine_digest
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 from tests.containers.conftest import DockerScope

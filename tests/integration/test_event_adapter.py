@@ -13,10 +13,10 @@ from collections.abc import Callable
 import pytest
 import zmq
 
-from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta
+from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, EngineHash, KvDelta
 from blocks.hashing import block_hashes, root_seed
 from engine_adapters.block_mapper import BlockMapper
-from engine_adapters.event_adapter import EventAdapter
+from engine_adapters.event_adapter import EventAdapter, EventAdapterConfig
 from engine_adapters.kv_events import (
     END_SEQ,
     BlockRemoved,
@@ -28,7 +28,8 @@ from engine_adapters.kv_events import (
     encode_seq,
 )
 from engine_adapters.sim_engine.publisher import ZmqEventPublisher
-from mesh.state import MeshState, encode
+from mesh.state import MeshState
+from mesh.state_messages import decode_delta, encode_payload
 from router.index import PrefixIndex
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,10 +45,10 @@ class ToyEngine:
 
     def __init__(self, seed: int = 0) -> None:
         self.rng = random.Random(seed)
-        self.live: dict[object, int] = {}  # engine hash -> router hash
-        self.by_prefix: dict[tuple[int, ...], object] = {}
+        self.live: dict[EngineHash, int] = {}  # engine hash -> router hash
+        self.by_prefix: dict[tuple[int, ...], EngineHash] = {}
 
-    def _new_hash(self) -> object:
+    def _new_hash(self) -> EngineHash:
         if self.rng.random() < 0.5:
             return self.rng.getrandbits(63) | (1 << 63)
         return self.rng.randbytes(32)
@@ -56,7 +57,7 @@ class ToyEngine:
         n = len(tokens) // BS
         routers = block_hashes(tokens, BS, root_seed(MODEL))
         parent = None
-        new_h: list[object] = []
+        new_h: list[EngineHash] = []
         new_t: list[int] = []
         first_parent = None
         for i in range(n):
@@ -87,6 +88,12 @@ class ToyEngine:
 
     def expected(self) -> set[int]:
         return set(self.live.values())
+
+
+def fresh(ev: BlockStored | None) -> BlockStored:
+    """``ToyEngine.store`` of a prompt that cannot be cached yet."""
+    assert ev is not None
+    return ev
 
 
 def batch(*events) -> KVEventBatch:
@@ -120,6 +127,10 @@ async def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str 
         await asyncio.sleep(0.01)
 
 
+def applied_up_to(ad: EventAdapter, seq: int) -> Callable[[], bool]:
+    return lambda: ad.last_seqs()[0] == seq
+
+
 def free_consecutive_ports(n: int) -> int:
     """A base port with n free consecutive ports on loopback."""
     for _ in range(50):
@@ -144,8 +155,7 @@ def free_consecutive_ports(n: int) -> int:
 
 
 def make_adapter(pub: ZmqEventPublisher, sink, **kw) -> EventAdapter:
-    kw.setdefault("replay_timeout", 0.5)
-    kw.setdefault("replay_retries", 2)
+    kw.setdefault("config", EventAdapterConfig(replay_timeout=0.5, replay_retries=2))
     return EventAdapter("eng-a", MODEL, pub.endpoint, pub.replay_endpoint, topic="kv", sink=sink, **kw)
 
 
@@ -177,6 +187,7 @@ def test_publisher_frames_and_replay_match_vllm() -> None:
             assert b.events == [ev] and b.data_parallel_rank == 0
             assert payload == encode_batch(b, "map")
 
+        assert pub.replay_endpoint is not None
         dealer = ctx.socket(zmq.DEALER)
         dealer.connect(pub.replay_endpoint)
         dealer.send_multipart([b"", encode_seq(0)])  # older than the buffer
@@ -220,7 +231,7 @@ def test_publish_is_thread_safe_and_wire_order_follows_seq() -> None:
             t.start()
         for t in threads:
             t.join()
-        seen = []
+        seen: list[int] = []
         while len(seen) < 1000 and sub.poll(2000):
             seq = decode_seq(sub.recv_multipart()[1])
             if seq >= start:
@@ -252,14 +263,14 @@ async def test_history_then_live_then_dropped_batches_are_replayed() -> None:
                     dropping = 3
                 p = eng.prompt()
                 # shared prefixes: the second store chains to the first
-                events = [eng.store(p), eng.store(p + eng.prompt(1))]
+                events: list[BlockStored | BlockRemoved | None] = [eng.store(p), eng.store(p + eng.prompt(1))]
                 if i % 4 == 0:
                     events.append(eng.evict(2))
                 seq = pub.publish(batch(*events))
                 if dropping:
                     dropping -= 1
                 else:  # sent: let the adapter see it (and fill any gap) first
-                    await wait_until(lambda: ad.last_seqs()[0] == seq)
+                    await wait_until(applied_up_to(ad, seq))
             last = pub.next_seq - 1
             await wait_until(lambda: ad.last_seqs()[0] == last, what="catch up")
             assert index.worker_hashes("eng-a") == eng.expected()
@@ -288,11 +299,11 @@ async def test_replay_buffer_too_small_resets_the_worker() -> None:
             pub.drop_next(8)  # lost on the wire; the buffer keeps only the last 3
             kept: set[int] = set()
             for i in range(8):
-                ev = eng.store(eng.prompt())
+                ev = fresh(eng.store(eng.prompt()))
                 if i >= 6:  # with the next one, the 3 the buffer still has
                     kept.update(block_hashes(ev.token_ids, BS, root_seed(MODEL)))
                 pub.publish(batch(ev))
-            ev = eng.store(eng.prompt())
+            ev = fresh(eng.store(eng.prompt()))
             kept.update(block_hashes(ev.token_ids, BS, root_seed(MODEL)))
             pub.publish(batch(ev))
             await wait_until(lambda: ad.last_seqs()[0] == pub.next_seq - 1)
@@ -321,8 +332,8 @@ async def test_data_parallel_ranks_are_separate_workers() -> None:
         )
         for r in range(2)
     ]
-    assert pubs[1].endpoint.endswith(f":{base + 1}")
-    assert pubs[1].replay_endpoint.endswith(f":{rbase + 1}")
+    assert pubs[1].endpoint == f"tcp://127.0.0.1:{base + 1}"
+    assert pubs[1].replay_endpoint == f"tcp://127.0.0.1:{rbase + 1}"
     sink = DictSink()
     ad = EventAdapter(
         "eng-dp",
@@ -332,7 +343,7 @@ async def test_data_parallel_ranks_are_separate_workers() -> None:
         topic="kv",
         data_parallel_size=2,
         sink=sink,
-        replay_timeout=0.5,
+        config=EventAdapterConfig(replay_timeout=0.5),
     )
     await ad.start()
     try:
@@ -388,7 +399,7 @@ async def test_malformed_input_is_counted_and_the_adapter_keeps_going() -> None:
         # seq 4 arrives broken (its seq frame is lost with it) and there is no
         # replay socket: the gap is a counted reset, and the adapter goes on
         xpub.send_multipart([b"kv", encode_seq(4)])  # two frames
-        ev5 = eng.store(eng.prompt())
+        ev5 = fresh(eng.store(eng.prompt()))
         xpub.send_multipart([b"kv", encode_seq(5), encode_batch(batch(ev5))])
         await wait_until(lambda: ad.last_seqs()[0] == 5)
         s = ad.stats()
@@ -435,7 +446,9 @@ async def test_engine_restart_resets_the_worker() -> None:
     old = ToyEngine(5)
     sink = DictSink()
     pub = ZmqEventPublisher(ep, rep, topic="kv", bind=True)
-    ad = EventAdapter("eng-r", MODEL, ep, rep, topic="kv", sink=sink, replay_timeout=0.5)
+    ad = EventAdapter(
+        "eng-r", MODEL, ep, rep, topic="kv", sink=sink, config=EventAdapterConfig(replay_timeout=0.5)
+    )
     await ad.start()
     try:
         await ad.wait_ready(5)
@@ -467,6 +480,7 @@ def test_replay_larger_than_the_default_zmq_hwm_arrives_whole() -> None:
     with ZmqEventPublisher(LOOP, LOOP, topic="kv", buffer_steps=10_000) as pub:
         for _ in range(3000):
             pub.publish(batch(BlockRemoved([1])))
+        assert pub.replay_endpoint is not None
         dealer = ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.RCVHWM, 0)
         dealer.connect(pub.replay_endpoint)
@@ -508,12 +522,12 @@ async def test_mesh_handover_gives_the_new_owner_the_mapping() -> None:
     what A missed from the engine and goes on live: removals of, and stores
     chained to, blocks A saw stored are mapped exactly."""
     eng = ToyEngine(9)
-    a = MeshState("n-a", 0.0, random.Random(1))
-    b = MeshState("n-b", 0.0, random.Random(2))
+    a = MeshState("n-a", 0.0, random.Random(1), hint_ttl=2.0)
+    b = MeshState("n-b", 0.0, random.Random(2), hint_ttl=2.0)
     b.apply_remote(a.take_ownership("eng-a", 0.0).message, 0.0)
 
     def sink_a(d: KvDelta) -> None:
-        b.apply_remote(encode(a.local_deltas("eng-a", [d])), 0.0)
+        b.apply_remote(decode_delta(encode_payload(a.local_deltas("eng-a", [d]))), 0.0)
 
     def sink_b(d: KvDelta) -> None:
         b.local_deltas("eng-a", [d])
@@ -528,7 +542,7 @@ async def test_mesh_handover_gives_the_new_owner_the_mapping() -> None:
             await wait_until(lambda: ad.last_seqs()[0] == 5, what="A caught up")
         finally:
             await ad.stop()
-        before = set(ad.mapper().map.to_router)
+        before = set(ad.mapper().block_map.to_router)
         # while nobody owns the engine: evictions and prompts extending cached ones
         pub.publish(batch(eng.evict(4), eng.store(prompts[0] + eng.prompt(2))))
         pub.publish(batch(eng.store(prompts[1] + eng.prompt(1)), eng.evict(2)))
@@ -536,16 +550,16 @@ async def test_mesh_handover_gives_the_new_owner_the_mapping() -> None:
         t = b.take_ownership("eng-a", 1.0)
         assert t.resume == {"eng-a": 6}
         mapper = BlockMapper.from_pairs(MODEL, "eng-a", t.mappings["eng-a"])
-        assert mapper.map == ad.mapper().map
+        assert mapper.block_map == ad.mapper().block_map
         ad_b = make_adapter(pub, sink_b, start_seqs={0: t.resume["eng-a"] - 1}, mappers={0: mapper})
         await ad_b.start()
         try:
             await wait_until(lambda: ad_b.last_seqs()[0] == 7, what="B replayed")
-            assert b.materialise("eng-a")["eng-a"] == eng.expected()
+            assert b.logs["eng-a"].materialise()["eng-a"] == eng.expected()
             removed_old = before - set(eng.live)
             pub.publish(batch(eng.evict(5), eng.store(prompts[2] + eng.prompt(1))))
             await wait_until(lambda: ad_b.last_seqs()[0] == 8, what="B live")
-            assert b.materialise("eng-a")["eng-a"] == eng.expected()
+            assert b.logs["eng-a"].materialise()["eng-a"] == eng.expected()
             assert removed_old  # the scenario removes blocks A mapped
             st = ad_b.mapper().stats
             assert st.unknown_removed == 0 and st.unknown_parent == 0

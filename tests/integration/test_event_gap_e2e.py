@@ -52,7 +52,7 @@ async def test_dropped_batches_are_replayed_and_index_matches_engine_cache():
         await adapter.wait_ready(10)
         async with aiohttp.ClientSession() as http:
             url = eng.info["url"]
-            for i in range(6):
+            for _ in range(6):
                 await _complete(http, url, shared + [rng.randrange(256, 32000) for _ in range(64)])
             expected = await _converged(index, http, url)
             assert expected and index.worker_hashes("e0") == expected
@@ -60,7 +60,7 @@ async def test_dropped_batches_are_replayed_and_index_matches_engine_cache():
             # Lose the next batches on the wire (they stay in the replay buffer).
             async with http.post(f"{url}/admin/drop_events", json={"count": 5}) as r:
                 assert r.status == 200
-            for i in range(12):
+            for _ in range(12):
                 await _complete(http, url, [rng.randrange(256, 32000) for _ in range(200)])
             expected = await _converged(index, http, url)
             stats = adapter.stats()

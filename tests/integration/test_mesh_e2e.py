@@ -12,8 +12,8 @@ import grpc
 import pytest
 
 from kvmesh import procs
-from kvmesh.benchmarks.convergence import engine_digest
 from kvmesh.loadgen import generate_once
+from kvmesh.probes import engine_digest
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 

@@ -62,11 +62,11 @@ def start_engine(*extra: str, timeout: float = 30.0) -> Engine:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     err: list[str] = []
-    threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+    threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]  # stderr=PIPE: not None
     found: list[re.Match[str]] = []
 
     def read() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
+        for line in proc.stdout:  # type: ignore[union-attr]  # stdout=PIPE: not None
             m = READY_RE.search(line)
             if m:
                 found.append(m)
@@ -121,7 +121,7 @@ def recv_batches(s: zmq.Socket, until: Any, timeout: float = 5.0) -> list[tuple[
         left = deadline - time.monotonic()
         if left <= 0 or not s.poll(int(left * 1000)):
             break
-        topic, seq, payload = s.recv_multipart()
+        _topic, seq, payload = s.recv_multipart()
         got.append((decode_seq(seq), decode_batch(payload)))
     return got
 
@@ -131,9 +131,9 @@ def apply(hashes: set[int], batches: list[tuple[int, KVEventBatch]]) -> set[int]
         for e in b.events:
             if isinstance(e, BlockStored):
                 assert len(e.token_ids) == BS * len(e.block_hashes) and e.block_size == BS
-                hashes.update(e.block_hashes)  # type: ignore[arg-type]
+                hashes.update(e.block_hashes)  # type: ignore[arg-type]  # ints here; the wire type admits bytes
             elif isinstance(e, BlockRemoved):
-                hashes.difference_update(e.block_hashes)  # type: ignore[arg-type]
+                hashes.difference_update(e.block_hashes)
             elif isinstance(e, AllBlocksCleared):
                 hashes.clear()
     return hashes
@@ -144,16 +144,18 @@ async def complete(http: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]
         return r.status, await r.json(content_type=None)
 
 
-async def stream(http: str, body: dict[str, Any]) -> list[Any]:
+async def stream(http: str, body: dict[str, Any], path: str = "/v1/completions") -> list[Any]:
     chunks: list[Any] = []
-    async with aiohttp.ClientSession() as s:
-        async with s.post(f"{http}/v1/completions", json={**body, "stream": True}) as r:
-            assert r.status == 200
-            async for line in r.content:
-                line = line.strip()
-                if line.startswith(b"data: "):
-                    data = line[6:]
-                    chunks.append("[DONE]" if data == b"[DONE]" else json.loads(data))
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{http}{path}", json={**body, "stream": True}) as r,
+    ):
+        assert r.status == 200
+        async for line in r.content:
+            line = line.strip()
+            if line.startswith(b"data: "):
+                data = line[6:]
+                chunks.append("[DONE]" if data == b"[DONE]" else json.loads(data))
     return chunks
 
 
@@ -226,10 +228,12 @@ async def test_streaming_matches_non_streaming_and_token_ids(engine: Engine) -> 
 
 
 async def test_bad_requests_get_400_and_engine_keeps_serving(engine: Engine) -> None:
-    async with aiohttp.ClientSession() as s:
-        async with s.post(f"{engine.http}/v1/completions", data=b"{not json") as r:
-            assert r.status == 400
-            assert "error" in await r.json()
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{engine.http}/v1/completions", data=b"{not json") as r,
+    ):
+        assert r.status == 400
+        assert "error" in await r.json()
     bad_bodies = [
         {"max_tokens": 4},
         {"prompt": [1, -2, 3]},
@@ -241,7 +245,7 @@ async def test_bad_requests_get_400_and_engine_keeps_serving(engine: Engine) -> 
         [1, 2, 3],
     ]
     for body in bad_bodies:
-        status, resp = await complete(engine.http, body)  # type: ignore[arg-type]
+        status, resp = await complete(engine.http, body)  # type: ignore[arg-type]  # some bodies are not objects, on purpose
         assert status == 400, (body, resp)
         assert resp["error"]["code"] == 400 and resp["error"]["message"]
     status, resp = await complete(engine.http, {"prompt": [1, 2], "model": "nope"})
@@ -364,3 +368,40 @@ async def test_stop_string_ends_with_stop(engine: Engine) -> None:
     assert c["text"] == full_text[: full_text.find(third)]  # the stop string is not returned
     n = stopped["usage"]["completion_tokens"]
     assert 1 <= n <= 3 and c["token_ids"] == ids[:n]
+
+
+async def test_sglang_generate_and_discovery(engine: Engine) -> None:
+    body = {"input_ids": prompt_with(12, 2, [1, 2]), "sampling_params": {"max_new_tokens": 4}, "rid": "g1"}
+    async with aiohttp.ClientSession() as s, s.post(f"{engine.http}/generate", json=body) as r:
+        assert r.status == 200
+        full = await r.json()
+    meta = full["meta_info"]
+    assert meta["id"] == "g1" and meta["prompt_tokens"] == 2 * BS + 2 and meta["completion_tokens"] == 4
+    assert meta["finish_reason"] == {"type": "length", "length": 4} and "kvmesh_sim" in meta
+    assert len(full["output_ids"]) == 4 and full["text"]
+    chunks = await stream(engine.http, body, "/generate")
+    assert chunks[-1] == "[DONE]"
+    # cumulative, like SGLang's default; the prefix cached by the first call is a hit
+    assert [len(c["output_ids"]) for c in chunks[:-1]] == [1, 2, 3, 4]
+    assert chunks[-2]["output_ids"] == full["output_ids"] and chunks[-2]["text"] == full["text"]
+    assert chunks[-2]["meta_info"]["cached_tokens"] == 2 * BS
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{engine.http}/generate", json={"input_ids": [1], "sampling_params": 3}) as r,
+    ):
+        assert r.status == 400
+    info = await get_json(engine.http, "/get_server_info")
+    assert info["page_size"] == BS and info["max_total_num_tokens"] == 400 * BS
+    assert (await get_json(engine.http, "/model_info"))["model_path"] == "sim-model"
+
+
+def test_flag_defaults_are_the_config_defaults() -> None:
+    import argparse
+
+    from engine_adapters.sim_engine.config import SimEngineConfig
+    from kvmesh.cli.sim_engine import config_from_args, configure_parser, run
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert config_from_args(parser.parse_args([])) == SimEngineConfig()
+    assert run(parser.parse_args(["--fail-rate", "2"])) == 2  # refused before anything starts

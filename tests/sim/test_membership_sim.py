@@ -31,7 +31,9 @@ import pytest
 import structlog
 
 from kvmesh.simulation.simnet import NetConfig, SimNet
-from mesh.membership import ALIVE, Membership, MembershipConfig
+from kvmesh.stats import percentile
+from mesh.membership import Membership, MembershipConfig
+from mesh.swim_messages import ALIVE
 
 FAULT_END = 60.0  # faults happen in [0, FAULT_END)
 QUIET = 60.0  # then a quiet network for this long before the check
@@ -218,7 +220,7 @@ def test_ten_nodes_sixty_seconds_is_fast() -> None:
     t0 = time.perf_counter()
     sim, _ = build(3)
     sim.run_until(60.0)
-    assert time.perf_counter() - t0 < 2.0  # ~0.05 s on a loaded 2-core box
+    assert time.perf_counter() - t0 < 2.0  # generous: the simulator must stay cheap enough for CI
     assert sim.stats.delivered > 1000
 
 
@@ -250,7 +252,7 @@ def crash_detection_time(n: int, seed: int, loss: float = 0.0) -> float:
     sim.crash(victim, t_crash)
     sim.run_until(t_crash + 120.0)
     worst = 0.0
-    for a, node in sim.up_nodes().items():
+    for node in sim.up_nodes().values():
         ts = [e.at for e in node.events() if e.node == victim and e.kind == "dead" and e.at >= t_crash]
         if not ts:
             return float("inf")
@@ -282,11 +284,6 @@ def join_time(n: int, seed: int, loss: float = 0.0) -> float:
     return worst
 
 
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
-
-
 def test_crash_detection_and_join_latency_n10() -> None:
     det = [crash_detection_time(10, s) for s in range(20)]
     joins = [join_time(10, s) for s in range(20)]
@@ -307,9 +304,9 @@ def measure(
         joins = [join_time(n, s, loss) for s in range(k)]
         wall = time.perf_counter() - t0
         print(
-            f"N={n:3d} loss={loss:.2f} seeds={k:3d}  crash detected by all: p50={_pct(det, 0.5):6.2f}s "
-            f"p99={_pct(det, 0.99):6.2f}s max={max(det):6.2f}s | joiner known by all: "
-            f"p50={_pct(joins, 0.5):5.2f}s p99={_pct(joins, 0.99):5.2f}s max={max(joins):5.2f}s "
+            f"N={n:3d} loss={loss:.2f} seeds={k:3d}  crash detected by all: p50={percentile(det, 50):6.2f}s "
+            f"p99={percentile(det, 99):6.2f}s max={max(det):6.2f}s | joiner known by all: "
+            f"p50={percentile(joins, 50):5.2f}s p99={percentile(joins, 99):5.2f}s max={max(joins):5.2f}s "
             f"(wall {wall:.1f}s)",
             flush=True,
         )

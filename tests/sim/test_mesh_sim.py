@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from kvmesh.simulation.engine_model import SimEngine
+from kvmesh.simulation.engine_model import ModelledEngine
 from kvmesh.simulation.mesh_world import (
     MeshNode,
     World,
@@ -129,7 +129,7 @@ def build(seed: int) -> tuple[SimNet[MeshNode], World, Scenario]:
     small_buffer = r.random() < 0.15
     for eid in eids:
         buf = r.randint(10, 25) if small_buffer else 10_000
-        world.engines[eid] = SimEngine(eid, random.Random(f"{seed}/{eid}"), buffer_steps=buf)
+        world.engines[eid] = ModelledEngine(eid, random.Random(f"{seed}/{eid}"), buffer_steps=buf)
         world.schedule_engine(eid, 0.5, FAULT_END + 5.0, (0.05, 0.3), clear_prob=0.01)
         t = r.uniform(1.0, 4.0)
 
@@ -237,7 +237,7 @@ def _lineage(world: World, eid: str, final) -> tuple[list, list[str]]:
     return chain, problems
 
 
-def _check_chain(eid: str, chain: list, eng: SimEngine) -> list[str]:
+def _check_chain(eid: str, chain: list, eng: ModelledEngine) -> list[str]:
     problems: list[str] = []
     prev: int | None = None
     marker: str | None = None
@@ -371,7 +371,8 @@ def test_single_seed() -> None:
             log = st.consumer.log
             print(
                 f"    {st.started:7.2f}-{st.stopped if st.stopped is not None else 'now':>7} "
-                f"{st.node}#{st.incarnation} {st.epoch.term}/{st.epoch.owner} base={st.base and (st.base.term, st.base.owner)} "
+                f"{st.node}#{st.incarnation} {st.epoch.term}/{st.epoch.owner} "
+                f"base={st.base and (st.base.term, st.base.owner)} "
                 f"resume={st.resume} applied={len(log)} head={log[:3]} tail={log[-3:]}"
             )
     for a, node in sorted(sim.up_nodes().items()):
@@ -384,7 +385,7 @@ def test_single_seed() -> None:
 
 def test_simulation_is_deterministic() -> None:
     def fingerprint(seed: int) -> tuple:
-        sim, world, _ = build(seed)
+        sim, _, _ = build(seed)
         sim.run_until(25.0)
         idx = tuple(
             (a, tuple(sorted((w, len(n.index.worker_hashes(w))) for w in n.index.workers())))
@@ -415,7 +416,7 @@ def test_a_handover_happens_and_is_checked() -> None:
 def test_chain_check_catches_gaps_repeats_and_false_restarts() -> None:
     import random as _r
 
-    eng = SimEngine("e0", _r.Random(0))
+    eng = ModelledEngine("e0", _r.Random(0))
     for i in range(6):
         eng._publish([], float(i))
     ok = [("start", None), 0, 1, 2, ("start", 3), 3, 4, 5]

@@ -1,11 +1,15 @@
 """Benchmark report: targets (met / missed, measured ratios), markdown and
-plots rendered from a small results dict."""
+plots rendered from a small results dict, and the hand-written evidence
+pages (docs/evidence/*.md) at the end of the page."""
 
 from __future__ import annotations
 
 import os
 
-from kvmesh.benchmarks.report import render_markdown, targets, write_plots
+from kvmesh.bench import rewrite_report, write_docs
+from kvmesh.benchmarks.plots import write_plots
+from kvmesh.benchmarks.report import read_evidence, render_markdown
+from kvmesh.benchmarks.targets import targets
 
 
 def _sys(hit: float, ideal: float, p90: float) -> dict:
@@ -145,3 +149,43 @@ def test_plots_are_written(tmp_path):
     paths = write_plots(_results(), str(tmp_path))
     assert sorted(os.path.basename(p) for p in paths) == ["convergence.png", "hit_rate.png", "ttft_p90.png"]
     assert all(os.path.getsize(p) > 5000 for p in paths)
+
+
+def _evidence_docs(tmp_path):
+    ev = tmp_path / "evidence"
+    ev.mkdir()
+    (ev / "b_weights.md").write_text("# Precise weights\n\nWhy 2.0.\n\n## Sweep\n\n```\n# a comment\n```\n")
+    (ev / "a_timings.md").write_text("## Gossip interval\n\nWhy 0.2 s.\n")
+    (ev / "notes.txt").write_text("not a page")
+    return tmp_path
+
+
+def test_evidence_pages_close_the_page_in_file_name_order(tmp_path):
+    pages = read_evidence(_evidence_docs(tmp_path))
+    md = render_markdown(_results(), "kvmesh bench all", pages)
+    end = md[md.index("## Commands") :]
+    assert "## Evidence for defaults" in end
+    evidence = end[end.index("## Evidence for defaults") :]
+    # Each page's top heading nests under the section; fenced code is left alone.
+    assert evidence.index("### Gossip interval") < evidence.index("### Precise weights")
+    assert "#### Sweep" in evidence and "\n# a comment\n" in evidence
+    assert "Why 2.0." in evidence and "not a page" not in evidence
+    assert md.endswith("```\n")
+
+
+def test_no_evidence_pages_no_heading(tmp_path):
+    assert read_evidence(tmp_path) == []
+    md = render_markdown(_results(), "kvmesh bench all", read_evidence(tmp_path))
+    assert "Evidence for defaults" not in md
+    assert md == render_markdown(_results(), "kvmesh bench all")
+
+
+def test_bench_docs_end_with_the_evidence_pages(tmp_path):
+    docs = _evidence_docs(tmp_path)
+    write_docs(_results(), docs)
+    md = (docs / "benchmarks.md").read_text()
+    assert md.rstrip().endswith("```\n# a comment\n```")
+    assert md.index("## Commands") < md.index("## Evidence for defaults") < md.index("### Gossip interval")
+    (docs / "benchmarks.md").unlink()
+    assert rewrite_report(docs) == 0
+    assert (docs / "benchmarks.md").read_text() == md

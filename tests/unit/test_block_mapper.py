@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blocks.block_map import BlockMap
-from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp, decode_delta, encode_delta
+from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, EngineHash, KvDelta, KvOp, decode_delta, encode_delta
 from blocks.hashing import block_hashes, root_seed
 from engine_adapters.block_mapper import BlockMapper
 from engine_adapters.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
@@ -125,11 +125,11 @@ def test_engine_hash_reused_for_other_tokens_replaces_the_old_block() -> None:
     d = m.map_batch([_stored([7], None, b)], 1)
     assert d.ops == [KvOp(OP_REMOVE, [ha], [7]), KvOp(OP_STORE, [hb], [7])]
     assert m.live_router_hashes() == {hb}
-    assert BlockMap.from_pairs([(7, ha)]) != m.map
+    assert BlockMap.from_pairs([(7, ha)]) != m.block_map
     replayed = BlockMap.from_pairs([(7, ha)])
     for op in d.ops:
         replayed.apply(op)
-    assert replayed == m.map
+    assert replayed == m.block_map
 
 
 def test_invalid_token_ids_are_skipped_not_raised() -> None:
@@ -148,9 +148,11 @@ def test_export_restore_hands_the_mapping_over() -> None:
     # the new owner can place children and removals of blocks it never saw stored
     child = b.map_batch([_stored([3], b"x", list(range(4)))], 1)
     assert child.ops and b.stats.unknown_parent == 0
-    assert b.map_batch([BlockRemoved([1])], 2).ops == [KvOp(OP_REMOVE, [a.router_hash(1)], [1])]
+    rh1 = a.router_hash(1)
+    assert rh1 is not None
+    assert b.map_batch([BlockRemoved([1])], 2).ops == [KvOp(OP_REMOVE, [rh1], [1])]
     c = BlockMapper.from_pairs(MODEL, "w", a.export())
-    assert c.worker == "w" and c.map == a.map and c.live_router_hashes() == a.live_router_hashes()
+    assert c.worker == "w" and c.block_map == a.block_map and c.live_router_hashes() == a.live_router_hashes()
 
 
 @settings(max_examples=60, deadline=None)
@@ -173,7 +175,7 @@ def test_random_cache_churn_matches_router_hashing(seed: int, steps: int) -> Non
             n_blocks = rng.randint(1, 5)
             tokens = [rng.randint(0, 3) for _ in range(n_blocks * BS)]  # small alphabet: shared prefixes
             parent: int | None = None
-            new_hashes: list[int] = []
+            new_hashes: list[EngineHash] = []
             new_tokens: list[int] = []
             first_parent: int | None = None
             for i in range(n_blocks):
@@ -203,7 +205,8 @@ def test_random_cache_churn_matches_router_hashing(seed: int, steps: int) -> Non
                 p, _ = cached.pop(h)
                 if p is not None:
                     children[p] -= 1
-            events.append(BlockRemoved(gone))
+            removed: list[EngineHash] = list(gone)
+            events.append(BlockRemoved(removed))
         delta = m.map_batch(events, s)
         for op in delta.ops:
             if op.kind == OP_STORE:
@@ -234,7 +237,7 @@ def test_deltas_carry_the_mapping_exactly(seed: int, steps: int) -> None:
         events: list = []
         for _ in range(rng.randint(1, 4)):
             r = rng.random()
-            live = list(m.map.to_router)
+            live = list(m.block_map.to_router)
             if r < 0.55:
                 n = rng.randint(1, 3)
                 parent = rng.choice(live) if live and rng.random() < 0.5 else None
@@ -258,13 +261,13 @@ def test_deltas_carry_the_mapping_exactly(seed: int, steps: int) -> None:
             else:
                 assert op.ehashes == [] and op.hashes == []
                 index.clear()
-        assert replayed == m.map
-        assert replayed.refs == m.map.refs == lean.counts()
-        assert lean == m.map and lean.live() == m.live_router_hashes()
+        assert replayed == m.block_map
+        assert replayed.refs == m.block_map.refs == lean.counts()
+        assert lean == m.block_map and lean.live() == m.live_router_hashes()
         assert index == m.live_router_hashes() == set(replayed.to_router.values())
-        assert replayed.ebytes == m.map.ebytes == lean.ebytes  # computed == tracked
+        assert replayed.ebytes == m.block_map.ebytes == lean.ebytes  # computed == tracked
     # the pairs restore the same state
-    assert BlockMapper.from_pairs(MODEL, "w", replayed.pairs()).map.refs == m.map.refs
+    assert BlockMapper.from_pairs(MODEL, "w", replayed.pairs()).block_map.refs == m.block_map.refs
 
 
 def test_block_map_without_engine_hashes_names_blocks_by_router_hash() -> None:

@@ -12,10 +12,11 @@ import pytest
 
 from engine_adapters.proxy import (
     Chunk,
-    CompletionParams,
     EngineClient,
+    EngineClientConfig,
     EngineStreamError,
     EngineUnavailable,
+    SamplingParams,
     SSEDecoder,
     Usage,
 )
@@ -135,7 +136,7 @@ async def collect(client: EngineClient, url: str, rid: str = "r1") -> list[Chunk
     return [
         x
         async for x in client.stream_completion(
-            url, "m", [1, 2, 3, 4, 5], CompletionParams(max_tokens=3), rid, {"X-data-parallel-rank": "1"}
+            url, "m", [1, 2, 3, 4, 5], SamplingParams(max_tokens=3), rid, {"X-data-parallel-rank": "1"}
         )
     ]
 
@@ -186,11 +187,11 @@ async def test_stream_tokens_usage_request_body_and_coalescing() -> None:
 
 async def _fails_with(handler: Handler, exc: type[Exception], match: str, **kw: float) -> list[Chunk | Usage]:
     got: list[Chunk | Usage] = []
-    client = EngineClient(**kw)
+    client = EngineClient(EngineClientConfig(**kw))
     try:
         async with Engine(handler) as url:
             with pytest.raises(exc, match=match):
-                async for x in client.stream_completion(url, "m", [1], CompletionParams(), "r"):
+                async for x in client.stream_completion(url, "m", [1], SamplingParams(max_tokens=16), "r"):
                     got.append(x)
     finally:
         await client.close()
@@ -221,7 +222,9 @@ async def test_errors_before_the_first_token_are_retryable() -> None:
     assert await _fails_with(silent, EngineUnavailable, "TimeoutError", first_token_timeout=0.2) == []
     refused = EngineClient()
     with pytest.raises(EngineUnavailable):
-        async for _ in refused.stream_completion("http://127.0.0.1:1", "m", [1], CompletionParams(), "r"):
+        async for _ in refused.stream_completion(
+            "http://127.0.0.1:1", "m", [1], SamplingParams(max_tokens=16), "r"
+        ):
             pass
     await refused.close()
 
@@ -275,7 +278,7 @@ async def test_abandoned_stream_closes_its_connection() -> None:
     client = EngineClient()
     try:
         async with eng as url:
-            gen = client.stream_completion(url, "m", [1], CompletionParams(), "r")
+            gen = client.stream_completion(url, "m", [1], SamplingParams(max_tokens=16), "r")
             assert isinstance(await anext(gen), Chunk)
             await gen.aclose()
             await asyncio.wait_for(eng.closed.wait(), 2.0)  # the engine sees the client go

@@ -8,11 +8,11 @@ from mesh.hints import Hint, HintStore
 
 
 def test_union_merge_and_duplicates() -> None:
-    a, b = HintStore("a"), HintStore("b")
+    a, b = HintStore("a", ttl=2.0), HintStore("b", ttl=2.0)
     h1 = a.add_local("w1", [1, 2, 3], 0.0)
     h2 = a.add_local("w2", [1, 2], 0.0)
-    assert b.merge([h1, h2, h1], 0.0) == 2
-    assert b.merge([h2], 0.1) == 0
+    assert b.merge([h1, h2, h1], 0.0) == [h1, h2]
+    assert b.merge([h2], 0.1) == []
     assert b.overlap([1, 2, 3, 4], 0.1) == {"w1": 3, "w2": 2}
 
 
@@ -31,7 +31,7 @@ def test_expiry_uses_receiver_clock_and_remaining_ttl() -> None:
 
 
 def test_overlap_is_a_consecutive_prefix_per_worker() -> None:
-    s = HintStore("a")
+    s = HintStore("a", ttl=2.0)
     s.add_local("w1", [1, 2], 0.0)
     s.add_local("w2", [1, 9, 3], 0.0)
     assert s.overlap([1, 2, 3], 0.1) == {"w1": 2, "w2": 1}
@@ -47,12 +47,12 @@ def test_overlapping_hints_keep_the_later_expiry() -> None:
 
 
 def test_bounded_and_bad_ttl_rejected() -> None:
-    s = HintStore("a", max_hints=10)
+    s = HintStore("a", ttl=2.0, max_hints=10)
     for i in range(50):
         s.add_local("w", [i], 0.0)
     assert len(s) == 10
     assert s.overlap([0], 0.1) == {} and s.overlap([49], 0.1) == {"w": 1}
-    assert s.merge([Hint("x", 1, "w", [1], -1.0), Hint("x", 2, "w", [1], 1e9)], 0.0) == 0
+    assert s.merge([Hint("x", 1, "w", [1], -1.0), Hint("x", 2, "w", [1], 1e9)], 0.0) == []
     with pytest.raises(ValueError):
         HintStore("a", ttl=0)
 

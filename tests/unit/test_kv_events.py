@@ -8,24 +8,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine_adapters.event_adapter import (
-    _END,
-    connect_endpoint,
-    parse_live_frames,
-    parse_replay_frames,
-)
-from engine_adapters.kv_endpoints import offset_endpoint_port, should_bind
+from engine_adapters.kv_endpoints import connect_endpoint, offset_endpoint_port, should_bind
 from engine_adapters.kv_events import (
     END_SEQ,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     EventDecodeError,
+    EventFormat,
     KVEventBatch,
     decode_batch,
     decode_seq,
     encode_batch,
     encode_seq,
+    parse_live_frames,
+    parse_replay_frames,
 )
 
 _plain = msgspec.msgpack.encode  # generic msgpack of plain lists/dicts (no kvmesh structs)
@@ -83,9 +80,9 @@ EXPECTED = KVEventBatch(
 
 
 @pytest.mark.parametrize("golden,fmt", [(GOLDEN_MAP, "map"), (GOLDEN_ARRAY, "array")])
-def test_golden_frames_decode_and_encode_byte_exact(golden: bytes, fmt: str) -> None:
+def test_golden_frames_decode_and_encode_byte_exact(golden: bytes, fmt: EventFormat) -> None:
     assert decode_batch(golden) == EXPECTED
-    assert encode_batch(EXPECTED, fmt) == golden  # type: ignore[arg-type]
+    assert encode_batch(EXPECTED, fmt) == golden
 
 
 BIG = 2**64 - 1  # vLLM hashes are unsigned 64-bit: values >= 2**63 occur
@@ -166,9 +163,11 @@ def test_sglang_batch_attn_dp_rank_and_negative_int64_hashes() -> None:
     )
     b = decode_batch(payload)
     assert b.rank == 3
-    assert b.events[0].block_hashes == [-(2**63), -5]  # type: ignore[union-attr]
-    assert b.events[0].parent_block_hash == -1  # type: ignore[union-attr]
-    assert b.events[0].cache_salt == "tenant-1"  # type: ignore[union-attr]
+    stored = b.events[0]
+    assert isinstance(stored, BlockStored)
+    assert stored.block_hashes == [-(2**63), -5]
+    assert stored.parent_block_hash == -1
+    assert stored.cache_salt == "tenant-1"
     assert b.events[1] == BlockRemoved([-5])
 
 
@@ -200,8 +199,10 @@ def test_unknown_extra_fields_are_ignored_in_every_shape() -> None:
     newer_array_event = ["BlockRemoved", [1], "GPU", 0, "LOCAL", "future"]
     payload = _plain([1.0, [newer_map_event, newer_array_event], 0, "future batch field"])
     b = decode_batch(payload)
-    assert b.events[0].token_ids == [5, 6]  # type: ignore[union-attr]
-    assert b.events[0].extra_keys == [[{"type": "cache_salt", "salt": "s"}]]  # type: ignore[union-attr]
+    stored = b.events[0]
+    assert isinstance(stored, BlockStored)
+    assert stored.token_ids == [5, 6]
+    assert stored.extra_keys == [[{"type": "cache_salt", "salt": "s"}]]
     assert b.events[1] == BlockRemoved([1], medium="GPU")
 
 
@@ -269,16 +270,16 @@ def test_live_frame_parsing() -> None:
 
 
 def test_replay_reply_parsing_both_generations() -> None:
-    # vLLM after 0.24 (topic included), as a DEALER receives it
+    # vLLM after 0.24 and SGLang 0.5.23 (topic included), as a DEALER receives it
     assert parse_replay_frames([b"", b"kv", encode_seq(3), b"p"]) == (3, b"p")
     assert parse_replay_frames([b"", b"", encode_seq(3), b"p"]) == (3, b"p")  # empty topic
-    assert parse_replay_frames([b"", b"", END_SEQ, b""]) is _END
-    # vLLM <= 0.24 and SGLang
+    assert parse_replay_frames([b"", b"", END_SEQ, b""]) is None  # the end marker
+    # vLLM <= 0.24
     assert parse_replay_frames([b"", encode_seq(4), b"p"]) == (4, b"p")
-    assert parse_replay_frames([b"", END_SEQ, b""]) is _END
+    assert parse_replay_frames([b"", END_SEQ, b""]) is None
     # as a REQ socket receives them (delimiter stripped)
     assert parse_replay_frames([b"kv", encode_seq(6), b"p"]) == (6, b"p")
-    assert parse_replay_frames([END_SEQ, b""]) is _END
+    assert parse_replay_frames([END_SEQ, b""]) is None
     for bad in ([b""], [b"", b"x", b"y", b"z", b"w"], [b"", b"kv", b"\x00", b"p"]):
         with pytest.raises(EventDecodeError):
             parse_replay_frames(bad)
@@ -341,8 +342,8 @@ _batches = st.builds(
 
 @settings(max_examples=150, deadline=None)
 @given(batch=_batches, fmt=st.sampled_from(["map", "array"]))
-def test_round_trip_both_formats(batch: KVEventBatch, fmt: str) -> None:
-    assert decode_batch(encode_batch(batch, fmt)) == batch  # type: ignore[arg-type]
+def test_round_trip_both_formats(batch: KVEventBatch, fmt: EventFormat) -> None:
+    assert decode_batch(encode_batch(batch, fmt)) == batch
 
 
 @settings(max_examples=100, deadline=None)

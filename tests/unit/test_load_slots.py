@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import msgspec
+import pytest
 
 from mesh.load_slots import EngineLoad, LoadSlots, Slot
 
@@ -14,34 +15,43 @@ def test_load_is_sum_over_nodes_and_merge_is_order_independent() -> None:
     hist = []
     for i in range(50):
         node = (a, b)[i % 2]
-        hist.append(node.add_local("e", 1 if i % 3 else -1, 100, 1.0 + i * 1e-3))
+        node.set_local({"e": (i % 7, 100 * i)}, 1.0 + i * 1e-3)
+        hist.append(node.local)
     random.Random(0).shuffle(hist)
     for s in hist + hist:
         c.merge(s)
     assert c.slots["a"] == a.local and c.slots["b"] == b.local
     expect = a.local.loads["e"].requests + b.local.loads["e"].requests
-    assert c.load("e").requests == expect
-    assert c.loads()["e"].tokens == a.local.loads["e"].tokens + b.local.loads["e"].tokens
+    assert c.totals()["e"].requests == expect
+    assert c.totals()["e"].tokens == a.local.loads["e"].tokens + b.local.loads["e"].tokens
+    assert c.totals({"a"})["e"] == a.local.loads["e"]  # only the named nodes count
 
 
-def test_counts_never_negative_and_zero_entries_removed() -> None:
+def test_negative_counts_refused_and_idle_workers_left_out() -> None:
     a = LoadSlots("a", 0.0)
-    a.add_local("e", 1, 10, 0.1)
-    a.add_local("e", -3, -50, 0.2)
+    assert a.set_local({"e": (1, 10), "f": (2, 0)}, 0.1)
+    v = a.local.version
+    assert not a.set_local({"e": (1, 10), "f": (2, 0)}, 0.2)  # unchanged: no new version
+    assert a.local.version == v
+    with pytest.raises(ValueError):
+        a.set_local({"e": (-1, 0)}, 0.3)
+    assert a.local.loads == {"e": EngineLoad(1, 10), "f": EngineLoad(2, 0)}  # nothing applied
+    assert a.set_local({"e": (0, 0), "f": (2, 0)}, 0.4)
     assert "e" not in a.local.loads
-    assert a.load("e") == EngineLoad(0, 0)
+    assert "e" not in a.totals()
 
 
 def test_drop_fences_stale_gossip_but_a_newer_slot_returns() -> None:
     a, b = LoadSlots("a", 0.0), LoadSlots("b", 0.0)
-    old = b.add_local("e", 2, 0, 1.0)
+    b.set_local({"e": (2, 0)}, 1.0)
+    old = b.local
     a.merge(old)
-    assert a.load("e").requests == 2
+    assert a.totals()["e"].requests == 2
     assert a.drop("b", 2.0)
     assert not a.merge(old)  # stale copy from a third node
-    assert a.load("e").requests == 0
+    assert "e" not in a.totals()
     back = b.refresh(3.0)  # b was alive after all (or restarted)
-    assert a.merge(back) and a.load("e").requests == 2
+    assert a.merge(back) and a.totals()["e"].requests == 2
     a.drop("b", 4.0)
     a.expire(4.0 + a.fence_ttl + 1)
     assert a.merge(old)  # fences are forgotten after their ttl
@@ -50,7 +60,7 @@ def test_drop_fences_stale_gossip_but_a_newer_slot_returns() -> None:
 def test_versions_survive_restart_and_only_owner_writes_its_slot() -> None:
     a1 = LoadSlots("a", 100.0)
     for i in range(5):
-        a1.add_local("e", 1, 0, 100.0)  # same clock reading: still increasing
+        a1.set_local({"e": (i + 1, 0)}, 100.0)  # same clock reading: still increasing
     v = a1.local.version
     a2 = LoadSlots("a", 101.0)  # restarted
     assert a2.local.version > v
@@ -62,11 +72,11 @@ def test_versions_survive_restart_and_only_owner_writes_its_slot() -> None:
 
 def test_newer_than_and_wire_round_trip() -> None:
     a, b = LoadSlots("a", 0.0), LoadSlots("b", 0.0)
-    a.add_local("e", 1, 5, 1.0)
+    a.set_local({"e": (1, 5)}, 1.0)
     missing = a.newer_than(b.versions())
     assert [s.node_id for s in missing] == ["a"]
     raw = msgspec.msgpack.encode(missing)
     for s in msgspec.msgpack.decode(raw, type=list[Slot]):
         b.merge(s)
     assert a.newer_than(b.versions()) == []
-    assert b.load("e") == EngineLoad(1, 5)
+    assert b.totals()["e"] == EngineLoad(1, 5)

@@ -14,7 +14,10 @@ from collections.abc import Iterable
 import pytest
 import structlog
 
-from mesh.membership import (
+from mesh.awareness import Awareness
+from mesh.membership import Membership, MembershipConfig, MembershipError
+from mesh.suspicion import suspicion_timeouts
+from mesh.swim_messages import (
     ALIVE,
     DEAD,
     LEFT,
@@ -28,16 +31,12 @@ from mesh.membership import (
     Leave,
     MemberEvent,
     MemberRecord,
-    Membership,
-    MembershipConfig,
-    MembershipError,
     Nack,
     Ping,
     PingReq,
     PushPull,
     Suspect,
 )
-from mesh.suspicion import suspicion_timeouts
 
 QUIET = structlog.wrap_logger(
     structlog.PrintLogger(), wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL)
@@ -255,7 +254,7 @@ def test_confirmations_shorten_the_suspicion_timer() -> None:
 def test_indirect_probe_saves_node_whose_direct_link_is_lossy() -> None:
     def run(indirect: int) -> Net:
         cfg = MembershipConfig(indirect_checks=indirect)
-        net, (a, b, c, d) = joined_cluster("abcd", cfg)
+        net, (a, b, _c, _d) = joined_cluster("abcd", cfg)
         net.block(a, b)  # a <-> b direct link drops everything
         net.run(2.0, 60.0)
         return net
@@ -292,8 +291,19 @@ def test_awareness_rises_on_unanswered_probes_and_recovers() -> None:
     assert a.awareness == 0
 
 
+def test_awareness_score_is_clamped_and_scales_timeouts() -> None:
+    aw = Awareness(max_multiplier=3)
+    assert (aw.score, aw.scale(0.5)) == (0, 0.5)
+    aw.apply_delta(5)
+    assert (aw.score, aw.scale(0.5)) == (2, 1.5)  # at most max_multiplier - 1
+    aw.apply_delta(-10)
+    assert aw.score == 0
+    with pytest.raises(ValueError):
+        Awareness(max_multiplier=0)
+
+
 def test_leave_is_not_mistaken_for_failure() -> None:
-    net, (a, b, c) = joined_cluster("abc")
+    net, (_a, _b, c) = joined_cluster("abc")
     net.deliver(c.leave(3.0), 3.0)
     assert c.leaving and c.member("c").state == LEFT
     net.run(3.0, 5.0)  # c keeps gossiping its Leave for a moment...

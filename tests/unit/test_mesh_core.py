@@ -7,12 +7,11 @@ import random
 import pytest
 
 from blocks.delta import OP_STORE, KvDelta, KvOp
-from mesh.effects import EngineAdded, EngineRemoved, StartOwning, StopOwning
 from mesh.core import MeshConfig, MeshCore
-from mesh.state_messages import StatePush, SyncReply, SyncRequest
-from mesh.engine_log import LogError
+from mesh.effects import EngineAdded, EngineRemoved, StartOwning, StopOwning
+from mesh.engine_log.entry import LogError
 from mesh.ownership import owner_of
-from mesh.state import MessageError, encode
+from mesh.state_messages import MessageError, StatePush, SyncReply, SyncRequest, encode_payload
 from router.index import PrefixIndex
 
 SPEC = {"endpoint": "tcp://127.0.0.1:5557", "model": "m"}
@@ -271,7 +270,7 @@ def test_sync_request_reply_repairs_a_missed_push() -> None:
     lost = [m for m in a.take_sends() if isinstance(m, StatePush)]
     assert lost  # ...and dropped here
     assert b.engines() == {}
-    b.handle(SyncRequest("n1", "a", encode(b.state.summary())), net.now)  # wrong way round on purpose
+    b.handle(SyncRequest("n1", "a", encode_payload(b.state.summary())), net.now)  # wrong way round on purpose
     replies = [m for m in b.take_sends() if isinstance(m, SyncReply)]
     assert replies and replies[0].dst == "n1"
     a.handle(replies[0], net.now)  # a learns b's summary and pushes back what b lacks
@@ -306,7 +305,7 @@ def test_malformed_messages_raise_and_change_nothing() -> None:
     with pytest.raises(MessageError):
         a.handle(StatePush("x", "a", b"\x00garbage"), net.now)
     with pytest.raises(MessageError):
-        a.handle(SyncRequest("x", "a", encode(a.state.full_state(net.now))), net.now)
+        a.handle(SyncRequest("x", "a", encode_payload(a.state.full_state(net.now))), net.now)
     with pytest.raises(MessageError):
         a.handle(object(), net.now)
     assert a.ready

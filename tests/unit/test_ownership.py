@@ -6,7 +6,7 @@ import subprocess
 import sys
 from collections import Counter
 
-from mesh.ownership import owner_of, owners, ownership_change, score
+from mesh.ownership import OwnershipTracker, owner_of, owners, score
 
 ENGINES = [f"engine-{i}" for i in range(400)]
 NODES = [f"node-{i}" for i in range(8)]
@@ -50,17 +50,32 @@ def test_a_joiner_takes_only_engines_it_now_owns() -> None:
     assert 20 < len(moved) < 90  # ~ 1/9 of 400
 
 
-def test_ownership_change_diff() -> None:
+def test_tracker_takes_and_releases_exactly_the_rendezvous_diff() -> None:
     live = NODES
     after = [n for n in NODES if n != "node-1"]
     for me in NODES:
-        ch = ownership_change(me, ENGINES, live, after)
-        b = owners(ENGINES, live)
-        a = owners(ENGINES, after)
-        assert list(ch.gained) == sorted(e for e in ENGINES if a[e] == me and b[e] != me)
-        assert list(ch.lost) == sorted(e for e in ENGINES if b[e] == me and a[e] != me)
-    assert ownership_change("node-1", ENGINES, live, after).gained == ()
-    assert len(ownership_change("node-1", ENGINES, live, after).lost) > 0
+        t = OwnershipTracker(me, retake_backoff=0.5)
+        for e in t.plan(ENGINES, live, 0.0).take:
+            t.taken(e)
+        assert t.owned == {e for e, o in owners(ENGINES, live).items() if o == me}
+        p = t.plan(ENGINES, after, 1.0)
+        b, a = owners(ENGINES, live), owners(ENGINES, after)
+        assert list(p.take) == sorted(e for e in ENGINES if a[e] == me and b[e] != me)
+        assert [e for e, _ in p.release] == sorted(e for e in ENGINES if b[e] == me and a[e] != me)
+    t = OwnershipTracker("node-1", retake_backoff=0.5)
+    assert t.plan(ENGINES, after, 0.0).take == ()
+
+
+def test_tracker_waits_retake_backoff_after_being_fenced_and_releases_deregistered() -> None:
+    t = OwnershipTracker("node-0", retake_backoff=0.5)
+    mine = [e for e, o in owners(ENGINES, NODES).items() if o == "node-0"]
+    for e in t.plan(ENGINES, NODES, 0.0).take:
+        t.taken(e)
+    assert t.fenced(mine[0], 1.0) and not t.fenced(mine[0], 1.0)
+    assert mine[0] not in t.plan(ENGINES, NODES, 1.4).take  # backing off
+    assert t.plan(ENGINES, NODES, 1.5).take == (mine[0],)
+    rest = [e for e in ENGINES if e != mine[1]]
+    assert t.plan(rest, NODES, 2.0).release == ((mine[1], "not registered"),)
 
 
 def test_score_is_stable_across_processes() -> None:

@@ -6,7 +6,6 @@ from hypothesis import strategies as st
 
 from router.approx_tree import ApproxTree
 from router.index import PrefixIndex
-from router.load import LoadTracker, LoadView
 from router.policies import (
     POLICY_NAMES,
     Candidate,
@@ -31,61 +30,17 @@ def policy(name, index=None, **opts):
     return make_policy(name, index=index if index is not None else PrefixIndex(), **opts)
 
 
-# -- load accounting ---------------------------------------------------------------
+# -- candidates ----------------------------------------------------------------------
 
 
-def test_load_tracker_counts_and_finish_is_idempotent():
-    t = LoadTracker()
-    t.start("a", "r1", 100, now=0.0)
-    t.start("a", "r2", 50, now=1.0)
-    t.start("b", "r3", 10, now=1.0)
-    assert t.in_flight("a") == 2 and t.in_flight_tokens("a") == 150
-    assert t.snapshot() == {"a": 2.0, "b": 1.0}
-    assert t.finish("r1") is True
-    assert t.finish("r1") is False
-    assert t.snapshot_tokens() == {"a": 50.0, "b": 10.0}
-    t.finish("r3")
-    assert t.snapshot() == {"a": 1.0}  # idle workers drop out
-    with pytest.raises(ValueError):
-        t.start("a", "r2", 5, now=2.0)  # already in flight
-    with pytest.raises(ValueError):
-        t.start("a", "r9", -1, now=2.0)
-    assert t.snapshot() == {"a": 1.0} and t.total() == 1
-
-
-def test_load_tracker_expire_and_drop_worker():
-    t = LoadTracker()
-    t.start("a", "old", 10, now=0.0)
-    t.start("a", "new", 10, now=50.0)
-    t.start("b", "b1", 10, now=0.0)
-    assert sorted(t.expire(now=61.0, max_age=60.0)) == ["b1", "old"]
-    assert t.snapshot() == {"a": 1.0}
-    assert t.drop_worker("a") == ["new"]
-    assert t.snapshot() == {} and t.finish("new") is False
-
-
-def test_load_view_sums_slots_and_rejects_bad_input():
-    t = LoadTracker()
-    t.start("a", "r1", 100, now=0.0)
-    v = LoadView(t)
-    v.set_remote_slot("n2", {"a": 2, "b": 1}, {"a": 64, "b": 16})
-    v.set_remote_slot("n3", {"b": 4})
-    assert v.snapshot() == {"a": 3.0, "b": 5.0}
-    assert v.load("a") == 3.0 and v.tokens("a") == 164.0
-    with pytest.raises(ValueError):
-        v.set_remote_slot("n2", {"a": -1})
-    with pytest.raises(ValueError):
-        v.set_remote_slot("n2", {"a": float("nan")})
-    assert v.snapshot() == {"a": 3.0, "b": 5.0}  # bad update changed nothing
-    assert v.drop_remote_slot("n2") is True and v.drop_remote_slot("n2") is False
-    assert v.snapshot() == {"a": 1.0, "b": 4.0}
-    cands = candidates_from(["a", "b", "c"], v, unhealthy={"c"})
+def test_candidates_from_loads_tokens_and_health():
+    cands = candidates_from(["a", "b", "c"], {"a": 1, "b": 4}, unhealthy={"c"}, tokens={"a": 100.0})
     assert [(c.worker, c.load, c.healthy, c.load_tokens) for c in cands] == [
         ("a", 1.0, True, 100.0),
         ("b", 4.0, True, 0.0),
         ("c", 0.0, False, 0.0),
     ]
-    assert candidates_from(["a"], {"a": 7})[0].load == 7.0
+    assert candidates_from(["a"], {"a": 7})[0].load_tokens is None  # tokens not tracked
 
 
 # -- registry and errors -----------------------------------------------------------
@@ -153,7 +108,7 @@ def test_chosen_is_healthy_and_explain_lists_every_candidate(name, cands, seed, 
     candidates = [Candidate(w, load=float(load), healthy=h) for w, load, h, _ in cands]
     d = p.choose(req(session=session), candidates, 1.0, random.Random(seed))
     healthy = {w for w, _, h, _ in cands if h}
-    assert d.worker in healthy and d.policy == name and d.chosen == d.worker
+    assert d.worker in healthy and d.policy == name
     assert [c.worker for c in d.candidates] == [w for w, *_ in cands]
     assert [c.chosen for c in d.candidates].count(True) == 1
     # every policy reports the true cached overlap (the index, or for approx the tree)
@@ -274,7 +229,7 @@ def test_balance_guard_triggers_exactly_per_rule(loads, cached, name, seed):
     idx.store(hot, PROMPT[:cached])
     if name == "cache_aware_approx":
         p.tree.insert(hot, PROMPT[:cached], 0.0)
-    d = p.choose(req(), [Candidate(w, float(l)) for w, l in zip(ws, loads)], 0.0, random.Random(seed))
+    d = p.choose(req(), [Candidate(w, float(load)) for w, load in zip(ws, loads)], 0.0, random.Random(seed))
     expected = max(loads) - min(loads) > 32 and max(loads) > 1.5 * min(loads)
     assert d.imbalanced == expected
     assert is_imbalanced(loads, 32, 1.5)[0] == expected
@@ -290,23 +245,35 @@ def test_guard_ignores_unhealthy_loads():
     assert not d.imbalanced and d.worker == "b"
 
 
-def test_precise_hints_keep_a_burst_together_until_events_arrive():
+def test_precise_route_hints_keep_a_burst_together_until_events_arrive():
     idx = PrefixIndex()
-    p = make_policy("precise", index=idx, hints_ttl=2.0)
+    idx.store("b", PROMPT[:4])
+    hinted: dict[str, int] = {}
+    asked = []
+
+    def hint_overlap(hashes, now):
+        asked.append((list(hashes), now))
+        return dict(hinted)
+
+    p = make_policy("precise", index=idx, hint_overlap=hint_overlap)
     r = req()
     cands = [Candidate("a", 1, load_tokens=100), Candidate("b", 1, load_tokens=100)]
-    first = p.choose(r, cands, 0.0, random.Random(1))
-    p.on_routed(r, first.worker, 0.0)
-    # events have not arrived yet: the hint alone pulls the next copies to the same worker
+    assert p.choose(r, cands, 0.0, random.Random(0)).worker == "b"  # the index alone: 4 blocks on b
+    assert asked == [(PROMPT, 0.0)]
+    # Another node just routed the whole prompt to a: counted as cached there.
+    hinted.update(a=16, ghost=16)
     for s in range(20):
-        again = p.choose(r, cands, 1.0, random.Random(s))
-        assert again.worker == first.worker
-        assert "overlap 16/16" in again.reason
-    # after the ttl the hint is gone: a plain tie again, broken by the rng
-    assert {p.choose(r, cands, 5.0, random.Random(s)).worker for s in range(30)} == {"a", "b"}
-    # without hints nothing is known about the routed prefix
-    plain = make_policy("precise", index=idx)
-    assert all(c.overlap_blocks == 0 for c in plain.choose(r, cands, 1.0, random.Random(0)).candidates)
+        d = p.choose(r, cands, 1.0, random.Random(s))
+        assert d.worker == "a" and "overlap 16/16" in d.reason
+        assert {c.worker for c in d.candidates} == {"a", "b"}  # a hint for a non-candidate is ignored
+    # A hint shorter than what the index knows does not lower the overlap.
+    hinted.clear()
+    hinted.update(b=1)
+    d = p.choose(r, cands, 2.0, random.Random(0))
+    assert {c.worker: c.overlap_blocks for c in d.candidates} == {"a": 0, "b": 4}
+    # make_policy gives the hints to precise only.
+    assert make_policy("least_load", index=idx, hint_overlap=hint_overlap) is not None
+    assert len(asked) == 22
 
 
 # -- cache_aware_approx --------------------------------------------------------------
@@ -359,7 +326,7 @@ def test_round_robin_cycles_over_healthy_workers():
 @settings(max_examples=200, deadline=None)
 def test_least_load_and_power_of_two(loads, seed):
     ws = [f"w{i}" for i in range(len(loads))]
-    cands = [Candidate(w, float(l)) for w, l in zip(ws, loads)]
+    cands = [Candidate(w, float(load)) for w, load in zip(ws, loads)]
     d = make_policy("least_load").choose(req(), cands, 0, random.Random(seed))
     assert loads[ws.index(d.worker)] == min(loads)
     d = make_policy("power_of_two").choose(req(), cands, 0, random.Random(seed))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from router.node import RouterNode, parse_policy_opts
+from kvmesh.cli.router import parse_policy_opts
+from router.config import RouterConfig
+from router.node import RouterNode
 
 
 def test_parse_policy_opts_types_and_groups() -> None:
@@ -41,9 +43,12 @@ def test_bad_policy_opts_fail_with_a_clear_error(bad: str, words: str) -> None:
 
 
 def test_node_builds_its_policies_with_the_options() -> None:
-    node = RouterNode("n1", policy_opts={"precise": {"overlap_weight": 1.5, "delay_weight": 0.0}})
+    node = RouterNode(RouterConfig(policy_opts={"precise": {"overlap_weight": 1.5, "delay_weight": 0.0}}))
     p = node._policy("precise")
     assert (p.overlap_weight, p.delay_weight) == (1.5, 0.0)
+    assert p.hint_overlap == node.core.hint_overlap  # the mesh's route hints
     assert node._policy("round_robin") is not None
-    with pytest.raises(ValueError):
-        RouterNode("n2", policy_opts={"precise": {"bogus": 1}})
+    with pytest.raises(ValueError, match="bogus"):
+        RouterConfig(policy_opts={"precise": {"bogus": 1}})
+    with pytest.raises(ValueError, match="unknown policy"):
+        RouterConfig(policy="nope")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -131,7 +133,7 @@ def test_small_buffer_never_duplicates_or_reorders(n: int, buffer: int, data) ->
     assert seqs == sorted(set(seqs))  # strictly increasing: no duplicate, no reorder
     assert seqs[-1] == n - 1  # caught up with the newest batch
     # every hole in what was applied is a counted reset (history lost)
-    holes = sum(1 for a, b in zip(seqs, seqs[1:]) if b != a + 1)
+    holes = sum(1 for a, b in itertools.pairwise(seqs) if b != a + 1)
     assert holes == resets
     if buffer >= n:
         assert seqs == list(range(n))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from engine_adapters.kv_events import BlockRemoved, BlockStored
@@ -12,7 +14,7 @@ from engine_adapters.sim_engine.timing import TimingConfig
 BS = 16
 
 
-def make(num_blocks: int = 64, **kw) -> EngineCore:  # type: ignore[no-untyped-def]
+def make(num_blocks: int = 64, **kw: Any) -> EngineCore:
     return EngineCore(PrefixCache(num_blocks, BS, hash_seed=3), TimingConfig(), **kw)
 
 
@@ -51,7 +53,8 @@ def test_second_request_hits_prefix_and_prefills_less() -> None:
     drive(core, 10)
     assert a.num_cached == 0 and b.num_cached == 40 * BS
     assert b.prefill_seconds < a.prefill_seconds / 5
-    assert b.first_token_at - b.arrival < a.first_token_at - a.arrival  # type: ignore[operator]
+    assert a.first_token_at is not None and b.first_token_at is not None
+    assert b.first_token_at - b.arrival < a.first_token_at - a.arrival
     assert core.prefix_hit_tokens == 40 * BS
     assert core.prefix_query_tokens == 2 * (40 * BS + 3)
 

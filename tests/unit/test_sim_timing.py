@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
-from engine_adapters.sim_engine.timing import Seq, StepScheduler, TimingConfig
+from engine_adapters.sim_engine.timing import RunningRequest, StepScheduler, TimingConfig
 
 
-def run_until_first_token(sched: StepScheduler, rid: str, admit=lambda s: True) -> float:  # type: ignore[no-untyped-def]
+def run_until_first_token(
+    sched: StepScheduler, rid: str, admit: Callable[[RunningRequest], bool] = lambda r: True
+) -> float:
     """Simulated seconds from now until ``rid`` gets its first token."""
     t = 0.0
     for _ in range(10_000):
@@ -15,7 +19,7 @@ def run_until_first_token(sched: StepScheduler, rid: str, admit=lambda s: True) 
         assert plan is not None
         t += plan.duration
         for p in sched.complete(plan, t):
-            if p.seq.request_id == rid and p.sampled and p.seq.generated == 1:
+            if p.running.request_id == rid and p.sampled and p.running.generated == 1:
                 return t
     raise AssertionError("no first token")
 
@@ -40,15 +44,15 @@ def test_defaults_look_like_an_a100_serving_llama3_8b() -> None:
 def test_chunked_prefill_respects_token_budget() -> None:
     c = TimingConfig(max_num_batched_tokens=512)
     s = StepScheduler(c)
-    s.add(Seq("a", prompt_len=1200, max_tokens=2, arrival=0))
+    s.add(RunningRequest("a", prompt_len=1200, max_tokens=2, arrival=0))
     chunks = []
     for _ in range(3):
-        plan = s.schedule(0, lambda seq: True)
+        plan = s.schedule(0, lambda req: True)
         assert plan is not None
         chunks.append(plan.prefill_tokens)
         prog = s.complete(plan, 0)
     assert chunks == [512, 512, 176]
-    assert prog[0].sampled and prog[0].seq.generated == 1  # first token with the last chunk
+    assert prog[0].sampled and prog[0].running.generated == 1  # first token with the last chunk
 
 
 def test_prefill_time_proportional_to_uncached_tokens() -> None:
@@ -56,10 +60,10 @@ def test_prefill_time_proportional_to_uncached_tokens() -> None:
 
     def ttft(cached: int) -> float:
         s = StepScheduler(c)
-        s.add(Seq("a", prompt_len=4096, max_tokens=4, arrival=0))
+        s.add(RunningRequest("a", prompt_len=4096, max_tokens=4, arrival=0))
 
-        def admit(seq: Seq) -> bool:
-            seq.num_cached = seq.num_computed = cached
+        def admit(req: RunningRequest) -> bool:
+            req.num_cached = req.num_computed = cached
             return True
 
         return run_until_first_token(s, "a", admit)
@@ -73,14 +77,14 @@ def test_prefill_time_proportional_to_uncached_tokens() -> None:
 def test_max_num_seqs_and_fifo() -> None:
     s = StepScheduler(TimingConfig(max_num_seqs=2))
     for i in range(4):
-        s.add(Seq(f"r{i}", prompt_len=8, max_tokens=3, arrival=0))
-    plan = s.schedule(0, lambda seq: True)
+        s.add(RunningRequest(f"r{i}", prompt_len=8, max_tokens=3, arrival=0))
+    plan = s.schedule(0, lambda req: True)
     assert plan is not None and [q.request_id for q in plan.admitted] == ["r0", "r1"]
     assert [q.request_id for q in s.waiting] == ["r2", "r3"]
     t = 0.0
     order: list[str] = []
     while len(s):
-        plan = s.schedule(t, lambda seq: True)
+        plan = s.schedule(t, lambda req: True)
         assert plan is not None and len(s.running) <= 2
         order += [q.request_id for q in plan.admitted]
         t += plan.duration
@@ -90,9 +94,9 @@ def test_max_num_seqs_and_fifo() -> None:
 
 def test_admission_refusal_blocks_the_queue_head() -> None:
     s = StepScheduler(TimingConfig())
-    s.add(Seq("big", prompt_len=100, max_tokens=1, arrival=0))
-    s.add(Seq("small", prompt_len=4, max_tokens=1, arrival=0))
-    assert s.schedule(0, lambda seq: False) is None  # nothing runs, FIFO kept
+    s.add(RunningRequest("big", prompt_len=100, max_tokens=1, arrival=0))
+    s.add(RunningRequest("small", prompt_len=4, max_tokens=1, arrival=0))
+    assert s.schedule(0, lambda req: False) is None  # nothing runs, FIFO kept
     assert [q.request_id for q in s.waiting] == ["big", "small"]
 
 
@@ -100,18 +104,18 @@ def test_decode_step_grows_with_batch_and_tokens_are_one_per_step() -> None:
     c = TimingConfig(prefill_ms_per_token=0.0)
     s = StepScheduler(c)
     for i in range(8):
-        s.add(Seq(f"r{i}", prompt_len=4, max_tokens=5, arrival=0))
+        s.add(RunningRequest(f"r{i}", prompt_len=4, max_tokens=5, arrival=0))
     durations = []
     done: dict[str, int] = {}
     t = 0.0
     while len(s):
-        plan = s.schedule(t, lambda seq: True)
+        plan = s.schedule(t, lambda req: True)
         assert plan is not None
         durations.append(plan.duration)
         t += plan.duration
         for p in s.complete(plan, t):
             if p.finished:
-                done[p.seq.request_id] = p.seq.generated
+                done[p.running.request_id] = p.running.generated
     assert done == {f"r{i}": 5 for i in range(8)}
     assert len(durations) == 5  # prefill step samples token 1, then 4 decode steps
     assert durations[1] == pytest.approx(c.step_seconds(8, 0))
@@ -120,10 +124,10 @@ def test_decode_step_grows_with_batch_and_tokens_are_one_per_step() -> None:
 
 def test_removed_request_is_skipped() -> None:
     s = StepScheduler(TimingConfig())
-    s.add(Seq("a", prompt_len=4, max_tokens=5, arrival=0))
-    s.add(Seq("b", prompt_len=4, max_tokens=5, arrival=0))
-    plan = s.schedule(0, lambda seq: True)
+    s.add(RunningRequest("a", prompt_len=4, max_tokens=5, arrival=0))
+    s.add(RunningRequest("b", prompt_len=4, max_tokens=5, arrival=0))
+    plan = s.schedule(0, lambda req: True)
     assert plan is not None
     assert s.remove("a") is not None
-    assert [p.seq.request_id for p in s.complete(plan, 1)] == ["b"]
+    assert [p.running.request_id for p in s.complete(plan, 1)] == ["b"]
     assert s.remove("zzz") is None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -39,7 +41,7 @@ class Pinger:
         return []
 
 
-def build(seed: int = 1, **net: float) -> SimNet[Pinger]:
+def build(seed: int = 1, **net: Any) -> SimNet[Pinger]:
     sim: SimNet[Pinger] = SimNet(seed, NetConfig(**net))
     addrs = ["a", "b", "c"]
     for a in addrs:
@@ -47,12 +49,18 @@ def build(seed: int = 1, **net: float) -> SimNet[Pinger]:
     return sim
 
 
+def up_node(sim: SimNet[Pinger], addr: str) -> Pinger:
+    n = sim.node(addr)
+    assert n is not None, f"{addr} is down"
+    return n
+
+
 def test_same_seed_same_run_and_virtual_time() -> None:
     def trace(seed: int) -> list:
         sim = build(seed, loss_prob=0.3, dup_prob=0.1, reorder_prob=0.3)
         sim.run_until(10.0)
         assert sim.now == 10.0
-        return [(t, m.src, m.n) for t, m in sim.node("a").got]
+        return [(t, m.src, m.n) for t, m in up_node(sim, "a").got]
 
     assert trace(5) == trace(5) and trace(5) != trace(6)
 
@@ -60,8 +68,8 @@ def test_same_seed_same_run_and_virtual_time() -> None:
 def test_ticks_at_interval_with_jitter() -> None:
     sim = build(tick_interval=0.1, tick_jitter=0.2)
     sim.run_until(10.0)
-    ts = sim.node("a").ticks
-    gaps = [b - a for a, b in zip(ts, ts[1:])]
+    ts = up_node(sim, "a").ticks
+    gaps = [b - a for a, b in itertools.pairwise(ts)]
     assert 90 <= len(ts) <= 115
     assert min(gaps) >= 0.08 - 1e-9 and max(gaps) <= 0.12 + 1e-9 and len({round(g, 6) for g in gaps}) > 10
 
@@ -69,8 +77,8 @@ def test_ticks_at_interval_with_jitter() -> None:
 def test_delay_loss_and_duplication() -> None:
     sim = build(delay_min=0.02, delay_max=0.05, loss_prob=0.25, dup_prob=0.1)
     sim.run_until(20.0)
-    got = sim.node("a").got
-    sent_to_a = sim.node("b").sent // 2 + sim.node("c").sent // 2
+    got = up_node(sim, "a").got
+    sent_to_a = up_node(sim, "b").sent // 2 + up_node(sim, "c").sent // 2
     assert 0.6 * sent_to_a < len(got) < 0.9 * sent_to_a
     assert sim.stats.lost > 0 and sim.stats.duplicated > 0
     ns = [(m.src, m.n) for _, m in got]
@@ -80,7 +88,7 @@ def test_delay_loss_and_duplication() -> None:
 def test_reordering() -> None:
     sim = build(delay_min=0.001, delay_max=0.002, reorder_prob=0.5, reorder_extra=0.5)
     sim.run_until(5.0)
-    from_b = [m.n for _, m in sim.node("a").got if m.src == "b"]
+    from_b = [m.n for _, m in up_node(sim, "a").got if m.src == "b"]
     assert from_b != sorted(from_b)
 
 
@@ -88,10 +96,10 @@ def test_partition_blocks_only_across_groups_and_heals() -> None:
     sim = build()
     sim.partition([["a"], ["b", "c"]], start=2.0, heal=4.0)
     sim.run_until(6.0)
-    a_got = [(t, m.src) for t, m in sim.node("a").got]
+    a_got = [(t, m.src) for t, m in up_node(sim, "a").got]
     assert not any(2.0 + 0.02 < t < 4.0 for t, _ in a_got)
     assert any(t > 4.05 for t, _ in a_got)
-    b_got = [(t, m.src) for t, m in sim.node("b").got]
+    b_got = [(t, m.src) for t, m in up_node(sim, "b").got]
     assert any(2.1 < t < 3.9 and s == "c" for t, s in b_got)
     assert not any(2.1 < t < 3.9 and s == "a" for t, s in b_got)
     assert sim.stats.partitioned > 0
@@ -108,15 +116,15 @@ def test_crash_drops_node_and_restart_brings_a_fresh_one() -> None:
     b = sim.node("b")
     assert b is not None and b.started == pytest.approx(3.0)
     assert b.ticks and min(b.ticks) >= 3.0
-    assert len(sim.node("a").ticks) > old_ticks
+    assert len(up_node(sim, "a").ticks) > old_ticks
 
 
 def test_link_loss_is_directional() -> None:
     sim = build()
     sim.set_link_loss("b", "a", 1.0)
     sim.run_until(3.0)
-    assert not any(m.src == "b" for _, m in sim.node("a").got)
-    assert any(m.src == "a" for _, m in sim.node("b").got)
+    assert not any(m.src == "b" for _, m in up_node(sim, "a").got)
+    assert any(m.src == "a" for _, m in up_node(sim, "b").got)
 
 
 def test_handler_errors_are_counted_not_fatal() -> None:
@@ -124,7 +132,7 @@ def test_handler_errors_are_counted_not_fatal() -> None:
     sim.call_node("a", 1.0, lambda node, now: [Msg("a", "b", -1)])
     sim.run_until(2.0)
     assert sim.stats.handler_errors == 1 and isinstance(sim.last_error, ValueError)
-    assert sim.node("b").got  # b kept working
+    assert up_node(sim, "b").got  # b kept working
 
 
 def test_bad_config_rejected() -> None:

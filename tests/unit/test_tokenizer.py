@@ -71,12 +71,12 @@ def test_builtin_reverse_map_is_bounded() -> None:
 
 @pytest.fixture
 def tokenizer_json(tmp_path: Path) -> Path:
-    from tokenizers import Tokenizer as HF
+    import tokenizers
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
 
     vocab = {"[UNK]": 0, "hello": 1, "world": 2, "kv": 3, "cache": 4}
-    t = HF(WordLevel(vocab, unk_token="[UNK]"))
+    t = tokenizers.Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     t.pre_tokenizer = Whitespace()
     path = tmp_path / "tokenizer.json"
     t.save(str(path))

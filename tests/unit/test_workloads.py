@@ -52,7 +52,7 @@ def test_agent_workload_long_shared_prefix_short_outputs():
 
 def test_no_sharing_prompts_share_nothing():
     w = no_sharing_workload(n_requests=30, seed=5)
-    reqs = [(s.system + s.user_turns[0], []) for s in w.sessions]
+    reqs: list[tuple[list[int], list[int]]] = [(s.system + s.user_turns[0], []) for s in w.sessions]
     assert all(not s.append_answers and len(s.user_turns) == 1 for s in w.sessions)
     assert ideal_hit_rate(reqs) == 0.0
 
@@ -108,7 +108,12 @@ def test_ideal_hit_rate_on_a_hand_made_trace():
     # 1st: cold. 2nd: same 2 blocks + 1 token -> hits both (8 tokens).
     # 3rd: exactly a again: at most (8 - 1) // 4 = 1 block counts (last token always computed).
     # 4th: first block differs -> nothing, even though the 2nd block's tokens were seen.
-    reqs = [(a, []), (a + [9], []), (a, []), ([0, 0, 0, 0] + a[4:] + [9], [])]
+    reqs: list[tuple[list[int], list[int]]] = [
+        (a, []),
+        (a + [9], []),
+        (a, []),
+        ([0, 0, 0, 0] + a[4:] + [9], []),
+    ]
     want = (0 + 8 + 4 + 0) / (8 + 9 + 8 + 9)
     assert ideal_hit_rate(reqs, bs) == pytest.approx(want)
 

@@ -1,0 +1,170 @@
+"""``SimEngine``: one simulated engine's parts, and its one admission path.
+
+The engine owns the pure core (scheduler + prefix cache + sampling), the
+metrics, the KV-event publisher, the step loop and the table of pending
+requests. The OpenAI (``/v1/completions``) and SGLang (``/generate``)
+handlers both go through :meth:`SimEngine.serve_request`:
+
+1. decode the JSON body and parse it into a ``CompletionRequest``
+   (``requests.py``; 400 on anything invalid);
+2. check the model name (404), then that the request can ever fit (400);
+3. injected failure (``fail_rate``, 503);
+4. pick the request id: the client's (``X-Request-Id`` or SGLang's ``rid``)
+   behind the API's prefix, made unique among pending requests;
+5. add it to the core and to the pending table, and wake the step loop;
+6. let the API write the response; on the way out, a request that did not
+   finish (the client went away, or the handler failed) is aborted, which
+   frees its seat and its KV blocks.
+
+Every refusal is counted in ``kvmesh_sim_requests_rejected`` by reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import uuid
+from array import array
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import structlog
+import xxhash
+from aiohttp import web
+
+from engine_adapters.sim_engine.cache import PrefixCache
+from engine_adapters.sim_engine.config import SimEngineConfig
+from engine_adapters.sim_engine.core import EngineCore, SimRequest
+from engine_adapters.sim_engine.metrics import EngineMetrics
+from engine_adapters.sim_engine.output_vocab import OutputVocab
+from engine_adapters.sim_engine.publisher import ZmqEventPublisher
+from engine_adapters.sim_engine.requests import BadRequest, CompletionRequest
+from engine_adapters.sim_engine.responses import error_response
+from engine_adapters.sim_engine.scheduler import StepLoop
+from engine_adapters.sim_engine.token_stream import PendingRequest, TokenStreamer
+from engine_adapters.tokenizer import BuiltinTokenizer
+
+log = structlog.get_logger(__name__)
+
+Parse = Callable[[Any, BuiltinTokenizer], CompletionRequest]
+Respond = Callable[[web.Request, PendingRequest], Awaitable[web.StreamResponse]]
+
+
+class Rejected(Exception):
+    """A request refused before admission: HTTP status, message, parameter,
+    and the ``reason`` label of the rejection counter."""
+
+    def __init__(self, status: int, message: str, reason: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.param = param
+
+
+class SimEngine:
+    """Owns the core, the publisher and the step loop; one per process."""
+
+    def __init__(self, config: SimEngineConfig) -> None:
+        self.config = config
+        self.model = config.model
+        self.tokenizer = BuiltinTokenizer()
+        self.vocab = OutputVocab(self.tokenizer)
+        hash_seed = config.hash_seed if config.hash_seed is not None else int.from_bytes(os.urandom(8))
+        self.core = EngineCore(
+            PrefixCache(config.num_gpu_blocks, config.block_size, hash_seed=hash_seed),
+            config.timing,
+            eos_prob=config.eos_prob,
+            output_vocab=self.vocab.ids,
+            max_model_len=config.max_model_len,
+        )
+        self.metrics = EngineMetrics(self.model)
+        self.publisher: ZmqEventPublisher | None = None
+        if config.kv_events_endpoint:
+            self.publisher = ZmqEventPublisher(
+                config.kv_events_endpoint,
+                config.kv_replay_endpoint or None,
+                topic=config.kv_topic,
+                buffer_steps=config.kv_buffer_steps,
+                fmt=config.kv_event_format,
+                data_parallel_rank=config.data_parallel_rank,
+                bind=True,  # the simulator always binds (loopback) its sockets
+            )
+        self.pending: dict[str, PendingRequest] = {}
+        self.steps = StepLoop(
+            self.core, self.metrics, self.pending, self.publisher, config.data_parallel_rank
+        )
+        self.streamer = TokenStreamer(self.core, self.vocab, self.metrics)
+        self._fail_rng = random.Random(config.seed)
+
+    # --- admission --------------------------------------------------------------
+
+    async def serve_request(
+        self, request: web.Request, parse: Parse, id_prefix: str, respond: Respond
+    ) -> web.StreamResponse:
+        """Admit the request in ``request``'s body (see the module docstring),
+        answer it with ``respond`` and release it afterwards."""
+        try:
+            body = msgspec.json.decode(await request.read())
+            pend = self.admit(body, parse, id_prefix, request.headers.get("X-Request-Id"))
+        except msgspec.DecodeError as e:
+            self.metrics.reject("bad_request")
+            return error_response(400, f"request body is not valid JSON: {e}")
+        except Rejected as e:
+            self.metrics.reject(e.reason)
+            return error_response(e.status, str(e), e.param)
+        try:
+            return await respond(request, pend)
+        finally:
+            self.release(pend)
+
+    def admit(self, body: Any, parse: Parse, id_prefix: str, header_id: str | None) -> PendingRequest:
+        """Steps 1-5 of the admission path; raises :class:`Rejected`."""
+        try:
+            p = parse(body, self.tokenizer)
+        except BadRequest as e:
+            raise Rejected(400, str(e), "bad_request", e.param) from None
+        if p.model is not None and p.model != self.model:
+            raise Rejected(404, f"The model `{p.model}` does not exist.", "unknown_model", "model")
+        why = self.core.check(len(p.prompt), p.max_tokens)
+        if why is not None:
+            raise Rejected(400, why, "bad_request")
+        rate = self.config.fail_rate
+        if rate > 0 and self._fail_rng.random() < rate:
+            raise Rejected(503, "injected failure (--fail-rate)", "injected_failure")
+        client_id = p.client_request_id or header_id or uuid.uuid4().hex
+        rid = f"{id_prefix}-{client_id}"
+        if rid in self.pending:
+            rid = f"{rid}-{uuid.uuid4().hex[:8]}"
+        seed = p.seed if p.seed is not None else self._prompt_seed(p.prompt)
+        running = self.core.add(
+            SimRequest(rid, p.prompt, p.max_tokens, seed, p.ignore_eos), asyncio.get_running_loop().time()
+        )
+        pend = PendingRequest(rid, client_id, p, running)
+        self.pending[rid] = pend
+        self.steps.wake()
+        log.debug("sim.request_added", request_id=rid, prompt_tokens=len(p.prompt))
+        return pend
+
+    def release(self, pend: PendingRequest) -> None:
+        """Step 6: forget the request; abort it if it did not finish."""
+        rid = pend.request_id
+        self.pending.pop(rid, None)
+        if pend.done:
+            return
+        # Client went away (or we failed): free its seat and its blocks.
+        if self.core.abort(rid):
+            self.metrics.aborted.inc()
+            log.info("sim.request_aborted", request_id=rid)
+        self.steps.wake()
+
+    def _prompt_seed(self, prompt: list[int]) -> int:
+        """The output seed of a request without one: same prompt, same output."""
+        return xxhash.xxh3_64_intdigest(array("I", prompt).tobytes(), self.config.seed & (2**64 - 1))
+
+    # --- lifecycle --------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()

@@ -1,0 +1,223 @@
+"""``EngineLogReplica``: one node's view of one engine's log.
+
+Every node keeps one per registered engine (the owner's is the same object
+its :class:`~mesh.engine_log.owner.EngineLogOwner` writes through). It
+materialises incrementally: it observes the log Array of its current document
+and returns every newly visible ``KvDelta``, in log order. A single writer
+appending only means the visible array on any replica is always a prefix of
+the owner's (yrs keeps out-of-order updates pending until the gap is filled,
+and ignores duplicates).
+
+When a higher epoch becomes usable (its snapshot entry is visible), the
+replica switches to it and emits ``KvDelta(worker, -1, [CLEAR])`` for every
+worker it knew that the snapshot does not mention, followed by the snapshot's
+own deltas (which start with CLEAR). So the index consumer only ever sees
+``KvDelta``s and never a transient empty state: a higher epoch whose snapshot
+has not arrived yet is held *pending* (and already fences the lower one)
+while the index keeps the old contents.
+
+Sequence resume point: the last applied engine sequence of a worker is the
+``seq`` of its last delta in log order with ``seq >= 0`` (snapshots carry it).
+Log order, not max: an engine restart starts its sequence at 0 again.
+"""
+
+from __future__ import annotations
+
+import pycrdt
+import structlog
+
+from blocks.delta import OP_CLEAR, KvDelta, KvOp
+from mesh.engine_log.entry import LogError, decode_or_skip
+from mesh.engine_log.epoch import Epoch, EpochDoc
+from mesh.engine_log.snapshot import LiveMaps, apply_delta, live_sets
+
+__all__ = ["EngineLogReplica"]
+
+log = structlog.get_logger(__name__)
+
+
+class EngineLogReplica:
+    """A node's view of one engine's log; the materialised-state source.
+
+    ``apply(epoch, update)`` applies a remote update with epoch fencing and
+    returns every newly visible delta (and the reset CLEARs of an epoch
+    switch), in log order.
+    """
+
+    def __init__(self, engine_id: str) -> None:
+        self.engine_id = engine_id
+        self.current: EpochDoc | None = None
+        self.pending: EpochDoc | None = None  # higher epoch, snapshot not yet visible
+        self.last_seq: dict[str, int] = {}
+        self.workers: set[str] = set()
+        self._sub: pycrdt.Subscription | None = None
+        self._inbox: list[bytes] = []
+        self._local = False  # current doc written by this node: no Array observer
+
+    # -- epochs ---------------------------------------------------------------
+    @property
+    def epoch(self) -> Epoch | None:
+        return self.current.epoch if self.current else None
+
+    @property
+    def known_epoch(self) -> Epoch | None:
+        """The highest epoch this node has heard of (fences everything lower)."""
+        if self.pending is not None:
+            return self.pending.epoch
+        return self.epoch
+
+    @property
+    def written_here(self) -> bool:
+        """True while the current document is written by this node (its owner)."""
+        return self._local
+
+    def doc_for(self, epoch: Epoch) -> EpochDoc | None:
+        for ed in (self.current, self.pending):
+            if ed is not None and ed.epoch == epoch:
+                return ed
+        return None
+
+    # -- replica side ---------------------------------------------------------
+    def apply(self, epoch: Epoch, update: bytes) -> list[KvDelta]:
+        """Apply one (possibly merged) update of ``epoch``.
+
+        Returns the deltas newly visible, in order. Updates of an epoch lower
+        than :attr:`known_epoch` are ignored (fenced). Raises :class:`LogError`
+        for a malformed update (nothing applied).
+        """
+        out: list[KvDelta] = []
+        known = self.known_epoch
+        if known is not None and epoch < known:
+            log.debug("engine_log.update_fenced", engine=self.engine_id, epoch=epoch, known=known)
+            return out
+        if self.current is not None and epoch == self.current.epoch:
+            if self.pending is not None:  # superseded, already fenced
+                return out
+            self._apply_current(update, out)
+            return out
+        if self.pending is None or epoch > self.pending.epoch:
+            self.pending = EpochDoc(self.engine_id, epoch, writer=False)
+        try:
+            self.pending.doc.apply_update(update)
+        except ValueError as e:
+            raise LogError(f"bad update for {self.engine_id} {epoch}: {e}") from None
+        self._maybe_promote(out)
+        return out
+
+    def _apply_current(self, update: bytes, out: list[KvDelta]) -> None:
+        assert self.current is not None
+        if self._local:
+            # Our own epoch: only we write it; an update from elsewhere can only be
+            # an echo of what we already have.
+            return
+        try:
+            self.current.doc.apply_update(update)
+        except ValueError as e:
+            self._inbox.clear()
+            raise LogError(f"bad update for {self.engine_id} {self.current.epoch}: {e}") from None
+        self._drain_inbox(out)
+
+    def _maybe_promote(self, out: list[KvDelta]) -> None:
+        p = self.pending
+        if p is None or len(p) == 0:
+            return
+        if not p.meta_matches():
+            log.error("engine_log.epoch_meta_mismatch", engine=self.engine_id, epoch=p.epoch)
+            self.pending = None
+            return
+        self.pending = None
+        self._install(p, out, local=False)
+
+    def install_written_here(self, ed: EpochDoc) -> None:
+        """Owner only: make ``ed``, a document this node writes, current.
+
+        Drops any pending epoch (the owner's new epoch is the newest it knows)
+        and emits nothing: the owner applies its own deltas to its index.
+        """
+        self.pending = None
+        self._install(ed, None, local=True)
+
+    def _install(self, ed: EpochDoc, out: list[KvDelta] | None, *, local: bool) -> None:
+        """Make ``ed`` current: reset per-worker bookkeeping, replay its entries.
+
+        With ``out``, the deltas that move the index from the old epoch's
+        contents to the new one's are appended to it.
+        """
+        if self._sub is not None and self.current is not None:
+            self.current.log.unobserve(self._sub)
+        self._sub = None
+        entries = ed.entries()
+        # Decode entry by entry (not all at once): bounds the transient memory.
+        snap = decode_or_skip(self.engine_id, ed.epoch, entries[0]) if entries else []
+        snap_workers = {d.worker for d in snap}
+        old_workers = self.workers
+        self.current = ed
+        self.workers = set()
+        self.last_seq = {}
+        self._local = local
+        if out is not None:
+            out.extend(KvDelta(w, -1, [KvOp(OP_CLEAR, [])]) for w in sorted(old_workers - snap_workers))
+        for i, raw in enumerate(entries):
+            for d in snap if i == 0 else decode_or_skip(self.engine_id, ed.epoch, raw):
+                self.note(d)
+                if out is not None:
+                    out.append(d)
+            if i == 0:
+                snap = []
+        if not local:
+            self._sub = ed.log.observe(self._on_log_event)
+        log.info(
+            "engine_log.epoch_installed",
+            engine=self.engine_id,
+            epoch=ed.epoch,
+            entries=len(entries),
+            local=local,
+        )
+
+    def _on_log_event(self, event: pycrdt.ArrayEvent) -> None:
+        # Called inside the transaction: only collect, decode afterwards.
+        for part in event.delta:  # type: ignore[attr-defined]  # pycrdt declares it in __slots__ only
+            ins = part.get("insert")
+            if ins:
+                self._inbox.extend(ins)
+
+    def _drain_inbox(self, out: list[KvDelta]) -> None:
+        assert self.current is not None
+        inbox, self._inbox = self._inbox, []
+        for raw in inbox:
+            for d in decode_or_skip(self.engine_id, self.current.epoch, raw):
+                self.note(d)
+                out.append(d)
+
+    def note(self, d: KvDelta) -> None:
+        """Record ``d``'s worker and sequence number (the owner calls it for
+        the deltas it appends, since it does not observe its own document)."""
+        self.workers.add(d.worker)
+        if d.seq >= 0:
+            self.last_seq[d.worker] = d.seq
+
+    # -- reading --------------------------------------------------------------
+    def materialise_maps(self) -> LiveMaps:
+        """The live mapping per worker, replayed from the current document."""
+        live: LiveMaps = {}
+        if self.current is None:
+            return live
+        for raw in self.current.entries():
+            for d in decode_or_skip(self.engine_id, self.current.epoch, raw):
+                apply_delta(live, d)
+        return live
+
+    def materialise(self) -> dict[str, set[int]]:
+        """The live router hashes per worker: what this log says the engine holds."""
+        return live_sets(self.materialise_maps())
+
+    def resume_seqs(self) -> dict[str, int]:
+        """Per worker, the first engine sequence number not yet in the log."""
+        return {w: s + 1 for w, s in self.last_seq.items()}
+
+    def state_vector(self) -> bytes:
+        ed = self.pending or self.current
+        return ed.state_vector() if ed is not None else b"\x00"
+
+    def encoded_size(self) -> int:
+        return sum(len(ed.update_since()) for ed in (self.current, self.pending) if ed)

@@ -1,0 +1,118 @@
+"""The KV-event adapters of the engines a node owns, started and stopped as
+the mesh hands engines over.
+
+Commands (the mesh's :class:`StartOwning` / :class:`StopOwning`) are carried
+out one at a time, in the order given: an engine lost and regained in quick
+succession must not end up with two adapters, or with none. An adapter
+starts where the engine's replicated log ends: each worker resumes its
+stream from the log's last applied sequence number (``takeover.resume``),
+with the block mapper rebuilt from the log's hash pairs
+(``takeover.mappings``), so nothing is applied twice or lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import structlog
+
+from blocks.delta import KvDelta
+from blocks.workers import split_worker_id
+from engine_adapters.block_mapper import BlockMapper
+from engine_adapters.event_adapter import EventAdapter
+from mesh.effects import StartOwning, StopOwning
+from mesh.state import Takeover
+from router.engine_registry import EngineSpec
+
+__all__ = ["AdapterLifecycle", "mappers_from", "start_seqs_from"]
+
+
+def start_seqs_from(takeover: Takeover) -> dict[int, int]:
+    """Per rank, the last applied sequence number (what the adapter resumes after)."""
+    return {split_worker_id(worker).rank: first - 1 for worker, first in takeover.resume.items()}
+
+
+def mappers_from(takeover: Takeover, model: str) -> dict[int, BlockMapper]:
+    """Per rank, the block mapper restored from the log's (engine hash, router hash) pairs."""
+    mappers: dict[int, BlockMapper] = {}
+    for worker, pairs in takeover.mappings.items():
+        mapper = BlockMapper(model, worker)
+        mapper.restore(pairs)
+        mappers[split_worker_id(worker).rank] = mapper
+    return mappers
+
+
+class AdapterLifecycle:
+    def __init__(
+        self,
+        owns: Callable[[str], bool],
+        sink: Callable[[str, KvDelta], None],
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        """``owns(engine_id)``: whether this node still owns the engine when
+        its start command comes up; ``sink(engine_id, delta)`` takes every
+        delta an adapter produces."""
+        self._owns = owns
+        self._sink = sink
+        self._log = log
+        self._running: dict[str, EventAdapter] = {}
+        self._commands: asyncio.Queue[StartOwning | StopOwning] = asyncio.Queue()
+
+    def start(self, command: StartOwning) -> None:
+        self._commands.put_nowait(command)
+
+    def stop(self, engine_id: str) -> None:
+        self._commands.put_nowait(StopOwning(engine_id))
+
+    def get(self, engine_id: str) -> EventAdapter | None:
+        """The running adapter of ``engine_id``, if this node owns it."""
+        return self._running.get(engine_id)
+
+    async def run(self) -> None:
+        while True:
+            command = await self._commands.get()
+            try:
+                old = self._running.pop(command.engine_id, None)
+                if old is not None:
+                    await old.stop()
+                if isinstance(command, StartOwning):
+                    await self._start(command)
+            except Exception:
+                # One engine's bad endpoint must not stop the others' handovers.
+                self._log.exception(
+                    "router.adapter_command_failed",
+                    engine=command.engine_id,
+                    command=type(command).__name__,
+                )
+
+    async def _start(self, command: StartOwning) -> None:
+        spec = EngineSpec(**command.spec)
+        engine_id = command.engine_id
+        if not spec.kv_events_endpoint or not self._owns(engine_id):
+            return
+        takeover = command.takeover
+        adapter = EventAdapter(
+            engine_id=engine_id,
+            model=spec.model,
+            kv_endpoint=spec.kv_events_endpoint,
+            replay_endpoint=spec.replay_endpoint or None,
+            topic=spec.topic,
+            data_parallel_size=spec.data_parallel_size,
+            sink=lambda delta: self._sink(engine_id, delta),
+            start_seqs=start_seqs_from(takeover),
+            mappers=mappers_from(takeover, spec.model),
+        )
+        self._running[engine_id] = adapter
+        await adapter.start()
+        self._log.info(
+            "router.adapter_started",
+            engine=engine_id,
+            resume=dict(takeover.resume),
+            mapped_blocks=sum(len(v) for v in takeover.mappings.values()),
+        )
+
+    async def close(self) -> None:
+        for adapter in list(self._running.values()):
+            await adapter.stop()
+        self._running.clear()

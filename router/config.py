@@ -1,0 +1,85 @@
+"""A router node's configuration: the one home of every default of a node.
+
+``kvmesh router`` (kvmesh/cli/router.py) builds its flags from these fields:
+each flag's default and the numbers in its help are read from here. The
+mesh's timing knobs live in :class:`mesh.membership.MembershipConfig` and
+:class:`mesh.core.MeshConfig`, the circuit breaker's in
+:class:`router.circuit_breaker.BreakerConfig`, the engine HTTP client's in
+:class:`engine_adapters.proxy.EngineClientConfig`; this config holds one of
+each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine_adapters.proxy import EngineClientConfig
+from engine_adapters.tokenizer import BUILTIN
+from mesh.core import MeshConfig
+from router.approx_tree import ApproxTree
+from router.circuit_breaker import BreakerConfig
+from router.engine_registry import EngineSpec
+from router.index import PrefixIndex
+from router.policies import POLICY_NAMES, make_policy
+
+__all__ = ["LOG_FORMATS", "LOG_LEVELS", "RouterConfig", "check_policy_opts"]
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("console", "json")
+
+
+@dataclass(slots=True)
+class RouterConfig:
+    # --- addresses -------------------------------------------------------------------
+    listen: str = "127.0.0.1:50051"  # gRPC HOST:PORT (port 0: any free port)
+    advertise: str = ""  # HOST:PORT other nodes reach this one at; "": the listen address
+    node_id: str = ""  # unique in the mesh; "": the advertised address
+    # Seeds to join the mesh through (HOST:PORT, a DNS name may stand for
+    # several nodes); none: this node starts a new mesh.
+    join: list[str] = field(default_factory=list)
+    seed_resolve_timeout: float = 30.0  # seconds to wait for a seed's DNS name to resolve
+    seed_resolve_retry: float = 1.0  # seconds between DNS attempts
+
+    # --- routing ---------------------------------------------------------------------
+    policy: str = "precise"  # default routing policy (a request may name another)
+    policy_opts: dict[str, dict[str, float]] = field(default_factory=dict)  # policy -> option -> value
+    engines: list[EngineSpec] = field(default_factory=list)  # registered at start
+    tokenizers: dict[str, str] = field(default_factory=dict)  # model -> tokenizer.json path or "builtin"
+    default_tokenizer: str = BUILTIN  # for models without an entry in ``tokenizers``
+    seed: int | None = None  # seeds random policy choices (never the mesh's ids)
+    # A pick answered by the Route RPC (the caller sends the request itself)
+    # counts as load on that worker for this long.
+    route_load_ttl: float = 2.0
+
+    # --- requests --------------------------------------------------------------------
+    max_attempts: int = 3  # engines tried per request before failing
+    default_max_tokens: int = 16  # when a request does not say (OpenAI's completions default)
+    max_prompt_tokens: int = 1 << 20
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    engine_client: EngineClientConfig = field(default_factory=EngineClientConfig)
+    health_interval: float = 2.0  # seconds between engine health probes
+
+    # --- the process -----------------------------------------------------------------
+    metrics_port: int = 0  # Prometheus /metrics; 0: off
+    metrics_addr: str = "127.0.0.1"
+    log_level: str = "info"
+    log_format: str = "console"
+    grpc_max_message_bytes: int = 256 << 20  # full mesh states of large indexes are big
+    stop_grace: float = 2.0  # seconds in-flight RPCs get when the node stops
+    leave_timeout: float = 3.0  # seconds to hand engines over and tell the mesh on leave
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def __post_init__(self) -> None:
+        # Fail at start, not on the first request.
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {self.policy!r}; one of {', '.join(POLICY_NAMES)}")
+        check_policy_opts(self.policy_opts)
+
+
+def check_policy_opts(policy_opts: dict[str, dict[str, float]]) -> None:
+    """Build each policy with its options once: unknown or out-of-range
+    options raise ValueError, in the policy's own words."""
+    for name, opts in policy_opts.items():
+        given: dict[str, Any] = dict(opts)  # numbers from the command line; each policy checks its own
+        make_policy(name, PrefixIndex(), ApproxTree(), **given)
