@@ -21,9 +21,9 @@ mapping included:
   hashes whose last engine block went (the lists can differ in length).
 * ``CLEAR``: both empty.
 
-An op without ``ehashes`` (written before they existed, or by a producer
-without engine hashes) names each block by its router hash: the pair is
-``(h, h)``. Old encodings decode unchanged (``ehashes`` defaults to empty).
+An op without ``ehashes`` (from a producer without engine hashes) names each
+block by its router hash: the pair is ``(h, h)``; ``ehashes`` is optional on
+the wire (it defaults to empty), so such ops cost nothing for it.
 """
 
 from __future__ import annotations
@@ -47,15 +47,3 @@ class KvDelta(msgspec.Struct, array_like=True, gc=False):
     worker: str  # engine_id, or "engine_id#dp<rank>" for data-parallel rank > 0
     seq: int  # the engine's sequence number of the batch; -1 for a synthetic reset
     ops: list[KvOp]
-
-
-_enc = msgspec.msgpack.Encoder()
-_dec = msgspec.msgpack.Decoder(KvDelta)
-
-
-def encode_delta(d: KvDelta) -> bytes:
-    return _enc.encode(d)
-
-
-def decode_delta(b: bytes) -> KvDelta:
-    return _dec.decode(b)

@@ -39,15 +39,15 @@ class Verdict(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
+class SeqCheck:
     verdict: Verdict
     gap_from: int = -1  # first missing seq (GAP only)
     gap_to: int = -1  # last missing seq (GAP only)
 
 
-_APPLY = Decision(Verdict.APPLY)
-_DUPLICATE = Decision(Verdict.DUPLICATE)
-_RESTART = Decision(Verdict.RESTART)
+_APPLY = SeqCheck(Verdict.APPLY)
+_DUPLICATE = SeqCheck(Verdict.DUPLICATE)
+_RESTART = SeqCheck(Verdict.RESTART)
 
 
 class Sequencer:
@@ -69,31 +69,31 @@ class Sequencer:
         """The next sequence number to apply, or None before the first message."""
         return None if self.last is None else self.last + 1
 
-    def check_live(self, seq: int, digest: int) -> Decision:
+    def check_live(self, seq: int, digest: int) -> SeqCheck:
         """What to do with a batch received on the SUB socket."""
         last = self.last
         if last is None:
-            return _APPLY if seq == 0 else Decision(Verdict.GAP, 0, seq - 1)
+            return _APPLY if seq == 0 else SeqCheck(Verdict.GAP, 0, seq - 1)
         if seq == last + 1:
             return _APPLY
         if seq > last + 1:
-            return Decision(Verdict.GAP, last + 1, seq - 1)
+            return SeqCheck(Verdict.GAP, last + 1, seq - 1)
         if self._replayed.get(seq) == digest:
             return _DUPLICATE
         return _RESTART
 
-    def check_replayed(self, seq: int) -> Decision:
+    def check_replayed(self, seq: int) -> SeqCheck:
         """What to do with a batch received from the replay socket."""
         last = self.last
         if last is None:
             # Catching up with no known position: take whatever the buffer
             # starts with (the caller decides whether that lost history).
-            return _APPLY if seq == 0 else Decision(Verdict.GAP, 0, seq - 1)
+            return _APPLY if seq == 0 else SeqCheck(Verdict.GAP, 0, seq - 1)
         if seq <= last:
             return _DUPLICATE
         if seq == last + 1:
             return _APPLY
-        return Decision(Verdict.GAP, last + 1, seq - 1)
+        return SeqCheck(Verdict.GAP, last + 1, seq - 1)
 
     def applied(self, seq: int, digest: int | None = None, replayed: bool = False) -> None:
         """Record that ``seq`` was applied (or consumed, e.g. undecodable)."""

@@ -148,6 +148,13 @@ class BroadcastQueue(Generic[T]):
                 break
         return out
 
+    def drop_spent(self, n_nodes: int) -> None:
+        """Drop every update already sent its limit for ``n_nodes`` (the limit
+        falls when the cluster shrinks, also for updates not taken lately)."""
+        limit = retransmit_limit(self.retransmit_mult, n_nodes)
+        for item in [it for it in self._items.values() if it.transmits >= limit]:
+            self._remove(item.key)
+
     def prune(self, max_retain: int) -> int:
         """Keep only the ``max_retain`` freshest updates (bounds memory under
         churn); returns how many were dropped."""

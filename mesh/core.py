@@ -161,7 +161,7 @@ class MeshCore:
         # simulations' reproducibility.
         self._next_gossip = now + rng.uniform(0, cfg.membership.gossip_interval)
         self.anti_entropy = AntiEntropy(addr, self.state, cfg.anti_entropy_interval, now, rng)
-        self.load = LoadPublisher(
+        self.load_publisher = LoadPublisher(
             cfg.load_interval, cfg.load_refresh_interval, now, rng, self.membership.incarnation
         )
         self._next_reconcile = now + cfg.ownership_check_interval
@@ -227,7 +227,7 @@ class MeshCore:
         self._membership_sends(self.membership.tick(now))
         self._settle(now)
         self._join_step(now)
-        slot = self.load.tick(now, self.state.slots, self.membership.incarnation)
+        slot = self.load_publisher.tick(now, self.state.slots, self.membership.incarnation)
         if slot is not None:
             self._local_out.append(Delta(sender=self.node_id, slots=[slot]))
         if now >= self._next_gossip:
@@ -252,7 +252,7 @@ class MeshCore:
             self.membership.next_deadline(),
             self._next_gossip,
             self.anti_entropy.next_at,
-            self.load.next_at,
+            self.load_publisher.next_at,
             self._next_reconcile,
             self.readiness.next_deadline,
         )
@@ -344,14 +344,14 @@ class MeshCore:
     def set_local_load(self, per_worker: dict[str, tuple[int, int]], now: float) -> None:
         """This node's in-flight (requests, tokens of work) per worker (absolute values)."""
         if self.state.slots.set_local(per_worker, now):
-            self.load.changed()
+            self.load_publisher.changed()
 
     def add_hint(self, worker: str, hashes: list[int], now: float) -> None:
         """This node just routed a prompt with ``hashes`` to ``worker``: tell the mesh soon."""
         self._local_out.append(self.state.add_hint(worker, hashes, now))
         soon = now + self.config.hint_push_delay
         self._next_gossip = min(self._next_gossip, soon)
-        self.load.publish_by(soon)  # the routed request is load too
+        self.load_publisher.publish_by(soon)  # the routed request is load too
 
     # --- outputs ------------------------------------------------------------------------------
 
@@ -461,11 +461,11 @@ class MeshCore:
         self._owners_dirty = False
         if not self.readiness.ready or self.readiness.leaving:
             return
-        plan = self.ownership.plan(self._engines, self._live_ids(), now)
-        for e in plan.take:
-            self._take(e, now)
-        for e, why in plan.release:
-            self._release(e, why)
+        for action in self.ownership.plan(self._engines, self._live_ids(), now):
+            if action.take:
+                self._take(action.engine_id, now)
+            else:
+                self._release(action.engine_id, action.why)
 
     def _take(self, engine_id: str, now: float) -> None:
         base = self.state.epoch(engine_id)

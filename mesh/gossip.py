@@ -89,7 +89,9 @@ class StateGossip:
         k = min(self.fanout, len(peers))
         chosen = self._queue.take(n_live, self.max_push_bytes, recipients=k, at_least_one=True)
         payload = encode_payload(merge_deltas(self.node_id, [_aged(q, now) for q in chosen]))
-        return PushRound(payload, rng.sample(peers, k))
+        dsts = rng.sample(peers, k)
+        self._queue.drop_spent(n_live)
+        return PushRound(payload, dsts)
 
 
 def _aged(q: _Queued, now: float) -> Delta:

@@ -1,6 +1,6 @@
 """Global load: one last-writer-wins slot per node, summed per worker.
 
-Each node owns a slot with its own in-flight requests and prompt tokens per
+Each node owns a slot with its own in-flight requests and tokens of work per
 worker; a worker's load is the sum over the slots of live nodes. A node that
 leaves or dies has its slot dropped (``drop``).
 
@@ -29,7 +29,7 @@ import structlog
 log = structlog.get_logger(__name__)
 
 
-class EngineLoad(msgspec.Struct, array_like=True, gc=False):
+class WorkerLoad(msgspec.Struct, array_like=True, gc=False):
     requests: int = 0  # in flight
     tokens: int = 0  # tokens of work in flight
 
@@ -37,7 +37,7 @@ class EngineLoad(msgspec.Struct, array_like=True, gc=False):
 class Slot(msgspec.Struct, array_like=True, gc=False):
     node_id: str
     version: int
-    loads: dict[str, EngineLoad]  # worker -> its load from this node
+    loads: dict[str, WorkerLoad]  # worker -> its load from this node
 
 
 class LoadSlots:
@@ -58,18 +58,18 @@ class LoadSlots:
         return self.slots[self.node_id]
 
     def set_local(self, loads: dict[str, tuple[int, int]], now: float) -> bool:
-        """Set this node's in-flight (requests, prompt tokens) per worker.
+        """Set this node's in-flight (requests, tokens of work) per worker.
 
         Absolute values; workers with nothing in flight are left out, so the
         slot stays small. Returns True (and re-stamps the slot) if anything
         changed.
         """
-        new: dict[str, EngineLoad] = {}
+        new: dict[str, WorkerLoad] = {}
         for w, (r, t) in loads.items():
             if r < 0 or t < 0:
                 raise ValueError(f"negative load for {w!r}: {(r, t)}")
             if r or t:
-                new[w] = EngineLoad(r, t)
+                new[w] = WorkerLoad(r, t)
         s = self.local
         if new == s.loads:
             return False
@@ -114,17 +114,17 @@ class LoadSlots:
             if now - at > self.fence_ttl:
                 del self._fences[n]
 
-    def totals(self, nodes: set[str] | None = None) -> dict[str, EngineLoad]:
+    def totals(self, nodes: set[str] | None = None) -> dict[str, WorkerLoad]:
         """Per worker, the in-flight load summed over the slots of ``nodes``
         (all known slots when None), in worker order."""
-        out: dict[str, EngineLoad] = {}
+        out: dict[str, WorkerLoad] = {}
         for n in sorted(self.slots):
             if nodes is not None and n not in nodes:
                 continue
             for w, el in self.slots[n].loads.items():
                 t = out.get(w)
                 if t is None:
-                    t = out[w] = EngineLoad()
+                    t = out[w] = WorkerLoad()
                 t.requests += el.requests
                 t.tokens += el.tokens
         return dict(sorted(out.items()))

@@ -294,9 +294,6 @@ class Membership:
         m = self._members.get(node_id)
         return None if m is None else m.record()
 
-    def num_live(self) -> int:
-        return self._n_live
-
     def pending_broadcasts(self) -> int:
         return len(self._queue)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-__all__ = ["OwnershipPlan", "OwnershipTracker", "owner_of", "owners", "score"]
+__all__ = ["OwnershipAction", "OwnershipTracker", "owner_of", "owners", "score"]
 
 _xxh3 = xxhash.xxh3_64_intdigest
 _TAG = b"kvmesh.owner.v1"
@@ -74,19 +74,20 @@ class OwnershipTracker:
         self.owned: set[str] = set()
         self._retake_after: dict[str, float] = {}
 
-    def plan(self, engines: Iterable[str], live: Iterable[str], now: float) -> OwnershipPlan:
-        """What to take and release so that this node owns exactly its share."""
+    def plan(self, engines: Iterable[str], live: Iterable[str], now: float) -> list[OwnershipAction]:
+        """What to take and release, in engine order, so that this node owns
+        exactly its share (then the release of engines no longer registered)."""
         registered = sorted(set(engines))
-        take: list[str] = []
-        release: list[tuple[str, str]] = []
+        actions: list[OwnershipAction] = []
         for e, owner in owners(registered, live).items():
             if owner == self.me and e not in self.owned:
                 if now >= self._retake_after.get(e, -math.inf):
-                    take.append(e)  # else: retried by the periodic check
+                    actions.append(OwnershipAction(e, take=True))  # else: retried by the periodic check
             elif owner != self.me and e in self.owned:
-                release.append((e, "rendezvous moved it"))
-        release += [(e, "not registered") for e in sorted(self.owned - set(registered))]
-        return OwnershipPlan(tuple(take), tuple(release))
+                actions.append(OwnershipAction(e, take=False, why="rendezvous moved it"))
+        gone = sorted(self.owned - set(registered))
+        actions += [OwnershipAction(e, take=False, why="not registered") for e in gone]
+        return actions
 
     def taken(self, engine_id: str) -> None:
         self.owned.add(engine_id)
@@ -110,6 +111,7 @@ class OwnershipTracker:
 
 
 @dataclass(frozen=True, slots=True)
-class OwnershipPlan:
-    take: tuple[str, ...]  # engines to take, sorted
-    release: tuple[tuple[str, str], ...]  # (engine, why) to release, sorted
+class OwnershipAction:
+    engine_id: str
+    take: bool  # False: release
+    why: str = ""

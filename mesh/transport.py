@@ -24,13 +24,25 @@ from mesh.wire import WireError, from_envelope, to_envelope
 
 log = structlog.get_logger(__name__)
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 256 << 20),
-    ("grpc.max_send_message_length", 256 << 20),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-]
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """The gRPC shell's settings (the node's server uses the same message bound)."""
+
+    rpc_timeout_s: float = 2.0  # one Deliver call; a lost call is a lost datagram
+    max_inflight_per_peer: int = 8  # calls to one peer at once: a dead peer cannot pile up tasks
+    max_message_bytes: int = 256 << 20  # full states of large indexes are big
+    keepalive_ms: int = 10_000
+    reconnect_backoff_ms: tuple[int, int] = (200, 2_000)  # initial, max
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", self.keepalive_ms),
+            ("grpc.initial_reconnect_backoff_ms", self.reconnect_backoff_ms[0]),
+            ("grpc.max_reconnect_backoff_ms", self.reconnect_backoff_ms[1]),
+        ]
 
 
 @dataclass
@@ -48,21 +60,23 @@ class _Servicer(pb_grpc.MeshServicer):
     def __init__(self, transport: MeshTransport) -> None:
         self.t = transport
 
-    async def Deliver(self, request: pb.Batch, context: grpc.aio.ServicerContext) -> pb.DeliverReply:  # noqa: N802
+    async def Deliver(  # noqa: N802 - gRPC method names are the proto's
+        self, request: pb.Batch, context: grpc.aio.ServicerContext
+    ) -> pb.DeliverReply:
         accepted = rejected = 0
         for env in request.messages:
             try:
                 msg = from_envelope(env)
             except WireError as e:
                 rejected += 1
-                log.warning("transport.message_rejected", node=self.t.addr, error=str(e))
+                log.warning("transport.message_rejected", addr=self.t.addr, error=str(e))
                 continue
             accepted += 1
             try:
                 self.t.deliver(msg)
             except Exception:  # a bug in the core must not kill the server
                 rejected += 1
-                log.exception("transport.handling_failed", node=self.t.addr, kind=type(msg).__name__)
+                log.exception("transport.handling_failed", addr=self.t.addr, kind=type(msg).__name__)
         self.t.stats.messages_received += accepted
         self.t.stats.rejected += rejected
         return pb.DeliverReply(accepted=accepted, rejected=rejected)
@@ -73,13 +87,11 @@ class MeshTransport:
         self,
         addr: str,
         deliver: Callable[[Any], None],
-        rpc_timeout_s: float = 2.0,
-        max_inflight_per_peer: int = 8,
+        config: TransportConfig | None = None,
     ) -> None:
         self.addr = addr
         self.deliver = deliver
-        self.rpc_timeout_s = rpc_timeout_s
-        self.max_inflight_per_peer = max_inflight_per_peer
+        self.config = config or TransportConfig()
         self.stats = TransportStats()
         self.bytes_by_kind: dict[str, int] = defaultdict(int)
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -93,7 +105,7 @@ class MeshTransport:
     def _stub(self, dst: str) -> pb_grpc.MeshStub:
         stub = self._stubs.get(dst)
         if stub is None:
-            ch = grpc.aio.insecure_channel(dst, options=CHANNEL_OPTIONS)
+            ch = grpc.aio.insecure_channel(dst, options=self.config.channel_options())
             self._channels[dst] = ch
             stub = self._stubs[dst] = pb_grpc.MeshStub(ch)
         return stub
@@ -105,11 +117,11 @@ class MeshTransport:
             try:
                 env = to_envelope(m)
             except WireError:
-                log.exception("transport.encode_failed", node=self.addr, kind=type(m).__name__)
+                log.exception("transport.encode_failed", addr=self.addr, kind=type(m).__name__)
                 continue
             by_dst[m.dst].append(env)
         for dst, envs in by_dst.items():
-            if self._inflight[dst] >= self.max_inflight_per_peer:
+            if self._inflight[dst] >= self.config.max_inflight_per_peer:
                 self.stats.dropped_backpressure += len(envs)
                 continue
             batch = pb.Batch(messages=envs)
@@ -126,13 +138,13 @@ class MeshTransport:
 
     async def _call(self, dst: str, batch: pb.Batch) -> None:
         try:
-            await self._stub(dst).Deliver(batch, timeout=self.rpc_timeout_s)
+            await self._stub(dst).Deliver(batch, timeout=self.config.rpc_timeout_s)
         except grpc.aio.AioRpcError as e:
             self.stats.send_failures += 1
-            log.debug("transport.send_failed", node=self.addr, member=dst, code=e.code().name)
+            log.debug("transport.send_failed", addr=self.addr, peer_addr=dst, code=e.code().name)
         except Exception:
             self.stats.send_failures += 1
-            log.exception("transport.send_crashed", node=self.addr, member=dst)
+            log.exception("transport.send_crashed", addr=self.addr, peer_addr=dst)
         finally:
             self._inflight[dst] -= 1
 

@@ -20,7 +20,7 @@ import structlog
 from blocks.delta import KvDelta
 from blocks.workers import split_worker_id
 from engine_adapters.block_mapper import BlockMapper
-from engine_adapters.event_adapter import EventAdapter
+from engine_adapters.event_adapter import EventAdapter, EventAdapterConfig
 from mesh.effects import StartOwning, StopOwning
 from mesh.state import Takeover
 from router.engine_registry import EngineSpec
@@ -49,6 +49,7 @@ class AdapterLifecycle:
         owns: Callable[[str], bool],
         sink: Callable[[str, KvDelta], None],
         log: structlog.typing.FilteringBoundLogger,
+        config: EventAdapterConfig | None = None,
     ) -> None:
         """``owns(engine_id)``: whether this node still owns the engine when
         its start command comes up; ``sink(engine_id, delta)`` takes every
@@ -56,6 +57,7 @@ class AdapterLifecycle:
         self._owns = owns
         self._sink = sink
         self._log = log
+        self._config = config or EventAdapterConfig()
         self._running: dict[str, EventAdapter] = {}
         self._commands: asyncio.Queue[StartOwning | StopOwning] = asyncio.Queue()
 
@@ -102,6 +104,7 @@ class AdapterLifecycle:
             sink=lambda delta: self._sink(engine_id, delta),
             start_seqs=start_seqs_from(takeover),
             mappers=mappers_from(takeover, spec.model),
+            config=self._config,
         )
         self._running[engine_id] = adapter
         await adapter.start()

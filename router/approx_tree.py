@@ -22,21 +22,30 @@ from collections.abc import Iterable, Sequence
 
 from router.index import PrefixIndex
 
-__all__ = ["ApproxTree"]
+__all__ = ["DEFAULT_MAX_BLOCKS_PER_WORKER", "ApproxTree"]
+
+DEFAULT_MAX_BLOCKS_PER_WORKER = 100_000
 
 
 class ApproxTree:
     __slots__ = ("_index", "_lru", "max_blocks_per_worker", "ttl")
 
-    def __init__(self, max_blocks_per_worker: int = 100_000, ttl: float | None = None) -> None:
-        if not isinstance(max_blocks_per_worker, int) or max_blocks_per_worker < 1:
-            raise ValueError(f"max_blocks_per_worker must be a positive int, got {max_blocks_per_worker!r}")
+    def __init__(
+        self, max_blocks_per_worker: int = DEFAULT_MAX_BLOCKS_PER_WORKER, ttl: float | None = None
+    ) -> None:
         if ttl is not None and not ttl > 0:
             raise ValueError(f"ttl must be > 0 or None, got {ttl!r}")
-        self.max_blocks_per_worker = max_blocks_per_worker
+        self.max_blocks_per_worker = 0
+        self.bound(max_blocks_per_worker)
         self.ttl = ttl
         self._index = PrefixIndex()
         self._lru: dict[str, OrderedDict[int, float]] = {}  # worker -> hash -> last routed
+
+    def bound(self, max_blocks_per_worker: int) -> None:
+        """Keep at most this many blocks per worker (the least recently routed go first)."""
+        if not isinstance(max_blocks_per_worker, int) or max_blocks_per_worker < 1:
+            raise ValueError(f"max_blocks_per_worker must be a positive int, got {max_blocks_per_worker!r}")
+        self.max_blocks_per_worker = max_blocks_per_worker
 
     def insert(self, worker: str, hashes: Sequence[int], now: float) -> int:
         """Record that a prompt with these block hashes was routed to ``worker``.

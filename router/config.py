@@ -3,10 +3,11 @@
 ``kvmesh router`` (kvmesh/cli/router.py) builds its flags from these fields:
 each flag's default and the numbers in its help are read from here. The
 mesh's timing knobs live in :class:`mesh.membership.MembershipConfig` and
-:class:`mesh.core.MeshConfig`, the circuit breaker's in
-:class:`router.circuit_breaker.BreakerConfig`, the engine HTTP client's in
-:class:`engine_adapters.proxy.EngineClientConfig`; this config holds one of
-each.
+:class:`mesh.core.MeshConfig`, the mesh transport's in :class:`mesh.transport.TransportConfig`, the circuit
+breaker's in :class:`router.circuit_breaker.BreakerConfig`, the engine HTTP
+client's in :class:`engine_adapters.proxy.EngineClientConfig`, the KV-event
+subscription's in :class:`engine_adapters.event_adapter.EventAdapterConfig`;
+this config holds one of each.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine_adapters.event_adapter import EventAdapterConfig
 from engine_adapters.proxy import EngineClientConfig
 from engine_adapters.tokenizer import BUILTIN
 from mesh.core import MeshConfig
+from mesh.transport import TransportConfig
 from router.approx_tree import ApproxTree
 from router.circuit_breaker import BreakerConfig
 from router.engine_registry import EngineSpec
@@ -65,10 +68,11 @@ class RouterConfig:
     metrics_addr: str = "127.0.0.1"
     log_level: str = "info"
     log_format: str = "console"
-    grpc_max_message_bytes: int = 256 << 20  # full mesh states of large indexes are big
     stop_grace: float = 2.0  # seconds in-flight RPCs get when the node stops
     leave_timeout: float = 3.0  # seconds to hand engines over and tell the mesh on leave
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)  # also bounds the server's messages
+    event_adapter: EventAdapterConfig = field(default_factory=EventAdapterConfig)  # owned engines' events
 
     def __post_init__(self) -> None:
         # Fail at start, not on the first request.

@@ -20,7 +20,7 @@ import structlog
 
 from mesh.core import MeshConfig, MeshCore
 from mesh.effects import Effect, MemberChanged
-from mesh.transport import MeshTransport
+from mesh.transport import MeshTransport, TransportConfig
 from router.index import PrefixIndex
 from router.load import MeshLoad
 
@@ -45,6 +45,7 @@ class MeshShell:
         load: MeshLoad,
         on_effect: Callable[[Effect], None],
         log: structlog.typing.FilteringBoundLogger,
+        transport: TransportConfig | None = None,
     ) -> None:
         self.node_id = node_id
         self.clock = clock
@@ -52,7 +53,7 @@ class MeshShell:
         # and two nodes (or one node before and after a restart) sharing a
         # client id would corrupt the replicated documents.
         self.core = MeshCore(node_id, addr, clock(), random.SystemRandom(), config)
-        self.transport = MeshTransport(addr, self._deliver)
+        self.transport = MeshTransport(addr, self._deliver, transport)
         self._index = index
         self._load = load
         self._on_effect = on_effect

@@ -74,10 +74,20 @@ class RouterNode:
         self.stats = NodeStats()
         self.client = EngineClient(cfg.engine_client)
         self.mesh = MeshShell(
-            self.node_id, self.addr, cfg.mesh, clock, self.index, self.load, self._effect, self.log
+            self.node_id,
+            self.addr,
+            cfg.mesh,
+            clock,
+            self.index,
+            self.load,
+            self._effect,
+            self.log,
+            cfg.transport,
         )
         self.core = self.mesh.core
-        self.adapters = AdapterLifecycle(lambda e: e in self.core.owned(), self._owner_delta, self.log)
+        self.adapters = AdapterLifecycle(
+            lambda e: e in self.core.owned(), self._owner_delta, self.log, cfg.event_adapter
+        )
         self.health = HealthPoller(self.engines, self.client.health, cfg.health_interval, self.log)
         self._tokenizers: dict[str, Tokenizer] = {}
         self._policies: dict[str, Policy] = {}

@@ -52,6 +52,7 @@ Defaults, and why:
 
 from __future__ import annotations
 
+import inspect
 import random as _random
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ from typing import Protocol, TypeAlias
 import xxhash
 
 from blocks.hashing import DEFAULT_BLOCK_SIZE
-from router.approx_tree import ApproxTree
+from router.approx_tree import DEFAULT_MAX_BLOCKS_PER_WORKER, ApproxTree
 from router.index import PrefixIndex
 
 __all__ = [
@@ -480,12 +481,13 @@ class ApproxCacheAware(_Guarded):
         cache_threshold: float = 0.3,
         abs_threshold: float = 32,
         rel_threshold: float = 1.5,
-        max_blocks_per_worker: int = 100_000,
+        max_blocks_per_worker: int = DEFAULT_MAX_BLOCKS_PER_WORKER,
     ) -> None:
         super().__init__(index, abs_threshold, rel_threshold)
         if not 0 <= cache_threshold <= 1:
             raise ValueError(f"cache_threshold must be in [0, 1], got {cache_threshold!r}")
-        self.tree = tree if tree is not None else ApproxTree(max_blocks_per_worker)
+        self.tree = tree if tree is not None else ApproxTree()
+        self.tree.bound(max_blocks_per_worker)  # also on the node's tree: the option is this policy's
         self.cache_threshold = cache_threshold
 
     def choose(
@@ -606,6 +608,16 @@ _FACTORIES: dict[str, Callable[..., Policy]] = {
     Precise.name: Precise,
 }
 POLICY_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+_WIRED = ("self", "index", "tree", "hint_overlap")  # given by the node, not options
+
+
+def policy_options() -> dict[str, dict[str, object]]:
+    """Per policy, its tunable options and their defaults (read from the constructors)."""
+    out: dict[str, dict[str, object]] = {}
+    for name, factory in _FACTORIES.items():
+        params = inspect.signature(factory).parameters.values()
+        out[name] = {p.name: p.default for p in params if p.name not in _WIRED}
+    return out
 
 
 def make_policy(
@@ -617,11 +629,9 @@ def make_policy(
 ) -> Policy:
     """Build a policy by name. Unknown names and options raise ValueError.
 
-    ``hint_overlap`` (the mesh's route hints) is used by precise only.
-    Options: consistent_hash ``prefix_blocks``; cache_aware_approx
-    ``cache_threshold``, ``abs_threshold``, ``rel_threshold``,
-    ``max_blocks_per_worker``; precise ``overlap_weight``, ``delay_weight``,
-    ``abs_threshold``, ``rel_threshold``.
+    ``hint_overlap`` (the mesh's route hints) is used by precise only. The
+    options of each policy are its constructor's keyword arguments
+    (:func:`policy_options`).
     """
     factory = _FACTORIES.get(name)
     if factory is None:

@@ -287,8 +287,8 @@ async def serve(
     cfg = node.config
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", cfg.grpc_max_message_bytes),
-            ("grpc.max_send_message_length", cfg.grpc_max_message_bytes),
+            ("grpc.max_receive_message_length", cfg.transport.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.transport.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
     )

@@ -16,7 +16,7 @@ Shell (asyncio, aiohttp, ZMQ):
   the simulator's loss injection.
 - ``metrics.py``: Prometheus metrics under vLLM's names.
 - ``token_stream.py``: per-request token queue, tokens -> text, stop strings.
-- ``scheduler.py``: the step loop that drives the core and publishes events.
+- ``step_loop.py``: the step loop that drives the core and publishes events.
 - ``engine.py``: :class:`SimEngine`, the parts together and the one admission
   path of both APIs.
 - ``responses.py``, ``openai_api.py``, ``sglang_api.py``, ``admin_api.py``:

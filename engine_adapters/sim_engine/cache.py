@@ -151,9 +151,6 @@ class PrefixCache:
     def cached_hashes(self) -> set[int]:
         return set(self._by_hash)
 
-    def has_request(self, request_id: str) -> bool:
-        return request_id in self._reqs
-
     def request_blocks(self, request_id: str) -> list[int]:
         return list(self._reqs[request_id].blocks)
 
@@ -368,5 +365,5 @@ def snapshot_router_hashes(
             h = parent
         for h in reversed(path):
             parent = by_hash[h]["parent"]
-            memo[h] = chain_hash(seed if parent is None else memo[parent], by_hash[h]["tokens"])  # type: ignore[arg-type]
+            memo[h] = chain_hash(seed if parent is None else memo[parent], by_hash[h]["tokens"])  # type: ignore[arg-type]  # snapshot rows are JSON-shaped dicts
     return set(memo.values())

@@ -3,9 +3,9 @@
 ``kvmesh sim-engine`` (kvmesh/cli/sim_engine.py) builds a
 :class:`SimEngineConfig` from its flags and reads each flag's default from
 here; :class:`~engine_adapters.sim_engine.timing.TimingConfig` stays the home
-of the step-time knobs and is held whole in ``timing``. The pure parts
-(core, cache, publisher) take their keyword defaults from
-:data:`DEFAULTS` too, so a default is never typed twice.
+of the step-time knobs and is held whole in ``timing``. The engine's parts
+(core, cache, publisher) take their keyword defaults from :data:`DEFAULTS`
+too, so a default is never typed twice.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The simulated engine's core (pure): scheduler + prefix cache + sampling.
 
-The shell's step loop (``scheduler.py``) drives it::
+The shell's step loop (``step_loop.py``) drives it::
 
     plan = core.schedule(now)            # admits requests, reserves KV blocks
     sleep(plan.duration)                 # the timing model's step duration
@@ -118,9 +118,6 @@ class EngineCore:
         self.scheduler.remove(request_id)
         self.cache.release(request_id)
         return True
-
-    def output_of(self, request_id: str) -> list[int]:
-        return list(self._live[request_id].output)
 
     @property
     def num_running(self) -> int:

@@ -42,7 +42,7 @@ from engine_adapters.sim_engine.output_vocab import OutputVocab
 from engine_adapters.sim_engine.publisher import ZmqEventPublisher
 from engine_adapters.sim_engine.requests import BadRequest, CompletionRequest
 from engine_adapters.sim_engine.responses import error_response
-from engine_adapters.sim_engine.scheduler import StepLoop
+from engine_adapters.sim_engine.step_loop import StepLoop
 from engine_adapters.sim_engine.token_stream import PendingRequest, TokenStreamer
 from engine_adapters.tokenizer import BuiltinTokenizer
 
@@ -101,13 +101,22 @@ class SimEngine:
     # --- admission --------------------------------------------------------------
 
     async def serve_request(
-        self, request: web.Request, parse: Parse, id_prefix: str, respond: Respond
+        self,
+        request: web.Request,
+        parse: Parse,
+        id_prefix: str,
+        respond: Respond,
+        *,
+        inject_failures: bool = True,
     ) -> web.StreamResponse:
         """Admit the request in ``request``'s body (see the module docstring),
-        answer it with ``respond`` and release it afterwards."""
+        answer it with ``respond`` and release it afterwards. ``--fail-rate``
+        applies only where ``inject_failures`` (the OpenAI API, which kvmesh
+        routes to)."""
         try:
             body = msgspec.json.decode(await request.read())
-            pend = self.admit(body, parse, id_prefix, request.headers.get("X-Request-Id"))
+            header_id = request.headers.get("X-Request-Id")
+            pend = self.admit(body, parse, id_prefix, header_id, inject_failures=inject_failures)
         except msgspec.DecodeError as e:
             self.metrics.reject("bad_request")
             return error_response(400, f"request body is not valid JSON: {e}")
@@ -119,7 +128,15 @@ class SimEngine:
         finally:
             self.release(pend)
 
-    def admit(self, body: Any, parse: Parse, id_prefix: str, header_id: str | None) -> PendingRequest:
+    def admit(
+        self,
+        body: Any,
+        parse: Parse,
+        id_prefix: str,
+        header_id: str | None,
+        *,
+        inject_failures: bool = True,
+    ) -> PendingRequest:
         """Steps 1-5 of the admission path; raises :class:`Rejected`."""
         try:
             p = parse(body, self.tokenizer)
@@ -131,7 +148,7 @@ class SimEngine:
         if why is not None:
             raise Rejected(400, why, "bad_request")
         rate = self.config.fail_rate
-        if rate > 0 and self._fail_rng.random() < rate:
+        if inject_failures and rate > 0 and self._fail_rng.random() < rate:
             raise Rejected(503, "injected failure (--fail-rate)", "injected_failure")
         client_id = p.client_request_id or header_id or uuid.uuid4().hex
         rid = f"{id_prefix}-{client_id}"

@@ -71,7 +71,9 @@ class SGLangApi:
         )
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        return await self.engine.serve_request(request, parse_generate, "gen", self._respond)
+        return await self.engine.serve_request(
+            request, parse_generate, "gen", self._respond, inject_failures=False
+        )
 
     async def _respond(self, request: web.Request, pend: PendingRequest) -> web.StreamResponse:
         resp = await open_event_stream(request) if pend.request.stream else None

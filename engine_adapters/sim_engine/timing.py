@@ -15,22 +15,9 @@ its cached prefix already computed, so prefill time is proportional to the
 UNCACHED prompt tokens. The step that completes a prompt also samples the
 first output token (TTFT); each later step samples one more.
 
-Default figures imitate Llama-3-8B (bf16) served by vLLM on one A100-80GB:
-
-- Prefill: ~2 x 8e9 = 16 GFLOP per token. At ~50-60% of the A100's 312 TFLOPS
-  bf16 peak that is ~10k tokens/s, i.e. ``prefill_ms_per_token = 0.1``
-  (an H100 is ~2.5-3x faster: use ~0.035).
-- Decode is memory-bound: every step reads the 16 GB of weights; at the
-  A100's ~2.0 TB/s that is an 8 ms floor, ~10 ms with kernel launch and
-  scheduler overhead, matching vLLM's ~10-12 ms inter-token latency at
-  batch 1 (``decode_base_ms = 10``).
-- Each extra sequence reads its own KV cache (128 KiB per token for
-  Llama-3-8B: 32 layers x 8 KV heads x 128 dims x 2 (K,V) x 2 bytes; ~0.07 ms
-  for a 1k-token context) and adds a little compute, so ~0.15 ms per sequence
-  (``decode_per_seq_ms``): ~20 ms per step at batch 64, which is how vLLM's
-  inter-token latency grows with concurrency for this model and GPU.
-- ``max_num_batched_tokens = 2048`` and ``max_num_seqs = 256`` are vLLM's
-  online-serving defaults for this class of GPU.
+The defaults imitate Llama-3-8B (bf16) served by vLLM on one A100-80GB;
+their derivation from the model's and the GPU's figures is in
+docs/benchmarks.md (evidence: the simulated engine's timing).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """From sampled tokens to the text a handler writes (one request at a time).
 
-The step loop (``scheduler.py``) puts each sampled token (a ``TokenOut``) on
+The step loop (``step_loop.py``) puts each sampled token (a ``TokenOut``) on
 its request's :class:`TokenQueue`; the request's HTTP handler takes them with
 :meth:`TokenStreamer.batches`, which turns them into *pieces*
 ``(token_id, text, finish_reason, stop_reason)``:

@@ -34,16 +34,9 @@ from kvmesh.stats import percentile
 from kvmesh.workloads import Workload
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
+from router.policies import POLICY_NAMES
 
-KVMESH_POLICIES = [
-    "round_robin",
-    "random",
-    "consistent_hash",
-    "least_load",
-    "power_of_two",
-    "cache_aware_approx",
-    "precise",
-]
+KVMESH_POLICIES = list(POLICY_NAMES)
 SYSTEMS = KVMESH_POLICIES + ["precise_mesh3", "sglang_cache_aware", "sglang_round_robin"]
 
 

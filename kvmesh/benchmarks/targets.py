@@ -190,7 +190,7 @@ WHY_MISSED: dict[str, str] = {
         "the imbalance column: sglang-router's best-match engines queue). kvmesh's own cache_aware_approx "
         "(SGLang's rule) matches sglang-router's hit rate, so the difference is the cost, not the index or "
         "the events. Fix if hits matter more than TTFT: raise precise.overlap_weight / delay_weight with "
-        "--policy-opt (measured trade-offs in router/policies.py)."
+        "--policy-opt (measured trade-offs: docs/evidence/precise_weights.md)."
     ),
     "TTFT p90 vs sglang-router cache_aware": (
         "Both routers keep most of the ideal hit rate here, so TTFT p90 is decided by queueing noise on a "

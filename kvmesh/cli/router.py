@@ -20,7 +20,7 @@ from router.config import LOG_FORMATS, LOG_LEVELS, RouterConfig, check_policy_op
 from router.engine_registry import EngineSpec, EngineSpecError
 from router.logs import configure_logging
 from router.node import RouterNode
-from router.policies import POLICY_NAMES
+from router.policies import POLICY_NAMES, policy_options
 from router.service import serve
 
 __all__ = ["config_from_args", "configure_parser", "parse_policy_opts", "parse_tokenizers", "run"]
@@ -81,8 +81,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="POLICY.KEY=VALUE",
-        help="tune a policy, repeatable, e.g. precise.overlap_weight=2, "
-        "cache_aware_approx.cache_threshold=0.5 (options: see docs/architecture.md)",
+        help="tune a policy, repeatable; the options and their defaults: "
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{k}={v}" for k, v in opts.items())
+            for name, opts in policy_options().items()
+            if opts
+        ),
     )
     p.add_argument(
         "--engine",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import sys
 
 import structlog
@@ -178,11 +179,16 @@ def _configure_logging(level: str) -> None:
         )
 
 
+def _as_flags(message: str) -> str:
+    """The config's words for a value (``block_size``) as the user typed it (``--block-size``)."""
+    return re.sub(r"\b([a-z]+(?:_[a-z]+)+)\b", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
     except ValueError as e:
-        print(f"kvmesh sim-engine: {e}", file=sys.stderr)
+        print(f"kvmesh sim-engine: {_as_flags(str(e))}", file=sys.stderr)
         return 2
     _configure_logging(config.log_level)
     # Imported here so that building the parser (and --help) loads neither aiohttp nor ZMQ.

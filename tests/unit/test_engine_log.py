@@ -9,7 +9,7 @@ import pycrdt
 import pytest
 
 from blocks.block_map import BlockMap
-from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp, decode_delta
+from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp
 from mesh.engine_log.entry import LogError, NotOwnerError, decode_entry, encode_entry
 from mesh.engine_log.epoch import Epoch, EpochDoc
 from mesh.engine_log.owner import CompactionPolicy, EngineLogOwner
@@ -234,7 +234,10 @@ def test_entries_written_before_engine_hashes_still_decode_and_replay() -> None:
     snap = enc([_OldDelta("e", 3, [_OldOp(OP_CLEAR, []), _OldOp(OP_STORE, [1, 2])])])
     entry = enc([_OldDelta("e", 4, [_OldOp(OP_REMOVE, [1]), _OldOp(OP_STORE, [5])])])
     assert decode_entry(entry) == [KvDelta("e", 4, [KvOp(OP_REMOVE, [1]), KvOp(OP_STORE, [5])])]
-    assert decode_delta(enc(_OldDelta("e", 0, [_OldOp(OP_STORE, [7])]))).ops[0].ehashes == []
+    assert (
+        msgspec.msgpack.decode(enc(_OldDelta("e", 0, [_OldOp(OP_STORE, [7])])), type=KvDelta).ops[0].ehashes
+        == []
+    )
     ep = Epoch(1, "n0", 0, 11)
     ed = EpochDoc.create("e", ep, snap)
     ed.log.append(entry)
@@ -252,7 +255,7 @@ def test_engine_hashes_are_validated_before_writing() -> None:
         [KvDelta("e", 0, [KvOp(OP_STORE, [1, 2], [10])])],  # not parallel
         [KvDelta("e", 0, [KvOp(OP_CLEAR, [], [10])])],
         [KvDelta("e", 0, [KvOp(OP_STORE, [1], [1 << 64])])],  # not msgpack-encodable
-        [KvDelta("e", 0, [KvOp(OP_STORE, [1], ["str"])])],  # type: ignore[list-item]
+        [KvDelta("e", 0, [KvOp(OP_STORE, [1], ["str"])])],  # type: ignore[list-item]  # bad input on purpose
     ):
         with pytest.raises(LogError):
             owner.append(bad)
@@ -267,8 +270,8 @@ def test_values_a_replica_would_not_decode_as_ints_are_refused() -> None:
     owner, _, _ = owner_and_replica()
     for bad in (
         [KvDelta("e", 0, [KvOp(OP_STORE, [True], [10])])],
-        [KvDelta("e", 0, [KvOp(OP_STORE, [1.0], [10])])],  # type: ignore[list-item]
-        [KvDelta("e", 0, [KvOp(OP_STORE, [1], [2.5])])],  # type: ignore[list-item]
+        [KvDelta("e", 0, [KvOp(OP_STORE, [1.0], [10])])],  # type: ignore[list-item]  # bad input on purpose
+        [KvDelta("e", 0, [KvOp(OP_STORE, [1], [2.5])])],  # type: ignore[list-item]  # bad input on purpose
         [KvDelta("e", 0, [KvOp(OP_STORE, [2**64 - 1, -1], [1, 2])])],
         [KvDelta("e", True, [KvOp(OP_STORE, [1], [2])])],
     ):
@@ -276,5 +279,5 @@ def test_values_a_replica_would_not_decode_as_ints_are_refused() -> None:
             owner.append(bad)
     assert owner.live == {} and len(owner.replica.current) == 1
     # A tuple is not a list but decodes to one: accepted, as it always was.
-    owner.append([KvDelta("e", 0, [KvOp(OP_STORE, (5, 2**64 - 1), (7, b"x"))])])  # type: ignore[arg-type]
+    owner.append([KvDelta("e", 0, [KvOp(OP_STORE, (5, 2**64 - 1), (7, b"x"))])])  # type: ignore[arg-type]  # tuples on purpose
     assert sorted(owner.mappings()["e"], key=str) == sorted([(7, 5), (b"x", 2**64 - 1)], key=str)

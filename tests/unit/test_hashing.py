@@ -106,4 +106,4 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         chain_hash(-5, [1])
     with pytest.raises(TypeError):
-        root_seed(None)  # type: ignore[arg-type]
+        root_seed(None)  # type: ignore[arg-type]  # bad input on purpose

@@ -1,8 +1,9 @@
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp, decode_delta, encode_delta
+from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp
 from router.index import PrefixIndex
 
 # Two chains that share a 3-block prefix, plus values >= 2**63 (they occur on the wire).
@@ -73,7 +74,9 @@ def test_index_matches_reference_model(ops, queries):
         elif kind == "remove_worker":
             idx.remove_worker(w)
         else:
-            delta = decode_delta(encode_delta(KvDelta(w, 1, [KvOp(k, hs) for k, hs in arg])))
+            delta = msgspec.msgpack.decode(
+                msgspec.msgpack.encode(KvDelta(w, 1, [KvOp(k, hs) for k, hs in arg])), type=KvDelta
+            )
             idx.apply(delta)
         apply_model(model, kind, w, arg)
     assert sorted(idx.workers()) == sorted(model)

@@ -7,7 +7,7 @@ import random
 import msgspec
 import pytest
 
-from mesh.load_slots import EngineLoad, LoadSlots, Slot
+from mesh.load_slots import LoadSlots, Slot, WorkerLoad
 
 
 def test_load_is_sum_over_nodes_and_merge_is_order_independent() -> None:
@@ -35,7 +35,7 @@ def test_negative_counts_refused_and_idle_workers_left_out() -> None:
     assert a.local.version == v
     with pytest.raises(ValueError):
         a.set_local({"e": (-1, 0)}, 0.3)
-    assert a.local.loads == {"e": EngineLoad(1, 10), "f": EngineLoad(2, 0)}  # nothing applied
+    assert a.local.loads == {"e": WorkerLoad(1, 10), "f": WorkerLoad(2, 0)}  # nothing applied
     assert a.set_local({"e": (0, 0), "f": (2, 0)}, 0.4)
     assert "e" not in a.local.loads
     assert "e" not in a.totals()
@@ -67,7 +67,7 @@ def test_versions_survive_restart_and_only_owner_writes_its_slot() -> None:
     b = LoadSlots("b", 0.0)
     b.merge(a1.local)
     assert b.merge(a2.local)
-    assert not a2.merge(Slot("a", 10**18, {"e": EngineLoad(9, 9)}))
+    assert not a2.merge(Slot("a", 10**18, {"e": WorkerLoad(9, 9)}))
 
 
 def test_newer_than_and_wire_round_trip() -> None:
@@ -79,4 +79,4 @@ def test_newer_than_and_wire_round_trip() -> None:
     for s in msgspec.msgpack.decode(raw, type=list[Slot]):
         b.merge(s)
     assert a.newer_than(b.versions()) == []
-    assert b.totals()["e"] == EngineLoad(1, 5)
+    assert b.totals()["e"] == WorkerLoad(1, 5)

@@ -435,7 +435,7 @@ def test_probe_from_unknown_or_dead_member_triggers_push_pull() -> None:
         JoinReply("x:1", "a:7946", "x", (MemberRecord("b", "b:1", 0, "zombie"),)),
         Ping("", "a:7946", 1, "a", "x"),
         Ping("x:1", "a:7946", 1, "a", ""),
-        Gossip("x:1", "a:7946", None),  # type: ignore[arg-type]
+        Gossip("x:1", "a:7946", None),  # type: ignore[arg-type]  # bad input on purpose
         Ack("x:1", "a:7946", 1, "a", -1),
     ],
 )
@@ -445,7 +445,7 @@ def test_bad_input_raises_clear_error_and_changes_nothing(bad: object) -> None:
     a.events()
     before = a.members()
     with pytest.raises(MembershipError):
-        a.handle(bad, 1.0)  # type: ignore[arg-type]
+        a.handle(bad, 1.0)  # type: ignore[arg-type]  # bad input on purpose
     assert a.members() == before and a.events() == []
 
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from collections import Counter
 
-from mesh.ownership import OwnershipTracker, owner_of, owners, score
+from mesh.ownership import OwnershipAction, OwnershipTracker, owner_of, owners, score
 
 ENGINES = [f"engine-{i}" for i in range(400)]
 NODES = [f"node-{i}" for i in range(8)]
@@ -55,27 +55,31 @@ def test_tracker_takes_and_releases_exactly_the_rendezvous_diff() -> None:
     after = [n for n in NODES if n != "node-1"]
     for me in NODES:
         t = OwnershipTracker(me, retake_backoff=0.5)
-        for e in t.plan(ENGINES, live, 0.0).take:
-            t.taken(e)
+        for a in t.plan(ENGINES, live, 0.0):
+            t.taken(a.engine_id)
         assert t.owned == {e for e, o in owners(ENGINES, live).items() if o == me}
         p = t.plan(ENGINES, after, 1.0)
         b, a = owners(ENGINES, live), owners(ENGINES, after)
-        assert list(p.take) == sorted(e for e in ENGINES if a[e] == me and b[e] != me)
-        assert [e for e, _ in p.release] == sorted(e for e in ENGINES if b[e] == me and a[e] != me)
+        assert [x.engine_id for x in p if x.take] == sorted(e for e in ENGINES if a[e] == me and b[e] != me)
+        assert [x.engine_id for x in p if not x.take] == sorted(
+            e for e in ENGINES if b[e] == me and a[e] != me
+        )
+        assert [x.engine_id for x in p] == sorted(x.engine_id for x in p)  # one pass, engine order
     t = OwnershipTracker("node-1", retake_backoff=0.5)
-    assert t.plan(ENGINES, after, 0.0).take == ()
+    assert t.plan(ENGINES, after, 0.0) == []
 
 
 def test_tracker_waits_retake_backoff_after_being_fenced_and_releases_deregistered() -> None:
     t = OwnershipTracker("node-0", retake_backoff=0.5)
     mine = [e for e, o in owners(ENGINES, NODES).items() if o == "node-0"]
-    for e in t.plan(ENGINES, NODES, 0.0).take:
-        t.taken(e)
+    for a in t.plan(ENGINES, NODES, 0.0):
+        t.taken(a.engine_id)
     assert t.fenced(mine[0], 1.0) and not t.fenced(mine[0], 1.0)
-    assert mine[0] not in t.plan(ENGINES, NODES, 1.4).take  # backing off
-    assert t.plan(ENGINES, NODES, 1.5).take == (mine[0],)
+    assert t.plan(ENGINES, NODES, 1.4) == []  # backing off
+    assert t.plan(ENGINES, NODES, 1.5) == [OwnershipAction(mine[0], take=True)]
+    t.taken(mine[0])
     rest = [e for e in ENGINES if e != mine[1]]
-    assert t.plan(rest, NODES, 2.0).release == ((mine[1], "not registered"),)
+    assert t.plan(rest, NODES, 2.0) == [OwnershipAction(mine[1], take=False, why="not registered")]
 
 
 def test_score_is_stable_across_processes() -> None:

@@ -7,6 +7,7 @@ import pytest
 from kvmesh.cli.router import parse_policy_opts
 from router.config import RouterConfig
 from router.node import RouterNode
+from router.policies import RouteRequest
 
 
 def test_parse_policy_opts_types_and_groups() -> None:
@@ -52,3 +53,10 @@ def test_node_builds_its_policies_with_the_options() -> None:
         RouterConfig(policy_opts={"precise": {"bogus": 1}})
     with pytest.raises(ValueError, match="unknown policy"):
         RouterConfig(policy="nope")
+
+
+def test_max_blocks_per_worker_bounds_the_tree_the_node_shares() -> None:
+    node = RouterNode(RouterConfig(policy_opts={"cache_aware_approx": {"max_blocks_per_worker": 10}}))
+    policy = node._policy("cache_aware_approx")
+    policy.on_routed(RouteRequest("r", list(range(25)), 400), "w", 0.0)
+    assert node.approx_tree.blocks_of("w") == 10

@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine_adapters.sequencer import Decision, Sequencer, Verdict
+from engine_adapters.sequencer import SeqCheck, Sequencer, Verdict
 
 
 def _digest(stream: int, seq: int) -> int:
@@ -16,7 +16,7 @@ def _digest(stream: int, seq: int) -> int:
 
 def test_first_message_without_a_known_position() -> None:
     assert Sequencer().check_live(0, 1).verdict is Verdict.APPLY
-    assert Sequencer().check_live(5, 1) == Decision(Verdict.GAP, 0, 4)
+    assert Sequencer().check_live(5, 1) == SeqCheck(Verdict.GAP, 0, 4)
     assert Sequencer().expected is None
 
 
@@ -24,12 +24,12 @@ def test_resume_from_a_known_start() -> None:
     s = Sequencer(last_applied=9)
     assert s.expected == 10
     assert s.check_live(10, 1).verdict is Verdict.APPLY
-    assert s.check_live(12, 1) == Decision(Verdict.GAP, 10, 11)
+    assert s.check_live(12, 1) == SeqCheck(Verdict.GAP, 10, 11)
     assert s.check_replayed(9).verdict is Verdict.DUPLICATE
     assert s.check_replayed(10).verdict is Verdict.APPLY
-    assert s.check_replayed(11) == Decision(Verdict.GAP, 10, 10)
+    assert s.check_replayed(11) == SeqCheck(Verdict.GAP, 10, 10)
     # -1 means "known: nothing applied yet"
-    assert Sequencer(last_applied=-1).check_live(1, 1) == Decision(Verdict.GAP, 0, 0)
+    assert Sequencer(last_applied=-1).check_live(1, 1) == SeqCheck(Verdict.GAP, 0, 0)
 
 
 def test_restart_of_a_short_lived_publisher_is_detected() -> None:

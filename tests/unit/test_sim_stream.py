@@ -95,7 +95,8 @@ async def test_admission_refusals_in_order() -> None:
     failing = SimEngine(SimEngineConfig(kv_events_endpoint="", fail_rate=1.0))
     assert _rejection(failing, {"prompt": [1], "max_tokens": 0}) == (400, "bad_request")  # validation first
     assert _rejection(failing, {"prompt": [1]}) == (503, "injected_failure")
-    assert _rejection(failing, {"input_ids": [1]}, parse_generate) == (503, "injected_failure")
+    sglang = failing.admit({"input_ids": [1]}, parse_generate, "gen", None, inject_failures=False)
+    failing.release(sglang)  # --fail-rate is for the OpenAI API only
     assert not eng.pending and eng.core.num_waiting == 0
 
 
