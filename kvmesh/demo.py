@@ -17,6 +17,7 @@ import time
 import aiohttp
 import grpc
 
+from engine_adapters.sim_engine.timing import TimingConfig
 from kvmesh import procs
 from kvmesh.loadgen import RequestRecord, RunResult, run_sessions
 from kvmesh.workloads import CHAT_TURNS, Session, chat, total_requests
@@ -42,7 +43,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--num-gpu-blocks", type=int, default=1200, help="KV cache size of each engine, in 16-token blocks"
     )
     p.add_argument(
-        "--time-scale", type=float, default=1.0, help="simulated engine time scale (1 = real GPU speed)"
+        "--time-scale",
+        type=float,
+        default=TimingConfig().time_scale,
+        help="simulated engine time scale (1 = real GPU speed)",
     )
     p.add_argument("--seed", type=int, default=7)
 

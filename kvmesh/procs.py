@@ -18,9 +18,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from blocks.hashing import DEFAULT_BLOCK_SIZE
+from engine_adapters.sim_engine.config import DEFAULTS as SIM_DEFAULTS
+
 # The model name ``kvmesh sim-engine`` serves unless given ``--model``: what a
 # router must be told (engine_flag) and what its block hashes are seeded with.
-SIM_MODEL = "sim-model"
+SIM_MODEL = SIM_DEFAULTS.model
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -131,7 +134,7 @@ def start_sim_engine(name: str, extra: list[str] | None = None, host: str = "127
     return p
 
 
-def engine_flag(engine_id: str, p: Proc, model: str = SIM_MODEL, block_size: int = 16) -> str:
+def engine_flag(engine_id: str, p: Proc, model: str = SIM_MODEL, block_size: int = DEFAULT_BLOCK_SIZE) -> str:
     """The router's ``--engine`` value for the simulated engine ``p``."""
     return (
         f"id={engine_id},url={p.info['url']},kv={p.info['kv_endpoint']},"

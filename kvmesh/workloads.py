@@ -12,6 +12,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from blocks.hashing import DEFAULT_BLOCK_SIZE
+
 VOCAB_LO, VOCAB_HI = 256, 32000  # ids below 256 are the built-in tokenizer's reserved ids
 CHAT_TURNS = (4, 10)  # turns per chat session (inclusive range)
 
@@ -342,7 +344,9 @@ def mooncake_workload(
     )
 
 
-def ideal_hit_rate(requests: list[tuple[list[int], list[int]]], block_size: int = 16) -> float:
+def ideal_hit_rate(
+    requests: list[tuple[list[int], list[int]]], block_size: int = DEFAULT_BLOCK_SIZE
+) -> float:
     """Prefix hit rate of ONE infinite cache over ``(prompt, output)`` pairs in
     arrival order: each prompt hits its longest prefix of full blocks seen
     before (at most ``(len - 1) // block_size`` blocks: the last prompt token

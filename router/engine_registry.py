@@ -20,6 +20,7 @@ from typing import Any
 
 from blocks.hashing import DEFAULT_BLOCK_SIZE
 from blocks.workers import worker_id
+from engine_adapters.sim_engine.config import DEFAULTS as SIM_DEFAULTS
 from router.circuit_breaker import BreakerConfig, CircuitBreaker
 
 
@@ -31,7 +32,7 @@ class EngineSpecError(ValueError):
 class EngineSpec:
     engine_id: str
     endpoint: str  # http://host:port
-    model: str = "sim-model"
+    model: str = SIM_DEFAULTS.model  # the simulated engine's, when an engine does not say
     block_size: int = DEFAULT_BLOCK_SIZE
     kv_events_endpoint: str = ""  # tcp://host:port (rank 0); empty: no events
     replay_endpoint: str = ""

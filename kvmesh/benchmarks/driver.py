@@ -24,6 +24,7 @@ from typing import NamedTuple
 import aiohttp
 import grpc
 
+from blocks.hashing import DEFAULT_BLOCK_SIZE
 from kvmesh.loadgen import generate_once
 from kvmesh.stats import percentile
 from kvmesh.workloads import BenchSession, Workload, ideal_hit_rate
@@ -262,7 +263,9 @@ async def run_workload(
     return records, wall, sampler
 
 
-def summarize(records: list[Rec], wall_s: float, sampler: LoadSampler | None, block_size: int = 16) -> dict:
+def summarize(
+    records: list[Rec], wall_s: float, sampler: LoadSampler | None, block_size: int = DEFAULT_BLOCK_SIZE
+) -> dict:
     """Every per-system figure of the routing benchmark."""
     ok = [r for r in records if r.ok]
     prompt = sum(r.prompt_tokens for r in ok)

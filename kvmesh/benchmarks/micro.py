@@ -33,16 +33,17 @@ from typing import Any
 import structlog
 import xxhash
 
-from blocks.hashing import block_hashes, root_seed
+from blocks.hashing import DEFAULT_BLOCK_SIZE, block_hashes, root_seed
 from engine_adapters.block_mapper import BlockMapper
 from engine_adapters.kv_events import BlockStored, KVEventBatch, decode_batch, encode_batch
+from engine_adapters.sim_engine.config import DEFAULTS as SIM_DEFAULTS
 from kvmesh.stats import percentile
 from mesh.core import MeshConfig
 from mesh.state import MeshState
 from router.index import PrefixIndex
 
-MODEL = "sim-model"  # seeds the router hashes; any name would do in process
-BS = 16  # tokens per block
+MODEL = SIM_DEFAULTS.model  # seeds the router hashes; any name would do in process
+BS = DEFAULT_BLOCK_SIZE  # tokens per block
 AGREEMENT_QUERIES = 200  # queries whose best overlap is compared with Dynamo's
 
 

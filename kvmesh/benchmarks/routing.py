@@ -28,6 +28,7 @@ from typing import Protocol
 import aiohttp
 import grpc
 
+from blocks.hashing import DEFAULT_BLOCK_SIZE
 from kvmesh import procs
 from kvmesh.benchmarks.driver import GrpcTarget, Rec, SglangTarget, run_workload, summarize
 from kvmesh.stats import percentile
@@ -48,7 +49,7 @@ class FleetConfig:
     num_gpu_blocks: int = 4000  # KV cache of each engine, in blocks
     time_scale: float = 1.0
     seed: int = 7
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     # Extra `kvmesh router` flags, e.g. ("--policy-opt", "precise.overlap_weight=2").
     router_args: tuple[str, ...] = ()
 

@@ -29,8 +29,9 @@ from engine_adapters.block_mapper import BlockMapper
 from engine_adapters.kv_events import EventFormat, KVEventBatch, decode_batch, encode_batch
 from engine_adapters.sequencer import Sequencer, Verdict
 from engine_adapters.sim_engine.cache import NotEnoughBlocks, PrefixCache, snapshot_router_hashes
+from engine_adapters.sim_engine.config import DEFAULTS as SIM_DEFAULTS
 
-MODEL = "sim-model"  # the model every simulated engine serves (seeds its router hashes)
+MODEL = SIM_DEFAULTS.model  # the model every simulated engine serves (seeds its router hashes)
 
 
 class ModelledEngine:

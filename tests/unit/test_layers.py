@@ -41,3 +41,38 @@ def test_the_graph_is_real_and_the_layers_hold() -> None:
     broken = [(a, b) for a, b in forbidden if graph.chain_exists(importer=a, imported=b, as_packages=True)]
     assert broken == [], f"imports that point up or sideways: {broken}"
     assert cli.lint_imports(config_filename=str(PYPROJECT), no_cache=True, no_logo=True) == 0
+
+
+def test_no_import_cycles() -> None:
+    graph = grimp.build_graph(*_config()["root_packages"], cache_dir=None)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.find_modules_directly_imported_by(v)):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for m in sorted(graph.modules):
+        if m not in index:
+            visit(m)
+    assert cycles == [], f"modules that import each other: {cycles}"
