@@ -1,10 +1,9 @@
 """Client for an engine's OpenAI-compatible ``/v1/completions`` stream.
 
-vLLM and SGLang both serve it; kvmesh always sends token ids (the router has
-already tokenized and hashed them, so the engine must cache exactly those ids)
-and asks for ``return_token_ids`` (vLLM >= 0.10.2) so generated ids stream back.
-The usage block of the last chunk carries ``prompt_tokens_details.cached_tokens``:
-the engine's own word on how much of the prompt it found cached.
+vLLM and SGLang both serve it. What is sent is built by
+:mod:`engine_adapters.completion_request`; the usage block of the last chunk
+carries ``prompt_tokens_details.cached_tokens``: the engine's own word on how
+much of the prompt it found cached.
 
 This is the router's hot path, so it is lean: the request body is encoded and
 the SSE events decoded with msgspec (typed: only the fields kvmesh reads are
@@ -23,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import msgspec
+
+from engine_adapters.completion_request import SamplingParams, Tenancy, completion_body
 
 
 class EngineUnavailable(Exception):
@@ -48,18 +49,6 @@ class EngineClientConfig:
     first_token_timeout: float = 120.0
     health_timeout: float = 1.0  # seconds for one GET /health
     pool_size: int = 512  # open connections over all engines
-
-
-@dataclass(slots=True)
-class SamplingParams:
-    """The sampling parameters sent to the engine with a prompt."""
-
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-    seed: int | None = None
 
 
 @dataclass(slots=True)
@@ -115,23 +104,10 @@ class EngineClient:
         params: SamplingParams,
         request_id: str,
         headers: dict[str, str] | None = None,
+        tenancy: Tenancy | None = None,
     ) -> AsyncIterator[Chunk | Usage]:
         """Yield a :class:`Chunk` per batch of streamed events, then one :class:`Usage`."""
-        body = _ENCODE(
-            _CompletionRequest(
-                model=model,
-                prompt=prompt_token_ids,
-                max_tokens=params.max_tokens,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                stream=True,
-                stream_options=_STREAM_OPTIONS,
-                return_token_ids=True,
-                stop=params.stop,
-                ignore_eos=params.ignore_eos,
-                seed=params.seed,
-            )
-        )
+        body = completion_body(model, prompt_token_ids, params, tenancy)
         hdrs = {
             "Content-Type": "application/json",
             "X-Request-Id": _header_value(request_id),
@@ -304,27 +280,6 @@ def _data_of(event: bytes) -> bytes | None:
 # building Python objects for them.
 
 
-class _StreamOptions(msgspec.Struct):
-    include_usage: bool
-
-
-_STREAM_OPTIONS = _StreamOptions(include_usage=True)
-
-
-class _CompletionRequest(msgspec.Struct, omit_defaults=True):
-    model: str
-    prompt: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stream: bool
-    stream_options: _StreamOptions
-    return_token_ids: bool
-    stop: list[str] = []
-    ignore_eos: bool = False
-    seed: int | None = None
-
-
 class _Choice(msgspec.Struct):
     text: str | None = None
     token_ids: list[int] | None = None
@@ -347,5 +302,4 @@ class _Event(msgspec.Struct):
     error: Any = None
 
 
-_ENCODE = msgspec.json.Encoder().encode
 _DECODE = msgspec.json.Decoder(_Event).decode

@@ -26,7 +26,8 @@ from typing import Any
 import structlog
 
 from blocks.delta import KvDelta
-from engine_adapters.proxy import Chunk, EngineClient, EngineStreamError, EngineUnavailable, SamplingParams
+from engine_adapters.completion_request import SamplingParams
+from engine_adapters.proxy import Chunk, EngineClient, EngineStreamError, EngineUnavailable
 from engine_adapters.tokenizer import Tokenizer, get_tokenizer
 from mesh.effects import Effect, EngineAdded, EngineRemoved, StartOwning, StopOwning
 from router.adapters import AdapterLifecycle
@@ -245,7 +246,13 @@ class RouterNode:
             where = {"engine": routed.engine_id, "worker": routed.worker, "attempt": tries.attempt}
             try:
                 async for item in self.client.stream_completion(
-                    routed.endpoint, prep.model, prep.token_ids, params, prep.request_id, routed.headers
+                    routed.endpoint,
+                    prep.model,
+                    prep.token_ids,
+                    params,
+                    prep.request_id,
+                    routed.headers,
+                    prep.tenancy,
                 ):
                     if isinstance(item, Chunk):
                         acct.token(self.clock())

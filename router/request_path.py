@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from blocks.hashing import block_hashes, root_seed
 from blocks.workers import split_worker_id
+from engine_adapters.completion_request import Tenancy
 from engine_adapters.proxy import Usage
 from engine_adapters.tokenizer import Tokenizer
 from router.engine_registry import EngineRecord, EngineTable
@@ -81,6 +82,7 @@ class Prepared:
     hashes: list[int]  # router block hashes of the prompt's full blocks
     session_key: str | None
     policy: str
+    tenancy: Tenancy = field(default_factory=Tenancy)  # whose cache: sent to the engine too
 
     def route_request(self) -> RouteRequest:
         return RouteRequest(
@@ -150,6 +152,7 @@ def prepare(
         hashes=block_hashes(token_ids, block_size, seed),
         session_key=request.session_key or None,
         policy=policy,
+        tenancy=Tenancy(request.lora_name, request.cache_salt),
     )
 
 

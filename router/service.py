@@ -17,7 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from blocks.hashing import xor_digest
-from engine_adapters.proxy import Chunk, SamplingParams
+from engine_adapters.completion_request import SamplingParams
+from engine_adapters.proxy import Chunk
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 from router.engine_registry import EngineRecord, EngineSpec, EngineSpecError

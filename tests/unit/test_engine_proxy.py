@@ -10,13 +10,13 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import pytest
 
+from engine_adapters.completion_request import SamplingParams
 from engine_adapters.proxy import (
     Chunk,
     EngineClient,
     EngineClientConfig,
     EngineStreamError,
     EngineUnavailable,
-    SamplingParams,
     SSEDecoder,
     Usage,
 )
@@ -287,7 +287,7 @@ async def test_abandoned_stream_closes_its_connection() -> None:
 
 
 def test_request_body_omits_unset_options() -> None:
-    from engine_adapters.proxy import _STREAM_OPTIONS, _CompletionRequest
+    from engine_adapters.completion_request import _STREAM_OPTIONS, _CompletionRequest
 
     def body(**kw: object) -> dict:
         return msgspec.json.decode(

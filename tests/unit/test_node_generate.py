@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from engine_adapters.proxy import Chunk, EngineStreamError, EngineUnavailable, SamplingParams, Usage
+from engine_adapters.completion_request import SamplingParams
+from engine_adapters.proxy import Chunk, EngineStreamError, EngineUnavailable, Usage
 from router.config import RouterConfig
 from router.engine_registry import EngineSpec
 from router.node import RouterNode
@@ -23,7 +24,9 @@ class ScriptedClient:
         self.script = script
         self.calls: list[tuple[str, dict[str, str]]] = []
 
-    async def stream_completion(self, endpoint, model, token_ids, params, request_id, headers=None):
+    async def stream_completion(
+        self, endpoint, model, token_ids, params, request_id, headers=None, tenancy=None
+    ):
         self.calls.append((endpoint, dict(headers or {})))
         what = self.script[endpoint]
         if what == "refuse":
