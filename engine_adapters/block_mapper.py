@@ -16,19 +16,48 @@ hashes multimodal inputs and extra keys that the router does not see), so the
 router hash is reference-counted: it is removed from the index only when its
 last engine block goes. Every op lists the engine hashes it binds or forgets,
 so the mapping itself travels with the deltas (see ``blocks.delta``).
+
+Tenancy: blocks are shared only within one model, LoRA adapter and cache
+salt, so the root seed of a first block (``parent_block_hash`` None) is
+``root_seed(model, lora_name, cache_salt)`` of the request that stored it,
+read from the event in every form the engines send (:func:`tenancy`):
+
+- SGLang: the ``lora_name`` and ``cache_salt`` fields.
+- vLLM 0.33: ``lora_name``, and ``extra_keys``, one entry per block,
+  untagged: the first block's entry holds, in order, the LoRA name (when
+  ``lora_name`` is set), ``(mm_identifier, offset)`` pairs, the cache salt
+  and prompt-embeds digests (bytes); e.g. ``("tenant-1",)``,
+  ``("sql-lora", "tenant-1")``, ``("sql-lora",)`` or ``None``. The salt is
+  the one string that is not the LoRA name.
+- Tagged keys, as vLLM hashes them internally (``("cache_salt", salt)``,
+  ``("lora", name, path)``, ``("mm", id, offset)``) and as a map
+  ``{"type": "cache_salt", "salt": ...}``: vLLM 0.24 and 0.33 publish neither,
+  both are read so that a connector passing its keys through unconverted
+  is not mistaken for an unsalted tenant.
+
+An event the decoder could not use (a ``SkippedEvent``: unknown shape, a
+store without token ids, ...) is counted by reason in :class:`MapperStats`
+and logged as ``adapter.event_skipped``; the rest of its batch applies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
 from blocks.block_map import BlockMap
 from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, EngineHash, KvDelta, KvOp
 from blocks.hashing import block_hashes, root_seed
-from engine_adapters.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from engine_adapters.kv_events import (
+    AllBlocksCleared,
+    BatchEvent,
+    BlockRemoved,
+    BlockStored,
+    SkippedEvent,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -41,21 +70,41 @@ class MapperStats:
     unknown_parent: int = 0  # blocks skipped: parent never seen (or already evicted)
     unknown_removed: int = 0  # removals of hashes never mapped (ignored)
     invalid_tokens: int = 0  # blocks skipped: token ids the router cannot hash
+    skipped_events: int = 0  # events the decoder could not use (SkippedEvent)
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
 
 
-def _cache_salt(event: BlockStored) -> str | None:
-    """vLLM >= 0.24 puts ``cache_salt`` in the first block's typed extra keys
-    (``{"type": "cache_salt", "salt": ...}``); SGLang has a field for it."""
-    if event.cache_salt is not None:
-        return event.cache_salt
-    if not event.extra_keys:
+def tenancy(event: BlockStored) -> tuple[str | None, str | None]:
+    """``(lora_name, cache_salt)`` of the request that stored ``event``'s
+    blocks, in every form the engines publish (module docstring)."""
+    lora = event.lora_name or None
+    if event.cache_salt is not None:  # SGLang
+        return lora, event.cache_salt or None
+    keys = event.extra_keys
+    if not keys:
+        return lora, None
+    return lora, _salt_in(keys[0], lora)
+
+
+def _salt_in(entry: Any, lora: str | None) -> str | None:
+    """The cache salt in one block's vLLM extra keys, or None."""
+    if not isinstance(entry, (list, tuple)):
         return None
-    first = event.extra_keys[0]
-    if isinstance(first, (list, tuple)):
-        for key in first:
-            if isinstance(key, dict) and key.get("type") == "cache_salt":
-                value = key.get("salt")
-                return value if isinstance(value, str) else None
+    lora_seen = lora is None
+    for key in entry:
+        if isinstance(key, str):
+            if not lora_seen and key == lora:
+                lora_seen = True  # untagged: the LoRA name comes first
+                continue
+            return key or None
+        if isinstance(key, (list, tuple)):
+            # tagged ("cache_salt", salt); anything else is a tagged LoRA or
+            # multimodal key or an untagged (mm_identifier, offset) pair
+            if len(key) == 2 and key[0] == "cache_salt" and isinstance(key[1], str):
+                return key[1] or None
+        elif isinstance(key, dict) and key.get("type") == "cache_salt":
+            salt = key.get("salt")
+            return salt if isinstance(salt, str) and salt else None
     return None
 
 
@@ -73,6 +122,7 @@ class BlockMapper:
         self.block_map = BlockMap()
         self._roots: dict[tuple[str | None, str | None], int] = {}
         self.stats = MapperStats()
+        self._skips_logged: set[str] = set()  # reasons already logged at warning level
 
     @classmethod
     def from_pairs(cls, model: str, worker: str, pairs: Iterable[tuple[EngineHash, int]]) -> BlockMapper:
@@ -100,9 +150,10 @@ class BlockMapper:
 
     # --- applying events -------------------------------------------------------
 
-    def map_batch(self, events: Iterable[KVEvent], seq: int) -> KvDelta:
+    def map_batch(self, events: Iterable[BatchEvent], seq: int) -> KvDelta:
         """One ``KvDelta`` for one engine batch; ops keep the events' order
-        (adjacent ops of the same kind are merged)."""
+        (adjacent ops of the same kind are merged). Skipped events are
+        counted and leave the others untouched."""
         ops: list[KvOp] = []
         kind = -1
         hs: list[int] = []
@@ -132,6 +183,8 @@ class BlockMapper:
                 self.clear()
                 self.stats.cleared += 1
                 emit(OP_CLEAR, [], [])
+            elif isinstance(ev, SkippedEvent):
+                self._skipped(ev, seq)
         if kind != -1:
             ops.append(KvOp(kind, hs, ehs))
         return KvDelta(worker=self.worker, seq=seq, ops=ops)
@@ -147,7 +200,7 @@ class BlockMapper:
         m = self.block_map
         to_router = m.to_router
         if ev.parent_block_hash is None:
-            parent: int | None = self._root(ev.lora_name, _cache_salt(ev))
+            parent: int | None = self._root(*tenancy(ev))
         else:
             parent = to_router.get(ev.parent_block_hash)
         ehashes = ev.block_hashes
@@ -187,6 +240,23 @@ class BlockMapper:
             ehs.append(eh)
         if hs:
             emit(OP_STORE, hs, ehs)
+
+    def _skipped(self, ev: SkippedEvent, seq: int) -> None:
+        st = self.stats
+        st.skipped_events += 1
+        st.skipped_by_reason[ev.reason] = st.skipped_by_reason.get(ev.reason, 0) + 1
+        # The first skip of each reason is a warning; an engine that keeps
+        # sending the same shape is then only counted (and logged at debug).
+        first = ev.reason not in self._skips_logged
+        self._skips_logged.add(ev.reason)
+        (log.warning if first else log.debug)(
+            "adapter.event_skipped",
+            worker=self.worker,
+            seq=seq,
+            index=ev.index,
+            reason=ev.reason,
+            detail=ev.detail,
+        )
 
     def _remove(self, engine_hashes: Iterable[EngineHash]) -> tuple[list[int], list[EngineHash]]:
         """(router hashes no longer live, engine hashes forgotten)."""

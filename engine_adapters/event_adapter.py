@@ -21,6 +21,16 @@ handover) or from 0 (learn the recent history), then reads live messages. The
 ZMQ slow-joiner window (batches published before the subscription took
 effect) shows up as a gap on the first live message and is replayed.
 
+Quiet workers are probed. vLLM sends no heartbeat, so a batch lost on PUB is
+only noticed when the next one arrives, and an engine that goes quiet right
+after a loss (a lost final ``AllBlocksCleared`` is the costly case: every block
+it cleared stays indexed) would leave the index wrong for as long as it stays
+quiet. After ``replay_probe_after`` seconds without a live batch a rank asks
+the replay socket for everything after its last applied batch; the usual
+answer is just the end marker, which costs one round trip. The probe runs in
+the rank's own task, like gap fills, so it can never overlap a replay of the
+same rank, and a rank that keeps receiving batches is never probed.
+
 The wire framing (live and replay) is in ``kv_events``, the endpoint rules in
 ``kv_endpoints``; the decisions are the pure ``Sequencer``'s. What stays here
 is the I/O around them. The replay client is part of it, not a module of its
@@ -73,6 +83,13 @@ class EventAdapterConfig:
     replay_deadline: float = 30.0  # seconds one replay round may take in all
     max_gap_rounds: int = 4  # gap fills tried for one live batch before the history behind it is given up
     rcvhwm: int = 100_000  # SUB receive queue; it holds the live batches while a replay runs
+    # Seconds without a live batch before a rank asks the replay socket for
+    # anything newer (a lost last batch is applied within about this); 0: never.
+    replay_probe_after: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.replay_probe_after < 0:
+            raise ValueError(f"replay_probe_after must be >= 0, got {self.replay_probe_after}")
 
 
 @dataclass
@@ -85,6 +102,8 @@ class RankStats:
     gaps: int = 0  # gaps detected
     gaps_replayed: int = 0  # gaps fully filled from the replay socket
     replay_failures: int = 0  # replay requests unanswered within the timeout
+    probes: int = 0  # replay requests sent because the worker was quiet
+    probe_batches: int = 0  # batches those probes found (lost on PUB, no later batch to reveal it)
     resets: int = 0  # worker state cleared because history was lost
     restarts: int = 0  # publisher restarted (sequence went back)
     history_truncated: int = 0  # first sync could not reach back to seq 0
@@ -102,6 +121,7 @@ class _RankState:
         self.mapper = BlockMapper(model, worker)
         self.stats = RankStats(last_seq=start)
         self.ready = asyncio.Event()  # set after the first catch-up attempt
+        self.probe_failing = False  # the last probe went unanswered (log the next ones quietly)
 
 
 class EventAdapter:
@@ -141,6 +161,7 @@ class EventAdapter:
         self._replay_deadline = cfg.replay_deadline
         self._max_gap_rounds = max(1, cfg.max_gap_rounds)
         self._rcvhwm = cfg.rcvhwm
+        self._probe_after_ms = int(cfg.replay_probe_after * 1000) if replay_endpoint else 0
         start_seqs = start_seqs or {}
         self._ranks = [
             _RankState(r, worker_id(engine_id, r), model, start_seqs.get(r))
@@ -189,6 +210,7 @@ class EventAdapter:
             total[key] = sum(int(r[key]) for r in per_rank.values())
         total["last_seq"] = {r: s["last_seq"] for r, s in per_rank.items()}
         total["ranks"] = per_rank
+        total["skipped_events"] = sum(st.mapper.stats.skipped_events for st in self._ranks)
         return total
 
     def last_seqs(self) -> dict[int, int | None]:
@@ -217,6 +239,9 @@ class EventAdapter:
             # same socket: one await per burst instead of one per batch.
             raw: zmq.Socket[bytes] = zmq.Socket.shadow(sub.underlying)
             while True:
+                if self._probe_after_ms and not await sub.poll(self._probe_after_ms):
+                    await self._probe(st)
+                    continue
                 frames: list[bytes] | None = await sub.recv_multipart()
                 handled = 0
                 while frames is not None:
@@ -279,6 +304,20 @@ class EventAdapter:
         # anything missed shows up as a gap later.
         await self._replay_rounds(st, 0, retries=1)
 
+    async def _probe(self, st: _RankState) -> None:
+        """The worker has been quiet: apply whatever the replay buffer holds
+        after its last applied batch (usually nothing)."""
+        st.stats.probes += 1
+        before = st.stats.replayed_batches
+        answered = await self._replay_rounds(st, 0, retries=1, probe=True)
+        found = st.stats.replayed_batches - before
+        if found:
+            st.stats.probe_batches += found
+            self._log.info("adapter.probe_recovered", worker=st.worker, batches=found, seq=st.sequencer.last)
+        if answered and st.probe_failing:
+            self._log.info("adapter.probe_answered", worker=st.worker)
+        st.probe_failing = not answered
+
     async def _fill(self, st: _RankState, gap_from: int, gap_to: int) -> None:
         if self._replay_endpoint is not None:
             await self._replay_rounds(st, gap_from, retries=self._replay_retries)
@@ -288,7 +327,9 @@ class EventAdapter:
         else:
             self._history_lost(st, gap_to, "replay_unavailable")
 
-    async def _replay_rounds(self, st: _RankState, start_if_unknown: int, retries: int) -> bool:
+    async def _replay_rounds(
+        self, st: _RankState, start_if_unknown: int, retries: int, probe: bool = False
+    ) -> bool:
         """Replay until an answer arrives whole; each round resumes after the
         last applied batch. Rounds that make progress do not count as retries:
         vLLM's ROUTER drops replies past its send HWM, so a long replay arrives
@@ -298,7 +339,7 @@ class EventAdapter:
             before = st.sequencer.last
             expected = st.sequencer.expected
             start = expected if expected is not None else start_if_unknown
-            if await self._replay_once(st, start):
+            if await self._replay_once(st, start, probe):
                 return True
             if st.sequencer.last == before:
                 failures += 1
@@ -306,10 +347,13 @@ class EventAdapter:
                     return False
         return False
 
-    async def _replay_once(self, st: _RankState, start: int) -> bool:
+    async def _replay_once(self, st: _RankState, start: int, probe: bool = False) -> bool:
         """Ask for every buffered batch >= start and apply them in order.
 
-        True if the end marker came and nothing was missing in between.
+        True if the end marker came and nothing was missing in between. An
+        unanswered probe is logged once per streak: an engine that is down
+        stays unanswered every ``replay_probe_after`` seconds, and its health
+        probe reports that already.
         """
         assert self._ctx is not None and self._replay_endpoint is not None
         dealer = self._ctx.socket(zmq.DEALER)
@@ -349,7 +393,10 @@ class EventAdapter:
                 self._apply(st, seq, payload, hash(payload), replayed=True)
                 st.stats.replayed_batches += 1
             st.stats.replay_failures += 1
-            self._log.warning("adapter.replay_timeout", worker=st.worker, from_seq=start)
+            if probe and st.probe_failing:
+                self._log.debug("adapter.replay_timeout", worker=st.worker, from_seq=start, probe=True)
+            else:
+                self._log.warning("adapter.replay_timeout", worker=st.worker, from_seq=start, probe=probe)
             return False
         finally:
             dealer.close(linger=0)

@@ -21,12 +21,42 @@ frame a reply as ``[b"", topic, seq, payload]`` (end ``[b"", b"", END_SEQ,
 b""]``); vLLM up to 0.24 as ``[b"", seq, payload]`` (end ``[b"", END_SEQ,
 b""]``). :func:`parse_replay_frames` reads both.
 
-Decoding never raises anything but :class:`EventDecodeError`, so a malformed
-frame is reported clearly and nothing of it is applied.
+Decoding never raises anything but :class:`EventDecodeError`, and only for
+a payload without a readable batch envelope: then nothing of it is applied.
+One event the reader cannot use (an unknown tag or shape, wrong field types,
+token ids that do not fill the blocks it names) is replaced in the batch by
+a :class:`SkippedEvent` carrying the reason; the other events of the batch
+still apply, and the block mapper counts and logs the skip.
+
+Shapes the released engines send, each proven by a golden frame the engines'
+own code made (``tests/fixtures/golden/``, ``scripts/golden_frames.py``):
+
+- vLLM 0.33 ``BlockStored.extra_keys``: one entry per block, untagged
+  (``("tenant-1",)``, ``("sql-lora", "tenant-1")``, ``None``); the block
+  mapper reads the cache salt from it. Newer optional fields (``group_idx``,
+  ``locality``, ``ownership``, ``lookahead_token_ids``, ...) are kept where
+  kvmesh has a use for them and ignored otherwise.
+- Cache tiers: ``medium`` is ``GPU`` or ``CPU`` (vLLM), ``GPU`` or
+  ``CPU_PINNED`` (SGLang's host tier); kept on the event (the index does not tell tiers apart).
+  vLLM's CPU offloading also stores placeholders without token ids
+  (``block_size`` 0): they cannot be hashed and are skipped.
+- SGLang with EAGLE speculative decoding keys its radix tree by bigrams: each
+  "token id" of a page is a pair ``(token, next token)``, the page's KV being
+  that of the first elements. The decoder turns a page of pairs into the
+  first elements, which is what the router hashes for the prompt it sees,
+  and keeps each block's last second element as its ``lookahead_token_ids``
+  (vLLM's name for the tokens past a block that its hash also covers). Pairs
+  that do not chain (``p[k][1] != p[k+1][0]``) are not a prompt: skipped.
+  The router's block hash does not cover that next token, so for a prompt
+  that diverges right after a block (or ends with it) the router predicts
+  that block and the engine does not reuse it: one block at most per prompt,
+  as with vLLM's lookahead hashing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 import msgspec
@@ -38,6 +68,7 @@ from blocks.delta import EngineHash
 # with sha256 hashing).
 END_SEQ = b"\xff" * 8  # replay end marker: seq -1 as 8 big-endian bytes
 MEDIUM_GPU = "GPU"
+MEDIUM_CPU = "CPU"  # vLLM's CPU offloading tier; SGLang calls its host tier "CPU_PINNED"
 
 EventFormat = Literal["map", "array"]
 
@@ -57,15 +88,22 @@ class BlockStored(msgspec.Struct, tag=True, omit_defaults=True, gc=False):
     lora_id: int | None = None
     medium: str | None = None
     lora_name: str | None = None
-    extra_keys: list[Any] | None = None
+    extra_keys: list[Any] | None = None  # vLLM: per block, untagged (module docstring)
     group_idx: int | None = None
     cache_salt: str | None = None  # SGLang only; vLLM puts it in extra_keys
+    locality: str | None = None  # vLLM tiers: LOCAL or REMOTE to the publisher
+    ownership: str | None = None  # vLLM tiers: the secondary offloading tier
+    # Per block, the tokens past it that its engine hash also covers (vLLM
+    # lookahead hashing; SGLang bigram pages, see the module docstring).
+    lookahead_token_ids: list[list[int]] | None = None
 
 
 class BlockRemoved(msgspec.Struct, tag=True, omit_defaults=True, gc=False):
     block_hashes: list[EngineHash]
     medium: str | None = None
     group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
 
 
 class AllBlocksCleared(msgspec.Struct, tag=True, omit_defaults=True, gc=False):
@@ -74,10 +112,30 @@ class AllBlocksCleared(msgspec.Struct, tag=True, omit_defaults=True, gc=False):
 
 KVEvent: TypeAlias = BlockStored | BlockRemoved | AllBlocksCleared
 
+# Why an event was skipped (the counter's label).
+SKIP_UNDECODABLE = "undecodable"  # unknown tag or shape, wrong field types
+SKIP_NO_TOKEN_IDS = "no_token_ids"  # a store without tokens (vLLM's offloading placeholders)
+SKIP_BAD_BLOCK_SIZE = "bad_block_size"
+SKIP_TOKEN_COUNT = "token_count_mismatch"  # token ids do not fill the blocks named
+SKIP_BIGRAM_NOT_CHAINED = "bigram_not_chained"  # token pairs that are not a prompt's bigrams
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedEvent:
+    """Stands in a decoded batch for an event that cannot be used: the
+    batch keeps its order and its other events; the block mapper counts it."""
+
+    index: int  # position in the batch
+    reason: str  # one of the SKIP_* labels
+    detail: str
+
+
+BatchEvent: TypeAlias = KVEvent | SkippedEvent
+
 
 class KVEventBatch(msgspec.Struct, omit_defaults=True, gc=False):
     ts: float
-    events: list[KVEvent]
+    events: Sequence[BatchEvent]
     data_parallel_rank: int | None = None
     # SGLang's name for the same field.
     attn_dp_rank: int | None = None
@@ -87,6 +145,10 @@ class KVEventBatch(msgspec.Struct, omit_defaults=True, gc=False):
         if self.data_parallel_rank is not None:
             return self.data_parallel_rank
         return self.attn_dp_rank or 0
+
+    @property
+    def skipped(self) -> list[SkippedEvent]:
+        return [e for e in self.events if isinstance(e, SkippedEvent)]
 
 
 # --- vLLM <= 0.23: positional arrays, tag first --------------------------------
@@ -158,12 +220,17 @@ class _OutBlockStored(msgspec.Struct, tag="BlockStored", omit_defaults=True, gc=
     lora_name: str | None
     extra_keys: list[Any] | None = None
     group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+    lookahead_token_ids: list[list[int]] | None = None
 
 
 class _OutBlockRemoved(msgspec.Struct, tag="BlockRemoved", omit_defaults=True, gc=False):
     block_hashes: list[EngineHash]
     medium: str | None
     group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
 
 
 class _OutAllBlocksCleared(msgspec.Struct, tag="AllBlocksCleared", omit_defaults=True, gc=False):
@@ -179,6 +246,19 @@ class _OutBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     data_parallel_rank: int | None = None
 
 
+class _PairBlockStored(msgspec.Struct, tag="BlockStored", omit_defaults=True, gc=False):
+    """A store whose token ids are pairs: SGLang's EAGLE bigram pages."""
+
+    block_hashes: list[EngineHash]
+    parent_block_hash: EngineHash | None
+    token_ids: list[tuple[int, int]]
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    cache_salt: str | None = None
+
+
 def _to_out_event(e: KVEvent) -> Any:
     if isinstance(e, BlockStored):
         return _OutBlockStored(
@@ -191,9 +271,12 @@ def _to_out_event(e: KVEvent) -> Any:
             e.lora_name,
             e.extra_keys,
             e.group_idx,
+            e.locality,
+            e.ownership,
+            e.lookahead_token_ids,
         )
     if isinstance(e, BlockRemoved):
-        return _OutBlockRemoved(e.block_hashes, e.medium, e.group_idx)
+        return _OutBlockRemoved(e.block_hashes, e.medium, e.group_idx, e.locality, e.ownership)
     return _OutAllBlocksCleared()
 
 
@@ -201,6 +284,7 @@ _fast_batch_decoder = msgspec.msgpack.Decoder(_FastBatch)
 _arr_batch_decoder = msgspec.msgpack.Decoder(_ArrBatch)
 _map_batch_decoder = msgspec.msgpack.Decoder(_MapBatch)
 _map_event_decoder = msgspec.msgpack.Decoder(KVEvent)
+_pair_event_decoder = msgspec.msgpack.Decoder(_PairBlockStored)
 _arr_event_decoder = msgspec.msgpack.Decoder(_ArrBlockStored | _ArrBlockRemoved | _ArrAllBlocksCleared)
 _encoder = msgspec.msgpack.Encoder()
 
@@ -231,26 +315,77 @@ def _from_array_event(e: Any) -> KVEvent:
     return AllBlocksCleared()
 
 
-def _decode_event(raw: msgspec.Raw, index: int) -> KVEvent:
+def _from_bigrams(e: _PairBlockStored, index: int) -> BatchEvent:
+    """A page of bigrams as the prompt tokens it caches (module docstring)."""
+    pairs = e.token_ids
+    for k in range(len(pairs) - 1):
+        if pairs[k][1] != pairs[k + 1][0]:
+            return SkippedEvent(
+                index,
+                SKIP_BIGRAM_NOT_CHAINED,
+                f"token pair {k} ends with {pairs[k][1]}, pair {k + 1} starts with {pairs[k + 1][0]}",
+            )
+    bs = e.block_size
+    lookahead = [[pairs[end - 1][1]] for end in range(bs, len(pairs) + 1, bs)] if bs > 0 else None
+    return BlockStored(
+        block_hashes=e.block_hashes,
+        parent_block_hash=e.parent_block_hash,
+        token_ids=[p[0] for p in pairs],
+        block_size=bs,
+        lora_id=e.lora_id,
+        medium=e.medium,
+        lora_name=e.lora_name,
+        cache_salt=e.cache_salt,
+        lookahead_token_ids=lookahead,
+    )
+
+
+def _decode_event(raw: msgspec.Raw, index: int) -> BatchEvent:
+    """One event by its own shape; a :class:`SkippedEvent` if it has none we know."""
     b = memoryview(raw)
-    if len(b) and _is_map(b):
-        return _map_event_decoder.decode(b)
-    if len(b) and _is_array(b):
-        return _from_array_event(_arr_event_decoder.decode(b))
-    raise EventDecodeError(f"event {index} is neither a tagged map nor a tagged array")
+    try:
+        if len(b) and _is_map(b):
+            try:
+                return _map_event_decoder.decode(b)
+            except msgspec.DecodeError as e:
+                try:
+                    return _from_bigrams(_pair_event_decoder.decode(b), index)
+                except msgspec.DecodeError:
+                    raise e from None
+        if len(b) and _is_array(b):
+            return _from_array_event(_arr_event_decoder.decode(b))
+    except msgspec.DecodeError as e:
+        return SkippedEvent(index, SKIP_UNDECODABLE, str(e))
+    return SkippedEvent(index, SKIP_UNDECODABLE, "neither a tagged map nor a tagged array")
 
 
-def _validate(batch: KVEventBatch) -> KVEventBatch:
-    for e in batch.events:
-        if isinstance(e, BlockStored):
-            if e.block_size <= 0:
-                raise EventDecodeError(f"BlockStored with block_size {e.block_size}")
-            if len(e.token_ids) != len(e.block_hashes) * e.block_size:
-                raise EventDecodeError(
-                    f"BlockStored carries {len(e.token_ids)} token ids for "
-                    f"{len(e.block_hashes)} blocks of {e.block_size}"
-                )
-    return batch
+def _problem(e: BlockStored) -> tuple[str, str] | None:
+    """Why a decoded store cannot be mapped, or None: its token ids must fill
+    exactly the blocks it names."""
+    n_tokens, n_blocks = len(e.token_ids), len(e.block_hashes)
+    if n_tokens == n_blocks * e.block_size and e.block_size > 0:
+        return None
+    if n_blocks and not n_tokens:
+        return SKIP_NO_TOKEN_IDS, f"BlockStored of {n_blocks} blocks carries no token ids"
+    if e.block_size <= 0:
+        return SKIP_BAD_BLOCK_SIZE, f"BlockStored with block_size {e.block_size}"
+    return SKIP_TOKEN_COUNT, (
+        f"BlockStored carries {n_tokens} token ids for {n_blocks} blocks of {e.block_size}"
+    )
+
+
+def _checked(events: Sequence[BatchEvent]) -> Sequence[BatchEvent]:
+    """``events`` with every store that cannot be mapped replaced by a
+    :class:`SkippedEvent` (the same list when all are fine: the common case)."""
+    out: list[BatchEvent] | None = None
+    for i, e in enumerate(events):
+        if e.__class__ is BlockStored:
+            why = _problem(e)
+            if why is not None:
+                if out is None:
+                    out = list(events)
+                out[i] = SkippedEvent(i, *why)
+    return events if out is None else out
 
 
 def decode_batch(payload: bytes) -> KVEventBatch:
@@ -258,8 +393,9 @@ def decode_batch(payload: bytes) -> KVEventBatch:
 
     Accepts the array envelope with positional events (vLLM <= 0.23) or with
     tagged-map events (vLLM >= 0.24, SGLang), and a map envelope. Unknown
-    extra fields are ignored. Raises :class:`EventDecodeError` on anything
-    malformed; on success every ``BlockStored`` carries exactly
+    extra fields are ignored. Raises :class:`EventDecodeError` only when the
+    envelope is unreadable; an event that cannot be used is a
+    :class:`SkippedEvent` in its place. Every ``BlockStored`` carries exactly
     ``block_size`` token ids per block hash.
     """
     if not payload:
@@ -268,10 +404,10 @@ def decode_batch(payload: bytes) -> KVEventBatch:
         try:
             fast = _fast_batch_decoder.decode(payload)
         except msgspec.DecodeError:
-            pass  # positional events, or malformed: the general path tells which
+            pass  # positional or unusual events, or malformed: the general path tells which
         else:
-            return _validate(
-                KVEventBatch(ts=fast.ts, events=fast.events, data_parallel_rank=fast.data_parallel_rank)
+            return KVEventBatch(
+                ts=fast.ts, events=_checked(fast.events), data_parallel_rank=fast.data_parallel_rank
             )
     try:
         if _is_array(payload):
@@ -282,25 +418,26 @@ def decode_batch(payload: bytes) -> KVEventBatch:
             dp_rank, attn_rank = env.data_parallel_rank, env.attn_dp_rank
         else:
             raise EventDecodeError("payload is neither a msgpack array nor a map")
-        events = [_decode_event(raw, i) for i, raw in enumerate(env.events)]
     except msgspec.DecodeError as e:
         raise EventDecodeError(f"malformed KV event batch: {e}") from None
-    batch = KVEventBatch(ts=env.ts, events=events, data_parallel_rank=dp_rank, attn_dp_rank=attn_rank)
-    return _validate(batch)
+    events = _checked([_decode_event(raw, i) for i, raw in enumerate(env.events)])
+    return KVEventBatch(ts=env.ts, events=events, data_parallel_rank=dp_rank, attn_dp_rank=attn_rank)
 
 
 def encode_batch(batch: KVEventBatch, fmt: EventFormat = "map") -> bytes:
     """Encode a batch as vLLM would: ``[ts, events, rank]`` with tagged-map
-    events (``map``, vLLM >= 0.24) or positional events (``array``, <= 0.23)."""
+    events (``map``, vLLM >= 0.24) or positional events (``array``, <= 0.23).
+    Skipped events are not wire events and are left out."""
     rank = batch.data_parallel_rank
     if rank is None:
         rank = batch.attn_dp_rank
+    events = [e for e in batch.events if not isinstance(e, SkippedEvent)]
     if fmt == "map":
-        return _encoder.encode(_OutBatch(batch.ts, [_to_out_event(e) for e in batch.events], rank))
+        return _encoder.encode(_OutBatch(batch.ts, [_to_out_event(e) for e in events], rank))
     if fmt != "array":
         raise ValueError(f"unknown event format {fmt!r}")
     arr_events: list[Any] = []
-    for e in batch.events:
+    for e in events:
         if isinstance(e, BlockStored):
             arr_events.append(
                 _ArrBlockStored(

@@ -13,14 +13,29 @@ come out as ONE :class:`Chunk`. Nothing ever waits to batch: when the router
 keeps up a chunk is one event; when it falls behind, fewer and larger messages
 go out, which is exactly when per-message costs matter.
 
-Errors are split by what the caller can still do: :class:`EngineUnavailable`
-before the first token (safe to retry on another engine), :class:`EngineStreamError`
-after it (tokens were already sent to the client).
+Errors are split by what the caller can still do and by whose fault they
+are:
+
+- :class:`EngineRejected`: the engine refused the request itself (HTTP 4xx
+  other than 429: a bad field, a prompt over the model's context). The
+  client's mistake: not retried, not held against the engine.
+- :class:`EngineBusy`: the engine's queue is full (HTTP 429). Another engine
+  may take it; not held against this one.
+- :class:`EngineUnavailable`: the engine failed before the first token
+  (transport error, 5xx, no first token in time). Safe to retry elsewhere;
+  counts against the engine.
+- :class:`EngineStreamError`: the stream broke after tokens were sent; not
+  retryable. :class:`EngineStalled` is the case where the engine sent nothing
+  for ``stream_idle_timeout`` seconds.
+- :class:`DeadlineReached`: the caller's own deadline passed.
+
+In every case the HTTP request is closed, which makes the engine abort it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,15 +43,36 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from engine_adapters.completion_request import SamplingParams, Tenancy, completion_body
+from engine_adapters.completion_request import EngineKind, SamplingParams, Tenancy, completion_body
 
 
 class EngineUnavailable(Exception):
-    """The engine refused or failed before producing any token: retryable."""
+    """The engine failed before producing any token: retryable elsewhere."""
+
+
+class EngineBusy(Exception):
+    """The engine's queue is full (HTTP 429): retryable elsewhere, not a failure."""
+
+
+class EngineRejected(Exception):
+    """The engine refused the request itself (an HTTP 4xx): the client's mistake."""
+
+    def __init__(self, status: int, message: str, *, context_length: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.context_length = context_length  # the prompt and max_tokens exceed the context window
 
 
 class EngineStreamError(Exception):
     """The stream broke after tokens were produced: not retryable."""
+
+
+class EngineStalled(EngineStreamError):
+    """No token for ``stream_idle_timeout`` seconds after the first."""
+
+
+class DeadlineReached(Exception):
+    """The caller's deadline passed before the stream ended."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +83,8 @@ class EngineClientConfig:
     # Seconds from sending a request to its first token (connect, queueing and
     # prefill included); past it the attempt is retryable elsewhere.
     first_token_timeout: float = 120.0
+    # Seconds without a token once streaming: past it the request is aborted.
+    stream_idle_timeout: float = 30.0
     health_timeout: float = 1.0  # seconds for one GET /health
     pool_size: int = 512  # open connections over all engines
 
@@ -96,6 +134,23 @@ class EngineClient:
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
 
+    async def context_window(self, endpoint: str, model: str) -> int | None:
+        """``max_model_len`` of ``model`` from the engine's ``GET /v1/models``
+        (vLLM and SGLang report it; None if the engine does not)."""
+        try:
+            async with self._get_session().get(
+                f"{endpoint}/v1/models", timeout=aiohttp.ClientTimeout(total=self.config.health_timeout)
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                cards = _MODELS(await resp.read()).data
+        except (aiohttp.ClientError, TimeoutError, OSError, msgspec.DecodeError):
+            return None
+        for card in cards:
+            if card.id == model and card.max_model_len:
+                return card.max_model_len
+        return None
+
     async def stream_completion(
         self,
         endpoint: str,
@@ -105,32 +160,34 @@ class EngineClient:
         request_id: str,
         headers: dict[str, str] | None = None,
         tenancy: Tenancy | None = None,
+        deadline: float | None = None,
+        engine_kind: EngineKind = "vllm",
     ) -> AsyncIterator[Chunk | Usage]:
-        """Yield a :class:`Chunk` per batch of streamed events, then one :class:`Usage`."""
-        body = completion_body(model, prompt_token_ids, params, tenancy)
+        """Yield a :class:`Chunk` per batch of streamed events, then one :class:`Usage`.
+
+        ``deadline`` (event-loop time) is the caller's: no wait goes past it.
+        """
+        body = completion_body(model, prompt_token_ids, params, tenancy, engine_kind=engine_kind)
         hdrs = {
             "Content-Type": "application/json",
             "X-Request-Id": _header_value(request_id),
             **(headers or {}),
         }
         events = _EventStream(endpoint)
-        # One deadline for everything up to the first event: connect, send,
-        # response head, first token.
-        first_deadline = asyncio.get_running_loop().time() + self.config.first_token_timeout
+        clock = _Clock(self.config, deadline)
         try:
-            async with asyncio.timeout_at(first_deadline):
+            # One deadline for everything up to the first event: connect, send,
+            # response head, first token.
+            async with clock.first_token():
                 resp = await self._get_session().post(f"{endpoint}/v1/completions", data=body, headers=hdrs)
             async with resp:
                 if resp.status != 200:
-                    detail = (await resp.text())[:300]
-                    raise EngineUnavailable(f"HTTP {resp.status} from {endpoint}: {detail}")
+                    raise await _refusal(endpoint, resp)
                 content = resp.content
                 while not events.done:
                     # Everything buffered, in one piece (not line by line).
-                    if events.started:
+                    async with clock.next_read(events.started):
                         data = await content.readany()
-                    else:
-                        data = await _read_before(content, first_deadline)
                     chunk, error = events.feed(data)
                     # Tokens that arrived before an error still go out first:
                     # the error is then a stream error, as it would be one by one.
@@ -140,17 +197,90 @@ class EngineClient:
                         raise _broken(events.produced, error)
                     if not data:
                         break
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        except TimeoutError:
+            raise clock.expired(events, endpoint) from None
+        except (aiohttp.ClientError, OSError) as e:
             raise _broken(events.produced, f"{type(e).__name__} talking to {endpoint}: {e}") from None
         if not events.usage.finish_reason:
             raise _broken(events.produced, f"stream from {endpoint} ended without a finish reason")
         yield events.usage
 
 
-async def _read_before(content: aiohttp.StreamReader, deadline: float) -> bytes:
-    """Whatever the response has buffered (b"" at its end), by ``deadline``."""
-    async with asyncio.timeout_at(deadline):
-        return await content.readany()
+class _Clock:
+    """The timeouts of one stream: the first token's, then the idle gap
+    between tokens, never past the caller's deadline."""
+
+    __slots__ = ("_cfg", "_deadline", "_first", "_which")
+
+    def __init__(self, cfg: EngineClientConfig, deadline: float | None) -> None:
+        now = asyncio.get_running_loop().time()
+        self._cfg = cfg
+        self._deadline = deadline
+        self._first = now + cfg.first_token_timeout
+        self._which = ""  # what the running wait is bounded by
+
+    def _at(self, own: float, which: str) -> asyncio.Timeout:
+        if self._deadline is not None and self._deadline <= own:
+            self._which = "deadline"
+            return asyncio.timeout_at(self._deadline)
+        self._which = which
+        return asyncio.timeout_at(own)
+
+    def first_token(self) -> asyncio.Timeout:
+        return self._at(self._first, "first_token")
+
+    def next_read(self, started: bool) -> asyncio.Timeout:
+        if not started:
+            return self.first_token()
+        return self._at(asyncio.get_running_loop().time() + self._cfg.stream_idle_timeout, "idle")
+
+    def expired(self, events: _EventStream, endpoint: str) -> Exception:
+        if self._which == "deadline":
+            return DeadlineReached(f"the request's deadline passed waiting for {endpoint}")
+        if self._which == "idle":
+            gap = self._cfg.stream_idle_timeout
+            return EngineStalled(f"no token from {endpoint} for {gap:g} s")
+        return _broken(
+            events.produced, f"no first token from {endpoint} in {self._cfg.first_token_timeout:g} s"
+        )
+
+
+# The engine's words for a prompt that does not fit the context window
+# (vLLM: "This model's maximum context length is N tokens"; SGLang and the
+# simulator say the same).
+_CONTEXT_LENGTH = re.compile(r"context length|context_length|max_model_len|too long", re.IGNORECASE)
+
+
+async def _refusal(endpoint: str, resp: aiohttp.ClientResponse) -> Exception:
+    """The exception for a non-200 answer, classified by whose fault it is."""
+    try:
+        text = (await resp.text())[:2000]
+    except (aiohttp.ClientError, UnicodeDecodeError):
+        text = ""
+    message = _error_message(text) or resp.reason or ""
+    status = resp.status
+    if status == 429:
+        return EngineBusy(f"engine {endpoint} is busy (HTTP 429): {message}")
+    if 400 <= status < 500 and status != 408:
+        return EngineRejected(status, message, context_length=bool(_CONTEXT_LENGTH.search(message)))
+    return EngineUnavailable(f"HTTP {status} from {endpoint}: {message}")
+
+
+def _error_message(text: str) -> str:
+    """The message of an OpenAI-style error body, or the text itself."""
+    try:
+        body = msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return text.strip()[:300]
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])
+        if isinstance(body.get("message"), str):
+            return str(body["message"])
+        if isinstance(err, str):
+            return err
+    return text.strip()[:300]
 
 
 class _EventStream:
@@ -303,3 +433,15 @@ class _Event(msgspec.Struct):
 
 
 _DECODE = msgspec.json.Decoder(_Event).decode
+
+
+class _ModelCard(msgspec.Struct):
+    id: str = ""
+    max_model_len: int | None = None
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_ModelCard] = []
+
+
+_MODELS = msgspec.json.Decoder(_ModelList).decode

@@ -45,6 +45,32 @@ def _index_flags(ix: argparse.ArgumentParser) -> None:
     ix.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
+def _overload_flags(o: argparse.ArgumentParser) -> None:
+    from kvmesh.benchmarks.overload import OverloadConfig
+
+    d = OverloadConfig()
+    o.add_argument(
+        "--router-python",
+        default=d.router_python,
+        metavar="PATH",
+        help="run the router nodes with this Python (e.g. an older checkout's virtualenv) while the "
+        "engines and the client stay these (default: this one)",
+    )
+    o.add_argument(
+        "--router-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra flag for every router node, repeatable; use the = form: --router-arg=--max-queue-wait=2",
+    )
+    o.add_argument(
+        "--mesh",
+        action=argparse.BooleanOptionalAction,
+        default=d.mesh_nodes > 1,
+        help=f"also run the ladder through a {d.mesh_nodes}-node mesh (default: %(default)s)",
+    )
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     from kvmesh.benchmarks.routing import SYSTEMS, FleetConfig
 
@@ -120,7 +146,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     ):
         sp = sub.add_parser(name, help=text)
         common(sp)
-    for sp in (r, *[sub.choices[n] for n in ("micro", "convergence", "proxy")]):
+    o = sub.add_parser(
+        "overload",
+        help="offered load at 1x-16x the fleet's capacity: outcomes by status, goodput, shedding, memory",
+    )
+    common(o)
+    _overload_flags(o)
+    for sp in (r, *[sub.choices[n] for n in ("micro", "convergence", "proxy", "overload")]):
         sp.add_argument(
             "--json", dest="json_out", default="", metavar="PATH", help="also save the figures here"
         )
@@ -249,6 +281,21 @@ def run_proxy_cmd(args: argparse.Namespace) -> dict:
     return run_proxy(seconds=3.0 if args.quick else 8.0)
 
 
+def run_overload_cmd(args: argparse.Namespace) -> dict:
+    from dataclasses import replace
+
+    from kvmesh.benchmarks.overload import OverloadConfig, quick, run_overload
+
+    cfg = OverloadConfig(
+        seed=args.seed,
+        router_python=getattr(args, "router_python", ""),
+        router_args=tuple(getattr(args, "router_arg", ())),
+    )
+    if not getattr(args, "mesh", cfg.mesh_nodes > 1):  # `bench all` has no --mesh flag
+        cfg = replace(cfg, mesh_nodes=0)
+    return run_overload(quick(cfg) if args.quick else cfg, note=_note)
+
+
 def _print_md(res: dict) -> None:
     from kvmesh.benchmarks.report import render_markdown
 
@@ -281,6 +328,7 @@ def run(args: argparse.Namespace) -> int:
         "micro": run_micro_cmd,
         "convergence": run_convergence_cmd,
         "proxy": run_proxy_cmd,
+        "overload": run_overload_cmd,
     }[args.bench]
     res = {args.bench: part(args)}
     _print_md(res)
@@ -294,6 +342,7 @@ DOC_COMMANDS = (
     "kvmesh bench all            # this page, docs/benchmarks.json, docs/img/*.png\n"
     "kvmesh bench all --quick    # smoke run\n"
     "kvmesh bench routing --workload chat,trace --systems precise,round_robin\n"
+    "kvmesh bench overload --json /tmp/overload.json   # add --router-python PATH for another checkout\n"
     "kvmesh bench micro | convergence | proxy | index"
 )
 
@@ -347,6 +396,7 @@ def run_all(args: argparse.Namespace) -> int:
         ("convergence", run_convergence_cmd),
         ("proxy", run_proxy_cmd),
         ("routing", run_routing_cmd),
+        ("overload", run_overload_cmd),
     ):
         _note(f"== {name} ==")
         t = time.time()

@@ -143,9 +143,20 @@ def engine_flag(engine_id: str, p: Proc, model: str = SIM_MODEL, block_size: int
 
 
 def start_router(
-    name: str, engines: list[str], extra: list[str] | None = None, host: str = "127.0.0.1"
+    name: str,
+    engines: list[str],
+    extra: list[str] | None = None,
+    host: str = "127.0.0.1",
+    insecure: bool = True,
 ) -> Proc:
+    """A router node on a free loopback port; info has grpc (and mesh, node).
+
+    ``insecure``: without authentication, as on a developer's machine (the
+    demo, the benchmarks, most tests); tests of authentication pass their
+    credentials in ``extra`` instead."""
     args = ["router", "--listen", f"{host}:{free_port(host)}", "--node-id", name]
+    if insecure:
+        args.append("--insecure")
     for e in engines:
         args += ["--engine", e]
     return start(name, args + (extra or []))

@@ -20,7 +20,7 @@ It reads no clock and no global randomness: time comes in as ``now`` and
 randomness from the ``random.Random`` it is given; everything it does is a
 function of those and of the messages it is handed.
 
-Inputs: ``join``/``leave``, ``tick(now)`` (call at ``next_deadline()`` or
+Inputs: ``join``/``add_seeds``/``leave``, ``tick(now)`` (call at ``next_deadline()`` or
 sooner), ``handle(msg, now)`` for every received message, and the local
 calls ``register_engine``/``deregister_engine``, ``engine_deltas`` (from this
 node's KV-event adapters), ``set_local_load``, ``add_hint``.
@@ -190,6 +190,19 @@ class MeshCore:
         self.readiness.start(alone=self.membership.joined, now=now)
         self._owners_dirty = True
         self._settle(now)
+
+    def add_seeds(self, seed_addrs: list[str], now: float) -> None:
+        """Addresses the seed names resolve to now; the shell resolves them
+        again until the node has peers and periodically after. Addresses of
+        nodes outside this mesh get a push-pull (:meth:`Membership.add_seeds`):
+        two meshes that formed apart merge their members, then their state
+        through anti-entropy, where epoch order settles each engine's log."""
+        self._membership_sends(self.membership.add_seeds(seed_addrs, now))
+        self._settle(now)
+
+    def has_peers(self) -> bool:
+        """Whether any other node is live in this node's view."""
+        return len(self._live_ids()) > 1
 
     def leave(self, now: float) -> None:
         """Leave gracefully: hand every engine over, flush, gossip ``Leave``.

@@ -77,6 +77,13 @@ Join and leave
     ``JoinReply`` (the seed's full member list, i.e. a push-pull) arrives; a
     few seconds later it push-pulls once more with a random member, to learn
     about members that joined at the same time as it did.
+    Seed names are resolved by the shell, which resolves them again until
+    the node has peers and periodically after (DNS behind a headless service
+    may list a node late) and hands the addresses to ``add_seeds``: while
+    joining they become seeds too; once joined, every address that is not a
+    live member's gets a push-pull. Two meshes that formed apart behind one
+    name (each node resolved only itself) merge that way: each side merges
+    the other's member list, as the two halves of a healed partition do.
     ``leave()`` raises our incarnation and gossips ``Leave``, which others
     record as ``left`` (never mistaken for a failure). Dead and left members
     are forgotten ``dead_reclaim_time`` after their last state change.
@@ -332,6 +339,29 @@ class Membership:
         self._send_joins(now, out)
         return out
 
+    def add_seeds(self, seed_addrs: list[str], now: float) -> list[SwimMessage]:
+        """Addresses the seed names resolve to now (see "Join and leave").
+
+        Joining: new ones become seeds. Joined: every one that is not the
+        address of a live member gets our member list (``PushPull``), at most
+        once per ``push_pull_backoff`` per address, so a seed that does not
+        answer costs little however often the names are resolved.
+        """
+        for a in seed_addrs:
+            check_text(a, "seed address")
+        out: list[SwimMessage] = []
+        fresh = [a for a in dict.fromkeys(seed_addrs) if a != self.addr]
+        if self._leaving or not fresh:
+            return out
+        if self._join_pending:
+            self._seeds += [a for a in fresh if a not in self._seeds]
+            return out
+        live_addrs = {m.addr for m in self._members.values() if m.state in LIVE_STATES}
+        for a in fresh:
+            if a not in live_addrs:
+                self._push_pull_with_differing_view(a, now, out)
+        return out
+
     def leave(self, now: float) -> list[SwimMessage]:
         """Leave gracefully: gossip ``Leave`` with a raised incarnation.
 
@@ -465,12 +495,14 @@ class Membership:
         self._apply_piggyback(msg, now, out)
 
     def _handle_join(self, msg: Join, now: float, out: list[SwimMessage]) -> None:
+        if msg.node == self.node_id:
+            return  # a seed address that is ours under another name (advertised by DNS name)
         self._merge(msg.members, msg.node, now)
         out.append(JoinReply(self.addr, msg.src, self.node_id, self._records()))
 
     def _handle_join_reply(self, msg: JoinReply, now: float, out: list[SwimMessage]) -> None:
         self._merge(msg.members, msg.node, now)
-        if not self._join_pending:
+        if not self._join_pending or msg.node == self.node_id:
             return
         self._join_pending = False
         self._next_join = math.inf

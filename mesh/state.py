@@ -14,7 +14,9 @@ Everything that leaves or enters is a payload of :mod:`mesh.state_messages`
   :mod:`mesh.engine_log.replica`), and the part of the input that was new
   here, measured exactly (the pycrdt diff of each document before and after),
   which is what a node forwards: duplicates and echoes never are, and an
-  out-of-order update is forwarded once it becomes integrable.
+  out-of-order update is forwarded once it becomes integrable. The registry
+  is the exception: when it changed, all of it is forwarded (see
+  ``_apply_registry``).
 * Anti-entropy: ``summary()`` (per engine epoch + pycrdt state vector, registry
   state vector, slot versions); ``diff(remote_summary)`` returns what the
   remote lacks. Two nodes that exchange summaries and apply each other's diffs
@@ -323,7 +325,19 @@ class MeshState:
         return _new_since(lu, after, sv)
 
     def _apply_registry(self, update: bytes, sender: str) -> bytes | None:
-        """Apply a registry update; returns the part of it that was new here."""
+        """Apply a registry update; returns what to forward: the whole
+        registry when the update changed it, else None.
+
+        Not just the new part: when two nodes register the same engine
+        concurrently, the losing value is deleted where both meet, and a
+        new part would carry that delete without the winning value, which
+        the forwarder already had. The loser's node would then see the
+        engine deregistered for a while and retire its log (an empty epoch:
+        the engine's index gone on every node). Meshes formed apart that
+        merge both registered their engines; so may routers started with
+        the same ``--engine`` flags. The registry is a handful of engines
+        and changes rarely: sending it whole costs little.
+        """
         sv = self.registry.state_vector()
         try:
             _, removed = self.registry.apply(update)
@@ -336,7 +350,7 @@ class MeshState:
                 self._outbox.append(retired)
         if self.registry.state_vector() == sv:
             return None
-        return self.registry.update_since(sv)
+        return self.registry.update_since()
 
     # -- anti-entropy --------------------------------------------------------------------
     def summary(self) -> Summary:

@@ -10,6 +10,7 @@ In-flight calls per peer are capped so a dead peer cannot pile up tasks.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,9 +21,12 @@ import structlog
 
 from kvmesh_pb.mesh.v1 import mesh_pb2 as pb
 from kvmesh_pb.mesh.v1 import mesh_pb2_grpc as pb_grpc
+from mesh.auth import MeshSecret
 from mesh.wire import WireError, from_envelope, to_envelope
 
 log = structlog.get_logger(__name__)
+
+_REFUSALS_LOGGED = 20  # then one line per thousand: an intruder must not flood the log
 
 
 @dataclass(frozen=True)
@@ -34,15 +38,61 @@ class TransportConfig:
     max_message_bytes: int = 256 << 20  # full states of large indexes are big
     keepalive_ms: int = 10_000
     reconnect_backoff_ms: tuple[int, int] = (200, 2_000)  # initial, max
+    # Authentication between nodes (mesh/auth.py): mutual TLS, a shared
+    # secret, or both. Without either the mesh is open to anyone who reaches
+    # its port, which the node allows only when told (--insecure).
+    secret_file: str = ""  # the shared secret every batch proves
+    tls_cert: str = ""  # this node's certificate (PEM), signed by tls_ca
+    tls_key: str = ""
+    tls_ca: str = ""  # the CA every member's certificate is signed by
+    tls_server_name: str = "kvmesh-mesh"  # the name in every member's certificate
 
-    def channel_options(self) -> list[tuple[str, int]]:
-        return [
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert or self.tls_key or self.tls_ca)
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.secret_file) or self.tls
+
+    def check(self) -> None:
+        """Fail early on an unusable combination (ValueError)."""
+        if self.tls and not (self.tls_cert and self.tls_key and self.tls_ca):
+            raise ValueError("mesh TLS needs a certificate, its key and the CA (all three)")
+
+    def channel_options(self) -> list[tuple[str, int | str]]:
+        opts: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.keepalive_time_ms", self.keepalive_ms),
             ("grpc.initial_reconnect_backoff_ms", self.reconnect_backoff_ms[0]),
             ("grpc.max_reconnect_backoff_ms", self.reconnect_backoff_ms[1]),
         ]
+        if self.tls:
+            # Members are dialled by address; who they are is their CA-signed
+            # certificate, which carries one name for the whole mesh.
+            opts.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        return opts
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Mutual TLS: the server asks every caller for a certificate of the mesh's CA."""
+        return grpc.ssl_server_credentials(
+            [(_read(self.tls_key), _read(self.tls_cert))],
+            root_certificates=_read(self.tls_ca),
+            require_client_auth=True,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.tls_ca),
+            private_key=_read(self.tls_key),
+            certificate_chain=_read(self.tls_cert),
+        )
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 @dataclass
@@ -54,6 +104,7 @@ class TransportStats:
     dropped_backpressure: int = 0
     messages_received: int = 0
     rejected: int = 0
+    refused: int = 0  # batches without a valid proof of membership
 
 
 class _Servicer(pb_grpc.MeshServicer):
@@ -63,6 +114,18 @@ class _Servicer(pb_grpc.MeshServicer):
     async def Deliver(  # noqa: N802 - gRPC method names are the proto's
         self, request: pb.Batch, context: grpc.aio.ServicerContext
     ) -> pb.DeliverReply:
+        secret = self.t.secret
+        if secret is not None:
+            meta = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+            why = secret.check(request.SerializeToString(deterministic=True), meta, time.time())
+            if why is not None:
+                self.t.stats.refused += 1
+                if self.t.stats.refused <= _REFUSALS_LOGGED or self.t.stats.refused % 1000 == 0:
+                    log.warning(
+                        "transport.batch_refused", addr=self.t.addr, peer=context.peer(), why=why,
+                        refused=self.t.stats.refused,
+                    )  # fmt: skip
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
         accepted = rejected = 0
         for env in request.messages:
             try:
@@ -91,7 +154,10 @@ class MeshTransport:
     ) -> None:
         self.addr = addr
         self.deliver = deliver
-        self.config = config or TransportConfig()
+        self.config = config = config or TransportConfig()
+        config.check()
+        self.secret = MeshSecret.from_file(config.secret_file) if config.secret_file else None
+        self._creds = config.channel_credentials() if config.tls else None
         self.stats = TransportStats()
         self.bytes_by_kind: dict[str, int] = defaultdict(int)
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -105,7 +171,11 @@ class MeshTransport:
     def _stub(self, dst: str) -> pb_grpc.MeshStub:
         stub = self._stubs.get(dst)
         if stub is None:
-            ch = grpc.aio.insecure_channel(dst, options=self.config.channel_options())
+            opts = self.config.channel_options()
+            if self._creds is not None:
+                ch = grpc.aio.secure_channel(dst, self._creds, options=opts)
+            else:
+                ch = grpc.aio.insecure_channel(dst, options=opts)
             self._channels[dst] = ch
             stub = self._stubs[dst] = pb_grpc.MeshStub(ch)
         return stub
@@ -137,8 +207,11 @@ class MeshTransport:
             task.add_done_callback(self._tasks.discard)
 
     async def _call(self, dst: str, batch: pb.Batch) -> None:
+        meta = None
+        if self.secret is not None:
+            meta = self.secret.sign(batch.SerializeToString(deterministic=True), time.time())
         try:
-            await self._stub(dst).Deliver(batch, timeout=self.config.rpc_timeout_s)
+            await self._stub(dst).Deliver(batch, timeout=self.config.rpc_timeout_s, metadata=meta)
         except grpc.aio.AioRpcError as e:
             self.stats.send_failures += 1
             log.debug("transport.send_failed", addr=self.addr, peer_addr=dst, code=e.code().name)

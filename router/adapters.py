@@ -89,7 +89,7 @@ class AdapterLifecycle:
                 )
 
     async def _start(self, command: StartOwning) -> None:
-        spec = EngineSpec(**command.spec)
+        spec = EngineSpec(**command.spec).validate()
         engine_id = command.engine_id
         if not spec.kv_events_endpoint or not self._owns(engine_id):
             return

@@ -44,6 +44,10 @@ class CircuitBreaker:
         if self.state == HALF_OPEN:
             self._probe_in_flight = True
 
+    def on_abandoned(self) -> None:
+        """An attempt ended without a verdict (its client went away): free the probe."""
+        self._probe_in_flight = False
+
     def on_success(self, now: float) -> None:
         self.state = CLOSED
         self.failures = 0

@@ -20,8 +20,14 @@ from typing import Any
 
 from blocks.hashing import DEFAULT_BLOCK_SIZE
 from blocks.workers import worker_id
+from engine_adapters.completion_request import ENGINE_KINDS
 from engine_adapters.sim_engine.config import DEFAULTS as SIM_DEFAULTS
 from router.circuit_breaker import BreakerConfig, CircuitBreaker
+
+# Bounds on what a registration may ask of every node: each data-parallel
+# rank is a worker every node tracks, and a block size is a hashing unit.
+MAX_DATA_PARALLEL = 256
+MAX_BLOCK_SIZE = 4096
 
 
 class EngineSpecError(ValueError):
@@ -39,6 +45,7 @@ class EngineSpec:
     data_parallel_size: int = 1
     topic: str = ""
     capacity_blocks: int = 0
+    kind: str = "vllm"  # which engine's request fields to send (completion_request.ENGINE_KINDS)
 
     def validate(self) -> EngineSpec:
         if not self.engine_id or "#" in self.engine_id or "," in self.engine_id:
@@ -46,10 +53,16 @@ class EngineSpec:
         if not self.endpoint.startswith(("http://", "https://")):
             raise EngineSpecError(f"engine {self.engine_id}: endpoint must be http(s)://host:port")
         self.endpoint = self.endpoint.rstrip("/")
-        if self.block_size <= 0:
-            raise EngineSpecError(f"engine {self.engine_id}: block_size must be > 0")
-        if self.data_parallel_size <= 0:
-            raise EngineSpecError(f"engine {self.engine_id}: data_parallel_size must be > 0")
+        if not 0 < self.block_size <= MAX_BLOCK_SIZE:
+            raise EngineSpecError(f"engine {self.engine_id}: block_size must be in 1..{MAX_BLOCK_SIZE}")
+        if not 0 < self.data_parallel_size <= MAX_DATA_PARALLEL:
+            raise EngineSpecError(
+                f"engine {self.engine_id}: data_parallel_size must be in 1..{MAX_DATA_PARALLEL}"
+            )
+        if self.kind not in ENGINE_KINDS:
+            raise EngineSpecError(f"engine {self.engine_id}: kind {self.kind!r} is not one of {ENGINE_KINDS}")
+        if not self.engine_id.isprintable() or len(self.engine_id) > 128:
+            raise EngineSpecError(f"engine id {self.engine_id!r}: at most 128 printable characters")
         for ep in (self.kv_events_endpoint, self.replay_endpoint):
             if ep and not ep.startswith("tcp://"):
                 raise EngineSpecError(f"engine {self.engine_id}: ZMQ endpoint {ep!r} must be tcp://")
@@ -75,6 +88,7 @@ class EngineSpec:
             "dp": "data_parallel_size",
             "topic": "topic",
             "capacity_blocks": "capacity_blocks",
+            "kind": "kind",
         }
         fields: dict[str, Any] = {}  # str or int by key, checked by the constructor and validate()
         for part in filter(None, (p.strip() for p in text.split(","))):
@@ -98,7 +112,9 @@ class EngineSpec:
 class EngineRecord:
     spec: EngineSpec
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
-    healthy: bool = True  # last health probe
+    healthy: bool = True  # from the last health probes (see router/health.py)
+    failed_probes: int = 0  # health probes failed in a row
+    max_model_len: int | None = None  # the engine's context window, from its /v1/models
     attempts: int = 0  # requests sent to it (one per attempt)
     failures: int = 0  # attempts it failed (before or after the first token)
 
@@ -167,6 +183,11 @@ class EngineTable:
 
     def of_model(self, model: str) -> list[EngineRecord]:
         return [r for r in self._records.values() if r.spec.model == model]
+
+    def max_model_len(self, model: str) -> int | None:
+        """The smallest context window ``model``'s engines reported (None: none did)."""
+        known = [r.max_model_len for r in self._records.values() if r.spec.model == model and r.max_model_len]
+        return min(known) if known else None
 
     def block_size(self, model: str) -> int:
         """The block size of ``model``'s engines (KeyError if none serves it)."""

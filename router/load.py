@@ -17,7 +17,7 @@ Pure: the mesh figures are passed in, never fetched.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 __all__ = ["LoadTracker", "MeshLoad", "WorkerLoads"]
@@ -35,35 +35,33 @@ class LoadTracker:
     __slots__ = ("_count", "_reqs", "_tokens")
 
     def __init__(self) -> None:
-        self._reqs: dict[str, _InFlight] = {}
+        self._reqs: dict[Hashable, _InFlight] = {}
         self._count: dict[str, int] = {}
         self._tokens: dict[str, int] = {}
 
-    def start(self, worker: str, request_id: str, tokens: int) -> None:
+    def start(self, worker: str, key: Hashable, tokens: int) -> None:
         if not isinstance(worker, str) or not worker:
             raise ValueError(f"worker must be a non-empty str, got {worker!r}")
         if not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"tokens must be a non-negative int, got {tokens!r}")
-        if request_id in self._reqs:
-            raise ValueError(
-                f"request {request_id!r} is already in flight on {self._reqs[request_id].worker!r}"
-            )
-        self._reqs[request_id] = _InFlight(worker, tokens)
+        if key in self._reqs:
+            raise ValueError(f"request {key!r} is already in flight on {self._reqs[key].worker!r}")
+        self._reqs[key] = _InFlight(worker, tokens)
         self._count[worker] = self._count.get(worker, 0) + 1
         self._tokens[worker] = self._tokens.get(worker, 0) + tokens
 
-    def finish(self, request_id: str) -> bool:
+    def finish(self, key: Hashable) -> bool:
         """Mark a request done. Idempotent: returns False if it was not in flight."""
-        r = self._reqs.pop(request_id, None)
+        r = self._reqs.pop(key, None)
         if r is None:
             return False
         self._release(r)
         return True
 
-    def set_tokens(self, request_id: str, tokens: int) -> bool:
+    def set_tokens(self, key: Hashable, tokens: int) -> bool:
         """Change a request's token weight (its prefill is done and only
         decode work is left). Returns False if it is not in flight."""
-        r = self._reqs.get(request_id)
+        r = self._reqs.get(key)
         if r is None:
             return False
         if not isinstance(tokens, int) or tokens < 0:
@@ -91,7 +89,7 @@ class LoadTracker:
         """(requests, tokens) per busy worker: what this node publishes."""
         return {w: (c, self._tokens[w]) for w, c in self._count.items()}
 
-    def drop_worker(self, worker: str) -> list[str]:
+    def drop_worker(self, worker: str) -> list[Hashable]:
         """Forget every in-flight request on ``worker`` (engine removed)."""
         gone = [rid for rid, r in self._reqs.items() if r.worker == worker]
         for rid in gone:

@@ -7,13 +7,22 @@ changes to this node's :class:`router.index.PrefixIndex`, effects (engines
 added and removed, adapters to start and stop) to the node. Its loop ticks
 the core at the core's next deadline and publishes this node's load slot
 whenever it changed.
+
+It also resolves the seed names (``--join``) again, every
+``seed_resolve_retry`` seconds while the node has no peer and every
+``seed_refresh_interval`` after, and hands the addresses to the core
+(:meth:`mesh.core.MeshCore.add_seeds`): nodes started together behind one
+DNS name may each have found only themselves at first, and then form
+separate meshes that this merges. The timing lives here, not in the core,
+because only the shell knows when a resolution finished.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -21,6 +30,7 @@ import structlog
 from mesh.core import MeshConfig, MeshCore
 from mesh.effects import Effect, MemberChanged
 from mesh.transport import MeshTransport, TransportConfig
+from router.addresses import resolve_seeds_now
 from router.index import PrefixIndex
 from router.load import MeshLoad
 
@@ -32,6 +42,9 @@ __all__ = ["MeshShell"]
 _MIN_SLEEP = 0.002
 _MAX_SLEEP = 0.05
 _LEAVE_POLL = 0.05  # seconds between checks that the leave was sent
+
+# seed names, this node's address -> the addresses they resolve to now
+SeedResolver = Callable[[list[str], str], Awaitable[list[str]]]
 
 
 class MeshShell:
@@ -60,6 +73,7 @@ class MeshShell:
         self._log = log
         self._wake = asyncio.Event()
         self._closing = False
+        self.member_events: Counter[str] = Counter()  # kinds of membership change seen
 
     def _deliver(self, msg: Any) -> None:
         self.core.handle(msg, self.clock())
@@ -78,6 +92,7 @@ class MeshShell:
         for eff in self.core.take_effects():
             if isinstance(eff, MemberChanged):
                 ev = eff.event
+                self.member_events[ev.kind] += 1
                 self._log.info(
                     "router.member_changed",
                     member=ev.node,
@@ -111,6 +126,33 @@ class MeshShell:
                 await asyncio.wait_for(self._wake.wait(), delay)
             except TimeoutError:
                 pass
+
+    async def refresh_seeds(
+        self,
+        names: list[str],
+        retry: float,
+        interval: float,
+        resolve: SeedResolver = resolve_seeds_now,
+    ) -> None:
+        """Resolve ``names`` again every ``retry`` seconds while this node has
+        no peer and every ``interval`` once it has; the core push-pulls with
+        the addresses outside its mesh. Returns at once without names."""
+        if not names:
+            return
+        last: list[str] = []
+        while not self._closing:
+            await asyncio.sleep(interval if self.core.has_peers() else retry)
+            try:
+                addrs = await resolve(names, self.core.addr)
+            except Exception:  # a resolver bug must not end the refreshes for good
+                self._log.exception("router.seed_refresh_failed", seeds=names)
+                continue
+            if sorted(addrs) != last:
+                last = sorted(addrs)
+                self._log.info("router.seeds_resolved", seeds=names, addrs=last)
+            if addrs:
+                self.core.add_seeds(addrs, self.clock())
+                self.flush()
 
     async def leave(self, timeout: float) -> None:
         """Graceful leave: hand engines over and tell the mesh, waiting up to

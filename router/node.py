@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import random
 import time
 import uuid
@@ -27,18 +28,38 @@ import structlog
 
 from blocks.delta import KvDelta
 from engine_adapters.completion_request import SamplingParams
-from engine_adapters.proxy import Chunk, EngineClient, EngineStreamError, EngineUnavailable
+from engine_adapters.proxy import (
+    Chunk,
+    DeadlineReached,
+    EngineBusy,
+    EngineClient,
+    EngineRejected,
+    EngineStalled,
+    EngineStreamError,
+    EngineUnavailable,
+)
 from engine_adapters.tokenizer import Tokenizer, get_tokenizer
 from mesh.effects import Effect, EngineAdded, EngineRemoved, StartOwning, StopOwning
 from router.adapters import AdapterLifecycle
+from router.admission import AdmissionGate
 from router.approx_tree import ApproxTree
 from router.config import RouterConfig
-from router.engine_registry import EngineRecord, EngineSpec, EngineTable
+from router.engine_registry import EngineRecord, EngineSpec, EngineSpecError, EngineTable
+from router.errors import (
+    ContextTooLong,
+    DeadlineExceeded,
+    Draining,
+    EnginesBusy,
+    NoEngineAvailable,
+    RequestRejected,
+    StreamFailed,
+)
 from router.health import HealthPoller
 from router.index import PrefixIndex
 from router.load import MeshLoad, WorkerLoads
 from router.mesh_shell import MeshShell
-from router.policies import Decision, NoEngineAvailable, Policy, make_policy
+from router.outcomes import Outcomes
+from router.policies import Decision, Policy, make_policy
 from router.request_path import (
     Accounting,
     Attempts,
@@ -50,6 +71,7 @@ from router.request_path import (
     candidates,
     prepare,
     routed_to,
+    validate,
     work_tokens,
 )
 
@@ -63,8 +85,9 @@ class RouterNode:
         self, config: RouterConfig | None = None, clock: Callable[[], float] = time.monotonic
     ) -> None:
         cfg = self.config = config or RouterConfig()
-        self.addr = cfg.advertise or cfg.listen
-        self.node_id = cfg.node_id or self.addr
+        self.api_addr = cfg.advertise or cfg.listen  # what clients dial
+        self.addr = cfg.mesh_addr  # what the other nodes dial
+        self.node_id = cfg.node_id or self.api_addr
         self.clock = clock
         self.rng = random.Random(cfg.seed)
         self.log = log.bind(node=self.node_id)
@@ -89,7 +112,18 @@ class RouterNode:
         self.adapters = AdapterLifecycle(
             lambda e: e in self.core.owned(), self._owner_delta, self.log, cfg.event_adapter
         )
-        self.health = HealthPoller(self.engines, self.client.health, cfg.health_interval, self.log)
+        self.health = HealthPoller(
+            self.engines,
+            self.client.health,
+            cfg.health_interval,
+            self.log,
+            self.client.context_window,
+            cfg.health_down_after,
+        )
+        self.admission = AdmissionGate(cfg.admission)
+        self.outcomes = Outcomes()
+        self.draining = False
+        self._keys = itertools.count(1)
         self._tokenizers: dict[str, Tokenizer] = {}
         self._policies: dict[str, Policy] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -106,6 +140,12 @@ class RouterNode:
             asyncio.create_task(self.mesh.run(), name="mesh"),
             asyncio.create_task(self.adapters.run(), name="adapters"),
             asyncio.create_task(self.health.run(), name="health"),
+            asyncio.create_task(
+                self.mesh.refresh_seeds(
+                    self.config.join, self.config.seed_resolve_retry, self.config.seed_refresh_interval
+                ),
+                name="seeds",
+            ),
         ]
         self.mesh.flush()
 
@@ -130,7 +170,11 @@ class RouterNode:
 
     def _effect(self, eff: Effect) -> None:
         if isinstance(eff, EngineAdded):
-            spec = EngineSpec(**eff.spec)
+            try:
+                spec = EngineSpec(**eff.spec).validate()
+            except (TypeError, EngineSpecError) as e:  # from another node: never trusted blindly
+                self.log.error("router.engine_spec_refused", engine=eff.engine_id, error=str(e))
+                return
             if self.engines.put(spec):
                 self.log.info(
                     "router.engine_added", engine=eff.engine_id, endpoint=spec.endpoint, model=spec.model
@@ -189,7 +233,27 @@ class RouterNode:
 
     def prepare(self, request: ClientRequest) -> Prepared:
         """Check and hash a request (see :func:`router.request_path.prepare`)."""
-        return prepare(request, self.engines, self.tokenizer, self.config.policy, lambda: uuid.uuid4().hex)
+        if self.draining:
+            raise Draining("this node is draining: send the request to another node")
+        return prepare(
+            request,
+            self.engines,
+            self.tokenizer,
+            self.config.policy,
+            lambda: uuid.uuid4().hex,
+            key=next(self._keys),
+        )
+
+    def validate(self, prep: Prepared, params: SamplingParams) -> None:
+        """What can be checked before routing (see :func:`router.request_path.validate`)."""
+        vocab = None
+        if prep.model in self.config.tokenizers:  # a real tokenizer: its vocabulary is the model's
+            vocab = getattr(self.tokenizer(prep.model), "vocab_size", None)
+        validate(prep, params, self.engines.max_model_len(prep.model), vocab)
+
+    def in_flight(self) -> int:
+        """Generate requests this node has on engines or queued for them."""
+        return self.admission.admission.in_flight + self.admission.admission.queued
 
     def _policy(self, name: str) -> Policy:
         p = self._policies.get(name)
@@ -222,18 +286,39 @@ class RouterNode:
         routed = routed_to(prep, self.route(prep, record=not dry_run), 1, self.engines)
         if not dry_run:
             local = self.load.local
-            local.start(routed.worker, prep.request_id, work_tokens(prep, routed.predicted_cached_blocks))
-            asyncio.get_running_loop().call_later(self.config.route_load_ttl, local.finish, prep.request_id)
+            # Keyed by this node's own request key: clients may reuse request ids.
+            local.start(routed.worker, prep.key, work_tokens(prep, routed.predicted_cached_blocks))
+            asyncio.get_running_loop().call_later(self.config.route_load_ttl, local.finish, prep.key)
         return routed
 
     async def generate(
-        self, prep: Prepared, params: SamplingParams
+        self, prep: Prepared, params: SamplingParams, deadline: float | None = None
     ) -> AsyncIterator[Routed | Chunk | Finished]:
-        """Route, proxy and stream; retry on another worker before the first token."""
+        """Admit, route, proxy and stream; retry on another worker before the
+        first token. ``deadline`` (``clock()`` time) is the client's.
+
+        Ends normally after a :class:`Finished`, or raises a
+        :class:`router.errors.RouterError` that says why (after a
+        ``Finished`` naming the error, when tokens were already sent)."""
+        self.validate(prep, params)
+        await self.admission.enter(prep.key)
+        try:
+            async for item in self._attempts(prep, params, deadline):
+                yield item
+        finally:
+            self.admission.leave(prep.key)
+
+    async def _attempts(
+        self, prep: Prepared, params: SamplingParams, deadline: float | None
+    ) -> AsyncIterator[Routed | Chunk | Finished]:
         acct = Accounting(prep, self.stats, self.load.local, self.clock())
-        tries = Attempts(self.config.max_attempts)
-        rlog = self.log.bind(request_id=prep.request_id)
+        tries = Attempts(self.config.retry)
         while tries.next():
+            pause = tries.delay(self.rng.random)
+            if pause:
+                if deadline is not None and self.clock() + pause >= deadline:
+                    break
+                await asyncio.sleep(pause)
             try:
                 decision = self.route(prep, tries.excluded)
             except NoEngineAvailable as e:
@@ -242,42 +327,82 @@ class RouterNode:
             routed = routed_to(prep, decision, tries.attempt, self.engines)
             acct.attempt(routed, self.engines[routed.engine_id], self.clock())
             yield routed
-            acct.sent()
-            where = {"engine": routed.engine_id, "worker": routed.worker, "attempt": tries.attempt}
-            try:
-                async for item in self.client.stream_completion(
-                    routed.endpoint,
-                    prep.model,
-                    prep.token_ids,
-                    params,
-                    prep.request_id,
-                    routed.headers,
-                    prep.tenancy,
-                ):
-                    if isinstance(item, Chunk):
-                        acct.token(self.clock())
-                        yield item
-                    else:
-                        done = acct.finished(item, self.clock())
-                        rlog.info(
-                            "router.request_done",
-                            **where,
-                            cached=done.cached_prompt_tokens,
-                            prompt=done.prompt_tokens,
-                            predicted_blocks=routed.predicted_cached_blocks,
-                        )
-                        yield done
-                        return
-            except EngineUnavailable as e:
-                acct.unavailable(self.clock())
-                tries.failed_before_first_token(routed.worker, str(e))
-                rlog.warning("router.attempt_failed", **where, error=str(e))
-            except EngineStreamError as e:
-                rlog.error("router.stream_broken", **where, error=str(e))
-                yield acct.broken(str(e), self.clock())
+            finished = False
+            async for item in self._attempt(prep, params, routed, acct, tries, deadline):
+                finished = isinstance(item, Finished)
+                yield item
+            if finished:
                 return
-            finally:
-                acct.attempt_over()
         acct.gave_up()
-        rlog.error("router.request_failed", error=tries.last_error)
+        if deadline is not None and self.clock() >= deadline:
+            raise DeadlineExceeded("the request's deadline passed before an engine could take it")
+        if tries.all_busy:
+            raise EnginesBusy("every engine tried has a full queue: " + "; ".join(tries.errors))
         raise NoEngineAvailable(tries.give_up_message())
+
+    async def _attempt(
+        self,
+        prep: Prepared,
+        params: SamplingParams,
+        routed: Routed,
+        acct: Accounting,
+        tries: Attempts,
+        deadline: float | None,
+    ) -> AsyncIterator[Chunk | Finished]:
+        """One engine's try: its tokens and a Finished, or nothing (then the
+        request may be tried again elsewhere), or a RouterError."""
+        acct.sent()
+        where = {"engine": routed.engine_id, "worker": routed.worker, "attempt": routed.attempt}
+        rlog = self.log.bind(request_id=prep.request_id, **where)
+        # The engine client waits on the event loop's clock.
+        loop_deadline = (
+            None if deadline is None else asyncio.get_running_loop().time() + (deadline - self.clock())
+        )
+        try:
+            async for item in self.client.stream_completion(
+                routed.endpoint,
+                prep.model,
+                prep.token_ids,
+                params,
+                prep.request_id,
+                routed.headers,
+                prep.tenancy,
+                loop_deadline,
+                routed.engine_kind,
+            ):
+                if isinstance(item, Chunk):
+                    if acct.ttft_ms < 0:
+                        self.admission.started(prep.key)
+                    acct.token(self.clock())
+                    yield item
+                else:
+                    done = acct.finished(item, self.clock())
+                    rlog.info(
+                        "router.request_done",
+                        cached=done.cached_prompt_tokens,
+                        prompt=done.prompt_tokens,
+                        predicted_blocks=routed.predicted_cached_blocks,
+                    )
+                    yield done
+        except EngineUnavailable as e:
+            acct.unavailable(self.clock())
+            tries.failed_before_first_token(routed.worker, str(e))
+            rlog.warning("router.attempt_failed", error=str(e))
+        except EngineBusy as e:
+            acct.busy(self.clock())
+            tries.engine_busy(routed.worker, str(e))
+            rlog.info("router.engine_busy", error=str(e))
+        except EngineRejected as e:
+            acct.rejected(self.clock())
+            cls = ContextTooLong if e.context_length else RequestRejected
+            raise cls(f"engine {routed.engine_id} refused the request (HTTP {e.status}): {e}") from None
+        except EngineStalled as e:
+            yield acct.stalled(str(e), self.clock())
+            raise DeadlineExceeded(f"engine {routed.engine_id}: {e}", reason="stream_stalled") from None
+        except EngineStreamError as e:
+            yield acct.broken(str(e), self.clock())
+            raise StreamFailed(f"engine {routed.engine_id} failed mid-stream: {e}") from None
+        except DeadlineReached as e:
+            raise DeadlineExceeded(str(e)) from None
+        finally:
+            acct.attempt_over()

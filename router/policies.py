@@ -62,6 +62,7 @@ import xxhash
 
 from blocks.hashing import DEFAULT_BLOCK_SIZE
 from router.approx_tree import DEFAULT_MAX_BLOCKS_PER_WORKER, ApproxTree
+from router.errors import NoEngineAvailable
 from router.index import PrefixIndex
 
 __all__ = [
@@ -91,10 +92,6 @@ _xxh3 = xxhash.xxh3_64_intdigest
 # hashes at a time, per worker, how many leading blocks any node just routed
 # there (counted as cached until that engine's events arrive).
 HintOverlap: TypeAlias = Callable[[list[int], float], Mapping[str, int]]
-
-
-class NoEngineAvailable(Exception):
-    """No healthy candidate to route to."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,22 +26,17 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import cast
 
 from blocks.hashing import block_hashes, root_seed
 from blocks.workers import split_worker_id
-from engine_adapters.completion_request import Tenancy
+from engine_adapters.completion_request import EngineKind, SamplingParams, Tenancy
 from engine_adapters.proxy import Usage
 from engine_adapters.tokenizer import Tokenizer
 from router.engine_registry import EngineRecord, EngineTable
+from router.errors import ContextTooLong, NoEngineAvailable, RequestError
 from router.load import LoadTracker, WorkerLoads
-from router.policies import (
-    POLICY_NAMES,
-    Candidate,
-    Decision,
-    NoEngineAvailable,
-    RouteRequest,
-    candidates_from,
-)
+from router.policies import POLICY_NAMES, Candidate, Decision, RouteRequest, candidates_from
 
 __all__ = [
     "DP_RANK_HEADER",
@@ -51,21 +46,18 @@ __all__ = [
     "Finished",
     "NodeStats",
     "Prepared",
-    "RequestError",
+    "RetryPolicy",
     "Routed",
     "candidates",
     "prepare",
     "resolve_model",
     "routed_to",
+    "validate",
     "work_tokens",
 ]
 
 # The header vLLM reads to pin a request to one data-parallel rank (its KV cache).
 DP_RANK_HEADER = "X-data-parallel-rank"
-
-
-class RequestError(ValueError):
-    """A request the node cannot serve as asked (maps to INVALID_ARGUMENT)."""
 
 
 # --- 1. prepare ---------------------------------------------------------------------------------
@@ -83,6 +75,9 @@ class Prepared:
     session_key: str | None
     policy: str
     tenancy: Tenancy = field(default_factory=Tenancy)  # whose cache: sent to the engine too
+    # This node's own id of the request: clients may reuse request ids, the
+    # load tracker and admission may not.
+    key: int = 0
 
     def route_request(self) -> RouteRequest:
         return RouteRequest(
@@ -127,6 +122,7 @@ def prepare(
     tokenizer: Callable[[str], Tokenizer],
     default_policy: str,
     new_request_id: Callable[[], str],
+    key: int = 0,
 ) -> Prepared:
     """Check a request against the registered engines and hash its prompt.
     ``tokenizer(model)`` gives the tokenizer for a text prompt;
@@ -153,7 +149,47 @@ def prepare(
         session_key=request.session_key or None,
         policy=policy,
         tenancy=Tenancy(request.lora_name, request.cache_salt),
+        key=key,
     )
+
+
+def validate(
+    prep: Prepared, params: SamplingParams, max_model_len: int | None, vocab_size: int | None
+) -> None:
+    """What can be checked before any engine sees the request: the sampling
+    ranges, the context window (``max_model_len`` of the model's engines, when
+    they reported it) and the token ids (when the model's vocabulary is known).
+    Raises :class:`RequestError` or :class:`ContextTooLong`."""
+    if params.max_tokens < 1:
+        raise RequestError(f"max_tokens must be >= 1, got {params.max_tokens}")
+    if not (params.temperature >= 0 and params.temperature == params.temperature) or params.temperature > 1e6:
+        raise RequestError(f"temperature must be a number >= 0, got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        raise RequestError(f"top_p must be in (0, 1], got {params.top_p}")
+    if any(not s for s in params.stop):
+        raise RequestError("stop strings must not be empty")
+    salt = prep.tenancy.cache_salt
+    if len(salt) > MAX_SALT_CHARS or any(c in _SALT_FORBIDDEN or not c.isprintable() for c in salt):
+        raise RequestError(
+            f"cache_salt must be at most {MAX_SALT_CHARS} printable characters, without @ / or \\"
+        )
+    n = len(prep.token_ids)
+    if max_model_len is not None and n + params.max_tokens > max_model_len:
+        raise ContextTooLong(
+            f"prompt of {n} tokens + max_tokens {params.max_tokens} exceeds the context window of "
+            f"model {prep.model!r} ({max_model_len} tokens)"
+        )
+    if vocab_size is not None:
+        top = max(prep.token_ids)
+        if top >= vocab_size:
+            raise RequestError(
+                f"token id {top} is out of the vocabulary of {prep.model!r} ({vocab_size} ids)"
+            )
+
+
+# vLLM refuses longer salts and these characters (it builds keys from them).
+MAX_SALT_CHARS = 128
+_SALT_FORBIDDEN = frozenset("@/\\\0")
 
 
 # --- 2. choose ----------------------------------------------------------------------------------
@@ -188,6 +224,7 @@ class Routed:
     attempt: int
     decision: Decision
     headers: dict[str, str] = field(default_factory=dict)  # HTTP headers for the engine
+    engine_kind: EngineKind = "vllm"  # which request fields the engine reads
 
 
 def routed_to(prep: Prepared, decision: Decision, attempt: int, engines: EngineTable) -> Routed:
@@ -204,25 +241,50 @@ def routed_to(prep: Prepared, decision: Decision, attempt: int, engines: EngineT
         attempt=attempt,
         decision=decision,
         headers={DP_RANK_HEADER: str(rank)} if spec.data_parallel_size > 1 else {},
+        engine_kind=cast(EngineKind, spec.kind),  # EngineSpec.validate() checked it
     )
 
 
 # --- 3. attempt ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how soon a request is tried again on another engine."""
+
+    max_attempts: int = 3  # engines tried per request before it fails
+    backoff: float = 0.02  # seconds before the second attempt; doubles each time after
+    backoff_max: float = 0.5
+
+
 class Attempts:
     """The retry state machine of one request: which attempt it is on, which
-    workers the next choice must exclude, and when to give up (the budget is
-    spent, or no worker is left to choose)."""
+    workers the next choice must exclude, how long to wait before it, and
+    when to give up (the budget is spent, or no worker is left to choose).
 
-    __slots__ = ("_over", "attempt", "budget", "excluded", "last_error")
+    A worker that failed the request (its fault) and one whose queue was
+    full (nobody's fault) are both excluded from the next choice; when every
+    attempt found a full queue, the request ends as "engines busy" rather
+    than as a failure."""
 
-    def __init__(self, budget: int) -> None:
-        self.budget = max(1, budget)
+    __slots__ = ("_over", "attempt", "busy", "errors", "excluded", "failed", "policy")
+
+    def __init__(self, policy: RetryPolicy | int) -> None:
+        self.policy = policy if isinstance(policy, RetryPolicy) else RetryPolicy(max_attempts=policy)
         self.attempt = 0
+        self.busy = 0  # attempts that found the engine's queue full
+        self.failed = 0  # attempts that ended before a first token (busy ones included)
         self.excluded: set[str] = set()
-        self.last_error = ""
+        self.errors: list[str] = []  # one line per failed attempt: worker and cause
         self._over = False
+
+    @property
+    def budget(self) -> int:
+        return max(1, self.policy.max_attempts)
+
+    @property
+    def last_error(self) -> str:
+        return self.errors[-1] if self.errors else ""
 
     def next(self) -> bool:
         """Start the next attempt; False once the request has to give up."""
@@ -231,18 +293,37 @@ class Attempts:
         self.attempt += 1
         return True
 
+    def delay(self, rng: Callable[[], float]) -> float:
+        """Seconds to wait before the current attempt (0 for the first):
+        exponential, with jitter from ``rng()`` in [0, 1) so that retries
+        of a burst spread out."""
+        if self.attempt <= 1:
+            return 0.0
+        base: float = min(self.policy.backoff * 2.0 ** (self.attempt - 2), self.policy.backoff_max)
+        return base * (0.5 + rng())
+
     def no_candidate(self, error: str) -> None:
         """The policy found no worker to choose: give up now."""
-        self.last_error = error
+        self.errors.append(error)
         self._over = True
 
     def failed_before_first_token(self, worker: str, error: str) -> None:
         """Retryable: the next attempt avoids ``worker``."""
         self.excluded.add(worker)
-        self.last_error = error
+        self.failed += 1
+        self.errors.append(f"{worker}: {error}")
+
+    def engine_busy(self, worker: str, error: str) -> None:
+        """The worker's queue was full: try another, without holding it against this one."""
+        self.busy += 1
+        self.failed_before_first_token(worker, error)
+
+    @property
+    def all_busy(self) -> bool:
+        return self.busy > 0 and self.busy == self.failed
 
     def give_up_message(self) -> str:
-        return f"no engine could serve the request: {self.last_error}"
+        return "no engine could serve the request: " + "; ".join(self.errors)
 
 
 # --- 4. account ---------------------------------------------------------------------------------
@@ -289,7 +370,7 @@ class Accounting:
     :meth:`attempt_over`. :meth:`gave_up` if no attempt succeeded.
     """
 
-    __slots__ = ("_load", "_prep", "_record", "_routed", "_stats", "started", "ttft_ms")
+    __slots__ = ("_load", "_prep", "_record", "_resolved", "_routed", "_stats", "started", "ttft_ms")
 
     def __init__(self, prep: Prepared, stats: NodeStats, load: LoadTracker, now: float) -> None:
         self._prep = prep
@@ -297,6 +378,7 @@ class Accounting:
         self._load = load
         self._record: EngineRecord | None = None
         self._routed: Routed | None = None
+        self._resolved = False  # the attempt's outcome reached the engine's breaker
         self.started = now
         self.ttft_ms = -1.0  # of the current attempt, from the start of the request
         stats.requests_total += 1
@@ -310,24 +392,25 @@ class Accounting:
     def attempt(self, routed: Routed, record: EngineRecord, now: float) -> None:
         self._routed, self._record = routed, record
         self.ttft_ms = -1.0
+        self._resolved = False
         record.breaker.on_attempt(now)
         record.attempts += 1
 
     def sent(self) -> None:
         routed, _ = self._current()
         self._load.start(
-            routed.worker, self._prep.request_id, work_tokens(self._prep, routed.predicted_cached_blocks)
+            routed.worker, self._prep.key, work_tokens(self._prep, routed.predicted_cached_blocks)
         )
 
     def token(self, now: float) -> None:
         """A chunk of tokens arrived; the first one ends the prefill."""
         if self.ttft_ms < 0:
             self.ttft_ms = (now - self.started) * 1000.0
-            self._load.set_tokens(self._prep.request_id, self._prep.block_size)
+            self._load.set_tokens(self._prep.key, self._prep.block_size)
 
     def finished(self, usage: Usage, now: float) -> Finished:
-        routed, record = self._current()
-        record.breaker.on_success(now)
+        routed, _ = self._current()
+        self._engine_answered(now)
         stats = self._stats
         stats.prompt_tokens_total += usage.prompt_tokens
         stats.cached_prompt_tokens_total += usage.cached_tokens
@@ -342,18 +425,36 @@ class Accounting:
             attempts=routed.attempt,
         )
 
-    def unavailable(self, now: float) -> None:
-        """The engine failed before the first token; the request will be retried."""
+    def _engine_answered(self, now: float) -> None:
+        """The engine did its part (whatever became of the request)."""
+        _, record = self._current()
+        record.breaker.on_success(now)
+        self._resolved = True
+
+    def _engine_failed(self, now: float) -> None:
         _, record = self._current()
         record.failures += 1
         record.breaker.on_failure(now)
+        self._resolved = True
+
+    def unavailable(self, now: float) -> None:
+        """The engine failed before the first token; the request will be retried."""
+        self._engine_failed(now)
         self._stats.retries_total += 1
+
+    def busy(self, now: float) -> None:
+        """The engine's queue was full; another engine will be tried."""
+        self._engine_answered(now)
+        self._stats.retries_total += 1
+
+    def rejected(self, now: float) -> None:
+        """The engine refused the request itself: the client's mistake, not the engine's."""
+        self._engine_answered(now)
 
     def broken(self, error: str, now: float) -> Finished:
         """The stream broke after the first token: the request ends in error."""
-        routed, record = self._current()
-        record.failures += 1
-        record.breaker.on_failure(now)
+        routed, _ = self._current()
+        self._engine_failed(now)
         self._stats.requests_failed += 1
         return Finished(
             finish_reason="error",
@@ -366,8 +467,17 @@ class Accounting:
             error=error,
         )
 
+    def stalled(self, error: str, now: float) -> Finished:
+        """The engine sent nothing for too long after the first token."""
+        return self.broken(error, now)
+
     def attempt_over(self) -> None:
-        self._load.finish(self._prep.request_id)
+        self._load.finish(self._prep.key)
+        if self._record is not None and not self._resolved:
+            # Cut short (the client went away): no verdict on the engine, but
+            # a half-open breaker must not wait for this probe forever.
+            self._record.breaker.on_abandoned()
+            self._resolved = True
 
     def gave_up(self) -> None:
         self._stats.requests_failed += 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import grpc
@@ -21,14 +21,19 @@ from engine_adapters.completion_request import SamplingParams
 from engine_adapters.proxy import Chunk
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
+from router.auth import TokenInterceptor, TokenTable
+from router.config import RouterConfig
 from router.engine_registry import EngineRecord, EngineSpec, EngineSpecError
+from router.errors import Draining, RequestError, RouterError
 from router.metrics import start_metrics_server
 from router.node import RouterNode
-from router.policies import Decision, NoEngineAvailable
-from router.request_path import ClientRequest, Finished, RequestError, Routed
+from router.policies import Decision
+from router.request_path import ClientRequest, Finished, Routed
 
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(EngineSpec))
+REASON_KEY = "kvmesh-reason"  # trailing metadata: why a call ended with its status
 _READY_POLL = 0.02  # seconds between checks that the node has joined the mesh
+_DRAIN_POLL = 0.05  # seconds between checks that the requests in flight have finished
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -74,6 +79,7 @@ def _finished_pb(f: Finished) -> pb.Finished:
         engine_id=f.engine_id,
         ttft_ms=f.ttft_ms,
         attempts=f.attempts,
+        error=f.error,
     )
 
 
@@ -105,10 +111,11 @@ def sampling_from_pb(s: pb.SamplingParams, default_max_tokens: int) -> SamplingP
 class RouterService(pb_grpc.RouterServicer):
     def __init__(self, node: RouterNode) -> None:
         self.node = node
+        self.outcomes = node.outcomes
 
     def _client_request(self, request: pb.GenerateRequest | pb.RouteRequest) -> ClientRequest:
         if not self.node.ready:
-            raise NoEngineAvailable("this node is still joining the mesh")
+            raise Draining("this node is still joining the mesh", reason="joining")
         kind = request.prompt.WhichOneof("kind")
         text = request.prompt.text if kind == "text" else None
         # A slice copies the repeated field in C, cheaper than list() on the hot path.
@@ -127,26 +134,32 @@ class RouterService(pb_grpc.RouterServicer):
             cache_salt=request.cache_salt,
         )
 
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else self.node.clock() + remaining
+
     async def Generate(  # noqa: N802 - gRPC method names are the proto's
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             prep = self.node.prepare(self._client_request(request))
-        except RequestError as e:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except NoEngineAvailable as e:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
-        params = sampling_from_pb(request.sampling, self.node.config.default_max_tokens)
-        try:
-            async for item in self.node.generate(prep, params):
+            params = sampling_from_pb(request.sampling, self.node.config.default_max_tokens)
+            async for item in self.node.generate(prep, params, self._deadline(context)):
                 if isinstance(item, Chunk):
                     yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=item.token_ids, text=item.text))
                 elif isinstance(item, Routed):
                     yield pb.GenerateResponse(routed=_routed_pb(item))
                 else:
                     yield pb.GenerateResponse(finished=_finished_pb(item))
-        except NoEngineAvailable as e:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
+        except RouterError as e:
+            await self._fail(context, e, request.request_id)
+        except asyncio.CancelledError:
+            self._ended("CANCELLED", "client", request.request_id, "")
+            raise
+        except Exception as e:
+            await self._crashed(context, e, request.request_id)
+        else:
+            self._ended("OK", "", request.request_id, "")
 
     async def Route(  # noqa: N802 - gRPC method names are the proto's
         self, request: pb.RouteRequest, context: grpc.aio.ServicerContext
@@ -154,10 +167,11 @@ class RouterService(pb_grpc.RouterServicer):
         try:
             prep = self.node.prepare(self._client_request(request))
             routed = self.node.route_only(prep, dry_run=request.dry_run)
-        except RequestError as e:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except NoEngineAvailable as e:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
+        except RouterError as e:
+            await self._fail(context, e, request.request_id)
+        except Exception as e:
+            await self._crashed(context, e, request.request_id)
+        self._ended("OK", "", request.request_id, "")
         return pb.RouteResponse(
             request_id=routed.request_id,
             engine_id=routed.engine_id,
@@ -167,10 +181,35 @@ class RouterService(pb_grpc.RouterServicer):
             decision=decision_to_pb(routed.decision),
         )
 
+    def _ended(self, status: str, reason: str, request_id: str, message: str) -> None:
+        log_it, suppressed = self.outcomes.record(status, reason, self.node.clock())
+        if log_it:
+            self.node.log.warning(
+                "router.request_ended",
+                status=status,
+                reason=reason,
+                request_id=request_id,
+                error=message,
+                suppressed_before=suppressed,
+            )
+
+    async def _fail(self, context: grpc.aio.ServicerContext, e: RouterError, request_id: str) -> NoReturn:
+        self._ended(e.grpc_code, e.reason, request_id, str(e))
+        context.set_trailing_metadata(((REASON_KEY, e.reason),))
+        await _abort(context, getattr(grpc.StatusCode, e.grpc_code), str(e))
+
+    async def _crashed(self, context: grpc.aio.ServicerContext, e: Exception, request_id: str) -> NoReturn:
+        # A bug of this node: say so (INTERNAL), never a bare UNKNOWN.
+        self.node.log.exception("router.request_crashed", request_id=request_id)
+        self._ended("INTERNAL", "internal", request_id, repr(e))
+        context.set_trailing_metadata(((REASON_KEY, "internal"),))
+        await _abort(context, grpc.StatusCode.INTERNAL, f"internal error on node {self.node.node_id}: {e!r}")
+
 
 class AdminService(pb_grpc.AdminServicer):
-    def __init__(self, node: RouterNode) -> None:
+    def __init__(self, node: RouterNode, request_stop: Callable[[], None] = lambda: None) -> None:
         self.node = node
+        self._request_stop = request_stop
 
     def _status(self, rec: EngineRecord) -> pb.EngineStatus:
         node, spec = self.node, rec.spec
@@ -188,6 +227,9 @@ class AdminService(pb_grpc.AdminServicer):
             events_applied=int(st.get("events", 0)),
             gaps_replayed=int(st.get("gaps_replayed", 0)),
             resets=int(st.get("resets", 0)),
+            probes=int(st.get("probes", 0)),
+            probe_batches=int(st.get("probe_batches", 0)),
+            skipped_events=int(st.get("skipped_events", 0)),
             owner_node=node.core.owner_of(spec.engine_id) or "",
             worker_seqs={w: s - 1 for w, s in node.core.resume_seqs(spec.engine_id).items()},
         )
@@ -234,7 +276,19 @@ class AdminService(pb_grpc.AdminServicer):
             live_members=len(node.core.live_members()),
             mesh_bytes_sent=transport.bytes_sent,
             mesh_messages_sent=transport.messages_sent,
+            outcomes=dict(node.outcomes.counts),
+            in_flight=node.in_flight(),
+            draining=node.draining,
+            member_events=dict(node.mesh.member_events),
         )
+
+    async def Drain(  # noqa: N802 - gRPC method names are the proto's
+        self, request: pb.DrainRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DrainResponse:
+        self.node.log.warning("router.drain_requested", by="Admin.Drain", in_flight=self.node.in_flight())
+        self.node.draining = True
+        self._request_stop()
+        return pb.DrainResponse(draining=True, in_flight=self.node.in_flight())
 
     async def GetIndexDigest(  # noqa: N802 - gRPC method names are the proto's
         self, request: pb.GetIndexDigestRequest, context: grpc.aio.ServicerContext
@@ -283,35 +337,40 @@ async def serve(
 
     Health reports NOT_SERVING and the READY line is withheld until the node
     has joined the mesh (through the seeds ``join``) and applied a seed's
-    full state.
+    full state. When ``stop`` is set (SIGTERM, Admin.Drain) the node drains:
+    see :func:`drain`.
     """
     cfg = node.config
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", cfg.transport.max_message_bytes),
-            ("grpc.max_send_message_length", cfg.transport.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-    )
+    interceptors = []
+    if cfg.api_auth.token_file:
+        interceptors.append(TokenInterceptor(TokenTable.from_file(cfg.api_auth.token_file), _refused(node)))
+    server = grpc.aio.server(options=server_options(cfg), interceptors=interceptors)
     pb_grpc.add_RouterServicer_to_server(RouterService(node), server)
-    pb_grpc.add_AdminServicer_to_server(AdminService(node), server)
-    node.mesh.transport.add_to_server(server)
+    pb_grpc.add_AdminServicer_to_server(AdminService(node, stop.set), server)
+    mesh_server = None
+    if cfg.mesh_listen:  # the mesh on a port of its own
+        mesh_server = grpc.aio.server(options=server_options(cfg))
+        node.mesh.transport.add_to_server(mesh_server)
+        creds = cfg.transport.server_credentials() if cfg.transport.tls else None
+        _bind(mesh_server, cfg.mesh_listen, creds)
+    else:
+        node.mesh.transport.add_to_server(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
         pb.DESCRIPTOR.services_by_name["Router"].full_name,
         pb.DESCRIPTOR.services_by_name["Admin"].full_name,
-        "kvmesh.mesh.v1.Mesh",
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
+        *(() if mesh_server is not None else ("kvmesh.mesh.v1.Mesh",)),
     )
     reflection.enable_server_reflection(names, server)
-    if server.add_insecure_port(cfg.listen) == 0:
-        raise OSError(f"cannot listen on {cfg.listen}")
+    _bind(server, cfg.listen, cfg.api_auth.server_credentials() if cfg.api_auth.tls else None)
     served = (*names[:2], "")
-    for name in served:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await _set_health(health_servicer, served, serving=False)
     await server.start()
+    if mesh_server is not None:
+        await mesh_server.start()
     await node.start(join or [])
     try:
         if join:
@@ -322,24 +381,86 @@ async def serve(
             await node.register_engine(spec)
         if cfg.metrics_port:
             start_metrics_server(node, cfg.metrics_port, cfg.metrics_addr)
-        for name in served:
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await _set_health(health_servicer, served, serving=True)
         node.log.info(
             "router.serving",
-            grpc=node.addr,
+            grpc=node.api_addr,
+            mesh=node.addr,
             policy=cfg.policy,
             engines=sorted(node.engines),
             members=len(node.core.live_members()),
         )
-        print(f"READY grpc={node.addr} node={node.node_id}", flush=True)
+        print(f"READY grpc={node.api_addr} mesh={node.addr} node={node.node_id}", flush=True)
         if ready is not None and not ready.done():
-            ready.set_result(node.addr)
+            ready.set_result(node.api_addr)
         await stop.wait()
     finally:
-        for name in served:
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if node.ready:
-            await node.leave()
+        await _set_health(health_servicer, served, serving=False)
+        await drain(node)
         await server.stop(grace=cfg.stop_grace)
+        if mesh_server is not None:
+            await mesh_server.stop(grace=cfg.stop_grace)
         await node.stop()
         node.log.info("router.stopped")
+
+
+def _bind(server: grpc.aio.Server, addr: str, creds: grpc.ServerCredentials | None) -> None:
+    port = server.add_secure_port(addr, creds) if creds is not None else server.add_insecure_port(addr)
+    if port == 0:
+        raise OSError(f"cannot listen on {addr}")
+
+
+def _refused(node: RouterNode) -> Callable[[str, str, str], None]:
+    """Counts and logs (a few a second) calls refused for their credentials."""
+
+    def refused(code: str, reason: str, method: str) -> None:
+        log_it, suppressed = node.outcomes.record(code, reason, node.clock())
+        if log_it:
+            node.log.warning(
+                "router.call_refused", status=code, reason=reason, method=method, suppressed_before=suppressed
+            )
+
+    return refused
+
+
+def server_options(cfg: RouterConfig) -> list[tuple[str, int]]:
+    """The gRPC server's options. gRPC's core cancels calls that arrive faster
+    than the application takes them (past ``max_pending_requests``, 1000 by
+    default): a client would see CANCELLED for a call nobody cancelled. The
+    node's own admission (router/admission.py) bounds its work and answers
+    what it cannot take with RESOURCE_EXHAUSTED, so the core's queue is made
+    deep enough never to decide for it."""
+    pending = max(100_000, 4 * (cfg.admission.max_in_flight + cfg.admission.max_queue))
+    return [
+        ("grpc.max_receive_message_length", cfg.transport.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.transport.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.server.max_pending_requests", pending),
+        ("grpc.server.max_pending_requests_hard_limit", pending),
+    ]
+
+
+async def drain(node: RouterNode) -> None:
+    """Stop taking requests, let those in flight finish (up to the drain
+    timeout), then hand this node's engines over and leave the mesh."""
+    node.draining = True
+    t0 = node.clock()
+    deadline = t0 + node.config.drain_timeout
+    left = node.in_flight()
+    if left:
+        node.log.info("router.draining", in_flight=left, timeout=node.config.drain_timeout)
+    while node.in_flight() and node.clock() < deadline:
+        await asyncio.sleep(_DRAIN_POLL)
+    node.log.info(
+        "router.drained",
+        waited=round(node.clock() - t0, 3),
+        unfinished=node.in_flight(),
+    )
+    if node.ready:
+        await node.leave()
+
+
+async def _set_health(servicer: health.aio.HealthServicer, names: tuple[str, ...], *, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in names:
+        await servicer.set(name, status)

@@ -4,8 +4,9 @@
   metric names; ``metrics.py``).
 - ``GET /admin/cache``: the cached blocks ``[{hash, parent, tokens}]``, what
   a correct router index must reflect.
-- ``GET /admin/stats``: pool, cache and queue figures, and the sequence number
-  of the next KV-event batch.
+- ``GET /admin/stats``: pool, cache and queue figures, the sequence number
+  of the next KV-event batch, and ``served``: admitted requests by the model
+  or LoRA adapter that served them.
 - ``POST /admin/drop_events {"count": n}``: fault injection, the next n event
   batches are lost on PUB but stay replayable (``publisher.py``).
 - ``POST /admin/clear``: reset the prefix cache (vLLM's reset_prefix_cache),
@@ -64,6 +65,7 @@ class AdminApi:
                 "running": core.num_running,
                 "waiting": core.num_waiting,
                 "next_seq": pub.next_seq if pub else None,
+                "served": dict(self.engine.served),
             }
         )
 

@@ -21,6 +21,15 @@ Modelled on vLLM's v1 ``KVCacheManager``/``BlockPool``:
   own, so each hash lives in at most one block and the event stream has set
   semantics: replaying every event in order onto an empty set gives exactly
   the set of cached hashes.
+- Blocks are shared only within one tenancy (LoRA adapter and cache salt), as
+  in vLLM, where the adapter is an extra key of every block hash and the salt
+  one of the first block's: here each tenancy has its own root hash. Events
+  of an adapter's or a salted request's blocks carry ``lora_name``/``lora_id``
+  and vLLM 0.33's untagged ``extra_keys`` (one entry per block: the adapter
+  name, then the salt on the request's first block; ``None`` when empty).
+  Events of the base model without a salt carry no ``extra_keys`` at all
+  (vLLM sends ``[None, ...]``; a reader treats both the same, and the
+  simulator's events stay as small as they were).
 
 Every event is appended to an outbox in the order things happened;
 :meth:`PrefixCache.drain_events` hands them to the shell, which publishes them.
@@ -31,10 +40,11 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from blocks.delta import EngineHash
+from engine_adapters.completion_request import Tenancy
 from engine_adapters.kv_events import (
     MEDIUM_GPU,
     AllBlocksCleared,
@@ -63,6 +73,35 @@ def root_hash(seed: int) -> int:
     return engine_block_hash(seed & 0xFFFFFFFFFFFFFFFF, ())
 
 
+_BASE = Tenancy()
+
+
+def tenancy_root(root: int, tenancy: Tenancy) -> int:
+    """The root hash of a tenancy's blocks: ``root`` for the base model
+    without a salt, a hash of it, the adapter and the salt otherwise."""
+    if tenancy == _BASE:
+        return root
+    h = hashlib.blake2b(root.to_bytes(8, "big"), digest_size=8, person=b"kvmesh-sim-ns")
+    for part in (tenancy.lora_name, tenancy.cache_salt):
+        raw = part.encode("utf-8")
+        h.update(len(raw).to_bytes(4, "little") + raw)
+    return int.from_bytes(h.digest(), "big")
+
+
+def event_extra_keys(tenancy: Tenancy, first_block: int, n: int) -> list[tuple[str, ...] | None] | None:
+    """vLLM 0.33's untagged ``extra_keys`` of ``n`` blocks starting at block
+    ``first_block`` of a request: the adapter on every block, the salt on
+    block 0 (``to_event_extra_keys`` of ``generate_block_hash_extra_keys``)."""
+    if tenancy == _BASE:
+        return None
+    lora, salt = tenancy.lora_name, tenancy.cache_salt
+    out: list[tuple[str, ...] | None] = []
+    for i in range(first_block, first_block + n):
+        keys = tuple(k for k in (lora, salt if i == 0 else "") if k)
+        out.append(keys or None)
+    return out
+
+
 @dataclass(slots=True)
 class _Block:
     block_id: int
@@ -70,6 +109,7 @@ class _Block:
     hash: int | None = None
     parent: int | None = None  # engine hash of the previous block; None for the first
     tokens: tuple[int, ...] = ()
+    tenancy: Tenancy = _BASE  # of the request that cached it
 
 
 @dataclass(slots=True)
@@ -79,6 +119,7 @@ class _Req:
     committed: int  # leading blocks already cached (or deliberately left private)
     caching: bool = True  # False after clear(): nothing of it is cached any more
     hit_blocks: int = 0
+    tenancy: Tenancy = _BASE
 
 
 @dataclass(slots=True)
@@ -92,14 +133,23 @@ class CacheStats:
 
 
 class PrefixCache:
+    """``lora_ids``: the engine's adapters and their ids (vLLM numbers them
+    from 1), published as ``BlockStored.lora_id``."""
+
     def __init__(
-        self, num_gpu_blocks: int, block_size: int = DEFAULTS.block_size, hash_seed: int = 0
+        self,
+        num_gpu_blocks: int,
+        block_size: int = DEFAULTS.block_size,
+        hash_seed: int = 0,
+        lora_ids: Mapping[str, int] | None = None,
     ) -> None:
         if num_gpu_blocks <= 0 or block_size <= 0:
             raise ValueError("num_gpu_blocks and block_size must be positive")
         self.num_gpu_blocks = num_gpu_blocks
         self.block_size = block_size
         self._root = root_hash(hash_seed)
+        self._roots: dict[Tenancy, int] = {_BASE: self._root}
+        self._lora_ids = dict(lora_ids or {})
         self._blocks = [_Block(i) for i in range(num_gpu_blocks)]
         self._free: list[int] = list(range(num_gpu_blocks - 1, -1, -1))  # uncached, ref 0
         self._lru: OrderedDict[int, None] = OrderedDict()  # cached, ref 0; oldest first
@@ -110,24 +160,32 @@ class PrefixCache:
 
     # --- queries ---------------------------------------------------------------
 
-    def chain_hashes(self, tokens: Sequence[int], max_blocks: int | None = None) -> list[int]:
-        """Engine hashes of the full blocks of ``tokens``."""
+    def _root_of(self, tenancy: Tenancy) -> int:
+        root = self._roots.get(tenancy)
+        if root is None:
+            root = self._roots[tenancy] = tenancy_root(self._root, tenancy)
+        return root
+
+    def chain_hashes(
+        self, tokens: Sequence[int], max_blocks: int | None = None, tenancy: Tenancy = _BASE
+    ) -> list[int]:
+        """Engine hashes of the full blocks of ``tokens`` (of ``tenancy``)."""
         bs = self.block_size
         n = len(tokens) // bs
         if max_blocks is not None:
             n = min(n, max_blocks)
         out: list[int] = []
-        parent = self._root
+        parent = self._root_of(tenancy)
         for i in range(n):
             parent = engine_block_hash(parent, tokens[i * bs : (i + 1) * bs])
             out.append(parent)
         return out
 
-    def lookup(self, tokens: Sequence[int]) -> list[int]:
+    def lookup(self, tokens: Sequence[int], tenancy: Tenancy = _BASE) -> list[int]:
         """Hashes of the longest cached prefix of full blocks (read-only)."""
         bs = self.block_size
         out: list[int] = []
-        parent = self._root
+        parent = self._root_of(tenancy)
         for i in range(len(tokens) // bs):
             parent = engine_block_hash(parent, tokens[i * bs : (i + 1) * bs])
             if parent not in self._by_hash:
@@ -165,17 +223,29 @@ class PrefixCache:
         )
 
     def snapshot(self) -> list[dict[str, object]]:
-        """Every cached block: ``{"hash", "parent", "tokens"}``."""
+        """Every cached block: ``{"hash", "parent", "tokens", "lora_name",
+        "cache_salt"}`` (the last two None for the base model, no salt)."""
         out: list[dict[str, object]] = []
         for h, bid in self._by_hash.items():
             b = self._blocks[bid]
-            out.append({"hash": h, "parent": b.parent, "tokens": list(b.tokens)})
+            out.append(
+                {
+                    "hash": h,
+                    "parent": b.parent,
+                    "tokens": list(b.tokens),
+                    "lora_name": b.tenancy.lora_name or None,
+                    "cache_salt": b.tenancy.cache_salt or None,
+                }
+            )
         return out
 
     # --- mutations -------------------------------------------------------------
 
-    def allocate(self, request_id: str, tokens: Sequence[int], reserve_tokens: int = 0) -> tuple[int, int]:
-        """Pin the cached prefix of ``tokens`` and take blocks for the rest.
+    def allocate(
+        self, request_id: str, tokens: Sequence[int], reserve_tokens: int = 0, tenancy: Tenancy = _BASE
+    ) -> tuple[int, int]:
+        """Pin the cached prefix of ``tokens`` (among ``tenancy``'s blocks)
+        and take blocks for the rest.
 
         Room is taken for ``len(tokens) + reserve_tokens`` tokens (the shell
         reserves the request's output up front, so there is no preemption).
@@ -189,7 +259,7 @@ class PrefixCache:
         if not tokens:
             raise ValueError("empty prompt")
         bs = self.block_size
-        chain = self.chain_hashes(tokens)
+        chain = self.chain_hashes(tokens, tenancy=tenancy)
         max_hit = (len(tokens) - 1) // bs
         hits: list[int] = []
         for h in chain[:max_hit]:
@@ -208,7 +278,7 @@ class PrefixCache:
             self._pin(bid)
         new_ids = [self._take_block() for _ in range(need)]
         self._reqs[request_id] = _Req(
-            blocks=hits + new_ids, chain=chain, committed=len(hits), hit_blocks=len(hits)
+            blocks=hits + new_ids, chain=chain, committed=len(hits), hit_blocks=len(hits), tenancy=tenancy
         )
         return len(hits), need
 
@@ -231,7 +301,7 @@ class PrefixCache:
             req.committed = n_full
             return []
         # extend the hash chain over the newly full blocks
-        parent = req.chain[-1] if req.chain else self._root
+        parent = req.chain[-1] if req.chain else self._root_of(req.tenancy)
         for i in range(len(req.chain), n_full):
             parent = engine_block_hash(parent, tokens_so_far[i * bs : (i + 1) * bs])
             req.chain.append(parent)
@@ -239,6 +309,7 @@ class PrefixCache:
         run_hashes: list[EngineHash] = []  # always ints here; the event type also admits bytes
         run_tokens: list[int] = []
         run_parent: int | None = None
+        run_first = 0  # the request's block index of the run's first block
         for i in range(req.committed, n_full):
             h = req.chain[i]
             parent_h = req.chain[i - 1] if i > 0 else None
@@ -252,18 +323,18 @@ class PrefixCache:
                     req.blocks[i] = existing
                     self._unpin(own)
                 if run_hashes:
-                    stored.append(self._stored(run_hashes, run_parent, run_tokens))
+                    stored.append(self._stored(run_hashes, run_parent, run_tokens, req.tenancy, run_first))
                     run_hashes, run_tokens = [], []
                 continue
             b = self._blocks[req.blocks[i]]
-            b.hash, b.parent, b.tokens = h, parent_h, block_tokens
+            b.hash, b.parent, b.tokens, b.tenancy = h, parent_h, block_tokens, req.tenancy
             self._by_hash[h] = b.block_id
             if not run_hashes:
-                run_parent = parent_h
+                run_parent, run_first = parent_h, i
             run_hashes.append(h)
             run_tokens.extend(block_tokens)
         if run_hashes:
-            stored.append(self._stored(run_hashes, run_parent, run_tokens))
+            stored.append(self._stored(run_hashes, run_parent, run_tokens, req.tenancy, run_first))
         req.committed = n_full
         self._events.extend(stored)
         return stored
@@ -286,7 +357,7 @@ class PrefixCache:
         """
         for bid in self._by_hash.values():
             b = self._blocks[bid]
-            b.hash, b.parent, b.tokens = None, None, ()
+            b.hash, b.parent, b.tokens, b.tenancy = None, None, (), _BASE
         self._by_hash.clear()
         self._free.extend(reversed(self._lru))
         self._lru.clear()
@@ -303,13 +374,19 @@ class PrefixCache:
 
     # --- internals ---------------------------------------------------------------
 
-    def _stored(self, hashes: list[EngineHash], parent: int | None, tokens: list[int]) -> BlockStored:
+    def _stored(
+        self, hashes: list[EngineHash], parent: int | None, tokens: list[int], tenancy: Tenancy, first: int
+    ) -> BlockStored:
+        lora = tenancy.lora_name or None
         return BlockStored(
             block_hashes=hashes,
             parent_block_hash=parent,
             token_ids=tokens,
             block_size=self.block_size,
+            lora_id=self._lora_ids.get(lora) if lora else None,
             medium=MEDIUM_GPU,
+            lora_name=lora,
+            extra_keys=event_extra_keys(tenancy, first, len(hashes)),
         )
 
     def _pin(self, bid: int) -> None:
@@ -338,7 +415,7 @@ class PrefixCache:
             del self._by_hash[b.hash]
             self._events.append(BlockRemoved(block_hashes=[b.hash], medium=MEDIUM_GPU))
             self._evictions += 1
-            b.hash, b.parent, b.tokens = None, None, ()
+            b.hash, b.parent, b.tokens, b.tenancy = None, None, (), _BASE
         self._blocks[bid].ref = 1
         return bid
 
@@ -348,11 +425,20 @@ def snapshot_router_hashes(
 ) -> set[int]:
     """Router block hashes of the blocks in a :meth:`PrefixCache.snapshot` (or
     the engine's ``GET /admin/cache``): what a correct router index holds for
-    this engine. Each block is chained through its parent, as the router does."""
+    this engine. Each block is chained through its parent, as the router does;
+    a first block is seeded by its row's adapter and salt (``lora_name`` for
+    rows without them)."""
     from blocks.hashing import chain_hash, root_seed
 
     by_hash = {b["hash"]: b for b in snapshot}
-    seed = root_seed(model, lora_name)
+
+    def seed(row: dict[str, object]) -> int:
+        lora = row.get("lora_name", lora_name)
+        salt = row.get("cache_salt")
+        return root_seed(
+            model, lora if isinstance(lora, str) else None, salt if isinstance(salt, str) else None
+        )
+
     memo: dict[object, int] = {}
     for start in by_hash:
         path = []  # walk up to a known ancestor, then hash down (no recursion)
@@ -365,5 +451,6 @@ def snapshot_router_hashes(
             h = parent
         for h in reversed(path):
             parent = by_hash[h]["parent"]
-            memo[h] = chain_hash(seed if parent is None else memo[parent], by_hash[h]["tokens"])  # type: ignore[arg-type]  # snapshot rows are JSON-shaped dicts
+            row = by_hash[h]
+            memo[h] = chain_hash(seed(row) if parent is None else memo[parent], row["tokens"])  # type: ignore[arg-type]  # snapshot rows are JSON-shaped dicts
     return set(memo.values())

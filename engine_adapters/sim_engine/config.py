@@ -29,6 +29,10 @@ class SimEngineConfig:
     # A local directory with a tokenizer.json, reported to SGLang's router so it
     # loads a tokenizer from disk instead of asking the Hugging Face hub.
     model_path: str | None = None
+    # LoRA adapters served beside the model, by name (vLLM's --lora-modules):
+    # a request names one as its model (or SGLang's lora_path) and gets its own
+    # cached blocks.
+    lora_modules: tuple[str, ...] = ()
 
     # --- KV cache and request limits ---
     block_size: int = 16
@@ -38,6 +42,9 @@ class SimEngineConfig:
     max_model_len: int = 131_072  # Llama-3.1's context window (prompt + output)
     timing: TimingConfig = field(default_factory=TimingConfig)
     eos_prob: float = 0.0  # chance that a sampled token is EOS (unless ignore_eos)
+    # Requests allowed to wait for admission; past it a request gets HTTP 429
+    # ("queue full"). 0: unbounded, as vLLM.
+    max_waiting: int = 0
 
     # --- KV events (vLLM's ZMQ publisher); an empty endpoint disables it ---
     kv_events_endpoint: str = "tcp://127.0.0.1:5557"
@@ -64,6 +71,12 @@ class SimEngineConfig:
             raise ValueError("eos_prob must be in [0, 1]")
         if self.data_parallel_rank < 0:
             raise ValueError("data_parallel_rank must be >= 0")
+        if self.max_waiting < 0:
+            raise ValueError("max_waiting must be >= 0 (0: unbounded)")
+        if any(not name or name == self.model for name in self.lora_modules):
+            raise ValueError("lora_modules must be non-empty names other than the model's")
+        if len(set(self.lora_modules)) != len(self.lora_modules):
+            raise ValueError("lora_modules must not repeat a name")
         if self.kv_event_format not in EVENT_FORMATS:
             raise ValueError(f"kv_event_format must be one of {EVENT_FORMATS}")
         if self.log_level not in LOG_LEVELS:

@@ -18,6 +18,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from engine_adapters.completion_request import Tenancy
 from engine_adapters.kv_events import AllBlocksCleared, KVEvent
 from engine_adapters.sim_engine.cache import NotEnoughBlocks, PrefixCache
 from engine_adapters.sim_engine.config import DEFAULTS
@@ -36,6 +37,8 @@ class SimRequest:
     max_tokens: int
     seed: int
     ignore_eos: bool = False
+    # whose cached blocks it may use: its LoRA adapter and cache salt
+    tenancy: Tenancy = field(default_factory=Tenancy)
 
 
 @dataclass(slots=True)
@@ -133,7 +136,10 @@ class EngineCore:
         live = self._live[running.request_id]
         try:
             hit_blocks, _ = self.cache.allocate(
-                running.request_id, live.req.prompt, reserve_tokens=live.req.max_tokens
+                running.request_id,
+                live.req.prompt,
+                reserve_tokens=live.req.max_tokens,
+                tenancy=live.req.tenancy,
             )
         except NotEnoughBlocks:
             return False

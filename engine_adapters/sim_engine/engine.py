@@ -7,16 +7,23 @@ handlers both go through :meth:`SimEngine.serve_request`:
 
 1. decode the JSON body and parse it into a ``CompletionRequest``
    (``requests.py``; 400 on anything invalid);
-2. check the model name (404), then that the request can ever fit (400);
-3. injected failure (``fail_rate``, 503);
-4. pick the request id: the client's (``X-Request-Id`` or SGLang's ``rid``)
+2. resolve the model: the served model, or one of its LoRA adapters named as
+   ``model`` (vLLM) or ``lora_path`` (SGLang); anything else is a 404. The
+   adapter and the ``cache_salt`` are the request's tenancy: it shares cached
+   blocks only with requests of the same adapter and salt;
+3. check that the request can ever fit (400);
+4. a full waiting queue (``max_waiting``, 429 "queue full");
+5. injected failure (``fail_rate``, 503);
+6. pick the request id: the client's (``X-Request-Id`` or SGLang's ``rid``)
    behind the API's prefix, made unique among pending requests;
-5. add it to the core and to the pending table, and wake the step loop;
-6. let the API write the response; on the way out, a request that did not
+7. add it to the core and to the pending table, and wake the step loop;
+8. let the API write the response; on the way out, a request that did not
    finish (the client went away, or the handler failed) is aborted, which
    frees its seat and its KV blocks.
 
-Every refusal is counted in ``kvmesh_sim_requests_rejected`` by reason.
+Every refusal is counted in ``kvmesh_sim_requests_rejected`` by reason, every
+admitted request in ``kvmesh_sim_requests_admitted`` by the model or adapter
+serving it (also in ``GET /admin/stats`` as ``served``).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import os
 import random
 import uuid
 from array import array
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,6 +42,7 @@ import structlog
 import xxhash
 from aiohttp import web
 
+from engine_adapters.completion_request import Tenancy
 from engine_adapters.sim_engine.cache import PrefixCache
 from engine_adapters.sim_engine.config import SimEngineConfig
 from engine_adapters.sim_engine.core import EngineCore, SimRequest
@@ -73,7 +82,13 @@ class SimEngine:
         self.vocab = OutputVocab(self.tokenizer)
         hash_seed = config.hash_seed if config.hash_seed is not None else int.from_bytes(os.urandom(8))
         self.core = EngineCore(
-            PrefixCache(config.num_gpu_blocks, config.block_size, hash_seed=hash_seed),
+            PrefixCache(
+                config.num_gpu_blocks,
+                config.block_size,
+                hash_seed=hash_seed,
+                # vLLM numbers its adapters from 1, in the order they are given
+                lora_ids={name: i for i, name in enumerate(config.lora_modules, 1)},
+            ),
             config.timing,
             eos_prob=config.eos_prob,
             output_vocab=self.vocab.ids,
@@ -92,6 +107,7 @@ class SimEngine:
                 bind=True,  # the simulator always binds (loopback) its sockets
             )
         self.pending: dict[str, PendingRequest] = {}
+        self.served: Counter[str] = Counter()  # admitted requests by serving model or adapter
         self.steps = StepLoop(
             self.core, self.metrics, self.pending, self.publisher, config.data_parallel_rank
         )
@@ -137,16 +153,18 @@ class SimEngine:
         *,
         inject_failures: bool = True,
     ) -> PendingRequest:
-        """Steps 1-5 of the admission path; raises :class:`Rejected`."""
+        """Steps 1-7 of the admission path; raises :class:`Rejected`."""
         try:
             p = parse(body, self.tokenizer)
         except BadRequest as e:
             raise Rejected(400, str(e), "bad_request", e.param) from None
-        if p.model is not None and p.model != self.model:
-            raise Rejected(404, f"The model `{p.model}` does not exist.", "unknown_model", "model")
+        served = self._served_model(p)
         why = self.core.check(len(p.prompt), p.max_tokens)
         if why is not None:
             raise Rejected(400, why, "bad_request")
+        limit = self.config.max_waiting
+        if limit and self.core.num_waiting >= limit:
+            raise Rejected(429, f"queue full: {limit} requests are waiting (--max-waiting)", "queue_full")
         rate = self.config.fail_rate
         if inject_failures and rate > 0 and self._fail_rng.random() < rate:
             raise Rejected(503, "injected failure (--fail-rate)", "injected_failure")
@@ -155,14 +173,33 @@ class SimEngine:
         if rid in self.pending:
             rid = f"{rid}-{uuid.uuid4().hex[:8]}"
         seed = p.seed if p.seed is not None else self._prompt_seed(p.prompt)
+        tenancy = Tenancy(lora_name="" if served == self.model else served, cache_salt=p.cache_salt or "")
         running = self.core.add(
-            SimRequest(rid, p.prompt, p.max_tokens, seed, p.ignore_eos), asyncio.get_running_loop().time()
+            SimRequest(rid, p.prompt, p.max_tokens, seed, p.ignore_eos, tenancy),
+            asyncio.get_running_loop().time(),
         )
-        pend = PendingRequest(rid, client_id, p, running)
+        pend = PendingRequest(rid, client_id, p, running, served_model=served)
         self.pending[rid] = pend
+        self.served[served] += 1
+        self.metrics.served(served)
         self.steps.wake()
         log.debug("sim.request_added", request_id=rid, prompt_tokens=len(p.prompt))
         return pend
+
+    def _served_model(self, p: CompletionRequest) -> str:
+        """The model or adapter that serves ``p`` (step 2); 404 if unknown."""
+        adapters = self.config.lora_modules
+        if p.model is not None and p.model != self.model:
+            if p.model not in adapters:
+                raise Rejected(404, f"The model `{p.model}` does not exist.", "unknown_model", "model")
+            return p.model
+        if p.lora_path is not None:
+            if p.lora_path not in adapters:
+                raise Rejected(
+                    404, f"The LoRA adapter `{p.lora_path}` is not loaded.", "unknown_model", "lora_path"
+                )
+            return p.lora_path
+        return self.model
 
     def release(self, pend: PendingRequest) -> None:
         """Step 6: forget the request; abort it if it did not finish."""

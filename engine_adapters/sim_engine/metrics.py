@@ -75,9 +75,19 @@ class EngineMetrics:
         self.event_batches = Counter(
             "kvmesh_sim_kv_event_batches", "KV event batches published", lbl, registry=r
         ).labels(model)
+        self.admitted_by_model = Counter(
+            "kvmesh_sim_requests_admitted",
+            "Requests admitted, by the model or LoRA adapter serving them",
+            lbl + ["served_model"],
+            registry=r,
+        )
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(self.model, reason).inc()
+
+    def served(self, served_model: str) -> None:
+        """A request was accepted for ``served_model`` (the model or one of its adapters)."""
+        self.admitted_by_model.labels(self.model, served_model).inc()
 
     def admitted(self, req: RunningRequest) -> None:
         """A request got its KV blocks: count its prompt and its cache hit."""

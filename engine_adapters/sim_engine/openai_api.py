@@ -7,8 +7,10 @@
   0.10.2), a usage chunk when ``stream_options.include_usage``. Usage carries
   ``prompt_tokens_details.cached_tokens`` (the cached prefix at admission, a
   multiple of the block size); the response or the usage chunk carries
-  ``kvmesh_sim``. The request id is ``cmpl-<X-Request-Id>``.
-- ``GET /v1/models``: the one served model.
+  ``kvmesh_sim``. ``model`` is the model or LoRA adapter that served it. The
+  request id is ``cmpl-<X-Request-Id>``.
+- ``GET /v1/models``: the served model and its LoRA adapters (``parent``: the
+  model), as vLLM lists them.
 
 The stream path is on the benchmarks' hot path, hence the pre-encoded chunk
 envelope and the single write of the last chunk, the usage and ``[DONE]``.
@@ -45,16 +47,19 @@ class OpenAIApi:
         app.router.add_get("/v1/models", self.models)
 
     async def models(self, request: web.Request) -> web.Response:
-        card = {
-            "id": self.model,
-            "object": "model",
-            "created": self._created,
-            "owned_by": "kvmesh-sim",
-            "root": self.model,
-            "parent": None,
-            "max_model_len": self.engine.core.max_model_len,
-        }
-        return web.json_response({"object": "list", "data": [card]})
+        def card(name: str, parent: str | None) -> dict[str, Any]:
+            return {
+                "id": name,
+                "object": "model",
+                "created": self._created,
+                "owned_by": "kvmesh-sim",
+                "root": name,
+                "parent": parent,
+                "max_model_len": self.engine.core.max_model_len,
+            }
+
+        cards = [card(self.model, None)] + [card(a, self.model) for a in self.engine.config.lora_modules]
+        return web.json_response({"object": "list", "data": cards})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self.engine.serve_request(request, parse_completion, "cmpl", self._respond)
@@ -98,10 +103,10 @@ class OpenAIApi:
                 "id": pend.request_id,
                 "object": "text_completion",
                 "created": int(time.time()),
-                "model": self.model,
+                "model": pend.served_model,
                 "choices": [choice],
                 "usage": self._usage(pend, len(ids)),
-                "kvmesh_sim": sim_info(pend.running),
+                "kvmesh_sim": sim_info(pend.running, pend.served_model),
             }
         )
 
@@ -120,7 +125,7 @@ class OpenAIApi:
             + b',"object":"text_completion","created":'
             + str(created).encode()
             + b',"model":'
-            + encode_json(self.model)
+            + encode_json(pend.served_model)
             + b',"choices":['
         )
         tail = b'],"usage":null}\n\n' if p.include_usage else b"]}\n\n"
@@ -151,10 +156,10 @@ class OpenAIApi:
                             "id": rid,
                             "object": "text_completion",
                             "created": created,
-                            "model": self.model,
+                            "model": pend.served_model,
                             "choices": [],
                             "usage": self._usage(pend, n_out),
-                            "kvmesh_sim": sim_info(pend.running),
+                            "kvmesh_sim": sim_info(pend.running, pend.served_model),
                         }
                     )
                 return await end_event_stream(resp, data)

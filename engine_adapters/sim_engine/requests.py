@@ -6,13 +6,16 @@ Two wire shapes are accepted:
   token ids or a string (tokenized by the builtin tokenizer; a batch of
   exactly one prompt is accepted), ``max_tokens``, ``n`` (1 only), ``stream``,
   ``stream_options.include_usage``, ``return_token_ids``, ``ignore_eos``,
-  ``seed``, ``stop``, ``model``; ``temperature``/``top_p`` are checked and
-  ignored, since output is deterministic from the seed.
+  ``seed``, ``stop``, ``model`` (the model or a LoRA adapter's name, as
+  vLLM), ``cache_salt`` (checked as vLLM 0.33 does: non-empty, at most 128
+  characters, none of ``@``, ``/``, backslash or NUL), and SGLang's ``lora_path`` (an
+  adapter's name); ``temperature``/``top_p`` are checked and ignored, since
+  output is deterministic from the seed.
 - SGLang ``POST /generate`` (:func:`parse_generate`): ``input_ids`` (or
   ``text``), ``sampling_params`` (``max_new_tokens``, ``ignore_eos``,
-  ``stop``, ``sampling_seed``), ``stream``, ``rid``. It is translated field by
-  field into the OpenAI shape and parsed by the same rules, so both APIs
-  accept and refuse the same things.
+  ``stop``, ``sampling_seed``), ``stream``, ``rid``, ``lora_path``,
+  ``cache_salt``. It is translated field by field into the OpenAI shape and
+  parsed by the same rules, so both APIs accept and refuse the same things.
 
 Anything invalid raises :class:`BadRequest` (HTTP 400) naming the parameter.
 """
@@ -32,6 +35,8 @@ OPENAI_DEFAULT_MAX_TOKENS = 16
 SGLANG_DEFAULT_MAX_NEW_TOKENS = 128
 
 _MAX_TOKEN_ID = 2**32 - 1
+_MAX_CACHE_SALT_LEN = 128  # vLLM's limit, and the characters it refuses in a salt
+_CACHE_SALT_FORBIDDEN = frozenset("@/\\\x00")
 # Token ids as the request may carry them: JSON integers (not bools, not
 # floats) in [0, 2**32). msgspec checks a long prompt in C.
 _TOKEN_IDS = list[Annotated[int, msgspec.Meta(ge=0, le=_MAX_TOKEN_ID)]]
@@ -61,6 +66,8 @@ class CompletionRequest:
     # SGLang's caller-chosen ``rid``; None for OpenAI requests, whose id comes
     # from the X-Request-Id header instead.
     client_request_id: str | None = None
+    cache_salt: str | None = None
+    lora_path: str | None = None  # SGLang's name for the adapter (vLLM's is ``model``)
 
 
 def is_int(v: Any) -> TypeGuard[int]:
@@ -94,6 +101,9 @@ def parse_completion(body: Any, tokenizer: BuiltinTokenizer) -> CompletionReques
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise BadRequest("model must be a string", "model")
+    lora_path = body.get("lora_path")
+    if lora_path is not None and (not isinstance(lora_path, str) or not lora_path):
+        raise BadRequest("lora_path must be an adapter's name", "lora_path")
     return CompletionRequest(
         prompt=prompt,
         max_tokens=max_tokens,
@@ -104,6 +114,8 @@ def parse_completion(body: Any, tokenizer: BuiltinTokenizer) -> CompletionReques
         seed=seed,
         stop=stop,
         model=model,
+        cache_salt=_parse_cache_salt(body.get("cache_salt")),
+        lora_path=lora_path,
     )
 
 
@@ -123,6 +135,8 @@ def parse_generate(body: Any, tokenizer: BuiltinTokenizer) -> CompletionRequest:
         "ignore_eos": sp.get("ignore_eos", False),
         "stop": sp.get("stop"),
         "seed": sp.get("sampling_seed"),
+        "cache_salt": body.get("cache_salt"),
+        "lora_path": body.get("lora_path"),
     }
     req = parse_completion(as_openai, tokenizer)
     rid = body.get("rid")
@@ -148,6 +162,20 @@ def _parse_prompt(prompt: Any, tokenizer: BuiltinTokenizer) -> list[int]:
     if not ids:
         raise BadRequest("prompt is empty", "prompt")
     return ids
+
+
+def _parse_cache_salt(salt: Any) -> str | None:
+    if salt is None:
+        return None
+    if not isinstance(salt, str) or not salt:
+        raise BadRequest("Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt")
+    if len(salt) > _MAX_CACHE_SALT_LEN or not _CACHE_SALT_FORBIDDEN.isdisjoint(salt):
+        raise BadRequest(
+            "Parameter 'cache_salt' must be at most 128 characters and must not contain "
+            "'@', '/', '\\', or NUL.",
+            "cache_salt",
+        )
+    return salt
 
 
 def _parse_stop(stop: Any) -> list[str]:

@@ -21,7 +21,12 @@ log = structlog.get_logger(__name__)
 
 encode_json = msgspec.json.Encoder().encode
 
-_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 503: "ServiceUnavailableError"}
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    429: "RateLimitError",
+    503: "ServiceUnavailableError",
+}
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _DONE = b"data: [DONE]\n\n"
 
@@ -71,9 +76,11 @@ async def end_event_stream(resp: web.StreamResponse, before: bytes = b"") -> web
     return resp
 
 
-def sim_info(r: RunningRequest) -> dict[str, Any]:
-    """The ``kvmesh_sim`` object: simulated queue, prefill and TTFT seconds."""
+def sim_info(r: RunningRequest, served_model: str | None = None) -> dict[str, Any]:
+    """The ``kvmesh_sim`` object: simulated queue, prefill and TTFT seconds,
+    and the model or LoRA adapter that served the request."""
     return {
+        "served_model": served_model,
         "queue_s": (r.admitted_at - r.arrival) if r.admitted_at is not None else None,
         "prefill_s": r.prefill_seconds,
         "ttft_s": (r.first_token_at - r.arrival) if r.first_token_at is not None else None,

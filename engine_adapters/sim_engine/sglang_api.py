@@ -92,7 +92,7 @@ class SGLangApi:
             }
             obj = {"text": "".join(texts), "output_ids": list(ids), "meta_info": meta}
             if finish is not None:
-                meta["kvmesh_sim"] = sim_info(pend.running)
+                meta["kvmesh_sim"] = sim_info(pend.running, pend.served_model)
             if resp is not None and not await write_event(resp, pend.request_id, sse(obj)):
                 return resp
         if resp is None:

@@ -75,6 +75,7 @@ class PendingRequest:
     running: RunningRequest
     queue: TokenQueue = field(default_factory=TokenQueue)
     done: bool = False  # finished normally; otherwise the handler's exit aborts it
+    served_model: str = ""  # the model or LoRA adapter serving it (responses name it)
 
 
 class TokenStreamer:

@@ -1,7 +1,8 @@
 """PNG plots of benchmark results (docs/img/*.png): hit rate and TTFT p90 per
-system and workload, gossip convergence against mesh size. matplotlib is
-imported only when plots are written (the ``bench`` extra); the helpers take
-``pyplot`` as an argument for that reason."""
+system and workload, gossip convergence against mesh size, goodput and shed
+rate against offered load. matplotlib is imported only when plots are written
+(the ``bench`` extra); the helpers take ``pyplot`` as an argument for that
+reason."""
 
 from __future__ import annotations
 
@@ -68,6 +69,41 @@ def _convergence_plot(plt: Any, conv: dict, path: str) -> str:
     return _save(plt, fig, path)
 
 
+def _overload_plot(plt: Any, ov: dict, path: str) -> str:
+    """Goodput (left axis) and shed rate (right axis) against offered load, per scenario."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    shed_ax = ax.twinx()
+    cap = (ov.get("capacity") or {}).get("rps") or 0.0
+    ks: set[float] = set()
+    top = cap
+    for j, sc in enumerate(ov.get("scenarios", {}).values()):
+        levels = sc.get("levels") or []
+        if not levels:
+            continue
+        label = "1 node" if sc.get("nodes", 1) == 1 else f"{sc['nodes']}-node mesh"
+        x = [lv["k"] for lv in levels]
+        ks.update(x)
+        good = [lv["goodput_rps"] for lv in levels]
+        top = max(top, *good)
+        ax.plot(x, good, marker="o", color=f"C{j}", label=f"goodput, {label}")
+        shed = [lv["shed_rate"] * 100 for lv in levels]
+        shed_ax.plot(x, shed, marker="s", linestyle="--", color=f"C{j}", label=f"shed, {label}")
+    if cap:
+        ax.axhline(cap, color="grey", linestyle=":", linewidth=1, label="capacity (closed loop)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(ks), [f"{k:g}x" for k in sorted(ks)])
+    ax.set_xlabel("offered load (x capacity)")
+    ax.set_ylabel("goodput (OK req/s)")
+    ax.set_ylim(0, top * 1.2 or 1.0)
+    shed_ax.set_ylabel("shed (% of calls, dashed)")
+    shed_ax.set_ylim(0, 100)
+    lines, labels = ax.get_legend_handles_labels()
+    shed_lines, shed_labels = shed_ax.get_legend_handles_labels()
+    ax.legend(lines + shed_lines, labels + shed_labels, fontsize=7, loc="center left")
+    ax.set_title("Overload: goodput and shed rate vs offered load")
+    return _save(plt, fig, path)
+
+
 def write_plots(res: dict, outdir: str) -> list[str]:
     """Every plot the results have, as PNG files in ``outdir``; their paths."""
     import matplotlib
@@ -87,4 +123,7 @@ def write_plots(res: dict, outdir: str) -> list[str]:
     conv = res.get("convergence") or {}
     if conv.get("real") or conv.get("sim"):
         paths.append(_convergence_plot(plt, conv, os.path.join(outdir, "convergence.png")))
+    ov = res.get("overload") or {}
+    if any(sc.get("levels") for sc in ov.get("scenarios", {}).values()):
+        paths.append(_overload_plot(plt, ov, os.path.join(outdir, "overload.png")))
     return paths

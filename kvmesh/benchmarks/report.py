@@ -383,6 +383,175 @@ def _proxy_section(px: dict | None) -> list[str]:
     return lines
 
 
+def _scenario_label(name: str, sc: dict) -> str:
+    n = sc.get("nodes", 1)
+    return "one router node" if n == 1 else f"{n}-node mesh, requests round-robin over the nodes ({name})"
+
+
+def _ms(v: float | None) -> str:
+    return _ms_or_dash(v, ".0f" if v is not None and v >= 100 else ".1f")
+
+
+def _overload_intro(ov: dict) -> list[str]:
+    c = ov.get("config", {})
+    cap = ov.get("capacity") or {}
+    who = f"Router nodes run with `{c['router_python']}`. " if c.get("router_python") else ""
+    if c.get("router_args"):
+        who += f"Extra router flags: `{' '.join(c['router_args'])}`. "
+    lo, hi = c.get("suffix_tokens", (0, 0)), c.get("max_tokens", (0, 0))
+    when = f"Measured {ov['started']} ({ov.get('duration_s', 0):.0f} s). " if ov.get("started") else ""
+    return [
+        "## Overload: more requests than the fleet can serve",
+        "",
+        f"{when}"
+        f"{c.get('engines')} simulated engines with {c.get('max_num_seqs')} batch slots each "
+        f"(`--max-num-seqs`, time scale {c.get('time_scale')}), policy `{c.get('policy')}`. Prompts: "
+        f"a shared {c.get('prefix_tokens')}-token prefix and {lo[0]}-{lo[1]} random tokens; "
+        f"{hi[0]}-{hi[1]} output tokens (`ignore_eos`). Capacity (OK completions/s of a closed loop of "
+        f"{cap.get('clients', '?')} clients, after a {c.get('warmup_seconds')} s warm-up, over "
+        f"{c.get('capacity_seconds')} s): **{cap.get('rps', 0):.1f} req/s**. Each level then sends an "
+        f"open-loop Poisson stream at k x capacity for {c.get('level_seconds')} s, client deadline "
+        f"{c.get('deadline_seconds')} s per call; the fleet goes idle between levels. {who}",
+        "",
+        "Goodput: OK calls ended within the sending window, per second of it (a backlog served after "
+        "the last arrival does not count). Shed rate: share answered RESOURCE_EXHAUSTED. TTFT: OK calls, "
+        "send -> first token, at the client. Reject: send -> RESOURCE_EXHAUSTED status, at the client. "
+        "RSS: each router process' VmRSS at the level's start and end (peak sampled every "
+        f"{c.get('rss_period_seconds')} s). CPU: cores used during the level by the routers, the client, "
+        "the engines and the rest of the machine (other processes: noise). Client late: how late the "
+        "client's event loop woke a 10 ms timer (p99), the client's share of a slow answer.",
+        "",
+    ]
+
+
+def _outcome_rows(levels: list[dict], statuses: list[str]) -> list[list[str]]:
+    return [
+        [
+            f"{lv['k']:g}x",
+            f"{lv['offered_rps']:.0f}",
+            f"{lv['sent']:,}",
+            *(f"{lv['statuses'].get(s, 0):,}" for s in statuses),
+        ]
+        for lv in levels
+    ]
+
+
+def _rss(lv: dict) -> str:
+    r = lv["rss"]
+    return ", ".join(
+        f"{s:.0f} -> {e:.0f} ({p:.0f})" for s, e, p in zip(r["start_mb"], r["end_mb"], r["peak_mb"])
+    )
+
+
+def _perf_rows(levels: list[dict]) -> list[list[str]]:
+    rows = []
+    for lv in levels:
+        cpu = lv.get("cpu_cores", {})
+        rows.append(
+            [
+                f"{lv['k']:g}x",
+                f"{lv['goodput_rps']:.1f}",
+                f"{lv['shed_rate']:.0%}",
+                _ms(lv["ttft_p50_ms"]),
+                _ms(lv["ttft_p99_ms"]),
+                _ms(lv["reject_p50_ms"]),
+                _ms(lv["reject_p99_ms"]),
+                _rss(lv),
+                " / ".join(f"{cpu.get(k, 0):.2f}" for k in ("routers", "client", "engines", "other")),
+                _ms((lv.get("client_loop_late") or {}).get("p99_ms")),
+            ]
+        )
+    return rows
+
+
+def _mesh_rows(levels: list[dict]) -> list[list[str]]:
+    rows = []
+    for lv in levels:
+        nodes = lv["nodes"]
+        by_engine: dict[str, int] = {}
+        for n in nodes:
+            for e, c in n["requests_by_engine"].items():
+                by_engine[e] = by_engine.get(e, 0) + c
+        rows.append(
+            [
+                f"{lv['k']:g}x",
+                ", ".join(f"{sum(n['outcomes'].values()):,} ({n['outcomes'].get('OK', 0):,})" for n in nodes),
+                ", ".join(f"{e} {c}" for e, c in sorted(by_engine.items())),
+                str(sum(n["member_events"].get("suspect", 0) for n in nodes)),
+                str(sum(n["member_events"].get("dead", 0) for n in nodes)),
+                str(sum(n["incarnation_bumps"] for n in nodes)),
+                ", ".join(sorted({x for n in nodes for x in n["not_alive_after"]})) or "none",
+            ]
+        )
+    return rows
+
+
+def _overload_scenario(name: str, sc: dict) -> list[str]:
+    label = _scenario_label(name, sc)
+    lines = [f"### {label[0].upper()}{label[1:]}", ""]
+    levels = sc.get("levels", [])
+    if sc.get("error"):
+        lines += [f"{'Stopped' if levels else 'Did not run'}: {sc['error']}", ""]
+    if not levels:
+        return lines
+    busy = [f"{lv['k']:g}x" for lv in levels if lv.get("idle_before") is False]
+    if busy:
+        lines += [f"The engines were still busy when these levels started: {', '.join(busy)}.", ""]
+    statuses = list(levels[0]["statuses"])  # every status column, in the benchmark's order
+    lines += ["Outcomes by status (calls):", ""]
+    lines += _table(["offered", "req/s", "sent", *statuses], _outcome_rows(levels, statuses))
+    lines += [""]
+    lines += _table(
+        [
+            "offered",
+            "goodput req/s",
+            "shed",
+            "TTFT p50 ms",
+            "TTFT p99 ms",
+            "reject p50 ms",
+            "reject p99 ms",
+            "router RSS MB start -> end (peak)",
+            "CPU cores router / client / engines / other",
+            "client late p99 ms",
+        ],
+        _perf_rows(levels),
+    )
+    lines.append("")
+    if sc.get("nodes", 1) > 1:
+        lines += [
+            "Per node: calls it ended (OK); engines: requests routed to each (all nodes); membership "
+            "events the nodes counted during the level, refutations (a member raising its incarnation "
+            "to answer a suspicion of itself) and members not alive at its end:",
+            "",
+        ]
+        lines += _table(
+            [
+                "offered",
+                "calls per node (OK)",
+                "requests per engine",
+                "suspect",
+                "dead",
+                "refutations",
+                "not alive after",
+            ],
+            _mesh_rows(levels),
+        )
+        lines.append("")
+    reasons = {r: c for lv in levels for r, c in lv.get("reasons", {}).items()}
+    if reasons:
+        lines += [f"Reasons seen (`kvmesh-reason`, `-` = none sent): {', '.join(sorted(reasons))}.", ""]
+    return lines
+
+
+def _overload_section(ov: dict | None) -> list[str]:
+    if not ov:
+        return []
+    lines = _overload_intro(ov)
+    for name, sc in ov.get("scenarios", {}).items():
+        lines += _overload_scenario(name, sc)
+    return [*lines, "![goodput and shed rate vs offered load](img/overload.png)", ""]
+
+
 def _failures_section(res: dict) -> list[str]:
     broken = [f"- `{k.removesuffix('_error')}`: {v}" for k, v in res.items() if k.endswith("_error")]
     if not broken:
@@ -458,6 +627,7 @@ def render_markdown(res: dict, commands: str = "", evidence: Sequence[str] = ())
         _micro_section(res.get("micro")),
         _convergence_section(res.get("convergence")),
         _proxy_section(res.get("proxy")),
+        _overload_section(res.get("overload")),
         _failures_section(res),
         _missed_section(res),
         _commands_section(commands),

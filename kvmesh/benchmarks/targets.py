@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["WHY_MISSED", "analysis", "targets"]
+__all__ = ["WHY_MISSED", "analysis", "overload_targets", "targets"]
 
 
 def _get(d: Any, *path: str) -> Any:
@@ -143,6 +143,7 @@ def targets(res: dict) -> list[dict]:
                     f"{r['p99'] * 1000:.0f} ms",
                 )
             )
+    out += overload_targets(_get(res, "overload") or {})
     px = _get(res, "proxy")
     if px and "ratio" in px:
         out.append(
@@ -157,6 +158,116 @@ def targets(res: dict) -> list[dict]:
             )
         )
     return out
+
+
+OVERLOAD_MEMORY_SLACK = 0.10  # "memory flat": every level ends within this of the ladder's start
+OVERLOAD_GOODPUT_FLOOR = 0.90  # goodput at the top of the ladder, as a share of goodput at 1x
+OVERLOAD_REJECT_MS = 50.0  # p99 of the time to tell a client its request was shed
+
+
+def _levels(ov: dict, scenario: str) -> list[dict]:
+    return _get(ov, "scenarios", scenario, "levels") or []
+
+
+def _scenarios(ov: dict, mesh: bool) -> list[str]:
+    """The names of the one-node scenario (``mesh`` False) or of the mesh ones."""
+    return [n for n, sc in (_get(ov, "scenarios") or {}).items() if (sc.get("nodes", 1) > 1) == mesh]
+
+
+def _all_levels(ov: dict) -> list[tuple[str, dict]]:
+    return [(name, lv) for name in (_get(ov, "scenarios") or {}) for lv in _levels(ov, name)]
+
+
+def _no_cancelled(ov: dict) -> dict:
+    per: dict[str, list[int]] = {}
+    for name, lv in _all_levels(ov):
+        bad, sent = per.setdefault(name, [0, 0])
+        per[name] = [bad + lv["statuses"]["CANCELLED"] + lv["statuses"]["UNKNOWN"], sent + lv["sent"]]
+    shown = "; ".join(f"{name}: {b:,} of {n:,} calls" for name, (b, n) in per.items())
+    total = sum(b for b, _ in per.values()) if per else None
+    return _t("overload: CANCELLED or UNKNOWN calls", "none, at every level", total, 0, False, shown)
+
+
+def _goodput_kept(single: list[dict]) -> dict | None:
+    if len(single) < 2 or single[0]["k"] != 1 or not single[0]["goodput_rps"]:
+        return None
+    lo, hi = single[0], single[-1]
+    r = hi["goodput_rps"] / lo["goodput_rps"]
+    return _t(
+        f"overload: goodput at {hi['k']:g}x vs 1x (1 node)",
+        f">= {OVERLOAD_GOODPUT_FLOOR:.0%} of 1x",
+        r,
+        OVERLOAD_GOODPUT_FLOOR,
+        True,
+        f"{hi['goodput_rps']:.1f} / {lo['goodput_rps']:.1f} req/s = {r:.0%}",
+    )
+
+
+def _reject_p99(ov: dict) -> dict | None:
+    shed = [(name, lv) for name, lv in _all_levels(ov) if lv.get("reject_p99_ms") is not None]
+    if not shed:
+        return None
+    name, worst = max(shed, key=lambda x: x[1]["reject_p99_ms"])
+    v = worst["reject_p99_ms"]
+    return _t(
+        "overload: shed requests answered, p99",
+        f"< {OVERLOAD_REJECT_MS:g} ms at every level",
+        v,
+        OVERLOAD_REJECT_MS,
+        False,
+        f"worst {v:.1f} ms ({name}, {worst['k']:g}x)",
+    )
+
+
+def _memory_flat(single: list[dict]) -> dict | None:
+    if not single:
+        return None
+    start = single[0]["rss"]["start_mb"][0]
+    worst = max(single, key=lambda lv: lv["rss"]["end_mb"][0])
+    end = worst["rss"]["end_mb"][0]
+    growth = end / start - 1 if start else None
+    return _t(
+        "overload: router memory flat (1 node)",
+        f"every level ends within {OVERLOAD_MEMORY_SLACK:.0%} of the RSS at the start of 1x",
+        growth,
+        OVERLOAD_MEMORY_SLACK,
+        False,
+        f"{start:.0f} MB -> {end:.0f} MB after {worst['k']:g}x ({growth:+.0%})" if growth is not None else "",
+    )
+
+
+def _mesh_stable(ov: dict) -> dict | None:
+    mesh = _scenarios(ov, mesh=True)
+    levels = [lv for name in mesh for lv in _levels(ov, name)]
+    if not levels:
+        return None
+    nodes = [n for lv in levels for n in lv["nodes"]]
+    suspect = sum(n["member_events"].get("suspect", 0) for n in nodes)
+    dead = sum(n["member_events"].get("dead", 0) for n in nodes)
+    refuted = sum(n["incarnation_bumps"] for n in nodes)
+    return _t(
+        f"overload: mesh membership stable ({mesh[0]})",
+        "no suspect or dead member, no refutation",
+        suspect + dead + refuted,
+        0,
+        False,
+        f"{suspect} suspect, {dead} dead, {refuted} refutations over {len(levels)} levels",
+    )
+
+
+def overload_targets(ov: dict) -> list[dict]:
+    """The overload benchmark's goals (``res["overload"]``)."""
+    if not ov:
+        return []
+    single = next((_levels(ov, n) for n in _scenarios(ov, mesh=False)), [])
+    found = [
+        _no_cancelled(ov),
+        _goodput_kept(single),
+        _reject_p99(ov),
+        _memory_flat(single),
+        _mesh_stable(ov),
+    ]
+    return [t for t in found if t is not None]
 
 
 # What limits each target when it is missed, and what would fix it (from profiles
@@ -244,6 +355,39 @@ WHY_MISSED: dict[str, str] = {
         "client-and-engines CPU is saturated as well (engines ~1.05 ms per request). Fix: a native HTTP "
         "client for the engine stream, cheaper hint matching, and more router nodes: the mesh scales "
         "the proxy out, `Route` (pick only) serves clients that proxy themselves."
+    ),
+    "overload: CANCELLED or UNKNOWN": (
+        "A node never answers CANCELLED itself (router/errors.py): a client gets it when gRPC's core "
+        "drops a call before the application has taken it (past `grpc.server.max_pending_requests`, "
+        "which router/service.py `server_options` raises) or when the client cancels. UNKNOWN is an "
+        "exception that escaped a handler. The nodes' own outcome counts (GetStats `outcomes`) tell them "
+        "apart: a CANCELLED the node did not count never reached its handler."
+    ),
+    "overload: goodput at": (
+        "Goodput at the top of the ladder falls below the fleet's when the engines run short of work: "
+        "the node's CPU goes to taking in and refusing the excess and its event loop falls behind the "
+        "streams it proxies, or admission sheds requests the engines could have started in time. The "
+        "CPU columns show which process ran out; the client, the router and the engines share this "
+        "machine's 2 cores with whatever else runs on it (the `other` column)."
+    ),
+    "overload: shed requests answered": (
+        "Shedding costs the node little, but the answer waits for the node's event loop, behind the "
+        "tokens it is streaming for the admitted requests and the other calls arriving, and for a CPU: "
+        "the router, the client and the engine processes share 2 cores with whatever else runs on the "
+        "machine (the `other` CPU column). `client late` is the client's share of the figure. Fix: "
+        "a node on its own cores, or more nodes behind the name (each sheds a share of the excess)."
+    ),
+    "overload: router memory flat": (
+        "RSS after a burst stays near the peak of the burst: CPython keeps the memory of the calls it "
+        "held at the busiest moment (queued, in flight, being refused) for reuse rather than return it "
+        "to the system, and a 16x level holds many more at once than a 1x one. The peak column gives "
+        "the working set; RSS that keeps rising over repeated levels at the same load would be a leak."
+    ),
+    "overload: mesh membership stable": (
+        "SWIM probes and their acks share each node's event loop and CPU with the requests: an ack "
+        "later than `probe_timeout` (and the indirect probes' acks too) makes the prober suspect a "
+        "member that is only busy, which then refutes by raising its incarnation. Fix: answer "
+        "membership messages off the request path (their own thread or port), or longer probe timeouts."
     ),
 }
 

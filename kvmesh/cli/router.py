@@ -13,18 +13,27 @@ import asyncio
 import dataclasses
 import signal
 
+import structlog
+
+from engine_adapters.event_adapter import EventAdapterConfig
+from engine_adapters.proxy import EngineClientConfig
 from mesh.core import MeshConfig
 from mesh.membership import MembershipConfig
+from mesh.transport import TransportConfig
 from router.addresses import AddressError, advertised_address, resolve_listen, resolve_seeds
+from router.admission import AdmissionConfig
+from router.auth import ApiAuthConfig
 from router.config import LOG_FORMATS, LOG_LEVELS, RouterConfig, check_policy_opts
 from router.engine_registry import EngineSpec, EngineSpecError
 from router.logs import configure_logging
 from router.node import RouterNode
 from router.policies import POLICY_NAMES, policy_options
+from router.request_path import RetryPolicy
 from router.service import serve
 
 __all__ = ["config_from_args", "configure_parser", "parse_policy_opts", "parse_tokenizers", "run"]
 
+log = structlog.get_logger(__name__)
 _PROG = "kvmesh router"
 
 
@@ -57,6 +66,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         metavar="SEED",
         help="join the mesh through a live node, repeatable: HOST:PORT, or a DNS name:PORT that "
         "resolves to several nodes (each address is tried). Without it, this node starts a new mesh",
+    )
+    p.add_argument(
+        "--seed-refresh-interval",
+        type=float,
+        default=d.seed_refresh_interval,
+        help="seconds between re-resolutions of the --join names once this node has peers (until "
+        f"then every {d.seed_resolve_retry} s); new addresses are merged into the mesh "
+        "(default %(default)s)",
     )
     p.add_argument(
         "--probe-interval",
@@ -108,9 +125,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-attempts",
         type=int,
-        default=d.max_attempts,
+        default=d.retry.max_attempts,
         help="engines tried per request before failing (default %(default)s)",
     )
+    _add_overload_flags(p, d)
+    _add_security_flags(p, d)
     p.add_argument(
         "--health-interval",
         type=float,
@@ -118,11 +137,103 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         help="seconds between engine health probes (default %(default)s)",
     )
     p.add_argument(
+        "--replay-probe-after",
+        type=float,
+        default=d.event_adapter.replay_probe_after,
+        help="seconds without a KV-event batch from an owned engine before its replay socket is "
+        "asked for anything newer: a lost last batch is applied within about this (0: never; "
+        "default %(default)s)",
+    )
+    p.add_argument(
         "--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port (0: off)"
     )
     p.add_argument("--log-level", default=d.log_level, choices=LOG_LEVELS)
     p.add_argument("--log-format", default=d.log_format, choices=LOG_FORMATS)
     p.add_argument("--seed", type=int, default=d.seed, help="seed for random policy choices")
+
+
+def _add_overload_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
+    """Admission, stalls and drain: what keeps a node's latency bounded."""
+    a = d.admission
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=a.max_in_flight,
+        help="Generate requests this node has on engines at once; more wait here (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=a.max_queue,
+        help="requests waiting on this node for a slot; past it new ones get RESOURCE_EXHAUSTED "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--max-queue-wait",
+        type=float,
+        default=a.max_queue_wait,
+        help="seconds: a request the fleet would start later than this (estimated from the rate "
+        "at which it starts this node's requests) is shed at once with RESOURCE_EXHAUSTED "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        default=d.engine_client.stream_idle_timeout,
+        help="seconds without a token from the engine once a stream has started: the engine "
+        "request is aborted and the client gets DEADLINE_EXCEEDED (default %(default)s)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=d.drain_timeout,
+        help="seconds requests in flight get to finish on SIGTERM or Admin.Drain, while new ones "
+        "are refused (default %(default)s)",
+    )
+
+
+def _add_security_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
+    """Who may call the node, and how nodes know each other (router/auth.py, mesh/auth.py)."""
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a port without authentication (the public API without TLS or tokens, the mesh "
+        "without mutual TLS or a shared secret); without this flag the node refuses to start so",
+    )
+    p.add_argument("--tls-cert", default=d.api_auth.tls_cert, help="PEM certificate of the public port (TLS)")
+    p.add_argument("--tls-key", default=d.api_auth.tls_key, help="its PEM private key")
+    p.add_argument(
+        "--tls-client-ca",
+        default=d.api_auth.tls_client_ca,
+        help="PEM CA: clients must present a certificate it signed (mutual TLS)",
+    )
+    p.add_argument(
+        "--auth-token-file",
+        default=d.api_auth.token_file,
+        help="bearer tokens, one a line: TOKEN [client|admin]; calls carry 'authorization: Bearer "
+        "TOKEN'; Admin calls need an admin token",
+    )
+    p.add_argument(
+        "--mesh-listen",
+        default=d.mesh_listen,
+        help="HOST:PORT of the node-to-node port (default: the mesh shares --listen); seeds given "
+        "with --join then name mesh ports",
+    )
+    p.add_argument(
+        "--mesh-advertise", default=d.mesh_advertise, help="HOST:PORT other nodes reach the mesh port at"
+    )
+    t = d.transport
+    p.add_argument(
+        "--mesh-secret-file", default=t.secret_file, help="shared secret every mesh message proves (HMAC)"
+    )
+    p.add_argument("--mesh-tls-cert", default=t.tls_cert, help="PEM certificate of this node on the mesh")
+    p.add_argument("--mesh-tls-key", default=t.tls_key, help="its PEM private key")
+    p.add_argument("--mesh-tls-ca", default=t.tls_ca, help="PEM CA that signed every member's certificate")
+    p.add_argument(
+        "--mesh-tls-server-name",
+        default=t.tls_server_name,
+        help="the name every member's mesh certificate carries (default %(default)s)",
+    )
 
 
 def parse_policy_opts(items: list[str]) -> dict[str, dict[str, float]]:
@@ -175,17 +286,42 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         advertise=args.advertise,
         node_id=args.node_id,
         join=list(args.join),
+        seed_refresh_interval=args.seed_refresh_interval,
         policy=args.policy,
         policy_opts=policy_opts,
         engines=engines,
         tokenizers=tokenizers,
         seed=args.seed,
-        max_attempts=args.max_attempts,
+        retry=RetryPolicy(max_attempts=args.max_attempts),
+        admission=AdmissionConfig(
+            max_in_flight=args.max_in_flight,
+            max_queue=args.max_queue,
+            max_queue_wait=args.max_queue_wait,
+        ),
+        engine_client=EngineClientConfig(stream_idle_timeout=args.stream_idle_timeout),
+        drain_timeout=args.drain_timeout,
+        insecure=args.insecure,
+        mesh_listen=args.mesh_listen,
+        mesh_advertise=args.mesh_advertise,
+        api_auth=ApiAuthConfig(
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            token_file=args.auth_token_file,
+        ),
+        transport=TransportConfig(
+            secret_file=args.mesh_secret_file,
+            tls_cert=args.mesh_tls_cert,
+            tls_key=args.mesh_tls_key,
+            tls_ca=args.mesh_tls_ca,
+            tls_server_name=args.mesh_tls_server_name,
+        ),
         health_interval=args.health_interval,
         metrics_port=args.metrics_port,
         log_level=args.log_level,
         log_format=args.log_format,
         mesh=MeshConfig(membership=membership),
+        event_adapter=EventAdapterConfig(replay_probe_after=args.replay_probe_after),
     )
 
 
@@ -202,19 +338,45 @@ def run(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency
         pass
+    open_ports = cfg.unauthenticated_ports()
+    if open_ports and not cfg.insecure:
+        print(
+            f"{_PROG}: refusing to serve {' and '.join(open_ports)} without authentication; configure "
+            "--tls-cert/--tls-key or --auth-token-file, and --mesh-secret-file or --mesh-tls-*, or "
+            "pass --insecure"
+        )
+        return 2
     try:
-        listen = resolve_listen(cfg.listen)
+        cfg = _concrete_addresses(cfg)
     except AddressError as e:
         raise SystemExit(f"{_PROG}: {e}") from None
-    advertise = cfg.advertise or advertised_address(listen)
-    cfg = dataclasses.replace(cfg, listen=listen, advertise=advertise, node_id=cfg.node_id or advertise)
+    if open_ports:
+        log.warning("router.insecure", unauthenticated=open_ports, node=cfg.node_id)
     asyncio.run(_serve(cfg))
     return 0
 
 
+def _concrete_addresses(cfg: RouterConfig) -> RouterConfig:
+    """Listen addresses with their ports chosen, advertised addresses filled in."""
+    listen = resolve_listen(cfg.listen)
+    advertise = cfg.advertise or advertised_address(listen)
+    mesh_listen, mesh_advertise = cfg.mesh_listen, cfg.mesh_advertise
+    if mesh_listen:
+        mesh_listen = resolve_listen(mesh_listen)
+        mesh_advertise = mesh_advertise or advertised_address(mesh_listen)
+    return dataclasses.replace(
+        cfg,
+        listen=listen,
+        advertise=advertise,
+        node_id=cfg.node_id or advertise,
+        mesh_listen=mesh_listen,
+        mesh_advertise=mesh_advertise,
+    )
+
+
 async def _serve(cfg: RouterConfig) -> None:
     try:
-        seeds = await resolve_seeds(cfg.join, cfg.advertise, cfg.seed_resolve_timeout, cfg.seed_resolve_retry)
+        seeds = await resolve_seeds(cfg.join, cfg.mesh_addr, cfg.seed_resolve_timeout, cfg.seed_resolve_retry)
     except AddressError as e:
         raise SystemExit(f"{_PROG}: {e}") from None
     node = RouterNode(cfg)

@@ -32,6 +32,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=d.model_path,
         help="local directory with a tokenizer.json, reported to SGLang's router as the model path",
     )
+    a(
+        "--lora-modules",
+        "--lora",
+        nargs="+",
+        action="extend",
+        metavar="NAME[=PATH]",
+        help="LoRA adapters served beside the model, as vLLM's --lora-modules (the path is ignored): "
+        "a request names one as its model (or SGLang's lora_path) and gets its own cached blocks "
+        f"(default: {', '.join(d.lora_modules) or 'none'})",
+    )
     a("--block-size", type=int, default=d.block_size, help=f"tokens per KV block (default {d.block_size})")
     a(
         "--num-gpu-blocks",
@@ -81,6 +91,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=t.time_scale,
         help="multiply every simulated duration (0.1 = ten times faster than real; "
         f"default {t.time_scale:g})",
+    )
+    a(
+        "--max-waiting",
+        type=int,
+        default=d.max_waiting,
+        help="requests allowed to wait for admission; past it a request gets HTTP 429 'queue full' "
+        f"(default {d.max_waiting}: unbounded)",
     )
     a(
         "--eos-prob",
@@ -138,6 +155,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     a("--log-level", default=d.log_level, choices=LOG_LEVELS, help=f"(default {d.log_level})")
 
 
+def _lora_names(values: list[str] | None) -> tuple[str, ...]:
+    """``--lora-modules`` values (``name`` or vLLM's ``name=path``) -> names."""
+    if values is None:
+        return SimEngineConfig().lora_modules
+    return tuple(v.partition("=")[0] for v in values)
+
+
 def config_from_args(args: argparse.Namespace) -> SimEngineConfig:
     """The engine's configuration; raises ValueError if a value is invalid."""
     timing = TimingConfig(
@@ -153,11 +177,13 @@ def config_from_args(args: argparse.Namespace) -> SimEngineConfig:
         port=args.port,
         model=args.model,
         model_path=args.model_path,
+        lora_modules=_lora_names(args.lora_modules),
         block_size=args.block_size,
         num_gpu_blocks=args.num_gpu_blocks,
         max_model_len=args.max_model_len,
         timing=timing,
         eos_prob=args.eos_prob,
+        max_waiting=args.max_waiting,
         kv_events_endpoint=args.kv_events_endpoint,
         kv_replay_endpoint=args.kv_replay_endpoint,
         kv_topic=args.kv_topic,

@@ -129,6 +129,8 @@ class Consumer:
     mapper: BlockMapper = field(init=False)
     log: list[Any] = field(default_factory=list)  # applied seqs and ("reset", reason) markers
     resets: dict[str, int] = field(default_factory=dict)
+    probes: int = 0  # replays asked because the engine was quiet
+    probe_batches: int = 0  # batches those found
 
     def __post_init__(self) -> None:
         self.seq = Sequencer(last_applied=None if self.start is None else self.start - 1)
@@ -140,6 +142,13 @@ class Consumer:
     def catch_up(self, engine: ModelledEngine) -> list[KvDelta]:
         out: list[KvDelta] = []
         self._replay(engine, 0, out)
+        return out
+
+    def probe(self, engine: ModelledEngine) -> list[KvDelta]:
+        """The engine has been quiet: anything in its buffer after the last applied batch."""
+        self.probes += 1
+        out = self.catch_up(engine)
+        self.probe_batches += sum(1 for d in out if d.seq >= 0)
         return out
 
     def on_live(self, seq: int, payload: bytes, engine: ModelledEngine) -> list[KvDelta]:

@@ -9,8 +9,21 @@ PrefixCache) publish batches on a schedule; a batch reaches the consumers
 that exist when it is published, in order (like a ZMQ SUB), unless the
 scenario drops it (the consumer then replays the gap).
 
-Used by ``tests/sim/test_mesh_sim.py``, ``kvmesh bench convergence`` (faults, convergence property over many
-seeds) and :func:`measure_convergence` (event -> every node's index latency).
+Two behaviours of a node's shells are modelled too, each off unless the
+scenario sets it, so scenarios written before them keep their figures:
+
+* ``World.probe_after``: an owner whose engine has sent no live batch for
+  that long asks its replay buffer for anything newer, as
+  ``EventAdapter`` does with ``replay_probe_after`` (``World.drop_next``
+  loses an engine's next live batches, e.g. its last ones);
+* ``World.dns``: what the seed name resolves to for a node at a time; nodes
+  resolve it again every ``SEED_RETRY`` seconds while they have no peer and
+  every ``SEED_REFRESH`` after, and hand it to ``MeshCore.add_seeds``, as
+  ``router.mesh_shell.MeshShell.refresh_seeds`` does.
+
+Used by ``tests/sim/test_mesh_sim.py``, ``tests/sim/test_mesh_merge_sim.py``,
+``kvmesh bench convergence`` (faults, convergence property over many seeds)
+and :func:`measure_convergence` (event -> every node's index latency).
 """
 
 from __future__ import annotations
@@ -34,9 +47,15 @@ from mesh.core import MeshConfig, MeshCore
 from mesh.effects import StartOwning, StopOwning
 from mesh.engine_log.epoch import Epoch
 from mesh.membership import MembershipConfig
+from router.config import RouterConfig
 from router.index import PrefixIndex
 
 LIVE_DELAY = 0.002  # engine -> owner; constant so batches arrive in order (ZMQ is ordered)
+SEED_RETRY = RouterConfig().seed_resolve_retry  # a node's, while it has no peer
+SEED_REFRESH = RouterConfig().seed_refresh_interval  # and once it has
+
+# (node address, now) -> the addresses the seed name resolves to for it then
+SeedView = Callable[[str, float], list[str]]
 
 
 def quiet_logs() -> None:
@@ -72,6 +91,9 @@ class World:
         self.sim: SimNet[MeshNode] | None = None
         self.restarts: dict[str, int] = {}
         self.recorder: Any = None  # (addr, worker, seq, now) for convergence timing
+        self.probe_after: float | None = None  # owners probe quiet engines (None: never)
+        self.drop_next: dict[str, int] = {}  # engine -> live batches still to lose on the wire
+        self.dns: SeedView | None = None  # the seed name, resolved again by every node (None: never)
 
     # -- engines ----------------------------------------------------------------------
     def publish(self, eid: str, kind: str = "step") -> None:
@@ -83,6 +105,9 @@ class World:
         if out is None:
             return
         seq, payload = out
+        if self.drop_next.get(eid):
+            self.drop_next[eid] -= 1
+            return  # lost on PUB for every subscriber; still in the replay buffer
         for addr in sorted(sim.up_nodes()):
             node = sim.node(addr)
             if node is None or eid not in node.consumers:
@@ -121,12 +146,26 @@ class MeshNode:
         self.index = PrefixIndex()
         self.consumers: dict[str, Consumer] = {}
         self.stints: dict[str, Stint] = {}
+        self.last_batch: dict[str, float] = {}  # engine -> when its consumer last got a live batch
+        self.next_resolve = now + SEED_RETRY
         self.core.join(seeds, now)
 
     # -- SimNode --------------------------------------------------------------------
     def tick(self, now: float) -> list[Any]:
+        dns = self.world.dns
+        if dns is not None and now >= self.next_resolve:
+            self.core.add_seeds([a for a in dns(self.addr, now) if a != self.addr], now)
+            self.next_resolve = now + (SEED_REFRESH if self.core.has_peers() else SEED_RETRY)
         self.core.tick(now)
+        if self.world.probe_after is not None:
+            self._probe_quiet(now, self.world.probe_after)
         return self.pump(now)
+
+    def _probe_quiet(self, now: float, after: float) -> None:
+        for eid, c in sorted(self.consumers.items()):
+            if now - self.last_batch.get(eid, now) >= after:
+                self.last_batch[eid] = now
+                self._feed(eid, c.probe(self.world.engines[eid]), now)
 
     def handle(self, msg: Any, now: float) -> list[Any]:
         try:
@@ -139,6 +178,7 @@ class MeshNode:
     def on_live(self, eid: str, seq: int, payload: bytes, now: float) -> list[Any]:
         c = self.consumers.get(eid)
         if c is not None:
+            self.last_batch[eid] = now
             self._feed(eid, c.on_live(seq, payload, self.world.engines[eid]), now)
         return self.pump(now)
 
@@ -173,6 +213,7 @@ class MeshNode:
         self.world.stints.setdefault(eid, []).append(st)
         self.consumers[eid] = c
         self.stints[eid] = st
+        self.last_batch[eid] = now
         self._feed(eid, c.catch_up(self.world.engines[eid]), now)
 
     def pump(self, now: float) -> list[Any]:

@@ -91,7 +91,7 @@ class TokenChunk(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "engine_id", "ttft_ms", "attempts")
+    __slots__ = ("finish_reason", "prompt_tokens", "cached_prompt_tokens", "completion_tokens", "engine_id", "ttft_ms", "attempts", "error")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class Finished(_message.Message):
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     cached_prompt_tokens: int
@@ -106,7 +107,8 @@ class Finished(_message.Message):
     engine_id: str
     ttft_ms: float
     attempts: int
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., engine_id: _Optional[str] = ..., ttft_ms: _Optional[float] = ..., attempts: _Optional[int] = ...) -> None: ...
+    error: str
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., engine_id: _Optional[str] = ..., ttft_ms: _Optional[float] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
     __slots__ = ("request_id", "model", "prompt", "session_key", "policy", "lora_name", "cache_salt", "dry_run")
@@ -169,7 +171,7 @@ class CandidateScore(_message.Message):
     def __init__(self, engine_id: _Optional[str] = ..., overlap_blocks: _Optional[int] = ..., load: _Optional[float] = ..., score: _Optional[float] = ..., chosen: _Optional[bool] = ...) -> None: ...
 
 class EngineSpec(_message.Message):
-    __slots__ = ("engine_id", "endpoint", "model", "block_size", "kv_events_endpoint", "replay_endpoint", "data_parallel_size", "topic", "capacity_blocks")
+    __slots__ = ("engine_id", "endpoint", "model", "block_size", "kv_events_endpoint", "replay_endpoint", "data_parallel_size", "topic", "capacity_blocks", "kind")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +181,7 @@ class EngineSpec(_message.Message):
     DATA_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOPIC_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     endpoint: str
     model: str
@@ -188,10 +191,11 @@ class EngineSpec(_message.Message):
     data_parallel_size: int
     topic: str
     capacity_blocks: int
-    def __init__(self, engine_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_events_endpoint: _Optional[str] = ..., replay_endpoint: _Optional[str] = ..., data_parallel_size: _Optional[int] = ..., topic: _Optional[str] = ..., capacity_blocks: _Optional[int] = ...) -> None: ...
+    kind: str
+    def __init__(self, engine_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_events_endpoint: _Optional[str] = ..., replay_endpoint: _Optional[str] = ..., data_parallel_size: _Optional[int] = ..., topic: _Optional[str] = ..., capacity_blocks: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
-    __slots__ = ("spec", "healthy", "circuit", "in_flight", "cached_blocks", "last_seq", "events_applied", "gaps_replayed", "resets", "owner_node", "worker_seqs")
+    __slots__ = ("spec", "healthy", "circuit", "in_flight", "cached_blocks", "last_seq", "events_applied", "gaps_replayed", "resets", "owner_node", "worker_seqs", "probes", "probe_batches", "skipped_events")
     class WorkerSeqsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +214,9 @@ class EngineStatus(_message.Message):
     RESETS_FIELD_NUMBER: _ClassVar[int]
     OWNER_NODE_FIELD_NUMBER: _ClassVar[int]
     WORKER_SEQS_FIELD_NUMBER: _ClassVar[int]
+    PROBES_FIELD_NUMBER: _ClassVar[int]
+    PROBE_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_EVENTS_FIELD_NUMBER: _ClassVar[int]
     spec: EngineSpec
     healthy: bool
     circuit: str
@@ -221,7 +228,10 @@ class EngineStatus(_message.Message):
     resets: int
     owner_node: str
     worker_seqs: _containers.ScalarMap[str, int]
-    def __init__(self, spec: _Optional[_Union[EngineSpec, _Mapping]] = ..., healthy: _Optional[bool] = ..., circuit: _Optional[str] = ..., in_flight: _Optional[float] = ..., cached_blocks: _Optional[int] = ..., last_seq: _Optional[int] = ..., events_applied: _Optional[int] = ..., gaps_replayed: _Optional[int] = ..., resets: _Optional[int] = ..., owner_node: _Optional[str] = ..., worker_seqs: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    probes: int
+    probe_batches: int
+    skipped_events: int
+    def __init__(self, spec: _Optional[_Union[EngineSpec, _Mapping]] = ..., healthy: _Optional[bool] = ..., circuit: _Optional[str] = ..., in_flight: _Optional[float] = ..., cached_blocks: _Optional[int] = ..., last_seq: _Optional[int] = ..., events_applied: _Optional[int] = ..., gaps_replayed: _Optional[int] = ..., resets: _Optional[int] = ..., owner_node: _Optional[str] = ..., worker_seqs: _Optional[_Mapping[str, int]] = ..., probes: _Optional[int] = ..., probe_batches: _Optional[int] = ..., skipped_events: _Optional[int] = ...) -> None: ...
 
 class RegisterEngineRequest(_message.Message):
     __slots__ = ("spec",)
@@ -262,7 +272,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("node_id", "default_policy", "requests_total", "requests_failed", "retries_total", "prompt_tokens_total", "cached_prompt_tokens_total", "index_blocks", "index_entries", "requests_by_engine", "requests_by_policy", "ready", "live_members", "mesh_bytes_sent", "mesh_messages_sent")
+    __slots__ = ("node_id", "default_policy", "requests_total", "requests_failed", "retries_total", "prompt_tokens_total", "cached_prompt_tokens_total", "index_blocks", "index_entries", "requests_by_engine", "requests_by_policy", "ready", "live_members", "mesh_bytes_sent", "mesh_messages_sent", "outcomes", "in_flight", "draining", "member_events")
     class RequestsByEngineEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +281,20 @@ class GetStatsResponse(_message.Message):
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     class RequestsByPolicyEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class OutcomesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class MemberEventsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +316,10 @@ class GetStatsResponse(_message.Message):
     LIVE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     MESH_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     MESH_MESSAGES_SENT_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_EVENTS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     default_policy: str
     requests_total: int
@@ -307,7 +335,11 @@ class GetStatsResponse(_message.Message):
     live_members: int
     mesh_bytes_sent: int
     mesh_messages_sent: int
-    def __init__(self, node_id: _Optional[str] = ..., default_policy: _Optional[str] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., retries_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., cached_prompt_tokens_total: _Optional[int] = ..., index_blocks: _Optional[int] = ..., index_entries: _Optional[int] = ..., requests_by_engine: _Optional[_Mapping[str, int]] = ..., requests_by_policy: _Optional[_Mapping[str, int]] = ..., ready: _Optional[bool] = ..., live_members: _Optional[int] = ..., mesh_bytes_sent: _Optional[int] = ..., mesh_messages_sent: _Optional[int] = ...) -> None: ...
+    outcomes: _containers.ScalarMap[str, int]
+    in_flight: int
+    draining: bool
+    member_events: _containers.ScalarMap[str, int]
+    def __init__(self, node_id: _Optional[str] = ..., default_policy: _Optional[str] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., retries_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., cached_prompt_tokens_total: _Optional[int] = ..., index_blocks: _Optional[int] = ..., index_entries: _Optional[int] = ..., requests_by_engine: _Optional[_Mapping[str, int]] = ..., requests_by_policy: _Optional[_Mapping[str, int]] = ..., ready: _Optional[bool] = ..., live_members: _Optional[int] = ..., mesh_bytes_sent: _Optional[int] = ..., mesh_messages_sent: _Optional[int] = ..., outcomes: _Optional[_Mapping[str, int]] = ..., in_flight: _Optional[int] = ..., draining: _Optional[bool] = ..., member_events: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ListMembersRequest(_message.Message):
     __slots__ = ()
@@ -334,6 +366,18 @@ class ListMembersResponse(_message.Message):
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     members: _containers.RepeatedCompositeFieldContainer[Member]
     def __init__(self, members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("draining", "in_flight")
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    draining: bool
+    in_flight: int
+    def __init__(self, draining: _Optional[bool] = ..., in_flight: _Optional[int] = ...) -> None: ...
 
 class GetIndexDigestRequest(_message.Message):
     __slots__ = ("engine_id",)

@@ -181,6 +181,11 @@ class AdminStub:
                 request_serializer=kvmesh_dot_v1_dot_router__pb2.GetIndexDigestRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_router__pb2.GetIndexDigestResponse.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/kvmesh.v1.Admin/Drain',
+                request_serializer=kvmesh_dot_v1_dot_router__pb2.DrainRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_router__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -225,6 +230,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Stop taking requests (health NOT_SERVING, new requests UNAVAILABLE with
+        reason "draining"), let those in flight finish (up to the node's drain
+        timeout), hand its engines over, leave the mesh and exit: what SIGTERM does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -257,6 +271,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetIndexDigest,
                     request_deserializer=kvmesh_dot_v1_dot_router__pb2.GetIndexDigestRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_router__pb2.GetIndexDigestResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=kvmesh_dot_v1_dot_router__pb2.DrainRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_router__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -421,6 +440,33 @@ class Admin:
             '/kvmesh.v1.Admin/GetIndexDigest',
             kvmesh_dot_v1_dot_router__pb2.GetIndexDigestRequest.SerializeToString,
             kvmesh_dot_v1_dot_router__pb2.GetIndexDigestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.v1.Admin/Drain',
+            kvmesh_dot_v1_dot_router__pb2.DrainRequest.SerializeToString,
+            kvmesh_dot_v1_dot_router__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -176,11 +176,19 @@ class DockerScope:
         aliases: list[str] | None = None,
         ip: str | None = None,
         start: bool = True,
+        dns: list[str] | None = None,
+        user: str | None = None,
     ) -> Any:
         """A detached container named ``<prefix>-<name>`` (its DNS name on ``network``),
         also known there as ``aliases`` and at address ``ip`` if given; created
-        but not started when ``start`` is false (start it with ``.start()``)."""
+        but not started when ``start`` is false (start it with ``.start()``).
+        ``dns``: the servers Docker's resolver asks for names it does not know
+        itself; ``user``: run as this user instead of the image's."""
         kwargs: dict[str, Any] = {}
+        if dns:
+            kwargs["dns"] = dns
+        if user is not None:
+            kwargs["user"] = user
         if network is not None and (aliases or ip):
             kwargs["networking_config"] = {
                 network.name: self.client.api.create_endpoint_config(aliases=aliases, ipv4_address=ip)

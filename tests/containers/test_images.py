@@ -147,7 +147,16 @@ def test_router_container_routes_generate_from_host(kvmesh_image: str, docker_sc
     }
     for e in engines.values():
         docker_scope.wait_ready(e)
-    router_cmd = ["router", "--listen", "0.0.0.0:50051", "--node-id", "r1", "--policy", "precise"]
+    router_cmd = [
+        "router",
+        "--listen",
+        "0.0.0.0:50051",
+        "--node-id",
+        "r1",
+        "--policy",
+        "precise",
+        "--insecure",
+    ]
     for eid, c in engines.items():
         router_cmd += ["--engine", _engine_spec(eid, c.name)]
     router = docker_scope.run(

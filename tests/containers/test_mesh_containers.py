@@ -28,6 +28,7 @@ from kvmesh.probes import engine_digest
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 from tests.containers.conftest import DockerScope
+from tests.containers.split_dns import DnsServer, fqdn
 from tests.containers.test_images import BLOCK, MODEL, _engine_spec, sim_engine_cmd
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
@@ -35,6 +36,9 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
 ALIAS = "kvmesh-routers"
 GRPC = "50051/tcp"
 HTTP = "8000/tcp"
+# Every router command starts so: the test networks are the tests' own, so no
+# TLS, tokens or mesh secret (a router refuses to serve without them unless told).
+ROUTER = ["router", "--listen", "0.0.0.0:50051", "--insecure"]
 # Fast failure detection so the tests stay short; the partition test probes faster still.
 FAST_MESH = ["--probe-interval", "0.5", "--gossip-interval", "0.1", "--health-interval", "0.5"]
 T = TypeVar("T")
@@ -55,6 +59,7 @@ class Mesh:
         self.routers: dict[str, Any] = {}  # short name (r1..) -> container
         self.ips: dict[str, str] = {}  # router name -> address on the mesh network
         self.node_ids: dict[str, str] = {}  # router name -> mesh node id (from READY)
+        self.engine_ips: dict[str, dict[str, str]] = {}  # engine id -> network name -> address
         self._channels: dict[str, tuple[int, Any]] = {}
         self._ports: dict[str, int] = {}  # container name -> published host port
 
@@ -228,7 +233,7 @@ def start_mesh(
         scope.wait_ready(c)
     for i in range(1, n_routers + 1):
         name = f"r{i}"
-        cmd = ["router", "--listen", "0.0.0.0:50051", "--join", f"{ALIAS}:50051", *flags]
+        cmd = [*ROUTER, "--join", f"{ALIAS}:50051", *flags]
         if named:
             cmd += ["--node-id", name]
         if i == 1:
@@ -592,3 +597,205 @@ def test_dry_run_route_leaves_no_trace_on_any_node(kvmesh_image: str, mesh_scope
             seen[n] = max(seen[n], pick.predicted_cached_blocks)
         time.sleep(0.1)
     assert seen == {n: 0 for n in names}, f"predicted cached blocks after dry runs only: {seen}"
+
+
+# --- (f) two meshes that formed apart merge --------------------------------------------------
+
+
+def test_routers_started_together_that_found_only_themselves_merge(
+    kvmesh_image: str, mesh_scope: Any
+) -> None:
+    """Two routers start at the same instant behind one DNS name, but each
+    one's resolver has only its own record yet (split_dns): each starts a
+    mesh of its own, registers both engines, owns them and writes their logs.
+    Once the name resolves to both, the routers' seed refresh finds the
+    other: one member list, one owner per engine, every index equal to the
+    engine's cache, every log at the engine's last batch."""
+    scope, meshes = mesh_scope
+    net = scope.network(static_ips=True)
+    mesh = Mesh(scope, net)
+    meshes.append(mesh)
+    engines = _start_engines(mesh, kvmesh_image, {"e1": [net], "e2": [net]})
+    names = ["r1", "r2"]
+    ips = {n: DockerScope.subnet_ip(net, 200 + i) for i, n in enumerate(names, 1)}
+    seeds = fqdn("routers")
+    dns = {
+        n: DnsServer(
+            scope, kvmesh_image, net, DockerScope.subnet_ip(net, 220 + i), f"dns{i}", {seeds: [ips[n]]}
+        )
+        for i, n in enumerate(names, 1)
+    }
+    for n in names:
+        cmd = [*ROUTER, "--join", f"{seeds}:50051", "--node-id", n, *FAST_MESH]
+        cmd += [arg for eid, c in mesh.engines.items() for arg in ("--engine", _engine_spec(eid, c.name))]
+        mesh.routers[n] = scope.run(
+            kvmesh_image, cmd, name=n, network=net, ports={GRPC: ("127.0.0.1", None)}, ip=ips[n],
+            start=False, dns=[dns[n].ip],
+        )  # fmt: skip
+    for c in mesh.routers.values():  # the same instant
+        c.start()
+    for n, c in mesh.routers.items():
+        scope.wait_ready(c, "READY grpc=", timeout_s=60)
+        mesh.node_ids[n] = n
+        mesh.ips[n] = ips[n]
+    # Two meshes of one, each owning both engines, both consuming their events.
+    for n in names:
+        assert set(mesh.members(n)) == {n}, mesh.members(n)
+        mesh.eventually(lambda n=n: mesh.owners(n) == {e: n for e in engines}, 15, f"{n} to own both engines")
+    with (
+        Traffic(mesh.engine_url("e1"), seed=11, threads=1) as t1,
+        Traffic(mesh.engine_url("e2"), seed=12, threads=1) as t2,
+    ):
+        mesh.eventually(lambda: t1.done >= 10 and t2.done >= 10, 30, "traffic to both engines")
+    assert not t1.errors and not t2.errors, (t1.errors[:3], t2.errors[:3])
+    for n in names:
+        mesh.wait_converged([n], engines, 20, f"{n}'s mesh of one")
+
+    t0 = time.monotonic()
+    for d in dns.values():
+        d.set_view({seeds: list(ips.values())})
+    with Traffic(mesh.engine_url("e1"), seed=13, threads=1) as traffic:  # events keep coming
+        mesh.wait_all_alive(names, 20)
+        t_members = time.monotonic() - t0
+        owners = mesh.eventually(lambda: mesh.agreed_owners(names), 20, "one agreed owner per engine")
+        t_owners = time.monotonic() - t0
+    assert not traffic.errors, traffic.errors[:3]
+    owned = [e for m in mesh.members("r1").values() for e in m.owned_engines]
+    assert sorted(owned) == sorted(engines), owned  # one owner each, no more
+    mesh.wait_converged(names, engines, 30, "both routers after the merge")
+    t_state = time.monotonic() - t0
+    print(
+        f"name resolves to both -> one member list on each: {t_members:.1f} s; one owner per engine: "
+        f"{t_owners:.1f} s ({owners}); every index = the engines' caches: {t_state:.1f} s"
+    )
+
+
+# --- (g) five routers split 3+2 under event load ---------------------------------------------
+
+
+def test_five_routers_split_three_two_under_event_load_heal(kvmesh_image: str, mesh_scope: Any) -> None:
+    """Five routers, two engines with requests streaming into both. The
+    network splits 3+2 for at least 5 s: each side keeps working as a mesh of
+    its own (the two minority routers reach each other and the engines over
+    a network of their side, by split-horizon DNS), so both sides own and
+    consume every engine meanwhile. After the heal: one member list, one
+    owner per engine, and every router's index equals the engines' caches
+    with its log at each engine's last batch: nothing lost, nothing twice."""
+    scope, meshes = mesh_scope
+    flags = ["--probe-interval", "0.3", "--gossip-interval", "0.1", "--health-interval", "0.5"]
+    net_x = scope.network(static_ips=True)  # everybody
+    net_b = scope.network(static_ips=True)  # the minority's side: its routers and the engines
+    mesh = Mesh(scope, net_x)
+    meshes.append(mesh)
+    engines = _start_engines(mesh, kvmesh_image, {"e1": [net_x, net_b], "e2": [net_x, net_b]})
+    names = [f"r{i}" for i in range(1, 6)]
+    majority, minority = names[:3], names[3:]
+    ip_x = {n: DockerScope.subnet_ip(net_x, 200 + i) for i, n in enumerate(names, 1)}
+    ip_b = {n: DockerScope.subnet_ip(net_b, 200 + i) for i, n in enumerate(names, 1) if n in minority}
+    eng_x = {e: mesh.engine_ips[e][net_x.name] for e in engines}
+    eng_b = {e: mesh.engine_ips[e][net_b.name] for e in engines}
+    seeds = fqdn("routers")
+    view_a = {fqdn(n): [ip_x[n]] for n in names} | {fqdn(e): [eng_x[e]] for e in engines}
+    view_a[seeds] = [ip_x[n] for n in names]
+    view_b = {fqdn(n): [ip_b.get(n, ip_x[n])] for n in names} | {fqdn(e): [eng_b[e]] for e in engines}
+    view_b[seeds] = [ip_x[n] for n in majority]
+    dns_a = DnsServer(scope, kvmesh_image, net_x, DockerScope.subnet_ip(net_x, 230), "dns-a", view_a)
+    dns_b = DnsServer(scope, kvmesh_image, net_b, DockerScope.subnet_ip(net_b, 230), "dns-b", view_b)
+    for n in names:
+        cmd = [*ROUTER, "--advertise", f"{fqdn(n)}:50051", "--node-id", n,
+               "--join", f"{seeds}:50051", *flags]  # fmt: skip
+        if n == "r1":
+            cmd += [arg for e in engines for arg in ("--engine", _engine_spec(e, fqdn(e)))]
+        side_dns = dns_b if n in minority else dns_a
+        mesh.routers[n] = c = scope.run(
+            kvmesh_image, cmd, name=n, network=net_x, ports={GRPC: ("127.0.0.1", None)}, ip=ip_x[n],
+            start=False, dns=[side_dns.ip],
+        )  # fmt: skip
+        if n in minority:
+            net_b.connect(c, ipv4_address=ip_b[n])
+        mesh.node_ids[n] = n
+        mesh.ips[n] = ip_x[n]
+    for c in mesh.routers.values():
+        c.start()
+    for n, c in mesh.routers.items():
+        line = scope.wait_ready(c, "READY grpc=", timeout_s=60)
+        assert f"grpc={fqdn(n)}:50051" in line, line
+    mesh.wait_all_alive(names, 30)
+    mesh.eventually(lambda: mesh.agreed_owners(names), 15, "one agreed owner per engine")
+
+    def sides_apart() -> bool:
+        """Each side sees itself alive and the other side dead."""
+        for side, far in ((majority, minority), (minority, majority)):
+            for n in side:
+                states = mesh.states(n)
+                if any(states.get(k) != "alive" for k in side) or any(states.get(k) != "dead" for k in far):
+                    return False
+        return True
+
+    def owners_within(side: list[str]) -> dict[str, str] | None:
+        """The side's agreed engine owners, if every one is on the side."""
+        owners = mesh.agreed_owners(side)
+        return owners if owners and set(owners.values()) <= set(side) else None
+
+    with (
+        Traffic(mesh.engine_url("e1"), seed=21, threads=1) as t1,
+        Traffic(mesh.engine_url("e2"), seed=22, threads=1) as t2,
+    ):
+        mesh.eventually(lambda: t1.done >= 10 and t2.done >= 10, 30, "traffic to both engines")
+        for n in minority:
+            net_x.disconnect(mesh.routers[n])
+            mesh.forget_port(mesh.routers[n])
+        t_cut = time.monotonic()
+        mesh.eventually(sides_apart, 30, "each side to see the other dead")
+        t_apart = time.monotonic() - t_cut
+        # Each side owns every engine meanwhile and writes its log in its own epoch.
+        split_owners = [
+            mesh.eventually(lambda side=side: owners_within(side), 15, f"{side} to own every engine")
+            for side in (majority, minority)
+        ]
+        time.sleep(max(2.0, 5.0 - (time.monotonic() - t_cut)))  # at least 5 s apart, under load
+        seqs_split = {e: mesh.engine_last_seq(e) for e in engines}
+        for n in minority:
+            net_x.connect(mesh.routers[n], ipv4_address=ip_x[n])
+            mesh.forget_port(mesh.routers[n])
+        t_heal = time.monotonic()
+        split_s = t_heal - t_cut
+        mesh.wait_all_alive(names, 45)
+        t_members = time.monotonic() - t_heal
+        time.sleep(2.0)  # events keep coming after the heal too
+    assert not t1.errors and not t2.errors, (t1.errors[:3], t2.errors[:3])
+    assert all(mesh.engine_last_seq(e) > seqs_split[e] for e in engines)  # events after the heal too
+    owners = mesh.eventually(
+        lambda: mesh.agreed_owners(names), 20, "one agreed owner per engine after the heal"
+    )
+    t_owners = time.monotonic() - t_heal
+    owned = [e for m in mesh.members("r1").values() for e in m.owned_engines]
+    assert sorted(owned) == sorted(engines), owned
+    mesh.wait_converged(names, engines, 45, "every router after the heal")
+    t_state = time.monotonic() - t_heal
+    print(
+        f"3+2 split for {split_s:.1f} s (each side saw the other dead after {t_apart:.1f} s; owners "
+        f"meanwhile: {split_owners}); heal -> 5 alive everywhere: {t_members:.1f} s; one owner per engine: "
+        f"{t_owners:.1f} s ({owners}); every index = the engines' caches and every log at the engines' "
+        f"last batch: {t_state:.1f} s; requests: e1 {t1.done}, e2 {t2.done}"
+    )
+
+
+def _start_engines(mesh: Mesh, image: str, networks: dict[str, list[Any]]) -> list[str]:
+    """Sim engines on the given networks (the first is the one they are created on),
+    at fixed addresses .100+ on each, recorded in ``mesh.engine_ips``."""
+    for i, (eid, nets) in enumerate(networks.items(), 1):
+        c = mesh.scope.run(
+            image, [*sim_engine_cmd(seed=i), "--num-gpu-blocks", "1500", "--time-scale", "0.2"],
+            name=eid, network=nets[0], ports={HTTP: ("127.0.0.1", None)},
+            ip=DockerScope.subnet_ip(nets[0], 100 + i), start=False,
+        )  # fmt: skip
+        for other in nets[1:]:
+            other.connect(c, ipv4_address=DockerScope.subnet_ip(other, 100 + i))
+        mesh.engines[eid] = c
+        mesh.engine_ips[eid] = {n.name: DockerScope.subnet_ip(n, 100 + i) for n in nets}
+    for c in mesh.engines.values():
+        c.start()
+    for c in mesh.engines.values():
+        mesh.scope.wait_ready(c)
+    return list(networks)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import random
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blocks.block_map import BlockMap
 from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, EngineHash, KvDelta, KvOp
 from blocks.hashing import block_hashes, root_seed
-from engine_adapters.block_mapper import BlockMapper
-from engine_adapters.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from engine_adapters.block_mapper import BlockMapper, tenancy
+from engine_adapters.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, SkippedEvent
 
 MODEL = "llama-test"
 BS = 4
@@ -43,16 +44,58 @@ def test_lora_and_cache_salt_change_the_root() -> None:
         return BlockMapper(MODEL).map_batch([ev], 0).ops[0].hashes
 
     plain = mapped(_stored([1, 2], None, tokens))
-    lora = mapped(_stored([3, 4], None, tokens, lora_name="a"))
-    # vLLM >= 0.24: typed extra key on the first block; SGLang: a field
-    salted_vllm = mapped(
-        _stored([5, 6], None, tokens, extra_keys=[[{"type": "cache_salt", "salt": "s"}], None])
-    )
+    lora = mapped(_stored([3, 4], None, tokens, lora_name="a", extra_keys=[["a"], ["a"]]))
+    # vLLM 0.33: the untagged salt in the first block's extra keys; SGLang: a field
+    salted_vllm = mapped(_stored([5, 6], None, tokens, extra_keys=[["s"], None]))
     salted_sgl = mapped(_stored([7, 8], None, tokens, cache_salt="s"))
+    both = mapped(_stored([9, 10], None, tokens, lora_name="a", extra_keys=[["a", "s"], ["a"]]))
     assert plain == block_hashes(tokens, BS, root_seed(MODEL))
     assert lora == block_hashes(tokens, BS, root_seed(MODEL, "a"))
     assert salted_vllm == salted_sgl == block_hashes(tokens, BS, root_seed(MODEL, None, "s"))
-    assert len({plain[0], lora[0], salted_vllm[0]}) == 3
+    assert both == block_hashes(tokens, BS, root_seed(MODEL, "a", "s"))
+    assert len({plain[0], lora[0], salted_vllm[0], both[0]}) == 4
+
+
+@pytest.mark.parametrize(
+    "fields,want",
+    [
+        # vLLM 0.33, untagged (what every release publishes)
+        ({"extra_keys": [None, None]}, (None, None)),
+        ({"extra_keys": [["tenant-1"], None]}, (None, "tenant-1")),
+        ({"lora_name": "sql", "extra_keys": [["sql"], ["sql"]]}, ("sql", None)),
+        ({"lora_name": "sql", "extra_keys": [["sql", "tenant-1"], ["sql"]]}, ("sql", "tenant-1")),
+        ({"lora_name": "x", "extra_keys": [["x", "x"]]}, ("x", "x")),  # a salt equal to the adapter name
+        ({"extra_keys": [[["img-0", 1], "tenant-1"], [["img-0", -3]]]}, (None, "tenant-1")),  # multimodal
+        ({"extra_keys": [[b"\x01" * 32, "tenant-1"]]}, (None, "tenant-1")),  # prompt-embeds digest
+        ({"lora_name": "sql", "extra_keys": [["sql", ["img-0", 0]]]}, ("sql", None)),
+        # tagged keys, as vLLM hashes them, and the tagged map
+        ({"lora_name": "sql", "extra_keys": [[["lora", "sql", "/p"], ["cache_salt", "t"]]]}, ("sql", "t")),
+        ({"extra_keys": [[["mm", "img-0", 1]]]}, (None, None)),
+        ({"extra_keys": [[{"type": "cache_salt", "salt": "t"}], None]}, (None, "t")),
+        # SGLang's fields
+        ({"cache_salt": "t", "lora_name": "sql"}, ("sql", "t")),
+        ({"lora_name": ""}, (None, None)),
+    ],
+)
+def test_tenancy_in_every_form_the_engines_publish(fields: dict, want: tuple) -> None:
+    assert tenancy(_stored([1], None, [1, 2, 3, 4], **fields)) == want
+
+
+def test_a_skipped_event_is_counted_and_the_rest_of_the_batch_applies() -> None:
+    tokens = list(range(8))
+    m = BlockMapper(MODEL, "w")
+    d = m.map_batch(
+        [
+            SkippedEvent(0, "no_token_ids", "placeholder"),
+            _stored([1, 2], None, tokens),
+            SkippedEvent(2, "undecodable", "?"),
+            SkippedEvent(3, "no_token_ids", "placeholder"),
+        ],
+        seq=5,
+    )
+    assert d.ops == [KvOp(OP_STORE, block_hashes(tokens, BS, root_seed(MODEL)), [1, 2])]
+    assert m.stats.skipped_events == 3
+    assert m.stats.skipped_by_reason == {"no_token_ids": 2, "undecodable": 1}
 
 
 def test_unknown_parent_blocks_are_skipped_and_counted() -> None:

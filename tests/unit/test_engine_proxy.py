@@ -13,8 +13,12 @@ import pytest
 from engine_adapters.completion_request import SamplingParams
 from engine_adapters.proxy import (
     Chunk,
+    DeadlineReached,
+    EngineBusy,
     EngineClient,
     EngineClientConfig,
+    EngineRejected,
+    EngineStalled,
     EngineStreamError,
     EngineUnavailable,
     SSEDecoder,
@@ -219,7 +223,7 @@ async def test_errors_before_the_first_token_are_retryable() -> None:
     assert await _fails_with(reset, EngineUnavailable, "talking to") == []
     assert await _fails_with(bad_json, EngineUnavailable, "bad JSON") == []
     assert await _fails_with(error_event, EngineUnavailable, "engine error.*boom") == []
-    assert await _fails_with(silent, EngineUnavailable, "TimeoutError", first_token_timeout=0.2) == []
+    assert await _fails_with(silent, EngineUnavailable, "no first token", first_token_timeout=0.2) == []
     refused = EngineClient()
     with pytest.raises(EngineUnavailable):
         async for _ in refused.stream_completion(
@@ -227,6 +231,75 @@ async def test_errors_before_the_first_token_are_retryable() -> None:
         ):
             pass
     await refused.close()
+
+
+def _http(status: str, body: dict) -> bytes:
+    raw = json.dumps(body).encode()
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n".encode()
+        + raw
+    )
+
+
+async def test_refusals_are_classified_by_whose_fault_they_are() -> None:
+    async def bad_request(reader, writer, req) -> None:
+        writer.write(_http("400 Bad Request", {"error": {"message": "max_tokens must be at least 1"}}))
+
+    async def too_long(reader, writer, req) -> None:
+        msg = "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens."
+        writer.write(_http("400 Bad Request", {"object": "error", "message": msg}))
+
+    async def unknown_model(reader, writer, req) -> None:
+        writer.write(_http("404 Not Found", {"error": {"message": "The model `x` does not exist."}}))
+
+    async def queue_full(reader, writer, req) -> None:
+        writer.write(_http("429 Too Many Requests", {"error": {"message": "queue full"}}))
+
+    client = EngineClient()
+    try:
+        for handler, exc, status, ctx in (
+            (bad_request, EngineRejected, 400, False),
+            (too_long, EngineRejected, 400, True),
+            (unknown_model, EngineRejected, 404, False),
+        ):
+            async with Engine(handler) as url:
+                with pytest.raises(exc) as e:
+                    async for _ in client.stream_completion(
+                        url, "m", [1], SamplingParams(max_tokens=16), "r"
+                    ):
+                        pass
+                assert (e.value.status, e.value.context_length) == (status, ctx)
+                assert (
+                    "must be at least 1" in str(e.value)
+                    or "context length" in str(e.value)
+                    or "x" in str(e.value)
+                )
+        assert await _fails_with(queue_full, EngineBusy, "429.*queue full") == []
+    finally:
+        await client.close()
+
+
+async def test_a_stall_after_the_first_token_and_the_callers_deadline_end_the_stream() -> None:
+    async def stall(reader, writer, req) -> None:
+        writer.write(SSE_HEAD + event(tok([7], " a")))
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    got = await _fails_with(stall, EngineStalled, "no token .* for 0.2 s", stream_idle_timeout=0.2)
+    assert [c.token_ids for c in got if isinstance(c, Chunk)] == [[7]]
+    client = EngineClient(EngineClientConfig(stream_idle_timeout=10.0))
+    try:
+        async with Engine(stall) as url:
+            deadline = asyncio.get_running_loop().time() + 0.3
+            t0 = asyncio.get_running_loop().time()
+            with pytest.raises(DeadlineReached):
+                async for _ in client.stream_completion(
+                    url, "m", [1], SamplingParams(max_tokens=16), "r", deadline=deadline
+                ):
+                    pass
+            assert asyncio.get_running_loop().time() - t0 < 2.0
+    finally:
+        await client.close()
 
 
 async def test_errors_after_a_token_are_stream_errors_and_the_token_is_delivered() -> None:

@@ -1,5 +1,7 @@
-"""Wire format of KV events: golden frames written by hand from vLLM's and
-SGLang's struct definitions, malformed input, and round trips."""
+"""Wire format of KV events: byte-exact frames written by hand from vLLM's and
+SGLang's struct definitions, malformed input (an unreadable envelope fails
+the batch, an unusable event is skipped alone), and round trips. The frames
+the engines' own code made are checked in test_golden_frames.py."""
 
 from __future__ import annotations
 
@@ -11,12 +13,18 @@ from hypothesis import strategies as st
 from engine_adapters.kv_endpoints import connect_endpoint, offset_endpoint_port, should_bind
 from engine_adapters.kv_events import (
     END_SEQ,
+    SKIP_BAD_BLOCK_SIZE,
+    SKIP_BIGRAM_NOT_CHAINED,
+    SKIP_NO_TOKEN_IDS,
+    SKIP_TOKEN_COUNT,
+    SKIP_UNDECODABLE,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     EventDecodeError,
     EventFormat,
     KVEventBatch,
+    SkippedEvent,
     decode_batch,
     decode_seq,
     encode_batch,
@@ -225,28 +233,63 @@ _GOOD_EVENT = {
         pytest.param(_plain(42), id="not-a-batch"),
         pytest.param(_plain(["soon", []]), id="ts-is-str"),
         pytest.param(_plain([1.0, "events"]), id="events-not-list"),
-        pytest.param(_plain([1.0, [7]]), id="event-is-int"),
-        pytest.param(_plain([1.0, [{"type": "BlockExploded"}]]), id="unknown-tag"),
-        pytest.param(_plain([1.0, [["BlockExploded", 1]]]), id="unknown-array-tag"),
-        pytest.param(_plain([1.0, [{**_GOOD_EVENT, "block_hashes": "abc"}]]), id="hashes-str"),
-        pytest.param(_plain([1.0, [{**_GOOD_EVENT, "block_hashes": [1.5]}]]), id="hash-float"),
-        pytest.param(_plain([1.0, [{**_GOOD_EVENT, "token_ids": [1, "x"]}]]), id="token-str"),
-        pytest.param(_plain([1.0, [{**_GOOD_EVENT, "block_hashes": [{"h": 1}]}]]), id="hash-map"),
-        pytest.param(_plain([1.0, [{**_GOOD_EVENT, "token_ids": [1, 2, 3]}]]), id="token-count"),
-        pytest.param(_plain([1.0, [{**_GOOD_EVENT, "block_size": 0, "token_ids": []}]]), id="bs-0"),
-        pytest.param(
-            _plain([1.0, [["BlockStored", [1, 2], None, [1, 2, 3], 2, None, None, None]]]),
-            id="token-count-array",
-        ),
-        pytest.param(_plain([1.0, [{"block_hashes": [1]}]]), id="missing-tag"),
-        pytest.param(_plain([1.0, [{"type": "BlockRemoved"}]]), id="missing-field"),
-        # A good event followed by a bad one: the whole batch is rejected.
-        pytest.param(_plain([1.0, [_GOOD_EVENT, {"type": 5}]]), id="second-event-bad"),
+        pytest.param(_plain({"ts": 1.0}), id="map-envelope-without-events"),
     ],
 )
-def test_malformed_payloads_raise_event_decode_error_only(payload: bytes) -> None:
+def test_unreadable_envelopes_raise_event_decode_error_only(payload: bytes) -> None:
     with pytest.raises(EventDecodeError):
         decode_batch(payload)
+
+
+@pytest.mark.parametrize(
+    "bad,reason",
+    [
+        pytest.param(7, SKIP_UNDECODABLE, id="event-is-int"),
+        pytest.param({"type": "BlockExploded"}, SKIP_UNDECODABLE, id="unknown-tag"),
+        pytest.param(["BlockExploded", 1], SKIP_UNDECODABLE, id="unknown-array-tag"),
+        pytest.param({**_GOOD_EVENT, "block_hashes": "abc"}, SKIP_UNDECODABLE, id="hashes-str"),
+        pytest.param({**_GOOD_EVENT, "block_hashes": [1.5]}, SKIP_UNDECODABLE, id="hash-float"),
+        pytest.param({**_GOOD_EVENT, "token_ids": [1, "x"]}, SKIP_UNDECODABLE, id="token-str"),
+        pytest.param({**_GOOD_EVENT, "block_hashes": [{"h": 1}]}, SKIP_UNDECODABLE, id="hash-map"),
+        pytest.param({**_GOOD_EVENT, "token_ids": [[1, 2, 3]]}, SKIP_UNDECODABLE, id="token-triple"),
+        pytest.param({**_GOOD_EVENT, "token_ids": [1, 2, 3]}, SKIP_TOKEN_COUNT, id="token-count"),
+        pytest.param({**_GOOD_EVENT, "block_size": 0, "token_ids": []}, SKIP_NO_TOKEN_IDS, id="bs-0"),
+        pytest.param({**_GOOD_EVENT, "block_size": 0}, SKIP_BAD_BLOCK_SIZE, id="bs-0-with-tokens"),
+        pytest.param(
+            ["BlockStored", [1, 2], None, [1, 2, 3], 2, None, None, None],
+            SKIP_TOKEN_COUNT,
+            id="token-count-array",
+        ),
+        pytest.param({"block_hashes": [1]}, SKIP_UNDECODABLE, id="missing-tag"),
+        pytest.param({"type": "BlockRemoved"}, SKIP_UNDECODABLE, id="missing-field"),
+        pytest.param({"type": 5}, SKIP_UNDECODABLE, id="tag-not-a-string"),
+        pytest.param(
+            {**_GOOD_EVENT, "token_ids": [[1, 2], [3, 4]]}, SKIP_BIGRAM_NOT_CHAINED, id="pairs-not-chained"
+        ),
+    ],
+)
+def test_an_event_that_cannot_be_used_is_skipped_alone_with_its_reason(bad: object, reason: str) -> None:
+    removed = {"type": "BlockRemoved", "block_hashes": [9]}
+    b = decode_batch(_plain([1.0, [_GOOD_EVENT, bad, removed], 1]))
+    good, skipped, rm = b.events
+    assert good == BlockStored([1], None, [1, 2], 2)
+    assert isinstance(skipped, SkippedEvent) and skipped.index == 1 and skipped.reason == reason
+    assert skipped.detail
+    assert rm == BlockRemoved([9])
+    assert b.skipped == [skipped] and b.rank == 1
+
+
+def test_bigram_token_pairs_become_the_prompt_tokens_with_their_lookahead() -> None:
+    # SGLang with EAGLE: pairs (token, next token); two pages of two.
+    pairs = [[10, 11], [11, 12], [12, 13], [13, 14]]
+    b = decode_batch(_plain([1.0, [{**_GOOD_EVENT, "block_hashes": [1, 2], "token_ids": pairs}], 0]))
+    (stored,) = b.events
+    assert isinstance(stored, BlockStored)
+    assert stored.token_ids == [10, 11, 12, 13]
+    assert stored.lookahead_token_ids == [[12], [14]]
+    # A pair page that does not fill its blocks is skipped like any other.
+    b = decode_batch(_plain([1.0, [{**_GOOD_EVENT, "token_ids": [[10, 11]]}], 0]))
+    assert [e.reason for e in b.skipped] == [SKIP_TOKEN_COUNT]
 
 
 def test_sequence_frames() -> None:

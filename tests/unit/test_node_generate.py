@@ -9,12 +9,31 @@ from typing import Any
 import pytest
 
 from engine_adapters.completion_request import SamplingParams
-from engine_adapters.proxy import Chunk, EngineStreamError, EngineUnavailable, Usage
+from engine_adapters.proxy import (
+    Chunk,
+    EngineBusy,
+    EngineRejected,
+    EngineStalled,
+    EngineStreamError,
+    EngineUnavailable,
+    Usage,
+)
+from router.admission import AdmissionConfig
 from router.config import RouterConfig
 from router.engine_registry import EngineSpec
+from router.errors import (
+    ContextTooLong,
+    DeadlineExceeded,
+    Draining,
+    EnginesBusy,
+    NoEngineAvailable,
+    Overloaded,
+    RequestError,
+    RequestRejected,
+    StreamFailed,
+)
 from router.node import RouterNode
-from router.policies import NoEngineAvailable
-from router.request_path import ClientRequest, Finished, Routed
+from router.request_path import ClientRequest, Finished, RetryPolicy, Routed
 
 
 class ScriptedClient:
@@ -25,7 +44,16 @@ class ScriptedClient:
         self.calls: list[tuple[str, dict[str, str]]] = []
 
     async def stream_completion(
-        self, endpoint, model, token_ids, params, request_id, headers=None, tenancy=None
+        self,
+        endpoint,
+        model,
+        token_ids,
+        params,
+        request_id,
+        headers=None,
+        tenancy=None,
+        deadline=None,
+        engine_kind="vllm",
     ):
         self.calls.append((endpoint, dict(headers or {})))
         what = self.script[endpoint]
@@ -72,7 +100,7 @@ async def test_a_refusal_is_retried_on_the_next_worker_and_counted():
 
 
 async def test_every_worker_refusing_spends_the_attempt_budget_then_fails():
-    node, client = _node({"e1": "refuse", "e2": "refuse", "e3": "refuse"}, max_attempts=2)
+    node, client = _node({"e1": "refuse", "e2": "refuse", "e3": "refuse"}, retry=RetryPolicy(max_attempts=2))
     with pytest.raises(NoEngineAvailable, match=r"no engine could serve the request: .* refused"):
         await _run(node)
     assert len(client.calls) == 2 and len({c[0] for c in client.calls}) == 2
@@ -81,18 +109,24 @@ async def test_every_worker_refusing_spends_the_attempt_budget_then_fails():
 
 
 async def test_running_out_of_workers_fails_before_the_budget():
-    node, client = _node({"e1": "refuse"}, max_attempts=3)
+    node, client = _node({"e1": "refuse"}, retry=RetryPolicy(max_attempts=3))
     with pytest.raises(NoEngineAvailable, match="none of 1 candidates is healthy"):
         await _run(node)
     assert len(client.calls) == 1
 
 
-async def test_a_stream_broken_after_the_first_token_is_not_retried():
+async def test_a_stream_broken_after_the_first_token_is_not_retried_and_ends_unavailable():
     node, client = _node({"e1": "break", "e2": "ok"})
-    out = await _run(node)
+    prep = node.prepare(ClientRequest(request_id="r1", token_ids=list(range(20))))
+    out: list[object] = []
+    with pytest.raises(StreamFailed, match=r"e1 failed mid-stream: .*cut") as e:
+        async for x in node.generate(prep, SamplingParams(max_tokens=3)):
+            out.append(x)
+    assert e.value.grpc_code == "UNAVAILABLE"
     assert [type(x) for x in out] == [Routed, Chunk, Finished]
     assert out[-1].finish_reason == "error" and "cut" in out[-1].error
     assert len(client.calls) == 1 and node.stats.requests_failed == 1
+    assert node.in_flight() == 0
 
 
 async def test_data_parallel_workers_get_their_rank_header():
@@ -113,3 +147,149 @@ async def test_a_route_pick_counts_as_load_for_route_load_ttl():
     assert node.load.local.slot() == {"e1": (1, 20 + 4)}
     await asyncio.sleep(0.1)
     assert node.load.local.slot() == {}
+
+
+class RefusingClient(ScriptedClient):
+    """Per endpoint an exception to raise before any token."""
+
+    def __init__(self, errors: dict[str, Exception]) -> None:
+        super().__init__({e: "ok" for e in errors})
+        self.errors = errors
+
+    async def stream_completion(
+        self,
+        endpoint,
+        model,
+        token_ids,
+        params,
+        request_id,
+        headers=None,
+        tenancy=None,
+        deadline=None,
+        engine_kind="vllm",
+    ):
+        self.calls.append((endpoint, dict(headers or {})))
+        err = self.errors.get(endpoint)
+        if err is not None:
+            raise err
+        yield Chunk([7], " a")
+        yield Usage(len(token_ids), params.max_tokens, 0, "length")
+
+
+def _refusing(errors: dict[str, Exception], **cfg: Any) -> tuple[RouterNode, RefusingClient]:
+    node, _ = _node({eid: "ok" for eid in errors}, **cfg)
+    client = RefusingClient({f"http://{eid}:80": e for eid, e in errors.items() if e is not None})
+    client.errors.update({f"http://{eid}:80": None for eid, e in errors.items() if e is None})
+    node.client = client
+    return node, client
+
+
+async def test_a_client_mistake_is_not_an_engine_failure_and_is_not_retried():
+    bad = EngineRejected(400, "max_tokens is too large")
+    node, client = _refusing({"e1": bad, "e2": bad})
+    for _ in range(5):  # more than the breaker's threshold
+        with pytest.raises(RequestRejected, match=r"HTTP 400.*max_tokens is too large") as e:
+            await _run(node)
+        assert e.value.grpc_code == "INVALID_ARGUMENT"
+    assert len(client.calls) == 5  # one engine per request: no retry
+    assert all(r.breaker.state == "closed" and r.failures == 0 for r in node.engines.values())
+    too_long = EngineRejected(400, "maximum context length is 100 tokens", context_length=True)
+    node, _ = _refusing({"e1": too_long})
+    with pytest.raises(ContextTooLong) as e2:
+        await _run(node)
+    assert e2.value.grpc_code == "RESOURCE_EXHAUSTED" and e2.value.reason == "context_length"
+
+
+async def test_full_engine_queues_are_tried_elsewhere_then_reported_busy():
+    busy = EngineBusy("queue full")
+    node, client = _refusing({"e1": busy, "e2": None})
+    out = await _run(node)
+    assert isinstance(out[-1], Finished) and out[-1].engine_id == "e2"
+    assert node.engines["e1"].failures == 0 and node.engines["e1"].breaker.state == "closed"
+    node, client = _refusing({"e1": busy, "e2": busy})
+    with pytest.raises(EnginesBusy) as e:
+        await _run(node)
+    assert e.value.grpc_code == "RESOURCE_EXHAUSTED" and len(client.calls) == 2
+
+
+async def test_validation_happens_before_routing():
+    node, client = _node({"e1": "ok"})
+    node.engines["e1"].max_model_len = 30
+    prep = node.prepare(ClientRequest(token_ids=list(range(20))))
+    with pytest.raises(ContextTooLong, match=r"20 tokens \+ max_tokens 16 exceeds .* \(30 tokens\)"):
+        async for _ in node.generate(prep, SamplingParams(max_tokens=16)):
+            pass
+    for params in (SamplingParams(max_tokens=0), SamplingParams(max_tokens=1, temperature=-1.0),
+                   SamplingParams(max_tokens=1, top_p=1.5)):  # fmt: skip
+        with pytest.raises(RequestError):
+            async for _ in node.generate(node.prepare(ClientRequest(token_ids=[1])), params):
+                pass
+    for salt in ("a/b", "x" * 129, "tab\tsalt"):
+        bad = node.prepare(ClientRequest(token_ids=[1], cache_salt=salt))
+        with pytest.raises(RequestError, match="cache_salt"):
+            async for _ in node.generate(bad, SamplingParams(max_tokens=1)):
+                pass
+    assert client.calls == [] and node.in_flight() == 0
+
+
+async def test_an_overloaded_node_sheds_at_once_and_a_draining_one_refuses():
+    node, _ = _node({"e1": "ok"}, admission=AdmissionConfig(max_in_flight=1, max_queue=0))
+    await node.admission.enter("someone else's request")
+    prep = node.prepare(ClientRequest(token_ids=list(range(20))))
+    t0 = asyncio.get_running_loop().time()
+    with pytest.raises(Overloaded) as e:
+        async for _ in node.generate(prep, SamplingParams(max_tokens=3)):
+            pass
+    assert asyncio.get_running_loop().time() - t0 < 0.05
+    assert (e.value.grpc_code, e.value.reason) == ("RESOURCE_EXHAUSTED", "overloaded")
+    node.draining = True
+    with pytest.raises(Draining) as d:
+        node.prepare(ClientRequest(token_ids=[1]))
+    assert d.value.grpc_code == "UNAVAILABLE"
+
+
+async def test_a_stall_after_the_first_token_ends_deadline_exceeded():
+    class Stalling(ScriptedClient):
+        async def stream_completion(self, *a, **kw):
+            yield Chunk([7], " a")
+            raise EngineStalled("no token for 30 s")
+
+    node, _ = _node({"e1": "ok"})
+    node.client = Stalling({})
+    out: list[object] = []
+    with pytest.raises(DeadlineExceeded) as e:
+        async for x in node.generate(
+            node.prepare(ClientRequest(token_ids=list(range(20)))), SamplingParams(3)
+        ):
+            out.append(x)
+    assert e.value.reason == "stream_stalled" and isinstance(out[-1], Finished) and out[-1].error
+    assert node.in_flight() == 0 and node.load.local.slot() == {}
+
+
+async def test_a_half_open_breaker_is_not_stuck_when_its_probe_is_abandoned():
+    node, _ = _node({"e1": "ok"})
+    b = node.engines["e1"].breaker
+    for _ in range(3):
+        b.on_failure(0.0)
+    assert b.allows(10.0) and b.state == "half_open"
+
+    class Hanging(ScriptedClient):
+        async def stream_completion(self, *a, **kw):
+            await asyncio.sleep(10)
+            yield Chunk([1], "")
+
+    node.client = Hanging({})
+    task = asyncio.create_task(
+        _collect(node.generate(node.prepare(ClientRequest(token_ids=list(range(20)))), SamplingParams(3)))
+    )
+    await asyncio.sleep(0.05)
+    assert not b.allows(node.clock())  # the probe is out
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert b.allows(node.clock())  # the client went away: another probe may go
+    assert node.in_flight() == 0
+
+
+async def _collect(gen):
+    return [x async for x in gen]

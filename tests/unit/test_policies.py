@@ -5,11 +5,11 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from router.approx_tree import ApproxTree
+from router.errors import NoEngineAvailable
 from router.index import PrefixIndex
 from router.policies import (
     POLICY_NAMES,
     Candidate,
-    NoEngineAvailable,
     RouteRequest,
     candidates_from,
     is_imbalanced,

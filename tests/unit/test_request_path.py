@@ -13,15 +13,15 @@ from engine_adapters.proxy import Usage
 from engine_adapters.tokenizer import get_tokenizer
 from router.circuit_breaker import OPEN, BreakerConfig
 from router.engine_registry import EngineSpec, EngineTable
+from router.errors import NoEngineAvailable, RequestError
 from router.load import LoadTracker, MeshLoad, WorkerLoads
-from router.policies import NoEngineAvailable, make_policy
+from router.policies import make_policy
 from router.request_path import (
     DP_RANK_HEADER,
     Accounting,
     Attempts,
     ClientRequest,
     NodeStats,
-    RequestError,
     candidates,
     prepare,
     routed_to,
@@ -173,7 +173,9 @@ def test_attempts_retry_elsewhere_until_the_budget_is_spent():
     assert a.next() and a.attempt == 3 and a.excluded == {"e1", "e2"}
     a.failed_before_first_token("e3", "timeout")
     assert not a.next() and a.attempt == 3
-    assert a.give_up_message() == "no engine could serve the request: timeout"
+    assert a.give_up_message() == (
+        "no engine could serve the request: e1: refused; e2: HTTP 503; e3: timeout"
+    )
 
 
 def test_attempts_give_up_at_once_when_no_worker_is_left():

@@ -57,7 +57,7 @@ def test_flags_set_their_fields():
     assert cfg.policy_opts == {"precise": {"delay_weight": 0.5}}
     assert [(e.engine_id, e.block_size) for e in cfg.engines] == [("e1", 32)]
     assert cfg.tokenizers == {"m": "builtin"}
-    assert (cfg.max_attempts, cfg.health_interval, cfg.seed) == (5, 0.5, 7)
+    assert (cfg.retry.max_attempts, cfg.health_interval, cfg.seed) == (5, 0.5, 7)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from engine_adapters.completion_request import Tenancy
 from engine_adapters.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -162,9 +163,10 @@ def test_snapshot_lists_parent_and_tokens() -> None:
     c.commit_full_blocks("a", p)
     h = c.chain_hashes(p)
     snap = sorted(c.snapshot(), key=lambda d: d["parent"] is not None)
+    base = {"lora_name": None, "cache_salt": None}
     assert snap == [
-        {"hash": h[0], "parent": None, "tokens": p[:4]},
-        {"hash": h[1], "parent": h[0], "tokens": p[4:]},
+        {"hash": h[0], "parent": None, "tokens": p[:4], **base},
+        {"hash": h[1], "parent": h[0], "tokens": p[4:], **base},
     ]
 
 
@@ -325,3 +327,69 @@ def test_snapshot_router_hashes_are_the_routers_chain_of_each_cached_prefix() ->
     assert len(want) == 8
     assert snapshot_router_hashes(c.snapshot(), "m") == want
     assert snapshot_router_hashes(c.snapshot(), "other-model").isdisjoint(want)
+
+
+# --- tenancy: LoRA adapters and cache salts ---------------------------------------------
+
+
+def _cache_and_commit(c: PrefixCache, rid: str, tokens: list[int], t: Tenancy) -> list[BlockStored]:
+    c.allocate(rid, tokens, tenancy=t)
+    stored = c.commit_full_blocks(rid, tokens)
+    c.release(rid)
+    return stored
+
+
+def test_blocks_are_shared_only_within_one_tenancy() -> None:
+    c = PrefixCache(64, BS, lora_ids={"sql": 1})
+    p = toks(12)
+    a, b, lora = Tenancy(cache_salt="a"), Tenancy(cache_salt="b"), Tenancy(lora_name="sql")
+    _cache_and_commit(c, "a1", p, a)
+    # tenant A's second request hits; B, the unsalted base model and the adapter do not
+    assert c.allocate("a2", p + [1], tenancy=a)[0] == 3
+    assert c.allocate("b", p + [1], tenancy=b)[0] == 0
+    assert c.allocate("plain", p + [1])[0] == 0
+    assert c.allocate("lora", p + [1], tenancy=lora)[0] == 0
+    assert len({c.chain_hashes(p, tenancy=t)[0] for t in (a, b, lora, Tenancy())}) == 4
+    assert c.lookup(p, tenancy=a) == c.chain_hashes(p, tenancy=a)
+    assert c.lookup(p, tenancy=b) == []
+
+
+def test_events_carry_vllm_untagged_extra_keys_and_the_lora_name() -> None:
+    c = PrefixCache(64, BS, lora_ids={"sql": 7})
+    p = toks(12)
+    (salted,) = _cache_and_commit(c, "s", p, Tenancy(cache_salt="tenant-1"))
+    assert salted.extra_keys == [("tenant-1",), None, None]
+    assert salted.lora_name is None and salted.lora_id is None
+    (both,) = _cache_and_commit(c, "sl", p, Tenancy(lora_name="sql", cache_salt="tenant-1"))
+    assert both.extra_keys == [("sql", "tenant-1"), ("sql",), ("sql",)]
+    assert both.lora_name == "sql" and both.lora_id == 7
+    # a run that starts past the first block has no salt in it
+    q = toks(4) + toks(8, start=900)
+    c.allocate("part", q[:4] + [0], tenancy=Tenancy(lora_name="sql"))
+    (first,) = c.commit_full_blocks("part", q[:4] + [0])
+    c.release("part")
+    (rest,) = _cache_and_commit(c, "rest", q, Tenancy(lora_name="sql"))
+    assert first.extra_keys == [("sql",)] and rest.extra_keys == [("sql",), ("sql",)]
+    assert rest.parent_block_hash == first.block_hashes[0]
+    (plain,) = _cache_and_commit(c, "p", p, Tenancy())
+    assert plain.extra_keys is None and plain.lora_name is None
+
+
+def test_the_router_maps_salted_and_adapter_blocks_to_the_hashes_it_predicts() -> None:
+    from blocks.hashing import block_hashes, root_seed
+    from engine_adapters.block_mapper import BlockMapper
+    from engine_adapters.sim_engine.cache import snapshot_router_hashes
+
+    c = PrefixCache(64, BS, lora_ids={"sql": 1})
+    p = toks(12)
+    events: list[KVEvent] = []
+    tenancies = [Tenancy(cache_salt="a"), Tenancy(lora_name="sql", cache_salt="a"), Tenancy(lora_name="sql")]
+    for i, t in enumerate(tenancies):
+        events += _cache_and_commit(c, f"r{i}", p, t)
+    m = BlockMapper("m", "w")
+    m.map_batch(decode_batch(encode_batch(KVEventBatch(ts=0.0, events=events))).events, 0)
+    want = set()
+    for t in tenancies:
+        want |= set(block_hashes(p, BS, root_seed("m", t.lora_name or None, t.cache_salt or None)))
+    assert m.live_router_hashes() == want == snapshot_router_hashes(c.snapshot(), "m")
+    assert m.live_router_hashes().isdisjoint(block_hashes(p, BS, root_seed("m")))

@@ -1,0 +1,200 @@
+"""Admission: which Generate requests a node takes on, and which it sheds at once.
+
+A node that takes on every request it is sent lets queues grow without
+bound: in its own event loop, in gRPC's pending-call queue, in the engines'
+waiting queues. Every request then waits longer than its client will, and
+the fleet spends its time on requests that are abandoned. Admission keeps
+the wait of the requests a node takes bounded, and answers the rest with
+RESOURCE_EXHAUSTED within milliseconds, before any engine work.
+
+The bound is on the time until the fleet *starts* a request (its first
+token), estimated from what this node sees:
+
+    wait = (requests not yet started + 1) / start rate
+
+where "not yet started" counts this node's requests on engines without a
+first token and those queued here, and the start rate is the first tokens
+per second over the last ``rate_window`` seconds (over the time since the
+oldest of them, while the window is not yet full). While fewer than
+``min_starts`` requests started in the window (an idle fleet, one warming
+up, or one that is stuck), a rate says little: the wait is then the age of
+the oldest request not yet started. A request whose estimated wait exceeds
+``max_queue_wait`` is shed. Otherwise it goes to an engine if this node has
+fewer than ``max_in_flight`` requests there, or waits here in FIFO order (at
+most ``max_queue`` of them, each for at most ``max_queue_wait``).
+
+The estimate needs no knowledge of the engines' capacity: when the engines
+fall behind, requests pile up unstarted while the start rate stays at what
+the fleet can do, so the estimate rises until shedding holds it at the
+bound. :class:`Admission` is pure (time is an argument);
+:class:`AdmissionGate` runs it for asyncio callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict, deque
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from router.errors import Overloaded
+
+__all__ = ["ADMIT", "QUEUE", "Admission", "AdmissionConfig", "AdmissionGate", "Shed"]
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    max_in_flight: int = 1024  # requests this node has on engines at once
+    max_queue: int = 4096  # requests waiting on this node for a slot
+    max_queue_wait: float = 5.0  # seconds: the longest estimated wait until the fleet starts a request
+    rate_window: float = 5.0  # seconds over which the start rate is measured
+    min_starts: int = 10  # first tokens in the window before the rate is trusted
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1 or self.max_queue < 0:
+            raise ValueError("max_in_flight must be >= 1 and max_queue >= 0")
+        if not self.max_queue_wait > 0 or not self.rate_window > 0 or self.min_starts < 1:
+            raise ValueError("max_queue_wait and rate_window must be > 0, min_starts >= 1")
+
+
+ADMIT = "admit"
+QUEUE = "queue"
+
+
+@dataclass(frozen=True, slots=True)
+class Shed:
+    why: str
+
+
+Verdict = str | Shed  # ADMIT, QUEUE or Shed
+
+
+class Admission:
+    """The admission state of one node (see the module docstring)."""
+
+    def __init__(self, config: AdmissionConfig | None = None) -> None:
+        self.config = config or AdmissionConfig()
+        self.in_flight = 0
+        self._unstarted: OrderedDict[Hashable, float] = OrderedDict()  # on engines, no first token
+        self._queued: OrderedDict[Hashable, float] = OrderedDict()  # waiting here
+        self._starts: deque[float] = deque()  # first-token times within the window
+        self.shed_total = 0
+
+    @property
+    def queued(self) -> int:
+        return len(self._queued)
+
+    def start_rate(self, now: float) -> float:
+        """First tokens per second over the last ``rate_window`` seconds (0
+        until ``min_starts`` of them)."""
+        cut = now - self.config.rate_window
+        starts = self._starts
+        while starts and starts[0] <= cut:
+            starts.popleft()
+        if len(starts) < self.config.min_starts:
+            return 0.0
+        span = max(now - starts[0], 1e-3)
+        return len(starts) / span
+
+    def estimated_wait(self, now: float) -> float:
+        """Seconds until the fleet would start one more request."""
+        waiting = len(self._unstarted) + len(self._queued)
+        rate = self.start_rate(now)
+        if rate > 0:
+            return (waiting + 1) / rate
+        oldest = [t for t in (_first(self._unstarted), _first(self._queued)) if t is not None]
+        return now - min(oldest) if oldest else 0.0
+
+    def offer(self, key: Hashable, now: float) -> Verdict:
+        """A new request: admit it, queue it (under ``key``), or shed it."""
+        cfg = self.config
+        wait = self.estimated_wait(now)
+        if wait > cfg.max_queue_wait:
+            return self._shed(
+                f"estimated wait {wait:.1f} s for the fleet to start it > {cfg.max_queue_wait:g} s"
+            )
+        if self.in_flight < cfg.max_in_flight and not self._queued:
+            self._admit(key, now)
+            return ADMIT
+        if len(self._queued) >= cfg.max_queue:
+            return self._shed(f"{self.in_flight} requests in flight and {len(self._queued)} queued here")
+        self._queued[key] = now
+        return QUEUE
+
+    def _shed(self, why: str) -> Shed:
+        self.shed_total += 1
+        return Shed(why)
+
+    def _admit(self, key: Hashable, now: float) -> None:
+        self.in_flight += 1
+        self._unstarted[key] = now
+
+    def started(self, key: Hashable, now: float) -> None:
+        """The request's first token arrived."""
+        if self._unstarted.pop(key, None) is not None:
+            self._starts.append(now)
+
+    def leave_queue(self, key: Hashable) -> bool:
+        """A queued request gave up (its wait or its client's deadline ran out)."""
+        return self._queued.pop(key, None) is not None
+
+    def finished(self, key: Hashable, now: float) -> Hashable | None:
+        """An admitted request is over (whatever its outcome); returns the
+        queued request admitted in its place, if any."""
+        self._unstarted.pop(key, None)
+        self.in_flight = max(0, self.in_flight - 1)
+        if self._queued and self.in_flight < self.config.max_in_flight:
+            nxt, _ = self._queued.popitem(last=False)
+            self._admit(nxt, now)
+            return nxt
+        return None
+
+
+def _first(d: OrderedDict[Hashable, float]) -> float | None:
+    return next(iter(d.values())) if d else None
+
+
+class AdmissionGate:
+    """:class:`Admission` for asyncio callers: ``await enter(key)`` returns once
+    the request may go to an engine, or raises :class:`Overloaded`; call
+    ``started`` at its first token and ``leave`` when it is over."""
+
+    def __init__(self, config: AdmissionConfig | None = None) -> None:
+        self.admission = Admission(config)
+        self._waiters: dict[Hashable, asyncio.Future[None]] = {}
+
+    async def enter(self, key: Hashable) -> None:
+        loop = asyncio.get_running_loop()
+        verdict = self.admission.offer(key, loop.time())
+        if verdict == ADMIT:
+            return
+        if isinstance(verdict, Shed):
+            raise Overloaded(f"node overloaded: {verdict.why}")
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiters[key] = fut
+        try:
+            await asyncio.wait_for(fut, self.admission.config.max_queue_wait)
+        except TimeoutError:
+            if self.admission.leave_queue(key):
+                self.admission.shed_total += 1
+                wait = self.admission.config.max_queue_wait
+                raise Overloaded(f"node overloaded: no engine slot within {wait:g} s") from None
+            return  # admitted as the wait ran out: go ahead
+        except asyncio.CancelledError:
+            if not self.admission.leave_queue(key) and fut.done():
+                self.leave(key)  # admitted just as the client gave up: give the slot back
+            raise
+        finally:
+            self._waiters.pop(key, None)
+
+    def started(self, key: Hashable) -> None:
+        self.admission.started(key, asyncio.get_running_loop().time())
+
+    def leave(self, key: Hashable) -> None:
+        nxt = self.admission.finished(key, asyncio.get_running_loop().time())
+        if nxt is not None:
+            fut = self._waiters.get(nxt)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            elif fut is None:  # its waiter is gone: free the slot again
+                self.leave(nxt)

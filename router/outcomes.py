@@ -1,0 +1,50 @@
+"""How requests ended: counted by status and reason, and logged without flooding.
+
+Every Generate and Route call ends in one outcome ("OK", or a gRPC status
+with a :mod:`router.errors` reason). Each is counted (``GetStats.outcomes``,
+metrics), and each non-OK one is logged with its request id, at most
+``burst`` times per ``(status, reason)`` every ``period`` seconds: under
+overload thousands of requests a second end the same way, and one line a
+second that says how many were not printed tells the operator as much.
+Pure: time is an argument.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["Outcomes"]
+
+
+@dataclass(slots=True)
+class _Window:
+    start: float
+    logged: int = 0
+    suppressed: int = 0
+
+
+@dataclass
+class Outcomes:
+    period: float = 1.0  # seconds of one logging window
+    burst: int = 5  # lines per (status, reason) per window
+    counts: Counter[str] = field(default_factory=Counter)  # "STATUS:reason" (or "OK") -> requests
+    _windows: dict[str, _Window] = field(default_factory=dict)
+
+    def record(self, status: str, reason: str, now: float) -> tuple[bool, int]:
+        """Count one outcome; returns (log this one?, lines suppressed before
+        it in the window that just ended)."""
+        key = status if status == "OK" else f"{status}:{reason}"
+        self.counts[key] += 1
+        if status in ("OK", "CANCELLED"):
+            return False, 0
+        w = self._windows.get(key)
+        suppressed = 0
+        if w is None or now - w.start >= self.period:
+            suppressed = w.suppressed if w is not None else 0
+            w = self._windows[key] = _Window(now)
+        if w.logged < self.burst:
+            w.logged += 1
+            return True, suppressed
+        w.suppressed += 1
+        return False, 0

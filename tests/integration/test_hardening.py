@@ -1,0 +1,215 @@
+"""A router process under the faults an operator meets: a client's mistakes,
+an engine that stalls or dies mid-stream, SIGTERM during a long stream, more
+requests than the node takes on. Each ends with a status that says why."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+
+import grpc
+import pytest
+from aiohttp import web
+
+from kvmesh import procs
+from kvmesh_pb.v1 import router_pb2 as pb
+from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+
+MAX_MODEL_LEN = 4096
+
+
+def _tokens(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(256, 32000) for _ in range(n)]
+
+
+def _req(ids: list[int], max_tokens: int = 8, **sampling: float) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        prompt=pb.Prompt(token_ids=pb.TokenIds(ids=ids)),
+        sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True, **sampling),
+    )
+
+
+async def _call(stub: pb_grpc.RouterStub, req: pb.GenerateRequest, timeout: float = 30.0) -> tuple:
+    """(status code name, reason, details, responses) of one Generate."""
+    out: list[pb.GenerateResponse] = []
+    call = stub.Generate(req, timeout=timeout)
+    try:
+        async for r in call:
+            out.append(r)
+        return "OK", "", "", out
+    except grpc.aio.AioRpcError as e:
+        reason = dict(e.trailing_metadata() or ()).get("kvmesh-reason", "")
+        return e.code().name, reason, e.details(), out
+
+
+def _tokens_of(out: list[pb.GenerateResponse]) -> int:
+    return sum(len(r.chunk.token_ids) for r in out if r.WhichOneof("event") == "chunk")
+
+
+@pytest.fixture(scope="module")
+def engines():
+    ps = [
+        procs.start_sim_engine(f"e{i}", ["--max-model-len", str(MAX_MODEL_LEN), "--seed", str(i)])
+        for i in range(2)
+    ]
+    yield ps
+    for p in ps:
+        p.stop()
+
+
+def _router(engine_flags: list[str], extra: list[str] | None = None) -> procs.Proc:
+    return procs.start_router(
+        "router", engine_flags, ["--policy", "round_robin", "--health-interval", "0.3", *(extra or [])]
+    )
+
+
+async def test_client_mistakes_get_their_status_and_never_open_a_breaker(engines):
+    router = _router([procs.engine_flag(f"e{i}", p) for i, p in enumerate(engines)])
+    try:
+        await asyncio.sleep(1.0)  # a health round: the router learns max_model_len
+        async with grpc.aio.insecure_channel(router.info["grpc"]) as ch:
+            stub = pb_grpc.RouterStub(ch)
+            for _ in range(4):  # more than the breaker's threshold, on both engines
+                code, reason, details, _ = await _call(stub, _req(_tokens(1, 100), max_tokens=10_000_000))
+                assert (code, reason) == ("RESOURCE_EXHAUSTED", "context_length"), details
+                assert str(MAX_MODEL_LEN) in details
+            code, reason, details, _ = await _call(stub, _req(_tokens(2, 200_000)))
+            assert (code, reason) == ("RESOURCE_EXHAUSTED", "context_length"), details
+            code, reason, _, _ = await _call(stub, _req(_tokens(3, 50), temperature=-1.0))
+            assert (code, reason) == ("INVALID_ARGUMENT", "invalid_request")
+            for i in range(4):  # the fleet still serves
+                code, _, details, out = await _call(stub, _req(_tokens(10 + i, 64)))
+                assert code == "OK", details
+                assert out[-1].finished.finish_reason == "length"
+            admin = pb_grpc.AdminStub(ch)
+            engines_now = (await admin.ListEngines(pb.ListEnginesRequest())).engines
+            assert {e.circuit for e in engines_now} == {"closed"}
+            stats = await admin.GetStats(pb.GetStatsRequest())
+            assert stats.outcomes["RESOURCE_EXHAUSTED:context_length"] == 5
+            assert stats.outcomes["INVALID_ARGUMENT:invalid_request"] == 1
+            assert stats.outcomes["OK"] == 4
+    finally:
+        router.stop()
+
+
+class _FakeEngine:
+    """An OpenAI-style engine that streams a few tokens, then does what it is told."""
+
+    def __init__(self, then: str) -> None:
+        self.then = then  # "stall" or "die"
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self._complete)
+        app.router.add_get("/health", self._health)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        port = procs.free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(3):
+            await resp.write(b'data: {"choices":[{"text":" a","token_ids":[%d]}]}\n\n' % (100 + i))
+        if self.then == "stall":
+            await asyncio.sleep(60)
+        else:  # die: the connection goes away mid-stream
+            assert request.transport is not None
+            request.transport.close()
+        return resp
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("then", "code", "reason", "words"),
+    [
+        ("stall", "DEADLINE_EXCEEDED", "stream_stalled", "no token"),
+        ("die", "UNAVAILABLE", "engine_failed", "failed mid-stream"),
+    ],
+)
+async def test_an_engine_that_stalls_or_dies_mid_stream_ends_the_call_with_a_status(
+    then, code, reason, words
+):
+    fake = _FakeEngine(then)
+    await fake.start()
+    router = _router([f"id=fake,url={fake.url}"], ["--stream-idle-timeout", "1"])
+    try:
+        async with grpc.aio.insecure_channel(router.info["grpc"]) as ch:
+            stub = pb_grpc.RouterStub(ch)
+            t0 = time.monotonic()
+            got = await _call(stub, _req(_tokens(1, 40), max_tokens=50), timeout=20)
+            assert got[:2] == (code, reason), got[2]
+            assert "fake" in got[2] and words in got[2]
+            assert time.monotonic() - t0 < 10
+            out = got[3]
+            assert _tokens_of(out) == 3
+            finished = out[-1].finished
+            assert finished.finish_reason == "error" and finished.error
+            stats = await pb_grpc.AdminStub(ch).GetStats(pb.GetStatsRequest())
+            assert stats.in_flight == 0
+    finally:
+        router.stop()
+        await fake.stop()
+
+
+async def test_sigterm_drains_a_long_stream_to_its_last_token(engines):
+    router = _router([procs.engine_flag(f"e{i}", p) for i, p in enumerate(engines)])
+    stopped = False
+    try:
+        async with grpc.aio.insecure_channel(router.info["grpc"]) as ch:
+            stub = pb_grpc.RouterStub(ch)
+            long = asyncio.create_task(_call(stub, _req(_tokens(5, 100), max_tokens=400), timeout=60))
+            await asyncio.sleep(1.0)  # streaming by now (400 tokens take seconds)
+            assert not long.done()
+            t0 = time.monotonic()
+            router.popen.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            code, reason, _, _ = await _call(stub, _req(_tokens(6, 40)), timeout=5)
+            assert (code, reason) == ("UNAVAILABLE", "draining")
+            code, _, details, out = await long
+            assert code == "OK", details
+            assert _tokens_of(out) == 400 and out[-1].finished.finish_reason == "length"
+            router.popen.wait(30)
+            stopped = True
+            assert router.popen.returncode == 0
+            assert time.monotonic() - t0 < 30
+    finally:
+        if not stopped:
+            router.stop()
+
+
+async def test_past_its_bound_a_node_sheds_at_once(engines):
+    router = _router(
+        [procs.engine_flag(f"e{i}", p) for i, p in enumerate(engines)],
+        ["--max-in-flight", "2", "--max-queue", "0"],
+    )
+    try:
+        async with grpc.aio.insecure_channel(router.info["grpc"]) as ch:
+            stub = pb_grpc.RouterStub(ch)
+            busy = [
+                asyncio.create_task(_call(stub, _req(_tokens(20 + i, 50), max_tokens=300))) for i in range(2)
+            ]
+            await asyncio.sleep(0.5)
+            t0 = time.monotonic()
+            code, reason, details, out = await _call(stub, _req(_tokens(30, 50)))
+            elapsed = time.monotonic() - t0
+            assert (code, reason) == ("RESOURCE_EXHAUSTED", "overloaded"), details
+            assert out == [] and elapsed < 0.2
+            assert [c[0] for c in await asyncio.gather(*busy)] == ["OK", "OK"]
+    finally:
+        router.stop()

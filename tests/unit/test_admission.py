@@ -1,0 +1,117 @@
+"""Admission (router/admission.py): what a node takes on, and what it sheds at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.admission import ADMIT, QUEUE, Admission, AdmissionConfig, AdmissionGate, Shed
+from router.errors import Overloaded
+from router.outcomes import Outcomes
+
+
+def test_admits_up_to_max_in_flight_then_queues_then_sheds() -> None:
+    a = Admission(AdmissionConfig(max_in_flight=2, max_queue=1, max_queue_wait=5.0))
+    assert [a.offer(k, 0.0) for k in "ab"] == [ADMIT, ADMIT]
+    assert a.offer("c", 0.0) == QUEUE
+    shed = a.offer("d", 0.0)
+    assert isinstance(shed, Shed) and "queued" in shed.why
+    assert a.finished("a", 0.1) == "c"  # FIFO: the queued request takes the slot
+    assert a.in_flight == 2 and a.queued == 0
+
+
+def test_sheds_when_the_fleet_would_start_a_request_too_late() -> None:
+    a = Admission(AdmissionConfig(max_in_flight=1000, max_queue=1000, max_queue_wait=1.0, rate_window=10.0))
+    # The fleet starts 10 requests a second (100 first tokens over the 10 s window).
+    for i in range(100):
+        a.offer(("old", i), i / 10)
+        a.started(("old", i), i / 10 + 0.05)
+        a.finished(("old", i), i / 10 + 0.06)
+    now = 10.0
+    assert a.start_rate(now) == pytest.approx(10.0, rel=0.02)
+    # Each unstarted request adds a tenth of a second: about ten fit in one second.
+    verdicts = [a.offer(("new", i), now) for i in range(20)]
+    admitted = [v for v in verdicts if v == ADMIT]
+    assert 8 <= len(admitted) <= 11
+    assert all(isinstance(v, Shed) and "estimated wait" in v.why for v in verdicts[len(admitted) :])
+
+
+def test_an_idle_fleet_is_not_mistaken_for_a_stuck_one() -> None:
+    a = Admission(AdmissionConfig(max_queue_wait=1.0))
+    # Nothing started yet: the wait is the age of the oldest unstarted request.
+    assert all(a.offer(i, 0.0) == ADMIT for i in range(50))
+    assert a.estimated_wait(0.5) == pytest.approx(0.5)
+    assert isinstance(a.offer("late", 1.5), Shed)  # nothing started in 1.5 s: stuck
+    for i in range(50):  # the fleet catches up
+        a.started(i, 1.6)
+    assert a.offer("after", 1.7) == ADMIT
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("oxsf"), st.integers(0, 30)), max_size=200))
+def test_counts_stay_consistent_whatever_the_order(ops: list[tuple[str, int]]) -> None:
+    a = Admission(AdmissionConfig(max_in_flight=5, max_queue=5, max_queue_wait=1e9))
+    admitted: set[int] = set()
+    queued: list[int] = []
+    t = 0.0
+    for op, k in ops:
+        t += 0.01
+        if op == "o" and k not in admitted and k not in queued:
+            v = a.offer(k, t)
+            if v == ADMIT:
+                admitted.add(k)
+            elif v == QUEUE:
+                queued.append(k)
+        elif op == "s" and k in admitted:
+            a.started(k, t)
+        elif op == "f" and k in admitted:
+            admitted.discard(k)
+            nxt = a.finished(k, t)
+            if nxt is not None:
+                assert nxt == queued.pop(0)
+                admitted.add(nxt)
+        elif op == "x" and k in queued:
+            assert a.leave_queue(k)
+            queued.remove(k)
+        assert a.in_flight == len(admitted) <= 5
+        assert a.queued == len(queued) <= 5
+
+
+async def test_the_gate_queues_then_admits_or_sheds_after_max_queue_wait() -> None:
+    gate = AdmissionGate(AdmissionConfig(max_in_flight=1, max_queue=2, max_queue_wait=0.2))
+    await gate.enter("a")
+    waiter = asyncio.create_task(gate.enter("b"))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    gate.leave("a")
+    await asyncio.wait_for(waiter, 1.0)  # admitted in a's place
+    t0 = asyncio.get_running_loop().time()
+    with pytest.raises(Overloaded, match=r"no engine slot within 0\.2 s"):
+        await gate.enter("c")
+    assert asyncio.get_running_loop().time() - t0 < 1.0
+    assert gate.admission.in_flight == 1 and gate.admission.queued == 0
+
+
+async def test_a_client_that_gives_up_in_the_queue_frees_nothing_it_did_not_hold() -> None:
+    gate = AdmissionGate(AdmissionConfig(max_in_flight=1, max_queue=2, max_queue_wait=5.0))
+    await gate.enter("a")
+    waiter = asyncio.create_task(gate.enter("b"))
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert (gate.admission.in_flight, gate.admission.queued, gate.admission.shed_total) == (1, 0, 0)
+    gate.leave("a")
+    assert gate.admission.in_flight == 0
+
+
+def test_outcomes_count_everything_and_log_a_few_per_second() -> None:
+    o = Outcomes(period=1.0, burst=2)
+    logged = [o.record("RESOURCE_EXHAUSTED", "overloaded", t / 100)[0] for t in range(50)]
+    assert logged.count(True) == 2
+    assert o.record("RESOURCE_EXHAUSTED", "overloaded", 1.5) == (True, 48)  # the next window says so
+    assert o.record("OK", "", 1.5) == (False, 0)
+    assert o.counts["RESOURCE_EXHAUSTED:overloaded"] == 51 and o.counts["OK"] == 1

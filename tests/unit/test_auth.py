@@ -1,0 +1,57 @@
+"""Tokens (router/auth.py) and the mesh's shared secret (mesh/auth.py): pure parts."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh.auth import MAC_KEY, TIME_KEY, MeshAuthError, MeshSecret
+from router.auth import AuthError, TokenTable
+
+TABLE = TokenTable.parse("# clients\nclient-token-0123456789\nadmin-token-0123456789 admin\n")
+
+
+def test_token_roles_and_what_each_may_call() -> None:
+    c, a = "Bearer client-token-0123456789", "Bearer admin-token-0123456789"
+    assert TABLE.verdict("/kvmesh.v1.Router/Generate", c) is None
+    assert TABLE.verdict("/kvmesh.v1.Admin/DeregisterEngine", c) == ("PERMISSION_DENIED", "not_admin")
+    assert TABLE.verdict("/kvmesh.v1.Admin/DeregisterEngine", a) is None
+    assert TABLE.verdict("/kvmesh.v1.Router/Generate", None) == ("UNAUTHENTICATED", "no_token")
+    assert TABLE.verdict("/kvmesh.v1.Router/Generate", "Bearer nope") == ("UNAUTHENTICATED", "bad_token")
+    assert TABLE.verdict("/kvmesh.v1.Router/Generate", "client-token-0123456789") == (
+        "UNAUTHENTICATED",
+        "bad_token",
+    )  # not a bearer header
+    assert TABLE.verdict("/grpc.health.v1.Health/Check", None) is None
+    assert TABLE.verdict("/kvmesh.mesh.v1.Mesh/Deliver", None) is None  # the mesh proves itself
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "# nothing\n", "short admin\n", "long-enough-token-xyz root\n", "a-long-enough-token b c\n"],
+)
+def test_bad_token_files_are_refused_with_a_reason(text: str) -> None:
+    with pytest.raises(AuthError):
+        TokenTable.parse(text)
+
+
+SECRET = MeshSecret(b"a-shared-mesh-secret-of-32-bytes")
+
+
+@given(st.binary(max_size=512))
+def test_a_signed_batch_passes_and_any_change_fails(body: bytes) -> None:
+    meta = dict(SECRET.sign(body, 1000.0))
+    assert SECRET.check(body, meta, 1000.5) is None
+    assert SECRET.check(body + b"x", meta, 1000.5) is not None
+    other = MeshSecret(b"another-mesh-secret-of-32-bytes!")
+    assert other.check(body, meta, 1000.5) == "wrong mesh proof (a different secret)"
+    assert "off this node's clock" in (SECRET.check(body, meta, 1100.0) or "")
+    forged_time = {**meta, TIME_KEY: "1050.000"}  # the time is signed too
+    assert SECRET.check(body, forged_time, 1050.0) is not None
+    assert SECRET.check(body, {MAC_KEY: meta[MAC_KEY]}, 1000.5) == "no mesh proof (send with the mesh secret)"
+
+
+def test_a_short_secret_is_refused() -> None:
+    with pytest.raises(MeshAuthError):
+        MeshSecret(b"short")
