@@ -49,7 +49,8 @@ test-integration: $(STAMP)
 test-docker: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests/containers
 
-## The benchmark suite: writes docs/benchmarks.md, docs/benchmarks.json, docs/img/*.png (~20 min).
+## The benchmark suite: writes docs/benchmarks.md, docs/benchmarks.json, docs/img/*.png and
+## docs/reliability.md, docs/reliability.json (~25 min).
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench,peers]'
 	$(VENV)/bin/kvmesh bench all

@@ -152,7 +152,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     )
     common(o)
     _overload_flags(o)
-    for sp in (r, *[sub.choices[n] for n in ("micro", "convergence", "proxy", "overload")]):
+    rel = sub.add_parser(
+        "reliability",
+        help="faults caused on purpose (engine and router kills, a restart, a lost batch, bad input, "
+        "churn): writes DOCS/reliability.md and DOCS/reliability.json",
+    )
+    common(rel)
+    rel.add_argument(
+        "--docs", default=str(REPO_ROOT / "docs"), help="output folder (default: the repo's docs/)"
+    )
+    for sp in (r, *[sub.choices[n] for n in ("micro", "convergence", "proxy", "overload", "reliability")]):
         sp.add_argument(
             "--json", dest="json_out", default="", metavar="PATH", help="also save the figures here"
         )
@@ -296,6 +305,50 @@ def run_overload_cmd(args: argparse.Namespace) -> dict:
     return run_overload(quick(cfg) if args.quick else cfg, note=_note)
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command line that produced a run, for the pages it writes."""
+    if sys.argv[0].endswith("kvmesh"):
+        return "kvmesh " + " ".join(sys.argv[1:])
+    return f"kvmesh bench {args.bench}" + (" --quick" if args.quick else "")
+
+
+def run_reliability_cmd(args: argparse.Namespace) -> dict:
+    """The reliability scenarios' results (``kvmesh bench reliability``, and a step of ``all``)."""
+    from kvmesh.benchmarks.reliability import ReliabilityConfig, quick, run_reliability
+
+    cfg = ReliabilityConfig(seed=args.seed)
+    return run_reliability(quick(cfg) if args.quick else cfg, note=_note)
+
+
+def write_reliability(res: dict, args: argparse.Namespace, docs: Path) -> Path:
+    """DOCS/reliability.md and DOCS/reliability.json from a reliability run's results."""
+    from kvmesh.benchmarks.reliability_report import render_markdown
+    from kvmesh.benchmarks.report import machine_info
+
+    res["meta"] = {
+        "command": _command(args),
+        "started": res.get("started", ""),
+        "duration_s": res.get("duration_s", 0.0),
+        "quick": args.quick,
+        **machine_info(),
+    }
+    docs.mkdir(parents=True, exist_ok=True)
+    path = docs / "reliability.md"
+    path.write_text(render_markdown(res))
+    (docs / "reliability.json").write_text(json.dumps(res, indent=1, default=str))
+    return path
+
+
+def _run_reliability(args: argparse.Namespace) -> int:
+    res = run_reliability_cmd(args)
+    path = write_reliability(res, args, Path(args.docs))
+    print(path.read_text())
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(res, indent=1, default=str))
+    print(f"wrote {path}, {path.with_suffix('.json')} in {res['duration_s']:.0f}s")
+    return 0
+
+
 def _print_md(res: dict) -> None:
     from kvmesh.benchmarks.report import render_markdown
 
@@ -323,6 +376,8 @@ def run(args: argparse.Namespace) -> int:
         return run_all(args)
     if args.bench == "report":
         return rewrite_report(Path(args.docs))
+    if args.bench == "reliability":
+        return _run_reliability(args)
     part = {
         "routing": run_routing_cmd,
         "micro": run_micro_cmd,
@@ -343,6 +398,7 @@ DOC_COMMANDS = (
     "kvmesh bench all --quick    # smoke run\n"
     "kvmesh bench routing --workload chat,trace --systems precise,round_robin\n"
     "kvmesh bench overload --json /tmp/overload.json   # add --router-python PATH for another checkout\n"
+    "kvmesh bench reliability    # docs/reliability.md and .json: faults caused on purpose\n"
     "kvmesh bench micro | convergence | proxy | index"
 )
 
@@ -406,12 +462,23 @@ def run_all(args: argparse.Namespace) -> int:
             res[name + "_error"] = f"{type(e).__name__}: {e}"
             _note(f"== {name} FAILED: {res[name + '_error']} ==")
         _note(f"== {name} done in {time.time() - t:.0f}s ==")
-    res["meta"]["duration_s"] = time.time() - t0
     docs = Path(args.docs)
+    # Its own page (docs/reliability.md, .json): pass/fail rows, not figures to plot or target.
+    _note("== reliability ==")
+    t = time.time()
+    try:
+        rel_page = write_reliability(run_reliability_cmd(args), args, docs)
+    except Exception as e:
+        res["reliability_error"] = f"{type(e).__name__}: {e}"
+        _note(f"== reliability FAILED: {res['reliability_error']} ==")
+    _note(f"== reliability done in {time.time() - t:.0f}s ==")
+    res["meta"]["duration_s"] = time.time() - t0
     write_docs(res, docs)
     for t in res["targets"]:
         verdict = "n/a" if t["met"] is None else ("MET" if t["met"] else "MISSED")
         print(f"{verdict:>6}  {t['name']}: {t['measured']} (goal {t['target']})")
     outputs = f"{docs / 'benchmarks.md'}, {docs / 'benchmarks.json'}, {docs / 'img'}"
+    if "reliability_error" not in res:
+        outputs += f", {rel_page}, {rel_page.with_suffix('.json')}"
     print(f"wrote {outputs} in {time.time() - t0:.0f}s")
     return 0

@@ -1,6 +1,6 @@
 """Probes of a running fleet, shared by the benchmarks and the multi-process
-tests: what a simulated engine's KV cache holds, and what a router node's
-index holds for that engine.
+tests: what a simulated engine's KV cache holds, what a router node's
+index holds for that engine, and whether a mesh has formed.
 
 Both sides are reduced to the same digest, ``(blocks, XOR of router hashes)``
 (:func:`blocks.hashing.xor_digest`): equal digests mean the node's index holds
@@ -12,7 +12,11 @@ serves; the node side is ``Admin.GetIndexDigest``.
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import aiohttp
+import grpc
 
 from blocks.hashing import xor_digest
 from engine_adapters.sim_engine.cache import snapshot_router_hashes
@@ -20,7 +24,7 @@ from kvmesh.procs import SIM_MODEL
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
-__all__ = ["Digest", "engine_digest", "index_digest", "read_engine_digest"]
+__all__ = ["Digest", "engine_digest", "index_digest", "read_engine_digest", "wait_mesh"]
 
 Digest = tuple[int, int]  # (blocks, XOR of their router hashes)
 
@@ -44,3 +48,21 @@ async def index_digest(admin: pb_grpc.AdminStub, engine_id: str) -> Digest | Non
         return None
     w = d.workers[0]
     return w.blocks, w.xor_hashes
+
+
+async def wait_mesh(addrs: list[str], n_engines: int, timeout: float = 30.0) -> None:
+    """Every node sees every member alive and every engine."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        good = 0
+        for a in addrs:
+            async with grpc.aio.insecure_channel(a) as ch:
+                admin = pb_grpc.AdminStub(ch)
+                m = await admin.ListMembers(pb.ListMembersRequest())
+                e = await admin.ListEngines(pb.ListEnginesRequest())
+            if sum(x.state == "alive" for x in m.members) == len(addrs) and len(e.engines) == n_engines:
+                good += 1
+        if good == len(addrs):
+            return
+        await asyncio.sleep(0.2)
+    raise RuntimeError("the 3-node mesh did not converge on members and engines")

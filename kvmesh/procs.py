@@ -75,9 +75,14 @@ def start(
     ready_timeout: float = 30.0,
     env: dict[str, str] | None = None,
     module: str = "kvmesh.cli",
+    python: str = "",
+    cwd: str | None = None,
 ) -> Proc:
-    """Run ``python -m MODULE ARGS`` (``kvmesh ARGS`` by default) and wait for its READY line."""
-    cmd = [sys.executable, "-m", module, *args]
+    """Run ``python -m MODULE ARGS`` (``kvmesh ARGS`` by default) and wait for
+    its READY line. ``python`` is another interpreter (this one by default),
+    for example an older checkout's virtualenv; run it from a ``cwd`` outside
+    this checkout so ``-m`` does not import this one."""
+    cmd = [python or sys.executable, "-m", module, *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     popen = subprocess.Popen(
         cmd,
@@ -85,6 +90,7 @@ def start(
         stderr=subprocess.STDOUT,
         text=True,
         env=full_env,
+        cwd=cwd,
         start_new_session=True,
     )
     proc = Proc(name, popen)

@@ -5,7 +5,7 @@ its state (register and deregister engines mesh-wide, fence an engine's log,
 claim load). Nodes either authenticate each other with mutual TLS (the
 transport's credentials, ``mesh/transport.py``) or, where TLS is not set up,
 prove every batch they send with a secret all members share: an HMAC-SHA256
-over the send time and the batch's deterministic encoding, carried as gRPC
+over the send time and the batch's bytes as sent, carried as gRPC
 metadata. A receiver refuses a batch whose proof is missing or wrong, or
 whose time is more than ``max_skew`` seconds from its own clock (a recorded
 batch cannot be replayed later; replays within the window are harmless:

@@ -155,12 +155,27 @@ class BroadcastQueue(Generic[T]):
         for item in [it for it in self._items.values() if it.transmits >= limit]:
             self._remove(item.key)
 
-    def prune(self, max_retain: int) -> int:
-        """Keep only the ``max_retain`` freshest updates (bounds memory under
-        churn); returns how many were dropped."""
-        if len(self._items) <= max_retain:
+    def prune(self, max_retain: int, max_bytes: int | None = None) -> int:
+        """Keep only the ``max_retain`` freshest updates, and no more than
+        ``max_bytes`` of them (bounds memory under churn); returns how many
+        were dropped. Most-sent go first, then the oldest."""
+        over_count = len(self._items) > max_retain
+        over_bytes = max_bytes is not None and self._bytes > max_bytes
+        if not over_count and not over_bytes:
             return 0
         order = sorted(self._items.values(), key=lambda it: (it.transmits, -it.id))
-        for item in order[max_retain:]:
+        dropped = 0
+        for item in reversed(order):
+            fits_count = len(self._items) <= max_retain
+            if fits_count and (max_bytes is None or self._bytes <= max_bytes):
+                break
             self._remove(item.key)
-        return len(order) - max_retain
+            dropped += 1
+        return dropped
+
+    def clear(self) -> int:
+        """Drop every queued update; returns how many there were."""
+        n = len(self._items)
+        self._items.clear()
+        self._bytes = 0
+        return n

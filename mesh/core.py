@@ -92,6 +92,7 @@ class MeshConfig:
     # Soft cap of one push (the oldest delta always goes, however big).
     max_push_bytes: int = 1 << 20
     max_queued_items: int = 4096  # forward queue bound (most-sent, oldest dropped first)
+    max_queued_bytes: int = 64 << 20  # and its bound in bytes
     full_state_retry: float = 1.0  # joiner: ask another peer after this long
     bootstrap_wait: float = 4.0  # cold start: see mesh/readiness.py
     retake_backoff: float = 0.5  # see mesh/ownership.py
@@ -114,7 +115,7 @@ class MeshConfig:
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("gossip_fanout", "max_push_bytes", "max_queued_items"):
+        for name in ("gossip_fanout", "max_push_bytes", "max_queued_items", "max_queued_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.bootstrap_wait < 0 or self.retake_backoff < 0 or self.hint_push_delay < 0:
@@ -154,6 +155,7 @@ class MeshCore:
             cfg.membership.retransmit_mult,
             cfg.max_push_bytes,
             cfg.max_queued_items,
+            cfg.max_queued_bytes,
         )
         self.counters = Counters()
         # Timers, each with a random phase: nodes started together do not

@@ -13,8 +13,11 @@ duplicates and echoes are never forwarded.
 A push holds up to ``max_push_bytes``, oldest deltas first (deltas of one
 writer build on each other); the first always goes, however big. Route hints
 travel with their remaining TTL, also when they are forwarded later. The
-queue is bounded: past ``max_queued`` deltas, the most-sent and oldest are
-dropped (anti-entropy still repairs whatever they carried).
+queue is bounded: past ``max_queued`` deltas or ``max_queued_bytes``, the
+most-sent and oldest are dropped (anti-entropy still repairs whatever they
+carried). A node with no live peer keeps nothing queued: a node that joins
+later takes the full state, and a healed partition is repaired by
+anti-entropy, so deltas held for nobody would only grow memory.
 """
 
 from __future__ import annotations
@@ -59,15 +62,22 @@ class StateGossip:
     """The forward queue of one node's state push (see the module docstring)."""
 
     def __init__(
-        self, node_id: str, fanout: int, retransmit_mult: int, max_push_bytes: int, max_queued: int
+        self,
+        node_id: str,
+        fanout: int,
+        retransmit_mult: int,
+        max_push_bytes: int,
+        max_queued: int,
+        max_queued_bytes: int | None = None,
     ) -> None:
         self.node_id = node_id
         self.fanout = fanout
         self.max_push_bytes = max_push_bytes
         self.max_queued = max_queued
+        self.max_queued_bytes = max_queued_bytes
         self._queue: BroadcastQueue[_Queued] = BroadcastQueue(retransmit_mult, oldest_first=True)
         self._next_key = 0
-        self.dropped = 0  # deltas pruned from a full queue
+        self.dropped = 0  # deltas pruned from a full queue or held for no peer
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -79,12 +89,16 @@ class StateGossip:
     def enqueue(self, delta: Delta, now: float) -> None:
         self._next_key += 1
         self._queue.push(self._next_key, _Queued(delta, now), delta_size(delta))
-        if len(self._queue) > self.max_queued:
-            self.dropped += self._queue.prune(self.max_queued)
+        cap_bytes = self.max_queued_bytes
+        if len(self._queue) > self.max_queued or (cap_bytes is not None and self.queued_bytes > cap_bytes):
+            self.dropped += self._queue.prune(self.max_queued, cap_bytes)
 
     def round(self, now: float, peers: list[str], n_live: int, rng: random.Random) -> PushRound | None:
         """The push of this round to ``fanout`` of ``peers`` (None: nothing to send)."""
-        if not self._queue or not peers:
+        if not peers:
+            self.dropped += self._queue.clear()
+            return None
+        if not self._queue:
             return None
         k = min(self.fanout, len(peers))
         chosen = self._queue.take(n_live, self.max_push_bytes, recipients=k, at_least_one=True)

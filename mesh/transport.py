@@ -5,6 +5,11 @@ batch per peer, fire-and-forget with a short deadline: the protocols above
 (SWIM, epidemic push, anti-entropy) treat every message as a datagram that
 may be lost, so a failed call is counted and dropped, never retried here.
 In-flight calls per peer are capped so a dead peer cannot pile up tasks.
+
+``Deliver`` carries the batch's encoded bytes untouched both ways (no gRPC
+(de)serializer): the receiver checks the mesh secret's proof over exactly
+the bytes that arrived before parsing anything, and bytes that do not parse
+get INVALID_ARGUMENT rather than grpcio's bare UNKNOWN.
 """
 
 from __future__ import annotations
@@ -18,15 +23,17 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 
 from kvmesh_pb.mesh.v1 import mesh_pb2 as pb
-from kvmesh_pb.mesh.v1 import mesh_pb2_grpc as pb_grpc
 from mesh.auth import MeshSecret
 from mesh.wire import WireError, from_envelope, to_envelope
 
 log = structlog.get_logger(__name__)
 
 _REFUSALS_LOGGED = 20  # then one line per thousand: an intruder must not flood the log
+_SERVICE = "kvmesh.mesh.v1.Mesh"
+_DELIVER = f"/{_SERVICE}/Deliver"
 
 
 @dataclass(frozen=True)
@@ -104,30 +111,38 @@ class TransportStats:
     dropped_backpressure: int = 0
     messages_received: int = 0
     rejected: int = 0
-    refused: int = 0  # batches without a valid proof of membership
+    refused: int = 0  # batches without a valid proof of membership, or that do not parse
 
 
-class _Servicer(pb_grpc.MeshServicer):
+class _Servicer:
     def __init__(self, transport: MeshTransport) -> None:
         self.t = transport
 
-    async def Deliver(  # noqa: N802 - gRPC method names are the proto's
-        self, request: pb.Batch, context: grpc.aio.ServicerContext
-    ) -> pb.DeliverReply:
+    def _refused(self, context: grpc.aio.ServicerContext, why: str) -> None:
+        self.t.stats.refused += 1
+        if self.t.stats.refused <= _REFUSALS_LOGGED or self.t.stats.refused % 1000 == 0:
+            log.warning(
+                "transport.batch_refused", addr=self.t.addr, peer=context.peer(), why=why,
+                refused=self.t.stats.refused,
+            )  # fmt: skip
+
+    async def deliver(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
         secret = self.t.secret
         if secret is not None:
             meta = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-            why = secret.check(request.SerializeToString(deterministic=True), meta, time.time())
+            why = secret.check(body, meta, time.time())
             if why is not None:
-                self.t.stats.refused += 1
-                if self.t.stats.refused <= _REFUSALS_LOGGED or self.t.stats.refused % 1000 == 0:
-                    log.warning(
-                        "transport.batch_refused", addr=self.t.addr, peer=context.peer(), why=why,
-                        refused=self.t.stats.refused,
-                    )  # fmt: skip
+                self._refused(context, why)
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+        try:
+            batch = pb.Batch.FromString(body)
+        except DecodeError as e:
+            self._refused(context, f"undecodable batch: {e}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"undecodable mesh batch ({len(body)} bytes)"
+            )
         accepted = rejected = 0
-        for env in request.messages:
+        for env in batch.messages:
             try:
                 msg = from_envelope(env)
             except WireError as e:
@@ -142,7 +157,7 @@ class _Servicer(pb_grpc.MeshServicer):
                 log.exception("transport.handling_failed", addr=self.t.addr, kind=type(msg).__name__)
         self.t.stats.messages_received += accepted
         self.t.stats.rejected += rejected
-        return pb.DeliverReply(accepted=accepted, rejected=rejected)
+        return pb.DeliverReply(accepted=accepted, rejected=rejected).SerializeToString()
 
 
 class MeshTransport:
@@ -161,24 +176,30 @@ class MeshTransport:
         self.stats = TransportStats()
         self.bytes_by_kind: dict[str, int] = defaultdict(int)
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._stubs: dict[str, pb_grpc.MeshStub] = {}
+        self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
         self._inflight: dict[str, int] = defaultdict(int)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_MeshServicer_to_server(_Servicer(self), server)
+        # Raw bytes in and out: see the module docstring.
+        handler = grpc.unary_unary_rpc_method_handler(_Servicer(self).deliver)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(_SERVICE, {"Deliver": handler}),)
+        )
 
-    def _stub(self, dst: str) -> pb_grpc.MeshStub:
-        stub = self._stubs.get(dst)
-        if stub is None:
+    def _deliver_call(self, dst: str) -> grpc.aio.UnaryUnaryMultiCallable:
+        call = self._calls.get(dst)
+        if call is None:
             opts = self.config.channel_options()
             if self._creds is not None:
                 ch = grpc.aio.secure_channel(dst, self._creds, options=opts)
             else:
                 ch = grpc.aio.insecure_channel(dst, options=opts)
             self._channels[dst] = ch
-            stub = self._stubs[dst] = pb_grpc.MeshStub(ch)
-        return stub
+            call = self._calls[dst] = ch.unary_unary(
+                _DELIVER, response_deserializer=pb.DeliverReply.FromString
+            )
+        return call
 
     def send(self, msgs: list[Any]) -> None:
         """Queue messages for delivery; returns at once."""
@@ -202,16 +223,16 @@ class MeshTransport:
             self.stats.messages_sent += len(envs)
             self.stats.bytes_sent += size
             self._inflight[dst] += 1
-            task = asyncio.get_running_loop().create_task(self._call(dst, batch))
+            task = asyncio.get_running_loop().create_task(self._call(dst, batch.SerializeToString()))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _call(self, dst: str, batch: pb.Batch) -> None:
+    async def _call(self, dst: str, body: bytes) -> None:
         meta = None
         if self.secret is not None:
-            meta = self.secret.sign(batch.SerializeToString(deterministic=True), time.time())
+            meta = self.secret.sign(body, time.time())
         try:
-            await self._stub(dst).Deliver(batch, timeout=self.config.rpc_timeout_s, metadata=meta)
+            await self._deliver_call(dst)(body, timeout=self.config.rpc_timeout_s, metadata=meta)
         except grpc.aio.AioRpcError as e:
             self.stats.send_failures += 1
             log.debug("transport.send_failed", addr=self.addr, peer_addr=dst, code=e.code().name)
@@ -224,7 +245,7 @@ class MeshTransport:
     def forget(self, dst: str) -> None:
         """Close the channel to a peer that left for good."""
         ch = self._channels.pop(dst, None)
-        self._stubs.pop(dst, None)
+        self._calls.pop(dst, None)
         if ch is not None:
             asyncio.get_running_loop().create_task(ch.close())
 
@@ -235,4 +256,4 @@ class MeshTransport:
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
-        self._stubs.clear()
+        self._calls.clear()

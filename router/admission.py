@@ -33,6 +33,7 @@ bound. :class:`Admission` is pure (time is an argument);
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict, deque
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -46,7 +47,12 @@ __all__ = ["ADMIT", "QUEUE", "Admission", "AdmissionConfig", "AdmissionGate", "S
 class AdmissionConfig:
     max_in_flight: int = 1024  # requests this node has on engines at once
     max_queue: int = 4096  # requests waiting on this node for a slot
-    max_queue_wait: float = 5.0  # seconds: the longest estimated wait until the fleet starts a request
+    # Seconds: the longest estimated wait until the fleet starts a request,
+    # which every accepted request adds to its TTFT under overload. A longer
+    # bound serves no more (the fleet starts requests at its own rate), it
+    # only makes each wait longer; clients that prefer waiting to retrying
+    # (batch jobs) raise it.
+    max_queue_wait: float = 2.0
     rate_window: float = 5.0  # seconds over which the start rate is measured
     min_starts: int = 10  # first tokens in the window before the rate is trusted
 
@@ -186,6 +192,13 @@ class AdmissionGate:
             raise
         finally:
             self._waiters.pop(key, None)
+
+    def now(self) -> float:
+        """The clock admission runs on (the event loop's)."""
+        try:
+            return asyncio.get_running_loop().time()
+        except RuntimeError:  # read from another thread (a metrics scrape): the same clock
+            return time.monotonic()
 
     def started(self, key: Hashable) -> None:
         self.admission.started(key, asyncio.get_running_loop().time())

@@ -27,6 +27,8 @@ from typing import Any
 
 import grpc
 
+from router.errors import REASON_KEY
+
 __all__ = ["ADMIN", "CLIENT", "ApiAuthConfig", "AuthError", "TokenInterceptor", "TokenTable"]
 
 CLIENT = "client"
@@ -146,16 +148,22 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
             return handler
         code, reason = verdict
         self.on_refused(code, reason, details.method)
-        return _refusal(handler, getattr(grpc.StatusCode, code), f"{reason}: this call needs a valid token")
+        return _refusal(
+            handler, getattr(grpc.StatusCode, code), reason, f"{reason}: this call needs a valid token"
+        )
 
 
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+def _refusal(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, reason: str, message: str
+) -> grpc.RpcMethodHandler:
     """A handler of the same shape as ``handler`` that only refuses."""
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        context.set_trailing_metadata(((REASON_KEY, reason),))
         await context.abort(code, message)
 
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        context.set_trailing_metadata(((REASON_KEY, reason),))
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 

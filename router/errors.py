@@ -13,6 +13,9 @@ RESOURCE_EXHAUSTED  back off, or shorten    ``overloaded``, ``engines_busy``,
 UNAVAILABLE         retry (elsewhere)       ``no_engine``, ``engine_failed``,
                                             ``draining``, ``joining``
 DEADLINE_EXCEEDED   give it more time       ``deadline``, ``stream_stalled``
+UNAUTHENTICATED     send a valid token      ``no_token``, ``bad_token``
+PERMISSION_DENIED   use an admin token      ``not_admin``
+NOT_FOUND           check the engine id     ``unknown_engine`` (Admin calls)
 ==================  ======================  =========================================
 
 Only the client cancels: CANCELLED never comes from a node. A client's own
@@ -23,7 +26,10 @@ Pure: no gRPC here (``router/service.py`` maps ``grpc_code`` to a status).
 
 from __future__ import annotations
 
+REASON_KEY = "kvmesh-reason"  # trailing metadata: why a call ended with its status
+
 __all__ = [
+    "REASON_KEY",
     "ContextTooLong",
     "DeadlineExceeded",
     "Draining",

@@ -56,6 +56,35 @@ class NodeCollector:
             attempts.add_metric([eid], rec.attempts)
             failures.add_metric([eid], rec.failures)
         yield from (inflight, blocks, up, attempts, failures)
+        yield from self._outcomes()
+
+    def _outcomes(self) -> Iterator[Metric]:
+        n = self.node
+        ended = CounterMetricFamily(
+            "kvmesh_requests_ended",
+            "Generate and Route calls by how they ended (code OK, or a gRPC status and its reason)",
+            labels=["code", "reason"],
+        )
+        for key, count in sorted(n.outcomes.counts.items()):
+            code, _, reason = key.partition(":")
+            ended.add_metric([code, reason], count)
+        yield ended
+        adm = n.admission.admission
+        now = n.admission.now()
+        yield GaugeMetricFamily(
+            "kvmesh_admission_in_flight", "requests this node has on engines", value=adm.in_flight
+        )
+        yield GaugeMetricFamily(
+            "kvmesh_admission_queued", "requests waiting here for a slot", value=adm.queued
+        )
+        yield CounterMetricFamily(
+            "kvmesh_admission_shed", "requests shed before any engine work", value=adm.shed_total
+        )
+        yield GaugeMetricFamily(
+            "kvmesh_admission_estimated_wait_seconds",
+            "estimated time until the fleet would start one more request",
+            value=adm.estimated_wait(now),
+        )
 
 
 def start_metrics_server(node: RouterNode, port: int, addr: str) -> None:

@@ -24,20 +24,23 @@ from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 from router.auth import TokenInterceptor, TokenTable
 from router.config import RouterConfig
 from router.engine_registry import EngineRecord, EngineSpec, EngineSpecError
-from router.errors import Draining, RequestError, RouterError
+from router.errors import REASON_KEY, Draining, RequestError, RouterError
 from router.metrics import start_metrics_server
 from router.node import RouterNode
 from router.policies import Decision
 from router.request_path import ClientRequest, Finished, Routed
 
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(EngineSpec))
-REASON_KEY = "kvmesh-reason"  # trailing metadata: why a call ended with its status
 _READY_POLL = 0.02  # seconds between checks that the node has joined the mesh
 _DRAIN_POLL = 0.05  # seconds between checks that the requests in flight have finished
 
 
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+async def _abort(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, reason: str | None = None
+) -> NoReturn:
     """``context.abort`` raises; this says so to the type checker."""
+    if reason is not None:
+        context.set_trailing_metadata(((REASON_KEY, reason),))
     await context.abort(code, message)
     raise AssertionError("context.abort returned")
 
@@ -195,15 +198,14 @@ class RouterService(pb_grpc.RouterServicer):
 
     async def _fail(self, context: grpc.aio.ServicerContext, e: RouterError, request_id: str) -> NoReturn:
         self._ended(e.grpc_code, e.reason, request_id, str(e))
-        context.set_trailing_metadata(((REASON_KEY, e.reason),))
-        await _abort(context, getattr(grpc.StatusCode, e.grpc_code), str(e))
+        await _abort(context, getattr(grpc.StatusCode, e.grpc_code), str(e), e.reason)
 
     async def _crashed(self, context: grpc.aio.ServicerContext, e: Exception, request_id: str) -> NoReturn:
         # A bug of this node: say so (INTERNAL), never a bare UNKNOWN.
         self.node.log.exception("router.request_crashed", request_id=request_id)
         self._ended("INTERNAL", "internal", request_id, repr(e))
-        context.set_trailing_metadata(((REASON_KEY, "internal"),))
-        await _abort(context, grpc.StatusCode.INTERNAL, f"internal error on node {self.node.node_id}: {e!r}")
+        message = f"internal error on node {self.node.node_id}: {e!r}"
+        await _abort(context, grpc.StatusCode.INTERNAL, message, "internal")
 
 
 class AdminService(pb_grpc.AdminServicer):
@@ -240,14 +242,16 @@ class AdminService(pb_grpc.AdminServicer):
         try:
             rec = await self.node.register_engine(spec_from_pb(request.spec))
         except EngineSpecError as e:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid_request")
         return pb.RegisterEngineResponse(status=self._status(rec))
 
     async def DeregisterEngine(  # noqa: N802 - gRPC method names are the proto's
         self, request: pb.DeregisterEngineRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeregisterEngineResponse:
         if not await self.node.deregister_engine(request.engine_id):
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"unknown engine {request.engine_id!r}")
+            await _abort(
+                context, grpc.StatusCode.NOT_FOUND, f"unknown engine {request.engine_id!r}", "unknown_engine"
+            )
         return pb.DeregisterEngineResponse(removed=True)
 
     async def ListEngines(  # noqa: N802 - gRPC method names are the proto's
@@ -295,7 +299,9 @@ class AdminService(pb_grpc.AdminServicer):
     ) -> pb.GetIndexDigestResponse:
         rec = self.node.engines.get(request.engine_id)
         if rec is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"unknown engine {request.engine_id!r}")
+            await _abort(
+                context, grpc.StatusCode.NOT_FOUND, f"unknown engine {request.engine_id!r}", "unknown_engine"
+            )
         out = []
         for w in rec.spec.workers:
             n, x = xor_digest(self.node.index.worker_hashes(w))
@@ -344,12 +350,12 @@ async def serve(
     interceptors = []
     if cfg.api_auth.token_file:
         interceptors.append(TokenInterceptor(TokenTable.from_file(cfg.api_auth.token_file), _refused(node)))
-    server = grpc.aio.server(options=server_options(cfg), interceptors=interceptors)
+    server = grpc.aio.server(options=server_options(cfg, mesh=False), interceptors=interceptors)
     pb_grpc.add_RouterServicer_to_server(RouterService(node), server)
     pb_grpc.add_AdminServicer_to_server(AdminService(node, stop.set), server)
     mesh_server = None
     if cfg.mesh_listen:  # the mesh on a port of its own
-        mesh_server = grpc.aio.server(options=server_options(cfg))
+        mesh_server = grpc.aio.server(options=server_options(cfg, mesh=True))
         node.mesh.transport.add_to_server(mesh_server)
         creds = cfg.transport.server_credentials() if cfg.transport.tls else None
         _bind(mesh_server, cfg.mesh_listen, creds)
@@ -423,16 +429,26 @@ def _refused(node: RouterNode) -> Callable[[str, str, str], None]:
     return refused
 
 
-def server_options(cfg: RouterConfig) -> list[tuple[str, int]]:
-    """The gRPC server's options. gRPC's core cancels calls that arrive faster
-    than the application takes them (past ``max_pending_requests``, 1000 by
-    default): a client would see CANCELLED for a call nobody cancelled. The
-    node's own admission (router/admission.py) bounds its work and answers
-    what it cannot take with RESOURCE_EXHAUSTED, so the core's queue is made
-    deep enough never to decide for it."""
+def server_options(cfg: RouterConfig, *, mesh: bool) -> list[tuple[str, int]]:
+    """The options of the public server, or (``mesh``) of the mesh's own.
+
+    Messages: a client request is bounded by ``max_request_bytes``; mesh
+    messages (a full state for a joiner) by the transport's bound, which the
+    public port then also has when it carries the mesh.
+
+    gRPC's core cancels calls that arrive faster than the application takes
+    them (past ``max_pending_requests``, 1000 by default): a client would see
+    CANCELLED for a call nobody cancelled. The node's own admission
+    (router/admission.py) bounds its work and answers what it cannot take
+    with RESOURCE_EXHAUSTED, so the core's queue is made deep enough never to
+    decide for it."""
+    shared = not cfg.mesh_listen
+    receive = cfg.transport.max_message_bytes if mesh else cfg.max_request_bytes
+    if not mesh and shared:
+        receive = max(receive, cfg.transport.max_message_bytes)
     pending = max(100_000, 4 * (cfg.admission.max_in_flight + cfg.admission.max_queue))
     return [
-        ("grpc.max_receive_message_length", cfg.transport.max_message_bytes),
+        ("grpc.max_receive_message_length", receive),
         ("grpc.max_send_message_length", cfg.transport.max_message_bytes),
         ("grpc.so_reuseport", 0),
         ("grpc.server.max_pending_requests", pending),

@@ -23,11 +23,16 @@ a way that can be repeated and compared:
    machine is measured, and each node's ``GetStats`` and ``ListMembers``
    are read before and after (outcomes, membership events, requests).
 
-Two scenarios run on the same engines: one router node, and a mesh of
-``mesh_nodes`` nodes behind one name (requests spread round-robin over the
-nodes, as a DNS load balancer would). Prompts share a prefix (every engine
-caches it once) and end in a random suffix, so each request costs prefill
-and ``max_tokens`` decode steps.
+Two scenarios run on the same engines, each with fresh router nodes and
+cold engine caches: one router node (its capacity run sets the rates of both
+ladders, so both see the same offered load), and a mesh of ``mesh_nodes``
+nodes behind one name (requests spread round-robin over the nodes, as a DNS
+load balancer would). Prompts share a prefix (every engine caches it once)
+and end in a random suffix, so each request costs prefill and its
+``max_tokens`` decode steps (``ignore_eos``). The engines' caches are small enough to be full
+by the end of the capacity run: from then on each new block evicts an old
+one, so the index stays the same size and the router's memory follows the
+load alone.
 
 *Goodput* is the OK calls that ended within the level's sending window,
 per second of that window: a backlog finished after the last arrival does
@@ -36,20 +41,17 @@ state. *Shed rate* is the share of calls answered RESOURCE_EXHAUSTED.
 
 ``router_python`` runs the router processes with another interpreter (an
 older checkout installed in its own virtualenv) while the engines and the
-client stay the same, so one harness measures both sides of a change: the
-router is started through this module's ``__main__``, which replaces itself
-with ``PYTHON -m kvmesh.cli router ...`` from a neutral directory (so the
-other interpreter does not import this checkout from the working directory).
+client stay the same, so one harness measures both sides of a change (the
+router runs from ``/`` so the other interpreter does not import this
+checkout from the working directory).
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
-import os
 import random
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -60,12 +62,13 @@ import aiohttp
 import grpc
 
 from kvmesh import procs
-from kvmesh.benchmarks.proxy import _cpu_s, _machine_busy_s, _self_cpu_s
-from kvmesh.benchmarks.routing import _wait_mesh, clear_caches
+from kvmesh.benchmarks.cpu import cpu_s, machine_busy_s, self_cpu_s
+from kvmesh.benchmarks.routing import clear_caches
+from kvmesh.probes import wait_mesh
 from kvmesh.stats import percentile
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
-from router.service import REASON_KEY
+from router.errors import REASON_KEY
 
 __all__ = [
     "OTHER",
@@ -93,7 +96,6 @@ STATUS_COLUMNS = (
 )
 OTHER = "other"
 SINGLE = "node1"  # the one-node scenario's key in the results
-_EXEC_MODULE = "kvmesh.benchmarks.overload"  # run as a module, it execs another Python's router
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,9 @@ class OverloadConfig:
 
     engines: int = 4
     max_num_seqs: int = 4  # batch slots per engine: few, so the engines are the bottleneck
+    # KV cache per engine, in blocks: small enough to fill during the capacity run, so the
+    # index holds as many blocks at every level and RSS follows the load, not a growing index.
+    num_gpu_blocks: int = 1024
     time_scale: float = 1.0
     prefix_tokens: int = 1024  # shared by every prompt
     suffix_tokens: tuple[int, int] = (50, 400)  # random tokens after the prefix (inclusive range)
@@ -245,6 +250,7 @@ def _start_engines(cfg: OverloadConfig) -> list[procs.Proc]:
     try:
         for i in range(cfg.engines):
             extra = ["--max-num-seqs", str(cfg.max_num_seqs), "--time-scale", str(cfg.time_scale)]
+            extra += ["--num-gpu-blocks", str(cfg.num_gpu_blocks)]
             extra += ["--seed", str(cfg.seed), "--log-level", "warning"]
             engines.append(procs.start_sim_engine(f"overload-engine-{i}", extra))
     except Exception:
@@ -278,7 +284,7 @@ def _start_router(cfg: OverloadConfig, name: str, engine_flags: list[str], extra
     args += ["--policy", cfg.policy, "--log-level", "warning", "--seed", str(cfg.seed), *cfg.router_args]
     if not cfg.router_python:
         return procs.start(name, args)
-    return procs.start(name, [cfg.router_python, *args], module=_EXEC_MODULE)
+    return procs.start(name, args, python=cfg.router_python, cwd="/")
 
 
 def _start_routers(cfg: OverloadConfig, engines: list[procs.Proc], n: int) -> list[procs.Proc]:
@@ -291,7 +297,7 @@ def _start_routers(cfg: OverloadConfig, engines: list[procs.Proc], n: int) -> li
         for j in range(1, n):
             join = [*insecure, "--join", first.info["grpc"]]
             nodes.append(_start_router(cfg, f"overload-{chr(97 + j)}", [], join))
-        asyncio.run(_wait_mesh([p.info["grpc"] for p in nodes], len(engines)))
+        asyncio.run(wait_mesh([p.info["grpc"] for p in nodes], len(engines)))
     except Exception:
         for p in nodes:
             p.stop()
@@ -351,10 +357,10 @@ class _CpuMeter:
 
     def _read(self) -> dict[str, float]:
         return {
-            "routers": sum(map(_cpu_s, self.routers)),
-            "client": _self_cpu_s(),
-            "engines": sum(map(_cpu_s, self.engines)),
-            "machine": _machine_busy_s(),
+            "routers": sum(map(cpu_s, self.routers)),
+            "client": self_cpu_s(),
+            "engines": sum(map(cpu_s, self.engines)),
+            "machine": machine_busy_s(),
         }
 
     def stop(self) -> dict[str, float]:
@@ -422,7 +428,8 @@ class _Prompts:
 
     def __init__(self, cfg: OverloadConfig, seed: int) -> None:
         self.cfg = cfg
-        self.prefix = [random.Random(cfg.seed).randrange(256, 32000) for _ in range(cfg.prefix_tokens)]
+        shared = random.Random(cfg.seed)  # the same prefix for every level and scenario
+        self.prefix = [shared.randrange(256, 32000) for _ in range(cfg.prefix_tokens)]
         self.rng = random.Random(seed)
         self.n = 0
 
@@ -488,6 +495,7 @@ async def _node_views(admins: list[pb_grpc.AdminStub]) -> list[dict]:
                 "member_events": dict(st.member_events),
                 "requests_by_engine": dict(st.requests_by_engine),
                 "in_flight": st.in_flight,
+                "index_entries": st.index_entries,
                 "not_alive": sorted(f"{m.node_id}:{m.state}" for m in mem.members if m.state != "alive"),
                 "incarnations": {m.node_id: m.incarnation for m in mem.members},
             }
@@ -508,6 +516,7 @@ def node_deltas(before: list[dict], after: list[dict]) -> list[dict]:
                 "member_events": counter_delta(b["member_events"], a["member_events"]),
                 "requests_by_engine": counter_delta(b["requests_by_engine"], a["requests_by_engine"]),
                 "in_flight_after": a["in_flight"],
+                "index_entries_after": a["index_entries"],
                 "not_alive_after": a["not_alive"],
                 "incarnation_bumps": bumps,  # refutations: a member answered a suspicion of itself
             }
@@ -684,17 +693,3 @@ def run_overload(cfg: OverloadConfig, note: Callable[[str], None] = print) -> di
 def quick(cfg: OverloadConfig) -> OverloadConfig:
     """``cfg`` with ``--quick``'s shorter windows."""
     return replace(cfg, **QUICK)
-
-
-def _exec_router(argv: list[str]) -> None:
-    """``python -m kvmesh.benchmarks.overload PYTHON ARGS...``: become
-    ``PYTHON -m kvmesh.cli ARGS...`` (same process, so the same pid for RSS
-    and CPU), started from ``/`` so ``-m`` does not put this checkout first
-    on the other interpreter's path."""
-    python, *args = argv
-    os.chdir("/")
-    os.execv(python, [python, "-m", "kvmesh.cli", *args])
-
-
-if __name__ == "__main__":
-    _exec_router(sys.argv[1:])

@@ -36,12 +36,12 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import resource
 import time
 
 import grpc
 
 from kvmesh import procs
+from kvmesh.benchmarks.cpu import cpu_s, machine_busy_s, self_cpu_s
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
@@ -63,25 +63,6 @@ def pin(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(tid), cpus)
         except (ProcessLookupError, FileNotFoundError):  # a thread that just exited
             pass
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _self_cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def _machine_busy_s() -> float:
-    """CPU seconds all processes on the machine spent busy (from /proc/stat)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
 
 
 async def _drive(
@@ -141,13 +122,13 @@ async def _drive(
             else:
                 failed += 1
 
-    c0 = {"server": _cpu_s(server_pid), "client": _self_cpu_s(), "engines": sum(map(_cpu_s, engine_pids))}
-    m0 = _machine_busy_s()
+    c0 = {"server": cpu_s(server_pid), "client": self_cpu_s(), "engines": sum(map(cpu_s, engine_pids))}
+    m0 = machine_busy_s()
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
     wall = time.perf_counter() - t0
-    m1 = _machine_busy_s()
-    c1 = {"server": _cpu_s(server_pid), "client": _self_cpu_s(), "engines": sum(map(_cpu_s, engine_pids))}
+    m1 = machine_busy_s()
+    c1 = {"server": cpu_s(server_pid), "client": self_cpu_s(), "engines": sum(map(cpu_s, engine_pids))}
     await ch.close()
     cpu = {k: (c1[k] - c0[k]) / wall for k in c0}
     if not engine_pids:

@@ -405,7 +405,9 @@ def _overload_intro(ov: dict) -> list[str]:
         "",
         f"{when}"
         f"{c.get('engines')} simulated engines with {c.get('max_num_seqs')} batch slots each "
-        f"(`--max-num-seqs`, time scale {c.get('time_scale')}), policy `{c.get('policy')}`. Prompts: "
+        f"(`--max-num-seqs`, time scale {c.get('time_scale')}) and a KV cache of "
+        f"{c.get('num_gpu_blocks')} blocks each (full after the capacity run, so the index holds as many "
+        f"blocks at every level), policy `{c.get('policy')}`. Prompts: "
         f"a shared {c.get('prefix_tokens')}-token prefix and {lo[0]}-{lo[1]} random tokens; "
         f"{hi[0]}-{hi[1]} output tokens (`ignore_eos`). Capacity (OK completions/s of a closed loop of "
         f"{cap.get('clients', '?')} clients, after a {c.get('warmup_seconds')} s warm-up, over "
@@ -457,6 +459,7 @@ def _perf_rows(levels: list[dict]) -> list[list[str]]:
                 _ms(lv["reject_p50_ms"]),
                 _ms(lv["reject_p99_ms"]),
                 _rss(lv),
+                ", ".join(str(n.get("index_entries_after", "-")) for n in lv["nodes"]),
                 " / ".join(f"{cpu.get(k, 0):.2f}" for k in ("routers", "client", "engines", "other")),
                 _ms((lv.get("client_loop_late") or {}).get("p99_ms")),
             ]
@@ -511,6 +514,7 @@ def _overload_scenario(name: str, sc: dict) -> list[str]:
             "reject p50 ms",
             "reject p99 ms",
             "router RSS MB start -> end (peak)",
+            "index entries after",
             "CPU cores router / client / engines / other",
             "client late p99 ms",
         ],

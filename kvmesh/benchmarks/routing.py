@@ -31,6 +31,7 @@ import grpc
 from blocks.hashing import DEFAULT_BLOCK_SIZE
 from kvmesh import procs
 from kvmesh.benchmarks.driver import GrpcTarget, Rec, SglangTarget, run_workload, summarize
+from kvmesh.probes import wait_mesh
 from kvmesh.stats import percentile
 from kvmesh.workloads import Workload
 from kvmesh_pb.v1 import router_pb2 as pb
@@ -152,7 +153,7 @@ def start_system(name: str, engines: list[procs.Proc], cfg: FleetConfig) -> Syst
                 p = procs.start_router(n, [], ["--policy", "precise", "--join", first.info["grpc"], *common])
                 sysm.procs.append(p)
                 sysm.grpc_addrs.append(p.info["grpc"])
-            asyncio.run(_wait_mesh(sysm.grpc_addrs, len(engines)))
+            asyncio.run(wait_mesh(sysm.grpc_addrs, len(engines)))
         except Exception:
             sysm.stop()
             raise
@@ -160,24 +161,6 @@ def start_system(name: str, engines: list[procs.Proc], cfg: FleetConfig) -> Syst
     if name.startswith("sglang_"):
         return _start_sglang(name, name.removeprefix("sglang_"), engines)
     raise ValueError(f"unknown system {name!r}; known: {', '.join(SYSTEMS)}")
-
-
-async def _wait_mesh(addrs: list[str], n_engines: int, timeout: float = 30.0) -> None:
-    """Every node sees every member alive and every engine."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        good = 0
-        for a in addrs:
-            async with grpc.aio.insecure_channel(a) as ch:
-                admin = pb_grpc.AdminStub(ch)
-                m = await admin.ListMembers(pb.ListMembersRequest())
-                e = await admin.ListEngines(pb.ListEnginesRequest())
-            if sum(x.state == "alive" for x in m.members) == len(addrs) and len(e.engines) == n_engines:
-                good += 1
-        if good == len(addrs):
-            return
-        await asyncio.sleep(0.2)
-    raise RuntimeError("the 3-node mesh did not converge on members and engines")
 
 
 def sglang_available() -> str | None:

@@ -372,16 +372,19 @@ WHY_MISSED: dict[str, str] = {
     ),
     "overload: shed requests answered": (
         "Shedding costs the node little, but the answer waits for the node's event loop, behind the "
-        "tokens it is streaming for the admitted requests and the other calls arriving, and for a CPU: "
-        "the router, the client and the engine processes share 2 cores with whatever else runs on the "
-        "machine (the `other` CPU column). `client late` is the client's share of the figure. Fix: "
-        "a node on its own cores, or more nodes behind the name (each sheds a share of the excess)."
+        "tokens it is streaming for the admitted requests, the other calls arriving and the garbage "
+        "collector's full passes, and for a CPU: the router, the client and the engine processes share "
+        "2 cores with whatever else runs on the machine (the `other` CPU column). `client late` is the "
+        "client's share of the figure. Fix: router nodes on cores of their own (more nodes behind the "
+        "name only help when they do not share the same cores)."
     ),
     "overload: router memory flat": (
-        "RSS after a burst stays near the peak of the burst: CPython keeps the memory of the calls it "
-        "held at the busiest moment (queued, in flight, being refused) for reuse rather than return it "
-        "to the system, and a 16x level holds many more at once than a 1x one. The peak column gives "
-        "the working set; RSS that keeps rising over repeated levels at the same load would be a leak."
+        "RSS follows the number of calls the node holds at once: the admitted requests waiting for a "
+        "first token (up to `--max-queue-wait` x the fleet's start rate, each with its engine stream "
+        "open) and those being refused; CPython keeps freed memory for reuse rather than return it to "
+        "the system, so a level ends near its peak. The index holds as many entries at every level "
+        "(its column), so the growth is not routing state; RSS that kept rising over repeated levels at "
+        "the same load would be a leak. A shorter `--max-queue-wait` holds fewer calls at once."
     ),
     "overload: mesh membership stable": (
         "SWIM probes and their acks share each node's event loop and CPU with the requests: an ack "

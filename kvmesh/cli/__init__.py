@@ -19,7 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "run a simulated vLLM-like engine (OpenAI /v1/completions + ZMQ KV events)",
     ),
     "demo": ("kvmesh.demo", "start engines and a router on this machine and compare policies"),
-    "bench": ("kvmesh.bench", "benchmarks: routing vs peers, index, convergence, proxy (docs/benchmarks.md)"),
+    "bench": (
+        "kvmesh.bench",
+        "benchmarks: routing vs peers, index, convergence, proxy, overload, reliability (docs/)",
+    ),
 }
 
 

@@ -184,6 +184,13 @@ def _add_overload_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
         "request is aborted and the client gets DEADLINE_EXCEEDED (default %(default)s)",
     )
     p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=d.max_request_bytes,
+        help="largest request the public port accepts, in bytes (default %(default)s; when the mesh "
+        "shares the port, its own bound applies: give the mesh --mesh-listen to keep this one small)",
+    )
+    p.add_argument(
         "--drain-timeout",
         type=float,
         default=d.drain_timeout,
@@ -300,6 +307,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         ),
         engine_client=EngineClientConfig(stream_idle_timeout=args.stream_idle_timeout),
         drain_timeout=args.drain_timeout,
+        max_request_bytes=args.max_request_bytes,
         insecure=args.insecure,
         mesh_listen=args.mesh_listen,
         mesh_advertise=args.mesh_advertise,

@@ -357,7 +357,10 @@ async def test_data_parallel_ranks_are_separate_workers() -> None:
         assert sink.state["eng-dp"] == engines[0].expected()
         assert sink.state["eng-dp#dp1"] == engines[1].expected()
         s = ad.stats()
-        assert s["ranks"][1]["gaps_replayed"] == 1 and s["ranks"][0]["gaps"] == 0
+        # Rank 1's two lost batches came from its own replay socket (as a gap,
+        # or by the start-up catch-up when that ran late); rank 0 lost none.
+        assert s["ranks"][1]["replayed_batches"] >= 2 and s["ranks"][1]["resets"] == 0
+        assert s["ranks"][0]["gaps"] == 0 and s["ranks"][0]["resets"] == 0
     finally:
         await ad.stop()
         for p in pubs:

@@ -213,3 +213,20 @@ async def test_past_its_bound_a_node_sheds_at_once(engines):
             assert [c[0] for c in await asyncio.gather(*busy)] == ["OK", "OK"]
     finally:
         router.stop()
+
+
+async def test_an_oversized_request_is_refused_by_the_public_port(engines):
+    mesh = f"127.0.0.1:{procs.free_port()}"
+    router = _router(
+        [procs.engine_flag("e0", engines[0])], ["--mesh-listen", mesh, "--max-request-bytes", "100000"]
+    )
+    try:
+        async with grpc.aio.insecure_channel(router.info["grpc"]) as ch:
+            stub = pb_grpc.RouterStub(ch)
+            code, _, details, _ = await _call(stub, _req(_tokens(40, 60_000)))
+            assert code == "RESOURCE_EXHAUSTED" and "larger than max" in details, details
+            code, _, details, _ = await _call(stub, _req(_tokens(41, 64)))
+            assert code == "OK", details
+        assert router.info["mesh"] == mesh
+    finally:
+        router.stop()

@@ -10,8 +10,9 @@ from blocks.delta import OP_STORE, KvDelta, KvOp
 from mesh.core import MeshConfig, MeshCore
 from mesh.effects import EngineAdded, EngineRemoved, StartOwning, StopOwning
 from mesh.engine_log.entry import LogError
+from mesh.gossip import StateGossip
 from mesh.ownership import owner_of
-from mesh.state_messages import MessageError, StatePush, SyncReply, SyncRequest, encode_payload
+from mesh.state_messages import Delta, MessageError, StatePush, SyncReply, SyncRequest, encode_payload
 from router.index import PrefixIndex
 
 SPEC = {"endpoint": "tcp://127.0.0.1:5557", "model": "m"}
@@ -343,3 +344,38 @@ def test_config_validation() -> None:
         MeshConfig(anti_entropy_interval=0)
     with pytest.raises(ValueError):
         MeshConfig(gossip_fanout=0)
+
+
+def test_a_lone_node_holds_no_deltas_and_a_joiner_still_gets_them() -> None:
+    """With no peer to tell, queued deltas would only grow memory: a joiner
+    takes the full state instead."""
+    net = mesh(1)
+    a = net.nodes["a"]
+    a.register_engine("e1", SPEC, net.now)
+    for seq in range(200):
+        assert a.engine_deltas("e1", [KvDelta("e1", seq, [KvOp(OP_STORE, [seq + 1])])], net.now)
+        net.run(0.05)
+    assert len(a.gossip) == 0 and a.gossip.queued_bytes == 0
+    assert a.gossip.dropped > 0
+    net.add("b", ["a"])
+    net.run(3.0)
+    assert net.index["b"].worker_hashes("e1") == set(range(1, 201))
+
+
+def test_gossip_queue_is_bounded_in_bytes_and_count() -> None:
+    g = StateGossip(
+        "a", fanout=2, retransmit_mult=4, max_push_bytes=1 << 20, max_queued=30, max_queued_bytes=10_000
+    )
+    for i in range(50):
+        g.enqueue(Delta(sender="a", registry=bytes(1000 + i)), float(i))
+        assert g.queued_bytes <= 10_000
+    assert len(g) == 9 and g.dropped == 41
+    # The freshest survive: the newest registry update is still queued.
+    push = g.round(60.0, ["b", "c"], 3, random.Random(0))
+    assert push is not None and len(push.peers) == 2
+    g2 = StateGossip("a", fanout=2, retransmit_mult=4, max_push_bytes=1 << 20, max_queued=5)
+    for _ in range(8):
+        g2.enqueue(Delta(sender="a", registry=bytes(10)), 0.0)
+    assert len(g2) == 5 and g2.dropped == 3
+    assert g2.round(1.0, [], 1, random.Random(0)) is None
+    assert len(g2) == 0 and g2.dropped == 8

@@ -109,6 +109,7 @@ def _view(total: int, outcomes: dict, events: dict, inc: dict) -> dict:
         "member_events": events,
         "requests_by_engine": {"e0": total},
         "in_flight": 0,
+        "index_entries": 4000,
         "not_alive": [],
         "incarnations": inc,
     }
@@ -135,6 +136,7 @@ def _level(
         "member_events": {},
         "requests_by_engine": {"e0": 60, "e1": 40},
         "in_flight_after": 0,
+        "index_entries_after": 4000,
         "not_alive_after": [],
         "incarnation_bumps": 0,
     }
@@ -216,7 +218,7 @@ def test_overload_section_and_plot_from_the_json_alone(tmp_path):
     assert "**25.0 req/s**" in body and "`--max-queue=9`" in body
     assert "| offered | req/s | sent | OK | RESOURCE_EXHAUSTED |" in body
     assert "| 16x | 400 | 150 | 100 | 50 |" in body
-    assert "| 16x | 23.0 | 33% | 80.0 | 900 | 2.0 | 30.0 | 83 -> 86 (86) |" in body
+    assert "| 16x | 23.0 | 33% | 80.0 | 900 | 2.0 | 30.0 | 83 -> 86 (86) | 4000 |" in body
     assert "| 16x | 100 (100), 100 (100), 100 (100) | e0 180, e1 120 | 1 | 0 | 0 | none |" in body
     assert "![goodput and shed rate vs offered load](img/overload.png)" in body
     paths = write_plots(res, str(tmp_path))
@@ -237,8 +239,13 @@ def test_bench_overload_flags_reach_the_config(monkeypatch):
     from kvmesh import bench
     from kvmesh.benchmarks import overload
 
-    seen = []
-    monkeypatch.setattr(overload, "run_overload", lambda cfg, note: seen.append(cfg) or {})
+    seen: list[overload.OverloadConfig] = []
+
+    def fake_run(cfg: overload.OverloadConfig, note: object) -> dict:
+        seen.append(cfg)
+        return {}
+
+    monkeypatch.setattr(overload, "run_overload", fake_run)
     p = argparse.ArgumentParser()
     bench.configure_parser(p)
     args = p.parse_args(
@@ -253,3 +260,17 @@ def test_bench_overload_flags_reach_the_config(monkeypatch):
     assert seen[-1] == overload.OverloadConfig()  # the defaults are the config's own
     bench.run_overload_cmd(p.parse_args(["all", "--router-arg=--max-queue-wait=2"]))  # `bench all`'s part
     assert seen[-1] == overload.OverloadConfig(router_args=("--max-queue-wait=2",))
+
+
+def test_prompts_share_a_seeded_prefix_and_vary_after_it():
+    from kvmesh.benchmarks.overload import OverloadConfig, _Prompts
+
+    cfg = OverloadConfig()
+    a, b = _Prompts(cfg, 1), _Prompts(cfg, 2)
+    ra, rb = a.next("x"), b.next("y")
+    pa, pb_ = list(ra.prompt.token_ids.ids), list(rb.prompt.token_ids.ids)
+    assert pa[: cfg.prefix_tokens] == pb_[: cfg.prefix_tokens] and len(set(pa[: cfg.prefix_tokens])) > 100
+    lo, hi = cfg.suffix_tokens
+    assert lo <= len(pa) - cfg.prefix_tokens <= hi and pa[cfg.prefix_tokens :] != pb_[cfg.prefix_tokens :]
+    assert cfg.max_tokens[0] <= ra.sampling.max_tokens <= cfg.max_tokens[1] and ra.sampling.ignore_eos
+    assert ra.request_id == "x-1" and a.next("x").request_id == "x-2"
