@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(CURDIR)/$(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lint test test-unit test-integration test-docker proto proto-check bench bench-quick image clean
+.PHONY: install native demo lint test test-unit test-integration test-docker proto proto-check bench bench-quick image clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -14,7 +14,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	@touch $(STAMP)
 
-install: $(STAMP)
+## The native hot path (native/, Rust): built when cargo is present, else the
+## pure-Python path serves (engine_adapters/native.py chooses at import).
+NATIVE_STAMP := $(VENV)/.native
+NATIVE_SRC := $(wildcard native/src/*.rs) native/Cargo.toml native/Cargo.lock native/pyproject.toml native/kvmesh_native.pyi
+
+$(NATIVE_STAMP): $(STAMP) $(NATIVE_SRC)
+	$(PY) -m pip install -q 'maturin>=1.9.4,<2'
+	cd native && VIRTUAL_ENV=$(CURDIR)/$(VENV) $(CURDIR)/$(VENV)/bin/maturin develop --release --locked -q
+	@touch $(NATIVE_STAMP)
+	@echo "kvmesh: native hot path built (native/, Rust; KVMESH_PURE_PYTHON=1 forces the Python path)"
+
+native: $(STAMP)
+	@if command -v cargo >/dev/null; then $(MAKE) -s --no-print-directory $(NATIVE_STAMP); \
+	else echo "kvmesh: cargo not found: native hot path not built, the pure-Python path serves (install Rust, then make install)"; fi
+
+install: $(STAMP) native
 
 ## Regenerate gRPC/protobuf code from proto/ (the one command for it).
 proto: $(STAMP)
@@ -37,10 +52,10 @@ lint: $(STAMP)
 ## The full suite: the gates, then unit + property, simulation, multi-process
 ## on loopback, multi-container. pytest exits 5 when it collects no test: that
 ## fails the target like any other non-zero exit.
-test: $(STAMP) proto-check lint
+test: $(STAMP) native proto-check lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) native
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/sim
 
 test-integration: $(STAMP)
@@ -55,7 +70,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench,peers]'
 	$(VENV)/bin/kvmesh bench all
 
-## The same suite, short (~3 min).
+## The same suite, short (~4 min).
 bench-quick: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench,peers]'
 	$(VENV)/bin/kvmesh bench all --quick
@@ -68,4 +83,4 @@ image:
 	@docker image prune -f --filter label=kvmesh.image=app >/dev/null
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis native/target

@@ -3,6 +3,13 @@
 The ops of :mod:`blocks.delta` describe changes to this map; the block
 mapper keeps one while it translates an engine's events, and the mesh log's
 owner and replicas rebuild the same map from the ops.
+
+One map per cache tier (:mod:`blocks.tiers`): the GPU's is the
+:class:`BlockMap` itself (the hot path, unchanged by tiers), and the other
+tiers' are maps of their own under :meth:`BlockMap.tier`, made on first use,
+so a worker without offloading costs nothing for them. The same engine
+block can be live on several tiers at once; each tier's map binds and
+forgets it on its own, and a CLEAR empties them all.
 """
 
 from __future__ import annotations
@@ -13,6 +20,11 @@ from itertools import islice
 from operator import eq
 
 from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, EngineHash, KvOp
+from blocks.tiers import TIER_GPU, tier_name
+
+# One live block of a worker as handed over: (engine hash, router hash) on the
+# GPU, (engine hash, router hash, tier) on another tier.
+MappedBlock = tuple[EngineHash, int] | tuple[EngineHash, int, int]
 
 try:  # C helper behind Counter.update: mapping[x] = mapping.get(x, 0) + 1 per item
     from collections import _count_elements  # type: ignore[attr-defined]  # private, no stub
@@ -66,42 +78,97 @@ class BlockMap:
     needs it) computes it when asked.
     """
 
-    __slots__ = ("_eb", "refs", "to_router")
+    __slots__ = ("_eb", "lower", "refs", "to_router")
 
     def __init__(self, refs: bool = True) -> None:
         self.to_router: dict[EngineHash, int] = {}
         # router hash -> engine blocks naming it; None when not tracked
         self.refs: dict[int, int] | None = {} if refs else None
         self._eb: int | None = None if refs else 0  # ebytes, when tracked
+        # tier -> that tier's map, for the tiers other than the GPU (this map)
+        self.lower: dict[int, BlockMap] | None = None
 
     @property
     def ebytes(self) -> int:
-        if self._eb is not None:
-            return self._eb
-        return sum(ehash_bytes(eh) for eh, rh in self.to_router.items() if eh != rh)
+        """Encoded size of the non-identity engine hashes, every tier."""
+        eb = self._eb
+        if eb is None:
+            eb = sum(ehash_bytes(eh) for eh, rh in self.to_router.items() if eh != rh)
+        if self.lower:
+            eb += sum(m.ebytes for m in self.lower.values())
+        return eb
 
     @classmethod
-    def from_pairs(cls, pairs: Iterable[tuple[EngineHash, int]], refs: bool = True) -> BlockMap:
+    def from_pairs(cls, pairs: Iterable[MappedBlock], refs: bool = True) -> BlockMap:
+        """A map of ``(engine hash, router hash)`` pairs on the GPU and
+        ``(engine hash, router hash, tier)`` triples on other tiers."""
         m = cls(refs)
-        for eh, rh in pairs:
-            m.bind(eh, rh)
+        for p in pairs:
+            if len(p) == 3:
+                m.tier(p[2]).bind(p[0], p[1])
+            else:
+                m.bind(p[0], p[1])
         return m
 
+    def tier(self, tier: int) -> BlockMap:
+        """The map of ``tier``: this one for the GPU, another made empty on
+        first use (ValueError for a number that is no tier)."""
+        if tier == TIER_GPU:
+            return self
+        lower = self.lower
+        if lower is None:
+            lower = self.lower = {}
+        m = lower.get(tier)
+        if m is None:
+            tier_name(tier)  # raises for an unknown tier
+            m = lower[tier] = BlockMap(self.refs is not None)
+        return m
+
+    def tiers(self) -> list[tuple[int, BlockMap]]:
+        """``(tier, map)`` of every tier with live blocks, GPU first, then in tier order."""
+        out = [(TIER_GPU, self)] if self.to_router else []
+        if self.lower:
+            out += sorted((t, m) for t, m in self.lower.items() if m.to_router)
+        return out
+
+    def router_hash(self, eh: EngineHash) -> int | None:
+        """The router hash of engine block ``eh`` on any tier, or None."""
+        rh = self.to_router.get(eh)
+        if rh is None and self.lower:
+            for m in self.lower.values():
+                rh = m.to_router.get(eh)
+                if rh is not None:
+                    break
+        return rh
+
     def __len__(self) -> int:
-        return len(self.to_router)
+        """Engine blocks mapped, every tier."""
+        n = len(self.to_router)
+        if self.lower:
+            n += sum(len(m.to_router) for m in self.lower.values())
+        return n
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, BlockMap) and self.to_router == other.to_router
+        if not isinstance(other, BlockMap) or self.to_router != other.to_router:
+            return False
+        mine = {t: m.to_router for t, m in (self.lower or {}).items() if m.to_router}
+        theirs = {t: m.to_router for t, m in (other.lower or {}).items() if m.to_router}
+        return mine == theirs
 
     def __repr__(self) -> str:
-        return f"BlockMap({len(self.to_router)} engine blocks, {len(self.live())} router)"
+        per_tier = ", ".join(f"{tier_name(t)} {len(m.to_router)}" for t, m in self.tiers())
+        return f"BlockMap({len(self)} engine blocks: {per_tier or 'none'})"
 
     def live(self) -> set[int]:
-        """The live router hashes."""
+        """The live router hashes on the GPU."""
         return set(self.refs) if self.refs is not None else set(self.to_router.values())
 
+    def live_by_tier(self) -> dict[int, set[int]]:
+        """Tier -> its live router hashes, for every tier with live blocks."""
+        return {t: m.live() for t, m in self.tiers()}
+
     def counts(self) -> dict[int, int]:
-        """Router hash -> engine blocks naming it."""
+        """Router hash -> engine blocks naming it, on the GPU."""
         if self.refs is not None:
             return dict(self.refs)
         out: dict[int, int] = {}
@@ -109,8 +176,14 @@ class BlockMap:
             out[rh] = out.get(rh, 0) + 1
         return out
 
-    def pairs(self) -> list[tuple[EngineHash, int]]:
-        return list(self.to_router.items())
+    def pairs(self) -> list[MappedBlock]:
+        """Every live block: GPU pairs first, then the other tiers' triples
+        (what :meth:`from_pairs` takes)."""
+        out: list[MappedBlock] = list(self.to_router.items())
+        if self.lower:
+            for t, m in sorted(self.lower.items()):
+                out += [(eh, rh, t) for eh, rh in m.to_router.items()]
+        return out
 
     def bind(self, eh: EngineHash, rh: int) -> tuple[int | None, bool]:
         """Map ``eh`` to ``rh`` (replacing its old binding).
@@ -192,16 +265,31 @@ class BlockMap:
         self.to_router = dict(self.to_router)
         if self.refs is not None:
             self.refs = dict(self.refs)
+        if self.lower:
+            self.lower = {t: m for t, m in self.lower.items() if m.to_router}
+            for m in self.lower.values():
+                m.compact()
 
     def clear(self) -> None:
+        """Forget every block, on every tier."""
         self.to_router.clear()
         if self.refs is not None:
             self.refs.clear()
         if self._eb is not None:
             self._eb = 0
+        self.lower = None
 
     def apply(self, op: KvOp) -> None:
-        """Apply one op (see :mod:`blocks.delta` for what its lists mean)."""
+        """Apply one op (see :mod:`blocks.delta` for what its lists mean) to
+        its tier's map; a CLEAR empties every tier."""
+        kind = op.kind
+        if op.tier and kind != OP_CLEAR:
+            self.tier(op.tier).apply_here(op)
+            return
+        self.apply_here(op)
+
+    def apply_here(self, op: KvOp) -> None:
+        """Apply ``op`` to this map, whatever its tier."""
         kind = op.kind
         if kind == OP_STORE:
             self._store(op)
@@ -248,23 +336,25 @@ class BlockMap:
         self._eb -= eb  # type: ignore[operator]  # _eb is an int whenever refs is None
 
     def snapshot_ops(self) -> list[KvOp]:
-        """``[CLEAR, STORE(...)]`` that rebuild this map on an empty one.
+        """``[CLEAR, STORE(...)...]`` that rebuild this map on an empty one,
+        one or two STOREs per tier with live blocks.
 
         Identity pairs (router-hash-named blocks) go in a STORE without
         engine hashes, so they cost what they did before ehashes existed.
         """
         ops = [KvOp(OP_CLEAR, [])]
-        ident: list[int] = []
-        hs: list[int] = []
-        ehs: list[EngineHash] = []
-        for eh, rh in self.to_router.items():
-            if eh == rh:
-                ident.append(rh)
-            else:
-                ehs.append(eh)
-                hs.append(rh)
-        if ident:
-            ops.append(KvOp(OP_STORE, ident))
-        if hs:
-            ops.append(KvOp(OP_STORE, hs, ehs))
+        for t, m in self.tiers():
+            ident: list[int] = []
+            hs: list[int] = []
+            ehs: list[EngineHash] = []
+            for eh, rh in m.to_router.items():
+                if eh == rh:
+                    ident.append(rh)
+                else:
+                    ehs.append(eh)
+                    hs.append(rh)
+            if ident:
+                ops.append(KvOp(OP_STORE, ident, [], t))
+            if hs:
+                ops.append(KvOp(OP_STORE, hs, ehs, t))
         return ops

@@ -19,16 +19,25 @@ mapping included:
   already live through another engine block (router hashes are refcounted).
 * ``REMOVE``: ``ehashes`` are the engine blocks gone, ``hashes`` the router
   hashes whose last engine block went (the lists can differ in length).
-* ``CLEAR``: both empty.
+* ``CLEAR``: both empty; it drops every block of the worker, on every tier.
+
+Each op acts on one cache tier (``tier``, :mod:`blocks.tiers`): a STORE
+on the host tier makes the blocks live there, and a REMOVE from the GPU
+leaves the host copies live. The field comes last and defaults to the GPU,
+so entries written before tiers existed decode as GPU ops, and a reader
+that predates tiers reads the ops of every tier as GPU ops (msgpack arrays
+with a trailing element it does not know) instead of failing.
 
 An op without ``ehashes`` (from a producer without engine hashes) names each
-block by its router hash: the pair is ``(h, h)``; ``ehashes`` is optional on
-the wire (it defaults to empty), so such ops cost nothing for it.
+block by its router hash: the pair is ``(h, h)``; its ``ehashes`` is an
+empty list on the wire (one byte).
 """
 
 from __future__ import annotations
 
 import msgspec
+
+from blocks.tiers import TIER_GPU
 
 OP_STORE = 0
 OP_REMOVE = 1
@@ -41,6 +50,7 @@ class KvOp(msgspec.Struct, array_like=True, gc=False, frozen=True):
     kind: int
     hashes: list[int]  # router block hashes (unsigned 64-bit)
     ehashes: list[EngineHash] = []  # engine block hashes (see module docstring)
+    tier: int = TIER_GPU  # the cache tier the op acts on (blocks.tiers); CLEAR ignores it
 
 
 class KvDelta(msgspec.Struct, array_like=True, gc=False):

@@ -37,13 +37,15 @@ mkdir -p "$BUILD"
 exec 9>"$BUILD/.lock"
 flock 9
 
-# Requirements from pyproject.toml: runtime deps, then build-system requires (so
-# the app image can `pip install --no-build-isolation` the project offline).
+# Requirements from pyproject.toml: runtime deps, the tracing extra (so
+# `--otlp-endpoint` works in the image), then build-system requires (so the app
+# image can `pip install --no-build-isolation` the project offline).
 "$PYTHON" - "$REPO/pyproject.toml" >"$BUILD/requirements.txt" <<'EOF'
 import sys, tomllib
 with open(sys.argv[1], "rb") as f:
     data = tomllib.load(f)
 reqs = list(data["project"].get("dependencies", []))
+reqs += data["project"].get("optional-dependencies", {}).get("tracing", [])
 reqs += data.get("build-system", {}).get("requires", [])
 print("\n".join(reqs))
 EOF

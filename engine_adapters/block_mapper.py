@@ -35,9 +35,31 @@ read from the event in every form the engines send (:func:`tenancy`):
   both are read so that a connector passing its keys through unconverted
   is not mistaken for an unsalted tenant.
 
+Cache tiers: each event names its medium, and its blocks are bound,
+forgotten and announced on that tier's map (``BlockMap.tier``): a host copy
+of a block still on the GPU is a second binding of the same engine hash, and
+a GPU removal leaves the host copy live (the ops carry the tier, see
+``blocks.delta``). A store's parent may be on any tier (an engine hash names
+content, so its router hash is the same on every tier). Repeated stores of a
+block on a tier other than the GPU are counted, and it goes with the last
+matching removal: vLLM's offloading announces a block once per chunk that
+holds it and expects consumers to count (the counts are this node's; a new
+owner starts from the log's mapping, one per block). vLLM's offloading
+placeholders (a store without token ids) are mapped through the engine
+hashes the mapper already knows on another tier.
+
+Block size: the mapper is given the size the engine is registered with (the
+size every node hashes that engine's prompts at) and refuses a store of any
+other size, as a skip with reason ``block_size_mismatch``: its blocks could
+never match a prompt, and indexing them would only hide that. The size last
+refused is kept in :attr:`MapperStats.block_size_mismatch` until a store of
+the registered size maps again; the event adapter logs it and reports it.
+
 An event the decoder could not use (a ``SkippedEvent``: unknown shape, a
-store without token ids, ...) is counted by reason in :class:`MapperStats`
-and logged as ``adapter.event_skipped``; the rest of its batch applies.
+medium no engine sends, ...) or the mapper cannot (a placeholder of blocks
+it never saw, a block-size mismatch) is counted by reason in
+:class:`MapperStats` and logged as ``adapter.event_skipped``; the rest of its
+batch applies.
 """
 
 from __future__ import annotations
@@ -48,30 +70,42 @@ from typing import Any
 
 import structlog
 
-from blocks.block_map import BlockMap
+from blocks.block_map import BlockMap, MappedBlock
 from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, EngineHash, KvDelta, KvOp
 from blocks.hashing import block_hashes, root_seed
+from blocks.tiers import TIER_GPU
 from engine_adapters.kv_events import (
+    SKIP_BLOCK_SIZE_MISMATCH,
+    SKIP_NO_TOKEN_IDS,
+    SKIP_UNKNOWN_MEDIUM,
     AllBlocksCleared,
     BatchEvent,
     BlockRemoved,
     BlockStored,
     SkippedEvent,
+    tier_of,
 )
 
 log = structlog.get_logger(__name__)
 
+# emit(kind, tier, router hashes, engine hashes): one op of a delta
+_Emit = Callable[[int, int, list[int], list[EngineHash]], None]
+
 
 @dataclass
 class MapperStats:
-    stored: int = 0  # engine blocks mapped
+    stored: int = 0  # engine blocks mapped (every tier)
     removed: int = 0  # engine blocks forgotten
     cleared: int = 0  # AllBlocksCleared seen
     unknown_parent: int = 0  # blocks skipped: parent never seen (or already evicted)
     unknown_removed: int = 0  # removals of hashes never mapped (ignored)
     invalid_tokens: int = 0  # blocks skipped: token ids the router cannot hash
-    skipped_events: int = 0  # events the decoder could not use (SkippedEvent)
+    placeholder_blocks: int = 0  # of the stored: blocks of stores without token ids, mapped by hash
+    skipped_events: int = 0  # events that could not be used (the decoder's and the mapper's skips)
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    # The block size of the last store refused for not being the registered
+    # one; 0 when none was, or once a store of the registered size mapped.
+    block_size_mismatch: int = 0
 
 
 def tenancy(event: BlockStored) -> tuple[str | None, str | None]:
@@ -111,24 +145,32 @@ def _salt_in(entry: Any, lora: str | None) -> str | None:
 class BlockMapper:
     """Translates one worker's engine events into router-hash ops.
 
-    The ops carry the engine hashes too (``KvOp.ehashes``), so replaying a
-    mapper's deltas onto an empty :class:`BlockMap` gives exactly its mapping:
-    that is how the mesh hands a worker to a new owner (:meth:`from_pairs`).
+    The ops carry the engine hashes and the tier too (``KvOp.ehashes``,
+    ``KvOp.tier``), so replaying a mapper's deltas onto an empty
+    :class:`BlockMap` gives exactly its mapping: that is how the mesh hands
+    a worker to a new owner (:meth:`from_pairs`). ``block_size``: the size
+    the engine is registered with (None: take any, for producers whose size
+    is checked elsewhere).
     """
 
-    def __init__(self, model: str, worker: str = "") -> None:
+    def __init__(self, model: str, worker: str = "", block_size: int | None = None) -> None:
         self.model = model
         self.worker = worker
+        self.block_size = block_size
         self.block_map = BlockMap()
         self._roots: dict[tuple[str | None, str | None], int] = {}
+        # (tier, engine hash) -> announcements beyond the first, tiers other than the GPU
+        self._repeats: dict[tuple[int, EngineHash], int] = {}
         self.stats = MapperStats()
         self._skips_logged: set[str] = set()  # reasons already logged at warning level
 
     @classmethod
-    def from_pairs(cls, model: str, worker: str, pairs: Iterable[tuple[EngineHash, int]]) -> BlockMapper:
-        """A mapper that resumes a worker from its (engine hash, router hash)
-        pairs, e.g. ``Takeover.mappings[worker]`` after a mesh handover."""
-        m = cls(model, worker)
+    def from_pairs(
+        cls, model: str, worker: str, pairs: Iterable[MappedBlock], block_size: int | None = None
+    ) -> BlockMapper:
+        """A mapper that resumes a worker from its mapped blocks (``BlockMap.pairs``),
+        e.g. ``Takeover.mappings[worker]`` after a mesh handover."""
+        m = cls(model, worker, block_size)
         m.restore(pairs)
         return m
 
@@ -136,10 +178,16 @@ class BlockMapper:
         return len(self.block_map)
 
     def router_hash(self, engine_hash: EngineHash) -> int | None:
-        return self.block_map.to_router.get(engine_hash)
+        """The router hash of an engine block live on any tier, or None."""
+        return self.block_map.router_hash(engine_hash)
 
     def live_router_hashes(self) -> set[int]:
+        """The live router hashes on the GPU."""
         return self.block_map.live()
+
+    def live_by_tier(self) -> dict[int, set[int]]:
+        """Tier -> its live router hashes, for every tier with live blocks."""
+        return self.block_map.live_by_tier()
 
     def _root(self, lora_name: str | None, salt: str | None) -> int:
         key = (lora_name, salt)
@@ -152,57 +200,81 @@ class BlockMapper:
 
     def map_batch(self, events: Iterable[BatchEvent], seq: int) -> KvDelta:
         """One ``KvDelta`` for one engine batch; ops keep the events' order
-        (adjacent ops of the same kind are merged). Skipped events are
-        counted and leave the others untouched."""
+        (adjacent ops of the same kind and tier are merged). Skipped events
+        are counted and leave the others untouched."""
         ops: list[KvOp] = []
         kind = -1
+        tier = TIER_GPU
         hs: list[int] = []
         ehs: list[EngineHash] = []
         owned = False  # hs/ehs are our own lists (else the caller's: copy before extending)
 
-        def emit(k: int, hashes: list[int], ehashes: list[EngineHash]) -> None:
-            nonlocal kind, hs, ehs, owned
-            if k == kind and k != OP_CLEAR:
+        def emit(k: int, t: int, hashes: list[int], ehashes: list[EngineHash]) -> None:
+            nonlocal kind, tier, hs, ehs, owned
+            if k == kind and t == tier and k != OP_CLEAR:
                 if not owned:
                     hs, ehs, owned = list(hs), list(ehs), True
                 hs.extend(hashes)
                 ehs.extend(ehashes)
                 return
             if kind != -1:
-                ops.append(KvOp(kind, hs, ehs))
-            kind, hs, ehs, owned = k, hashes, ehashes, False
+                ops.append(KvOp(kind, hs, ehs, tier))
+            kind, tier, hs, ehs, owned = k, t, hashes, ehashes, False
 
-        for ev in events:
+        for i, ev in enumerate(events):
             if isinstance(ev, BlockStored):
-                self._store(ev, seq, emit)
+                self._on_stored(ev, i, seq, emit)
             elif isinstance(ev, BlockRemoved):
-                gone, egone = self._remove(ev.block_hashes)
-                if egone:
-                    emit(OP_REMOVE, gone, egone)
+                self._on_removed(ev, i, seq, emit)
             elif isinstance(ev, AllBlocksCleared):
                 self.clear()
                 self.stats.cleared += 1
-                emit(OP_CLEAR, [], [])
+                emit(OP_CLEAR, TIER_GPU, [], [])
             elif isinstance(ev, SkippedEvent):
-                self._skipped(ev, seq)
+                self._skip(ev, seq)
         if kind != -1:
-            ops.append(KvOp(kind, hs, ehs))
+            ops.append(KvOp(kind, hs, ehs, tier))
         return KvDelta(worker=self.worker, seq=seq, ops=ops)
 
-    def _store(
-        self,
-        ev: BlockStored,
-        seq: int,
-        emit: Callable[[int, list[int], list[EngineHash]], None],
-    ) -> None:
-        """Emit STORE of every new binding, in block order; an engine hash
-        reused for other content is emitted as its REMOVE then its STORE."""
-        m = self.block_map
+    def _on_stored(self, ev: BlockStored, index: int, seq: int, emit: _Emit) -> None:
+        t = tier_of(ev.medium, ev.locality)
+        if t is None:  # the decoder skips these; a hand-built event may not be
+            self._skip(SkippedEvent(index, SKIP_UNKNOWN_MEDIUM, f"medium {ev.medium!r}"), seq)
+        elif not ev.token_ids:
+            if ev.block_hashes:
+                self._placeholder(ev, t, index, seq, emit)
+        elif self.block_size is not None and ev.block_size != self.block_size:
+            self.stats.block_size_mismatch = ev.block_size
+            detail = (
+                f"BlockStored of {len(ev.block_hashes)} blocks of {ev.block_size} tokens; "
+                f"the engine is registered with block_size {self.block_size}"
+            )
+            self._skip(SkippedEvent(index, SKIP_BLOCK_SIZE_MISMATCH, detail), seq)
+        else:
+            self.stats.block_size_mismatch = 0
+            self._store(ev, t, seq, emit)
+
+    def _on_removed(self, ev: BlockRemoved, index: int, seq: int, emit: _Emit) -> None:
+        t = tier_of(ev.medium, ev.locality)
+        if t is None:
+            self._skip(SkippedEvent(index, SKIP_UNKNOWN_MEDIUM, f"medium {ev.medium!r}"), seq)
+            return
+        gone, egone = self._remove(ev.block_hashes, t)
+        if egone:
+            emit(OP_REMOVE, t, gone, egone)
+
+    def _store(self, ev: BlockStored, t: int, seq: int, emit: _Emit) -> None:
+        """Emit STORE of every new binding on tier ``t``, in block order; an
+        engine hash reused for other content is emitted as its REMOVE then
+        its STORE."""
+        m = self.block_map if t == TIER_GPU else self.block_map.tier(t)
         to_router = m.to_router
         if ev.parent_block_hash is None:
             parent: int | None = self._root(*tenancy(ev))
         else:
             parent = to_router.get(ev.parent_block_hash)
+            if parent is None:
+                parent = self.block_map.router_hash(ev.parent_block_hash)
         ehashes = ev.block_hashes
         n = len(ehashes)
         if parent is None:
@@ -220,34 +292,66 @@ class BlockMapper:
         # and the op shares the event's list (emit copies before extending).
         if len(hashes) == n and m.bind_new(ehashes, hashes):
             if n:
-                emit(OP_STORE, hashes, ehashes)
+                emit(OP_STORE, t, hashes, ehashes)
             return
+        self._bind_each(m, t, ehashes, hashes, emit)
+
+    def _bind_each(
+        self, m: BlockMap, t: int, ehashes: Iterable[EngineHash], hashes: Iterable[int], emit: _Emit
+    ) -> None:
+        """Bind each pair on tier ``t``'s map ``m``, emitting what changed."""
+        to_router = m.to_router
         bind, unbind = m.bind, m.unbind
         hs: list[int] = []
         ehs: list[EngineHash] = []
         for eh, rh in zip(ehashes, hashes):
             old = to_router.get(eh)
             if old == rh:
+                if t != TIER_GPU:  # announced again (see the module docstring)
+                    key = (t, eh)
+                    self._repeats[key] = self._repeats.get(key, 0) + 1
                 continue  # stored again: already live
             if old is not None:  # same engine hash, other content: engine reused it
                 if hs:
-                    emit(OP_STORE, hs, ehs)
+                    emit(OP_STORE, t, hs, ehs)
                     hs, ehs = [], []
                 _, dropped = unbind(eh)
-                emit(OP_REMOVE, [old] if dropped else [], [eh])
+                self._repeats.pop((t, eh), None)
+                emit(OP_REMOVE, t, [old] if dropped else [], [eh])
             bind(eh, rh)
             hs.append(rh)
             ehs.append(eh)
         if hs:
-            emit(OP_STORE, hs, ehs)
+            emit(OP_STORE, t, hs, ehs)
 
-    def _skipped(self, ev: SkippedEvent, seq: int) -> None:
+    def _placeholder(self, ev: BlockStored, t: int, index: int, seq: int, emit: _Emit) -> None:
+        """A store without token ids: mapped if every block is known (by its
+        engine hash, on some tier), else skipped."""
+        find = self.block_map.router_hash
+        found = [find(eh) for eh in ev.block_hashes]
+        hashes = [h for h in found if h is not None]
+        unknown = len(found) - len(hashes)
+        if unknown:
+            detail = (
+                f"BlockStored of {len(hashes)} blocks on {ev.medium} carries no token ids, "
+                f"and {unknown} of its engine hashes were never stored with them"
+            )
+            self._skip(SkippedEvent(index, SKIP_NO_TOKEN_IDS, detail), seq)
+            return
+        self.stats.stored += len(hashes)
+        self.stats.placeholder_blocks += len(hashes)
+        m = self.block_map if t == TIER_GPU else self.block_map.tier(t)
+        self._bind_each(m, t, ev.block_hashes, hashes, emit)
+
+    def _skip(self, ev: SkippedEvent, seq: int) -> None:
         st = self.stats
         st.skipped_events += 1
         st.skipped_by_reason[ev.reason] = st.skipped_by_reason.get(ev.reason, 0) + 1
         # The first skip of each reason is a warning; an engine that keeps
         # sending the same shape is then only counted (and logged at debug).
-        first = ev.reason not in self._skips_logged
+        # A block-size mismatch has its own warning, once per engine, from
+        # the event adapter (adapter.block_size_mismatch).
+        first = ev.reason not in self._skips_logged and ev.reason != SKIP_BLOCK_SIZE_MISMATCH
         self._skips_logged.add(ev.reason)
         (log.warning if first else log.debug)(
             "adapter.event_skipped",
@@ -258,12 +362,29 @@ class BlockMapper:
             detail=ev.detail,
         )
 
-    def _remove(self, engine_hashes: Iterable[EngineHash]) -> tuple[list[int], list[EngineHash]]:
-        """(router hashes no longer live, engine hashes forgotten)."""
+    def _remove(self, engine_hashes: Iterable[EngineHash], t: int) -> tuple[list[int], list[EngineHash]]:
+        """Forget blocks on tier ``t``: (router hashes no longer live there,
+        engine hashes forgotten)."""
+        if t == TIER_GPU:
+            m: BlockMap | None = self.block_map
+        else:
+            m = (self.block_map.lower or {}).get(t)
         out: list[int] = []
         eout: list[EngineHash] = []
-        unbind = self.block_map.unbind
+        if m is None:
+            self.stats.unknown_removed += sum(1 for _ in engine_hashes)
+            return out, eout
+        unbind = m.unbind
+        repeats = self._repeats
         for eh in engine_hashes:
+            if repeats and t != TIER_GPU:
+                left = repeats.get((t, eh), 0)
+                if left:  # still announced by another holder of it on this tier
+                    if left == 1:
+                        del repeats[(t, eh)]
+                    else:
+                        repeats[(t, eh)] = left - 1
+                    continue
             rh, dropped = unbind(eh)
             if rh is None:
                 self.stats.unknown_removed += 1
@@ -275,17 +396,20 @@ class BlockMapper:
         return out, eout
 
     def clear(self) -> None:
-        """Forget every block (engine cleared its cache, or the worker is reset)."""
+        """Forget every block, every tier (engine cleared its cache, or the worker is reset)."""
         self.block_map.clear()
+        self._repeats.clear()
 
     # --- handover --------------------------------------------------------------
 
-    def export(self) -> list[tuple[EngineHash, int]]:
-        """The live mapping as (engine hash, router hash) pairs, for handing a
-        worker to another node (the new owner cannot rebuild it from events)."""
+    def export(self) -> list[MappedBlock]:
+        """The live mapping (``BlockMap.pairs``: GPU pairs, other tiers'
+        triples), for handing a worker to another node (the new owner cannot
+        rebuild it from events)."""
         return self.block_map.pairs()
 
-    def restore(self, pairs: Iterable[tuple[EngineHash, int]]) -> None:
+    def restore(self, pairs: Iterable[MappedBlock]) -> None:
         """Replace the mapping with ``pairs`` (any order; a repeated engine
-        hash keeps its last router hash)."""
+        hash keeps its last router hash on its tier)."""
         self.block_map = BlockMap.from_pairs(pairs)
+        self._repeats.clear()

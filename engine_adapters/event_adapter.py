@@ -31,6 +31,16 @@ answer is just the end marker, which costs one round trip. The probe runs in
 the rank's own task, like gap fills, so it can never overlap a replay of the
 same rank, and a rank that keeps receiving batches is never probed.
 
+Block size. Every node hashes an engine's prompts in blocks of the size the
+engine is registered with, so events of any other size could never match a
+prompt. Each rank's mapper refuses such stores (skip reason
+``block_size_mismatch``); the adapter logs ``adapter.block_size_mismatch``
+once per engine and size, with the fix, and reports the mismatch in
+:meth:`EventAdapter.stats` (``block_size_mismatch``, ``events_refused``),
+which ``ListEngines`` and the node's metrics show. The typical cause is
+SGLang's default page size of 1 on GPUs: start it with ``--page-size`` equal
+to the registered ``block_size``, as vLLM with ``--block-size``.
+
 The wire framing (live and replay) is in ``kv_events``, the endpoint rules in
 ``kv_endpoints``; the decisions are the pure ``Sequencer``'s. What stays here
 is the I/O around them. The replay client is part of it, not a module of its
@@ -57,11 +67,11 @@ from engine_adapters.block_mapper import BlockMapper
 from engine_adapters.kv_endpoints import connect_endpoint
 from engine_adapters.kv_events import (
     EventDecodeError,
-    decode_batch,
     encode_seq,
     parse_live_frames,
     parse_replay_frames,
 )
+from engine_adapters.native import map_frame, new_mapper
 from engine_adapters.sequencer import Sequencer, Verdict
 
 log = structlog.get_logger(__name__)
@@ -109,16 +119,19 @@ class RankStats:
     history_truncated: int = 0  # first sync could not reach back to seq 0
     decode_errors: int = 0  # malformed frames or payloads (nothing applied)
     sink_errors: int = 0
+    # Seconds from the engine stamping the last applied batch (its ``ts``) to
+    # its apply here: wall clocks of two hosts, so their skew is part of it.
+    event_lag: float | None = None
 
 
 class _RankState:
     """What the adapter keeps for one data-parallel rank (one worker)."""
 
-    def __init__(self, rank: int, worker: str, model: str, start: int | None) -> None:
+    def __init__(self, rank: int, worker: str, model: str, start: int | None, block_size: int) -> None:
         self.rank = rank
         self.worker = worker
         self.sequencer = Sequencer(last_applied=start)
-        self.mapper = BlockMapper(model, worker)
+        self.mapper = new_mapper(model, worker, block_size)  # native when built (engine_adapters/native.py)
         self.stats = RankStats(last_seq=start)
         self.ready = asyncio.Event()  # set after the first catch-up attempt
         self.probe_failing = False  # the last probe went unanswered (log the next ones quietly)
@@ -129,6 +142,8 @@ class EventAdapter:
 
     ``start_seqs`` (rank -> last applied seq) and ``mappers`` (rank -> mapper)
     resume ranks another node was consuming (a mesh handover).
+    ``block_size``: the size the engine is registered with, which its
+    events must carry (see the module docstring); required, never assumed.
     """
 
     def __init__(
@@ -142,6 +157,7 @@ class EventAdapter:
         sink: Callable[[KvDelta], None] | None = None,
         start_seqs: dict[int, int] | None = None,
         *,
+        block_size: int,
         config: EventAdapterConfig | None = None,
         mappers: dict[int, BlockMapper] | None = None,
     ) -> None:
@@ -149,9 +165,12 @@ class EventAdapter:
             raise TypeError("EventAdapter needs a sink: Callable[[KvDelta], None]")
         if data_parallel_size < 1:
             raise ValueError("data_parallel_size must be >= 1")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
         cfg = config or EventAdapterConfig()
         self.engine_id = engine_id
         self.model = model
+        self.block_size = block_size
         self._kv_endpoint = kv_endpoint
         self._replay_endpoint = replay_endpoint
         self._topic = topic.encode("utf-8")
@@ -164,12 +183,14 @@ class EventAdapter:
         self._probe_after_ms = int(cfg.replay_probe_after * 1000) if replay_endpoint else 0
         start_seqs = start_seqs or {}
         self._ranks = [
-            _RankState(r, worker_id(engine_id, r), model, start_seqs.get(r))
+            _RankState(r, worker_id(engine_id, r), model, start_seqs.get(r), block_size)
             for r in range(data_parallel_size)
         ]
         for r, m in (mappers or {}).items():
             m.worker = self._ranks[r].worker
+            m.block_size = block_size
             self._ranks[r].mapper = m
+        self._mismatches_logged: set[int] = set()  # block sizes already logged as mismatches
         self._ctx: zmq.asyncio.Context | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._log = log.bind(engine=engine_id)
@@ -205,13 +226,40 @@ class EventAdapter:
         per_rank = {st.rank: asdict(st.stats) for st in self._ranks}
         total: dict[str, Any] = {"engine_id": self.engine_id}
         for key in RankStats.__dataclass_fields__:
-            if key == "last_seq":
+            if key in ("last_seq", "event_lag"):
                 continue
             total[key] = sum(int(r[key]) for r in per_rank.values())
         total["last_seq"] = {r: s["last_seq"] for r, s in per_rank.items()}
+        lags = [s["event_lag"] for s in per_rank.values() if s["event_lag"] is not None]
+        total["event_lag"] = max(lags) if lags else None  # the rank furthest behind
         total["ranks"] = per_rank
         total["skipped_events"] = sum(st.mapper.stats.skipped_events for st in self._ranks)
+        by_reason: dict[str, int] = {}
+        for st in self._ranks:
+            for reason, n in st.mapper.stats.skipped_by_reason.items():
+                by_reason[reason] = by_reason.get(reason, 0) + n
+        total["skipped_by_reason"] = by_reason
+        total["block_size_mismatch"] = self.block_size_mismatch
+        total["events_refused"] = self.events_refused
         return total
+
+    @property
+    def block_size_mismatch(self) -> int:
+        """The block size of the stores refused right now for not being the
+        registered one (the first rank's that has one), 0 if none is."""
+        return next((m for st in self._ranks if (m := st.mapper.stats.block_size_mismatch)), 0)
+
+    @property
+    def events_refused(self) -> str:
+        """Why this engine's stores are refused ("" while they apply)."""
+        seen = self.block_size_mismatch
+        if not seen:
+            return ""
+        return (
+            f"block size mismatch: the engine's KV events carry blocks of {seen} "
+            f"token{'s' if seen != 1 else ''}, "
+            f"it is registered with block_size {self.block_size}"
+        )
 
     def last_seqs(self) -> dict[int, int | None]:
         return {st.rank: st.sequencer.last for st in self._ranks}
@@ -405,7 +453,7 @@ class EventAdapter:
 
     def _apply(self, st: _RankState, seq: int, payload: bytes, digest: int, replayed: bool) -> None:
         try:
-            batch = decode_batch(payload)
+            frame, delta = map_frame(st.mapper, payload, seq)
         except EventDecodeError as e:
             st.stats.decode_errors += 1
             self._log.error("adapter.batch_undecodable", worker=st.worker, seq=seq, error=str(e))
@@ -414,12 +462,32 @@ class EventAdapter:
             st.stats.last_seq = seq
             self._emit(st, KvDelta(st.worker, seq, []))
             return
-        delta = st.mapper.map_batch(batch.events, seq)
+        seen = st.mapper.stats.block_size_mismatch
+        if seen and seen not in self._mismatches_logged:
+            self._mismatch(st, seen)
         st.sequencer.applied(seq, digest, replayed)
         st.stats.batches += 1
-        st.stats.events += len(batch.events)
+        st.stats.events += frame.events
         st.stats.last_seq = seq
+        if frame.ts > 0:  # a batch without a time says nothing about lag
+            st.stats.event_lag = time.time() - frame.ts
         self._emit(st, delta)
+
+    def _mismatch(self, st: _RankState, seen: int) -> None:
+        """Say once per engine and size that its stores are refused, and how to fix it."""
+        self._mismatches_logged.add(seen)
+        self._log.warning(
+            "adapter.block_size_mismatch",
+            worker=st.worker,
+            registered_block_size=self.block_size,
+            event_block_size=seen,
+            action="stores refused (nothing of them is indexed) until they carry the registered size",
+            fix=(
+                f"start the engine with blocks of {self.block_size} tokens (vLLM --block-size "
+                f"{self.block_size}, SGLang --page-size {self.block_size}), or register it and every "
+                f"engine of its model with block_size={seen}"
+            ),
+        )
 
     def _history_lost(self, st: _RankState, upto: int, reason: str) -> None:
         """History up to ``upto`` cannot be had: reset the worker if it had any."""

@@ -36,10 +36,17 @@ own code made (``tests/fixtures/golden/``, ``scripts/golden_frames.py``):
   mapper reads the cache salt from it. Newer optional fields (``group_idx``,
   ``locality``, ``ownership``, ``lookahead_token_ids``, ...) are kept where
   kvmesh has a use for them and ignored otherwise.
-- Cache tiers: ``medium`` is ``GPU`` or ``CPU`` (vLLM), ``GPU`` or
-  ``CPU_PINNED`` (SGLang's host tier); kept on the event (the index does not tell tiers apart).
-  vLLM's CPU offloading also stores placeholders without token ids
-  (``block_size`` 0): they cannot be hashed and are skipped.
+- Cache tiers: ``medium`` is ``GPU``, ``CPU`` or ``STORAGE`` (vLLM's KV
+  offloading), ``GPU``, ``CPU_PINNED``, ``DISK`` or ``EXTERNAL`` (SGLang's
+  hierarchical cache); vLLM's ``locality`` ``REMOTE`` marks a copy held
+  away from the publisher. :func:`tier_of` names the router's tier of each
+  (:mod:`blocks.tiers`); an event with a medium it does not know is skipped
+  (``unknown_medium``) rather than guessed onto a tier. vLLM's CPU
+  offloading also stores placeholders without token ids (``block_size`` 0,
+  one hash per offloaded chunk): they pass decoding, and the block mapper
+  maps them when it knows their engine hashes from an earlier store with
+  tokens (the same block on another tier), else skips them
+  (``no_token_ids``).
 - SGLang with EAGLE speculative decoding keys its radix tree by bigrams: each
   "token id" of a page is a pair ``(token, next token)``, the page's KV being
   that of the first elements. The decoder turns a page of pairs into the
@@ -62,13 +69,45 @@ from typing import Any, Literal, TypeAlias
 import msgspec
 
 from blocks.delta import EngineHash
+from blocks.tiers import TIER_DISK, TIER_EXTERNAL, TIER_GPU, TIER_HOST
 
 # Block hashes on the wire are the engine's opaque ids (EngineHash): unsigned
 # 64-bit ints (values >= 2**63 occur), signed int64 (SGLang) or bytes (vLLM
 # with sha256 hashing).
 END_SEQ = b"\xff" * 8  # replay end marker: seq -1 as 8 big-endian bytes
 MEDIUM_GPU = "GPU"
-MEDIUM_CPU = "CPU"  # vLLM's CPU offloading tier; SGLang calls its host tier "CPU_PINNED"
+MEDIUM_CPU = "CPU"  # vLLM's CPU offloading tier
+MEDIUM_CPU_PINNED = "CPU_PINNED"  # SGLang's host tier (HiCache L2)
+MEDIUM_STORAGE = "STORAGE"  # vLLM's offloading to storage
+MEDIUM_DISK = "DISK"  # SGLang's L3
+MEDIUM_EXTERNAL = "EXTERNAL"  # SGLang's L4: a shared or remote pool (Mooncake, ...)
+LOCALITY_REMOTE = "REMOTE"  # vLLM: the copy is held away from the publisher
+
+# Every medium the engines publish, and the router's tier of it; an event
+# without one is the GPU's (vLLM <= 0.23 and SGLang's plain radix cache).
+_TIER_OF_MEDIUM: dict[str | None, int] = {
+    None: TIER_GPU,
+    MEDIUM_GPU: TIER_GPU,
+    MEDIUM_CPU: TIER_HOST,
+    MEDIUM_CPU_PINNED: TIER_HOST,
+    MEDIUM_STORAGE: TIER_DISK,
+    MEDIUM_DISK: TIER_DISK,
+    MEDIUM_EXTERNAL: TIER_EXTERNAL,
+}
+
+
+def tier_of(medium: str | None, locality: str | None = None) -> int | None:
+    """The router's cache tier (``blocks.tiers``) of an event's ``medium``
+    and ``locality``; None for a medium no engine is known to send. A copy
+    the publisher marks ``REMOTE`` is on the external tier, whatever its
+    medium: it has to come over the network first."""
+    tier = _TIER_OF_MEDIUM.get(medium)
+    if tier is None and medium is not None:
+        tier = _TIER_OF_MEDIUM.get(medium.upper())
+    if tier is not None and locality == LOCALITY_REMOTE:
+        return TIER_EXTERNAL
+    return tier
+
 
 EventFormat = Literal["map", "array"]
 
@@ -114,10 +153,14 @@ KVEvent: TypeAlias = BlockStored | BlockRemoved | AllBlocksCleared
 
 # Why an event was skipped (the counter's label).
 SKIP_UNDECODABLE = "undecodable"  # unknown tag or shape, wrong field types
-SKIP_NO_TOKEN_IDS = "no_token_ids"  # a store without tokens (vLLM's offloading placeholders)
+SKIP_NO_TOKEN_IDS = "no_token_ids"  # a store without tokens whose blocks were never seen with them
 SKIP_BAD_BLOCK_SIZE = "bad_block_size"
 SKIP_TOKEN_COUNT = "token_count_mismatch"  # token ids do not fill the blocks named
 SKIP_BIGRAM_NOT_CHAINED = "bigram_not_chained"  # token pairs that are not a prompt's bigrams
+SKIP_UNKNOWN_MEDIUM = "unknown_medium"  # a cache tier no engine is known to send
+# The block mapper's: a store whose block size is not the one the engine is
+# registered with (its blocks would never match a prompt hashed at that size).
+SKIP_BLOCK_SIZE_MISMATCH = "block_size_mismatch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,14 +402,20 @@ def _decode_event(raw: msgspec.Raw, index: int) -> BatchEvent:
     return SkippedEvent(index, SKIP_UNDECODABLE, "neither a tagged map nor a tagged array")
 
 
-def _problem(e: BlockStored) -> tuple[str, str] | None:
-    """Why a decoded store cannot be mapped, or None: its token ids must fill
-    exactly the blocks it names."""
-    n_tokens, n_blocks = len(e.token_ids), len(e.block_hashes)
-    if n_tokens == n_blocks * e.block_size and e.block_size > 0:
+def _medium_problem(e: BlockStored | BlockRemoved) -> tuple[str, str] | None:
+    """Why an event's cache tier cannot be told, or None."""
+    if e.medium in _TIER_OF_MEDIUM or tier_of(e.medium) is not None:
         return None
-    if n_blocks and not n_tokens:
-        return SKIP_NO_TOKEN_IDS, f"BlockStored of {n_blocks} blocks carries no token ids"
+    return SKIP_UNKNOWN_MEDIUM, f"{type(e).__name__} on medium {e.medium!r}, not a known cache tier"
+
+
+def _store_problem(e: BlockStored) -> tuple[str, str] | None:
+    """Why a decoded store cannot be mapped, or None: its token ids must fill
+    exactly the blocks it names, or be absent (a placeholder, see the module
+    docstring: the block mapper maps it if it knows its hashes)."""
+    n_tokens, n_blocks = len(e.token_ids), len(e.block_hashes)
+    if (n_tokens == n_blocks * e.block_size and e.block_size > 0) or not n_tokens:
+        return _medium_problem(e)
     if e.block_size <= 0:
         return SKIP_BAD_BLOCK_SIZE, f"BlockStored with block_size {e.block_size}"
     return SKIP_TOKEN_COUNT, (
@@ -375,16 +424,20 @@ def _problem(e: BlockStored) -> tuple[str, str] | None:
 
 
 def _checked(events: Sequence[BatchEvent]) -> Sequence[BatchEvent]:
-    """``events`` with every store that cannot be mapped replaced by a
+    """``events`` with every event that cannot be mapped replaced by a
     :class:`SkippedEvent` (the same list when all are fine: the common case)."""
     out: list[BatchEvent] | None = None
     for i, e in enumerate(events):
-        if e.__class__ is BlockStored:
-            why = _problem(e)
-            if why is not None:
-                if out is None:
-                    out = list(events)
-                out[i] = SkippedEvent(i, *why)
+        if isinstance(e, BlockStored):
+            why = _store_problem(e)
+        elif isinstance(e, BlockRemoved):
+            why = _medium_problem(e)
+        else:
+            continue
+        if why is not None:
+            if out is None:
+                out = list(events)
+            out[i] = SkippedEvent(i, *why)
     return events if out is None else out
 
 
@@ -396,8 +449,16 @@ def decode_batch(payload: bytes) -> KVEventBatch:
     extra fields are ignored. Raises :class:`EventDecodeError` only when the
     envelope is unreadable; an event that cannot be used is a
     :class:`SkippedEvent` in its place. Every ``BlockStored`` carries exactly
-    ``block_size`` token ids per block hash.
+    ``block_size`` token ids per block hash, or none (a placeholder), and
+    every event's medium has a tier (:func:`tier_of`).
     """
+    try:
+        return _decode_batch(payload)
+    except RecursionError:  # msgspec decodes nested values recursively: a hostile frame nests deep
+        raise EventDecodeError("malformed KV event batch: nested too deeply") from None
+
+
+def _decode_batch(payload: bytes) -> KVEventBatch:
     if not payload:
         raise EventDecodeError("empty payload")
     if _is_array(payload):

@@ -17,7 +17,9 @@ Two implementations of one small protocol:
 - :class:`HFTokenizer` wraps a Hugging Face ``tokenizers`` tokenizer loaded
   from a local ``tokenizer.json``. Nothing is ever downloaded.
 
-``get_tokenizer(spec)`` picks one: ``"builtin"`` or a path to ``tokenizer.json``.
+``get_tokenizer(spec)`` picks one: ``"builtin"``, a path to ``tokenizer.json``,
+or a model's directory holding one (where its chat template lives too:
+engine_adapters/chat_template.py).
 """
 
 from __future__ import annotations
@@ -124,7 +126,8 @@ class HFTokenizer:
 
 
 def get_tokenizer(spec: str = BUILTIN, tokenizer_json: str | None = None) -> Tokenizer:
-    """``"builtin"`` -> :class:`BuiltinTokenizer`; a path -> :class:`HFTokenizer`.
+    """``"builtin"`` -> :class:`BuiltinTokenizer`; a path (a tokenizer.json, or
+    a directory holding one) -> :class:`HFTokenizer`.
 
     ``tokenizer_json``, when given, wins over ``spec`` (so callers can pass a
     model name as ``spec`` and the file separately). Raises
@@ -136,4 +139,6 @@ def get_tokenizer(spec: str = BUILTIN, tokenizer_json: str | None = None) -> Tok
         return BuiltinTokenizer()
     if not spec:
         raise TokenizerError("empty tokenizer spec: use 'builtin' or a path to tokenizer.json")
+    if os.path.isdir(spec):  # a model's directory, as Hugging Face lays it out
+        return HFTokenizer(os.path.join(spec, "tokenizer.json"))
     return HFTokenizer(spec)

@@ -19,9 +19,14 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kvmesh.workloads import Workload
+from kvmesh.workloads import DEFAULT_SPLIT, SPLITS, Workload
+
+if TYPE_CHECKING:
+    from kvmesh.benchmarks.routing import RoutingPlan
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The Mooncake trace is an input the user downloads; by default it is looked
@@ -29,8 +34,41 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MOONCAKE = REPO_ROOT.parent / "shared" / "data" / "mooncake" / "conversation_trace.jsonl"
 MOONCAKE_SOURCE = "https://github.com/kvcache-ai/Mooncake (FAST25-release/traces/conversation_trace.jsonl)"
 WORKLOADS = ("chat", "agent", "trace", "nosharing")
-QUICK_WORKLOADS = "chat,trace"
-QUICK_SYSTEMS = "round_robin,cache_aware_approx,precise,precise_mesh3,sglang_cache_aware"
+DEFAULT_WORKLOADS = "chat,trace"
+
+
+# Gossip convergence: real meshes of these sizes, then simulated (nodes, packet loss).
+CONVERGENCE_REAL, QUICK_CONVERGENCE_REAL = [5, 9], [5]
+CONVERGENCE_SIM = [(10, 0.0), (50, 0.0), (100, 0.0), (100, 0.01), (100, 0.05), (200, 0.01), (200, 0.05)]
+QUICK_CONVERGENCE_SIM = [(100, 0.01)]
+SIM_EVENTS, QUICK_SIM_EVENTS = 20, 10
+
+
+@dataclass(frozen=True)
+class WorkloadSizes:
+    """How big each workload of ``kvmesh bench routing`` is."""
+
+    # Sessions arrive over a longer time than one lasts, so a faster timeline
+    # (the goodput ladder) means more sessions at once, not only sooner ones.
+    chat_sessions: int = 64
+    chat_turns: tuple[int, int] = (2, 5)
+    # A user's pause between turns: the history waits in the caches meanwhile.
+    chat_think_s: float = 2.0
+    # More shared prompts than engines: the fleet cannot keep each on every engine.
+    chat_system_prompts: int = 16
+    agent_sessions: int = 40
+    nosharing_requests: int = 100
+    trace_records: int = 800
+
+
+QUICK_SIZES = WorkloadSizes(
+    chat_sessions=40,
+    chat_turns=(2, 4),
+    chat_think_s=1.5,
+    agent_sessions=16,
+    nosharing_requests=60,
+    trace_records=400,
+)
 
 
 def _index_flags(ix: argparse.ArgumentParser) -> None:
@@ -71,74 +109,158 @@ def _overload_flags(o: argparse.ArgumentParser) -> None:
     )
 
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    from kvmesh.benchmarks.routing import SYSTEMS, FleetConfig
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
-    fleet = FleetConfig()
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _routing_flags(sp: argparse.ArgumentParser) -> None:
+    from kvmesh.benchmarks.routing import QUICK, SYSTEMS, FleetConfig, RoutingPlan
+
+    fleet, plan = FleetConfig(), RoutingPlan()
+
+    def join(xs: tuple[object, ...]) -> str:
+        return ",".join(str(x) for x in xs) or "none"
+
+    sp.add_argument(
+        "--workload",
+        default=DEFAULT_WORKLOADS,
+        help=f"comma-separated workloads: {', '.join(WORKLOADS)} (default: %(default)s)",
+    )
+    sp.add_argument(
+        "--systems",
+        default="",
+        help="comma-separated systems at the nominal load, FAMILY or FAMILY@N for N replicas, beside "
+        f"the replicas table's (default: {join(tuple(plan.systems))}; "
+        f"--quick: {join(tuple(QUICK.systems))}); "
+        "given, the replicas table and the goodput search keep only these families unless "
+        "--replica-systems / --ladder-systems say otherwise; families: " + ", ".join(SYSTEMS),
+    )
+    sp.add_argument(
+        "--replicas",
+        type=_ints,
+        default=None,
+        help=f"router replica counts of the replicas table (default {join(plan.replicas)}; "
+        f"--quick: {join(QUICK.replicas)})",
+    )
+    sp.add_argument(
+        "--replica-systems",
+        default="",
+        help=f"families of the replicas table (default {join(plan.replica_families)}; "
+        f"--quick: {join(QUICK.replica_families)})",
+    )
+    sp.add_argument(
+        "--ladder-systems",
+        default="",
+        help=f"families whose goodput is searched (default {join(plan.ladder_families)}; "
+        f"--quick: {join(QUICK.ladder_families)})",
+    )
+    sp.add_argument(
+        "--ladder-replicas",
+        type=_ints,
+        default=None,
+        help=f"replica counts of the goodput search (default {join(plan.ladder_replicas)}; "
+        f"--quick: {join(QUICK.ladder_replicas)})",
+    )
+    sp.add_argument(
+        "--ladder-steps",
+        type=int,
+        default=None,
+        help=f"runs per goodput curve, the nominal load's included; 1: none beyond it "
+        f"(default {plan.ladder_steps}; --quick: {QUICK.ladder_steps})",
+    )
+    sp.add_argument(
+        "--slo-ms",
+        type=float,
+        default=plan.slo_ms,
+        help="TTFT p90 (every request sent, failures as misses of it) a goodput run must stay under "
+        "(default %(default)s)",
+    )
+    sp.add_argument(
+        "--pressure",
+        type=float,
+        default=fleet.pressure,
+        help="the fleet's KV caches hold this share of each workload's working set (0: every engine "
+        "gets --num-gpu-blocks) (default %(default)s)",
+    )
+    sp.add_argument(
+        "--split",
+        choices=sorted(SPLITS),
+        default=DEFAULT_SPLIT,
+        help="workload seed and trace slice (policy defaults are chosen on `tuning`, reported on "
+        "`heldout`): "
+        + "; ".join(f"{k}: seed {v.seed}, trace from record {v.trace_offset}" for k, v in SPLITS.items())
+        + " (default %(default)s)",
+    )
+    sp.add_argument(
+        "--mooncake",
+        default=str(DEFAULT_MOONCAKE),
+        metavar="PATH",
+        help="the Mooncake conversation trace for the `trace` workload: an input you provide, "
+        f"downloaded from {MOONCAKE_SOURCE} (default: %(default)s)",
+    )
+    sp.add_argument(
+        "--engines", type=int, default=fleet.engines, help="simulated engines (default %(default)s)"
+    )
+    sp.add_argument(
+        "--num-gpu-blocks",
+        type=int,
+        default=fleet.num_gpu_blocks,
+        help=f"KV cache of each engine with --pressure 0, in {fleet.block_size}-token blocks "
+        "(default %(default)s)",
+    )
+    sp.add_argument(
+        "--trace-load",
+        type=float,
+        default=0.75,
+        help="trace replay speed: offered prompt tokens/s as a multiple of the fleet's prefill "
+        "capacity (default %(default)s)",
+    )
+    sp.add_argument(
+        "--chat-rate",
+        type=float,
+        default=5.0,
+        help="chat sessions arriving per second at the nominal load (default %(default)s)",
+    )
+    sp.add_argument(
+        "--router-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra flag for every kvmesh router, repeatable; use the = form: "
+        "--router-arg=--policy-opt=precise.overlap_weight=2",
+    )
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     _index_flags(
         sub.add_parser("index", help="prefix index alone: store throughput and match latency at ~1M blocks")
     )
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--quick", action="store_true", help="short smoke run (under 3 minutes for `all`)")
-        sp.add_argument("--seed", type=int, default=0, help="workload seed (same seed, same workload)")
-
-    def routing_flags(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument(
-            "--workload",
-            default=",".join(WORKLOADS),
-            help=f"comma-separated workloads: {', '.join(WORKLOADS)} "
-            f"(default: all; --quick: {QUICK_WORKLOADS})",
-        )
-        sp.add_argument(
-            "--systems",
-            default="",
-            help=f"comma-separated systems (default: all; --quick: {QUICK_SYSTEMS}); known: "
-            + ", ".join(SYSTEMS),
-        )
-        sp.add_argument(
-            "--mooncake",
-            default=str(DEFAULT_MOONCAKE),
-            metavar="PATH",
-            help="the Mooncake conversation trace for the `trace` workload: an input you provide, "
-            f"downloaded from {MOONCAKE_SOURCE} (default: %(default)s)",
-        )
-        sp.add_argument(
-            "--engines", type=int, default=fleet.engines, help="simulated engines (default %(default)s)"
-        )
-        sp.add_argument(
-            "--num-gpu-blocks",
-            type=int,
-            default=fleet.num_gpu_blocks,
-            help=f"KV cache of each engine, in {fleet.block_size}-token blocks (default %(default)s)",
-        )
-        sp.add_argument(
-            "--trace-load",
-            type=float,
-            default=1.0,
-            help="trace replay speed: offered prompt tokens/s as a multiple of the fleet's prefill "
-            "capacity (default %(default)s)",
-        )
-        sp.add_argument("--chat-rate", type=float, default=12.0, help="chat sessions arriving per second")
-        sp.add_argument(
-            "--router-arg",
-            action="append",
-            default=[],
-            metavar="ARG",
-            help="extra flag for every kvmesh router, repeatable; use the = form: "
-            "--router-arg=--policy-opt=precise.overlap_weight=2",
-        )
+    def common(sp: argparse.ArgumentParser, seed_help: str = "seed (same seed, same run)") -> None:
+        sp.add_argument("--quick", action="store_true", help="short smoke run (under 4 minutes for `all`)")
+        sp.add_argument("--seed", type=int, default=0, help=seed_help)
 
     a = sub.add_parser("all", help="the whole suite; writes docs/benchmarks.md, .json and docs/img/*.png")
-    common(a)
-    routing_flags(a)
+    common(a, "seed of the micro, overload and reliability parts (routing: --split)")
+    _routing_flags(a)
     a.add_argument(
         "--docs", default=str(REPO_ROOT / "docs"), help="output folder (default: the repo's docs/)"
     )
-    r = sub.add_parser("routing", help="hit rate, TTFT, throughput of every system on the workloads")
-    common(r)
-    routing_flags(r)
+    r = sub.add_parser(
+        "routing",
+        help="hit rate, TTFT, throughput of every system on the workloads under cache pressure; router "
+        "replicas; goodput at an SLO",
+    )
+    r.add_argument("--quick", action="store_true", help="short smoke run")
+    _routing_flags(r)
     for name, text in (
         ("micro", "index ingest and match vs Dynamo's RadixTree; decision latency per policy"),
         ("convergence", "gossip convergence vs mesh size (real processes and simulation)"),
@@ -165,6 +287,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--json", dest="json_out", default="", metavar="PATH", help="also save the figures here"
         )
+    from kvmesh.benchmarks.tiers import configure_parser as tiers_parser  # it runs itself (_run)
+
+    tiers_parser(
+        sub.add_parser(
+            "tiers",
+            help="hit rate by cache tier and TTFT with and without the engines' host tier, under cache "
+            "pressure: writes its section of DOCS/benchmarks.md and DOCS/img/tiers.png",
+        )
+    )
     report = sub.add_parser(
         "report",
         help="measure nothing: rewrite DOCS/benchmarks.md from DOCS/benchmarks.json and DOCS/evidence/*.md",
@@ -203,68 +334,107 @@ class _Bar:
             self._bar.close()
 
 
+def check_trace(args: argparse.Namespace) -> None:
+    """A clear error, before anything runs, when the `trace` workload's input is missing."""
+    if "trace" in _csv(args.workload) and not os.path.isfile(args.mooncake):
+        raise SystemExit(
+            f"Mooncake trace not found at {args.mooncake}; download it from {MOONCAKE_SOURCE} "
+            "and pass --mooncake PATH (or leave `trace` out of --workload)"
+        )
+
+
 def build_workloads(args: argparse.Namespace, capacity_tokens_per_s: float) -> list[Workload]:
+    """The workloads of ``args.workload``, sized for --quick or not, on the --split's seed and slice."""
     from kvmesh import workloads
 
-    names = [w.strip() for w in args.workload.split(",") if w.strip()]
-    if args.quick and args.workload == ",".join(WORKLOADS):
-        names = QUICK_WORKLOADS.split(",")
+    names = _csv(args.workload)
     bad = [n for n in names if n not in WORKLOADS]
     if bad:
         raise SystemExit(f"unknown workload(s) {bad}; known: {', '.join(WORKLOADS)}")
-    q = args.quick
+    size = QUICK_SIZES if args.quick else WorkloadSizes()
+    split = SPLITS[args.split]
+    seed = split.seed
     out = []
     for n in names:
         if n == "chat":
             out.append(
                 workloads.chat_workload(
-                    n_sessions=40 if q else 96,
+                    n_sessions=size.chat_sessions,
                     rate=args.chat_rate,
-                    seed=args.seed,
-                    turns=(3, 6) if q else workloads.CHAT_TURNS,
+                    seed=seed,
+                    turns=size.chat_turns,
+                    think_s=size.chat_think_s,
+                    n_system_prompts=size.chat_system_prompts,
                 )
             )
         elif n == "agent":
-            out.append(workloads.agent_workload(n_sessions=16 if q else 40, rate=4.0, seed=args.seed))
+            out.append(workloads.agent_workload(n_sessions=size.agent_sessions, rate=4.0, seed=seed))
         elif n == "nosharing":
-            out.append(workloads.no_sharing_workload(n_requests=60 if q else 100, rate=12.0, seed=args.seed))
+            out.append(
+                workloads.no_sharing_workload(n_requests=size.nosharing_requests, rate=12.0, seed=seed)
+            )
         elif n == "trace":
-            path = args.mooncake
-            if not os.path.isfile(path):
-                raise SystemExit(
-                    f"Mooncake trace not found at {path}; download it from {MOONCAKE_SOURCE} "
-                    "and pass --mooncake PATH"
-                )
-            recs = workloads.load_mooncake(path, limit=250 if q else 800)
+            check_trace(args)
+            recs = workloads.load_mooncake(args.mooncake, limit=size.trace_records, offset=split.trace_offset)
             out.append(
                 workloads.mooncake_workload(
                     recs,
                     tokens_per_block=32,
                     target_tokens_per_s=args.trace_load * capacity_tokens_per_s,
-                    seed=args.seed,
+                    seed=seed,
+                    first_record=split.trace_offset,
                 )
             )
     return out
 
 
-def run_routing_cmd(args: argparse.Namespace) -> dict:
-    from kvmesh.benchmarks.routing import SYSTEMS, FleetConfig, run_routing
+def routing_plan(args: argparse.Namespace) -> RoutingPlan:
+    """The runs of ``kvmesh bench routing`` (and ``all``'s routing part) from its flags."""
+    from kvmesh.benchmarks.routing import QUICK, RoutingPlan, SystemSpec
 
-    systems = [
-        s.strip()
-        for s in (args.systems or (QUICK_SYSTEMS if args.quick else ",".join(SYSTEMS))).split(",")
-        if s.strip()
-    ]
-    bad = [s for s in systems if s not in SYSTEMS]
-    if bad:
-        raise SystemExit(f"unknown system(s) {bad}; known: {', '.join(SYSTEMS)}")
+    base = QUICK if args.quick else RoutingPlan()
+    given = _csv(args.systems)
+    for name in (*given, *_csv(args.replica_systems), *_csv(args.ladder_systems)):
+        try:
+            SystemSpec.parse(name)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    families = {SystemSpec.parse(x).family for x in given}
+
+    def only_given(default: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(f for f in default if f in families) if given else default
+
+    return replace(
+        base,
+        systems=given or base.systems,
+        replicas=args.replicas or base.replicas,
+        replica_families=tuple(_csv(args.replica_systems)) or only_given(base.replica_families),
+        ladder_families=tuple(_csv(args.ladder_systems)) or only_given(base.ladder_families),
+        ladder_replicas=args.ladder_replicas or base.ladder_replicas,
+        ladder_steps=base.ladder_steps if args.ladder_steps is None else args.ladder_steps,
+        slo_ms=args.slo_ms,
+    )
+
+
+def run_routing_cmd(args: argparse.Namespace) -> dict:
+    from kvmesh.benchmarks.routing import FleetConfig, run_routing
+
     cfg = FleetConfig(
         engines=args.engines,
         num_gpu_blocks=args.num_gpu_blocks,
+        pressure=args.pressure,
         router_args=tuple(getattr(args, "router_arg", ())),
     )
     wls = build_workloads(args, cfg.prefill_tokens_per_s)
-    return run_routing(wls, systems, cfg, progress=_Bar, note=_note, probes=8 if args.quick else 20)
+    split = SPLITS[args.split]
+    return run_routing(
+        wls,
+        routing_plan(args),
+        cfg,
+        progress=_Bar,
+        note=_note,
+        split={"name": split.name, "seed": split.seed, "trace_offset": split.trace_offset},
+    )
 
 
 def run_micro_cmd(args: argparse.Namespace) -> dict:
@@ -280,8 +450,13 @@ def run_micro_cmd(args: argparse.Namespace) -> dict:
 def run_convergence_cmd(args: argparse.Namespace) -> dict:
     from kvmesh.benchmarks.convergence import run_convergence
 
-    sim = [10, 50, 100] if args.quick else [10, 25, 50, 100, 200]
-    return run_convergence([3, 5], sim, 8 if args.quick else 30, note=_note)
+    return run_convergence(
+        QUICK_CONVERGENCE_REAL if args.quick else CONVERGENCE_REAL,
+        QUICK_CONVERGENCE_SIM if args.quick else CONVERGENCE_SIM,
+        8 if args.quick else 30,
+        note=_note,
+        sim_events=QUICK_SIM_EVENTS if args.quick else SIM_EVENTS,
+    )
 
 
 def run_proxy_cmd(args: argparse.Namespace) -> dict:
@@ -404,11 +579,19 @@ DOC_COMMANDS = (
 
 
 def _write_markdown(res: dict, docs: Path) -> Path:
-    """docs/benchmarks.md: the results, then the pages of docs/evidence/."""
+    """docs/benchmarks.md: the results, then the pages of docs/evidence/. The
+    section ``kvmesh bench tiers`` writes (between its markers) is its own
+    run's: it is kept as it was."""
     from kvmesh.benchmarks.report import read_evidence, render_markdown
+    from kvmesh.benchmarks.tiers import BEGIN, END
 
     path = docs / "benchmarks.md"
-    path.write_text(render_markdown(res, DOC_COMMANDS, read_evidence(docs)))
+    text = render_markdown(res, DOC_COMMANDS, read_evidence(docs))
+    old = path.read_text() if path.is_file() else ""
+    if BEGIN in old and END in old and BEGIN not in text:
+        section = BEGIN + old.split(BEGIN, 1)[1].split(END, 1)[0] + END
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
     return path
 
 
@@ -436,6 +619,7 @@ def rewrite_report(docs: Path) -> int:
 def run_all(args: argparse.Namespace) -> int:
     from kvmesh.benchmarks.report import machine_info
 
+    check_trace(args)
     t0 = time.time()
     res: dict = {
         "meta": {

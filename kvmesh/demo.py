@@ -13,16 +13,15 @@ import argparse
 import asyncio
 import sys
 import time
+from collections import Counter
 
 import aiohttp
-import grpc
 
 from engine_adapters.sim_engine.timing import TimingConfig
 from kvmesh import procs
+from kvmesh.client import AsyncClient
 from kvmesh.loadgen import RequestRecord, RunResult, run_sessions
 from kvmesh.workloads import CHAT_TURNS, Session, chat, total_requests
-from kvmesh_pb.v1 import router_pb2 as pb
-from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -57,10 +56,9 @@ async def _clear_engines(urls: list[str], routers: list[str]) -> None:
             async with http.post(f"{u}/admin/clear") as r:
                 r.raise_for_status()
     for router in routers:  # the clear reaches every node's index through the mesh
-        async with grpc.aio.insecure_channel(router) as ch:
-            admin = pb_grpc.AdminStub(ch)
+        async with AsyncClient(router, tls=False) as node:
             deadline = time.monotonic() + 10.0
-            while (await admin.GetStats(pb.GetStatsRequest())).index_entries:
+            while (await node.stats()).index_entries:
                 if time.monotonic() > deadline:
                     raise RuntimeError(
                         f"index of {router} did not empty after the engines cleared their caches"
@@ -171,6 +169,9 @@ def _print_results(results: list[tuple[int, RunResult]]) -> bool:
     for nodes, r in results:
         s = r.summary()
         failed |= s["failed"] > 0
+        why = Counter(rec.error for rec in r.records if not rec.ok)
+        for error, n in why.most_common(5):  # what an operator needs to act on
+            print(f"FAILED policy={r.policy} nodes={nodes} count={n} error={error}", flush=True)
         print(
             f"RESULT policy={r.policy} nodes={nodes} hit_rate={s['hit_rate']:.4f} "
             f"ttft_p50_ms={s['ttft_p50_ms']:.1f} ttft_p90_ms={s['ttft_p90_ms']:.1f} "

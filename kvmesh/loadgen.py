@@ -2,8 +2,10 @@
 
 Sessions run concurrently (up to ``concurrency`` at a time); the turns of one
 session run in order, each prompt carrying the engine's previous answers, so
-prefix reuse is exactly what a chat client would produce. Requests are spread
-over the given router addresses round-robin (a DNS load balancer's view).
+prefix reuse is exactly what a chat client would produce. Requests go
+through one :class:`kvmesh.client.AsyncClient` over all the given router
+addresses, which spreads them over the nodes (``round_robin``): what a
+client of a DNS name in front of the mesh does.
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import grpc
-
+from kvmesh.client import (
+    AsyncClient,
+    Chunk,
+    GenerateOptions,
+    KvmeshError,
+    Result,
+    generate_request,
+    static_target,
+    stream_events,
+)
 from kvmesh.stats import percentile
 from kvmesh.workloads import Session
-from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
 
@@ -74,7 +83,7 @@ class RunResult:
 
 
 async def generate_once(
-    stub: pb_grpc.RouterStub,
+    client: AsyncClient | pb_grpc.RouterStub,
     token_ids: list[int],
     max_tokens: int,
     policy: str = "",
@@ -82,28 +91,34 @@ async def generate_once(
     request_id: str = "",
     timeout: float = 120.0,
 ) -> tuple[RequestRecord, list[int]]:
-    """One Generate call; returns its record and the generated token ids."""
-    req = pb.GenerateRequest(
-        request_id=request_id,
-        prompt=pb.Prompt(token_ids=pb.TokenIds(ids=token_ids)),
-        sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-        session_key=session_key,
-        policy=policy,
-    )
+    """One Generate call; returns its record and the generated token ids.
+
+    ``client``: a :class:`kvmesh.client.AsyncClient`, or the ``RouterStub`` of
+    a ``grpc.aio`` channel (its stream is read the same way)."""
+    opts: GenerateOptions = {
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "policy": policy,
+        "session_key": session_key,
+        "request_id": request_id,
+    }
+    if isinstance(client, AsyncClient):
+        events = client.generate(token_ids, timeout=timeout, **opts)
+    else:
+        events = stream_events(client.Generate(generate_request(token_ids, **opts), timeout=timeout))
     t0 = time.perf_counter()
     ttft = -1.0
     out: list[int] = []
-    fin = None
+    fin: Result | None = None
     try:
-        async for msg in stub.Generate(req, timeout=timeout):
-            kind = msg.WhichOneof("event")
-            if kind == "chunk":
+        async for event in events:
+            if isinstance(event, Chunk):
                 if ttft < 0:
                     ttft = (time.perf_counter() - t0) * 1000.0
-                out.extend(msg.chunk.token_ids)
-            elif kind == "finished":
-                fin = msg.finished
-    except grpc.aio.AioRpcError as e:
+                out.extend(event.token_ids)
+            elif isinstance(event, Result):
+                fin = event
+    except KvmeshError as e:
         rec = RequestRecord(
             "",
             0,
@@ -115,7 +130,7 @@ async def generate_once(
             (time.perf_counter() - t0) * 1000.0,
             0,
             False,
-            f"{e.code().name}: {e.details()}",
+            f"{e.status}: {e.message}",
         )
         return rec, out
     latency = (time.perf_counter() - t0) * 1000.0
@@ -143,22 +158,17 @@ async def run_sessions(
     concurrency: int = 16,
     on_request: Callable[[RequestRecord], None] | None = None,
 ) -> RunResult:
-    channels = [grpc.aio.insecure_channel(a) for a in addresses]
-    stubs = [pb_grpc.RouterStub(c) for c in channels]
+    client = AsyncClient(static_target(addresses), tls=False)
     result = RunResult(policy=policy)
     sem = asyncio.Semaphore(concurrency)
-    counter = 0
 
     async def one_session(s: Session) -> None:
-        nonlocal counter
         async with sem:
             history = list(s.system)
             for k, user in enumerate(s.user_turns):
                 prompt = history + user
-                stub = stubs[counter % len(stubs)]
-                counter += 1
                 rec, answer = await generate_once(
-                    stub,
+                    client,
                     prompt,
                     s.max_tokens,
                     policy=policy,
@@ -176,6 +186,5 @@ async def run_sessions(
         await asyncio.gather(*(one_session(s) for s in sessions))
     finally:
         result.wall_s = time.perf_counter() - t0
-        for c in channels:
-            await c.close()
+        await client.close()
     return result

@@ -16,10 +16,10 @@ import asyncio
 import time
 
 import aiohttp
-import grpc
 
 from blocks.hashing import xor_digest
 from engine_adapters.sim_engine.cache import snapshot_router_hashes
+from kvmesh.client import ONE_NODE, AsyncClient
 from kvmesh.procs import SIM_MODEL
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
@@ -56,11 +56,10 @@ async def wait_mesh(addrs: list[str], n_engines: int, timeout: float = 30.0) -> 
     while time.monotonic() < deadline:
         good = 0
         for a in addrs:
-            async with grpc.aio.insecure_channel(a) as ch:
-                admin = pb_grpc.AdminStub(ch)
-                m = await admin.ListMembers(pb.ListMembersRequest())
-                e = await admin.ListEngines(pb.ListEnginesRequest())
-            if sum(x.state == "alive" for x in m.members) == len(addrs) and len(e.engines) == n_engines:
+            async with AsyncClient(a, tls=False, config=ONE_NODE) as node:
+                m = await node.list_members()
+                e = await node.list_engines()
+            if sum(x.state == "alive" for x in m) == len(addrs) and len(e) == n_engines:
                 good += 1
         if good == len(addrs):
             return

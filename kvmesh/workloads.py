@@ -12,8 +12,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from blocks.hashing import DEFAULT_BLOCK_SIZE
-
 VOCAB_LO, VOCAB_HI = 256, 32000  # ids below 256 are the built-in tokenizer's reserved ids
 CHAT_TURNS = (4, 10)  # turns per chat session (inclusive range)
 
@@ -97,6 +95,52 @@ class Workload:
     @property
     def duration_s(self) -> float:
         return max((s.start_s for s in self.sessions), default=0.0)
+
+    def scaled(self, load: float) -> Workload:
+        """The same sessions on a timeline ``load`` times as fast: start times
+        and the think time between turns divided by ``load``, so the offered
+        request rate is ``load`` x (chat sessions arriving at ``load`` x the
+        rate, their users answering ``load`` x as fast; a trace replayed
+        ``load`` x as fast). Scaling the arrivals alone would not scale a
+        workload whose sessions all overlap: as many would run at once."""
+        if not load > 0:
+            raise ValueError(f"load must be > 0, got {load}")
+        sessions = [
+            BenchSession(
+                s.session_id,
+                s.system,
+                s.user_turns,
+                s.max_tokens,
+                s.start_s / load,
+                s.think_s / load,
+                s.append_answers,
+            )
+            for s in self.sessions
+        ]
+        return Workload(
+            self.name, sessions, {**self.params, "load": load * float(str(self.params.get("load", 1.0)))}
+        )
+
+    def planned_requests(self, latency_s: float) -> list[tuple[list[int], list[int]]]:
+        """The requests a run will send, before it runs, in the order planned:
+        answers stand in as ``max_tokens`` tokens drawn from a generator seeded
+        by the session and turn (the engines' own answers differ, but take as
+        many blocks, and are as unique), and a session's turn k leaves
+        ``k x (latency_s + think_s)`` after its start. For sizing caches to a
+        workload's working set before a run; a run's ideals use what it sent."""
+        timed: list[tuple[float, int, list[int], list[int]]] = []
+        for i, s in enumerate(self.sessions):
+            rng = random.Random(f"plan/{s.session_id}")
+            history = list(s.system)
+            t = s.start_s
+            for k, user in enumerate(s.user_turns):
+                prompt = history + user if s.append_answers else s.system + user
+                answer = _tokens(rng, s.max_tokens[k])
+                timed.append((t, i, prompt, answer))
+                history = prompt + answer
+                t += latency_s + s.think_s
+        timed.sort(key=lambda x: (x[0], x[1]))
+        return [(p, a) for _, _, p, a in timed]
 
     def prompt_tokens(self) -> int:
         """Prompt tokens excluding the engine's answers (known before a run)."""
@@ -230,6 +274,28 @@ def no_sharing_workload(
     )
 
 
+# --- tuning and held-out splits ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """Which seed the synthetic workloads use and which slice of the trace is
+    replayed. Policy defaults are chosen on the ``tuning`` split; the
+    benchmark reports the ``heldout`` one, so its figures are not the ones
+    the defaults were fitted to."""
+
+    name: str
+    seed: int  # of chat, agent and nosharing (prompts and arrivals)
+    trace_offset: int  # records of the Mooncake trace skipped before the slice
+
+
+SPLITS: dict[str, Split] = {
+    "tuning": Split("tuning", seed=0, trace_offset=0),
+    "heldout": Split("heldout", seed=1, trace_offset=2000),
+}
+DEFAULT_SPLIT = "heldout"
+
+
 # --- the Mooncake conversation trace -----------------------------------------------------
 
 MOONCAKE_BLOCK = 512  # tokens per hash id in the published trace
@@ -283,6 +349,7 @@ def mooncake_workload(
     time_factor: float = 1.0,
     max_output: int = 256,
     seed: int = 0,
+    first_record: int = 0,
 ) -> Workload:
     """Replay trace records as single-turn requests with fixed prompts.
 
@@ -294,6 +361,8 @@ def mooncake_workload(
     ``max_output``). Timestamps (relative to the first record) are divided by
     a factor: ``time_factor``, or, given ``target_tokens_per_s``, the factor
     at which the slice offers that many prompt tokens per second.
+    ``first_record`` (the slice's first line in the trace, from 0) is only
+    written into ``params``.
     """
     if not records:
         raise ValueError("no trace records")
@@ -331,6 +400,7 @@ def mooncake_workload(
         sessions,
         {
             "source": "Mooncake conversation_trace.jsonl",
+            "first_record": first_record,
             "records": len(records),
             "tokens_per_trace_block": tokens_per_block,
             "length_scale": k,
@@ -342,30 +412,3 @@ def mooncake_workload(
             "offered_prompt_tokens_per_s": total / (span / time_factor) if span else None,
         },
     )
-
-
-def ideal_hit_rate(
-    requests: list[tuple[list[int], list[int]]], block_size: int = DEFAULT_BLOCK_SIZE
-) -> float:
-    """Prefix hit rate of ONE infinite cache over ``(prompt, output)`` pairs in
-    arrival order: each prompt hits its longest prefix of full blocks seen
-    before (at most ``(len - 1) // block_size`` blocks: the last prompt token
-    is always computed, as in vLLM), then prompt + output blocks are cached
-    (engines cache generated blocks too). Returns cached / prompt tokens."""
-    from blocks.hashing import block_hashes
-
-    seen: set[int] = set()
-    hit = total = 0
-    for prompt, output in requests:
-        if not prompt:
-            continue
-        total += len(prompt)
-        hs = block_hashes(list(prompt) + list(output), block_size, 0)
-        n = 0
-        for h in hs[: (len(prompt) - 1) // block_size]:
-            if h not in seen:
-                break
-            n += 1
-        hit += n * block_size
-        seen.update(hs)
-    return hit / total if total else 0.0

@@ -49,7 +49,7 @@ import structlog
 from blocks.delta import OP_CLEAR, KvDelta, KvOp
 from blocks.workers import engine_of
 from mesh.anti_entropy import AntiEntropy
-from mesh.counters import Counters
+from mesh.counters import ConvergenceLag, Counters, decode_state_vector
 from mesh.effects import Effect, EngineAdded, EngineRemoved, MemberChanged, StartOwning, StopOwning
 from mesh.engine_log.entry import NotOwnerError
 from mesh.engine_log.owner import CompactionPolicy
@@ -64,9 +64,11 @@ from mesh.state_messages import (
     MessageError,
     StateMessage,
     StatePush,
+    Summary,
     SyncReply,
     SyncRequest,
     decode_delta,
+    decode_summary,
     merge_deltas,
 )
 from mesh.swim_messages import MemberRecord, SwimMessage
@@ -158,6 +160,7 @@ class MeshCore:
             cfg.max_queued_bytes,
         )
         self.counters = Counters()
+        self.lag = ConvergenceLag()  # how far behind the peers' copies of our logs are (metrics)
         # Timers, each with a random phase: nodes started together do not
         # gossip in lockstep. The order of these draws is part of the seeded
         # simulations' reproducibility.
@@ -297,6 +300,8 @@ class MeshCore:
     def _on_sync_request(self, msg: SyncRequest, now: float) -> None:
         self.counters.message("recv", "SyncRequest", len(msg.summary))
         self._send(self.anti_entropy.reply(msg, now, self.readiness.ready))
+        if self.lag and not msg.want_full:  # a joiner's summary says nothing about gossip
+            self._observe_lag(decode_summary(msg.summary), now)
 
     def _on_sync_reply(self, msg: SyncReply, now: float) -> None:
         self.counters.message("recv", "SyncReply", len(msg.summary) + sum(map(len, msg.payloads)))
@@ -308,6 +313,20 @@ class MeshCore:
             self._owners_dirty = True
         for push in self.anti_entropy.push_back(msg, remote):
             self._send(push)
+        if self.lag:
+            self._observe_lag(remote, now)
+
+    def _observe_lag(self, remote: Summary, now: float) -> None:
+        engines = ((es.engine_id, es.epoch, es.state_vector) for es in remote.engines)
+        self.lag.observe(remote.sender, engines, self._doc_clock, now)
+
+    def _doc_clock(self, engine_id: str) -> int:
+        """Items written to this node's current document of ``engine_id``'s log."""
+        rep = self.state.logs.get(engine_id)
+        ed = rep.current if rep is not None else None
+        if ed is None:
+            return 0
+        return decode_state_vector(ed.state_vector()).get(ed.epoch.doc, 0)
 
     _handlers: ClassVar[dict[type, Callable[[MeshCore, Any, float], None]]] = {
         StatePush: _on_push,
@@ -346,11 +365,17 @@ class MeshCore:
         owned = engine_id in self.ownership.owned
         if not deltas or not owned:
             return owned
+        self.lag.appending(engine_id, lambda: self._doc_clock(engine_id), now)
+        epoch = self.state.epoch(engine_id)
         try:
             d = self.state.local_deltas(engine_id, deltas)
         except NotOwnerError:
             self._settle(now)  # turns the loss into StopOwning (+ maybe a re-take later)
             return False
+        compacted = self.state.epoch(engine_id)
+        if compacted != epoch and compacted is not None:
+            self.counters.bump("log.compactions")
+            self.lag.started(engine_id, compacted, now)
         self._local_out.append(d)
         self._index_extend(deltas)
         self.counters.bump("local.deltas", len(deltas))
@@ -441,6 +466,7 @@ class MeshCore:
             self._effects.append(MemberChanged(ev))
             if ev.kind in ("dead", "left"):
                 self.state.drop_node(ev.node, now)
+                self.lag.forget(ev.node)
             if ev.kind in ("joined", "dead", "left"):
                 self._members_dirty = True
                 self._owners_dirty = True
@@ -466,6 +492,7 @@ class MeshCore:
 
     def _fenced_engines(self, now: float) -> None:
         for e in sorted(self.state.take_lost_ownership()):
+            self.lag.stopped(e)
             if self.ownership.fenced(e, now):
                 self._effects.append(StopOwning(e))
                 self.counters.bump("ownership.fenced")
@@ -489,6 +516,7 @@ class MeshCore:
         self._local_out.append(to.message)
         self._effects.append(StartOwning(engine_id, self._engines.get(engine_id, {}), to, base))
         self.counters.bump("ownership.taken")
+        self.lag.started(engine_id, to.epoch, now)
         self._log.info("mesh.ownership_taken", engine=engine_id, epoch=to.epoch, base=base, resume=to.resume)
 
     def _release(self, engine_id: str, why: str) -> None:
@@ -496,6 +524,7 @@ class MeshCore:
         self.ownership.released(engine_id)
         self._effects.append(StopOwning(engine_id))
         self.counters.bump("ownership.released")
+        self.lag.stopped(engine_id)
         self._log.info("mesh.ownership_released", engine=engine_id, why=why)
 
     # --- internals ----------------------------------------------------------------------------

@@ -55,8 +55,8 @@ from typing import Any
 import msgspec
 import structlog
 
-from blocks.block_map import BlockMap
-from blocks.delta import EngineHash, KvDelta
+from blocks.block_map import BlockMap, MappedBlock
+from blocks.delta import KvDelta
 from blocks.workers import DP_SEPARATOR
 from mesh.engine_log.entry import LogError, NotOwnerError
 from mesh.engine_log.epoch import CLIENT_ID_BITS, Epoch, EpochDoc, empty_update
@@ -78,8 +78,8 @@ class Takeover(msgspec.Struct, gc=False):
     epoch: Epoch
     resume: dict[str, int]  # worker -> first engine sequence number to fetch
     message: Delta
-    # worker -> its live (engine hash, router hash) pairs, to restore its BlockMapper
-    mappings: dict[str, list[tuple[EngineHash, int]]] = {}
+    # worker -> its live (engine hash, router hash[, tier]) blocks, to restore its BlockMapper
+    mappings: dict[str, list[MappedBlock]] = {}
 
 
 @dataclass

@@ -32,6 +32,8 @@ from mesh.wire import WireError, from_envelope, to_envelope
 log = structlog.get_logger(__name__)
 
 _REFUSALS_LOGGED = 20  # then one line per thousand: an intruder must not flood the log
+# Seconds between two log lines of the same peer refusing this node's credentials.
+REFUSAL_LOG_INTERVAL_S = 30.0
 _SERVICE = "kvmesh.mesh.v1.Mesh"
 _DELIVER = f"/{_SERVICE}/Deliver"
 
@@ -109,6 +111,8 @@ class TransportStats:
     bytes_sent: int = 0
     send_failures: int = 0
     dropped_backpressure: int = 0
+    batches_received: int = 0
+    bytes_received: int = 0  # batch bytes as they arrived (before any check)
     messages_received: int = 0
     rejected: int = 0
     refused: int = 0  # batches without a valid proof of membership, or that do not parse
@@ -127,6 +131,8 @@ class _Servicer:
             )  # fmt: skip
 
     async def deliver(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.t.stats.batches_received += 1
+        self.t.stats.bytes_received += len(body)
         secret = self.t.secret
         if secret is not None:
             meta = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
@@ -178,6 +184,7 @@ class MeshTransport:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
         self._inflight: dict[str, int] = defaultdict(int)
+        self._refusal_logged: dict[str, float] = {}  # peer -> when its refusal was last logged
         self._tasks: set[asyncio.Task[None]] = set()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -235,12 +242,34 @@ class MeshTransport:
             await self._deliver_call(dst)(body, timeout=self.config.rpc_timeout_s, metadata=meta)
         except grpc.aio.AioRpcError as e:
             self.stats.send_failures += 1
-            log.debug("transport.send_failed", addr=self.addr, peer_addr=dst, code=e.code().name)
+            code = e.code()
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                self._refused(dst, code.name, e.details() or "")
+            else:
+                log.debug("transport.send_failed", addr=self.addr, peer_addr=dst, code=code.name)
         except Exception:
             self.stats.send_failures += 1
             log.exception("transport.send_crashed", addr=self.addr, peer_addr=dst)
         finally:
             self._inflight[dst] -= 1
+
+    def _refused(self, dst: str, code: str, details: str) -> None:
+        """A peer refused our credentials: this node can never join through
+        it, and only the peer's log would say why. Said here too, at most
+        every ``REFUSAL_LOG_INTERVAL_S`` per peer."""
+        now = time.monotonic()
+        last = self._refusal_logged.get(dst)
+        if last is not None and now - last < REFUSAL_LOG_INTERVAL_S:
+            return
+        self._refusal_logged[dst] = now
+        log.warning(
+            "transport.refused_by_peer",
+            addr=self.addr,
+            peer_addr=dst,
+            code=code,
+            why=details,
+            hint="the peer does not accept this node's mesh credentials (--mesh-secret-file, --mesh-tls-*)",
+        )
 
     def forget(self, dst: str) -> None:
         """Close the channel to a peer that left for good."""

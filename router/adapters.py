@@ -21,6 +21,7 @@ from blocks.delta import KvDelta
 from blocks.workers import split_worker_id
 from engine_adapters.block_mapper import BlockMapper
 from engine_adapters.event_adapter import EventAdapter, EventAdapterConfig
+from engine_adapters.native import new_mapper
 from mesh.effects import StartOwning, StopOwning
 from mesh.state import Takeover
 from router.engine_registry import EngineSpec
@@ -37,7 +38,7 @@ def mappers_from(takeover: Takeover, model: str) -> dict[int, BlockMapper]:
     """Per rank, the block mapper restored from the log's (engine hash, router hash) pairs."""
     mappers: dict[int, BlockMapper] = {}
     for worker, pairs in takeover.mappings.items():
-        mapper = BlockMapper(model, worker)
+        mapper = new_mapper(model, worker)
         mapper.restore(pairs)
         mappers[split_worker_id(worker).rank] = mapper
     return mappers
@@ -105,6 +106,7 @@ class AdapterLifecycle:
             start_seqs=start_seqs_from(takeover),
             mappers=mappers_from(takeover, spec.model),
             config=self._config,
+            block_size=spec.block_size,
         )
         self._running[engine_id] = adapter
         await adapter.start()

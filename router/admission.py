@@ -19,14 +19,20 @@ oldest of them, while the window is not yet full). While fewer than
 ``min_starts`` requests started in the window (an idle fleet, one warming
 up, or one that is stuck), a rate says little: the wait is then the age of
 the oldest request not yet started. A request whose estimated wait exceeds
-``max_queue_wait`` is shed. Otherwise it goes to an engine if this node has
-fewer than ``max_in_flight`` requests there, or waits here in FIFO order (at
-most ``max_queue`` of them, each for at most ``max_queue_wait``).
+``max_queue_wait`` is shed, once the fleet is seen falling behind: the
+oldest request not yet started has waited ``backlog_age`` or more.
+Otherwise it goes to an engine if this node has fewer than
+``max_in_flight`` requests there, or waits here in FIFO order (at most
+``max_queue`` of them, each for at most ``max_queue_wait``).
 
 The estimate needs no knowledge of the engines' capacity: when the engines
 fall behind, requests pile up unstarted while the start rate stays at what
 the fleet can do, so the estimate rises until shedding holds it at the
-bound. :class:`Admission` is pure (time is an argument);
+bound. But a start rate measured while the fleet kept up is the rate of
+demand, not of capacity: a burst after a quiet spell would look like
+overload. Hence the second condition (as CoDel drops on a standing queue,
+never on a burst): requests that the fleet starts within ``backlog_age``
+prove it is keeping up, whatever the rate says. :class:`Admission` is pure (time is an argument);
 :class:`AdmissionGate` runs it for asyncio callers.
 """
 
@@ -55,12 +61,20 @@ class AdmissionConfig:
     max_queue_wait: float = 2.0
     rate_window: float = 5.0  # seconds over which the start rate is measured
     min_starts: int = 10  # first tokens in the window before the rate is trusted
+    # Seconds the oldest request not yet started must have waited before a
+    # rate estimate may shed: below it the fleet is keeping up (a burst, not
+    # overload). Above the prefill time of a long prompt, well below
+    # max_queue_wait (under overload the oldest waits about max_queue_wait;
+    # a shorter max_queue_wait caps it).
+    backlog_age: float = 0.5
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1 or self.max_queue < 0:
             raise ValueError("max_in_flight must be >= 1 and max_queue >= 0")
         if not self.max_queue_wait > 0 or not self.rate_window > 0 or self.min_starts < 1:
             raise ValueError("max_queue_wait and rate_window must be > 0, min_starts >= 1")
+        if not self.backlog_age >= 0:
+            raise ValueError("backlog_age must be >= 0")
 
 
 ADMIT = "admit"
@@ -90,6 +104,11 @@ class Admission:
     def queued(self) -> int:
         return len(self._queued)
 
+    @property
+    def unstarted(self) -> int:
+        """Admitted requests without a first token yet."""
+        return len(self._unstarted)
+
     def start_rate(self, now: float) -> float:
         """First tokens per second over the last ``rate_window`` seconds (0
         until ``min_starts`` of them)."""
@@ -108,6 +127,10 @@ class Admission:
         rate = self.start_rate(now)
         if rate > 0:
             return (waiting + 1) / rate
+        return self.oldest_age(now)
+
+    def oldest_age(self, now: float) -> float:
+        """Seconds the oldest request not yet started has waited (0: none)."""
         oldest = [t for t in (_first(self._unstarted), _first(self._queued)) if t is not None]
         return now - min(oldest) if oldest else 0.0
 
@@ -115,7 +138,8 @@ class Admission:
         """A new request: admit it, queue it (under ``key``), or shed it."""
         cfg = self.config
         wait = self.estimated_wait(now)
-        if wait > cfg.max_queue_wait:
+        backlog = min(cfg.backlog_age, cfg.max_queue_wait)
+        if wait > cfg.max_queue_wait and self.oldest_age(now) >= backlog:
             return self._shed(
                 f"estimated wait {wait:.1f} s for the fleet to start it > {cfg.max_queue_wait:g} s"
             )
@@ -192,6 +216,11 @@ class AdmissionGate:
             raise
         finally:
             self._waiters.pop(key, None)
+
+    @property
+    def waiting(self) -> int:
+        """Callers waiting in ``enter`` for a slot."""
+        return len(self._waiters)
 
     def now(self) -> float:
         """The clock admission runs on (the event loop's)."""

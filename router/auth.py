@@ -148,9 +148,8 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
             return handler
         code, reason = verdict
         self.on_refused(code, reason, details.method)
-        return _refusal(
-            handler, getattr(grpc.StatusCode, code), reason, f"{reason}: this call needs a valid token"
-        )
+        need = "an admin token" if reason == "not_admin" else "a valid token"
+        return _refusal(handler, getattr(grpc.StatusCode, code), reason, f"{reason}: this call needs {need}")
 
 
 def _refusal(

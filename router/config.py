@@ -6,8 +6,9 @@ mesh's timing knobs live in :class:`mesh.membership.MembershipConfig` and
 :class:`mesh.core.MeshConfig`, the mesh transport's in :class:`mesh.transport.TransportConfig`, the circuit
 breaker's in :class:`router.circuit_breaker.BreakerConfig`, the engine HTTP
 client's in :class:`engine_adapters.proxy.EngineClientConfig`, the KV-event
-subscription's in :class:`engine_adapters.event_adapter.EventAdapterConfig`;
-this config holds one of each.
+subscription's in :class:`engine_adapters.event_adapter.EventAdapterConfig`,
+engine discovery's in :class:`router.discovery.DiscoveryConfig`, tracing's in
+:class:`router.tracing.TracingConfig`; this config holds one of each.
 """
 
 from __future__ import annotations
@@ -24,14 +25,17 @@ from router.admission import AdmissionConfig
 from router.approx_tree import ApproxTree
 from router.auth import ApiAuthConfig
 from router.circuit_breaker import BreakerConfig
+from router.discovery import DiscoveryConfig
 from router.engine_registry import EngineSpec
 from router.index import PrefixIndex
+from router.logs import LOG_LEVELS
+from router.metrics import split_listen
 from router.policies import POLICY_NAMES, make_policy
 from router.request_path import RetryPolicy
+from router.tracing import TracingConfig
 
 __all__ = ["LOG_FORMATS", "LOG_LEVELS", "RouterConfig", "check_policy_opts"]
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("console", "json")
 
 
@@ -46,6 +50,9 @@ class RouterConfig:
     # from client load; seeds (``join``) then name mesh ports.
     mesh_listen: str = ""
     mesh_advertise: str = ""  # HOST:PORT other nodes reach the mesh port at; "": from mesh_listen
+    # The OpenAI-compatible HTTP API (router/http_front.py), with the public
+    # port's TLS and tokens; "": off.
+    http_listen: str = ""
     # Seeds to join the mesh through (HOST:PORT, a DNS name may stand for
     # several nodes); none: this node starts a new mesh.
     join: list[str] = field(default_factory=list)
@@ -60,8 +67,13 @@ class RouterConfig:
     policy: str = "precise"  # default routing policy (a request may name another)
     policy_opts: dict[str, dict[str, float]] = field(default_factory=dict)  # policy -> option -> value
     engines: list[EngineSpec] = field(default_factory=list)  # registered at start
+    # Engines of DNS names (--engines-from-dns), re-resolved while the node runs.
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     tokenizers: dict[str, str] = field(default_factory=dict)  # model -> tokenizer.json path or "builtin"
     default_tokenizer: str = BUILTIN  # for models without an entry in ``tokenizers``
+    # model -> chat template file (.jinja, or JSON with chat_template): wins
+    # over the one beside the model's tokenizer (engine_adapters/chat_template.py)
+    chat_templates: dict[str, str] = field(default_factory=dict)
     seed: int | None = None  # seeds random policy choices (never the mesh's ids)
     # A pick answered by the Route RPC (the caller sends the request itself)
     # counts as load on that worker for this long.
@@ -79,8 +91,11 @@ class RouterConfig:
     health_down_after: int = 2  # failed probes in a row that take an engine out
 
     # --- the process -----------------------------------------------------------------
-    metrics_port: int = 0  # Prometheus /metrics; 0: off
-    metrics_addr: str = "127.0.0.1"
+    # Prometheus GET /metrics at HOST:PORT (port 0: any free port); "": off.
+    # Off by default: tests and benchmarks run many nodes on one host. The
+    # image turns it on for all interfaces (KVMESH_METRICS_LISTEN=0.0.0.0:9090);
+    # it takes the public API's TLS and tokens (router/metrics.py).
+    metrics_listen: str = ""
     log_level: str = "info"
     log_format: str = "console"
     # On SIGTERM or Admin.Drain: health goes NOT_SERVING and new requests are
@@ -95,6 +110,8 @@ class RouterConfig:
     # port, no mTLS or secret on the mesh): only when the operator says so.
     insecure: bool = False
     event_adapter: EventAdapterConfig = field(default_factory=EventAdapterConfig)  # owned engines' events
+    # W3C traceparent always passes on to the engine; spans only with an OTLP endpoint (router/tracing.py).
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def __post_init__(self) -> None:
         # Fail at start, not on the first request.
@@ -105,9 +122,27 @@ class RouterConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         self.api_auth.check()
+        http_host, _, http_port = self.http_listen.rpartition(":")
+        if self.http_listen and not (http_host and http_port.isdigit() and int(http_port) < 65536):
+            raise ValueError(f"--http-listen {self.http_listen!r}: want HOST:PORT")
+        if self.metrics_listen:
+            split_listen(self.metrics_listen)  # ValueError names the flag
+        self.discovery.check()
+        self.tracing.check()
         self.transport.check()
         if self.transport.tls and not self.mesh_listen:
             raise ValueError("mesh TLS needs the mesh on a port of its own (--mesh-listen)")
+        if self.mesh_shares_tls_port and self.join:
+            raise ValueError(
+                "TLS on the public port (--tls-cert) needs the mesh on a port of its own (--mesh-listen)"
+            )
+
+    @property
+    def mesh_shares_tls_port(self) -> bool:
+        """The mesh on a public port that takes TLS: nodes dial each other's
+        mesh address without the public port's TLS, so no node could join
+        this one (a lone node is fine)."""
+        return self.api_auth.tls and not self.mesh_listen
 
     @property
     def mesh_addr(self) -> str:

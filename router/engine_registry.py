@@ -28,6 +28,7 @@ from router.circuit_breaker import BreakerConfig, CircuitBreaker
 # rank is a worker every node tracks, and a block size is a hashing unit.
 MAX_DATA_PARALLEL = 256
 MAX_BLOCK_SIZE = 4096
+MAX_SOURCE_LEN = 300  # "dns:" and a DNS name (at most 253 characters)
 
 
 class EngineSpecError(ValueError):
@@ -46,6 +47,9 @@ class EngineSpec:
     topic: str = ""
     capacity_blocks: int = 0
     kind: str = "vllm"  # which engine's request fields to send (completion_request.ENGINE_KINDS)
+    # Who registered it: "" by hand (--engine, Admin.RegisterEngine), "dns:NAME"
+    # by engine discovery (router/discovery.py), which removes only its own.
+    source: str = ""
 
     def validate(self) -> EngineSpec:
         if not self.engine_id or "#" in self.engine_id or "," in self.engine_id:
@@ -68,6 +72,10 @@ class EngineSpec:
                 raise EngineSpecError(f"engine {self.engine_id}: ZMQ endpoint {ep!r} must be tcp://")
         if self.replay_endpoint and not self.kv_events_endpoint:
             raise EngineSpecError(f"engine {self.engine_id}: replay endpoint without events endpoint")
+        if not self.source.isprintable() or len(self.source) > MAX_SOURCE_LEN:
+            raise EngineSpecError(
+                f"engine {self.engine_id}: source must be at most {MAX_SOURCE_LEN} printable characters"
+            )
         return self
 
     @property

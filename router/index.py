@@ -11,6 +11,17 @@ a freed slot is reused (lowest first) so masks stay small. Each worker also
 keeps the set of its hashes, so clearing one worker touches only its own
 entries instead of scanning the whole dict, and a match walks that set (in C)
 once a single candidate is left, past the prefix it shares with others.
+
+Cache tiers (:mod:`blocks.tiers`). The map above is the GPU tier's, the one
+every match walks. Blocks on the other tiers (host memory, disk, an external
+pool) are kept per worker and tier as plain sets, touched only by ops of
+their tier and by :meth:`PrefixIndex.match_tiers`: it takes each worker's
+GPU prefix from :meth:`PrefixIndex.match` and walks on from there, crediting
+each further block to the fastest tier that holds it, until a block no tier
+holds. An engine loads its GPU prefix and the lower-tier blocks that extend
+it (vLLM's offloading connector, SGLang's hierarchical cache), so that is the
+prefix it will not recompute. While no worker has a lower-tier block the walk
+is skipped, so an index without offloading pays nothing for tiers.
 """
 
 from __future__ import annotations
@@ -23,8 +34,12 @@ from itertools import compress, repeat
 import structlog
 
 from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta
+from blocks.tiers import LOWER_TIERS, TIER_GPU, TIERS, tier_name
 
-__all__ = ["PrefixIndex"]
+__all__ = ["PrefixIndex", "TierBlocks"]
+
+# Blocks per tier, in blocks.tiers order (gpu, host, disk, external).
+TierBlocks = tuple[int, ...]
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +62,8 @@ class PrefixIndex:
         "_canon",
         "_free",
         "_held",
+        "_lower",
+        "_lower_blocks",
         "_map",
         "_slot_of",
         "_wcache",
@@ -69,6 +86,9 @@ class PrefixIndex:
         self._all_mask = 0  # bits of every registered slot
         # worker list -> _Cand; reset whenever slots change
         self._wcache: dict[tuple[str, ...] | None, _Cand] = {}
+        # slot -> tier -> hashes of that worker on that tier (tiers other than the GPU)
+        self._lower: dict[int, dict[int, set[int]]] = {}
+        self._lower_blocks = 0  # blocks in all of _lower: 0 skips the tier walk
 
     # -- workers -----------------------------------------------------------
 
@@ -111,22 +131,44 @@ class PrefixIndex:
     def __contains__(self, worker: object) -> bool:
         return worker in self._slot_of
 
-    def blocks_of(self, worker: str) -> int:
+    def _tier_set(self, worker: str, tier: int) -> set[int] | None:
         slot = self._slot_of.get(worker)
-        return 0 if slot is None else len(self._held[slot])
+        if slot is None:
+            return None
+        if tier == TIER_GPU:
+            return self._held[slot]
+        return self._lower.get(slot, {}).get(tier)
 
-    def worker_hashes(self, worker: str) -> set[int]:
-        """A copy of the hashes the index believes ``worker`` holds."""
-        slot = self._slot_of.get(worker)
-        return set() if slot is None else set(self._held[slot])
+    def blocks_of(self, worker: str, tier: int = TIER_GPU) -> int:
+        """Blocks the index believes ``worker`` holds on ``tier``."""
+        held = self._tier_set(worker, tier)
+        return 0 if held is None else len(held)
+
+    def tier_blocks(self, worker: str) -> TierBlocks:
+        """Blocks of ``worker`` on each tier, in ``blocks.tiers`` order."""
+        return tuple(self.blocks_of(worker, t) for t in TIERS)
+
+    def worker_hashes(self, worker: str, tier: int = TIER_GPU) -> set[int]:
+        """A copy of the hashes the index believes ``worker`` holds on ``tier``."""
+        held = self._tier_set(worker, tier)
+        return set() if held is None else set(held)
+
+    @property
+    def lower_blocks(self) -> int:
+        """Blocks held on tiers other than the GPU, all workers."""
+        return self._lower_blocks
 
     def __len__(self) -> int:
-        """Number of distinct block hashes held by any worker."""
+        """Number of distinct block hashes held by any worker on a GPU."""
         return len(self._map)
 
     # -- updates -----------------------------------------------------------
 
-    def store(self, worker: str, hashes: Iterable[int]) -> None:
+    def store(self, worker: str, hashes: Iterable[int], tier: int = TIER_GPU) -> None:
+        """``worker`` holds ``hashes`` on ``tier``."""
+        if tier != TIER_GPU:
+            self._store_lower(self._slot(worker), hashes, tier)
+            return
         slot = self._slot(worker)
         bit = self._bits[slot]
         m = self._map
@@ -156,10 +198,30 @@ class PrefixIndex:
             m.update(zip(hashes, map(new_of.__getitem__, olds)))
         self._held[slot].update(hashes)
 
-    def remove(self, worker: str, hashes: Iterable[int]) -> None:
-        """Drop ``hashes`` from ``worker``; hashes it does not hold are ignored."""
+    def _store_lower(self, slot: int, hashes: Iterable[int], tier: int) -> None:
+        tier_name(tier)  # raises for an unknown tier
+        tiers = self._lower.get(slot)
+        if tiers is None:
+            tiers = self._lower[slot] = {}
+        held = tiers.get(tier)
+        if held is None:
+            held = tiers[tier] = set()
+        n0 = len(held)
+        held.update(hashes)
+        self._lower_blocks += len(held) - n0
+
+    def remove(self, worker: str, hashes: Iterable[int], tier: int = TIER_GPU) -> None:
+        """Drop ``hashes`` from ``worker`` on ``tier`` only; hashes it does
+        not hold there are ignored."""
         slot = self._slot_of.get(worker)
         if slot is None:
+            return
+        if tier != TIER_GPU:
+            held_there = self._lower.get(slot, {}).get(tier)
+            if held_there:
+                n0 = len(held_there)
+                held_there.difference_update(hashes)
+                self._lower_blocks -= n0 - len(held_there)
             return
         keep = ~(1 << slot)
         m = self._map
@@ -175,17 +237,21 @@ class PrefixIndex:
                     del m[h]
 
     def clear_worker(self, worker: str) -> int:
-        """Drop every block of ``worker`` (engine restart / AllBlocksCleared).
+        """Drop every block of ``worker``, every tier (engine restart /
+        AllBlocksCleared).
 
         The worker stays registered. Returns the number of blocks dropped.
         """
         slot = self._slot_of.get(worker)
         if slot is None:
             return 0
+        lower = self._lower.pop(slot, None)
+        dropped = sum(len(h) for h in lower.values()) if lower else 0
+        self._lower_blocks -= dropped
         keep = ~(1 << slot)
         m = self._map
         held = self._held[slot]
-        n = len(held)
+        n = len(held) + dropped
         intern = self._canon_setdefault()
         for h in held:
             rest = m[h] & keep
@@ -218,13 +284,15 @@ class PrefixIndex:
         for op in delta.ops:
             if op.kind not in _VALID_OPS:
                 raise ValueError(f"unknown KvOp kind {op.kind!r} in delta for worker {delta.worker!r}")
+            if op.tier not in TIERS:
+                raise ValueError(f"unknown cache tier {op.tier!r} in delta for worker {delta.worker!r}")
         if not isinstance(delta.worker, str) or not delta.worker:
             raise ValueError(f"delta worker must be a non-empty str, got {delta.worker!r}")
         for op in delta.ops:
             if op.kind == OP_STORE:
-                self.store(delta.worker, op.hashes)
+                self.store(delta.worker, op.hashes, op.tier)
             elif op.kind == OP_REMOVE:
-                self.remove(delta.worker, op.hashes)
+                self.remove(delta.worker, op.hashes, op.tier)
             else:
                 n = self.clear_worker(delta.worker)
                 log.debug("router.worker_cleared", worker=delta.worker, seq=delta.seq, blocks=n)
@@ -286,6 +354,33 @@ class PrefixIndex:
             c.scatter(out, active, i)
         return out
 
+    def match_tiers(
+        self, hashes: Sequence[int], workers: Iterable[str] | None = None
+    ) -> dict[str, TierBlocks]:
+        """For each worker, the blocks of the longest prefix of ``hashes`` it
+        holds on any tier, credited to the fastest tier holding each (see the
+        module docstring): ``(gpu, host, disk, external)`` block counts.
+
+        The GPU count starts with :meth:`match`'s leading GPU blocks; the sum
+        is the prefix the worker would not recompute.
+        """
+        if hashes.__class__ is not list and hashes.__class__ is not tuple:
+            hashes = list(hashes)
+        gpu = self.match(hashes, workers)
+        if not self._lower_blocks:
+            return {w: (g, 0, 0, 0) for w, g in gpu.items()}
+        slot_of, lower, held = self._slot_of, self._lower, self._held
+        n = len(hashes)
+        out: dict[str, TierBlocks] = {}
+        for w, g in gpu.items():
+            slot = slot_of.get(w)
+            tiers = lower.get(slot) if slot is not None and g < n else None
+            if tiers and slot is not None:
+                out[w] = _walk(hashes, g, held[slot], tiers)
+            else:
+                out[w] = (g, 0, 0, 0)
+        return out
+
     def _count_each(
         self, out: dict[str, int], c: _Cand, active: int, hashes: Sequence[int], start: int
     ) -> None:
@@ -316,7 +411,26 @@ class PrefixIndex:
             active ^= low
 
     def stats(self) -> dict[str, int]:
-        return {"entries": len(self._map), "workers": len(self._slot_of)}
+        return {"entries": len(self._map), "workers": len(self._slot_of), "lower_blocks": self._lower_blocks}
+
+
+def _walk(hashes: Sequence[int], start: int, gpu: set[int], tiers: dict[int, set[int]]) -> TierBlocks:
+    """Blocks per tier of the prefix from ``hashes[start]`` on (the GPU
+    prefix before it counted as GPU blocks), each block credited to the
+    fastest tier holding it, until one no tier holds."""
+    counts = [start, 0, 0, 0]
+    order = [(t, tiers[t]) for t in LOWER_TIERS if tiers.get(t)]
+    for h in hashes[start:]:
+        if h in gpu:
+            counts[TIER_GPU] += 1
+            continue
+        for t, held in order:
+            if h in held:
+                counts[t] += 1
+                break
+        else:
+            break
+    return tuple(counts)
 
 
 class _Cand:

@@ -4,6 +4,7 @@
   mesh node; alone it is a mesh of one). Effects come back here.
 - :mod:`router.adapters`: the KV-event adapters of the engines this node owns.
 - :mod:`router.health`: the engine health poller.
+- :mod:`router.discovery_shell`: engines of DNS names (``--engines-from-dns``).
 - :class:`router.engine_registry.EngineTable`: the registered engines.
 - :mod:`router.request_path`: the pure core of a request (prepare, choose,
   attempt, account); :meth:`RouterNode.generate` streams around it.
@@ -21,7 +22,7 @@ import itertools
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from typing import Any
 
 import structlog
@@ -44,6 +45,7 @@ from router.adapters import AdapterLifecycle
 from router.admission import AdmissionGate
 from router.approx_tree import ApproxTree
 from router.config import RouterConfig
+from router.discovery_shell import EngineDiscovery, Resolver, resolve_ipv4
 from router.engine_registry import EngineRecord, EngineSpec, EngineSpecError, EngineTable
 from router.errors import (
     ContextTooLong,
@@ -52,12 +54,14 @@ from router.errors import (
     EnginesBusy,
     NoEngineAvailable,
     RequestRejected,
+    RouterError,
     StreamFailed,
 )
 from router.health import HealthPoller
-from router.index import PrefixIndex
 from router.load import MeshLoad, WorkerLoads
 from router.mesh_shell import MeshShell
+from router.metrics import MetricsRecorder
+from router.native_index import new_index
 from router.outcomes import Outcomes
 from router.policies import Decision, Policy, make_policy
 from router.request_path import (
@@ -74,15 +78,31 @@ from router.request_path import (
     validate,
     work_tokens,
 )
+from router.tracing import Span, TraceContext, make_tracer
 
 __all__ = ["RouterNode"]
 
 log = structlog.get_logger(__name__)
 
 
+def _hint_known(decision: Decision, prompt_blocks: int) -> bool:
+    """The mesh already places the whole prompt on the chosen worker: precise
+    read every block there from the mesh-wide index or a live route hint, so
+    another hint would tell no node anything (and cost each of them a walk
+    over its blocks). Other policies' overlaps are their own (a per-node
+    tree), never a reason to keep quiet."""
+    if decision.policy != "precise":
+        return False
+    chosen = next((c for c in decision.candidates if c.chosen), None)
+    return chosen is not None and chosen.overlap_blocks >= prompt_blocks
+
+
 class RouterNode:
     def __init__(
-        self, config: RouterConfig | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        config: RouterConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        dns_resolver: Resolver = resolve_ipv4,  # engine discovery's (tests give their own)
     ) -> None:
         cfg = self.config = config or RouterConfig()
         self.api_addr = cfg.advertise or cfg.listen  # what clients dial
@@ -91,7 +111,7 @@ class RouterNode:
         self.clock = clock
         self.rng = random.Random(cfg.seed)
         self.log = log.bind(node=self.node_id)
-        self.index = PrefixIndex()
+        self.index = new_index()  # native when built (router/native_index.py)
         self.approx_tree = ApproxTree()
         self.load = MeshLoad()
         self.engines = EngineTable(cfg.breaker)
@@ -122,11 +142,27 @@ class RouterNode:
         )
         self.admission = AdmissionGate(cfg.admission)
         self.outcomes = Outcomes()
+        self.metrics = MetricsRecorder()  # histograms observed on the request path (router/metrics.py)
+        self.tracer = make_tracer(cfg.tracing, self.node_id)  # spans only with --otlp-endpoint
         self.draining = False
         self._keys = itertools.count(1)
         self._tokenizers: dict[str, Tokenizer] = {}
         self._policies: dict[str, Policy] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # --engines-from-dns: engines of DNS names, registered and removed mesh-wide.
+        self.discovery: EngineDiscovery | None = None
+        if cfg.discovery.names:
+            self.discovery = EngineDiscovery(
+                cfg.discovery,
+                self.register_engine,
+                self.deregister_engine,
+                self.core.engines,
+                lambda engine_id: self.core.owner_of(engine_id) == self.node_id,
+                lambda: self.ready,
+                self.log,
+                dns_resolver,
+                clock,
+            )
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -147,6 +183,8 @@ class RouterNode:
                 name="seeds",
             ),
         ]
+        if self.discovery is not None:
+            self._tasks.append(asyncio.create_task(self.discovery.run(), name="discovery"))
         self.mesh.flush()
 
     @property
@@ -165,6 +203,8 @@ class RouterNode:
         await self.adapters.close()
         await self.client.close()
         await self.mesh.close()
+        if self.tracer.on:
+            await asyncio.to_thread(self.tracer.shutdown)  # exports the spans still batched
 
     # --- what the mesh asks for ------------------------------------------------------------------
 
@@ -207,7 +247,10 @@ class RouterNode:
         """Register (or update) an engine on the whole mesh."""
         spec.validate()
         self.engines.check_compatible(spec)
-        self.core.register_engine(spec.engine_id, dataclasses.asdict(spec), self.clock())
+        fields = dataclasses.asdict(spec)
+        if not spec.source:  # registered by hand: the registry entry of nodes that predate sources
+            del fields["source"]
+        self.core.register_engine(spec.engine_id, fields, self.clock())
         self.mesh.flush()
         return self.engines[spec.engine_id]
 
@@ -272,18 +315,27 @@ class RouterNode:
         req = prep.route_request()
         policy = self._policy(prep.policy)
         decision = policy.choose(req, cands, now, self.rng)
+        self.metrics.decided(prep.policy, self.clock() - now)
         if record:
             policy.on_routed(req, decision.worker, now)
             if req.block_hashes:
-                # Tell the mesh too: a burst of this prefix on other nodes lands here.
-                self.core.add_hint(decision.worker, req.block_hashes, now)
+                if not _hint_known(decision, len(req.block_hashes)):
+                    # Tell the mesh too: a burst of this prefix on other nodes lands here.
+                    self.core.add_hint(decision.worker, req.block_hashes, now)
                 self.mesh.wake()  # the mesh loop sends it (and our load) in hint_push_delay
         return decision
 
-    def route_only(self, prep: Prepared, dry_run: bool) -> Routed:
+    def route_only(self, prep: Prepared, dry_run: bool, trace: TraceContext | None = None) -> Routed:
         """The Route RPC: choose without sending. A real pick counts as load
         for ``route_load_ttl``: the caller sends the request itself."""
-        routed = routed_to(prep, self.route(prep, record=not dry_run), 1, self.engines)
+        span = self.tracer.start("kvmesh.route", trace, "server", request_id=prep.request_id, dry_run=dry_run)
+        try:
+            routed = routed_to(prep, self.route(prep, record=not dry_run), 1, self.engines)
+        except RouterError as e:
+            span.fail(e.grpc_code, e.reason, str(e))
+            raise
+        finally:
+            span.end()
         if not dry_run:
             local = self.load.local
             # Keyed by this node's own request key: clients may reuse request ids.
@@ -292,24 +344,48 @@ class RouterNode:
         return routed
 
     async def generate(
-        self, prep: Prepared, params: SamplingParams, deadline: float | None = None
-    ) -> AsyncIterator[Routed | Chunk | Finished]:
+        self,
+        prep: Prepared,
+        params: SamplingParams,
+        deadline: float | None = None,
+        trace: TraceContext | None = None,
+    ) -> AsyncGenerator[Routed | Chunk | Finished, None]:
         """Admit, route, proxy and stream; retry on another worker before the
-        first token. ``deadline`` (``clock()`` time) is the client's.
+        first token. ``deadline`` (``clock()`` time) is the client's,
+        ``trace`` its W3C trace context (router/tracing.py).
 
         Ends normally after a :class:`Finished`, or raises a
         :class:`router.errors.RouterError` that says why (after a
         ``Finished`` naming the error, when tokens were already sent)."""
-        self.validate(prep, params)
-        await self.admission.enter(prep.key)
+        span = self.tracer.start(
+            "kvmesh.request",
+            trace,
+            "server",
+            request_id=prep.request_id,
+            model=prep.model,
+            policy=prep.policy,
+            prompt_tokens=len(prep.token_ids),
+            node=self.node_id,
+        )
         try:
-            async for item in self._attempts(prep, params, deadline):
-                yield item
+            self.validate(prep, params)
+            await self.admission.enter(prep.key)
+            try:
+                async for item in self._attempts(prep, params, deadline, span):
+                    yield item
+            finally:
+                self.admission.leave(prep.key)
+        except RouterError as e:
+            span.fail(e.grpc_code, e.reason, str(e))
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            span.fail("CANCELLED", "client")
+            raise
         finally:
-            self.admission.leave(prep.key)
+            span.end()
 
     async def _attempts(
-        self, prep: Prepared, params: SamplingParams, deadline: float | None
+        self, prep: Prepared, params: SamplingParams, deadline: float | None, span: Span
     ) -> AsyncIterator[Routed | Chunk | Finished]:
         acct = Accounting(prep, self.stats, self.load.local, self.clock())
         tries = Attempts(self.config.retry)
@@ -319,16 +395,27 @@ class RouterNode:
                 if deadline is not None and self.clock() + pause >= deadline:
                     break
                 await asyncio.sleep(pause)
+            route_span = self.tracer.start("kvmesh.route", span, attempt=tries.attempt)
             try:
                 decision = self.route(prep, tries.excluded)
             except NoEngineAvailable as e:
+                route_span.fail(e.grpc_code, e.reason, str(e))
+                route_span.end()
                 tries.no_candidate(str(e))
                 break
             routed = routed_to(prep, decision, tries.attempt, self.engines)
+            route_span.set(
+                engine=routed.engine_id,
+                worker=routed.worker,
+                reason=decision.reason,
+                candidates=len(decision.candidates),
+                predicted_cached_tokens=routed.predicted_cached_blocks * prep.block_size,
+            )
+            route_span.end()
             acct.attempt(routed, self.engines[routed.engine_id], self.clock())
             yield routed
             finished = False
-            async for item in self._attempt(prep, params, routed, acct, tries, deadline):
+            async for item in self._attempt(prep, params, routed, acct, tries, deadline, span):
                 finished = isinstance(item, Finished)
                 yield item
             if finished:
@@ -348,12 +435,28 @@ class RouterNode:
         acct: Accounting,
         tries: Attempts,
         deadline: float | None,
+        span: Span,
     ) -> AsyncIterator[Chunk | Finished]:
         """One engine's try: its tokens and a Finished, or nothing (then the
         request may be tried again elsewhere), or a RouterError."""
         acct.sent()
-        where = {"engine": routed.engine_id, "worker": routed.worker, "attempt": routed.attempt}
-        rlog = self.log.bind(request_id=prep.request_id, **where)
+        # The engine request carries the proxy span's traceparent (the client's when tracing is off).
+        proxy = self.tracer.start(
+            "kvmesh.proxy",
+            span,
+            "client",
+            engine=routed.engine_id,
+            endpoint=routed.endpoint,
+            attempt=routed.attempt,
+        )
+        # Log context, passed per event: binding a logger per attempt costs
+        # even when the events below it are filtered out.
+        where = {
+            "request_id": prep.request_id,
+            "engine": routed.engine_id,
+            "worker": routed.worker,
+            "attempt": routed.attempt,
+        }
         # The engine client waits on the event loop's clock.
         loop_deadline = (
             None if deadline is None else asyncio.get_running_loop().time() + (deadline - self.clock())
@@ -365,7 +468,7 @@ class RouterNode:
                 prep.token_ids,
                 params,
                 prep.request_id,
-                routed.headers,
+                proxy.engine_headers(routed.headers),
                 prep.tenancy,
                 loop_deadline,
                 routed.engine_kind,
@@ -373,36 +476,53 @@ class RouterNode:
                 if isinstance(item, Chunk):
                     if acct.ttft_ms < 0:
                         self.admission.started(prep.key)
-                    acct.token(self.clock())
+                    acct.token(self.clock(), len(item.token_ids))
                     yield item
                 else:
                     done = acct.finished(item, self.clock())
-                    rlog.info(
+                    proxy.set(
+                        prompt_tokens=done.prompt_tokens,
+                        cached_tokens=done.cached_prompt_tokens,
+                        completion_tokens=done.completion_tokens,
+                        ttft_ms=done.ttft_ms,
+                    )
+                    self.log.info(
                         "router.request_done",
+                        **where,
                         cached=done.cached_prompt_tokens,
                         prompt=done.prompt_tokens,
                         predicted_blocks=routed.predicted_cached_blocks,
                     )
                     yield done
         except EngineUnavailable as e:
+            proxy.fail("UNAVAILABLE", "engine_unavailable", str(e))
             acct.unavailable(self.clock())
             tries.failed_before_first_token(routed.worker, str(e))
-            rlog.warning("router.attempt_failed", error=str(e))
+            self.log.warning("router.attempt_failed", **where, error=str(e))
         except EngineBusy as e:
+            proxy.fail("RESOURCE_EXHAUSTED", "engines_busy", str(e))
             acct.busy(self.clock())
             tries.engine_busy(routed.worker, str(e))
-            rlog.info("router.engine_busy", error=str(e))
+            self.log.info("router.engine_busy", **where, error=str(e))
         except EngineRejected as e:
             acct.rejected(self.clock())
             cls = ContextTooLong if e.context_length else RequestRejected
+            proxy.fail(cls.grpc_code, cls.reason, str(e))
             raise cls(f"engine {routed.engine_id} refused the request (HTTP {e.status}): {e}") from None
         except EngineStalled as e:
+            proxy.fail("DEADLINE_EXCEEDED", "stream_stalled", str(e))
             yield acct.stalled(str(e), self.clock())
             raise DeadlineExceeded(f"engine {routed.engine_id}: {e}", reason="stream_stalled") from None
         except EngineStreamError as e:
+            proxy.fail(StreamFailed.grpc_code, StreamFailed.reason, str(e))
             yield acct.broken(str(e), self.clock())
             raise StreamFailed(f"engine {routed.engine_id} failed mid-stream: {e}") from None
         except DeadlineReached as e:
+            proxy.fail(DeadlineExceeded.grpc_code, DeadlineExceeded.reason, str(e))
             raise DeadlineExceeded(str(e)) from None
+        except (asyncio.CancelledError, GeneratorExit):
+            proxy.fail("CANCELLED", "client")
+            raise
         finally:
             acct.attempt_over()
+            proxy.end()

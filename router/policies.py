@@ -48,6 +48,36 @@ Defaults, and why:
   SGLang's rule on chat at a lower TTFT, and most of the ideal hit rate on
   the trace. The sweep (command, date, table) is in docs/benchmarks.md,
   section Evidence for defaults.
+- ``precise`` cache tiers. Engines that offload KV (vLLM's CPU/storage
+  offloading, SGLang's hierarchical cache) hold blocks off the GPU too; the
+  index reports, per worker, how many blocks of the prompt's prefix each
+  tier holds (:meth:`PrefixIndex.match_tiers`), and ``overlap`` above is the
+  credit they earn::
+
+      overlap = gpu + host_tier_weight * host + disk_tier_weight * disk
+                + external_tier_weight * external
+
+  A lower-tier block saves the recompute of a block but costs its copy to
+  the GPU, so its weight is ``1 - copy time / recompute time``. The figures,
+  for Llama-3-8B in bf16 (128 KiB of KV per token, 2 MiB per 16-token block)
+  on an A100, as the simulated engine's timing: recomputing costs ~0.1 ms
+  per prompt token (1.6 ms a block). A host block crosses PCIe 4.0 x16
+  (~25 GB/s from pinned memory): ~0.08 ms, 5% of its recompute, so 0.95 in
+  theory; ``host_tier_weight=0.9`` leaves room for copies that reach only
+  half of PCIe's rate (chunked transfers, a link shared with other traffic).
+  A disk block (NVMe, read through host memory, ~3 GB/s as a KV store's
+  files really read) takes ~0.7 ms, about half its recompute:
+  ``disk_tier_weight=0.5``. An external pool (another node's memory or a
+  storage service: Mooncake, LMCache) is anywhere between RDMA at host
+  speed and TCP at disk speed, plus a lookup: ``external_tier_weight=0.5``.
+  Models without grouped-query attention hold several times more KV per
+  token for the same compute, and their copies cost proportionally more:
+  lower the weights for them. NVIDIA Dynamo credits the same way (blocks
+  extending the device prefix on a lower tier, times a per-tier weight)
+  with ``host_cache_hit_weight=0.75`` and ``disk_cache_hit_weight=0.25``
+  (disk and external alike), more cautious than the copy times say; any of
+  the three is a ``--policy-opt``. The mesh's route hints count as GPU
+  blocks (a routed prefix is computed on the GPU).
 """
 
 from __future__ import annotations
@@ -61,9 +91,10 @@ from typing import Protocol, TypeAlias
 import xxhash
 
 from blocks.hashing import DEFAULT_BLOCK_SIZE
+from blocks.tiers import TIER_DISK, TIER_EXTERNAL, TIER_GPU, TIER_HOST
 from router.approx_tree import DEFAULT_MAX_BLOCKS_PER_WORKER, ApproxTree
 from router.errors import NoEngineAvailable
-from router.index import PrefixIndex
+from router.index import PrefixIndex, TierBlocks
 
 __all__ = [
     "POLICY_NAMES",
@@ -120,11 +151,29 @@ class Candidate:
 @dataclass(frozen=True, slots=True)
 class CandidateScore:
     worker: str
-    overlap_blocks: int
+    overlap_blocks: int  # leading prompt blocks on its GPUs (with the mesh's route hints)
     load: float
     score: float
     chosen: bool
     healthy: bool = True
+    # Prompt blocks past those, on its other cache tiers (PrefixIndex.match_tiers).
+    host_blocks: int = 0
+    disk_blocks: int = 0
+    external_blocks: int = 0
+
+    @property
+    def cached_blocks(self) -> int:
+        """Prompt blocks the worker would not recompute: GPU and every other tier."""
+        return self.overlap_blocks + self.host_blocks + self.disk_blocks + self.external_blocks
+
+    def tiers_text(self) -> str:
+        """`` (+3 host, +1 disk)`` for the tiers other than the GPU with blocks, else ""."""
+        return _tiers_text((self.overlap_blocks, self.host_blocks, self.disk_blocks, self.external_blocks))
+
+
+def _tiers_text(tiers: TierBlocks) -> str:
+    parts = [f"+{n} {name}" for n, name in zip(tiers[TIER_HOST:], ("host", "disk", "external")) if n]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +195,7 @@ class Decision:
             mark = "*" if c.chosen else " "
             health = "" if c.healthy else " (unhealthy)"
             lines.append(
-                f"{mark} {c.worker}: overlap {c.overlap_blocks}/{self.prompt_blocks} blocks, "
+                f"{mark} {c.worker}: overlap {c.overlap_blocks}/{self.prompt_blocks} blocks{c.tiers_text()}, "
                 f"load {_fmt(c.load)}, score {_fmt(c.score)}{health}"
             )
         return "\n".join(lines)
@@ -229,28 +278,38 @@ def _least_load(healthy: list[Candidate], rng: _random.Random) -> Candidate:
     return _pick_min(healthy, lambda c: (c.load,), rng)
 
 
+_NO_TIERS: TierBlocks = (0, 0, 0, 0)
+
+
 def _decision(
     policy: str,
     req: RouteRequest,
     candidates: Sequence[Candidate],
     chosen: str,
     reason: str,
-    overlaps: Mapping[str, int] | None,
+    overlaps: Mapping[str, int] | Mapping[str, TierBlocks] | None,
     scores: Mapping[str, float] | None,
     score_meaning: str,
     imbalanced: bool = False,
 ) -> Decision:
-    rows = [
-        CandidateScore(
-            worker=c.worker,
-            overlap_blocks=overlaps.get(c.worker, 0) if overlaps else 0,
-            load=c.load,
-            score=scores.get(c.worker, 0.0) if scores else c.load,
-            chosen=c.worker == chosen,
-            healthy=c.healthy,
+    """``overlaps``: per worker its GPU blocks, or its blocks per tier."""
+    rows = []
+    for c in candidates:
+        ov = overlaps.get(c.worker, 0) if overlaps else 0
+        tiers = ov if isinstance(ov, tuple) else (ov, 0, 0, 0)
+        rows.append(
+            CandidateScore(
+                worker=c.worker,
+                overlap_blocks=tiers[TIER_GPU],
+                load=c.load,
+                score=scores.get(c.worker, 0.0) if scores else c.load,
+                chosen=c.worker == chosen,
+                healthy=c.healthy,
+                host_blocks=tiers[TIER_HOST],
+                disk_blocks=tiers[TIER_DISK],
+                external_blocks=tiers[TIER_EXTERNAL],
+            )
         )
-        for c in candidates
-    ]
     return Decision(
         policy=policy,
         worker=chosen,
@@ -270,10 +329,12 @@ class _Base:
         # cached overlap, so decisions of every policy can be compared.
         self.index = index
 
-    def _info_overlaps(self, req: RouteRequest, candidates: Sequence[Candidate]) -> dict[str, int] | None:
+    def _info_overlaps(
+        self, req: RouteRequest, candidates: Sequence[Candidate]
+    ) -> dict[str, TierBlocks] | None:
         if self.index is None:
             return None
-        return self.index.match(req.block_hashes, [c.worker for c in candidates])
+        return self.index.match_tiers(req.block_hashes, [c.worker for c in candidates])
 
     def on_routed(self, req: RouteRequest, worker: str, now: float) -> None:
         return None
@@ -446,7 +507,7 @@ class _Guarded(_Base):
         req: RouteRequest,
         candidates: Sequence[Candidate],
         healthy: list[Candidate],
-        overlaps: Mapping[str, int],
+        overlaps: Mapping[str, int] | Mapping[str, TierBlocks],
         rng: _random.Random,
     ) -> Decision | None:
         imb, hi, lo = is_imbalanced((c.load for c in healthy), self.abs_threshold, self.rel_threshold)
@@ -520,8 +581,9 @@ class ApproxCacheAware(_Guarded):
 
 
 class Precise(_Guarded):
-    """KV-event-driven: overlap from the PrefixIndex (raised by the mesh's
-    route hints, when given) weighed against load."""
+    """KV-event-driven: overlap from the PrefixIndex, every cache tier
+    credited by its weight (raised by the mesh's route hints, when given),
+    weighed against load."""
 
     name = "precise"
 
@@ -532,6 +594,9 @@ class Precise(_Guarded):
         abs_threshold: float = 32,
         rel_threshold: float = 1.5,
         delay_weight: float = 0.25,
+        host_tier_weight: float = 0.9,
+        disk_tier_weight: float = 0.5,
+        external_tier_weight: float = 0.5,
         hint_overlap: HintOverlap | None = None,
     ) -> None:
         if index is None:
@@ -541,18 +606,43 @@ class Precise(_Guarded):
             raise ValueError(f"overlap_weight must be >= 0, got {overlap_weight!r}")
         if delay_weight < 0:
             raise ValueError(f"delay_weight must be >= 0, got {delay_weight!r}")
+        for label, wt in (
+            ("host_tier_weight", host_tier_weight),
+            ("disk_tier_weight", disk_tier_weight),
+            ("external_tier_weight", external_tier_weight),
+        ):
+            if not 0 <= wt <= 1:
+                raise ValueError(f"{label} must be in [0, 1] (a fraction of a GPU block), got {wt!r}")
         self.overlap_weight = overlap_weight
         self.delay_weight = delay_weight
+        # Credit of a block on each tier, in blocks.tiers order.
+        self.tier_weights: tuple[float, ...] = (
+            1.0,
+            host_tier_weight,
+            disk_tier_weight,
+            external_tier_weight,
+        )
         self.hint_overlap = hint_overlap
         self._index = index
 
-    def _overlaps(self, req: RouteRequest, candidates: Sequence[Candidate], now: float) -> dict[str, int]:
-        ov = self._index.match(req.block_hashes, [c.worker for c in candidates])
+    def _overlaps(
+        self, req: RouteRequest, candidates: Sequence[Candidate], now: float
+    ) -> dict[str, TierBlocks]:
+        ov = self._index.match_tiers(req.block_hashes, [c.worker for c in candidates])
         if self.hint_overlap is not None:
             for w, v in self.hint_overlap(req.block_hashes, now).items():
-                if w in ov and v > ov[w]:
-                    ov[w] = v
+                tb = ov.get(w)
+                if tb is not None and v > tb[TIER_GPU]:
+                    ov[w] = _with_gpu_prefix(tb, v)
         return ov
+
+    def credit(self, tiers: TierBlocks) -> float:
+        """The cached blocks a worker's per-tier blocks are worth (module docstring)."""
+        g, h, d, e = tiers
+        if not (h or d or e):
+            return float(g)
+        wt = self.tier_weights
+        return g + wt[TIER_HOST] * h + wt[TIER_DISK] * d + wt[TIER_EXTERNAL] * e
 
     def choose(
         self, req: RouteRequest, candidates: Sequence[Candidate], now: float, rng: _random.Random
@@ -568,14 +658,17 @@ class Precise(_Guarded):
         costs: dict[str, float] = {}
         for c in candidates:
             busy = c.load_tokens if c.load_tokens is not None else c.load * req.prompt_tokens
-            uncached = max(prompt_blocks - overlaps[c.worker], 0.0)
+            uncached = max(prompt_blocks - self.credit(overlaps[c.worker]), 0.0)
             costs[c.worker] = w * uncached * (1.0 + self.delay_weight * c.load) + busy / bs
         c = _pick_min(healthy, lambda c: (costs[c.worker], c.load), rng)
         n = len(req.block_hashes)
+        tiers = overlaps[c.worker]
         reason = (
-            f"best cost {_fmt(costs[c.worker])} on {c.worker}: overlap {overlaps[c.worker]}/{n} blocks, "
+            f"best cost {_fmt(costs[c.worker])} on {c.worker}: "
+            f"overlap {tiers[TIER_GPU]}/{n} blocks{_tiers_text(tiers)}, "
             f"load {_fmt(c.load)}"
         )
+        wt = self.tier_weights
         return _decision(
             self.name,
             req,
@@ -585,8 +678,24 @@ class Precise(_Guarded):
             overlaps,
             costs,
             f"{_fmt(w)} x uncached prompt blocks x (1 + {_fmt(self.delay_weight)} x in-flight requests)"
-            " + in-flight blocks (lowest wins)",
+            " + in-flight blocks (lowest wins); uncached = prompt blocks - GPU blocks"
+            f" - {_fmt(wt[TIER_HOST])} x host - {_fmt(wt[TIER_DISK])} x disk"
+            f" - {_fmt(wt[TIER_EXTERNAL])} x external blocks",
         )
+
+
+def _with_gpu_prefix(tiers: TierBlocks, gpu: int) -> TierBlocks:
+    """``tiers`` with its GPU prefix raised to ``gpu`` blocks (a route hint):
+    the blocks now counted on the GPU are taken from the lower tiers,
+    fastest first (the blocks right past a GPU prefix are usually its host
+    copies), and the prefix is at least ``gpu`` blocks long."""
+    out = [gpu]
+    drop = gpu - tiers[TIER_GPU]
+    for n in tiers[TIER_HOST:]:
+        take = min(n, drop)
+        out.append(n - take)
+        drop -= take
+    return tuple(out)
 
 
 # -- registry ------------------------------------------------------------------

@@ -49,6 +49,7 @@ __all__ = [
     "RetryPolicy",
     "Routed",
     "candidates",
+    "predicted_cached_tokens",
     "prepare",
     "resolve_model",
     "routed_to",
@@ -143,7 +144,8 @@ def prepare(
     return Prepared(
         request_id=request.request_id or new_request_id(),
         model=model,
-        token_ids=list(token_ids),
+        # A list of the client's (the gRPC shell slices one fresh per request) is not copied again.
+        token_ids=token_ids if token_ids.__class__ is list else list(token_ids),
         block_size=block_size,
         hashes=block_hashes(token_ids, block_size, seed),
         session_key=request.session_key or None,
@@ -231,7 +233,8 @@ def routed_to(prep: Prepared, decision: Decision, attempt: int, engines: EngineT
     """The engine, endpoint and headers of the worker ``decision`` chose."""
     engine_id, rank = split_worker_id(decision.worker)
     spec = engines[engine_id].spec
-    overlap = next((c.overlap_blocks for c in decision.candidates if c.chosen), 0)
+    # Every tier's blocks: the engine loads the lower tiers' instead of computing them.
+    overlap = next((c.cached_blocks for c in decision.candidates if c.chosen), 0)
     return Routed(
         request_id=prep.request_id,
         engine_id=engine_id,
@@ -350,6 +353,23 @@ class NodeStats:
     cached_prompt_tokens_total: int = 0
     requests_by_engine: Counter[str] = field(default_factory=Counter)
     requests_by_policy: Counter[str] = field(default_factory=Counter)
+    # Routing quality of the requests an engine finished (its usage says how
+    # much of the prompt it had cached), per policy and per engine:
+    prompt_tokens_by_policy: Counter[str] = field(default_factory=Counter)
+    cached_tokens_by_policy: Counter[str] = field(default_factory=Counter)  # engine-reported
+    # what the route predicted cached (see predicted_cached_tokens)
+    predicted_tokens_by_policy: Counter[str] = field(default_factory=Counter)
+    predictions_by_policy: Counter[str] = field(default_factory=Counter)  # requests predicted > 0
+    mispredictions_by_policy: Counter[str] = field(default_factory=Counter)  # engine reported fewer
+    prompt_tokens_by_engine: Counter[str] = field(default_factory=Counter)
+    cached_tokens_by_engine: Counter[str] = field(default_factory=Counter)
+
+
+def predicted_cached_tokens(predicted_blocks: int, block_size: int, prompt_tokens: int) -> int:
+    """The prompt tokens a route predicted cached, as an engine can report
+    them: whole blocks, never the prompt's last token (vLLM and SGLang always
+    compute it, so a prompt cached whole is reported one block short)."""
+    return min(predicted_blocks, max(prompt_tokens - 1, 0) // block_size) * block_size
 
 
 def work_tokens(prep: Prepared, predicted_cached_blocks: int) -> int:
@@ -370,7 +390,17 @@ class Accounting:
     :meth:`attempt_over`. :meth:`gave_up` if no attempt succeeded.
     """
 
-    __slots__ = ("_load", "_prep", "_record", "_resolved", "_routed", "_stats", "started", "ttft_ms")
+    __slots__ = (
+        "_load",
+        "_prep",
+        "_record",
+        "_resolved",
+        "_routed",
+        "_stats",
+        "started",
+        "streamed",
+        "ttft_ms",
+    )
 
     def __init__(self, prep: Prepared, stats: NodeStats, load: LoadTracker, now: float) -> None:
         self._prep = prep
@@ -381,6 +411,7 @@ class Accounting:
         self._resolved = False  # the attempt's outcome reached the engine's breaker
         self.started = now
         self.ttft_ms = -1.0  # of the current attempt, from the start of the request
+        self.streamed = 0  # tokens of the current attempt sent to the client
         stats.requests_total += 1
         stats.requests_by_policy[prep.policy] += 1
 
@@ -392,6 +423,7 @@ class Accounting:
     def attempt(self, routed: Routed, record: EngineRecord, now: float) -> None:
         self._routed, self._record = routed, record
         self.ttft_ms = -1.0
+        self.streamed = 0
         self._resolved = False
         record.breaker.on_attempt(now)
         record.attempts += 1
@@ -402,8 +434,9 @@ class Accounting:
             routed.worker, self._prep.key, work_tokens(self._prep, routed.predicted_cached_blocks)
         )
 
-    def token(self, now: float) -> None:
-        """A chunk of tokens arrived; the first one ends the prefill."""
+    def token(self, now: float, count: int = 1) -> None:
+        """A chunk of ``count`` tokens arrived; the first one ends the prefill."""
+        self.streamed += count
         if self.ttft_ms < 0:
             self.ttft_ms = (now - self.started) * 1000.0
             self._load.set_tokens(self._prep.key, self._prep.block_size)
@@ -415,6 +448,7 @@ class Accounting:
         stats.prompt_tokens_total += usage.prompt_tokens
         stats.cached_prompt_tokens_total += usage.cached_tokens
         stats.requests_by_engine[routed.engine_id] += 1
+        self._quality(routed, usage)
         return Finished(
             finish_reason=usage.finish_reason,
             prompt_tokens=usage.prompt_tokens,
@@ -424,6 +458,23 @@ class Accounting:
             ttft_ms=max(self.ttft_ms, 0.0),
             attempts=routed.attempt,
         )
+
+    def _quality(self, routed: Routed, usage: Usage) -> None:
+        """Predicted against engine-reported cached tokens. A route is
+        mispredicted when the engine held less of the prompt than predicted."""
+        stats, policy, engine = self._stats, self._prep.policy, routed.engine_id
+        predicted = predicted_cached_tokens(
+            routed.predicted_cached_blocks, self._prep.block_size, usage.prompt_tokens
+        )
+        stats.prompt_tokens_by_policy[policy] += usage.prompt_tokens
+        stats.cached_tokens_by_policy[policy] += usage.cached_tokens
+        stats.prompt_tokens_by_engine[engine] += usage.prompt_tokens
+        stats.cached_tokens_by_engine[engine] += usage.cached_tokens
+        if predicted:
+            stats.predicted_tokens_by_policy[policy] += predicted
+            stats.predictions_by_policy[policy] += 1
+            if usage.cached_tokens < predicted:
+                stats.mispredictions_by_policy[policy] += 1
 
     def _engine_answered(self, now: float) -> None:
         """The engine did its part (whatever became of the request)."""
@@ -460,7 +511,7 @@ class Accounting:
             finish_reason="error",
             prompt_tokens=len(self._prep.token_ids),
             cached_prompt_tokens=0,
-            completion_tokens=0,
+            completion_tokens=self.streamed,  # what the client got before the stream broke
             engine_id=routed.engine_id,
             ttft_ms=max(self.ttft_ms, 0.0),
             attempts=routed.attempt,

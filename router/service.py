@@ -8,6 +8,7 @@ lives here; every decision is made by the node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
@@ -17,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from blocks.hashing import xor_digest
+from blocks.tiers import TIERS, tier_name
 from engine_adapters.completion_request import SamplingParams
 from engine_adapters.proxy import Chunk
 from kvmesh_pb.v1 import router_pb2 as pb
@@ -25,10 +27,13 @@ from router.auth import TokenInterceptor, TokenTable
 from router.config import RouterConfig
 from router.engine_registry import EngineRecord, EngineSpec, EngineSpecError
 from router.errors import REASON_KEY, Draining, RequestError, RouterError
-from router.metrics import start_metrics_server
+from router.http_front import HttpFront
+from router.logs import set_log_level
+from router.metrics import MetricsServer, RequestTimer, node_registry, server_ssl_context
 from router.node import RouterNode
 from router.policies import Decision
 from router.request_path import ClientRequest, Finished, Routed
+from router.tracing import trace_from_metadata
 
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(EngineSpec))
 _READY_POLL = 0.02  # seconds between checks that the node has joined the mesh
@@ -56,6 +61,9 @@ def decision_to_pb(d: Decision) -> pb.Decision:
                 load=c.load,
                 score=c.score,
                 chosen=c.chosen,
+                host_blocks=c.host_blocks,
+                disk_blocks=c.disk_blocks,
+                external_blocks=c.external_blocks,
             )
             for c in d.candidates
         ],
@@ -111,10 +119,32 @@ def sampling_from_pb(s: pb.SamplingParams, default_max_tokens: int) -> SamplingP
     )
 
 
+# A cancel this close to the call's deadline is the deadline (see Generate).
+_DEADLINE_SLACK_S = 0.25
+
+
 class RouterService(pb_grpc.RouterServicer):
     def __init__(self, node: RouterNode) -> None:
         self.node = node
         self.outcomes = node.outcomes
+        self._streams: set[asyncio.Task[object]] = set()  # Generate calls running
+        self._cut = False  # the drain timeout passed: running streams are being ended
+
+    async def cut_streams(self, timeout: float) -> int:
+        """End the Generate calls still running after the drain timeout, each
+        with UNAVAILABLE ``draining`` (the client may retry elsewhere), rather
+        than leave them to the server's stop, which cancels them with no
+        reason. A stream ends at its next message; one whose engine sends
+        nothing is cancelled after half of ``timeout``. Returns how many."""
+        self._cut = True
+        tasks = list(self._streams)
+        if tasks:
+            _, idle = await asyncio.wait(tasks, timeout=timeout / 2)
+            for task in idle:
+                task.cancel()
+            if idle:
+                await asyncio.wait(idle, timeout=timeout / 2)
+        return len(tasks)
 
     def _client_request(self, request: pb.GenerateRequest | pb.RouteRequest) -> ClientRequest:
         if not self.node.ready:
@@ -144,37 +174,53 @@ class RouterService(pb_grpc.RouterServicer):
     async def Generate(  # noqa: N802 - gRPC method names are the proto's
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        timer = self.node.metrics.request("Generate", self.node.clock())
+        rid = request.request_id  # the node's own id once prepared (the client may send none)
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams.add(task)
         try:
             prep = self.node.prepare(self._client_request(request))
+            rid = prep.request_id
+            timer.policy = prep.policy
             params = sampling_from_pb(request.sampling, self.node.config.default_max_tokens)
-            async for item in self.node.generate(prep, params, self._deadline(context)):
-                if isinstance(item, Chunk):
-                    yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=item.token_ids, text=item.text))
-                elif isinstance(item, Routed):
-                    yield pb.GenerateResponse(routed=_routed_pb(item))
-                else:
-                    yield pb.GenerateResponse(finished=_finished_pb(item))
+            trace = trace_from_metadata(context.invocation_metadata())  # the client's W3C traceparent
+            stream = self.node.generate(prep, params, self._deadline(context), trace)
+            async with contextlib.aclosing(stream):  # its engine request ends with this call
+                async for item in stream:
+                    if self._cut:
+                        raise self._cut_error()
+                    yield self._response(item, timer)
         except RouterError as e:
-            await self._fail(context, e, request.request_id)
+            await self._fail(context, e, rid, timer)
         except asyncio.CancelledError:
-            self._ended("CANCELLED", "client", request.request_id, "")
+            await self._cancelled(context, rid, timer)
             raise
         except Exception as e:
-            await self._crashed(context, e, request.request_id)
+            await self._crashed(context, e, rid, timer)
         else:
-            self._ended("OK", "", request.request_id, "")
+            self._ended("OK", "", rid, "", timer)
+        finally:
+            if task is not None:
+                self._streams.discard(task)
 
     async def Route(  # noqa: N802 - gRPC method names are the proto's
         self, request: pb.RouteRequest, context: grpc.aio.ServicerContext
     ) -> pb.RouteResponse:
+        timer = self.node.metrics.request("Route", self.node.clock())
+        rid = request.request_id
         try:
             prep = self.node.prepare(self._client_request(request))
-            routed = self.node.route_only(prep, dry_run=request.dry_run)
+            rid = prep.request_id
+            timer.policy = prep.policy
+            routed = self.node.route_only(
+                prep, dry_run=request.dry_run, trace=trace_from_metadata(context.invocation_metadata())
+            )
         except RouterError as e:
-            await self._fail(context, e, request.request_id)
+            await self._fail(context, e, rid, timer)
         except Exception as e:
-            await self._crashed(context, e, request.request_id)
-        self._ended("OK", "", request.request_id, "")
+            await self._crashed(context, e, rid, timer)
+        self._ended("OK", "", rid, "", timer)
         return pb.RouteResponse(
             request_id=routed.request_id,
             engine_id=routed.engine_id,
@@ -184,8 +230,44 @@ class RouterService(pb_grpc.RouterServicer):
             decision=decision_to_pb(routed.decision),
         )
 
-    def _ended(self, status: str, reason: str, request_id: str, message: str) -> None:
-        log_it, suppressed = self.outcomes.record(status, reason, self.node.clock())
+    def _response(self, item: Routed | Chunk | Finished, timer: RequestTimer) -> pb.GenerateResponse:
+        if isinstance(item, Chunk):
+            if timer.first_token < 0:
+                timer.token(self.node.clock())
+            return pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=item.token_ids, text=item.text))
+        if isinstance(item, Routed):
+            return pb.GenerateResponse(routed=_routed_pb(item))
+        return pb.GenerateResponse(finished=_finished_pb(item))
+
+    def _cut_error(self) -> Draining:
+        timeout = self.node.config.drain_timeout
+        return Draining(
+            f"node {self.node.node_id} stopped before this stream ended "
+            f"(drain timeout {timeout:g} s); send the request to another node"
+        )
+
+    async def _cancelled(self, context: grpc.aio.ServicerContext, rid: str, timer: RequestTimer) -> None:
+        """A Generate handler was cancelled: by :meth:`cut_streams` (then the
+        client gets UNAVAILABLE ``draining``: this raises), by the client, or
+        by gRPC when the client's deadline passed (counted as such)."""
+        if self._cut:
+            await self._fail(context, self._cut_error(), rid, timer)
+        # The client's own deadline often fires first: its cancel reaches the
+        # node a little before the node's copy of the deadline (which started
+        # when the call arrived), hence the slack.
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= _DEADLINE_SLACK_S:
+            self._ended("DEADLINE_EXCEEDED", "deadline", rid, "the client's deadline passed", timer)
+        else:
+            self._ended("CANCELLED", "client", rid, "", timer)
+
+    def _ended(
+        self, status: str, reason: str, request_id: str, message: str, timer: RequestTimer | None = None
+    ) -> None:
+        now = self.node.clock()
+        log_it, suppressed = self.outcomes.record(status, reason, now)
+        if timer is not None:
+            self.node.metrics.ended(timer, status, now)
         if log_it:
             self.node.log.warning(
                 "router.request_ended",
@@ -196,14 +278,18 @@ class RouterService(pb_grpc.RouterServicer):
                 suppressed_before=suppressed,
             )
 
-    async def _fail(self, context: grpc.aio.ServicerContext, e: RouterError, request_id: str) -> NoReturn:
-        self._ended(e.grpc_code, e.reason, request_id, str(e))
+    async def _fail(
+        self, context: grpc.aio.ServicerContext, e: RouterError, request_id: str, timer: RequestTimer
+    ) -> NoReturn:
+        self._ended(e.grpc_code, e.reason, request_id, str(e), timer)
         await _abort(context, getattr(grpc.StatusCode, e.grpc_code), str(e), e.reason)
 
-    async def _crashed(self, context: grpc.aio.ServicerContext, e: Exception, request_id: str) -> NoReturn:
+    async def _crashed(
+        self, context: grpc.aio.ServicerContext, e: Exception, request_id: str, timer: RequestTimer
+    ) -> NoReturn:
         # A bug of this node: say so (INTERNAL), never a bare UNKNOWN.
         self.node.log.exception("router.request_crashed", request_id=request_id)
-        self._ended("INTERNAL", "internal", request_id, repr(e))
+        self._ended("INTERNAL", "internal", request_id, repr(e), timer)
         message = f"internal error on node {self.node.node_id}: {e!r}"
         await _abort(context, grpc.StatusCode.INTERNAL, message, "internal")
 
@@ -234,6 +320,14 @@ class AdminService(pb_grpc.AdminServicer):
             skipped_events=int(st.get("skipped_events", 0)),
             owner_node=node.core.owner_of(spec.engine_id) or "",
             worker_seqs={w: s - 1 for w, s in node.core.resume_seqs(spec.engine_id).items()},
+            prompt_tokens=node.stats.prompt_tokens_by_engine[spec.engine_id],
+            cached_prompt_tokens=node.stats.cached_tokens_by_engine[spec.engine_id],
+            event_lag_seconds=-1.0 if st.get("event_lag") is None else st["event_lag"],
+            event_block_size_mismatch=int(st.get("block_size_mismatch", 0)),
+            events_refused=str(st.get("events_refused", "")),
+            cached_blocks_by_tier={
+                tier_name(t): sum(node.index.blocks_of(w, t) for w in spec.workers) for t in TIERS
+            },
         )
 
     async def RegisterEngine(  # noqa: N802 - gRPC method names are the proto's
@@ -284,6 +378,12 @@ class AdminService(pb_grpc.AdminServicer):
             in_flight=node.in_flight(),
             draining=node.draining,
             member_events=dict(node.mesh.member_events),
+            predicted_cached_prompt_tokens_total=sum(s.predicted_tokens_by_policy.values()),
+            route_predictions_total=sum(s.predictions_by_policy.values()),
+            route_mispredictions_total=sum(s.mispredictions_by_policy.values()),
+            mesh_bytes_received=transport.bytes_received,
+            mesh_messages_received=transport.messages_received,
+            convergence_lag_seconds={peer: lag for peer, (lag, _) in node.core.lag.by_peer.items()},
         )
 
     async def Drain(  # noqa: N802 - gRPC method names are the proto's
@@ -293,6 +393,18 @@ class AdminService(pb_grpc.AdminServicer):
         self.node.draining = True
         self._request_stop()
         return pb.DrainResponse(draining=True, in_flight=self.node.in_flight())
+
+    async def SetLogLevel(  # noqa: N802 - gRPC method names are the proto's
+        self, request: pb.SetLogLevelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetLogLevelResponse:
+        try:
+            previous = set_log_level(request.level)
+        except ValueError as e:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid_request")
+        self.node.log.warning(
+            "router.log_level_changed", log_level=request.level, previous=previous, by="Admin"
+        )
+        return pb.SetLogLevelResponse(previous=previous)
 
     async def GetIndexDigest(  # noqa: N802 - gRPC method names are the proto's
         self, request: pb.GetIndexDigestRequest, context: grpc.aio.ServicerContext
@@ -344,14 +456,21 @@ async def serve(
     Health reports NOT_SERVING and the READY line is withheld until the node
     has joined the mesh (through the seeds ``join``) and applied a seed's
     full state. When ``stop`` is set (SIGTERM, Admin.Drain) the node drains:
-    see :func:`drain`.
+    see :func:`drain`. With ``http_listen``, the OpenAI-compatible front
+    (router/http_front.py) serves beside gRPC, and drains with it.
     """
     cfg = node.config
     interceptors = []
-    if cfg.api_auth.token_file:
-        interceptors.append(TokenInterceptor(TokenTable.from_file(cfg.api_auth.token_file), _refused(node)))
+    tokens = TokenTable.from_file(cfg.api_auth.token_file) if cfg.api_auth.token_file else None
+    if tokens is not None:
+        interceptors.append(TokenInterceptor(tokens, _refused(node)))
+    # The OpenAI-compatible front: same node, same tokens and TLS; a broken chat template stops us here.
+    front = HttpFront(node, tokens, _refused(node)) if cfg.http_listen else None
+    # Read-only, with the API's TLS and tokens (router/metrics.py); off without --metrics-listen.
+    metrics = MetricsServer(node_registry(node), tokens, server_ssl_context(cfg.api_auth), _refused(node))
     server = grpc.aio.server(options=server_options(cfg, mesh=False), interceptors=interceptors)
-    pb_grpc.add_RouterServicer_to_server(RouterService(node), server)
+    service = RouterService(node)
+    pb_grpc.add_RouterServicer_to_server(service, server)
     pb_grpc.add_AdminServicer_to_server(AdminService(node, stop.set), server)
     mesh_server = None
     if cfg.mesh_listen:  # the mesh on a port of its own
@@ -379,14 +498,15 @@ async def serve(
         await mesh_server.start()
     await node.start(join or [])
     try:
+        if front is not None:
+            await front.start(cfg.http_listen)  # /health says 503 until the node serves
+        await metrics.start(cfg.metrics_listen)  # from the start: a joining node is worth watching too
         if join:
             node.log.info("router.joining", seeds=join)
         while not node.ready and not stop.is_set():
             await asyncio.sleep(_READY_POLL)
         for spec in cfg.engines:
             await node.register_engine(spec)
-        if cfg.metrics_port:
-            start_metrics_server(node, cfg.metrics_port, cfg.metrics_addr)
         await _set_health(health_servicer, served, serving=True)
         node.log.info(
             "router.serving",
@@ -396,16 +516,24 @@ async def serve(
             engines=sorted(node.engines),
             members=len(node.core.live_members()),
         )
-        print(f"READY grpc={node.api_addr} mesh={node.addr} node={node.node_id}", flush=True)
+        http = f" http={front.addr}" if front is not None else ""
+        http += f" metrics={metrics.address}" if metrics.address else ""
+        print(f"READY grpc={node.api_addr} mesh={node.addr} node={node.node_id}{http}", flush=True)
         if ready is not None and not ready.done():
             ready.set_result(node.api_addr)
         await stop.wait()
     finally:
         await _set_health(health_servicer, served, serving=False)
         await drain(node)
+        cut = await service.cut_streams(cfg.stop_grace)
+        if cut:
+            node.log.warning("router.streams_cut", streams=cut, drain_timeout=cfg.drain_timeout)
+        if front is not None:
+            await front.stop()
         await server.stop(grace=cfg.stop_grace)
         if mesh_server is not None:
             await mesh_server.stop(grace=cfg.stop_grace)
+        await metrics.close()
         await node.stop()
         node.log.info("router.stopped")
 

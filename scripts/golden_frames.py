@@ -35,7 +35,8 @@ What it does:
 4. Writes the frames to ``tests/fixtures/golden/`` with ``manifest.json``:
    per frame its engine, version, file, what it exercises, and what a correct
    reader derives from it (the prompts whose blocks must be live afterwards,
-   under which adapter and salt; which events cannot be mapped, and why).
+   under which adapter and salt, on which cache tier; which events cannot be
+   mapped, and why). Re-running with the same wheels writes the same bytes.
 
 Nothing of the engines' code is written to the repository, only the bytes it
 produced. The tests read the fixtures and need neither the wheels nor the
@@ -237,12 +238,14 @@ def _load_sglang(wheel: zipfile.ZipFile) -> tuple[types.ModuleType, types.Module
 @dataclass
 class Prompt:
     """Blocks a correct reader holds after the frame: the first ``live_blocks``
-    full blocks of ``tokens`` under this adapter and salt."""
+    full blocks of ``tokens`` under this adapter and salt, on cache tier
+    ``tier`` (kvmesh's names: gpu, host, disk, external)."""
 
     tokens: list[int]
     live_blocks: int
     lora_name: str | None = None
     cache_salt: str | None = None
+    tier: str = "gpu"
 
     def manifest(self) -> dict[str, Any]:
         return {
@@ -250,6 +253,7 @@ class Prompt:
             "live_blocks": self.live_blocks,
             "lora_name": self.lora_name,
             "cache_salt": self.cache_salt,
+            "tier": self.tier,
         }
 
 
@@ -499,7 +503,7 @@ class _Vllm:
 def _vllm_scenarios(v: _Vllm) -> list[tuple[Frame, Any]]:
     plain, salted = _VllmRequest(), _VllmRequest(salt=SALT)
     lora, salted_lora = _VllmRequest(lora=True), _VllmRequest(lora=True, salt=SALT)
-    gpu, cpu = v.ev.MEDIUM_GPU, v.ev.MEDIUM_CPU
+    gpu, cpu, storage = v.ev.MEDIUM_GPU, v.ev.MEDIUM_CPU, v.ev.MEDIUM_STORAGE
     p1_hashes = [h for h, _, _ in v.chain(P1, plain)]
     p2_hashes = [h for h, _, _ in v.chain(P2, plain)]
 
@@ -568,11 +572,11 @@ def _vllm_scenarios(v: _Vllm) -> list[tuple[Frame, Any]]:
             frame(
                 "tiers",
                 [
-                    "medium GPU and CPU stores and removals, locality",
-                    "the CPU offloading placeholder (no token ids, block_size 0): skipped alone",
+                    "medium GPU and CPU stores and removals, locality LOCAL",
+                    "the CPU offloading placeholder (no token ids, block_size 0) of a block stored "
+                    "on the GPU with its tokens: mapped on the host tier through its engine hash",
                 ],
-                [Prompt(P1, 3), Prompt(P2, 1)],
-                skipped=[{"index": 2, "reason": "no_token_ids"}],
+                [Prompt(P1, 3), Prompt(P2, 1, tier="host"), Prompt(P1, 1, tier="host")],
                 mediums=[gpu, cpu, cpu, cpu],
             ),
             v.batch(
@@ -581,6 +585,50 @@ def _vllm_scenarios(v: _Vllm) -> list[tuple[Frame, Any]]:
                 v.placeholder(p1_hashes[0]),
                 v.removed([p2_hashes[1]], medium=cpu),
             ),
+        ),
+        (
+            frame(
+                "tier_removal",
+                [
+                    "a block offloaded to CPU (self-describing store with tokens) stays there when "
+                    "the GPU evicts it: each removal acts on its own tier"
+                ],
+                [Prompt(P1, 2), Prompt(P1, 3, tier="host")],
+                mediums=[gpu, cpu, gpu],
+            ),
+            v.batch(
+                v.stored(P1, 0, 3, plain),
+                v.stored(P1, 0, 3, plain, medium=cpu, locality="LOCAL"),
+                v.removed([p1_hashes[2]]),
+            ),
+        ),
+        (
+            frame(
+                "storage_remote",
+                [
+                    "medium STORAGE (offloading to storage): the disk tier",
+                    "locality REMOTE (a copy away from the publisher): the external tier",
+                ],
+                [Prompt(P1, 3, tier="disk"), Prompt(P2, 2, tier="external")],
+                mediums=[storage, cpu],
+            ),
+            v.batch(
+                v.stored(P1, 0, 3, plain, medium=storage, locality="LOCAL"),
+                v.stored(P2, 0, 2, plain, medium=cpu, locality="REMOTE"),
+            ),
+        ),
+        (
+            frame(
+                "placeholder_unknown",
+                [
+                    "a placeholder whose block was never stored with its tokens: skipped alone, "
+                    "the store after it applies"
+                ],
+                [Prompt(P2, 2)],
+                skipped=[{"index": 0, "reason": "no_token_ids"}],
+                mediums=[cpu, gpu],
+            ),
+            v.batch(v.placeholder(p1_hashes[1]), v.stored(P2, 0, 2, plain)),
         ),
         (
             frame(
@@ -849,10 +897,59 @@ def _sglang_scenarios(s: _Sglang) -> list[tuple[Frame, Any]]:
             frame(
                 "cpu_pinned",
                 ["medium CPU_PINNED (host tier) store", "GPU removal"],
-                [Prompt(P1, 2), Prompt(P2, 2)],
+                [Prompt(P1, 2), Prompt(P2, 2, tier="host")],
                 mediums=[gpu.value, cpu.value, gpu.value],
             ),
             s.batch(rec.take()),
+        )
+    )
+    # HiCache: a node backed up to host memory, then evicted from the device.
+    rec, p1_nodes = stores(P1, [8])
+    for n in p1_nodes:
+        rec.record_store(n, cpu)
+    rec.record_remove(p1_nodes[1], gpu)
+    out.append(
+        (
+            frame(
+                "hicache_evicted",
+                [
+                    "HiCache write-back: a node stored on the host tier, then evicted from the GPU: "
+                    "the removal acts on the GPU only, the host copy stays"
+                ],
+                [Prompt(P1, 2), Prompt(P1, 3, tier="host")],
+                mediums=[gpu.value, cpu.value, gpu.value],
+            ),
+            s.batch(rec.take()),
+        )
+    )
+    rec = s.recorder()
+    for n in _sglang_path(P1, [8]):
+        rec.record_store(n, s.ev.StorageMedium.DISK)
+    for n in _sglang_path(P2, []):
+        rec.record_store(n, s.ev.StorageMedium.EXTERNAL)
+    out.append(
+        (
+            frame(
+                "disk_external",
+                ["medium DISK (HiCache L3) and EXTERNAL (a shared pool): the disk and external tiers"],
+                [Prompt(P1, 3, tier="disk"), Prompt(P2, 2, tier="external")],
+                mediums=["DISK", "EXTERNAL"],
+            ),
+            s.batch(rec.take()),
+        )
+    )
+    # One batch of a scheduler serving both: bigram (EAGLE) pages and plain ones.
+    bigram_rec, _ = stores(P1 + [7], [8], bigram=True)
+    plain_rec, _ = stores(P2, [])
+    out.append(
+        (
+            frame(
+                "bigram_mixed",
+                ["a batch of bigram-keyed and plain stores: the token pairs decode with the rest"],
+                [Prompt(P1, 3), Prompt(P2, 2)],
+                mediums=[gpu.value, gpu.value],
+            ),
+            s.batch(bigram_rec.take() + plain_rec.take()),
         )
     )
     rec, _ = stores(P1, [8])
@@ -954,7 +1051,8 @@ def _write(out: Path, frames: list[Frame]) -> None:
         "about": (
             "KV-event frames made by the released engines' own structs, encoders and publishers "
             "(scripts/golden_frames.py). 'prompts' are what a correct reader holds afterwards: the "
-            "first live_blocks full blocks of tokens, hashed under model, lora_name and cache_salt. "
+            "first live_blocks full blocks of tokens, hashed under model, lora_name and cache_salt, "
+            "live on cache tier 'tier' (kvmesh's names: gpu, host, disk, external). "
             "SGLang page hashes come from a Python stand-in for its C++ page hash."
         ),
         "model": MODEL,

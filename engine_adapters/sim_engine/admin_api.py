@@ -3,10 +3,12 @@
 - ``GET /health`` (200 while serving), ``GET /metrics`` (Prometheus, vLLM
   metric names; ``metrics.py``).
 - ``GET /admin/cache``: the cached blocks ``[{hash, parent, tokens}]``, what
-  a correct router index must reflect.
-- ``GET /admin/stats``: pool, cache and queue figures, the sequence number
-  of the next KV-event batch, and ``served``: admitted requests by the model
-  or LoRA adapter that served them.
+  a correct router index must reflect; ``?tier=host``: the host tier's.
+- ``GET /admin/stats``: pool, cache, host tier and queue figures, the
+  prompt tokens looked up and found (``prefix_query_tokens``,
+  ``prefix_hit_tokens`` on the GPU, ``host_hit_tokens`` loaded from the host
+  tier), the sequence number of the next KV-event batch, and ``served``:
+  admitted requests by the model or LoRA adapter that served them.
 - ``POST /admin/drop_events {"count": n}``: fault injection, the next n event
   batches are lost on PUB but stay replayable (``publisher.py``).
 - ``POST /admin/clear``: reset the prefix cache (vLLM's reset_prefix_cache),
@@ -49,7 +51,13 @@ class AdminApi:
         return web.Response(body=m.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def cache(self, request: web.Request) -> web.Response:
-        return web.json_response(self.engine.core.cache.snapshot())
+        tier = request.query.get("tier", "gpu")
+        cache = self.engine.core.cache
+        if tier == "gpu":
+            return web.json_response(cache.snapshot())
+        if tier == "host":
+            return web.json_response(cache.host_snapshot())
+        return error_response(400, f"tier must be gpu or host, not {tier!r}", "tier")
 
     async def stats(self, request: web.Request) -> web.Response:
         core = self.engine.core
@@ -62,6 +70,12 @@ class AdminApi:
                 "pinned_blocks": st.pinned,
                 "cached_blocks": st.cached,
                 "evictions": st.evictions,
+                "num_host_blocks": st.host_blocks,
+                "host_cached_blocks": st.host_cached,
+                "host_evictions": st.host_evictions,
+                "prefix_query_tokens": core.prefix_query_tokens,
+                "prefix_hit_tokens": core.prefix_hit_tokens,
+                "host_hit_tokens": core.host_hit_tokens,
                 "running": core.num_running,
                 "waiting": core.num_waiting,
                 "next_seq": pub.next_seq if pub else None,

@@ -31,6 +31,18 @@ Modelled on vLLM's v1 ``KVCacheManager``/``BlockPool``:
   (vLLM sends ``[None, ...]``; a reader treats both the same, and the
   simulator's events stay as small as they were).
 
+Host tier (optional, ``num_host_blocks``; vLLM's KV offloading to CPU
+memory, SGLang's hierarchical cache): a GPU block evicted from the pool is
+copied to a bounded LRU of host blocks first, published as a
+``BlockStored`` with ``medium="CPU"`` before its GPU ``BlockRemoved``; a
+full host tier drops its least recently used block
+(``BlockRemoved(medium="CPU")``). At admission the blocks right past the GPU
+prefix that the host tier holds are loaded back (each into a fresh GPU
+block, published as a GPU ``BlockStored``; the host copy stays): they are
+not recomputed, and the timing model charges their copy instead
+(``TimingConfig.host_load_ms_per_token``). The host tier keeps set
+semantics like the pool: each hash at most once.
+
 Every event is appended to an outbox in the order things happened;
 :meth:`PrefixCache.drain_events` hands them to the shell, which publishes them.
 """
@@ -40,12 +52,13 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from blocks.delta import EngineHash
 from engine_adapters.completion_request import Tenancy
 from engine_adapters.kv_events import (
+    MEDIUM_CPU,
     MEDIUM_GPU,
     AllBlocksCleared,
     BlockRemoved,
@@ -113,12 +126,22 @@ class _Block:
 
 
 @dataclass(slots=True)
+class _HostBlock:
+    """A block's copy on the host tier: what loading it back needs."""
+
+    parent: int | None
+    tokens: tuple[int, ...]
+    tenancy: Tenancy
+
+
+@dataclass(slots=True)
 class _Req:
     blocks: list[int]  # block ids, in token order
     chain: list[int]  # engine hashes of the request's full blocks, computed so far
     committed: int  # leading blocks already cached (or deliberately left private)
     caching: bool = True  # False after clear(): nothing of it is cached any more
-    hit_blocks: int = 0
+    hit_blocks: int = 0  # cached on the GPU at admission
+    host_blocks: int = 0  # loaded from the host tier at admission, right after those
     tenancy: Tenancy = _BASE
 
 
@@ -130,11 +153,15 @@ class CacheStats:
     free_uncached: int
     evictable: int
     evictions: int = field(default=0)
+    host_blocks: int = 0  # the host tier's size (0: no host tier)
+    host_cached: int = 0
+    host_evictions: int = 0  # blocks the full host tier dropped
 
 
 class PrefixCache:
     """``lora_ids``: the engine's adapters and their ids (vLLM numbers them
-    from 1), published as ``BlockStored.lora_id``."""
+    from 1), published as ``BlockStored.lora_id``; ``num_host_blocks``: the
+    host tier's size (0: none, see the module docstring)."""
 
     def __init__(
         self,
@@ -142,9 +169,15 @@ class PrefixCache:
         block_size: int = DEFAULTS.block_size,
         hash_seed: int = 0,
         lora_ids: Mapping[str, int] | None = None,
+        num_host_blocks: int = DEFAULTS.num_host_blocks,
     ) -> None:
         if num_gpu_blocks <= 0 or block_size <= 0:
             raise ValueError("num_gpu_blocks and block_size must be positive")
+        if num_host_blocks < 0:
+            raise ValueError("num_host_blocks must be >= 0 (0: no host tier)")
+        self.num_host_blocks = num_host_blocks
+        self._host: OrderedDict[int, _HostBlock] = OrderedDict()  # engine hash -> copy; oldest first
+        self._host_evictions = 0
         self.num_gpu_blocks = num_gpu_blocks
         self.block_size = block_size
         self._root = root_hash(hash_seed)
@@ -207,7 +240,16 @@ class PrefixCache:
         return len(self._by_hash)
 
     def cached_hashes(self) -> set[int]:
+        """Engine hashes of the blocks cached on the GPU."""
         return set(self._by_hash)
+
+    def host_hashes(self) -> set[int]:
+        """Engine hashes of the blocks on the host tier."""
+        return set(self._host)
+
+    def host_hit_blocks(self, request_id: str) -> int:
+        """Blocks of the request loaded from the host tier at admission."""
+        return self._reqs[request_id].host_blocks
 
     def request_blocks(self, request_id: str) -> list[int]:
         return list(self._reqs[request_id].blocks)
@@ -220,6 +262,9 @@ class PrefixCache:
             free_uncached=len(self._free),
             evictable=len(self._lru),
             evictions=self._evictions,
+            host_blocks=self.num_host_blocks,
+            host_cached=len(self._host),
+            host_evictions=self._host_evictions,
         )
 
     def snapshot(self) -> list[dict[str, object]]:
@@ -239,6 +284,19 @@ class PrefixCache:
             )
         return out
 
+    def host_snapshot(self) -> list[dict[str, object]]:
+        """Every block of the host tier, in :meth:`snapshot`'s shape."""
+        return [
+            {
+                "hash": h,
+                "parent": c.parent,
+                "tokens": list(c.tokens),
+                "lora_name": c.tenancy.lora_name or None,
+                "cache_salt": c.tenancy.cache_salt or None,
+            }
+            for h, c in self._host.items()
+        ]
+
     # --- mutations -------------------------------------------------------------
 
     def allocate(
@@ -251,8 +309,11 @@ class PrefixCache:
         reserves the request's output up front, so there is no preemption).
         As in vLLM, at most ``len(tokens) - 1`` prompt tokens count as a hit:
         the last prompt token is always computed to produce the first output.
-        Returns ``(hit_blocks, new_blocks)``. Raises :class:`NotEnoughBlocks`
-        (changing nothing) if the pool cannot supply the fresh blocks now.
+        The blocks right past the GPU prefix that the host tier holds are
+        loaded into fresh blocks (:meth:`host_hit_blocks` says how many).
+        Returns ``(hit_blocks, new_blocks)``: GPU hits, and fresh blocks
+        (loaded ones included). Raises :class:`NotEnoughBlocks` (changing
+        nothing) if the pool cannot supply the fresh blocks now.
         """
         if request_id in self._reqs:
             raise ValueError(f"request {request_id!r} already holds blocks")
@@ -267,6 +328,14 @@ class PrefixCache:
             if bid is None:
                 break
             hits.append(bid)
+        # Copies read before any block is taken: taking one may evict to the
+        # host tier and push one of these out of it.
+        loads: list[tuple[int, _HostBlock]] = []
+        for h in chain[len(hits) : max_hit]:
+            copy = self._host.get(h)
+            if copy is None or h in self._by_hash:
+                break
+            loads.append((h, copy))
         total = self.blocks_needed(len(tokens) + max(0, reserve_tokens))
         need = total - len(hits)
         hits_evictable = sum(1 for bid in hits if self._blocks[bid].ref == 0)
@@ -277,10 +346,34 @@ class PrefixCache:
         for bid in hits:
             self._pin(bid)
         new_ids = [self._take_block() for _ in range(need)]
+        self._load(loads, new_ids, len(hits), tenancy)
         self._reqs[request_id] = _Req(
-            blocks=hits + new_ids, chain=chain, committed=len(hits), hit_blocks=len(hits), tenancy=tenancy
+            blocks=hits + new_ids,
+            chain=chain,
+            committed=len(hits) + len(loads),
+            hit_blocks=len(hits),
+            host_blocks=len(loads),
+            tenancy=tenancy,
         )
         return len(hits), need
+
+    def _load(
+        self, loads: list[tuple[int, _HostBlock]], bids: list[int], first: int, tenancy: Tenancy
+    ) -> None:
+        """Fill ``bids`` with the host copies ``loads`` (the request's blocks
+        ``first``, ``first + 1``, ...): cached on the GPU again, one event."""
+        if not loads:
+            return
+        tokens: list[int] = []
+        for (h, copy), bid in zip(loads, bids):
+            b = self._blocks[bid]
+            b.hash, b.parent, b.tokens, b.tenancy = h, copy.parent, copy.tokens, copy.tenancy
+            self._by_hash[h] = bid
+            tokens.extend(copy.tokens)
+            if h in self._host:
+                self._host.move_to_end(h)
+        hashes: list[EngineHash] = [h for h, _ in loads]
+        self._events.append(self._stored(hashes, loads[0][1].parent, tokens, tenancy, first))
 
     def commit_full_blocks(
         self, request_id: str, tokens_so_far: Sequence[int], num_tokens: int | None = None
@@ -359,6 +452,7 @@ class PrefixCache:
             b = self._blocks[bid]
             b.hash, b.parent, b.tokens, b.tenancy = None, None, (), _BASE
         self._by_hash.clear()
+        self._host.clear()
         self._free.extend(reversed(self._lru))
         self._lru.clear()
         for req in self._reqs.values():
@@ -375,7 +469,13 @@ class PrefixCache:
     # --- internals ---------------------------------------------------------------
 
     def _stored(
-        self, hashes: list[EngineHash], parent: int | None, tokens: list[int], tenancy: Tenancy, first: int
+        self,
+        hashes: list[EngineHash],
+        parent: int | None,
+        tokens: list[int],
+        tenancy: Tenancy,
+        first: int,
+        medium: str = MEDIUM_GPU,
     ) -> BlockStored:
         lora = tenancy.lora_name or None
         return BlockStored(
@@ -384,10 +484,27 @@ class PrefixCache:
             token_ids=tokens,
             block_size=self.block_size,
             lora_id=self._lora_ids.get(lora) if lora else None,
-            medium=MEDIUM_GPU,
+            medium=medium,
             lora_name=lora,
             extra_keys=event_extra_keys(tenancy, first, len(hashes)),
         )
+
+    def _offload(self, b: _Block) -> None:
+        """Copy an evicted GPU block to the host tier (dropping the tier's
+        least recently used block when it is full)."""
+        h = b.hash
+        assert h is not None
+        if h in self._host:
+            self._host.move_to_end(h)
+            return
+        if len(self._host) >= self.num_host_blocks:
+            old, _ = self._host.popitem(last=False)
+            self._host_evictions += 1
+            self._events.append(BlockRemoved(block_hashes=[old], medium=MEDIUM_CPU))
+        self._host[h] = _HostBlock(b.parent, b.tokens, b.tenancy)
+        # A first block (no parent) carries the tenancy's salt in its extra keys.
+        first = 0 if b.parent is None else 1
+        self._events.append(self._stored([h], b.parent, list(b.tokens), b.tenancy, first, MEDIUM_CPU))
 
     def _pin(self, bid: int) -> None:
         b = self._blocks[bid]
@@ -413,6 +530,8 @@ class PrefixCache:
             b = self._blocks[bid]
             assert b.hash is not None
             del self._by_hash[b.hash]
+            if self.num_host_blocks:
+                self._offload(b)
             self._events.append(BlockRemoved(block_hashes=[b.hash], medium=MEDIUM_GPU))
             self._evictions += 1
             b.hash, b.parent, b.tokens, b.tenancy = None, None, (), _BASE
@@ -421,13 +540,17 @@ class PrefixCache:
 
 
 def snapshot_router_hashes(
-    snapshot: list[dict[str, object]], model: str, lora_name: str | None = None
+    snapshot: list[dict[str, object]],
+    model: str,
+    lora_name: str | None = None,
+    of: Collection[object] | None = None,
 ) -> set[int]:
     """Router block hashes of the blocks in a :meth:`PrefixCache.snapshot` (or
     the engine's ``GET /admin/cache``): what a correct router index holds for
     this engine. Each block is chained through its parent, as the router does;
     a first block is seeded by its row's adapter and salt (``lora_name`` for
-    rows without them)."""
+    rows without them). ``of``: only these engine hashes' (the host tier's,
+    say, out of a snapshot of both tiers: a parent can be on either)."""
     from blocks.hashing import chain_hash, root_seed
 
     by_hash = {b["hash"]: b for b in snapshot}
@@ -453,4 +576,6 @@ def snapshot_router_hashes(
             parent = by_hash[h]["parent"]
             row = by_hash[h]
             memo[h] = chain_hash(seed(row) if parent is None else memo[parent], row["tokens"])  # type: ignore[arg-type]  # snapshot rows are JSON-shaped dicts
+    if of is not None:
+        return {memo[h] for h in of}
     return set(memo.values())

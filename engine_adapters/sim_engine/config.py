@@ -39,6 +39,9 @@ class SimEngineConfig:
     # Llama-3-8B on an A100-80GB at 90% memory: ~52 GB of KV at 2 MiB per
     # 16-token block.
     num_gpu_blocks: int = 26_000
+    # Host tier (vLLM's KV offloading to CPU memory): blocks evicted from the
+    # GPU pool are kept here and loaded back instead of recomputed; 0: none.
+    num_host_blocks: int = 0
     max_model_len: int = 131_072  # Llama-3.1's context window (prompt + output)
     timing: TimingConfig = field(default_factory=TimingConfig)
     eos_prob: float = 0.0  # chance that a sampled token is EOS (unless ignore_eos)
@@ -65,6 +68,8 @@ class SimEngineConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.num_gpu_blocks < 1:
             raise ValueError("block_size and num_gpu_blocks must be >= 1")
+        if self.num_host_blocks < 0:
+            raise ValueError("num_host_blocks must be >= 0 (0: no host tier)")
         if not 0.0 <= self.fail_rate <= 1.0:
             raise ValueError("fail_rate must be in [0, 1]")
         if not 0.0 <= self.eos_prob <= 1.0:

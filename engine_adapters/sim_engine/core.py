@@ -80,9 +80,11 @@ class EngineCore:
         self.max_model_len = max_model_len
         self._vocab = list(output_vocab) if output_vocab else list(range(NUM_RESERVED, VOCAB_SIZE))
         self._live: dict[str, _Live] = {}
-        # Token counters since start, like vLLM's prefix_cache_{queries,hits}.
+        # Token counters since start, like vLLM's prefix_cache_{queries,hits}
+        # (GPU) and external_prefix_cache_hits (here: the host tier).
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
+        self.host_hit_tokens = 0
 
     # --- requests ----------------------------------------------------------------
 
@@ -143,10 +145,13 @@ class EngineCore:
             )
         except NotEnoughBlocks:
             return False
-        running.num_cached = hit_blocks * self.cache.block_size
+        bs = self.cache.block_size
+        running.num_loaded = self.cache.host_hit_blocks(running.request_id) * bs
+        running.num_cached = hit_blocks * bs + running.num_loaded
         running.num_computed = running.num_cached
         self.prefix_query_tokens += running.prompt_len
-        self.prefix_hit_tokens += running.num_cached
+        self.prefix_hit_tokens += hit_blocks * bs
+        self.host_hit_tokens += running.num_loaded
         return True
 
     def schedule(self, now: float) -> StepPlan | None:

@@ -88,6 +88,7 @@ class SimEngine:
                 hash_seed=hash_seed,
                 # vLLM numbers its adapters from 1, in the order they are given
                 lora_ids={name: i for i, name in enumerate(config.lora_modules, 1)},
+                num_host_blocks=config.num_host_blocks,
             ),
             config.timing,
             eos_prob=config.eos_prob,

@@ -47,6 +47,16 @@ class EngineMetrics:
         self.prefix_hits = Counter(
             "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", lbl, registry=r
         ).labels(model)
+        # vLLM counts the hits of its KV connectors (CPU offloading among them) apart.
+        self.external_hits = Counter(
+            "vllm:external_prefix_cache_hits",
+            "Prompt tokens loaded from the host tier instead of recomputed",
+            lbl,
+            registry=r,
+        ).labels(model)
+        self.host_cached_blocks = Gauge(
+            "kvmesh_sim_host_cached_blocks", "Blocks on the host tier", lbl, registry=r
+        ).labels(model)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed", lbl, registry=r).labels(
             model
         )
@@ -92,7 +102,8 @@ class EngineMetrics:
     def admitted(self, req: RunningRequest) -> None:
         """A request got its KV blocks: count its prompt and its cache hit."""
         self.prefix_queries.inc(req.prompt_len)
-        self.prefix_hits.inc(req.num_cached)
+        self.prefix_hits.inc(req.num_cached - req.num_loaded)
+        self.external_hits.inc(req.num_loaded)
         self.prompt_tokens.inc(req.prompt_len)
 
     def finished(self, reason: str, e2e_seconds: float) -> None:
@@ -105,6 +116,7 @@ class EngineMetrics:
         self.waiting.set(core.num_waiting)
         self.kv_usage.set(core.cache.usage())
         self.cached_blocks.set(core.cache.num_cached())
+        self.host_cached_blocks.set(core.cache.stats().host_cached)
 
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format."""

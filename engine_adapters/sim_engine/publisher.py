@@ -9,8 +9,10 @@ Wire behaviour follows ``ZmqEventPublisher`` in ``vllm/distributed/kv_events.py`
   REQ) sends the 8-byte start sequence; the publisher answers with every
   buffered batch whose seq >= start as ``[b"", topic, seq, payload]`` and then
   the end marker ``[b"", b"", END_SEQ, b""]`` (a REQ client sees the same
-  without the leading empty frame). vLLM <= 0.24 and SGLang send ``[seq,
-  payload]`` / ``[END_SEQ, b""]`` instead; the kvmesh adapter reads both.
+  without the leading empty frame), as vLLM 0.33 and SGLang 0.5.23 do
+  (tests/fixtures/golden/, made by their own publishers). vLLM up to 0.24
+  sends ``[seq, payload]`` / ``[END_SEQ, b""]`` instead; the kvmesh adapter
+  reads both.
 - Data parallel: rank ``r`` uses port ``base + r`` on both sockets. Endpoints
   containing ``*`` or ``::`` (and ipc/inproc) bind, others connect ("bind
   stable, connect volatile"). kvmesh addition: port 0 always binds (an

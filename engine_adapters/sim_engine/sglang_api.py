@@ -5,7 +5,8 @@ simulator: worker discovery and ``/generate``.
   ``output_ids`` and ``meta_info`` (``id``, ``prompt_tokens``,
   ``completion_tokens``, ``cached_tokens``, ``finish_reason``, and
   ``kvmesh_sim`` on the last) as SGLang's do; streamed chunks are cumulative,
-  like SGLang's default, followed by ``data: [DONE]``. The request id is
+  like SGLang's default, one per batch of tokens (as the OpenAI stream's),
+  followed by ``data: [DONE]``. The request id is
   ``gen-<rid>`` (or ``gen-<X-Request-Id>``); ``meta_info.id`` is the bare id.
 - ``GET /server_info`` (``/get_server_info``) and ``GET /model_info``
   (``/get_model_info``): what the router reads at discovery.
@@ -80,9 +81,16 @@ class SGLangApi:
         ids: list[int] = []
         texts: list[str] = []
         obj: dict[str, Any] = {}
-        async for tok, text, finish, _stop in self.engine.streamer.pieces(pend):
-            ids.append(tok)
-            texts.append(text)
+        # One event per batch of tokens, as the OpenAI stream writes chunks:
+        # several tokens per event only when this handler fell behind the step
+        # loop (SGLang merges a slow reader's outputs the same way), so a
+        # router in front of this API pays no more per token than one in
+        # front of /v1/completions.
+        async for batch in self.engine.streamer.batches(pend):
+            for tok, text, _finish, _stop in batch:
+                ids.append(tok)
+                texts.append(text)
+            finish = batch[-1][2]
             meta: dict[str, Any] = {
                 "id": pend.client_id,
                 "prompt_tokens": len(pend.request.prompt),
@@ -93,7 +101,10 @@ class SGLangApi:
             obj = {"text": "".join(texts), "output_ids": list(ids), "meta_info": meta}
             if finish is not None:
                 meta["kvmesh_sim"] = sim_info(pend.running, pend.served_model)
-            if resp is not None and not await write_event(resp, pend.request_id, sse(obj)):
+                if resp is not None:
+                    # The last event and [DONE] are ready together: one write.
+                    return await end_event_stream(resp, sse(obj))
+            elif resp is not None and not await write_event(resp, pend.request_id, sse(obj)):
                 return resp
         if resp is None:
             return web.json_response(obj)

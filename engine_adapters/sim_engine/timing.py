@@ -3,8 +3,12 @@
 One engine step runs every scheduled request once and lasts
 
     decode_base_ms + decode_per_seq_ms * requests_in_step + prefill_ms_per_token * prefill_tokens
+    + host_load_ms_per_token * loaded_tokens
 
-(times ``time_scale``). A request being scheduled is a :class:`RunningRequest`
+(times ``time_scale``). ``loaded_tokens`` are the prompt tokens of the
+requests admitted in the step that come from the host tier (the cache's
+optional offloading tier): copied to the GPU, not recomputed. Their copy is
+charged to the step, as a load the step waits for. A request being scheduled is a :class:`RunningRequest`
 (vLLM calls it a sequence, hence the ``*_seq*`` knob names, which follow
 vLLM's flags). Scheduling follows vLLM v1: running requests first
 (one decode token each, or the next chunk of an unfinished prefill), then
@@ -17,7 +21,9 @@ first output token (TTFT); each later step samples one more.
 
 The defaults imitate Llama-3-8B (bf16) served by vLLM on one A100-80GB;
 their derivation from the model's and the GPU's figures is in
-docs/benchmarks.md (evidence: the simulated engine's timing).
+docs/benchmarks.md (evidence: the simulated engine's timing). The host
+copy: 128 KiB of KV per token over PCIe 4.0 x16 at ~25 GB/s from pinned
+memory is ~5 us a token, a twentieth of its recompute.
 """
 
 from __future__ import annotations
@@ -32,24 +38,34 @@ class TimingConfig:
     decode_base_ms: float = 10.0
     decode_per_seq_ms: float = 0.15
     prefill_ms_per_token: float = 0.1
+    host_load_ms_per_token: float = 0.005  # copying a token's KV from the host tier
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     time_scale: float = 1.0  # 0.1 -> every duration x0.1 (ten times faster than real)
 
     def __post_init__(self) -> None:
-        if min(self.decode_base_ms, self.decode_per_seq_ms, self.prefill_ms_per_token) < 0:
+        if (
+            min(
+                self.decode_base_ms,
+                self.decode_per_seq_ms,
+                self.prefill_ms_per_token,
+                self.host_load_ms_per_token,
+            )
+            < 0
+        ):
             raise ValueError("timing figures must be >= 0")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         if self.time_scale <= 0:
             raise ValueError("time_scale must be > 0")
 
-    def step_seconds(self, requests_in_step: int, prefill_tokens: int) -> float:
+    def step_seconds(self, requests_in_step: int, prefill_tokens: int, loaded_tokens: int = 0) -> float:
         """Duration of one engine step, in (scaled) seconds."""
         ms = (
             self.decode_base_ms
             + self.decode_per_seq_ms * requests_in_step
             + self.prefill_ms_per_token * prefill_tokens
+            + self.host_load_ms_per_token * loaded_tokens
         )
         return ms * self.time_scale / 1000.0
 
@@ -63,7 +79,8 @@ class RunningRequest:
     max_tokens: int
     arrival: float
     num_computed: int = 0  # prompt tokens whose KV exists (cached ones included)
-    num_cached: int = 0  # prompt tokens found in the prefix cache at admission
+    num_cached: int = 0  # prompt tokens found in the prefix cache at admission (host tier included)
+    num_loaded: int = 0  # of those, the tokens loaded from the host tier
     generated: int = 0
     admitted_at: float | None = None
     first_token_at: float | None = None
@@ -89,6 +106,7 @@ class StepPlan:
     work: list[tuple[RunningRequest, int]] = field(default_factory=list)
     admitted: list[RunningRequest] = field(default_factory=list)
     prefill_tokens: int = 0
+    loaded_tokens: int = 0  # host-tier tokens of the admitted requests, copied in this step
 
 
 @dataclass(slots=True)
@@ -151,13 +169,14 @@ class StepScheduler:
             req.admitted_at = now
             self.running[req.request_id] = req
             plan.admitted.append(req)
+            plan.loaded_tokens += req.num_loaded
             n = min(req.prefill_remaining, budget)
             plan.work.append((req, n))
             plan.prefill_tokens += n
             budget -= n
         if not plan.work:
             return None
-        plan.duration = cfg.step_seconds(len(plan.work), plan.prefill_tokens)
+        plan.duration = cfg.step_seconds(len(plan.work), plan.prefill_tokens, plan.loaded_tokens)
         return plan
 
     def complete(self, plan: StepPlan, now: float) -> list[Progress]:

@@ -1,10 +1,17 @@
 """Drive an open-loop workload through one system and record every request.
 
 A *target* sends one request and reports what the client saw: kvmesh router
-nodes over gRPC ``Generate`` (requests spread round-robin over the nodes, as a
-DNS load balancer would), or SGLang's router over HTTP ``/generate`` (SGLang's
-native API; its cache-aware policy routes on the prompt's token ids). TTFT is
-client-side (send -> first token) for both, so they are compared like for like.
+nodes over gRPC ``Generate``, or SGLang's router over HTTP ``/generate``
+(SGLang's native API; its cache-aware policy routes on the prompt's token
+ids). With several router replicas, each request goes to the next replica in
+turn (what a DNS or L4 load balancer does: it knows nothing of prompts). TTFT
+is client-side (send -> first token) for both, so they are compared like for
+like.
+
+Failed requests count: in the hit rate as misses (their prompt tokens are in
+the denominator, none cached), in the ideals as requests sent, and in
+``ttft_p90_all_ms`` (the SLO's figure) as slower than any answer, so a system
+cannot look better by failing requests.
 
 While the run lasts, a sampler polls every engine's ``/admin/stats``
 (running + waiting requests) to measure load imbalance the same way for
@@ -15,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -25,9 +34,12 @@ import aiohttp
 import grpc
 
 from blocks.hashing import DEFAULT_BLOCK_SIZE
+from kvmesh.benchmarks.goodput import QUANTILE
+from kvmesh.benchmarks.ideals import ideals
+from kvmesh.client import ONE_NODE, aio_channel
 from kvmesh.loadgen import generate_once
 from kvmesh.stats import percentile
-from kvmesh.workloads import BenchSession, Workload, ideal_hit_rate
+from kvmesh.workloads import BenchSession, Workload
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
 
@@ -72,8 +84,7 @@ class GrpcTarget:
         self._next = 0
 
     async def open(self) -> None:
-        opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-        self._channels = [grpc.aio.insecure_channel(a, options=opts) for a in self.addresses]
+        self._channels = [aio_channel(a, tls=False, config=ONE_NODE) for a in self.addresses]
         self._stubs = [pb_grpc.RouterStub(c) for c in self._channels]
 
     async def close(self) -> None:
@@ -96,10 +107,15 @@ class GrpcTarget:
 
 
 class SglangTarget:
-    """SGLang's router (sglang-router) in front of the same engines."""
+    """SGLang's router (sglang-router) in front of the same engines: one
+    instance, or several independent ones taking requests in turn."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, urls: str | list[str], quickack: bool = False) -> None:
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        # Acknowledge every segment at once (TCP_QUICKACK) instead of
+        # delaying the ACK: shows what a sender's Nagle costs this client.
+        self.quickack = quickack
+        self._next = 0
         self._http: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
@@ -119,16 +135,22 @@ class SglangTarget:
             "rid": rid,
             "sampling_params": {"max_new_tokens": max_tokens, "ignore_eos": True},
         }
+        url = self.urls[self._next % len(self.urls)]
+        self._next += 1
         t0 = time.perf_counter()
         ttft = -1.0
         out: list[int] = []
         meta: dict = {}
         try:
-            async with self._http.post(f"{self.url}/generate", json=body) as r:
+            async with self._http.post(f"{url}/generate", json=body) as r:
                 if r.status != 200:
                     return Reply(
                         False, "", len(prompt), 0, 0.0, out, f"HTTP {r.status}: {(await r.text())[:200]}"
                     )
+                if self.quickack and r.connection is not None and r.connection.transport is not None:
+                    sock = r.connection.transport.get_extra_info("socket")
+                    if sock is not None:
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
                 async for raw in r.content:
                     line = raw.strip()
                     if not line.startswith(b"data:"):
@@ -159,7 +181,9 @@ class SglangTarget:
 class LoadSampler:
     """Time-averaged in-flight (running + waiting) per engine, from /admin/stats."""
 
-    def __init__(self, engine_urls: list[str], period: float = 0.25) -> None:
+    PERIOD_S = 0.25
+
+    def __init__(self, engine_urls: list[str], period: float = PERIOD_S) -> None:
         self.urls = engine_urls
         self.period = period
         self.sums = [0.0] * len(engine_urls)
@@ -263,29 +287,58 @@ async def run_workload(
     return records, wall, sampler
 
 
+def ttft_p90_all(records: list[Rec]) -> float | None:
+    """TTFT p90 over every request sent, a failed one counting as slower than
+    any answer: the smallest TTFT within which at least 90% of them were
+    answered (so it is at most an SLO exactly when :func:`within_slo` is at
+    least 0.9); None when the failures alone reach the slowest 10%."""
+    if not records:
+        return None
+    ok = sorted(r.ttft_ms for r in records if r.ok)
+    i = math.ceil(QUANTILE * len(records) - 1e-9) - 1
+    return ok[max(0, i)] if i < len(ok) else None
+
+
+def within_slo(records: list[Rec], slo_ms: float) -> float:
+    """The share of the requests sent answered with a first token within ``slo_ms``."""
+    if not records:
+        return 0.0
+    return sum(1 for r in records if r.ok and r.ttft_ms <= slo_ms) / len(records)
+
+
 def summarize(
-    records: list[Rec], wall_s: float, sampler: LoadSampler | None, block_size: int = DEFAULT_BLOCK_SIZE
+    records: list[Rec],
+    wall_s: float,
+    sampler: LoadSampler | None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    capacity_blocks: int = 0,
+    slo_ms: float | None = None,
 ) -> dict:
-    """Every per-system figure of the routing benchmark."""
+    """Every per-system figure of the routing benchmark. ``capacity_blocks``:
+    the fleet's cache blocks in all, for the pooled ideals; ``slo_ms``: the
+    TTFT SLO whose ``within_slo`` share is reported."""
     ok = [r for r in records if r.ok]
-    prompt = sum(r.prompt_tokens for r in ok)
+    prompt = sum(r.prompt_tokens if r.ok else len(r.prompt) for r in records)
     cached = sum(r.cached_tokens for r in ok)
     ttft = [r.ttft_ms for r in ok]
     lat = [r.latency_ms for r in ok]
     span = (max(r.t_done for r in ok) - min(r.t_send for r in ok)) if ok else wall_s
-    order = sorted(ok, key=lambda r: r.t_send)
+    order = sorted(records, key=lambda r: r.t_send)
     per_engine: dict[str, int] = {}
     for r in ok:
         if r.engine_id:
             per_engine[r.engine_id] = per_engine.get(r.engine_id, 0) + 1
+    best = ideals([(r.prompt, r.output if r.ok else []) for r in order], capacity_blocks, block_size)
     return {
         "requests": len(records),
         "failed": len(records) - len(ok),
         "hit_rate": cached / prompt if prompt else 0.0,
-        "ideal_hit_rate": ideal_hit_rate([(r.prompt, r.output) for r in order], block_size),
+        **best.as_dict(),
         "ttft_p50_ms": percentile(ttft, 50),
         "ttft_p90_ms": percentile(ttft, 90),
         "ttft_p99_ms": percentile(ttft, 99),
+        "ttft_p90_all_ms": ttft_p90_all(records),
+        **({"slo_ms": slo_ms, "within_slo": within_slo(records, slo_ms)} if slo_ms is not None else {}),
         "latency_p50_ms": percentile(lat, 50),
         "latency_p90_ms": percentile(lat, 90),
         "latency_p99_ms": percentile(lat, 99),

@@ -64,6 +64,7 @@ import grpc
 from kvmesh import procs
 from kvmesh.benchmarks.cpu import cpu_s, machine_busy_s, self_cpu_s
 from kvmesh.benchmarks.routing import clear_caches
+from kvmesh.client import ONE_NODE, aio_channel
 from kvmesh.probes import wait_mesh
 from kvmesh.stats import percentile
 from kvmesh_pb.v1 import router_pb2 as pb
@@ -128,10 +129,11 @@ class OverloadConfig:
 
 # What ``--quick`` changes: shorter windows, and the mesh at the ends of the ladder only.
 QUICK: dict[str, Any] = {
-    "level_seconds": 6.0,
+    "level_seconds": 4.0,
     "capacity_seconds": 4.0,
     "warmup_seconds": 1.0,
-    "mesh_levels": (1.0, 16.0),
+    "levels": (1.0, 16.0),
+    "mesh_levels": (16.0,),
 }
 
 
@@ -554,7 +556,7 @@ class _Scenario:
     admins: list[pb_grpc.AdminStub] = field(default_factory=list)
 
     def open(self) -> None:
-        self.channels = [grpc.aio.insecure_channel(p.info["grpc"]) for p in self.routers]
+        self.channels = [aio_channel(p.info["grpc"], tls=False, config=ONE_NODE) for p in self.routers]
         self.stubs = [pb_grpc.RouterStub(c) for c in self.channels]
         self.admins = [pb_grpc.AdminStub(c) for c in self.channels]
 

@@ -1,6 +1,6 @@
-"""Generate proxy throughput: a kvmesh router in front of fast simulated
-engines vs a bare grpcio server with the same streaming shape, same client,
-same run.
+"""Generate proxy throughput: a kvmesh router in front of engines that cost
+next to nothing vs a bare grpcio server with the same streaming shape, same
+client, same run.
 
 Each client task loops ``Generate`` (the same ``prompt_tokens``-token prompts,
 ``max_tokens`` streamed tokens, ``ignore_eos``) for ``seconds``; requests,
@@ -15,10 +15,13 @@ What each server sends per request:
   when it keeps up, several tokens per message when it falls behind; it never
   waits to batch), then ``finished``. ``tokens_per_chunk`` shows which.
 
-The engines (simulated, time scale 0.01: a decode step every ~0.1 ms, all
-prompts cached after the warm-up) stream one SSE event per decode step, with
-several tokens only when their HTTP handler fell behind, as vLLM's output
-collector merges them; both runs stream the same ``max_tokens`` tokens.
+The engines are ``echo_engine.py``: vLLM's completions stream and nothing
+else, one SSE event per token, ``echo_engine.TOKEN_INTERVAL_S`` apart
+(``engine="sim"`` runs the simulated engine at time scale 0.01 instead).
+On two cores the engines share the client's core, so an engine that costs
+as much CPU per request as the router would bound the run before the router
+does; the echo engine keeps the bound on the router. Both runs stream the
+same ``max_tokens`` tokens.
 
 Fairness: the server under test (echo server or router) is pinned to the same
 CPU set in both runs (``server_cpus``, the last CPU of this process's
@@ -42,6 +45,8 @@ import grpc
 
 from kvmesh import procs
 from kvmesh.benchmarks.cpu import cpu_s, machine_busy_s, self_cpu_s
+from kvmesh.benchmarks.echo_engine import TOKEN_INTERVAL_S
+from kvmesh.client import ONE_NODE, aio_channel
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
@@ -83,7 +88,7 @@ async def _drive(
         )
         for p in prompts
     ]
-    ch = grpc.aio.insecure_channel(addr)
+    ch = aio_channel(addr, tls=False, config=ONE_NODE)
     stub = pb_grpc.RouterStub(ch)
     done = failed = toks = msgs = chunk_msgs = 0
 
@@ -148,12 +153,28 @@ async def _drive(
     }
 
 
+def _start_engine(name: str, kind: str) -> procs.Proc:
+    if kind == "sim":
+        return procs.start_sim_engine(
+            name, ["--time-scale", str(ENGINE_TIME_SCALE), "--log-level", "warning"]
+        )
+    p = procs.start(name, ["--port", "0"], module="kvmesh.benchmarks.echo_engine")
+    return p
+
+
+def _engine_flag(engine_id: str, p: procs.Proc) -> str:
+    if "kv_endpoint" in p.info:
+        return procs.engine_flag(engine_id, p)
+    return f"id={engine_id},url={p.info['url']},model={procs.SIM_MODEL}"
+
+
 def run_proxy(
     seconds: float = 8.0,
     concurrency: int = 32,
     prompt_tokens: int = 2000,
     max_tokens: int = 16,
     engines: int = 2,
+    engine: str = "echo",
 ) -> dict:
     sets = cpu_sets()
     own = os.sched_getaffinity(0)
@@ -177,17 +198,12 @@ def run_proxy(
             )
         finally:
             echo_srv.stop(10)
-        engs = [
-            procs.start_sim_engine(
-                f"proxy-engine-{i}", ["--time-scale", str(ENGINE_TIME_SCALE), "--log-level", "warning"]
-            )
-            for i in range(engines)
-        ]
+        engs = [_start_engine(f"proxy-engine-{i}", engine) for i in range(engines)]
         router = None
         try:
             router = procs.start_router(
                 "proxy-router",
-                [procs.engine_flag(f"e{i}", p) for i, p in enumerate(engs)],
+                [_engine_flag(f"e{i}", p) for i, p in enumerate(engs)],
                 ["--policy", "precise", "--log-level", "warning"],
             )
             if sets is not None:
@@ -225,11 +241,13 @@ def run_proxy(
             "concurrency": concurrency,
             "seconds": seconds,
             "engines": engines,
-            "engine_time_scale": ENGINE_TIME_SCALE,
+            "engine": engine,
+            "engine_time_scale": ENGINE_TIME_SCALE if engine == "sim" else None,
             "pinned": sets is not None,
             "server_cpus": sorted(sets[0]) if sets else [],
             "client_cpus": sorted(sets[1]) if sets else [],
             "echo_sends": f"routed + {max_tokens} chunks of 1 token + finished",
             "kvmesh_sends": "routed + the engine's tokens as received (no waiting) + finished",
+            "engine_token_interval_s": TOKEN_INTERVAL_S if engine == "echo" else None,
         },
     }

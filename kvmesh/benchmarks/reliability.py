@@ -85,6 +85,7 @@ from kvmesh.benchmarks.reliability_report import (
     router_kill_figures,
     soak_figures,
 )
+from kvmesh.client import ONE_NODE, aio_channel
 from kvmesh.probes import Digest, index_digest, read_engine_digest
 from kvmesh_pb.mesh.v1 import mesh_pb2 as mpb
 from kvmesh_pb.v1 import router_pb2 as pb
@@ -262,7 +263,7 @@ class _Client:
     client-side round-robin balancer drops a backend in transient failure."""
 
     def __init__(self, addrs: Sequence[str]) -> None:
-        self.channels = [grpc.aio.insecure_channel(a) for a in addrs]
+        self.channels = [aio_channel(a, tls=False, config=ONE_NODE) for a in addrs]
         self.stubs = [pb_grpc.RouterStub(c) for c in self.channels]
         self.admins = [pb_grpc.AdminStub(c) for c in self.channels]
         self.down: set[int] = set()
@@ -739,7 +740,10 @@ async def _evictions(http: aiohttp.ClientSession, url: str) -> int:
 async def _soak(cfg: ReliabilityConfig, node: procs.Proc, engine: procs.Proc) -> dict[str, Any]:
     url, pid = engine.info["url"], node.popen.pid
     stop, done = asyncio.Event(), Counter[str]()
-    async with grpc.aio.insecure_channel(node.info["grpc"]) as ch, aiohttp.ClientSession() as http:
+    async with (
+        aio_channel(node.info["grpc"], tls=False, config=ONE_NODE) as ch,
+        aiohttp.ClientSession() as http,
+    ):
         stub, admin = pb_grpc.RouterStub(ch), pb_grpc.AdminStub(ch)
         clients = asyncio.create_task(_soak_clients(stub, cfg, stop, done))
         t_warm = time.monotonic()
@@ -852,7 +856,7 @@ async def _after_bad_input(node: procs.Proc, ch: grpc.aio.Channel) -> dict[str, 
 
 async def _bad_inputs(cfg: ReliabilityConfig, node: procs.Proc) -> dict[str, Any]:
     rng = random.Random(cfg.seed + 5)
-    async with grpc.aio.insecure_channel(node.info["grpc"]) as ch:
+    async with aio_channel(node.info["grpc"], tls=False, config=ONE_NODE) as ch:
         stub, admin = pb_grpc.RouterStub(ch), pb_grpc.AdminStub(ch)
         engines0 = sorted(
             e.spec.engine_id for e in (await admin.ListEngines(pb.ListEnginesRequest())).engines

@@ -12,20 +12,32 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvmesh.benchmarks.targets import analysis, targets
+from kvmesh.benchmarks.driver import LoadSampler
+from kvmesh.benchmarks.goodput import ratio_bounds
+from kvmesh.benchmarks.targets import analysis, fmt_goodput, fmt_ratio, targets
 
-SYSTEM_LABELS = {
+FAMILY_LABELS = {
     "round_robin": "kvmesh round_robin",
     "random": "kvmesh random",
     "consistent_hash": "kvmesh consistent_hash",
     "least_load": "kvmesh least_load",
     "power_of_two": "kvmesh power_of_two",
-    "cache_aware_approx": "kvmesh cache_aware_approx",
-    "precise": "kvmesh precise (1 node)",
-    "precise_mesh3": "kvmesh precise (3-node mesh)",
+    "cache_aware_approx": "kvmesh cache_aware_approx (SGLang's rule)",
+    "precise": "kvmesh precise",
     "sglang_cache_aware": "sglang-router cache_aware",
     "sglang_round_robin": "sglang-router round_robin",
 }
+
+
+def system_label(key: str) -> str:
+    """``precise@3`` -> "kvmesh precise, 3-node mesh"; ``sglang_cache_aware@3`` -> "..., 3 instances"."""
+    family, _, n = key.partition("@")
+    label = FAMILY_LABELS.get(family, family)
+    if not n or n == "1":
+        return label
+    if family.startswith("sglang_"):
+        return f"{label}, {n} instances"
+    return f"{label}, {n}-node mesh"
 
 
 def _row(cells: list[str]) -> str:
@@ -62,7 +74,9 @@ def _machine_section(meta: dict) -> list[str]:
 
 
 def _verdict(t: dict) -> str:
-    return "not measured" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
+    if t["met"] is None:
+        return "undetermined" if t.get("undetermined") else "not measured"
+    return "**met**" if t["met"] else "**missed**"
 
 
 def _targets_section(res: dict) -> list[str]:
@@ -78,122 +92,395 @@ def _targets_section(res: dict) -> list[str]:
     return lines
 
 
+def _pct(a: float | None, b: float | None) -> str:
+    return f"{a / b:.0%}" if a is not None and b else "-"
+
+
 def _routing_intro(routing: dict) -> list[str]:
     fl = routing.get("fleet", {})
+    split = routing.get("split") or {}
+    sgl = routing.get("sglang_cache_aware_defaults") or {}
+    from engine_adapters.sim_engine.timing import TimingConfig
+
+    tm = TimingConfig()
     lines = [
         "## Routing: every system in front of the same engines",
         "",
         f"{fl.get('engines')} simulated engines (`kvmesh sim-engine`, time scale {fl.get('time_scale')}: "
-        f"an A100-class timing model, prefill 0.1 ms per uncached token, decode step 10 ms + 0.15 ms per "
-        f"sequence, 2048-token chunked prefill), each with a bounded cache of {fl.get('num_gpu_blocks')} "
-        f"blocks of {fl.get('block_size')} tokens (LRU eviction). Fleet prefill capacity "
-        f"{fl.get('prefill_tokens_per_s', 0):,.0f} tokens/s. Before each run every engine cache is "
-        "cleared and each system has its own fresh router process. TTFT and latency are measured by the "
-        "client; hit rate = engine-reported cached prompt tokens / prompt tokens. Imbalance = max / mean "
-        "over engines of the time-averaged in-flight requests (engines' `/admin/stats`, sampled every "
-        "250 ms). Overhead = median TTFT of a 32-token, 1-token request through the system minus the "
-        "same sent straight to an engine, on an idle fleet.",
+        f"an A100-class timing model, prefill {tm.prefill_ms_per_token:g} ms per uncached token, decode "
+        f"step {tm.decode_base_ms:g} ms + {tm.decode_per_seq_ms:g} ms per sequence, "
+        f"{tm.max_num_batched_tokens}-token chunked prefill), each with a bounded KV cache of "
+        f"{fl.get('block_size')}-token blocks (LRU eviction) sized to each workload (below). Fleet "
+        "prefill capacity "
+        f"{fl.get('prefill_tokens_per_s', 0):,.0f} tokens/s. Every run starts cold: once the engines are "
+        "idle their caches are cleared, the system is a fresh router process (or N of them) whose index "
+        "is seen empty before the first request, and it is stopped after the run. TTFT and "
+        "latency are measured by the client; hit rate = engine-reported cached prompt tokens / prompt "
+        "tokens of every request sent (a failed request is a miss). Imbalance = max / mean over engines "
+        "of the time-averaged in-flight requests (engines' `/admin/stats`, sampled every "
+        f"{LoadSampler.PERIOD_S * 1000:g} ms).",
         "",
     ]
+    if split:
+        from kvmesh.workloads import SPLITS
+
+        tuning = SPLITS["tuning"]
+        where = (
+            "these figures are on the tuning split itself, not held out"
+            if split.get("name") == tuning.name
+            else "the figures on this page are on another seed and another slice of the trace"
+        )
+        lines += [
+            f"Split: `{split.get('name')}` (workload seed {split.get('seed')}, trace from record "
+            f"{split.get('trace_offset')}). Policy defaults (precise's weights, "
+            f"docs/evidence/precise_weights.md) were chosen on the `{tuning.name}` split (seed "
+            f"{tuning.seed}, the trace from record {tuning.trace_offset}); {where} "
+            f"(`--split {tuning.name}` reruns the tuning split).",
+            "",
+        ]
+    if sgl:
+        lines += [
+            "`kvmesh cache_aware_approx` is SGLang's rule in kvmesh and runs with sglang-router's own "
+            f"cache_aware defaults: cache_threshold {sgl.get('cache_threshold'):g}, balance thresholds "
+            f"{sgl.get('balance_abs_threshold'):g} requests / {sgl.get('balance_rel_threshold'):g}x "
+            "(`--policy-opt cache_aware_approx.*`); it differs in one point: below the threshold it picks "
+            "the least loaded engine where sglang-router picks the one with the smallest tree.",
+            "",
+        ]
     if routing.get("skipped"):
-        lines += [f"Skipped: {routing['skipped']}", ""]
+        lines += ["Not measured (peer not installed): "]
+        lines += [f"- {system_label(k)}: {v}" for k, v in routing["skipped"].items()]
+        lines.append("")
     return lines
 
 
 def _workloads_section(routing: dict) -> list[str]:
+    fl = routing.get("fleet", {})
+    pressure, floor = fl.get("pressure", 0.0), fl.get("min_longest_requests", 1)
+    sizing = (
+        f"Each engine gets its share of `pressure` ({pressure:g}) x the working set, but never fewer "
+        f"blocks than {floor} x the workload's longest request (prompt and answer), which must fit."
+        if pressure
+        else f"Every engine gets {fl.get('num_gpu_blocks')} blocks (`--pressure 0`)."
+    )
     lines = [
-        "### Workloads and offered load",
+        "### Workloads, working sets and cache sizes",
         "",
         "All workloads are open loop: sessions arrive at their own times (Poisson, or the trace's "
         "timestamps) whatever the fleet's state, so an overloaded system queues, as in production. "
-        "`chat`: sessions share one of 8 system prompts, each turn's prompt is the whole history "
-        "(earlier prompts and the engine's answers) plus a new user message; 1 s think time. `agent`: "
-        "a long shared tool prefix per agent, short outputs, each step appends a tool call and its "
-        "result. `nosharing`: unique prompts (control). `trace`: the first records of the Mooncake "
-        "conversation trace; every 512-token trace block (hash id) becomes `tokens_per_trace_block` "
-        "synthetic token ids drawn from a generator seeded by the hash id (equal ids give equal "
-        "tokens), so every length scales by `length_scale` (outputs too, capped at `max_output`); "
-        "timestamps are divided by `time_factor`, chosen so the slice offers "
+        "`chat`: each session starts with one of `system_prompts` shared system prompts, each turn's "
+        "prompt is the whole history (earlier prompts and the engine's answers) plus a new user message, "
+        "`think_s` between turns. `agent`: a long shared tool prefix per agent, short outputs, each step "
+        "appends a tool call and its result. `nosharing`: unique prompts (control). `trace`: a slice of "
+        "the Mooncake conversation trace; every 512-token trace block (hash id) becomes "
+        "`tokens_per_trace_block` synthetic token ids drawn from a generator seeded by the hash id "
+        "(equal ids give equal tokens), so every length scales by `length_scale` (outputs too, capped "
+        "at `max_output`); timestamps are divided by `time_factor`, chosen so the slice offers "
         "`offered_prompt_tokens_per_s` (= `--trace-load` x the fleet's prefill capacity).",
         "",
+        "Working set: the smallest single LRU cache that keeps all but 1% of an infinite cache's hits, "
+        "over the requests planned before the run (answers of the requested length, turns spaced by "
+        f"their think time); the offline optimum (Belady) needs fewer. {sizing} The last column is what "
+        "the fleet's caches hold of the working set: under 100%, no router can keep every reuse.",
+        "",
     ]
-    lines += [
-        f"- `{wl}`: {w['requests']} requests; {w['params']}" for wl, w in routing.get("workloads", {}).items()
-    ]
+    rows = []
+    for wl, w in routing.get("workloads", {}).items():
+        c = w.get("cache") or {}
+        share = c.get("fleet_share_of_working_set")
+        rows.append(
+            [
+                f"`{wl}`",
+                str(w["requests"]),
+                f"{c.get('lru_working_set_blocks', 0):,}",
+                f"{c.get('working_set_blocks', 0):,}",
+                f"{c.get('longest_request_blocks', 0):,}",
+                f"{c.get('blocks_per_engine', 0):,}",
+                f"{c.get('fleet_blocks', 0):,}",
+                f"{share:.0%}" if share else "-",
+            ]
+        )
+    lines += _table(
+        [
+            "workload",
+            "requests",
+            "working set (LRU), blocks",
+            "offline optimum needs",
+            "longest request",
+            "cache per engine",
+            "fleet cache",
+            "fleet / working set",
+        ],
+        rows,
+    )
+    lines.append("")
+    lines += [f"- `{wl}`: {w['params']}" for wl, w in routing.get("workloads", {}).items()]
     lines.append("")
     return lines
 
 
+def _system_row(key: str, s: dict) -> list[str]:
+    return [
+        system_label(key),
+        f"{s['hit_rate']:.3f}",
+        _pct(s["hit_rate"], s.get("pooled_lru_hit_rate")),
+        _pct(s["hit_rate"], s.get("belady_hit_rate")),
+        _pct(s["hit_rate"], s.get("ideal_hit_rate")),
+        f"{s['ttft_p50_ms']:.0f}",
+        f"{s['ttft_p90_ms']:.0f}",
+        f"{s['ttft_p99_ms']:.0f}",
+        f"{s['latency_p50_ms']:.0f}",
+        f"{s['throughput_rps']:.1f}",
+        f"{s['output_tps']:.0f}",
+        f"{s['imbalance_inflight']:.2f}",
+        str(s["failed"]),
+    ]
+
+
+_SYSTEM_HEAD = [
+    "system",
+    "hit rate",
+    "% of pooled LRU",
+    "% of Belady",
+    "% of infinite",
+    "TTFT p50 ms",
+    "TTFT p90 ms",
+    "TTFT p99 ms",
+    "e2e p50 ms",
+    "req/s",
+    "out tok/s",
+    "imbalance",
+    "failed",
+]
+
+
+def _ideals_line(s: dict) -> str:
+    return (
+        f"Ideals over the requests precise's run sent (each row's % is against its own run's): one "
+        f"infinite cache **{s['ideal_hit_rate']:.3f}**; one LRU cache of the fleet's "
+        f"{s.get('capacity_blocks', 0):,} blocks **{s.get('pooled_lru_hit_rate', 0):.3f}**; its offline "
+        f"optimum (Belady) **{s.get('belady_hit_rate', 0):.3f}**."
+    )
+
+
 def routing_tables(routing: dict) -> list[str]:
-    """One table per workload: every system's hit rate, TTFT, latency, throughput."""
+    """One table per workload: every single-instance system at the nominal load."""
     lines: list[str] = []
     sysd = routing.get("systems", {})
     for wl, winfo in routing.get("workloads", {}).items():
-        lines += [f"#### Workload `{wl}` ({winfo['requests']} requests)", ""]
-        ideal = None
-        rows = []
-        for name, per in sysd.items():
-            s = per.get(wl)
-            if not s:
-                continue
-            ideal = ideal if ideal is not None else (sysd.get("precise", {}).get(wl) or s)["ideal_hit_rate"]
-            ov = per.get("overhead", {})
-            rows.append(
-                [
-                    SYSTEM_LABELS.get(name, name),
-                    f"{s['hit_rate']:.3f}",
-                    f"{s['hit_rate'] / s['ideal_hit_rate']:.0%}" if s["ideal_hit_rate"] else "-",
-                    f"{s['ttft_p50_ms']:.0f}",
-                    f"{s['ttft_p90_ms']:.0f}",
-                    f"{s['ttft_p99_ms']:.0f}",
-                    f"{s['latency_p50_ms']:.0f}",
-                    f"{s['latency_p90_ms']:.0f}",
-                    f"{s['throughput_rps']:.1f}",
-                    f"{s['output_tps']:.0f}",
-                    f"{s['imbalance_inflight']:.2f}",
-                    f"{ov.get('overhead_ms', 0.0):.1f}",
-                    str(s["failed"]),
-                ]
-            )
-        lines.append(
-            f"Ideal (one infinite cache over the prompts actually sent): **{ideal:.3f}**"
-            if ideal is not None
-            else ""
+        rows = [
+            _system_row(k, per[wl])
+            for k, per in sysd.items()
+            if "@" not in k and "hit_rate" in per.get(wl, {})
+        ]
+        if not rows:
+            continue
+        lines += [f"#### Workload `{wl}` ({winfo['requests']} requests), nominal load", ""]
+        ref = (sysd.get("precise") or {}).get(wl) or next(
+            per[wl] for k, per in sysd.items() if "hit_rate" in per.get(wl, {})
         )
+        lines += [_ideals_line(ref), ""]
+        lines += _table(_SYSTEM_HEAD, rows)
         lines.append("")
+    return lines
+
+
+def _replicas_section(routing: dict) -> list[str]:
+    plan = routing.get("plan") or {}
+    ns = [n for n in plan.get("replicas", ()) if n >= 1]
+    fams = plan.get("replica_families", ())
+    sysd = routing.get("systems", {})
+    if len(ns) < 2 or not fams:
+        return []
+    lines = [
+        "### Router replicas",
+        "",
+        "N routers behind a per-request spread (each request to the next replica in turn, as a DNS or "
+        "L4 load balancer does): kvmesh precise as an N-node mesh (one converged index), kvmesh "
+        "cache_aware_approx on N nodes of a mesh (its routed-prefix tree is per node), sglang-router "
+        "cache_aware as N independent instances, and round-robin. Same engines, caches and workload "
+        "as above; Δ hit = hit-rate points against the same system at N=1.",
+        "",
+    ]
+    for wl in routing.get("workloads", {}):
+        rows = []
+        for f in fams:
+            one = (sysd.get(f) or {}).get(wl)
+            for n in ns:
+                s = (sysd.get(f if n == 1 else f"{f}@{n}") or {}).get(wl)
+                if not s or "hit_rate" not in s:
+                    why = routing.get("skipped", {}).get(f if n == 1 else f"{f}@{n}") or (s or {}).get(
+                        "error"
+                    )
+                    rows.append([FAMILY_LABELS.get(f, f), str(n), "not measured", *["-"] * 7, why or "-"])
+                    continue
+                d = (s["hit_rate"] - one["hit_rate"]) * 100 if one and "hit_rate" in one else None
+                rows.append(
+                    [
+                        FAMILY_LABELS.get(f, f),
+                        str(n),
+                        f"{s['hit_rate']:.3f}",
+                        "-" if d is None or n == 1 else f"{d:+.1f}",
+                        f"{s['ttft_p50_ms']:.0f}",
+                        f"{s['ttft_p90_ms']:.0f}",
+                        f"{s['ttft_p99_ms']:.0f}",
+                        f"{s['throughput_rps']:.1f}",
+                        f"{s['imbalance_inflight']:.2f}",
+                        str(s["failed"]),
+                        "",
+                    ]
+                )
+        if not rows:
+            continue
+        lines += [f"#### `{wl}`", ""]
         lines += _table(
             [
                 "system",
+                "N",
                 "hit rate",
-                "% of ideal",
+                "Δ hit (points)",
                 "TTFT p50 ms",
                 "TTFT p90 ms",
                 "TTFT p99 ms",
-                "e2e p50 ms",
-                "e2e p90 ms",
                 "req/s",
-                "out tok/s",
                 "imbalance",
-                "overhead ms",
                 "failed",
+                "note",
             ],
             rows,
         )
         lines.append("")
+    lines += ["![hit rate and TTFT p90 against router replicas](img/replicas.png)", ""]
+    return lines
+
+
+def _nominal(routing: dict, wl: str) -> tuple[float, str] | None:
+    """A workload's nominal load in its own unit: (value, unit)."""
+    p = (routing.get("workloads", {}).get(wl) or {}).get("params", {})
+    if "session_rate_per_s" in p:
+        return float(p["session_rate_per_s"]), "sessions/s"
+    if p.get("offered_prompt_tokens_per_s"):
+        return float(p["offered_prompt_tokens_per_s"]), "prompt tokens/s"
+    return None
+
+
+def _absolute(routing: dict, wl: str, g: dict | None) -> str:
+    nominal = _nominal(routing, wl)
+    if not g or nominal is None:
+        return "-"
+    v, unit = nominal
+
+    def num(x: float) -> str:
+        return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+    if g["below"]:
+        return f"< {num(g['hi'] * v)} {unit}"
+    return f"{'>= ' if g['at_least'] else ''}{num(g['load'] * v)} {unit}"
+
+
+def _goodput_cell(g: dict | None) -> str:
+    if not g:
+        return "not measured"
+    if g["below"] or g["at_least"]:
+        return fmt_goodput(g).removesuffix("x")
+    return f"{g['load']:.2f} ({g['lo']:.2g}-{g['hi']:.2g})"
+
+
+def _ratio_cell(g: dict | None, peer: dict | None) -> str:
+    if not (g and peer):
+        return "-"
+    r = ratio_bounds(g, peer)
+    return "-" if r is None else fmt_ratio(r)
+
+
+def _goodput_section(routing: dict) -> list[str]:
+    gp = routing.get("goodput") or {}
+    ladder = routing.get("ladder") or {}
+    if not gp:
+        return []
+    slo = (routing.get("plan") or {}).get("slo_ms", 0.0)
+    lines = [
+        "### Goodput at the TTFT SLO",
+        "",
+        f"SLO: TTFT p90 <= {slo:g} ms over every request sent, a failed or refused request counting as "
+        f"slower than any answer (`--slo-ms`): a load passes when at least 90% of its requests had a first "
+        "token within the SLO. A load of xk runs the workload's timeline (arrivals and the think time "
+        "between turns) k times as fast. Each curve starts at the nominal load (x1, the load of the tables "
+        "above), doubles or halves it until the SLO is crossed, then halves the bracket (geometrically) "
+        "while runs remain. Goodput is where the share of requests within the SLO crosses 90%, on a straight "
+        "line in log(load) between the highest passing and the lowest failing load (the bracket in "
+        "parentheses); `>=`: it passed every load tried; `<`: it failed every load tried. A ratio of two "
+        "such bounds is a bound too (`>=`, `<=`, or a range).",
+        "",
+    ]
+    rows = []
+    for wl, per in gp.items():
+        for key, g in per.items():
+            fam, _, n = key.partition("@")
+            sfx = f"@{n}" if n else ""
+            rows.append(
+                [
+                    f"`{wl}`",
+                    system_label(key),
+                    _goodput_cell(g),
+                    _absolute(routing, wl, g),
+                    _ratio_cell(g, per.get("sglang_cache_aware" + sfx))
+                    if fam != "sglang_cache_aware"
+                    else "-",
+                    _ratio_cell(g, per.get("round_robin" + sfx)) if fam != "round_robin" else "-",
+                ]
+            )
+    lines += _table(
+        [
+            "workload",
+            "system",
+            "goodput (x nominal)",
+            "goodput",
+            "vs sglang-router cache_aware (same N)",
+            "vs round_robin (same N)",
+        ],
+        rows,
+    )
+    lines += [
+        "",
+        "Every step of the search: load, TTFT p90 over every request (`-`: failures reach the p90), share "
+        "within the SLO, hit rate, failed requests:",
+        "",
+    ]
+    steps = []
+    for wl, per in ladder.items():
+        for key, pts in per.items():
+            cells = []
+            for p in pts:
+                v = p.get("ttft_p90_all_ms")
+                p90 = "-" if v is None else f"{v:.0f} ms"
+                share = p.get("within_slo")
+                cells.append(
+                    f"x{p['load']:.2g}: {p90}"
+                    + (f", {share:.0%}" if share is not None else "")
+                    + f", hit {p.get('hit_rate') or 0:.3f}"
+                    + (f", {p['failed']} failed" if p.get("failed") else "")
+                    + (f", {p['error']}" if p.get("error") else "")
+                )
+            steps.append([f"`{wl}`", system_label(key), "; ".join(cells)])
+    lines += _table(["workload", "system", "steps"], steps)
+    lines += ["", "![TTFT p90 against offered load](img/goodput.png)", ""]
     return lines
 
 
 def _routing_notes(routing: dict) -> list[str]:
     notes = []
     for n, per in routing.get("systems", {}).items():
-        label = SYSTEM_LABELS.get(n, n)
-        notes += [f"- {label}: {w}" for w in per.get("warnings", [])]
+        label = system_label(n)
         if per.get("error"):
             notes.append(f"- {label}: run aborted: {per['error']}")
         for wl in routing.get("workloads", {}):
-            errs = (per.get(wl) or {}).get("errors")
-            if errs:
-                notes.append(f"- {label}, `{wl}`: failed requests: {errs}")
+            s = per.get(wl) or {}
+            notes += [f"- {label}, `{wl}`: {w}" for w in s.get("warnings", [])]
+            if s.get("error"):
+                notes.append(f"- {label}, `{wl}`: {s['error']}")
+            if s.get("errors"):
+                notes.append(f"- {label}, `{wl}`: failed requests: {s['errors']}")
     if not notes:
         return []
     return ["Warnings and errors seen during the runs:", "", *notes, ""]
@@ -203,13 +490,40 @@ def _ms_or_dash(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _overhead_prose(routing: dict) -> list[str]:
+    """What the quick-ACK column says, from this run's figures."""
+    out = []
+    for n, p in routing.get("systems", {}).items():
+        o = p.get("overhead") or {}
+        q = o.get("overhead_quickack_ms")
+        if q is None:
+            continue
+        out.append(
+            f"{system_label(n)}: {o.get('overhead_ms', 0):.1f} ms on a kept-alive connection, {q:.1f} ms "
+            "when this client acknowledges every segment at once (TCP_QUICKACK)."
+        )
+    if not out:
+        return []
+    return [
+        "Reading the HTTP rows: "
+        + " ".join(out)
+        + " Where the two differ, the difference is the client's delayed ACK meeting Nagle's algorithm "
+        "on the router's socket (analysis, not measured here): the router's first chunk after the response "
+        "head waits for the ACK of the head, which a client sends at once only with quick-ACK. Only a first "
+        "token sooner than the delayed-ACK timer (this idle probe's 32-token prompt) ever waits for it; the "
+        "workloads' first tokens come later, which is why their TTFT columns do not show it.",
+        "",
+    ]
+
+
 def _overhead_section(routing: dict) -> list[str]:
     rows = [
         [
-            SYSTEM_LABELS.get(n, n),
+            system_label(n),
             f"{p['overhead'].get('direct_ttft_p50_ms', 0):.1f}",
             f"{p['overhead'].get('via_ttft_p50_ms', 0):.1f}",
             f"{p['overhead'].get('overhead_ms', 0):.1f}",
+            _ms_or_dash(p["overhead"].get("overhead_quickack_ms"), ".1f"),
             _ms_or_dash(p["overhead"].get("route_rpc_p50_ms"), ".2f"),
             _ms_or_dash(p["overhead"].get("route_rpc_p99_ms"), ".2f"),
         ]
@@ -218,20 +532,27 @@ def _overhead_section(routing: dict) -> list[str]:
     ]
     if not rows:
         return []
-    lines = ["### Router overhead per request (idle fleet)", ""]
+    lines = [
+        "### Router overhead per request (idle fleet)",
+        "",
+        "Median TTFT of a 32-token, 1-token request through the system minus the same sent straight to an "
+        "engine, on an idle fleet, read by the same client (after the system's first run).",
+        "",
+    ]
     lines += _table(
         [
             "system",
             "direct TTFT p50 ms",
             "via system TTFT p50 ms",
             "overhead ms",
+            "overhead ms, client quick-ACK",
             "Route RPC p50 ms (2048 tokens)",
             "Route RPC p99 ms",
         ],
         rows,
     )
     lines.append("")
-    return lines
+    return lines + _overhead_prose(routing)
 
 
 def _routing_section(routing: dict | None) -> list[str]:
@@ -241,8 +562,10 @@ def _routing_section(routing: dict | None) -> list[str]:
         *_routing_intro(routing),
         *_workloads_section(routing),
         *routing_tables(routing),
-        *_routing_notes(routing),
         *["![hit rate](img/hit_rate.png)", "", "![TTFT p90](img/ttft_p90.png)", ""],
+        *_replicas_section(routing),
+        *_goodput_section(routing),
+        *_routing_notes(routing),
         *_overhead_section(routing),
     ]
 
@@ -313,31 +636,65 @@ def _micro_section(micro: dict | None) -> list[str]:
     ]
 
 
+def _conv_rows(conv: dict) -> list[list[str]]:
+    rows = []
+    for kind in ("real", "sim"):
+        for r in conv.get(kind, []):
+            cost = r.get("cpu_per_message_s") if kind == "real" else r.get("process_cost_s")
+            rows.append(
+                [
+                    kind,
+                    str(r["n"]),
+                    f"{r.get('loss', 0.0):.0%}",
+                    f"{cost * 1e6:.0f}" if cost else "-",
+                    f"{r['p50'] * 1000:.0f}",
+                    f"{r['p99'] * 1000:.0f}",
+                    f"{r['bytes_per_event']:,.0f}",
+                    str(r.get("missing", 0)),
+                ]
+            )
+    return rows
+
+
 def _convergence_section(conv: dict | None) -> list[str]:
     if not conv:
         return []
+    from mesh.membership import MembershipConfig
+
+    m = MembershipConfig()
+    cost = conv.get("sim_process_cost_s")
+    charged = (
+        f"Lossy simulated runs charge every node {cost * 1e6:.0f} µs of CPU per message it handles, one "
+        "message at a time (the highest CPU per mesh message measured on the real meshes above: every node's "
+        "CPU over a window of events without polling, divided by the mesh messages sent in it; all of a "
+        "node's work is charged to its messages, so this is an upper bound)."
+        if cost
+        else "No real mesh was measured in this run, so no simulated node is charged CPU per message."
+    )
     lines = [
         "## Gossip convergence",
         "",
         "Event published by an engine -> every node's index equal to the engine's cache. Real: router "
-        "processes on loopback with the default mesh timings (gossip 0.2 s, probe 1 s), digests polled "
-        "every ~5 ms. Simulated: the deterministic mesh simulation (same MeshCore/state/index code, "
-        "1-10 ms network delays).",
+        f"processes on loopback with the default mesh timings (gossip {m.gossip_interval:g} s, probe "
+        f"{m.probe_interval:g} s), digests polled every ~5 ms. Simulated: the deterministic mesh "
+        "simulation (same MeshCore/state/index code, 1-10 ms network delays), lossless, or dropping the "
+        f"given share of all messages. {charged} For lossy runs, bytes per event include the background "
+        "traffic.",
         "",
     ]
-    rows = [
+    lines += _table(
         [
-            ("real" if kind == "real" else "sim"),
-            str(r["n"]),
-            f"{r['p50'] * 1000:.0f}",
-            f"{r['p99'] * 1000:.0f}",
-            f"{r['bytes_per_event']:,.0f}",
-            str(r.get("missing", 0)),
-        ]
-        for kind in ("real", "sim")
-        for r in conv.get(kind, [])
-    ]
-    lines += _table(["kind", "nodes", "p50 ms", "p99 ms", "gossip bytes/event (all nodes)", "missing"], rows)
+            "kind",
+            "nodes",
+            "packet loss",
+            "CPU µs per message",
+            "p50 ms",
+            "p99 ms",
+            "gossip bytes/event (all nodes)",
+            "missing",
+        ],
+        _conv_rows(conv),
+    )
     lines += ["", "![convergence](img/convergence.png)", ""]
     return lines
 
@@ -356,6 +713,14 @@ def _proxy_section(px: dict | None) -> list[str]:
     if not px:
         return []
     sh = px["shape"]
+    if sh.get("engine", "sim") == "echo":
+        engines = (
+            f"{sh['engines']} echo engines (`kvmesh.benchmarks.echo_engine`: vLLM's completions stream and "
+            f"nothing else, one token event every {sh.get('engine_token_interval_s', 0) * 1000:g} ms, so the "
+            "engines cost the client's CPU next to nothing)"
+        )
+    else:
+        engines = f"{sh['engines']} simulated engines at time scale {sh.get('engine_time_scale')}"
     pinned = (
         f"The server under test (echo or router) is pinned to CPU {sh.get('server_cpus')} in both runs, "
         f"the client and the engines to CPU {sh.get('client_cpus')}."
@@ -367,8 +732,8 @@ def _proxy_section(px: dict | None) -> list[str]:
         "",
         f"{sh['concurrency']} concurrent client streams, {sh['prompt_tokens']}-token prompts, "
         f"{sh['max_tokens']} streamed tokens, {sh['seconds']} s each; kvmesh router (precise) in front of "
-        f"{sh['engines']} simulated engines at time scale {sh['engine_time_scale']}, vs a bare grpcio "
-        f"aio server. Echo sends {sh.get('echo_sends', 'the same messages')}; kvmesh sends "
+        f"{engines}, vs a bare grpcio aio server. Echo sends {sh.get('echo_sends', 'the same messages')}; "
+        "kvmesh sends "
         f"{sh.get('kvmesh_sends', 'the engine tokens')}. {pinned} Server CPU is the server process's "
         "CPU time per request; cpu ratio = echo / router.",
         "",

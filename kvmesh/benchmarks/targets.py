@@ -8,7 +8,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["WHY_MISSED", "analysis", "overload_targets", "targets"]
+from kvmesh.benchmarks.goodput import ratio_bounds
+from kvmesh.benchmarks.why_missed import why_missed
+
+__all__ = [
+    "analysis",
+    "fmt_goodput",
+    "fmt_ratio",
+    "overload_targets",
+    "replica_loss",
+    "routing_targets",
+    "targets",
+]
 
 
 def _get(d: Any, *path: str) -> Any:
@@ -19,145 +30,270 @@ def _get(d: Any, *path: str) -> Any:
     return d
 
 
-def _t(name: str, target: str, value: float | None, want: float, higher_is_better: bool, shown: str) -> dict:
+def _t(
+    name: str,
+    target: str,
+    value: float | None,
+    want: float,
+    higher_is_better: bool,
+    shown: str,
+    why: str = "",
+) -> dict:
+    """A target's row; ``value`` None (or NaN): not measured, ``why`` says why."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return {"name": name, "target": target, "measured": "not measured", "value": None, "met": None}
+        text = shown or ("not measured" + (f": {why}" if why else ""))
+        return {"name": name, "target": target, "measured": text, "value": None, "met": None}
     met = value >= want if higher_is_better else value <= want
     return {"name": name, "target": target, "measured": shown, "value": value, "met": met}
 
 
+# Goals of the routing benchmark (issue: router replicas, cache pressure, goodput at an SLO).
+# Every one is listed whenever the routing benchmark ran, "not measured" (and
+# why) when its systems did not run: a peer not installed, a run that failed,
+# a workload or replica count outside this run's plan (``--quick``).
+IDEAL_SHARE = 0.90  # precise's hit rate as a share of the pooled-LRU ideal
+REPLICA_LOSS_POINTS = 1.0  # hit-rate points the mesh may lose at N nodes against one
+REPLICA_TARGET_NS = (3, 5)
+GOODPUT_VS_SGLANG = 1.5
+GOODPUT_VS_ROUND_ROBIN = 2.5
+GOODPUT_TARGET_NS = (1, 3)
+TARGET_WORKLOADS = ("chat", "trace")
+CONVERGENCE_REAL_S = 1.0  # p99, real processes on this machine
+CONVERGENCE_SIM_S = 2.0  # p99, simulated mesh with 1% packet loss
+PROXY_SHARE = 0.70  # Generate through a node, as a share of bare grpcio streaming
+
+
+def _key(family: str, n: int) -> str:
+    return family if n == 1 else f"{family}@{n}"
+
+
+def _hit(res: dict, key: str, wl: str) -> dict | None:
+    s = _get(res, "routing", "systems", key, wl)
+    return s if isinstance(s, dict) and "hit_rate" in s else None
+
+
+def _why_missing(res: dict, key: str, wl: str) -> str:
+    """Why ``key`` has no figures on ``wl`` in this run."""
+    routing = _get(res, "routing") or {}
+    if "routing_error" in res and not routing:
+        return f"the routing benchmark failed ({res['routing_error']})"
+    if wl not in (routing.get("workloads") or {}):
+        return f"workload {wl} not run"
+    skipped = (routing.get("skipped") or {}).get(key)
+    if skipped:
+        return skipped
+    s = _get(routing, "systems", key, wl)
+    if isinstance(s, dict) and s.get("error"):
+        return f"{key}: {s['error']}"
+    return f"{key} not in this run's plan"
+
+
+def _ideal_target(res: dict, wl: str) -> dict:
+    p = _hit(res, "precise", wl)
+    name = f"precise hit rate vs pooled-LRU ideal ({wl})"
+    goal = f">= {IDEAL_SHARE:.0%} of one LRU cache of the fleet's blocks"
+    if not p or not p.get("pooled_lru_hit_rate"):
+        return _t(name, goal, None, IDEAL_SHARE, True, "", _why_missing(res, "precise", wl))
+    r = p["hit_rate"] / p["pooled_lru_hit_rate"]
+    shown = (
+        f"{p['hit_rate']:.3f} / {p['pooled_lru_hit_rate']:.3f} = {r:.0%} "
+        f"(Belady {p['belady_hit_rate']:.3f}, infinite {p['ideal_hit_rate']:.3f})"
+    )
+    return _t(name, goal, r, IDEAL_SHARE, True, shown)
+
+
+def _vs_sglang_hits(res: dict, wl: str) -> dict:
+    p, sg = _hit(res, "precise", wl), _hit(res, "sglang_cache_aware", wl)
+    name = f"hit rate vs sglang-router cache_aware ({wl})"
+    if not (p and sg):
+        why = _why_missing(res, "precise" if not p else "sglang_cache_aware", wl)
+        return _t(name, "higher", None, 1e-9, True, "", why)
+    dh = p["hit_rate"] - sg["hit_rate"]
+    shown = f"{p['hit_rate']:.3f} vs {sg['hit_rate']:.3f} ({dh * 100:+.1f} points)"
+    return _t(name, "higher", dh, 1e-9, True, shown)
+
+
+def replica_loss(res: dict, family: str, n: int, wl: str) -> float | None:
+    """Hit-rate points ``family`` loses at ``n`` replicas against one (None: not measured)."""
+    one, many = _hit(res, family, wl), _hit(res, _key(family, n), wl)
+    if not (one and many):
+        return None
+    return (one["hit_rate"] - many["hit_rate"]) * 100
+
+
+def _replica_target(res: dict, n: int, wl: str, peers: list[str]) -> dict:
+    name = f"mesh hit-rate loss, {n} nodes vs 1 ({wl})"
+    goal = f"<= {REPLICA_LOSS_POINTS:g} point"
+    loss = replica_loss(res, "precise", n, wl)
+    if loss is None:
+        missing = "precise" if _hit(res, "precise", wl) is None else _key("precise", n)
+        return _t(name, goal, None, REPLICA_LOSS_POINTS, False, "", _why_missing(res, missing, wl))
+    one, many = _hit(res, "precise", wl) or {}, _hit(res, _key("precise", n), wl) or {}
+    shown = f"precise {one['hit_rate']:.3f} -> {many['hit_rate']:.3f} ({-loss:+.1f} points)"
+    for f in peers:
+        other = replica_loss(res, f, n, wl)
+        shown += f"; {f} x{n}: " + ("not measured" if other is None else f"{-other:+.1f} points")
+    return _t(name, goal, loss, REPLICA_LOSS_POINTS, False, shown)
+
+
+def _gp(res: dict, wl: str, key: str) -> dict | None:
+    g = _get(res, "routing", "goodput", wl, key)
+    return g if isinstance(g, dict) else None
+
+
+def fmt_goodput(g: dict) -> str:
+    """A ladder's goodput in x nominal: "1.52x", ">= 2.00x" or "< 0.5x"."""
+    if g["below"]:
+        return f"< {g['hi']:.2g}x"
+    return f"{'>= ' if g['at_least'] else ''}{g['load']:.2f}x"
+
+
+def fmt_ratio(bounds: tuple[float, float]) -> str:
+    low, high = bounds
+    if low == high:
+        return f"{low:.2f}x"
+    if low == 0 and math.isinf(high):
+        return "unknown"
+    if math.isinf(high):
+        return f">= {low:.2f}x"
+    if low == 0:
+        return f"<= {high:.2f}x"
+    return f"{low:.2f}x-{high:.2f}x"
+
+
+def _goodput_target(res: dict, wl: str, n: int, peer: str, want: float) -> dict:
+    label = "sglang-router cache_aware" if peer == "sglang_cache_aware" else peer
+    name = f"goodput vs {label} ({wl}, N={n})"
+    goal = f">= {want:g}x"
+    mine, other = _gp(res, wl, _key("precise", n)), _gp(res, wl, _key(peer, n))
+    if not (mine and other):
+        why = _why_missing(res, _key("precise" if not mine else peer, n), wl)
+        return _t(name, goal, None, want, True, "", why)
+    shown = f"{fmt_goodput(mine)} / {fmt_goodput(other)} of nominal"
+    bounds = ratio_bounds(mine, other)
+    if bounds is None:
+        return _t(name, goal, None, want, True, shown + ": neither passed a load tried")
+    low, high = bounds
+    shown += f" = {fmt_ratio(bounds)}"
+    if low >= want:
+        return _t(name, goal, low, want, True, shown)
+    if high < want:
+        return _t(name, goal, high, want, True, shown)
+    # The ladders bracket neither side of the goal: a longer search would tell.
+    row = _t(name, goal, None, want, True, shown + " (undetermined: the ladders did not bracket it)")
+    return {**row, "undetermined": True}
+
+
+def routing_targets(res: dict) -> list[dict]:
+    """The routing benchmark's goals: every one whenever it ran (or failed),
+    those whose systems did not run (a peer not installed, a run that
+    failed, outside this run's plan) as not measured, with the reason."""
+    if "routing" not in res and "routing_error" not in res:
+        return []
+    plan = _get(res, "routing", "plan") or {}
+    peers = [f for f in plan.get("replica_families", ()) if f != "precise"]
+    out: list[dict] = []
+    for wl in TARGET_WORKLOADS:
+        out += [_ideal_target(res, wl), _vs_sglang_hits(res, wl)]
+        out += [_replica_target(res, n, wl, peers) for n in REPLICA_TARGET_NS]
+        for n in GOODPUT_TARGET_NS:
+            out.append(_goodput_target(res, wl, n, "sglang_cache_aware", GOODPUT_VS_SGLANG))
+            out.append(_goodput_target(res, wl, n, "round_robin", GOODPUT_VS_ROUND_ROBIN))
+    return out
+
+
+def _micro_targets(res: dict) -> list[dict]:
+    if "micro" not in res and "micro_error" not in res:
+        return []
+    ix = _get(res, "micro", "index") or {}
+    ingest, match = "index ingest vs Dynamo RadixTree", "prefix match p99 vs Dynamo RadixTree"
+    if "ingest_ratio" not in ix:
+        why = _get(ix, "dynamo", "skipped") or res.get("micro_error") or "Dynamo's RadixTree not run"
+        return [
+            _t(ingest, ">= 3x", None, 3.0, True, "", why),
+            _t(match, "<= 0.5x", None, 0.5, False, "", why),
+        ]
+    return [
+        _t(
+            ingest,
+            ">= 3x",
+            ix["ingest_ratio"],
+            3.0,
+            True,
+            f"{ix['kvmesh']['blocks_per_s']:,.0f} / {ix['dynamo']['blocks_per_s']:,.0f} blocks/s = "
+            f"{ix['ingest_ratio']:.2f}x",
+        ),
+        _t(
+            match,
+            "<= 0.5x",
+            ix["match_p99_ratio"],
+            0.5,
+            False,
+            f"{ix['kvmesh']['match_p99_us']:.0f} µs / {ix['dynamo']['match_p99_us']:.0f} µs = "
+            f"{ix['match_p99_ratio']:.2f}x",
+        ),
+    ]
+
+
+def _conv_row(rows: list[dict], n: int, loss: float = 0.0) -> dict | None:
+    return next((r for r in rows if r["n"] == n and r.get("loss", 0.0) == loss), None)
+
+
+def _p99_target(name: str, goal_s: float, row: dict | None, why: str) -> dict:
+    if row is None:
+        return _t(name, f"<= {goal_s:g} s", None, goal_s, False, "", why)
+    v = row["p99"]
+    shown = f"{v * 1000:.0f} ms" + (
+        f" ({row['missing']} of {row['events']} events never converged)" if row.get("missing") else ""
+    )
+    if row.get("missing"):
+        v = math.inf  # an event that never converged is slower than any goal
+    return _t(name, f"<= {goal_s:g} s", v, goal_s, False, shown)
+
+
+def _convergence_targets(res: dict) -> list[dict]:
+    if "convergence" not in res and "convergence_error" not in res:
+        return []
+    conv = _get(res, "convergence") or {}
+    real, sim = conv.get("real", []), conv.get("sim", [])
+    why = res.get("convergence_error") or "not in this run's plan"
+    return [
+        _p99_target("convergence p99, 5 real nodes", CONVERGENCE_REAL_S, _conv_row(real, 5), why),
+        _p99_target("convergence p99, 9 real nodes", CONVERGENCE_REAL_S, _conv_row(real, 9), why),
+        _p99_target(
+            "convergence p99, 100 simulated nodes, 1% loss", CONVERGENCE_SIM_S, _conv_row(sim, 100, 0.01), why
+        ),
+        _p99_target(
+            "convergence p99, 200 simulated nodes, 1% loss", CONVERGENCE_SIM_S, _conv_row(sim, 200, 0.01), why
+        ),
+    ]
+
+
+def _proxy_targets(res: dict) -> list[dict]:
+    if "proxy" not in res and "proxy_error" not in res:
+        return []
+    px = _get(res, "proxy") or {}
+    name, goal = "Generate proxy vs bare grpcio", f">= {PROXY_SHARE:.0%}"
+    if "ratio" not in px:
+        return [_t(name, goal, None, PROXY_SHARE, True, "", res.get("proxy_error", ""))]
+    shown = (
+        f"{px['kvmesh']['requests_per_s']:.0f} / {px['echo']['requests_per_s']:.0f} req/s = {px['ratio']:.0%}"
+    )
+    cpu = px["kvmesh"].get("server_cpu_ms_per_request")
+    if cpu:
+        shown += f"; router CPU {cpu:.2f} ms per request"
+    return [_t(name, goal, px["ratio"], PROXY_SHARE, True, shown)]
+
+
 def targets(res: dict) -> list[dict]:
     """Every target with its measured value and verdict (``met`` None: not measured)."""
-    out: list[dict] = []
-    sysd = _get(res, "routing", "systems") or {}
-    for wl in ("chat", "trace"):
-        p = _get(sysd, "precise", wl)
-        if p:
-            r = p["hit_rate"] / p["ideal_hit_rate"] if p["ideal_hit_rate"] else None
-            out.append(
-                _t(
-                    f"precise hit rate vs ideal ({wl})",
-                    ">= 90% of ideal",
-                    r,
-                    0.9,
-                    True,
-                    f"{p['hit_rate']:.3f} / {p['ideal_hit_rate']:.3f} = {r:.0%}" if r else "n/a",
-                )
-            )
-        rr = _get(sysd, "round_robin", wl)
-        if p and rr:
-            r = rr["ttft_p90_ms"] / p["ttft_p90_ms"] if p["ttft_p90_ms"] else None
-            out.append(
-                _t(
-                    f"TTFT p90 vs round_robin ({wl})",
-                    ">= 10x better",
-                    r,
-                    10.0,
-                    True,
-                    f"{rr['ttft_p90_ms']:.0f} ms / {p['ttft_p90_ms']:.0f} ms = {r:.1f}x" if r else "n/a",
-                )
-            )
-        sg = _get(sysd, "sglang_cache_aware", wl)
-        if p and sg:
-            dh = p["hit_rate"] - sg["hit_rate"]
-            out.append(
-                _t(
-                    f"hit rate vs sglang-router cache_aware ({wl})",
-                    "higher",
-                    dh,
-                    1e-9,
-                    True,
-                    f"{p['hit_rate']:.3f} vs {sg['hit_rate']:.3f} ({dh * 100:+.1f} points)",
-                )
-            )
-            r = sg["ttft_p90_ms"] / p["ttft_p90_ms"] if p["ttft_p90_ms"] else None
-            out.append(
-                _t(
-                    f"TTFT p90 vs sglang-router cache_aware ({wl})",
-                    "lower (ratio > 1)",
-                    r,
-                    1.0 + 1e-9,
-                    True,
-                    f"{sg['ttft_p90_ms']:.0f} ms / {p['ttft_p90_ms']:.0f} ms = {r:.2f}x" if r else "n/a",
-                )
-            )
-        m3 = _get(sysd, "precise_mesh3", wl)
-        if p and m3:
-            loss = (p["hit_rate"] - m3["hit_rate"]) * 100
-            out.append(
-                _t(
-                    f"3-node mesh hit-rate loss vs 1 node ({wl})",
-                    "<= 2 points",
-                    loss,
-                    2.0,
-                    False,
-                    f"{m3['hit_rate']:.3f} vs {p['hit_rate']:.3f} ({loss:+.1f} points)",
-                )
-            )
-    ix = _get(res, "micro", "index")
-    if ix and "ingest_ratio" in ix:
-        out.append(
-            _t(
-                "index ingest vs Dynamo RadixTree",
-                ">= 3x",
-                ix["ingest_ratio"],
-                3.0,
-                True,
-                f"{ix['kvmesh']['blocks_per_s']:,.0f} / {ix['dynamo']['blocks_per_s']:,.0f} blocks/s = "
-                f"{ix['ingest_ratio']:.2f}x",
-            )
-        )
-        out.append(
-            _t(
-                "prefix match p99 vs Dynamo RadixTree",
-                "<= 0.5x",
-                ix["match_p99_ratio"],
-                0.5,
-                False,
-                f"{ix['kvmesh']['match_p99_us']:.0f} µs / {ix['dynamo']['match_p99_us']:.0f} µs = "
-                f"{ix['match_p99_ratio']:.2f}x",
-            )
-        )
-    conv = _get(res, "convergence") or {}
-    for r in conv.get("real", []):
-        if r["n"] == 5:
-            out.append(
-                _t(
-                    "convergence p99, 5 real nodes",
-                    "<= 1 s",
-                    r["p99"],
-                    1.0,
-                    False,
-                    f"{r['p99'] * 1000:.0f} ms",
-                )
-            )
-    for r in conv.get("sim", []):
-        if r["n"] == 100:
-            out.append(
-                _t(
-                    "convergence p99, 100 simulated nodes",
-                    "<= 2 s",
-                    r["p99"],
-                    2.0,
-                    False,
-                    f"{r['p99'] * 1000:.0f} ms",
-                )
-            )
-    out += overload_targets(_get(res, "overload") or {})
-    px = _get(res, "proxy")
-    if px and "ratio" in px:
-        out.append(
-            _t(
-                "Generate proxy vs bare grpcio",
-                ">= 70%",
-                px["ratio"],
-                0.7,
-                True,
-                f"{px['kvmesh']['requests_per_s']:.0f} / {px['echo']['requests_per_s']:.0f} req/s = "
-                f"{px['ratio']:.0%}",
-            )
-        )
-    return out
+    return [
+        *routing_targets(res),
+        *_micro_targets(res),
+        *_convergence_targets(res),
+        *overload_targets(_get(res, "overload") or {}),
+        *_proxy_targets(res),
+    ]
 
 
 OVERLOAD_MEMORY_SLACK = 0.10  # "memory flat": every level ends within this of the ladder's start
@@ -270,138 +406,13 @@ def overload_targets(ov: dict) -> list[dict]:
     return [t for t in found if t is not None]
 
 
-# What limits each target when it is missed, and what would fix it (from profiles
-# of these runs: cProfile of the ingest loop and of a router process under the
-# proxy load). Keyed by target-name prefix; shown only for missed targets.
-WHY_MISSED: dict[str, str] = {
-    "precise hit rate vs ideal": (
-        "The ideal is one INFINITE cache; the fleet has 8 bounded caches, so blocks evicted under pressure "
-        "are lost to every router, and precise still weighs load: a request whose cached prefix sits on an "
-        "engine with a long queue can go elsewhere when the saving does not pay for the wait "
-        "(router/policies.py cost: overlap_weight x uncached blocks x (1 + delay_weight x in-flight) "
-        "+ in-flight blocks). "
-        "Raising the weights trades TTFT for hits (measurements in the policies module docstring); "
-        "`--policy-opt precise.overlap_weight=W` sets it per deployment."
-    ),
-    "TTFT p90 vs round_robin": (
-        "A TTFT ratio is a property of the offered load as much as of the router. precise cuts the prefill "
-        "work by (1 - h_rr) / (1 - h_precise): about 3.9x on chat (0.44 vs 0.11 of the prompt uncached) and "
-        "only 1.15x on the trace (its prompts share little: the ideal hit rate is 0.19). Queueing turns that "
-        "into a much larger TTFT gap only in the band where round_robin is past saturation and precise is "
-        "not, and round_robin's backlog then grows with the run's length. Pushing the offered load into that "
-        "band on this 2-core machine (8 engine processes, the router and the client share it) saturates the "
-        "CPU first and precise's own TTFT rises with it (calibration at 16 chat sessions/s: precise p90 "
-        "~520 ms, round_robin ~1.6 s, 3x). Fix: engines on their own cores or GPUs (a real fleet), and "
-        "longer runs at the knee; on the trace no router can save more than the ideal allows."
-    ),
-    "hit rate vs sglang-router cache_aware": (
-        "sglang-router's rule sends a request to its best match whenever more than 30% of the prompt was "
-        "routed there and ignores load until the fleet is imbalanced by 64 requests; precise weighs the "
-        "saving against each engine's queue, so it gives up a few hits for TTFT (see the TTFT columns and "
-        "the imbalance column: sglang-router's best-match engines queue). kvmesh's own cache_aware_approx "
-        "(SGLang's rule) matches sglang-router's hit rate, so the difference is the cost, not the index or "
-        "the events. Fix if hits matter more than TTFT: raise precise.overlap_weight / delay_weight with "
-        "--policy-opt (measured trade-offs: docs/evidence/precise_weights.md)."
-    ),
-    "TTFT p90 vs sglang-router cache_aware": (
-        "Both routers keep most of the ideal hit rate here, so TTFT p90 is decided by queueing noise on a "
-        "machine where the client, the router and 8 engine processes share 2 cores; run-to-run spread of "
-        "the same system is ~±100 ms at this load."
-    ),
-    "3-node mesh hit-rate loss": (
-        "Each node routes a third of the requests and learns the others' decisions through gossip (route "
-        "hints and load pushed within 10 ms of a routing decision, engine events through the owner); "
-        "requests for one prefix that reach two nodes within that window, or before the engine's events "
-        "arrive, can still split. Fix: session-affine entry into the mesh (the DNS load balancer hashing "
-        "on a session key), or a synchronous hint exchange for long prompts."
-    ),
-    "index ingest vs Dynamo": (
-        "cProfile of the kvmesh ingest loop at 1M blocks: the replicated-log append 31% (the owner's "
-        "engine->router map 11%, pycrdt insert/commit 7.5%), the block mapper 30% (bulk bind of fresh "
-        "engine hashes 17%, chained xxh3 11%), the index 21%, msgspec decode 11%. valgrind counts 12.4k "
-        "instructions per block (18.9k before the batched mapper/index/decoder). Decoding alone costs "
-        "~0.44 µs per block (msgspec builds ~17 Python ints per block), which caps pure-Python ingest near "
-        "2.3M blocks/s even if everything else were free, while 3x Dynamo's Rust tree (handed pre-hashed "
-        "JSON, no frame decoding, no hash mapping, no replication) needs 3-4M. Fix: one native routine per "
-        "frame (PyO3/C: decode, pack, chained xxh3, map, index update); without it ~11% is left by sharing "
-        "the mapper's map with the log owner instead of keeping an identical copy."
-    ),
-    "prefix match p99 vs Dynamo": (
-        "kvmesh's match is one dict probe and one bitmask test per block in Python (router/index.py), with "
-        "runs of blocks held by the same workers skipped by an identity test and a single remaining "
-        "candidate checked in C against its own set. Its slowest queries are full hits on prompts cached by "
-        "two engines (~120 probes at ~200 ns in a 700k-entry dict); the measured p99 moves 47-79 µs run to "
-        "run on this shared machine, around 0.5x Dynamo's. A reliable <= 0.5x needs the hash -> mask table "
-        "in native code."
-    ),
-    "convergence p99, 5 real nodes": (
-        "Events reach non-owner nodes through epidemic gossip rounds (0.2 s default interval); the p99 is a "
-        "few rounds plus the router's event loop under load. Fix: push owner deltas to all members "
-        "immediately (small meshes), or a shorter gossip interval."
-    ),
-    "convergence p99, 100 simulated nodes": (
-        "Epidemic spreading needs ~log_fanout(N) rounds; at 100 nodes with fanout 3 and 0.2 s rounds that is "
-        "~5 rounds plus anti-entropy repair for missed pushes. Fix: larger fanout for state deltas, or "
-        "piggy-backing deltas on every probe."
-    ),
-    "Generate proxy vs bare grpcio": (
-        "The router now costs ~1.6-1.9 ms of CPU per request against the echo server's ~1.0 (msgspec for "
-        "the engine request and SSE chunks, `readany` + a pure SSE splitter instead of readline, every "
-        "buffered engine event forwarded as one gRPC message: 2-3 tokens per message under this load). "
-        "perf on the router: 43% Python interpreter, 32% kernel (12.5% thread switches between grpc aio's "
-        "threads and the event loop on one core), 10% grpc C, 3.4% protobuf, 2.7% msgspec; sampled Python: "
-        "the engine stream (mostly aiohttp) ~33%, routing ~7% (mostly mesh route hints), request "
-        "preparation and hashing ~5%, the rest grpc and event-loop machinery the echo server pays too. The "
-        "client-and-engines CPU is saturated as well (engines ~1.05 ms per request). Fix: a native HTTP "
-        "client for the engine stream, cheaper hint matching, and more router nodes: the mesh scales "
-        "the proxy out, `Route` (pick only) serves clients that proxy themselves."
-    ),
-    "overload: CANCELLED or UNKNOWN": (
-        "A node never answers CANCELLED itself (router/errors.py): a client gets it when gRPC's core "
-        "drops a call before the application has taken it (past `grpc.server.max_pending_requests`, "
-        "which router/service.py `server_options` raises) or when the client cancels. UNKNOWN is an "
-        "exception that escaped a handler. The nodes' own outcome counts (GetStats `outcomes`) tell them "
-        "apart: a CANCELLED the node did not count never reached its handler."
-    ),
-    "overload: goodput at": (
-        "Goodput at the top of the ladder falls below the fleet's when the engines run short of work: "
-        "the node's CPU goes to taking in and refusing the excess and its event loop falls behind the "
-        "streams it proxies, or admission sheds requests the engines could have started in time. The "
-        "CPU columns show which process ran out; the client, the router and the engines share this "
-        "machine's 2 cores with whatever else runs on it (the `other` column)."
-    ),
-    "overload: shed requests answered": (
-        "Shedding costs the node little, but the answer waits for the node's event loop, behind the "
-        "tokens it is streaming for the admitted requests, the other calls arriving and the garbage "
-        "collector's full passes, and for a CPU: the router, the client and the engine processes share "
-        "2 cores with whatever else runs on the machine (the `other` CPU column). `client late` is the "
-        "client's share of the figure. Fix: router nodes on cores of their own (more nodes behind the "
-        "name only help when they do not share the same cores)."
-    ),
-    "overload: router memory flat": (
-        "RSS follows the number of calls the node holds at once: the admitted requests waiting for a "
-        "first token (up to `--max-queue-wait` x the fleet's start rate, each with its engine stream "
-        "open) and those being refused; CPython keeps freed memory for reuse rather than return it to "
-        "the system, so a level ends near its peak. The index holds as many entries at every level "
-        "(its column), so the growth is not routing state; RSS that kept rising over repeated levels at "
-        "the same load would be a leak. A shorter `--max-queue-wait` holds fewer calls at once."
-    ),
-    "overload: mesh membership stable": (
-        "SWIM probes and their acks share each node's event loop and CPU with the requests: an ack "
-        "later than `probe_timeout` (and the indirect probes' acks too) makes the prober suspect a "
-        "member that is only busy, which then refutes by raising its incarnation. Fix: answer "
-        "membership messages off the request path (their own thread or port), or longer probe timeouts."
-    ),
-}
-
-
 def analysis(res: dict) -> str:
     """Why each missed target was missed and what would fix it."""
     out = []
     for t in targets(res):
         if t["met"] is not False:
             continue
-        why = next((v for k, v in WHY_MISSED.items() if t["name"].startswith(k)), None)
+        why = why_missed(res, t)
         if why:
             out.append(f"- **{t['name']}** ({t['measured']}; goal {t['target']}): {why}")
     return "\n".join(out)

@@ -18,6 +18,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kvmesh.cli.sim_engine",
         "run a simulated vLLM-like engine (OpenAI /v1/completions + ZMQ KV events)",
     ),
+    "generate": ("kvmesh.cli.generate", "stream a completion through any node to the terminal"),
+    "route": ("kvmesh.cli.route", "show which engine the mesh would pick for a prompt, and why"),
+    "status": (
+        "kvmesh.cli.status",
+        "one node's view of the mesh on one screen: members, engines, routing quality",
+    ),
     "demo": ("kvmesh.demo", "start engines and a router on this machine and compare policies"),
     "bench": (
         "kvmesh.bench",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
+import os
 import signal
 
 import structlog
@@ -24,12 +26,14 @@ from router.addresses import AddressError, advertised_address, resolve_listen, r
 from router.admission import AdmissionConfig
 from router.auth import ApiAuthConfig
 from router.config import LOG_FORMATS, LOG_LEVELS, RouterConfig, check_policy_opts
+from router.discovery import DiscoveryConfig
 from router.engine_registry import EngineSpec, EngineSpecError
-from router.logs import configure_logging
+from router.logs import configure_logging, toggle_debug
 from router.node import RouterNode
 from router.policies import POLICY_NAMES, policy_options
 from router.request_path import RetryPolicy
 from router.service import serve
+from router.tracing import TracingConfig
 
 __all__ = ["config_from_args", "configure_parser", "parse_policy_opts", "parse_tokenizers", "run"]
 
@@ -114,13 +118,30 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         f"[,replay=tcp://HOST:5558][,model=NAME][,block_size={_default(EngineSpec, 'block_size')}]"
         f"[,dp={_default(EngineSpec, 'data_parallel_size')}][,topic=T]",
     )
+    _add_discovery_flags(p, d)
     p.add_argument(
         "--tokenizer",
         action="append",
         default=[],
         metavar="MODEL=SPEC",
-        help="tokenizer for text prompts of MODEL: path to a local tokenizer.json, or 'builtin' "
-        f"(the simulated engine's); default for every model: {d.default_tokenizer!r}",
+        help="tokenizer for text prompts of MODEL: a local tokenizer.json, the model's directory "
+        "holding one (and its tokenizer_config.json, whose chat template renders chat requests), "
+        f"or 'builtin' (the simulated engine's); default for every model: {d.default_tokenizer!r}",
+    )
+    p.add_argument(
+        "--chat-template",
+        action="append",
+        default=[],
+        metavar="MODEL=FILE",
+        help="chat template of MODEL for /v1/chat/completions (a .jinja file, or JSON with "
+        "chat_template), instead of the one beside its tokenizer: give the engine the same file",
+    )
+    p.add_argument(
+        "--http-listen",
+        default=d.http_listen,
+        metavar="HOST:PORT",
+        help="serve the OpenAI-compatible API there too (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /health), with the same TLS and tokens as gRPC (default: off)",
     )
     p.add_argument(
         "--max-attempts",
@@ -145,11 +166,76 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "default %(default)s)",
     )
     p.add_argument(
-        "--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port (0: off)"
+        "--metrics-listen",
+        default=os.environ.get("KVMESH_METRICS_LISTEN", d.metrics_listen),
+        metavar="HOST:PORT",
+        help="serve Prometheus GET /metrics here (port 0: any free port, printed in the READY line); "
+        "with the public API's TLS and tokens. Default $KVMESH_METRICS_LISTEN, else off; the image "
+        "sets 0.0.0.0:9090",
     )
-    p.add_argument("--log-level", default=d.log_level, choices=LOG_LEVELS)
-    p.add_argument("--log-format", default=d.log_format, choices=LOG_FORMATS)
+    p.add_argument(
+        "--otlp-endpoint",
+        default=d.tracing.otlp_endpoint,
+        metavar="URL",
+        help="export OpenTelemetry spans of routing and proxying to this OTLP/gRPC collector, "
+        "http://HOST:PORT or https://HOST:PORT (needs the tracing extra: pip install 'kvmesh[tracing]'). "
+        "Default off; a client's W3C traceparent reaches the engine either way",
+    )
+    # The image sets KVMESH_LOG_FORMAT=json: a container's logs go to a pipeline.
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("KVMESH_LOG_LEVEL", d.log_level),
+        choices=LOG_LEVELS,
+        help=f"(default $KVMESH_LOG_LEVEL, else {d.log_level}); changed while running by "
+        "Admin.SetLogLevel, and SIGHUP toggles debug",
+    )
+    p.add_argument(
+        "--log-format",
+        default=os.environ.get("KVMESH_LOG_FORMAT", d.log_format),
+        choices=LOG_FORMATS,
+        help=f"one event per line, key=value text or JSON (default $KVMESH_LOG_FORMAT, else {d.log_format})",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="seed for random policy choices")
+
+
+def _add_discovery_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
+    """Engines of DNS names (router/discovery.py explains the rules)."""
+    dd = d.discovery
+    p.add_argument(
+        "--engines-from-dns",
+        action="append",
+        default=[],
+        metavar="NAME[:PORT][=TEMPLATE]",
+        help="route to every IPv4 address NAME resolves to (a headless Service), repeatable: each "
+        "address becomes an engine of the --engine-template (or of this name's own TEMPLATE), with "
+        f"{{host}} the address and {{port}} PORT (default {dd.port}); NAME is resolved again every "
+        "--discovery-interval, new addresses are registered mesh-wide, and an engine whose address "
+        "has been missing for --discovery-grace is removed (by its owner). Engines registered by "
+        "hand are never removed by discovery",
+    )
+    p.add_argument(
+        "--engine-template",
+        default=dd.template,
+        metavar="SPEC",
+        help="the --engine SPEC of a discovered address, with {host} and {port} placeholders, e.g. "
+        "url=http://{host}:8000,kv=tcp://{host}:5557,replay=tcp://{host}:5558,model=M; the id, when "
+        "given, must contain {host} (default id: NAME's first label and the address, "
+        "e.g. engines-10-0-0-5; default template %(default)s)",
+    )
+    p.add_argument(
+        "--discovery-interval",
+        type=float,
+        default=dd.interval,
+        help="seconds between resolutions of each --engines-from-dns name; a resolution that takes "
+        "longer fails, and a failed one changes nothing (default %(default)s)",
+    )
+    p.add_argument(
+        "--discovery-grace",
+        type=float,
+        default=dd.grace,
+        help="seconds an address must be missing from the answers of the engine's owner before the "
+        "engine is removed (default %(default)s)",
+    )
 
 
 def _add_overload_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
@@ -265,13 +351,16 @@ def parse_policy_opts(items: list[str]) -> dict[str, dict[str, float]]:
     return out
 
 
-def parse_tokenizers(items: list[str]) -> dict[str, str]:
-    """``["m=/path/tokenizer.json", ...]`` -> ``{"m": "/path/tokenizer.json"}``."""
+def parse_tokenizers(
+    items: list[str], flag: str = "--tokenizer", want: str = "MODEL=PATH or MODEL=builtin"
+) -> dict[str, str]:
+    """``["m=/path/tokenizer.json", ...]`` -> ``{"m": "/path/tokenizer.json"}``
+    (also the ``MODEL=FILE`` pairs of ``flag``)."""
     out: dict[str, str] = {}
     for item in items:
         model, sep, spec = item.partition("=")
         if not sep:
-            raise EngineSpecError(f"--tokenizer {item!r}: want MODEL=PATH or MODEL=builtin")
+            raise EngineSpecError(f"{flag} {item!r}: want {want}")
         out[model] = spec
     return out
 
@@ -281,6 +370,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     bad policy option, a bad interval) names the flag or value at fault."""
     engines = [EngineSpec.parse(e) for e in args.engine]
     tokenizers = parse_tokenizers(args.tokenizer)
+    chat_templates = parse_tokenizers(args.chat_template, "--chat-template", "MODEL=FILE")
     policy_opts = parse_policy_opts(args.policy_opt)
     membership = MembershipConfig(
         probe_interval=args.probe_interval,
@@ -297,7 +387,15 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         policy=args.policy,
         policy_opts=policy_opts,
         engines=engines,
+        discovery=DiscoveryConfig(
+            names=list(args.engines_from_dns),
+            template=args.engine_template,
+            interval=args.discovery_interval,
+            grace=args.discovery_grace,
+        ),
         tokenizers=tokenizers,
+        chat_templates=chat_templates,
+        http_listen=args.http_listen,
         seed=args.seed,
         retry=RetryPolicy(max_attempts=args.max_attempts),
         admission=AdmissionConfig(
@@ -325,11 +423,12 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
             tls_server_name=args.mesh_tls_server_name,
         ),
         health_interval=args.health_interval,
-        metrics_port=args.metrics_port,
+        metrics_listen=args.metrics_listen,
         log_level=args.log_level,
         log_format=args.log_format,
         mesh=MeshConfig(membership=membership),
         event_adapter=EventAdapterConfig(replay_probe_after=args.replay_probe_after),
+        tracing=TracingConfig(otlp_endpoint=args.otlp_endpoint),
     )
 
 
@@ -360,6 +459,12 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"{_PROG}: {e}") from None
     if open_ports:
         log.warning("router.insecure", unauthenticated=open_ports, node=cfg.node_id)
+    if cfg.mesh_shares_tls_port:
+        log.warning(
+            "router.mesh_on_tls_port",
+            node=cfg.node_id,
+            hint="no node can join this one: give the mesh a port of its own (--mesh-listen)",
+        )
     asyncio.run(_serve(cfg))
     return 0
 
@@ -382,6 +487,11 @@ def _concrete_addresses(cfg: RouterConfig) -> RouterConfig:
     )
 
 
+def _toggle_debug(node: RouterNode) -> None:
+    level = toggle_debug()
+    node.log.warning("router.log_level_changed", log_level=level, by="SIGHUP")
+
+
 async def _serve(cfg: RouterConfig) -> None:
     try:
         seeds = await resolve_seeds(cfg.join, cfg.mesh_addr, cfg.seed_resolve_timeout, cfg.seed_resolve_retry)
@@ -392,4 +502,20 @@ async def _serve(cfg: RouterConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _toggle_debug, node)
+    _freeze_startup_heap()
     await serve(node, stop, join=seeds)
+
+
+def _freeze_startup_heap() -> None:
+    """Take what startup built out of the cyclic garbage collector's sight.
+
+    A full collection walks every tracked object, with the event loop
+    stopped: every call waiting then, a request about to be shed too, waits
+    as long. Most of a router's tracked objects are its imported modules'
+    functions, classes and tables, alive until the process exits; frozen
+    (``gc.freeze``), they are never walked again, and a full collection
+    walks only what the node allocates while serving. Collected first, so
+    that startup garbage is freed, not frozen. Nothing is in flight yet."""
+    gc.collect()
+    gc.freeze()

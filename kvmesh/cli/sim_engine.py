@@ -50,6 +50,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help=f"KV blocks in the pool (default {d.num_gpu_blocks})",
     )
     a(
+        "--num-host-blocks",
+        type=int,
+        default=d.num_host_blocks,
+        help="host tier (KV offloading to CPU memory), in blocks: evicted GPU blocks move there and are "
+        f"loaded back instead of recomputed, published with medium CPU (default {d.num_host_blocks}: none)",
+    )
+    a(
+        "--host-load-ms-per-token",
+        type=float,
+        default=t.host_load_ms_per_token,
+        help="added step cost per prompt token loaded from the host tier "
+        f"(default {t.host_load_ms_per_token:g})",
+    )
+    a(
         "--max-num-seqs",
         type=int,
         default=t.max_num_seqs,
@@ -168,6 +182,7 @@ def config_from_args(args: argparse.Namespace) -> SimEngineConfig:
         decode_base_ms=args.decode_base_ms,
         decode_per_seq_ms=args.decode_per_seq_ms,
         prefill_ms_per_token=args.prefill_ms_per_token,
+        host_load_ms_per_token=args.host_load_ms_per_token,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
         time_scale=args.time_scale,
@@ -180,6 +195,7 @@ def config_from_args(args: argparse.Namespace) -> SimEngineConfig:
         lora_modules=_lora_names(args.lora_modules),
         block_size=args.block_size,
         num_gpu_blocks=args.num_gpu_blocks,
+        num_host_blocks=args.num_host_blocks,
         max_model_len=args.max_model_len,
         timing=timing,
         eos_prob=args.eos_prob,

@@ -264,18 +264,25 @@ def measure_convergence(
     engines: int = 2,
     loss: float = 0.0,
     config: MeshConfig | None = None,
+    process_cost: float = 0.0,
+    background: bool = True,
 ) -> dict[str, float]:
     """Event published on an engine -> applied in every node's index: p50/p99 seconds.
 
     N nodes join (three random earlier seeds each), ``engines`` engines are
-    registered; after a warm-up, one batch per engine every 0.5 s. Returns
-    the latency percentiles, the state-gossip bytes (pushes + anti-entropy,
-    summed over all nodes) per event, and the wall time.
+    registered; after a warm-up, one batch per engine every 0.5 s. ``loss``:
+    the share of messages the network drops; ``process_cost``: the seconds of
+    CPU a node spends on each message it handles (``NetConfig.process_cost``).
+    Returns the latency percentiles, the state-gossip bytes (pushes +
+    anti-entropy, summed over all nodes) per event, net of the background
+    traffic of an idle window as long (measured only with ``background``;
+    otherwise bytes per event include it), and the wall time.
     """
     quiet_logs()
     cfg = config or MeshConfig()
     world = World(seed, cfg)
-    sim: SimNet[MeshNode] = SimNet(seed, NetConfig(delay_min=0.001, delay_max=0.01, loss_prob=loss))
+    net = NetConfig(delay_min=0.001, delay_max=0.01, loss_prob=loss, process_cost=process_cost)
+    sim: SimNet[MeshNode] = SimNet(seed, net)
     world.sim = sim
     r = random.Random(f"conv/{seed}")
     addrs = [f"n{i}" for i in range(n)]
@@ -290,10 +297,12 @@ def measure_convergence(
     warm = 15.0 + n * 0.05
     span = events * 0.5 + 15.0
     sim.run_until(warm)
-    # Background traffic (anti-entropy, load slots) over an idle window as long as the test.
-    b0 = _state_bytes(sim)
-    sim.run_until(warm + span)
-    background = _state_bytes(sim) - b0
+    idle = 0
+    if background:
+        # Background traffic (anti-entropy, load slots) over an idle window as long as the test.
+        b0 = _state_bytes(sim)
+        sim.run_until(warm + span)
+        idle = _state_bytes(sim) - b0
     seen: dict[tuple[str, int], dict[str, float]] = {}
 
     def rec(addr: str, worker: str, seq: int, now: float) -> None:
@@ -301,7 +310,7 @@ def measure_convergence(
 
     world.recorder = rec
     published: list[tuple[str, int, float]] = []
-    t = start = warm + span
+    t = start = sim.now
     for _ in range(events):
         for eid in eids:
 
@@ -314,6 +323,7 @@ def measure_convergence(
             sim.at(t, pub)
         t += 0.5
     b1 = _state_bytes(sim)
+    m1 = sim.stats.delivered
     t0 = time.perf_counter()
     sim.run_until(start + span)
     wall = time.perf_counter() - t0
@@ -327,7 +337,7 @@ def measure_convergence(
             lat.append(max(got[a] for a in up) - at)
         else:
             missing += 1
-    return {
+    out = {
         "n": n,
         "events": len(published),
         "missing": missing,
@@ -335,10 +345,17 @@ def measure_convergence(
         "p99": percentile(lat, 99) if lat else float("inf"),
         "max": max(lat) if lat else float("inf"),
         "mean": statistics.fmean(lat) if lat else float("inf"),
-        "bytes_per_event": (total - background) / max(1, len(published)),
-        "background_bytes_per_s": background / span,
+        "bytes_per_event": (total - idle) / max(1, len(published)),
+        "loss": loss,
+        "process_cost_s": process_cost,
+        "messages_per_node_per_s": (sim.stats.delivered - m1) / span / max(1, len(up)),
+        "queued_messages": sim.stats.queued,
+        "max_backlog_s": sim.stats.max_backlog_s,
         "wall_s": wall,
     }
+    if background:
+        out["background_bytes_per_s"] = idle / span
+    return out
 
 
 def _state_bytes(sim: SimNet[MeshNode]) -> int:

@@ -23,6 +23,13 @@ Faults it models, all switchable while running (e.g. a quiet period at the end):
 * **Crash** (the state machine is dropped; messages to it are lost) and
   **restart** (a fresh state machine from the node's factory, same address).
 
+And the receiver's own time: with ``process_cost`` > 0 a node takes that many
+seconds of CPU to handle each message, one at a time, as a real node's event
+loop does. A message that arrives while its node is busy waits its turn
+(first come, first served), and what the node sends in reply leaves when it
+has finished handling it. Ticks are not charged (a real node's timers cost
+CPU too; a cost measured as CPU per message on a real node includes them).
+
 Nodes are generic: anything with ``tick(now)`` and ``handle(msg, now)`` that
 return iterables of messages with a ``dst`` attribute (:class:`SimNode`). A
 node factory builds a node and returns the messages it sends at start (e.g. a
@@ -64,6 +71,7 @@ class NetConfig:
     reorder_extra: float = 0.05
     tick_interval: float = 0.1
     tick_jitter: float = 0.1  # each tick interval is scaled by 1 + U(-jitter, jitter)
+    process_cost: float = 0.0  # receiver CPU seconds per message handled (0: instant)
 
     def validate(self) -> None:
         for name in ("loss_prob", "dup_prob", "reorder_prob", "tick_jitter"):
@@ -74,6 +82,8 @@ class NetConfig:
             raise ValueError(f"need 0 <= delay_min <= delay_max, got {self.delay_min}, {self.delay_max}")
         if self.tick_interval <= 0 or self.reorder_extra < 0:
             raise ValueError("tick_interval must be > 0 and reorder_extra >= 0")
+        if self.process_cost < 0:
+            raise ValueError(f"process_cost must be >= 0, got {self.process_cost}")
 
 
 @dataclass(slots=True)
@@ -86,10 +96,12 @@ class SimStats:
     duplicated: int = 0
     ticks: int = 0
     handler_errors: int = 0
+    queued: int = 0  # messages that waited for their node to finish an earlier one
+    max_backlog_s: float = 0.0  # the longest such wait
 
 
 # Event kinds (small ints keep heap tuples cheap to compare).
-_DELIVER, _TICK, _START, _CRASH, _CALL = range(5)
+_DELIVER, _TICK, _START, _CRASH, _CALL, _HANDLED = range(6)
 
 
 class SimNet(Generic[N]):
@@ -110,6 +122,7 @@ class SimNet(Generic[N]):
         self._epoch: dict[str, int] = {}  # bumped on crash/restart; stale ticks are skipped
         self._link_loss: dict[tuple[str, str], float] = {}
         self._partitions: list[tuple[float, float, dict[str, int]]] = []
+        self._busy_until: dict[str, float] = {}  # with process_cost: when each node is free again
 
     # --- setup and scripting ---------------------------------------------------------------
 
@@ -213,10 +226,13 @@ class SimNet(Generic[N]):
                 self._tick(a, b, t)
             elif kind == _CALL:
                 b(self)
+            elif kind == _HANDLED:
+                self._handle(a, b[0], b[1], b[2], t)
             elif kind == _START:
                 self._start(a)
             elif kind == _CRASH and self._nodes.pop(a, None) is not None:
                 self._epoch[a] += 1
+                self._busy_until.pop(a, None)
         self.now = max(self.now, t_end)
 
     def _deliver(self, dst: str, src: str, msg: Any, t: float) -> None:
@@ -228,11 +244,29 @@ class SimNet(Generic[N]):
         if self._partitions and not self.can_reach(src, dst, t):
             stats.partitioned += 1
             return
-        stats.delivered += 1
+        cost = self.config.process_cost
+        if cost > 0:
+            # The node's event loop takes messages one at a time, in arrival order.
+            start = max(t, self._busy_until.get(dst, t))
+            if start > t:
+                stats.queued += 1
+                stats.max_backlog_s = max(stats.max_backlog_s, start - t)
+            self._busy_until[dst] = start + cost
+            self._push(start + cost, _HANDLED, dst, (src, msg, self._epoch[dst]))
+            return
+        self._handle(dst, src, msg, self._epoch[dst], t)
+
+    def _handle(self, dst: str, src: str, msg: Any, epoch: int, t: float) -> None:
+        """``dst`` handles ``msg`` at ``t`` (if it is still the life it arrived at)."""
+        node = self._nodes.get(dst)
+        if node is None or self._epoch[dst] != epoch:
+            self.stats.to_down_node += 1
+            return
+        self.stats.delivered += 1
         try:
             out = node.handle(msg, t)
         except Exception as exc:  # a real node logs bad input and keeps running
-            stats.handler_errors += 1
+            self.stats.handler_errors += 1
             self.last_error = exc
             return
         if out:
@@ -250,6 +284,7 @@ class SimNet(Generic[N]):
 
     def _start(self, addr: str) -> None:
         self._nodes.pop(addr, None)
+        self._busy_until.pop(addr, None)
         self._epoch[addr] += 1
         epoch = self._epoch[addr]
         node_rng = random.Random(f"{self.seed}/{addr}/{epoch}")

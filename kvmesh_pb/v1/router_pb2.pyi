@@ -157,21 +157,27 @@ class Decision(_message.Message):
     def __init__(self, policy: _Optional[str] = ..., reason: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ...) -> None: ...
 
 class CandidateScore(_message.Message):
-    __slots__ = ("engine_id", "overlap_blocks", "load", "score", "chosen")
+    __slots__ = ("engine_id", "overlap_blocks", "load", "score", "chosen", "host_blocks", "disk_blocks", "external_blocks")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     OVERLAP_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DISK_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     overlap_blocks: int
     load: float
     score: float
     chosen: bool
-    def __init__(self, engine_id: _Optional[str] = ..., overlap_blocks: _Optional[int] = ..., load: _Optional[float] = ..., score: _Optional[float] = ..., chosen: _Optional[bool] = ...) -> None: ...
+    host_blocks: int
+    disk_blocks: int
+    external_blocks: int
+    def __init__(self, engine_id: _Optional[str] = ..., overlap_blocks: _Optional[int] = ..., load: _Optional[float] = ..., score: _Optional[float] = ..., chosen: _Optional[bool] = ..., host_blocks: _Optional[int] = ..., disk_blocks: _Optional[int] = ..., external_blocks: _Optional[int] = ...) -> None: ...
 
 class EngineSpec(_message.Message):
-    __slots__ = ("engine_id", "endpoint", "model", "block_size", "kv_events_endpoint", "replay_endpoint", "data_parallel_size", "topic", "capacity_blocks", "kind")
+    __slots__ = ("engine_id", "endpoint", "model", "block_size", "kv_events_endpoint", "replay_endpoint", "data_parallel_size", "topic", "capacity_blocks", "kind", "source")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +188,7 @@ class EngineSpec(_message.Message):
     TOPIC_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     endpoint: str
     model: str
@@ -192,11 +199,19 @@ class EngineSpec(_message.Message):
     topic: str
     capacity_blocks: int
     kind: str
-    def __init__(self, engine_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_events_endpoint: _Optional[str] = ..., replay_endpoint: _Optional[str] = ..., data_parallel_size: _Optional[int] = ..., topic: _Optional[str] = ..., capacity_blocks: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
+    source: str
+    def __init__(self, engine_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_events_endpoint: _Optional[str] = ..., replay_endpoint: _Optional[str] = ..., data_parallel_size: _Optional[int] = ..., topic: _Optional[str] = ..., capacity_blocks: _Optional[int] = ..., kind: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
-    __slots__ = ("spec", "healthy", "circuit", "in_flight", "cached_blocks", "last_seq", "events_applied", "gaps_replayed", "resets", "owner_node", "worker_seqs", "probes", "probe_batches", "skipped_events")
+    __slots__ = ("spec", "healthy", "circuit", "in_flight", "cached_blocks", "last_seq", "events_applied", "gaps_replayed", "resets", "owner_node", "worker_seqs", "probes", "probe_batches", "skipped_events", "prompt_tokens", "cached_prompt_tokens", "event_lag_seconds", "event_block_size_mismatch", "events_refused", "cached_blocks_by_tier")
     class WorkerSeqsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class CachedBlocksByTierEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +232,12 @@ class EngineStatus(_message.Message):
     PROBES_FIELD_NUMBER: _ClassVar[int]
     PROBE_BATCHES_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_BLOCK_SIZE_MISMATCH_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_BY_TIER_FIELD_NUMBER: _ClassVar[int]
     spec: EngineSpec
     healthy: bool
     circuit: str
@@ -231,7 +252,13 @@ class EngineStatus(_message.Message):
     probes: int
     probe_batches: int
     skipped_events: int
-    def __init__(self, spec: _Optional[_Union[EngineSpec, _Mapping]] = ..., healthy: _Optional[bool] = ..., circuit: _Optional[str] = ..., in_flight: _Optional[float] = ..., cached_blocks: _Optional[int] = ..., last_seq: _Optional[int] = ..., events_applied: _Optional[int] = ..., gaps_replayed: _Optional[int] = ..., resets: _Optional[int] = ..., owner_node: _Optional[str] = ..., worker_seqs: _Optional[_Mapping[str, int]] = ..., probes: _Optional[int] = ..., probe_batches: _Optional[int] = ..., skipped_events: _Optional[int] = ...) -> None: ...
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    event_lag_seconds: float
+    event_block_size_mismatch: int
+    events_refused: str
+    cached_blocks_by_tier: _containers.ScalarMap[str, int]
+    def __init__(self, spec: _Optional[_Union[EngineSpec, _Mapping]] = ..., healthy: _Optional[bool] = ..., circuit: _Optional[str] = ..., in_flight: _Optional[float] = ..., cached_blocks: _Optional[int] = ..., last_seq: _Optional[int] = ..., events_applied: _Optional[int] = ..., gaps_replayed: _Optional[int] = ..., resets: _Optional[int] = ..., owner_node: _Optional[str] = ..., worker_seqs: _Optional[_Mapping[str, int]] = ..., probes: _Optional[int] = ..., probe_batches: _Optional[int] = ..., skipped_events: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., event_lag_seconds: _Optional[float] = ..., event_block_size_mismatch: _Optional[int] = ..., events_refused: _Optional[str] = ..., cached_blocks_by_tier: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class RegisterEngineRequest(_message.Message):
     __slots__ = ("spec",)
@@ -272,7 +299,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("node_id", "default_policy", "requests_total", "requests_failed", "retries_total", "prompt_tokens_total", "cached_prompt_tokens_total", "index_blocks", "index_entries", "requests_by_engine", "requests_by_policy", "ready", "live_members", "mesh_bytes_sent", "mesh_messages_sent", "outcomes", "in_flight", "draining", "member_events")
+    __slots__ = ("node_id", "default_policy", "requests_total", "requests_failed", "retries_total", "prompt_tokens_total", "cached_prompt_tokens_total", "index_blocks", "index_entries", "requests_by_engine", "requests_by_policy", "ready", "live_members", "mesh_bytes_sent", "mesh_messages_sent", "outcomes", "in_flight", "draining", "member_events", "predicted_cached_prompt_tokens_total", "route_predictions_total", "route_mispredictions_total", "mesh_bytes_received", "mesh_messages_received", "convergence_lag_seconds")
     class RequestsByEngineEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -301,6 +328,13 @@ class GetStatsResponse(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class ConvergenceLagSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_POLICY_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -320,6 +354,12 @@ class GetStatsResponse(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     MEMBER_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_CACHED_PROMPT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_PREDICTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_MISPREDICTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MESH_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    MESH_MESSAGES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    CONVERGENCE_LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     default_policy: str
     requests_total: int
@@ -339,7 +379,13 @@ class GetStatsResponse(_message.Message):
     in_flight: int
     draining: bool
     member_events: _containers.ScalarMap[str, int]
-    def __init__(self, node_id: _Optional[str] = ..., default_policy: _Optional[str] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., retries_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., cached_prompt_tokens_total: _Optional[int] = ..., index_blocks: _Optional[int] = ..., index_entries: _Optional[int] = ..., requests_by_engine: _Optional[_Mapping[str, int]] = ..., requests_by_policy: _Optional[_Mapping[str, int]] = ..., ready: _Optional[bool] = ..., live_members: _Optional[int] = ..., mesh_bytes_sent: _Optional[int] = ..., mesh_messages_sent: _Optional[int] = ..., outcomes: _Optional[_Mapping[str, int]] = ..., in_flight: _Optional[int] = ..., draining: _Optional[bool] = ..., member_events: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    predicted_cached_prompt_tokens_total: int
+    route_predictions_total: int
+    route_mispredictions_total: int
+    mesh_bytes_received: int
+    mesh_messages_received: int
+    convergence_lag_seconds: _containers.ScalarMap[str, float]
+    def __init__(self, node_id: _Optional[str] = ..., default_policy: _Optional[str] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., retries_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., cached_prompt_tokens_total: _Optional[int] = ..., index_blocks: _Optional[int] = ..., index_entries: _Optional[int] = ..., requests_by_engine: _Optional[_Mapping[str, int]] = ..., requests_by_policy: _Optional[_Mapping[str, int]] = ..., ready: _Optional[bool] = ..., live_members: _Optional[int] = ..., mesh_bytes_sent: _Optional[int] = ..., mesh_messages_sent: _Optional[int] = ..., outcomes: _Optional[_Mapping[str, int]] = ..., in_flight: _Optional[int] = ..., draining: _Optional[bool] = ..., member_events: _Optional[_Mapping[str, int]] = ..., predicted_cached_prompt_tokens_total: _Optional[int] = ..., route_predictions_total: _Optional[int] = ..., route_mispredictions_total: _Optional[int] = ..., mesh_bytes_received: _Optional[int] = ..., mesh_messages_received: _Optional[int] = ..., convergence_lag_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ListMembersRequest(_message.Message):
     __slots__ = ()
@@ -378,6 +424,18 @@ class DrainResponse(_message.Message):
     draining: bool
     in_flight: int
     def __init__(self, draining: _Optional[bool] = ..., in_flight: _Optional[int] = ...) -> None: ...
+
+class SetLogLevelRequest(_message.Message):
+    __slots__ = ("level",)
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    level: str
+    def __init__(self, level: _Optional[str] = ...) -> None: ...
+
+class SetLogLevelResponse(_message.Message):
+    __slots__ = ("previous",)
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    previous: str
+    def __init__(self, previous: _Optional[str] = ...) -> None: ...
 
 class GetIndexDigestRequest(_message.Message):
     __slots__ = ("engine_id",)

@@ -186,6 +186,11 @@ class AdminStub:
                 request_serializer=kvmesh_dot_v1_dot_router__pb2.DrainRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_router__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.SetLogLevel = channel.unary_unary(
+                '/kvmesh.v1.Admin/SetLogLevel',
+                request_serializer=kvmesh_dot_v1_dot_router__pb2.SetLogLevelRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_router__pb2.SetLogLevelResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -239,6 +244,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetLogLevel(self, request, context):
+        """This node's log level from now on (debug, info, warning, error); the
+        answer holds the level before. Not shared with the mesh.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -276,6 +289,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=kvmesh_dot_v1_dot_router__pb2.DrainRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_router__pb2.DrainResponse.SerializeToString,
+            ),
+            'SetLogLevel': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLogLevel,
+                    request_deserializer=kvmesh_dot_v1_dot_router__pb2.SetLogLevelRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_router__pb2.SetLogLevelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -467,6 +485,33 @@ class Admin:
             '/kvmesh.v1.Admin/Drain',
             kvmesh_dot_v1_dot_router__pb2.DrainRequest.SerializeToString,
             kvmesh_dot_v1_dot_router__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLogLevel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.v1.Admin/SetLogLevel',
+            kvmesh_dot_v1_dot_router__pb2.SetLogLevelRequest.SerializeToString,
+            kvmesh_dot_v1_dot_router__pb2.SetLogLevelResponse.FromString,
             options,
             channel_credentials,
             insecure,

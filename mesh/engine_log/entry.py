@@ -5,6 +5,11 @@ event batch of the engine, usually). The owner validates before it writes
 (:func:`checked_entry`), so a replica that cannot decode an entry is looking
 at corruption or a foreign writer: it skips that entry and keeps the rest of
 the log usable (:func:`decode_or_skip`).
+
+Every op names its cache tier (``KvOp.tier``, last in the op's array and
+the GPU when absent), so entries written before tiers decode unchanged and
+a node that predates tiers reads this log's ops as GPU ops (see
+``blocks.delta``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import msgspec
 import structlog
 
 from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp
+from blocks.tiers import TIERS
 from blocks.workers import engine_of
 from mesh.engine_log.epoch import Epoch
 
@@ -61,6 +67,8 @@ def validate_delta(engine_id: str, d: KvDelta) -> None:
     for op in d.ops:
         if op.kind not in (OP_STORE, OP_REMOVE, OP_CLEAR):
             raise LogError(f"unknown op kind {op.kind!r} for worker {d.worker!r}")
+        if op.tier not in TIERS:
+            raise LogError(f"unknown cache tier {op.tier!r} for worker {d.worker!r}")
         if op.ehashes:
             if op.kind == OP_CLEAR:
                 raise LogError(f"CLEAR with engine hashes for worker {d.worker!r}")
@@ -85,7 +93,7 @@ def _plain(deltas: list[KvDelta]) -> bool:
         if d.ops.__class__ is not list:
             return False
         for op in d.ops:
-            if op.__class__ is not KvOp or op.kind.__class__ is not int:
+            if op.__class__ is not KvOp or op.kind.__class__ is not int or op.tier.__class__ is not int:
                 return False
             hs, ehs = op.hashes, op.ehashes
             if hs.__class__ is not list or ehs.__class__ is not list:

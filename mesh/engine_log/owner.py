@@ -26,12 +26,18 @@ from dataclasses import dataclass, field
 import pycrdt
 import structlog
 
-from blocks.block_map import BlockMap
-from blocks.delta import EngineHash, KvDelta
+from blocks.block_map import BlockMap, MappedBlock
+from blocks.delta import KvDelta
 from mesh.engine_log.entry import LogError, NotOwnerError, checked_entry, encode_entry
 from mesh.engine_log.epoch import CLIENT_ID_BITS, Epoch, EpochDoc
 from mesh.engine_log.replica import EngineLogReplica
-from mesh.engine_log.snapshot import HASH_BYTES, SNAPSHOT_WORKER_BYTES, LiveMaps, snapshot_deltas
+from mesh.engine_log.snapshot import (
+    HASH_BYTES,
+    SNAPSHOT_TIER_BYTES,
+    SNAPSHOT_WORKER_BYTES,
+    LiveMaps,
+    snapshot_deltas,
+)
 
 __all__ = ["CompactionPolicy", "EngineLogOwner"]
 
@@ -60,7 +66,7 @@ class EngineLogOwner:
     policy: CompactionPolicy = field(default_factory=CompactionPolicy)
     live: LiveMaps = field(default_factory=dict)
     log_bytes: int = 0
-    engine_blocks: int = 0  # mapped engine blocks (snapshot pairs), all workers
+    engine_blocks: int = 0  # mapped engine blocks (snapshot pairs), all workers and tiers
     ehash_bytes: int = 0  # encoded size of their non-identity engine hashes
     _length: int = 0  # entries in the current document
     _updates: list[bytes] = field(default_factory=list)
@@ -83,10 +89,17 @@ class EngineLogOwner:
     def snapshot_bytes(self) -> int:
         """What a snapshot of the live mapping would take (upper bound for
         64-bit router hashes)."""
-        return HASH_BYTES * self.engine_blocks + self.ehash_bytes + SNAPSHOT_WORKER_BYTES * len(self.live)
+        lower = sum(len(m.lower) for m in self.live.values() if m.lower)
+        return (
+            HASH_BYTES * self.engine_blocks
+            + self.ehash_bytes
+            + SNAPSHOT_WORKER_BYTES * len(self.live)
+            + SNAPSHOT_TIER_BYTES * lower
+        )
 
-    def mappings(self) -> dict[str, list[tuple[EngineHash, int]]]:
-        """Per worker, the (engine hash, router hash) pairs (``BlockMapper.restore``)."""
+    def mappings(self) -> dict[str, list[MappedBlock]]:
+        """Per worker, its mapped blocks, every tier (``BlockMap.pairs``, for
+        ``BlockMapper.restore``)."""
         return {w: m.pairs() for w, m in self.live.items()}
 
     def start_epoch(self, epoch: Epoch, live: LiveMaps, seqs: dict[str, int]) -> bytes:
@@ -144,10 +157,10 @@ class EngineLogOwner:
             m = live.get(d.worker)
             if m is None:
                 m = live[d.worker] = BlockMap(refs=False)
-            n_eng, n_eb = len(m.to_router), m.ebytes
+            n_eng, n_eb = len(m), m.ebytes
             for op in d.ops:
                 m.apply(op)
-            self.engine_blocks += len(m.to_router) - n_eng
+            self.engine_blocks += len(m) - n_eng
             self.ehash_bytes += m.ebytes - n_eb
             self.replica.note(d)
         upd = self._updates

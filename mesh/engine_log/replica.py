@@ -29,7 +29,7 @@ import structlog
 from blocks.delta import OP_CLEAR, KvDelta, KvOp
 from mesh.engine_log.entry import LogError, decode_or_skip
 from mesh.engine_log.epoch import Epoch, EpochDoc
-from mesh.engine_log.snapshot import LiveMaps, apply_delta, live_sets
+from mesh.engine_log.snapshot import LiveMaps, apply_delta, live_sets, live_sets_by_tier
 
 __all__ = ["EngineLogReplica"]
 
@@ -208,8 +208,13 @@ class EngineLogReplica:
         return live
 
     def materialise(self) -> dict[str, set[int]]:
-        """The live router hashes per worker: what this log says the engine holds."""
+        """The live router hashes per worker: what this log says the engine
+        holds on its GPUs."""
         return live_sets(self.materialise_maps())
+
+    def materialise_tiers(self) -> dict[str, dict[int, set[int]]]:
+        """Per worker, tier -> the live router hashes this log says it holds there."""
+        return live_sets_by_tier(self.materialise_maps())
 
     def resume_seqs(self) -> dict[str, int]:
         """Per worker, the first engine sequence number not yet in the log."""

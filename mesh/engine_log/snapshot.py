@@ -9,8 +9,9 @@ blocks stored before a handover would leave stale index entries and stores
 chained to them would be skipped.
 
 Entry 0 of every epoch is a snapshot: per worker ``KvDelta(worker, last_seq,
-[CLEAR, STORE(all live pairs)])``. The maps kept for snapshots have no
-refcounts (a log's state is the mapping alone).
+[CLEAR, STORE(all live pairs)...])``, a STORE per cache tier with live
+blocks. The maps kept for snapshots have no refcounts (a log's state is the
+mapping alone).
 """
 
 from __future__ import annotations
@@ -20,17 +21,21 @@ from blocks.delta import OP_CLEAR, KvDelta, KvOp
 
 __all__ = [
     "HASH_BYTES",
+    "SNAPSHOT_TIER_BYTES",
     "SNAPSHOT_WORKER_BYTES",
     "LiveMaps",
     "apply_delta",
     "live_sets",
+    "live_sets_by_tier",
     "snapshot_deltas",
 ]
 
-# Upper bound of a 64-bit hash in msgpack (uint64: tag + 8 bytes), and of the
-# per-worker framing of a snapshot delta (worker id, seq, three ops).
+# Upper bound of a 64-bit hash in msgpack (uint64: tag + 8 bytes), of the
+# per-worker framing of a snapshot delta (worker id, seq, three ops), and of
+# the two ops of each further cache tier it holds blocks on.
 HASH_BYTES = 9
 SNAPSHOT_WORKER_BYTES = 48
+SNAPSHOT_TIER_BYTES = 24
 
 LiveMaps = dict[str, BlockMap]  # worker -> its live mapping
 
@@ -49,8 +54,13 @@ def apply_delta(live: LiveMaps, d: KvDelta) -> BlockMap:
 
 
 def live_sets(live: LiveMaps) -> dict[str, set[int]]:
-    """The router's view: per worker, the live router hashes."""
+    """The router's view: per worker, the live router hashes on the GPU."""
     return {w: m.live() for w, m in live.items()}
+
+
+def live_sets_by_tier(live: LiveMaps) -> dict[str, dict[int, set[int]]]:
+    """Per worker, tier -> its live router hashes (tiers with live blocks)."""
+    return {w: m.live_by_tier() for w, m in live.items()}
 
 
 def snapshot_deltas(live: LiveMaps, seqs: dict[str, int]) -> list[KvDelta]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from typing import Any
@@ -137,6 +136,8 @@ def _engine_spec(engine_id: str, host: str) -> str:
 def test_router_container_routes_generate_from_host(kvmesh_image: str, docker_scope: DockerScope) -> None:
     import grpc
 
+    from kvmesh.client import ONE_NODE
+    from kvmesh.client import channel as client_channel
     from kvmesh_pb.v1 import router_pb2 as pb
     from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
@@ -166,7 +167,7 @@ def test_router_container_routes_generate_from_host(kvmesh_image: str, docker_sc
     port = docker_scope.host_port(router, "50051/tcp")
 
     prompt = pb.Prompt(token_ids=pb.TokenIds(ids=list(range(2000, 2064))))  # 4 full blocks
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with client_channel(f"127.0.0.1:{port}", tls=False, config=ONE_NODE) as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
         router_stub = pb_grpc.RouterStub(channel)
         admin = pb_grpc.AdminStub(channel)
@@ -207,12 +208,6 @@ def test_router_container_routes_generate_from_host(kvmesh_image: str, docker_sc
         assert len(tokens2) == 8 and fin2.cached_prompt_tokens >= 3 * BLOCK
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _compose_cmd() -> list[str]:
     if shutil.which("docker-compose"):
         return ["docker-compose"]
@@ -228,15 +223,16 @@ def test_compose_deployment_every_router_sees_every_engine_cache(
     kvmesh_image: str, docker_client: Any
 ) -> None:
     """deploy/docker-compose.yml as shipped: 3 routers that form one mesh through a
-    shared DNS name, 4 engines registered on router-1 only; any router serves any client."""
-    import grpc
+    shared DNS name (one scaled service), 4 engines registered by the same flags on
+    each; any router serves any client."""
 
+    from kvmesh.client import ONE_NODE
+    from kvmesh.client import channel as client_channel
     from kvmesh_pb.v1 import router_pb2 as pb
     from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
     project = f"kvmesht{SESSION_ID}"
-    ports = [_free_loopback_port() for _ in range(3)]
-    env = {**os.environ, **{f"KVMESH_ROUTER{i + 1}_PORT": str(p) for i, p in enumerate(ports)}}
+    env = {k: v for k, v in os.environ.items() if k != "KVMESH_ROUTER_PORTS"}  # ports Docker picks
     compose = [*_compose_cmd(), "-p", project, "-f", str(REPO / "deploy" / "docker-compose.yml")]
 
     def sh(*args: str, timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
@@ -245,18 +241,12 @@ def test_compose_deployment_every_router_sees_every_engine_cache(
     try:
         up = sh("up", "-d", "--no-build")
         assert up.returncode == 0, up.stdout + up.stderr
-        routers = {}
-        for i in (1, 2, 3):
-            found = docker_client.containers.list(
-                filters={
-                    "label": [
-                        f"com.docker.compose.project={project}",
-                        f"com.docker.compose.service=router-{i}",
-                    ]
-                }
-            )
-            assert len(found) == 1, f"router-{i}: {found}"
-            routers[i] = found[0]
+        found = docker_client.containers.list(
+            filters={"label": [f"com.docker.compose.project={project}", "com.docker.compose.service=router"]}
+        )
+        assert len(found) == 3, f"router: {found}"
+        routers = sorted(found, key=lambda c: int(c.labels["com.docker.compose.container-number"]))
+        ports: list[int] = []
         engines = [
             c
             for c in docker_client.containers.list(filters={"label": f"com.docker.compose.project={project}"})
@@ -267,22 +257,24 @@ def test_compose_deployment_every_router_sees_every_engine_cache(
         for c in engines:
             c.reload()
             assert not any(c.ports.values()), c.ports
-        for i, c in routers.items():
+        for c in routers:
             DockerScope.wait_ready_static(c, "READY grpc=", timeout_s=90)
             c.reload()
-            assert c.ports["50051/tcp"] == [{"HostIp": "127.0.0.1", "HostPort": str(ports[i - 1])}]
-            # One DNS name for all: every router joins through the alias, only router-1 names engines.
+            [published] = c.ports["50051/tcp"]
+            assert published["HostIp"] == "127.0.0.1", c.ports
+            ports.append(int(published["HostPort"]))
+            # One DNS name for all: every router joins through the alias, each names the engines.
             args = c.attrs["Args"]
-            assert "kvmesh-routers:50051" in args and ("--engine" in args) == (i == 1), args
-        node_ids = {f"router-{i}" for i in routers}
+            assert "kvmesh-routers:50051" in args and "--engine" in args, args
         addrs = {
             f"{c.attrs['NetworkSettings']['Networks'][n]['IPAddress']}:50051"
-            for c in routers.values()
+            for c in routers
             for n in c.attrs["NetworkSettings"]["Networks"]
         }
+        node_ids = addrs  # with no --node-id, a node is known by its advertised address
 
         prompt = pb.Prompt(token_ids=pb.TokenIds(ids=list(range(3000, 3064))))
-        channels = [grpc.insecure_channel(f"127.0.0.1:{p}") for p in ports]
+        channels = [client_channel(f"127.0.0.1:{p}", tls=False, config=ONE_NODE) for p in ports]
         try:
             stubs = [pb_grpc.RouterStub(ch) for ch in channels]
             admins = [pb_grpc.AdminStub(ch) for ch in channels]

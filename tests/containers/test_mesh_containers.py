@@ -23,6 +23,8 @@ import grpc
 import pytest
 import requests
 
+from kvmesh.client import ONE_NODE, channel
+
 # The engine-side digest: XOR of the router block hashes of an engine's real cache.
 from kvmesh.probes import engine_digest
 from kvmesh_pb.v1 import router_pb2 as pb
@@ -81,7 +83,7 @@ class Mesh:
         if cached is None or cached[0] != port:
             if cached is not None:
                 cached[1].close()
-            self._channels[name] = (port, grpc.insecure_channel(f"127.0.0.1:{port}"))
+            self._channels[name] = (port, channel(f"127.0.0.1:{port}", tls=False, config=ONE_NODE))
         return self._channels[name][1]
 
     def admin(self, name: str) -> Any:

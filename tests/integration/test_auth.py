@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvmesh import procs
+from kvmesh.client import ONE_NODE, TlsConfig, aio_channel
 from kvmesh_pb.mesh.v1 import mesh_pb2 as mpb
 from kvmesh_pb.mesh.v1 import mesh_pb2_grpc as mpb_grpc
 from kvmesh_pb.v1 import router_pb2 as pb
@@ -86,7 +87,7 @@ async def test_tokens_guard_the_api_and_admin_needs_an_admin_token(secrets: Path
     flags = ["--auth-token-file", str(secrets / "tokens"), "--mesh-secret-file", str(secrets / "mesh-secret")]
     router = _router("tok-a", [procs.engine_flag("e0", engine)], flags)
     try:
-        async with grpc.aio.insecure_channel(router.info["grpc"]) as ch:
+        async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
             stub, admin = pb_grpc.RouterStub(ch), pb_grpc.AdminStub(ch)
             assert await _generate(stub) == "UNAUTHENTICATED"
             assert await _generate(stub, _tok("not-a-token-at-all-xxxx")) == "UNAUTHENTICATED"
@@ -130,9 +131,11 @@ async def test_an_intruder_without_the_mesh_secret_can_neither_join_nor_write(se
     wrong_secret = ["--mesh-secret-file", str(secrets / "other-secret"), *tokens]
     cmd = [str(REPO / ".venv" / "bin" / "kvmesh"), "router", "--listen", f"127.0.0.1:{procs.free_port()}"]
     cmd += ["--node-id", "sec-wrong", *FAST_MESH, *wrong_secret, "--join", a.info["mesh"]]
-    wrong = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wrong_log = secrets / "wrong.log"
+    with wrong_log.open("w") as out:
+        wrong = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
-        async with grpc.aio.insecure_channel(a.info["grpc"]) as ch:
+        async with aio_channel(a.info["grpc"], tls=False, config=ONE_NODE) as ch:
             admin = pb_grpc.AdminStub(ch)
             deadline = time.monotonic() + 10
             names: set[str] = set()
@@ -156,6 +159,13 @@ async def test_an_intruder_without_the_mesh_secret_can_neither_join_nor_write(se
             await asyncio.sleep(0.3)
             listed = await admin.ListEngines(pb.ListEnginesRequest(), metadata=_tok(ADMIN_TOKEN))
             assert [e.spec.engine_id for e in listed.engines] == ["e0"]
+        # The refused node says why in its own log (not only the seed in its).
+        refused: list[str] = []
+        deadline = time.monotonic() + 30  # it may still be starting on a busy machine
+        while not refused and time.monotonic() < deadline and wrong.poll() is None:
+            await asyncio.sleep(0.2)
+            refused = [ln for ln in wrong_log.read_text().splitlines() if "transport.refused_by_peer" in ln]
+        assert refused and "UNAUTHENTICATED" in refused[0], wrong_log.read_text()[-2000:]
     finally:
         wrong.kill()
         wrong.wait(10)
@@ -177,8 +187,9 @@ async def test_mutual_tls_between_nodes_and_tls_for_clients(secrets: Path, engin
     a = _router("tls-a", [procs.engine_flag("e0", engine)], flags("tls-a"))
     b = _router("tls-b", [], [*flags("tls-b"), "--join", a.info["mesh"]])
     try:
-        creds = grpc.ssl_channel_credentials(root_certificates=(pki / "ca.pem").read_bytes())
-        async with grpc.aio.secure_channel(b.info["grpc"].replace("127.0.0.1", "localhost"), creds) as ch:
+        tls = TlsConfig(ca_file=str(pki / "ca.pem"))
+        public = b.info["grpc"].replace("127.0.0.1", "localhost")  # the name in the certificate
+        async with aio_channel(public, tls=tls, config=ONE_NODE) as ch:
             admin = pb_grpc.AdminStub(ch)
             deadline = time.monotonic() + 10
             engines: list[str] = []
@@ -189,7 +200,7 @@ async def test_mutual_tls_between_nodes_and_tls_for_clients(secrets: Path, engin
                 await asyncio.sleep(0.1)
             assert engines == ["e0"]  # the registry crossed the mutual-TLS mesh
             assert await _generate(pb_grpc.RouterStub(ch)) == "OK"
-        async with grpc.aio.insecure_channel(b.info["grpc"]) as plain:  # no TLS: refused
+        async with aio_channel(b.info["grpc"], tls=False, config=ONE_NODE) as plain:  # no TLS: refused
             assert (
                 await _code(pb_grpc.AdminStub(plain).GetStats(pb.GetStatsRequest(), timeout=3))
                 == "UNAVAILABLE"

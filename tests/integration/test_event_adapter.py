@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+import structlog
 import zmq
 
 from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, EngineHash, KvDelta
@@ -156,6 +157,7 @@ def free_consecutive_ports(n: int) -> int:
 
 def make_adapter(pub: ZmqEventPublisher, sink, **kw) -> EventAdapter:
     kw.setdefault("config", EventAdapterConfig(replay_timeout=0.5, replay_retries=2))
+    kw.setdefault("block_size", BS)
     return EventAdapter("eng-a", MODEL, pub.endpoint, pub.replay_endpoint, topic="kv", sink=sink, **kw)
 
 
@@ -344,6 +346,7 @@ async def test_data_parallel_ranks_are_separate_workers() -> None:
         data_parallel_size=2,
         sink=sink,
         config=EventAdapterConfig(replay_timeout=0.5),
+        block_size=BS,
     )
     await ad.start()
     try:
@@ -374,7 +377,7 @@ async def test_malformed_input_is_counted_and_the_adapter_keeps_going() -> None:
     ep = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
     eng = ToyEngine(3)
     sink = DictSink()
-    ad = EventAdapter("raw", MODEL, ep, None, topic="kv", sink=sink)
+    ad = EventAdapter("raw", MODEL, ep, None, topic="kv", sink=sink, block_size=BS)
     await ad.start()
     try:
         await ad.wait_ready(5)
@@ -450,7 +453,14 @@ async def test_engine_restart_resets_the_worker() -> None:
     sink = DictSink()
     pub = ZmqEventPublisher(ep, rep, topic="kv", bind=True)
     ad = EventAdapter(
-        "eng-r", MODEL, ep, rep, topic="kv", sink=sink, config=EventAdapterConfig(replay_timeout=0.5)
+        "eng-r",
+        MODEL,
+        ep,
+        rep,
+        topic="kv",
+        sink=sink,
+        config=EventAdapterConfig(replay_timeout=0.5),
+        block_size=BS,
     )
     await ad.start()
     try:
@@ -569,3 +579,65 @@ async def test_mesh_handover_gives_the_new_owner_the_mapping() -> None:
             assert ad_b.stats()["resets"] == 0
         finally:
             await ad_b.stop()
+
+
+# --- block size and cache tiers --------------------------------------------------
+
+
+async def test_a_block_size_mismatch_is_refused_logged_once_and_reported() -> None:
+    eng = ToyEngine(11)
+    with structlog.testing.capture_logs() as logs, ZmqEventPublisher(LOOP, LOOP, topic="kv") as pub:
+        sink = DictSink()
+        ad = make_adapter(pub, sink, block_size=16)  # the engine sends blocks of BS = 4
+        await ad.start()
+        try:
+            await ad.wait_ready(5)
+            for _ in range(3):
+                pub.publish(batch(eng.store(eng.prompt())))
+            await wait_until(applied_up_to(ad, 2))
+            assert sink.state.get("eng-a", set()) == set()  # never silent zeros: nothing indexed ...
+            st = ad.stats()
+            assert st["block_size_mismatch"] == BS and st["skipped_by_reason"] == {"block_size_mismatch": 3}
+            assert st["events_refused"] == (
+                "block size mismatch: the engine's KV events carry blocks of 4 tokens, "
+                "it is registered with block_size 16"
+            )
+        finally:
+            await ad.stop()
+    mismatch = [e for e in logs if e["event"] == "adapter.block_size_mismatch"]
+    assert len(mismatch) == 1  # ... and said once, with the fix
+    (line,) = mismatch
+    assert line["log_level"] == "warning" and line["engine"] == "eng-a"
+    assert line["registered_block_size"] == 16 and line["event_block_size"] == BS
+    assert "--page-size 16" in line["fix"] and "--block-size 16" in line["fix"]
+    assert not [e for e in logs if e["event"] == "adapter.event_skipped" and e["log_level"] == "warning"]
+
+
+async def test_the_host_tier_of_a_simulated_engine_is_indexed_tier_by_tier() -> None:
+    from blocks.tiers import TIER_GPU, TIER_HOST
+    from engine_adapters.completion_request import Tenancy
+    from engine_adapters.sim_engine.cache import PrefixCache, snapshot_router_hashes
+
+    cache = PrefixCache(6, BS, num_host_blocks=8)
+    index = PrefixIndex()
+    rng = random.Random(4)
+    with ZmqEventPublisher(LOOP, LOOP, topic="kv") as pub:
+        ad = make_adapter(pub, index.apply)
+        await ad.start()
+        try:
+            await ad.wait_ready(5)
+            for i in range(12):
+                prompt = [rng.randrange(3) for _ in range(3 * BS)] + [9]  # a tiny alphabet: shared prefixes
+                cache.allocate(f"r{i}", prompt, tenancy=Tenancy())
+                cache.commit_full_blocks(f"r{i}", prompt)
+                cache.release(f"r{i}")
+                pub.publish(batch(*cache.drain_events()))
+            await wait_until(applied_up_to(ad, 11))
+        finally:
+            await ad.stop()
+    gpu_rows = cache.snapshot()
+    rows = gpu_rows + [r for r in cache.host_snapshot() if r["hash"] not in cache.cached_hashes()]
+    assert cache.host_hashes(), "the pool never evicted: the test proves nothing"
+    assert index.worker_hashes("eng-a", TIER_GPU) == snapshot_router_hashes(gpu_rows, MODEL)
+    host = snapshot_router_hashes(rows, MODEL, of=cache.host_hashes())
+    assert index.worker_hashes("eng-a", TIER_HOST) == host

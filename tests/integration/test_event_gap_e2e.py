@@ -14,11 +14,13 @@ import pytest
 
 from engine_adapters.event_adapter import EventAdapter, EventAdapterConfig
 from engine_adapters.sim_engine.cache import snapshot_router_hashes
+from engine_adapters.sim_engine.config import DEFAULTS
 from kvmesh import procs
 from router.index import PrefixIndex
 
 pytestmark = pytest.mark.slow
 MODEL = "sim-model"
+BS = DEFAULTS.block_size  # the engines are started with their default block size
 
 
 async def _complete(http: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int = 20) -> None:
@@ -50,7 +52,7 @@ async def test_dropped_batches_are_replayed_and_index_matches_engine_cache():
     eng = procs.start_sim_engine("gap-engine", ["--num-gpu-blocks", "120", "--seed", "3"])
     index = PrefixIndex()
     adapter = EventAdapter(
-        "e0", MODEL, eng.info["kv_endpoint"], eng.info["replay_endpoint"], sink=index.apply
+        "e0", MODEL, eng.info["kv_endpoint"], eng.info["replay_endpoint"], sink=index.apply, block_size=BS
     )
     rng = random.Random(5)
     shared = [rng.randrange(256, 32000) for _ in range(320)]
@@ -103,7 +105,13 @@ async def test_lost_last_batches_of_a_quiet_engine_are_probed_in() -> None:
     index = PrefixIndex()
     cfg = EventAdapterConfig()
     adapter = EventAdapter(
-        "e0", MODEL, eng.info["kv_endpoint"], eng.info["replay_endpoint"], sink=index.apply, config=cfg
+        "e0",
+        MODEL,
+        eng.info["kv_endpoint"],
+        eng.info["replay_endpoint"],
+        sink=index.apply,
+        config=cfg,
+        block_size=BS,
     )
     rng = random.Random(6)
     bound = cfg.replay_probe_after + cfg.replay_timeout + 1.0

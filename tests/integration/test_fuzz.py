@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmesh import procs
+from kvmesh.client import ONE_NODE, channel
 from kvmesh_pb.mesh.v1 import mesh_pb2 as mpb
 from kvmesh_pb.mesh.v1 import mesh_pb2_grpc as mpb_grpc
 from kvmesh_pb.v1 import router_pb2 as pb
@@ -107,7 +108,7 @@ generate_requests = st.builds(
 @FUZZ
 @given(req=generate_requests, dry_run=st.booleans())
 def test_random_router_calls_end_with_a_clear_status_and_change_nothing(live: str, req, dry_run) -> None:
-    with grpc.insecure_channel(live) as ch:
+    with channel(live, tls=False, config=ONE_NODE) as ch:
         stub, admin = pb_grpc.RouterStub(ch), pb_grpc.AdminStub(ch)
         before = [e.spec for e in admin.ListEngines(pb.ListEnginesRequest()).engines]
         assert _code(stub.Generate, req, timeout=10) in FINE
@@ -136,7 +137,7 @@ specs = st.builds(
 @FUZZ
 @given(spec=specs, victim=text)
 def test_random_admin_calls_are_refused_cleanly_or_applied_exactly(live: str, spec, victim) -> None:
-    with grpc.insecure_channel(live) as ch:
+    with channel(live, tls=False, config=ONE_NODE) as ch:
         admin = pb_grpc.AdminStub(ch)
         before = {e.spec.engine_id for e in admin.ListEngines(pb.ListEnginesRequest()).engines}
         code = _code(admin.RegisterEngine, pb.RegisterEngineRequest(spec=spec), timeout=10)
@@ -157,7 +158,7 @@ def test_random_admin_calls_are_refused_cleanly_or_applied_exactly(live: str, sp
 @FUZZ
 @given(raw=st.binary(max_size=2048))
 def test_random_bytes_on_the_mesh_port_are_rejected(live: str, raw: bytes) -> None:
-    with grpc.insecure_channel(live) as ch:
+    with channel(live, tls=False, config=ONE_NODE) as ch:
         deliver = ch.unary_unary("/kvmesh.mesh.v1.Mesh/Deliver", request_serializer=lambda b: b,
                                  response_deserializer=mpb.DeliverReply.FromString)  # fmt: skip
         try:
@@ -221,6 +222,6 @@ def test_random_mesh_messages_never_crash_the_core_and_bad_ones_change_nothing(e
 
 def test_mesh_envelopes_round_trip_through_the_real_service(live: str) -> None:
     """The fuzzed bytes above reach Deliver: a well-formed empty batch is accepted."""
-    with grpc.insecure_channel(live) as ch:
+    with channel(live, tls=False, config=ONE_NODE) as ch:
         reply = mpb_grpc.MeshStub(ch).Deliver(mpb.Batch(), timeout=10)
         assert (reply.accepted, reply.rejected) == (0, 0)

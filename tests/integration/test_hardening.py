@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import signal
 import time
 
@@ -14,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from kvmesh import procs
+from kvmesh.client import ONE_NODE, aio_channel
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
@@ -72,7 +74,7 @@ async def test_client_mistakes_get_their_status_and_never_open_a_breaker(engines
     router = _router([procs.engine_flag(f"e{i}", p) for i, p in enumerate(engines)])
     try:
         await asyncio.sleep(1.0)  # a health round: the router learns max_model_len
-        async with grpc.aio.insecure_channel(router.info["grpc"]) as ch:
+        async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
             stub = pb_grpc.RouterStub(ch)
             for _ in range(4):  # more than the breaker's threshold, on both engines
                 code, reason, details, _ = await _call(stub, _req(_tokens(1, 100), max_tokens=10_000_000))
@@ -149,7 +151,7 @@ async def test_an_engine_that_stalls_or_dies_mid_stream_ends_the_call_with_a_sta
     await fake.start()
     router = _router([f"id=fake,url={fake.url}"], ["--stream-idle-timeout", "1"])
     try:
-        async with grpc.aio.insecure_channel(router.info["grpc"]) as ch:
+        async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
             stub = pb_grpc.RouterStub(ch)
             t0 = time.monotonic()
             got = await _call(stub, _req(_tokens(1, 40), max_tokens=50), timeout=20)
@@ -160,6 +162,7 @@ async def test_an_engine_that_stalls_or_dies_mid_stream_ends_the_call_with_a_sta
             assert _tokens_of(out) == 3
             finished = out[-1].finished
             assert finished.finish_reason == "error" and finished.error
+            assert finished.completion_tokens == 3  # what the client got before the end
             stats = await pb_grpc.AdminStub(ch).GetStats(pb.GetStatsRequest())
             assert stats.in_flight == 0
     finally:
@@ -167,11 +170,40 @@ async def test_an_engine_that_stalls_or_dies_mid_stream_ends_the_call_with_a_sta
         await fake.stop()
 
 
+async def test_a_client_deadline_is_counted_as_a_deadline_with_the_request_id():
+    # gRPC cancels the handler when the client's deadline passes, as when the
+    # client cancels: the node must count (and log) the first as
+    # DEADLINE_EXCEEDED, never as the client's cancellation.
+    fake = _FakeEngine("stall")
+    await fake.start()
+    router = _router([f"id=fake,url={fake.url}"], ["--stream-idle-timeout", "30"])
+    try:
+        async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
+            stub = pb_grpc.RouterStub(ch)
+            got = await _call(stub, _req(_tokens(2, 40), max_tokens=50), timeout=1.5)
+            assert got[0] == "DEADLINE_EXCEEDED"
+            stats = None
+            for _ in range(50):  # the handler's cancellation lands just after the client's deadline
+                stats = await pb_grpc.AdminStub(ch).GetStats(pb.GetStatsRequest())
+                if stats.outcomes.get("DEADLINE_EXCEEDED:deadline"):
+                    break
+                await asyncio.sleep(0.1)
+            assert stats is not None
+            assert dict(stats.outcomes).get("DEADLINE_EXCEEDED:deadline") == 1, dict(stats.outcomes)
+            assert "CANCELLED:client" not in stats.outcomes
+    finally:
+        router.stop()
+        await fake.stop()
+    # The ended line names the node's request id (the client sent none).
+    ended = [line for line in router.output if "router.request_ended" in line]
+    assert ended and re.search(r"request_id=[0-9a-f]{32}\b", ended[-1]), ended
+
+
 async def test_sigterm_drains_a_long_stream_to_its_last_token(engines):
     router = _router([procs.engine_flag(f"e{i}", p) for i, p in enumerate(engines)])
     stopped = False
     try:
-        async with grpc.aio.insecure_channel(router.info["grpc"]) as ch:
+        async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
             stub = pb_grpc.RouterStub(ch)
             long = asyncio.create_task(_call(stub, _req(_tokens(5, 100), max_tokens=400), timeout=60))
             await asyncio.sleep(1.0)  # streaming by now (400 tokens take seconds)
@@ -193,13 +225,32 @@ async def test_sigterm_drains_a_long_stream_to_its_last_token(engines):
             router.stop()
 
 
+async def test_a_stream_longer_than_the_drain_timeout_ends_with_a_reason(engines):
+    router = _router([procs.engine_flag(f"e{i}", p) for i, p in enumerate(engines)], ["--drain-timeout", "1"])
+    try:
+        async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
+            stub = pb_grpc.RouterStub(ch)
+            long = asyncio.create_task(_call(stub, _req(_tokens(7, 100), max_tokens=2000), timeout=60))
+            await asyncio.sleep(1.0)  # streaming by now; 2000 tokens take far longer than the drain
+            assert not long.done()
+            router.popen.send_signal(signal.SIGTERM)
+            code, reason, details, out = await long
+            assert (code, reason) == ("UNAVAILABLE", "draining"), details
+            assert "stopped before this stream ended" in details
+            assert 0 < _tokens_of(out) < 2000
+            router.popen.wait(30)
+            assert router.popen.returncode == 0
+    finally:
+        router.stop()
+
+
 async def test_past_its_bound_a_node_sheds_at_once(engines):
     router = _router(
         [procs.engine_flag(f"e{i}", p) for i, p in enumerate(engines)],
         ["--max-in-flight", "2", "--max-queue", "0"],
     )
     try:
-        async with grpc.aio.insecure_channel(router.info["grpc"]) as ch:
+        async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
             stub = pb_grpc.RouterStub(ch)
             busy = [
                 asyncio.create_task(_call(stub, _req(_tokens(20 + i, 50), max_tokens=300))) for i in range(2)
@@ -221,7 +272,7 @@ async def test_an_oversized_request_is_refused_by_the_public_port(engines):
         [procs.engine_flag("e0", engines[0])], ["--mesh-listen", mesh, "--max-request-bytes", "100000"]
     )
     try:
-        async with grpc.aio.insecure_channel(router.info["grpc"]) as ch:
+        async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
             stub = pb_grpc.RouterStub(ch)
             code, _, details, _ = await _call(stub, _req(_tokens(40, 60_000)))
             assert code == "RESOURCE_EXHAUSTED" and "larger than max" in details, details

@@ -8,10 +8,10 @@ import random
 import time
 
 import aiohttp
-import grpc
 import pytest
 
 from kvmesh import procs
+from kvmesh.client import ONE_NODE, aio_channel
 from kvmesh.loadgen import generate_once
 from kvmesh.probes import engine_digest
 from kvmesh_pb.v1 import router_pb2 as pb
@@ -30,7 +30,7 @@ def _tokens(seed: int, n: int) -> list[int]:
 
 
 async def _digest(addr: str, engine_id: str) -> tuple[int, int]:
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with aio_channel(addr, tls=False, config=ONE_NODE) as ch:
         d = await pb_grpc.AdminStub(ch).GetIndexDigest(pb.GetIndexDigestRequest(engine_id=engine_id))
     w = d.workers[0]
     return w.blocks, w.xor_hashes
@@ -42,7 +42,7 @@ async def _engine_digest(url: str) -> tuple[int, int]:
 
 
 async def _engines(addr: str) -> dict[str, pb.EngineStatus]:
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with aio_channel(addr, tls=False, config=ONE_NODE) as ch:
         resp = await pb_grpc.AdminStub(ch).ListEngines(pb.ListEnginesRequest())
     return {e.spec.engine_id: e for e in resp.engines}
 
@@ -74,7 +74,7 @@ def cluster():
 
 
 async def _all_alive(addr: str, n: int = 3) -> bool:
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with aio_channel(addr, tls=False, config=ONE_NODE) as ch:
         resp = await pb_grpc.AdminStub(ch).ListMembers(pb.ListMembersRequest())
     return sum(m.state == "alive" for m in resp.members) == n
 
@@ -88,7 +88,10 @@ async def test_continuation_on_another_node_lands_on_the_same_engine(cluster):
         assert set(engs) == {"e0", "e1", "e2", "e3"}
         await _eventually(lambda n=n: _all_alive(n.info["grpc"]), 10, "3 live members")
     prefix = _tokens(1, 1600)  # 100 blocks
-    async with grpc.aio.insecure_channel(a) as ch_a, grpc.aio.insecure_channel(c) as ch_c:
+    async with (
+        aio_channel(a, tls=False, config=ONE_NODE) as ch_a,
+        aio_channel(c, tls=False, config=ONE_NODE) as ch_c,
+    ):
         first, answer = await generate_once(pb_grpc.RouterStub(ch_a), prefix + _tokens(2, 40), 8)
         assert first.ok, first.error
         eid = first.engine_id
@@ -167,7 +170,7 @@ async def test_a_joining_node_routes_correctly_once_ready(cluster):
     engines, nodes = cluster
     a = nodes[0].info["grpc"]
     prefix = _tokens(7, 960)
-    async with grpc.aio.insecure_channel(a) as ch:
+    async with aio_channel(a, tls=False, config=ONE_NODE) as ch:
         first, _ = await generate_once(pb_grpc.RouterStub(ch), prefix + _tokens(8, 20), 4)
     assert first.ok
     url = engines[int(first.engine_id[1])].info["url"]
@@ -175,7 +178,7 @@ async def test_a_joining_node_routes_correctly_once_ready(cluster):
     d = procs.start_router("node-d", [], [*FAST_MESH, "--join", nodes[1].info["grpc"]])
     try:
         # READY is printed only after the full state arrived: route at once.
-        async with grpc.aio.insecure_channel(d.info["grpc"]) as ch:
+        async with aio_channel(d.info["grpc"], tls=False, config=ONE_NODE) as ch:
             route = await pb_grpc.RouterStub(ch).Route(
                 pb.RouteRequest(
                     prompt=pb.Prompt(token_ids=pb.TokenIds(ids=prefix + _tokens(9, 30))), dry_run=True

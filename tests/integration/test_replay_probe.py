@@ -17,7 +17,7 @@ from engine_adapters.event_adapter import EventAdapter, EventAdapterConfig
 from engine_adapters.kv_events import END_SEQ, AllBlocksCleared, encode_seq
 from engine_adapters.sim_engine.publisher import ZmqEventPublisher
 from router.index import PrefixIndex
-from tests.integration.test_event_adapter import LOOP, MODEL, ToyEngine, batch, wait_until
+from tests.integration.test_event_adapter import BS, LOOP, MODEL, ToyEngine, batch, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,7 +26,7 @@ CFG = EventAdapterConfig(replay_timeout=0.5, replay_retries=2, replay_probe_afte
 
 
 def adapter(kv: str, replay: str | None, index: PrefixIndex, cfg: EventAdapterConfig = CFG) -> EventAdapter:
-    return EventAdapter("eng-a", MODEL, kv, replay, topic="kv", sink=index.apply, config=cfg)
+    return EventAdapter("eng-a", MODEL, kv, replay, topic="kv", sink=index.apply, config=cfg, block_size=BS)
 
 
 async def _warm(pub: ZmqEventPublisher, ad: EventAdapter, eng: ToyEngine, n: int = 5) -> None:

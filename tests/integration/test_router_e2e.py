@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kvmesh import procs
+from kvmesh.client import ONE_NODE, aio_channel
 from kvmesh.loadgen import generate_once
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
@@ -41,7 +42,7 @@ def _tokens(seed: int, n: int) -> list[int]:
 
 
 async def _wait_index(addr: str, min_entries: int, timeout: float = 5.0) -> None:
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with aio_channel(addr, tls=False, config=ONE_NODE) as ch:
         admin = pb_grpc.AdminStub(ch)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -66,7 +67,7 @@ async def test_shared_prefix_lands_on_same_engine_with_cached_tokens(engines):
     try:
         addr = router.info["grpc"]
         prefix = _tokens(1, 800)  # 50 blocks
-        async with grpc.aio.insecure_channel(addr) as ch:
+        async with aio_channel(addr, tls=False, config=ONE_NODE) as ch:
             stub = pb_grpc.RouterStub(ch)
             first, answer = await generate_once(stub, prefix + _tokens(2, 40), 8)
             assert first.ok, first.error
@@ -95,7 +96,7 @@ async def test_round_robin_alternates(engines):
     router = _router(engines, "round_robin")
     try:
         prefix = _tokens(5, 640)
-        async with grpc.aio.insecure_channel(router.info["grpc"]) as ch:
+        async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
             stub = pb_grpc.RouterStub(ch)
             seen = []
             for i in range(4):
@@ -111,7 +112,7 @@ async def test_text_prompt_health_reflection_admin_and_bad_input(engines):
     router = _router(engines, "precise")
     try:
         addr = router.info["grpc"]
-        async with grpc.aio.insecure_channel(addr) as ch:
+        async with aio_channel(addr, tls=False, config=ONE_NODE) as ch:
             health = health_pb2_grpc.HealthStub(ch)
             resp = await health.Check(health_pb2.HealthCheckRequest(service="kvmesh.v1.Router"))
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
@@ -181,7 +182,7 @@ async def test_killing_the_chosen_engine_fails_over():
     router = _router(ps, "precise", ["--max-attempts", "3"])
     try:
         prefix = _tokens(21, 480)
-        async with grpc.aio.insecure_channel(router.info["grpc"]) as ch:
+        async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
             stub = pb_grpc.RouterStub(ch)
             first, _ = await generate_once(stub, prefix + _tokens(22, 10), 4)
             assert first.ok

@@ -12,10 +12,10 @@ import time
 from typing import Any
 
 import aiohttp
-import grpc
 import pytest
 
 from kvmesh import procs
+from kvmesh.client import ONE_NODE, aio_channel
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 
@@ -80,7 +80,7 @@ async def test_tenants_and_adapters_never_share_cached_blocks() -> None:
         prefix = _tokens(1, PROMPT_BLOCKS * BS)
         prompt = prefix + _tokens(2, 10)
         full = PROMPT_BLOCKS * BS
-        async with grpc.aio.insecure_channel(router.info["grpc"]) as ch:
+        async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
             stub, admin = pb_grpc.RouterStub(ch), pb_grpc.AdminStub(ch)
 
             first = await _generate(stub, prompt, cache_salt="tenant-a")

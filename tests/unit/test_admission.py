@@ -32,11 +32,35 @@ def test_sheds_when_the_fleet_would_start_a_request_too_late() -> None:
         a.finished(("old", i), i / 10 + 0.06)
     now = 10.0
     assert a.start_rate(now) == pytest.approx(10.0, rel=0.02)
-    # Each unstarted request adds a tenth of a second: about ten fit in one second.
-    verdicts = [a.offer(("new", i), now) for i in range(20)]
+    # A burst the fleet has not yet fallen behind on is taken whole: the
+    # rate so far is the demand's, not what the fleet can do.
+    assert all(a.offer(("burst", i), now) == ADMIT for i in range(20))
+    # Half a second later none of them has started: the fleet is behind.
+    # Each unstarted request adds a tenth of a second, and 20 are waiting.
+    later = now + a.config.backlog_age
+    shed = a.offer(("late", 0), later)
+    assert isinstance(shed, Shed) and "estimated wait" in shed.why
+    for i in range(15):  # the fleet starts most of them: about ten may wait again
+        a.started(("burst", i), later + 0.01)
+    verdicts = [a.offer(("new", i), later + 0.02) for i in range(10)]
     admitted = [v for v in verdicts if v == ADMIT]
-    assert 8 <= len(admitted) <= 11
+    assert 3 <= len(admitted) <= 7
     assert all(isinstance(v, Shed) and "estimated wait" in v.why for v in verdicts[len(admitted) :])
+
+
+def test_a_burst_after_a_quiet_spell_is_not_overload() -> None:
+    # Few requests a second, each started at once; then a burst of 40.
+    a = Admission(AdmissionConfig(max_queue_wait=2.0, rate_window=5.0))
+    for i in range(20):
+        a.offer(("quiet", i), i / 4)
+        a.started(("quiet", i), i / 4 + 0.05)
+        a.finished(("quiet", i), i / 4 + 0.5)
+    now = 5.0
+    assert a.start_rate(now) < 5  # so 40 waiting would "take" 8 s at that rate
+    assert all(a.offer(("burst", i), now + i * 0.001) == ADMIT for i in range(40))
+    for i in range(40):  # the fleet starts them quickly: no shedding after either
+        a.started(("burst", i), now + 0.1)
+    assert a.offer("next", now + 0.2) == ADMIT
 
 
 def test_an_idle_fleet_is_not_mistaken_for_a_stuck_one() -> None:

@@ -12,15 +12,21 @@ from kvmesh.benchmarks.report import read_evidence, render_markdown
 from kvmesh.benchmarks.targets import targets
 
 
-def _sys(hit: float, ideal: float, p90: float) -> dict:
+def _sys(hit: float, pooled: float, p90: float, failed: int = 0) -> dict:
     return {
         "requests": 10,
-        "failed": 0,
+        "failed": failed,
         "hit_rate": hit,
-        "ideal_hit_rate": ideal,
+        "ideal_hit_rate": 0.95,
+        "pooled_lru_hit_rate": pooled,
+        "belady_hit_rate": 0.92,
+        "capacity_blocks": 800,
+        "working_set_blocks": 1200,
         "ttft_p50_ms": p90 / 2,
         "ttft_p90_ms": p90,
         "ttft_p99_ms": p90 * 2,
+        "ttft_p90_all_ms": p90,
+        "within_slo": 0.95,
         "latency_p50_ms": 100.0,
         "latency_p90_ms": 200.0,
         "latency_p99_ms": 300.0,
@@ -34,11 +40,20 @@ def _sys(hit: float, ideal: float, p90: float) -> dict:
     }
 
 
+def _gp(load: float, lo: float | None, hi: float | None, at_least: bool = False, below: bool = False) -> dict:
+    return {"load": load, "lo": lo, "hi": hi, "at_least": at_least, "below": below}
+
+
+def _step(load: float, p90: float | None, share: float) -> dict:
+    return {"load": load, "ttft_p90_all_ms": p90, "within_slo": share, "hit_rate": 0.8, "failed": 0}
+
+
 def _results() -> dict:
     ov = {
         "direct_ttft_p50_ms": 15.0,
         "via_ttft_p50_ms": 18.0,
         "overhead_ms": 3.0,
+        "overhead_quickack_ms": None,
         "route_rpc_p50_ms": 1.5,
         "route_rpc_p99_ms": 4.0,
     }
@@ -48,19 +63,59 @@ def _results() -> dict:
             "fleet": {
                 "engines": 8,
                 "num_gpu_blocks": 4000,
+                "pressure": 0.5,
+                "min_longest_requests": 1,
                 "time_scale": 1.0,
                 "block_size": 16,
                 "prefill_tokens_per_s": 80000.0,
             },
-            "workloads": {"chat": {"params": {"sessions": 4}, "requests": 10}},
+            "plan": {
+                "replicas": [1, 3],
+                "replica_families": ["precise", "sglang_cache_aware"],
+                "ladder_replicas": [1],
+                "ladder_families": ["precise", "sglang_cache_aware", "round_robin"],
+                "slo_ms": 1000.0,
+            },
+            "split": {"name": "heldout", "seed": 1, "trace_offset": 2000},
+            "workloads": {
+                "chat": {
+                    "params": {"sessions": 4, "session_rate_per_s": 12.0},
+                    "requests": 10,
+                    "cache": {
+                        "pressure": 0.5,
+                        "lru_working_set_blocks": 1600,
+                        "working_set_blocks": 1200,
+                        "longest_request_blocks": 90,
+                        "blocks_per_engine": 100,
+                        "fleet_blocks": 800,
+                        "fleet_share_of_working_set": 0.5,
+                    },
+                }
+            },
             "systems": {
                 "round_robin": {"overhead": ov, "chat": _sys(0.5, 0.9, 2000.0)},
                 "precise": {"overhead": ov, "chat": _sys(0.85, 0.9, 100.0)},
-                "precise_mesh3": {"overhead": ov, "chat": _sys(0.82, 0.9, 110.0)},
+                "precise@3": {"overhead": ov, "chat": _sys(0.82, 0.9, 110.0)},
                 "sglang_cache_aware": {
-                    "overhead": {**ov, "route_rpc_p50_ms": None},
+                    "overhead": {**ov, "route_rpc_p50_ms": None, "overhead_quickack_ms": 0.5},
                     "chat": _sys(0.86, 0.9, 300.0),
                 },
+                "sglang_cache_aware@3": {"chat": _sys(0.60, 0.9, 900.0, failed=2)},
+            },
+            "ladder": {
+                "chat": {
+                    "precise": [_step(1.0, 100.0, 0.99), _step(2.0, 400.0, 0.95), _step(4.0, None, 0.5)],
+                    "sglang_cache_aware": [_step(1.0, 300.0, 0.97), _step(2.0, 2500.0, 0.6)],
+                    "round_robin": [_step(0.5, 2000.0, 0.8), _step(1.0, None, 0.3)],
+                }
+            },
+            "goodput": {
+                "chat": {
+                    # precise: 2.0 passes, 4.0 fails; sglang: 1.0 passes, 2.0 fails; round_robin failed both.
+                    "precise": _gp(3.0, 2.0, 4.0),
+                    "sglang_cache_aware": _gp(1.2, 1.0, 2.0),
+                    "round_robin": _gp(0.0, None, 0.5, below=True),
+                }
             },
             "skipped": {},
         },
@@ -90,11 +145,22 @@ def _results() -> dict:
         },
         "convergence": {
             "real": [{"n": 5, "p50": 0.1, "p99": 0.3, "bytes_per_event": 5000.0, "missing": 0}],
-            "sim": [{"n": 100, "p50": 0.9, "p99": 2.5, "bytes_per_event": 9e4, "missing": 0}],
+            "sim": [
+                {"n": 100, "loss": 0.01, "p50": 0.9, "p99": 2.5, "bytes_per_event": 9e4, "missing": 0},
+                {
+                    "n": 200,
+                    "loss": 0.01,
+                    "p50": 0.9,
+                    "p99": 1.5,
+                    "bytes_per_event": 9e4,
+                    "missing": 2,
+                    "events": 20,
+                },
+            ],
         },
         "proxy": {
-            "echo": {"requests_per_s": 400.0, "messages_per_s": 7200.0},
-            "kvmesh": {"requests_per_s": 300.0, "messages_per_s": 5400.0},
+            "echo": {"requests_per_s": 400.0, "messages_per_s": 7200.0, "server_cpu_ms_per_request": 0.7},
+            "kvmesh": {"requests_per_s": 300.0, "messages_per_s": 5400.0, "server_cpu_ms_per_request": 2.1},
             "ratio": 0.75,
             "shape": {
                 "prompt_tokens": 2000,
@@ -108,46 +174,126 @@ def _results() -> dict:
     }
 
 
+def _targets(res: dict) -> dict[str, dict]:
+    return {x["name"]: x for x in targets(res)}
+
+
 def test_targets_verdicts_and_ratios():
-    t = {x["name"]: x for x in targets(_results())}
-    assert t["precise hit rate vs ideal (chat)"]["met"] is True  # 0.85 / 0.9 = 94% >= 90%
-    assert abs(t["precise hit rate vs ideal (chat)"]["value"] - 0.85 / 0.9) < 1e-9
+    t = _targets(_results())
+    ideal = t["precise hit rate vs pooled-LRU ideal (chat)"]
+    assert ideal["met"] is True  # 0.85 / 0.90 = 94% >= 90%
+    assert abs(ideal["value"] - 0.85 / 0.9) < 1e-9
+    assert "Belady 0.920" in ideal["measured"] and "infinite 0.950" in ideal["measured"]
+    # precise's goodput 3.0x against sglang's 1.2x: 2.5x >= 1.5x.
+    vs_sglang = t["goodput vs sglang-router cache_aware (chat, N=1)"]
+    assert vs_sglang["met"] is True and abs(vs_sglang["value"] - 2.5) < 1e-9
+    # round_robin failed every load tried (< 0.5x): precise's ratio is at least 3.0 / 0.5 = 6x.
+    vs_rr = t["goodput vs round_robin (chat, N=1)"]
+    assert vs_rr["met"] is True and vs_rr["value"] == 6.0 and ">= 6.00x" in vs_rr["measured"]
 
 
 def test_targets_all_kinds():
-    t = {x["name"]: x for x in targets(_results())}
-    assert t["TTFT p90 vs round_robin (chat)"]["value"] == 20.0 and t["TTFT p90 vs round_robin (chat)"]["met"]
+    t = _targets(_results())
     assert t["hit rate vs sglang-router cache_aware (chat)"]["met"] is False  # 0.85 < 0.86
-    assert t["TTFT p90 vs sglang-router cache_aware (chat)"]["met"] is True  # 300 / 100 = 3x
-    assert t["3-node mesh hit-rate loss vs 1 node (chat)"]["met"] is False  # 3 points > 2
+    loss = t["mesh hit-rate loss, 3 nodes vs 1 (chat)"]
+    assert loss["met"] is False and abs(loss["value"] - 3.0) < 1e-9  # 0.85 -> 0.82: 3 points > 1
+    assert "precise 0.850 -> 0.820 (-3.0 points)" in loss["measured"]
+    assert "sglang_cache_aware x3: -26.0 points" in loss["measured"]
     assert t["index ingest vs Dynamo RadixTree"]["met"] is False
+    assert "0.50x" in t["index ingest vs Dynamo RadixTree"]["measured"]
     assert t["prefix match p99 vs Dynamo RadixTree"]["met"] is True
     assert t["convergence p99, 5 real nodes"]["met"] is True
-    assert t["convergence p99, 100 simulated nodes"]["met"] is False
-    assert t["Generate proxy vs bare grpcio"]["met"] is True
-    assert "0.50x" in t["index ingest vs Dynamo RadixTree"]["measured"]
+    assert t["convergence p99, 100 simulated nodes, 1% loss"]["met"] is False  # 2.5 s > 2 s
+    # Events that never converged are slower than any goal, whatever the p99 of the others.
+    lost = t["convergence p99, 200 simulated nodes, 1% loss"]
+    assert lost["met"] is False and "2 of 20 events never converged" in lost["measured"]
+    proxy = t["Generate proxy vs bare grpcio"]
+    assert proxy["met"] is True and "router CPU 2.10 ms per request" in proxy["measured"]
 
 
-def test_missing_sections_are_not_targets():
+def test_goodput_ratio_of_bounds_is_a_bound():
     res = _results()
-    del res["routing"]["systems"]["sglang_cache_aware"], res["proxy"]
+    gp = res["routing"]["goodput"]["chat"]
+    # Both passed every load tried: nothing is known of their ratio.
+    gp["precise"], gp["sglang_cache_aware"] = _gp(2.0, 2.0, None, at_least=True), _gp(2.0, 2.0, None, True)
+    t = _targets(res)["goodput vs sglang-router cache_aware (chat, N=1)"]
+    assert t["met"] is None and t.get("undetermined") and "= unknown" in t["measured"]
+    assert render_markdown(res).count("undetermined") >= 1
+    # precise bracketed at 1.1x, sglang passed every load up to 2x: at most 0.55x, a miss whatever sglang's.
+    gp["precise"] = _gp(1.1, 1.0, 1.2)
+    t = _targets(res)["goodput vs sglang-router cache_aware (chat, N=1)"]
+    assert t["met"] is False and "<= 0.55x" in t["measured"]
+
+
+def test_a_target_whose_peer_is_not_installed_shows_not_measured():
+    res = _results()
+    routing = res["routing"]
+    for key in [k for k in routing["systems"] if k.startswith("sglang_")]:
+        del routing["systems"][key]
+        routing["skipped"][key] = "sglang-router not installed (No module named 'sglang_router')"
+    del routing["goodput"]["chat"]["sglang_cache_aware"], routing["ladder"]["chat"]["sglang_cache_aware"]
+    res["micro"]["index"]["dynamo"] = {"skipped": "ai-dynamo-runtime not installed"}
+    del res["micro"]["index"]["ingest_ratio"], res["micro"]["index"]["match_p99_ratio"]
+    t = _targets(res)
+    for name in (
+        "hit rate vs sglang-router cache_aware (chat)",
+        "goodput vs sglang-router cache_aware (chat, N=1)",
+        "index ingest vs Dynamo RadixTree",
+        "prefix match p99 vs Dynamo RadixTree",
+    ):
+        assert t[name]["met"] is None and t[name]["measured"].startswith("not measured: "), name
+    assert "sglang-router not installed" in t["hit rate vs sglang-router cache_aware (chat)"]["measured"]
+    assert "ai-dynamo-runtime not installed" in t["index ingest vs Dynamo RadixTree"]["measured"]
+    # The targets table still lists them, and the systems' tables say why they are missing.
+    md = render_markdown(res)
+    targets_table = md[md.index("## Targets") : md.index("## Routing")]
+    assert "| hit rate vs sglang-router cache_aware (chat) | higher | not measured: sglang-router" in md
+    assert targets_table.count("| not measured |") >= 4
+    # Targets of the full plan outside this run's (N=5, workload trace) are listed as not measured too.
+    assert t["mesh hit-rate loss, 5 nodes vs 1 (chat)"]["met"] is None
+    assert "workload trace not run" in t["precise hit rate vs pooled-LRU ideal (trace)"]["measured"]
+
+
+def test_parts_that_did_not_run_have_no_targets_and_failed_ones_do():
+    res = _results()
+    del res["proxy"], res["routing"]
     names = {x["name"] for x in targets(res)}
-    assert not any("sglang" in n for n in names) and "Generate proxy vs bare grpcio" not in names
+    assert not any("sglang" in n or "goodput" in n for n in names)
+    assert "Generate proxy vs bare grpcio" not in names
+    res["proxy_error"] = "RuntimeError: echo server did not start"
+    t = _targets(res)["Generate proxy vs bare grpcio"]
+    assert t["met"] is None and "echo server did not start" in t["measured"]
 
 
 def test_markdown_has_tables_and_verdicts():
     md = render_markdown(_results(), "kvmesh bench all")
-    assert "| kvmesh precise (1 node) | 0.850 | 94% |" in md
+    # hit rate, then % of the pooled LRU, Belady and infinite ideals.
+    assert "| kvmesh precise | 0.850 | 94% | 92% | 89% |" in md
     assert "| sglang-router cache_aware | 0.860 |" in md
     assert "**missed**" in md and "**met**" in md
-    assert "| real | 5 | 100 | 300 |" in md
+    assert "| real | 5 | 0% |" in md and "| sim | 200 | 1% |" in md
     assert "![convergence](img/convergence.png)" in md
     assert "kvmesh bench all" in md
+    # The cache pressure: working set and cache sizes.
+    assert "| `chat` | 10 | 1,600 | 1,200 | 90 | 100 | 800 | 50% |" in md
+    # Replicas: Δ hit against N=1, for the mesh and for the independent instances.
+    assert "| kvmesh precise | 3 | 0.820 | -3.0 |" in md
+    assert "| sglang-router cache_aware | 3 | 0.600 | -26.0 |" in md
+    # Goodput: estimate and bracket, absolute rate, ratios (a lower bound against a system that failed all).
+    assert "| `chat` | kvmesh precise | 3.00 (2-4) | 36 sessions/s | 2.50x | >= 6.00x |" in md
+    assert "| `chat` | kvmesh round_robin | < 0.5 | < 6 sessions/s |" in md
+    assert "x4: -, 50%" in md
 
 
 def test_plots_are_written(tmp_path):
     paths = write_plots(_results(), str(tmp_path))
-    assert sorted(os.path.basename(p) for p in paths) == ["convergence.png", "hit_rate.png", "ttft_p90.png"]
+    assert sorted(os.path.basename(p) for p in paths) == [
+        "convergence.png",
+        "goodput.png",
+        "hit_rate.png",
+        "replicas.png",
+        "ttft_p90.png",
+    ]
     assert all(os.path.getsize(p) > 5000 for p in paths)
 
 

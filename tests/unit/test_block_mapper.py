@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 import msgspec
 import pytest
@@ -12,8 +13,26 @@ from hypothesis import strategies as st
 from blocks.block_map import BlockMap
 from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, EngineHash, KvDelta, KvOp
 from blocks.hashing import block_hashes, root_seed
+from blocks.tiers import TIER_DISK, TIER_GPU, TIER_HOST
+from engine_adapters import native
 from engine_adapters.block_mapper import BlockMapper, tenancy
 from engine_adapters.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, SkippedEvent
+
+
+# Every test here runs against both implementations: the pure-Python
+# reference and the native one (engine_adapters/native.py), skipped loudly
+# only when the native module is not built.
+@pytest.fixture(scope="module", autouse=True, params=["python", "native"])
+def implementation(request: pytest.FixtureRequest) -> Iterator[str]:
+    global BlockMapper
+    if request.param == "native" and not native.NATIVE_BUILT:
+        pytest.skip(f"NATIVE PATH NOT TESTED: {native.NOT_BUILT_REASON}")
+    saved = BlockMapper
+    if request.param == "native":
+        BlockMapper = native.NativeBlockMapper
+    yield request.param
+    BlockMapper = saved
+
 
 MODEL = "llama-test"
 BS = 4
@@ -325,3 +344,141 @@ def test_block_map_without_engine_hashes_names_blocks_by_router_hash() -> None:
     bm.apply(KvOp(OP_STORE, [9], [b"e" * 32]))
     assert bm.ebytes == 34
     assert bm.snapshot_ops() == [KvOp(OP_CLEAR, []), KvOp(OP_STORE, [5]), KvOp(OP_STORE, [9], [b"e" * 32])]
+
+
+# --- cache tiers --------------------------------------------------------------
+
+
+def test_each_tier_binds_and_forgets_its_own_copy() -> None:
+    tokens = list(range(12))
+    rh = block_hashes(tokens, BS, root_seed(MODEL))
+    m = BlockMapper(MODEL, "w")
+    d = m.map_batch(
+        [
+            _stored([1, 2, 3], None, tokens, medium="GPU"),
+            _stored([1, 2, 3], None, tokens, medium="CPU", locality="LOCAL"),  # offloaded copies
+            BlockRemoved([3], medium="GPU"),  # the GPU evicts its copy of block 3
+        ],
+        seq=0,
+    )
+    assert d.ops == [
+        KvOp(OP_STORE, rh, [1, 2, 3], TIER_GPU),
+        KvOp(OP_STORE, rh, [1, 2, 3], TIER_HOST),
+        KvOp(OP_REMOVE, [rh[2]], [3], TIER_GPU),
+    ]
+    assert m.live_by_tier() == {TIER_GPU: set(rh[:2]), TIER_HOST: set(rh)}
+    # A store chained to a block only the host tier still holds is mapped.
+    more = list(range(12, 16))
+    d = m.map_batch([_stored([4], 3, more, medium="CPU_PINNED")], seq=1)
+    assert d.ops == [KvOp(OP_STORE, block_hashes(more, BS, rh[2]), [4], TIER_HOST)]
+    # A clear empties every tier.
+    d = m.map_batch([AllBlocksCleared()], seq=2)
+    assert d.ops == [KvOp(OP_CLEAR, [], [], TIER_GPU)] and m.live_by_tier() == {} and len(m) == 0
+
+
+def test_a_placeholder_maps_through_known_engine_hashes_else_is_skipped() -> None:
+    tokens = list(range(8))
+    rh = block_hashes(tokens, BS, root_seed(MODEL))
+    m = BlockMapper(MODEL, "w", block_size=BS)
+    placeholder = BlockStored([2], None, [], 0, medium="CPU")
+    unknown = BlockStored([99], None, [], 0, medium="CPU")
+    d = m.map_batch([_stored([1, 2], None, tokens), placeholder, unknown], seq=0)
+    assert d.ops == [KvOp(OP_STORE, rh, [1, 2]), KvOp(OP_STORE, [rh[1]], [2], TIER_HOST)]
+    assert m.stats.placeholder_blocks == 1 and m.stats.skipped_by_reason == {"no_token_ids": 1}
+    assert m.stats.block_size_mismatch == 0  # a placeholder's block_size 0 is no mismatch
+
+
+def test_a_lower_tier_block_announced_twice_goes_with_its_second_removal() -> None:
+    # vLLM's offloading announces a block once per chunk holding it and
+    # expects the consumer to count; the GPU keeps set semantics.
+    tokens = list(range(4))
+    (rh,) = block_hashes(tokens, BS, root_seed(MODEL))
+    m = BlockMapper(MODEL, "w")
+    m.map_batch([_stored([1], None, tokens, medium="CPU")] * 2, seq=0)
+    assert m.map_batch([BlockRemoved([1], medium="CPU")], seq=1).ops == []
+    assert m.live_by_tier() == {TIER_HOST: {rh}}
+    assert m.map_batch([BlockRemoved([1], medium="CPU")], seq=2).ops == [
+        KvOp(OP_REMOVE, [rh], [1], TIER_HOST)
+    ]
+    m.map_batch([_stored([1], None, tokens)] * 2, seq=3)
+    assert m.map_batch([BlockRemoved([1])], seq=4).ops == [KvOp(OP_REMOVE, [rh], [1])]
+    assert m.live_by_tier() == {}
+
+
+def test_a_store_of_another_block_size_is_refused_and_the_rest_applies() -> None:
+    m = BlockMapper(MODEL, "w", block_size=16)
+    page1 = BlockStored([1, 2, 3], None, [7, 8, 9], 1)  # SGLang's default page size
+    good = BlockStored([4], None, list(range(16)), 16)
+    d = m.map_batch([page1, good], seq=0)
+    assert d.ops == [KvOp(OP_STORE, block_hashes(list(range(16)), 16, root_seed(MODEL)), [4])]
+    assert m.stats.skipped_by_reason == {"block_size_mismatch": 1}
+    assert m.stats.block_size_mismatch == 0  # the last store had the registered size
+    m.map_batch([page1], seq=1)
+    assert m.stats.block_size_mismatch == 1 and m.stats.skipped_events == 2
+
+
+def test_an_unknown_medium_is_skipped_not_guessed() -> None:
+    m = BlockMapper(MODEL, "w")
+    d = m.map_batch([_stored([1], None, [1, 2, 3, 4], medium="NVRAM"), BlockRemoved([1], medium="NVRAM")], 0)
+    assert d.ops == [] and m.stats.skipped_by_reason == {"unknown_medium": 2}
+
+
+def test_handover_carries_every_tier() -> None:
+    tokens = list(range(8))
+    a = BlockMapper(MODEL, "w")
+    a.map_batch([_stored([1, 2], None, tokens), _stored([1, 2], None, tokens, medium="STORAGE")], 0)
+    pairs = a.export()
+    rh = block_hashes(tokens, BS, root_seed(MODEL))
+    assert sorted(pairs, key=len) == [(1, rh[0]), (2, rh[1]), (1, rh[0], TIER_DISK), (2, rh[1], TIER_DISK)]
+    b = BlockMapper.from_pairs(MODEL, "w", pairs)
+    assert b.block_map == a.block_map and b.live_by_tier() == a.live_by_tier()
+    # The new owner forgets a disk removal on the disk tier only.
+    d = b.map_batch([BlockRemoved([2], medium="STORAGE")], 1)
+    assert d.ops == [KvOp(OP_REMOVE, [rh[1]], [2], TIER_DISK)] and rh[1] in b.live_router_hashes()
+
+
+_MEDIUMS = [None, "GPU", "CPU", "CPU_PINNED", "STORAGE", "EXTERNAL"]
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32), steps=st.integers(1, 40))
+def test_deltas_carry_the_mapping_of_every_tier_exactly(seed: int, steps: int) -> None:
+    """As above, with every event on a random medium: the replayed map and
+    the per-tier index the ops describe equal the mapper's, tier by tier."""
+    rng = random.Random(seed)
+    m = BlockMapper(MODEL, "w")
+    replayed = BlockMap()
+    lean = BlockMap(refs=False)
+    index: dict[int, set[int]] = {}
+    pool: list = [rng.getrandbits(64) for _ in range(10)]
+    for s in range(steps):
+        events: list = []
+        for _ in range(rng.randint(1, 4)):
+            r = rng.random()
+            medium = rng.choice(_MEDIUMS)
+            live = [eh for p in m.export() for eh in p[:1]]
+            if r < 0.55:
+                n = rng.randint(1, 3)
+                parent = rng.choice(live) if live and rng.random() < 0.5 else None
+                tokens = [rng.randint(0, 2) for _ in range(n * BS)]
+                events.append(BlockStored(rng.sample(pool, n), parent, tokens, BS, medium=medium))
+            elif r < 0.93:
+                gone = rng.sample(live, min(len(live), rng.randint(1, 3))) + [rng.choice(pool)]
+                events.append(BlockRemoved(gone, medium=medium))
+            else:
+                events.append(AllBlocksCleared())
+        d = msgspec.msgpack.decode(msgspec.msgpack.encode(m.map_batch(events, s)), type=KvDelta)
+        for op in d.ops:
+            replayed.apply(op)
+            lean.apply(op)
+            if op.kind == OP_STORE:
+                index.setdefault(op.tier, set()).update(op.hashes)
+            elif op.kind == OP_REMOVE:
+                index.get(op.tier, set()).difference_update(op.hashes)
+            else:
+                index.clear()
+        assert replayed == m.block_map == lean
+        assert {t: hs for t, hs in index.items() if hs} == m.live_by_tier() == lean.live_by_tier()
+        assert replayed.ebytes == m.block_map.ebytes == lean.ebytes
+    restored = BlockMapper.from_pairs(MODEL, "w", replayed.pairs())
+    assert restored.block_map == m.block_map and restored.live_by_tier() == m.live_by_tier()

@@ -10,11 +10,13 @@ import pytest
 
 from blocks.block_map import BlockMap
 from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp
+from blocks.tiers import TIER_GPU, TIER_HOST
 from mesh.engine_log.entry import LogError, NotOwnerError, decode_entry, encode_entry
 from mesh.engine_log.epoch import Epoch, EpochDoc
 from mesh.engine_log.owner import CompactionPolicy, EngineLogOwner
 from mesh.engine_log.replica import EngineLogReplica
 from mesh.engine_log.snapshot import apply_delta, snapshot_deltas
+from router.index import PrefixIndex
 
 
 def owner_and_replica(
@@ -281,3 +283,69 @@ def test_values_a_replica_would_not_decode_as_ints_are_refused() -> None:
     # A tuple is not a list but decodes to one: accepted, as it always was.
     owner.append([KvDelta("e", 0, [KvOp(OP_STORE, (5, 2**64 - 1), (7, b"x"))])])  # type: ignore[arg-type]  # tuples on purpose
     assert sorted(owner.mappings()["e"], key=str) == sorted([(7, 5), (b"x", 2**64 - 1)], key=str)
+
+
+# --- cache tiers -----------------------------------------------------------------
+
+
+class _PreTierOp(msgspec.Struct, array_like=True):  # KvOp before tiers
+    kind: int
+    hashes: list[int]
+    ehashes: list[int | bytes] = []
+
+
+class _PreTierDelta(msgspec.Struct, array_like=True):
+    worker: str
+    seq: int
+    ops: list[_PreTierOp]
+
+
+def test_tiers_survive_the_log_snapshots_and_compaction() -> None:
+    owner, rep, first = owner_and_replica(CompactionPolicy(factor=2.0, min_ops=4))
+    rep.apply(owner.epoch, first)
+    index = PrefixIndex()
+    for s in range(40):
+        d = KvDelta(
+            "e",
+            s,
+            [
+                KvOp(OP_STORE, [s + 1000], [s + 1], TIER_GPU),
+                KvOp(OP_STORE, [s + 1000], [s + 1], TIER_HOST),  # its host copy
+                KvOp(OP_REMOVE, [s + 999], [s], TIER_GPU),  # the GPU evicts the previous block
+                KvOp(OP_REMOVE, [s + 995], [s - 4], TIER_HOST),  # the host tier keeps five
+            ],
+        )
+        for ch in rep.apply(owner.epoch, owner.append([d])):
+            index.apply(ch)
+        c = owner.maybe_compact()
+        if c is not None:
+            for ch in rep.apply(*c):
+                index.apply(ch)
+    assert owner.epoch.gen >= 2  # compacted: the snapshot carried the host tier
+    want_host = {s + 1000 for s in range(35, 40)}
+    assert rep.materialise() == {"e": {1039}} == owner.replica.materialise()
+    assert rep.materialise_tiers() == {"e": {TIER_GPU: {1039}, TIER_HOST: want_host}}
+    assert index.worker_hashes("e", TIER_HOST) == want_host and index.worker_hashes("e") == {1039}
+    # A new owner's mapping has the host tier's blocks as triples.
+    pairs = owner.mappings()["e"]
+    assert sorted(p for p in pairs if len(p) == 3) == [(s + 1, s + 1000, TIER_HOST) for s in range(35, 40)]
+    # The size estimate still bounds the real snapshot.
+    real = len(encode_entry(snapshot_deltas(owner.live, {"e": 39})))
+    assert real <= owner.snapshot_bytes() <= real + 150
+
+
+def test_entries_written_before_tiers_are_gpu_ops_and_a_pre_tier_reader_reads_gpu_ops() -> None:
+    enc = msgspec.msgpack.encode
+    old = enc([_PreTierDelta("e", 4, [_PreTierOp(OP_STORE, [5], [b"x"])])])
+    assert decode_entry(old) == [KvDelta("e", 4, [KvOp(OP_STORE, [5], [b"x"], TIER_GPU)])]
+    # A node that predates tiers decodes a tiered entry (as GPU ops) instead of failing.
+    new = encode_entry([KvDelta("e", 5, [KvOp(OP_STORE, [6], [7], TIER_HOST)])])
+    seen = msgspec.msgpack.decode(new, type=list[_PreTierDelta])
+    assert seen == [_PreTierDelta("e", 5, [_PreTierOp(OP_STORE, [6], [7])])]
+
+
+def test_an_unknown_tier_is_refused_before_writing() -> None:
+    owner, _, _ = owner_and_replica()
+    with pytest.raises(LogError, match="tier"):
+        owner.append([KvDelta("e", 0, [KvOp(OP_STORE, [1], [], 4)])])
+    assert owner.live == {}

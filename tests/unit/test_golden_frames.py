@@ -2,24 +2,31 @@
 encoders and publishers (tests/fixtures/golden/, written by
 scripts/golden_frames.py; see its docstring). Each one decodes; mapped onto
 an empty worker it leaves exactly the router hashes of the prompts it stored,
-hashed under their model, LoRA adapter and cache salt; an event kvmesh cannot
-map is skipped alone, with its reason; both replay framings and the live
+hashed under their model, LoRA adapter and cache salt, on the cache tier
+each was stored on (a removal acts on its own tier); an event kvmesh cannot
+map is skipped alone, with its reason; a block size other than the
+registered one is refused, never indexed; both replay framings and the live
 framing parse."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
+from blocks.delta import OP_STORE
 from blocks.hashing import block_hashes, root_seed
+from blocks.tiers import TIER_GPU, TIER_HOST, TIER_NAMES
+from engine_adapters import native
 from engine_adapters.block_mapper import BlockMapper
 from engine_adapters.kv_events import (
+    SKIP_BLOCK_SIZE_MISMATCH,
     BlockStored,
-    SkippedEvent,
     decode_batch,
     parse_live_frames,
     parse_replay_frames,
@@ -30,6 +37,21 @@ MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())
 MODEL = MANIFEST["model"]
 FRAMES: list[dict[str, Any]] = MANIFEST["frames"]
 PAYLOADS = [f for f in FRAMES if f["kind"] == "payload"]
+
+
+# Every test here runs against both implementations: the pure-Python
+# reference and the native one (engine_adapters/native.py), skipped loudly
+# only when the native module is not built.
+@pytest.fixture(scope="module", autouse=True, params=["python", "native"])
+def implementation(request: pytest.FixtureRequest) -> Iterator[str]:
+    global BlockMapper, decode_batch
+    if request.param == "native" and not native.NATIVE_BUILT:
+        pytest.skip(f"NATIVE PATH NOT TESTED: {native.NOT_BUILT_REASON}")
+    saved = BlockMapper, decode_batch
+    if request.param == "native":
+        BlockMapper, decode_batch = native.NativeBlockMapper, native.decode_batch_native
+    yield request.param
+    BlockMapper, decode_batch = saved
 
 
 def _id(f: dict[str, Any]) -> str:
@@ -55,12 +77,29 @@ def _mapped(f: dict[str, Any]) -> BlockMapper:
     return m
 
 
+def _want_by_tier(frame: dict[str, Any]) -> dict[int, set[int]]:
+    """Tier -> the router hashes a correct reader holds there after ``frame``."""
+    want: dict[int, set[int]] = {}
+    for p in frame["prompts"]:
+        tier = TIER_NAMES.index(p["tier"])
+        want.setdefault(tier, set()).update(_router_hashes(p, frame["block_size"])[: p["live_blocks"]])
+    return {t: hs for t, hs in want.items() if hs}
+
+
 def test_the_manifest_covers_what_the_engines_send() -> None:
     names = {(f["engine"], f["version"], f["name"]) for f in FRAMES}
-    for name in ("plain", "salted", "salted_lora", "lora", "removed", "cleared", "tiers", "dp_rank"):
+    for name in (
+        "plain", "salted", "salted_lora", "lora", "removed", "cleared", "tiers", "tier_removal",
+        "storage_remote", "placeholder_unknown", "dp_rank",
+    ):  # fmt: skip
         assert ("vllm", "0.33.0", name) in names
-    for name in ("plain", "salted", "salted_lora", "lora", "bigram", "page1", "cpu_pinned", "attn_dp_rank"):
+    for name in (
+        "plain", "salted", "salted_lora", "lora", "bigram", "bigram_mixed", "page1", "cpu_pinned",
+        "hicache_evicted", "disk_external", "attn_dp_rank",
+    ):  # fmt: skip
         assert ("sglang", "0.5.23", name) in names
+    tiers = {p["tier"] for f in PAYLOADS for p in f["prompts"]}
+    assert tiers == set(TIER_NAMES)  # every tier is exercised by some engine's frame
     assert ("vllm", "0.24.0", "replay_seq_payload") in names
     assert ("vllm", "0.33.0", "replay_topic_seq_payload") in names
     for f in FRAMES:
@@ -72,21 +111,58 @@ def test_the_manifest_covers_what_the_engines_send() -> None:
 def test_every_payload_decodes_and_maps_to_its_prompts_router_hashes(frame: dict[str, Any]) -> None:
     batch = decode_batch(_data(frame))
     assert batch.rank == frame["rank"]
-    assert [(s.index, s.reason) for s in batch.skipped] == [
-        (s["index"], s["reason"]) for s in frame["skipped"]
-    ]
-    skipped_at = {s["index"] for s in frame["skipped"]}
-    mediums = [getattr(e, "medium", None) for i, e in enumerate(batch.events) if i not in skipped_at]
-    assert mediums == [m for i, m in enumerate(frame["mediums"]) if i not in skipped_at]
+    skipped = {s["index"]: s["reason"] for s in frame["skipped"]}
+    # The decoder's skips are a part of the frame's (the block mapper makes the others).
+    assert all(skipped.get(s.index) == s.reason for s in batch.skipped)
+    mediums = [getattr(e, "medium", None) for i, e in enumerate(batch.events) if i not in skipped]
+    assert mediums == [m for i, m in enumerate(frame["mediums"]) if i not in skipped]
 
-    m = BlockMapper(MODEL, "w")
+    # Registered with the frame's own block size: nothing refused for its size.
+    m = BlockMapper(MODEL, "w", block_size=frame["block_size"])
     m.map_batch(batch.events, seq=0)
-    want: set[int] = set()
-    for p in frame["prompts"]:
-        want |= set(_router_hashes(p, frame["block_size"])[: p["live_blocks"]])
-    assert m.live_router_hashes() == want
-    assert m.stats.skipped_events == len(frame["skipped"])
+    assert m.live_by_tier() == _want_by_tier(frame)
+    assert m.stats.skipped_by_reason == Counter(skipped.values())
     assert m.stats.unknown_parent == 0 and m.stats.invalid_tokens == 0
+    assert m.stats.block_size_mismatch == 0
+
+
+@pytest.mark.parametrize("frame", [f for f in PAYLOADS if f["prompts"]], ids=_id)
+def test_a_frame_of_another_block_size_is_refused_never_indexed(frame: dict[str, Any]) -> None:
+    registered = 16 if frame["block_size"] != 16 else 32
+    batch = decode_batch(_data(frame))
+    m = BlockMapper(MODEL, "w", block_size=registered)
+    delta = m.map_batch(batch.events, seq=0)
+    stores = [e for e in batch.events if isinstance(e, BlockStored) and e.token_ids]
+    assert [op for op in delta.ops if op.kind == OP_STORE] == []
+    assert m.live_by_tier() == {}
+    assert m.stats.skipped_by_reason[SKIP_BLOCK_SIZE_MISMATCH] == len(stores)
+    assert m.stats.block_size_mismatch == frame["block_size"]
+
+
+def test_sglang_page_size_1_is_refused_by_a_router_at_16_with_the_size_it_saw() -> None:
+    frame = _frame("sglang", "0.5.23", "page1")
+    m = BlockMapper(MODEL, "w", block_size=16)
+    m.map_batch(decode_batch(_data(frame)).events, seq=0)
+    assert m.stats.block_size_mismatch == 1 and m.live_router_hashes() == set()
+    # The same engine restarted with --page-size 16 maps again and clears the mismatch.
+    plain = _frame("sglang", "0.5.23", "plain")  # its pages are 4 tokens: registered at 4 here
+    m.block_size = 4
+    m.map_batch(decode_batch(_data(plain)).events, seq=1)
+    assert m.stats.block_size_mismatch == 0 and m.live_router_hashes()
+
+
+@pytest.mark.parametrize(
+    "engine,version,name",
+    [("vllm", "0.33.0", "tier_removal"), ("sglang", "0.5.23", "hicache_evicted")],
+)
+def test_a_gpu_eviction_leaves_the_host_copy_indexed(engine: str, version: str, name: str) -> None:
+    frame = _frame(engine, version, name)
+    live = _mapped(frame).live_by_tier()
+    (gpu,) = [p for p in frame["prompts"] if p["tier"] == "gpu"]
+    (host,) = [p for p in frame["prompts"] if p["tier"] == "host"]
+    evicted = _router_hashes(gpu, frame["block_size"])[gpu["live_blocks"]]
+    assert evicted not in live[TIER_GPU] and evicted in live[TIER_HOST]
+    assert host["live_blocks"] > gpu["live_blocks"]
 
 
 @pytest.mark.parametrize(
@@ -141,12 +217,25 @@ def test_sglang_bigram_pages_are_the_prompt_tokens_with_their_next_token() -> No
     assert stored.lookahead_token_ids == [*firsts_of_next_block, [raw[1][0]["token_ids"][-1][1]]]
 
 
-def test_the_vllm_offloading_placeholder_is_skipped_alone() -> None:
-    frame = _frame("vllm", "0.33.0", "tiers")
+def test_the_vllm_offloading_placeholder_maps_through_a_known_hash_else_is_skipped_alone() -> None:
+    known = _frame("vllm", "0.33.0", "tiers")
+    m = _mapped(known)
+    assert m.stats.placeholder_blocks == 1 and m.stats.skipped_events == 0
+    unknown = _frame("vllm", "0.33.0", "placeholder_unknown")
+    batch = decode_batch(_data(unknown))
+    assert not batch.skipped  # a placeholder decodes: only the mapper can tell
+    m = _mapped(unknown)
+    assert m.stats.skipped_by_reason == {"no_token_ids": 1}
+    assert m.live_by_tier() == _want_by_tier(unknown)  # the store after it applied
+
+
+def test_a_batch_with_bigram_pages_decodes_whole() -> None:
+    frame = _frame("sglang", "0.5.23", "bigram_mixed")
+    raw = msgspec.msgpack.decode(_data(frame))
+    assert isinstance(raw[1][0]["token_ids"][0], list) and isinstance(raw[1][1]["token_ids"][0], int)
     batch = decode_batch(_data(frame))
-    (skipped,) = batch.skipped
-    assert isinstance(batch.events[skipped.index], SkippedEvent)
-    assert sum(not isinstance(e, SkippedEvent) for e in batch.events) == len(batch.events) - 1
+    assert not batch.skipped and all(isinstance(e, BlockStored) for e in batch.events)
+    assert _mapped(frame).live_by_tier() == _want_by_tier(frame)
 
 
 @pytest.mark.parametrize("frame", [f for f in FRAMES if f["kind"] == "replay"], ids=_id)

@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp
+from blocks.tiers import TIER_GPU, TIER_HOST, TIERS
 from router.index import PrefixIndex
 
 # Two chains that share a 3-block prefix, plus values >= 2**63 (they occur on the wire).
@@ -214,3 +215,90 @@ def test_match_accepts_any_iterable_of_hashes():
     idx.store("b", [1, 2])
     assert idx.match(iter([1, 2, 3, 4])) == {"a": 3, "b": 2}
     assert idx.match((h for h in [1, 2, 3]), ["a"]) == {"a": 3}
+
+
+# --- cache tiers ------------------------------------------------------------------
+
+
+def naive_match_tiers(model: dict[tuple[str, int], set[int]], hashes, workers):
+    """Per worker: its GPU prefix, then each further block credited to the
+    fastest tier holding it, until a block no tier holds."""
+    out = {}
+    for w in workers:
+        counts = [0, 0, 0, 0]
+        for h in hashes:
+            tier = next((t for t in TIERS if h in model.get((w, t), set())), None)
+            if tier is None:
+                break
+            counts[tier] += 1
+        out[w] = tuple(counts)
+    return out
+
+
+tier_op_st = st.one_of(
+    st.tuples(st.just("store"), worker_st, hashes_st, st.sampled_from(TIERS)),
+    st.tuples(st.just("remove"), worker_st, hashes_st, st.sampled_from(TIERS)),
+    st.tuples(st.just("clear"), worker_st, st.just([]), st.just(TIER_GPU)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(tier_op_st, max_size=40), st.lists(query_st, max_size=6))
+def test_tiers_match_reference_model(ops, queries):
+    idx = PrefixIndex()
+    model: dict[tuple[str, int], set[int]] = {}
+    for kind, w, hs, tier in ops:
+        if kind == "store":
+            idx.apply(KvDelta(w, 0, [KvOp(OP_STORE, hs, [], tier)]))
+            model.setdefault((w, tier), set()).update(hs)
+        elif kind == "remove":
+            idx.apply(KvDelta(w, 0, [KvOp(OP_REMOVE, hs, [], tier)]))
+            model.get((w, tier), set()).difference_update(hs)
+        else:
+            idx.apply(KvDelta(w, 0, [KvOp(OP_CLEAR, [])]))
+            for t in TIERS:
+                model.pop((w, t), None)
+    for w in WORKERS:
+        for t in TIERS:
+            assert idx.worker_hashes(w, t) == model.get((w, t), set())
+        assert idx.tier_blocks(w) == tuple(len(model.get((w, t), ())) for t in TIERS)
+    assert idx.lower_blocks == sum(len(v) for (w, t), v in model.items() if t != TIER_GPU)
+    for q in queries:
+        got = idx.match_tiers(q, WORKERS)
+        want = naive_match_tiers(model, q, WORKERS)
+        assert got == want, (q, got, want)
+        gpu = idx.match(q, WORKERS)
+        assert all(got[w][TIER_GPU] >= gpu[w] for w in WORKERS)
+
+
+def test_a_removal_acts_on_its_own_tier_only():
+    idx = PrefixIndex()
+    chain = CHAINS[0]
+    idx.apply(KvDelta("e0", 0, [KvOp(OP_STORE, chain), KvOp(OP_STORE, chain, [], TIER_HOST)]))
+    idx.apply(KvDelta("e0", 1, [KvOp(OP_REMOVE, chain[4:])]))  # the GPU evicts the tail
+    assert idx.match(chain, ["e0"]) == {"e0": 4}
+    assert idx.match_tiers(chain, ["e0"]) == {"e0": (4, 3, 0, 0)}
+    idx.apply(KvDelta("e0", 2, [KvOp(OP_REMOVE, chain[5:], [], TIER_HOST)]))
+    assert idx.match_tiers(chain, ["e0"]) == {"e0": (4, 1, 0, 0)}
+    assert idx.clear_worker("e0") == 4 + 5 and idx.match_tiers(chain, ["e0"]) == {"e0": (0, 0, 0, 0)}
+
+
+def test_without_lower_tier_blocks_match_tiers_is_match():
+    idx = PrefixIndex()
+    idx.store("a", CHAINS[0])
+    idx.store("b", CHAINS[1][:2])
+    assert idx.lower_blocks == 0
+    assert idx.match_tiers(CHAINS[0], ["a", "b", "c"]) == {
+        "a": (7, 0, 0, 0),
+        "b": (2, 0, 0, 0),
+        "c": (0, 0, 0, 0),
+    }
+
+
+def test_a_delta_with_an_unknown_tier_is_rejected_whole():
+    idx = PrefixIndex()
+    with pytest.raises(ValueError, match="tier"):
+        idx.apply(KvDelta("e0", 0, [KvOp(OP_STORE, [1]), KvOp(OP_STORE, [2], [], 9)]))
+    assert idx.workers() == [] and len(idx) == 0
+    with pytest.raises(ValueError, match="tier"):
+        idx.store("e0", [1], tier=7)

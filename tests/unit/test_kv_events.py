@@ -5,19 +5,23 @@ the engines' own code made are checked in test_golden_frames.py."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blocks.tiers import TIER_DISK, TIER_EXTERNAL, TIER_GPU, TIER_HOST
+from engine_adapters import native
 from engine_adapters.kv_endpoints import connect_endpoint, offset_endpoint_port, should_bind
 from engine_adapters.kv_events import (
     END_SEQ,
     SKIP_BAD_BLOCK_SIZE,
     SKIP_BIGRAM_NOT_CHAINED,
-    SKIP_NO_TOKEN_IDS,
     SKIP_TOKEN_COUNT,
     SKIP_UNDECODABLE,
+    SKIP_UNKNOWN_MEDIUM,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -31,9 +35,25 @@ from engine_adapters.kv_events import (
     encode_seq,
     parse_live_frames,
     parse_replay_frames,
+    tier_of,
 )
 
 _plain = msgspec.msgpack.encode  # generic msgpack of plain lists/dicts (no kvmesh structs)
+
+
+# Every test here runs against both implementations: the pure-Python
+# reference and the native one (engine_adapters/native.py), skipped loudly
+# only when the native module is not built.
+@pytest.fixture(scope="module", autouse=True, params=["python", "native"])
+def implementation(request: pytest.FixtureRequest) -> Iterator[str]:
+    global decode_batch
+    if request.param == "native" and not native.NATIVE_BUILT:
+        pytest.skip(f"NATIVE PATH NOT TESTED: {native.NOT_BUILT_REASON}")
+    saved = decode_batch
+    if request.param == "native":
+        decode_batch = native.decode_batch_native
+    yield request.param
+    decode_batch = saved
 
 
 def _s(text: str) -> str:
@@ -253,7 +273,12 @@ def test_unreadable_envelopes_raise_event_decode_error_only(payload: bytes) -> N
         pytest.param({**_GOOD_EVENT, "block_hashes": [{"h": 1}]}, SKIP_UNDECODABLE, id="hash-map"),
         pytest.param({**_GOOD_EVENT, "token_ids": [[1, 2, 3]]}, SKIP_UNDECODABLE, id="token-triple"),
         pytest.param({**_GOOD_EVENT, "token_ids": [1, 2, 3]}, SKIP_TOKEN_COUNT, id="token-count"),
-        pytest.param({**_GOOD_EVENT, "block_size": 0, "token_ids": []}, SKIP_NO_TOKEN_IDS, id="bs-0"),
+        pytest.param({**_GOOD_EVENT, "medium": "NVRAM"}, SKIP_UNKNOWN_MEDIUM, id="unknown-medium"),
+        pytest.param(
+            {"type": "BlockRemoved", "block_hashes": [1], "medium": "TAPE"},
+            SKIP_UNKNOWN_MEDIUM,
+            id="rm-medium",
+        ),
         pytest.param({**_GOOD_EVENT, "block_size": 0}, SKIP_BAD_BLOCK_SIZE, id="bs-0-with-tokens"),
         pytest.param(
             ["BlockStored", [1, 2], None, [1, 2, 3], 2, None, None, None],
@@ -290,6 +315,53 @@ def test_bigram_token_pairs_become_the_prompt_tokens_with_their_lookahead() -> N
     # A pair page that does not fill its blocks is skipped like any other.
     b = decode_batch(_plain([1.0, [{**_GOOD_EVENT, "token_ids": [[10, 11]]}], 0]))
     assert [e.reason for e in b.skipped] == [SKIP_TOKEN_COUNT]
+
+
+def test_a_batch_with_token_pairs_decodes_each_event_by_its_own_shape() -> None:
+    # The fast whole-batch decoder fails on the pairs; every other event of
+    # the batch still decodes, and only the event that is no prompt is skipped.
+    pairs = [[10, 11], [11, 12]]
+    events = [
+        {**_GOOD_EVENT, "block_hashes": [5], "token_ids": pairs},
+        _GOOD_EVENT,
+        {**_GOOD_EVENT, "block_hashes": [6], "token_ids": [[1, 2], [5, 6]]},  # not chained
+        {"type": "BlockRemoved", "block_hashes": [9], "medium": "CPU_PINNED"},
+    ]
+    b = decode_batch(_plain([1.0, events, 0]))
+    bigram, plain, bad, removed = b.events
+    assert isinstance(bigram, BlockStored) and bigram.token_ids == [10, 11]
+    assert plain == BlockStored([1], None, [1, 2], 2)
+    assert isinstance(bad, SkippedEvent) and bad.reason == SKIP_BIGRAM_NOT_CHAINED
+    assert removed == BlockRemoved([9], medium="CPU_PINNED")
+
+
+def test_a_store_without_token_ids_decodes_as_a_placeholder() -> None:
+    # vLLM's offloading placeholder: the block mapper decides (it knows the hashes or not).
+    event = {**_GOOD_EVENT, "block_size": 0, "token_ids": [], "medium": "CPU", "locality": "LOCAL"}
+    (stored,) = decode_batch(_plain([1.0, [event], 0])).events
+    assert isinstance(stored, BlockStored) and stored.token_ids == [] and stored.block_size == 0
+
+
+@pytest.mark.parametrize(
+    "medium,locality,tier",
+    [
+        (None, None, TIER_GPU),
+        ("GPU", None, TIER_GPU),
+        ("CPU", "LOCAL", TIER_HOST),  # vLLM's CPU offloading
+        ("CPU_PINNED", None, TIER_HOST),  # SGLang's host tier
+        ("cpu_pinned", None, TIER_HOST),
+        ("STORAGE", None, TIER_DISK),  # vLLM
+        ("DISK", None, TIER_DISK),  # SGLang
+        ("EXTERNAL", None, TIER_EXTERNAL),  # SGLang
+        ("CPU", "REMOTE", TIER_EXTERNAL),  # vLLM: a copy away from the publisher
+        ("STORAGE", "REMOTE", TIER_EXTERNAL),
+        ("NVRAM", None, None),
+    ],
+)
+def test_every_medium_the_engines_send_has_its_tier(
+    medium: str | None, locality: str | None, tier: int
+) -> None:
+    assert tier_of(medium, locality) == tier
 
 
 def test_sequence_frames() -> None:
@@ -411,3 +483,13 @@ def test_any_truncation_of_a_valid_payload_is_rejected(batch: KVEventBatch, cut:
     cut = min(cut, len(payload) - 1)
     with pytest.raises(EventDecodeError):
         decode_batch(payload[: len(payload) - cut])
+
+
+def test_a_frame_nested_too_deeply_is_undecodable_not_a_crash() -> None:
+    # msgspec decodes nested values recursively: a hostile frame must end as
+    # EventDecodeError (the adapter skips it), never as RecursionError.
+    depth = 100_000
+    ts = b"\xcb" + b"\x00" * 8  # 0.0
+    payload = b"\x93" + ts + b"\x91" + b"\x91" * depth + b"\xc0" + b"\xc0"  # [0.0, [[[...nil...]]], nil]
+    with pytest.raises(EventDecodeError):
+        decode_batch(payload)

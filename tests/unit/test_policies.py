@@ -4,6 +4,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from blocks.tiers import TIER_DISK, TIER_HOST
 from router.approx_tree import ApproxTree
 from router.errors import NoEngineAvailable
 from router.index import PrefixIndex
@@ -380,3 +381,60 @@ def test_consistent_hash_moves_only_keys_of_removed_worker():
                 assert after[k] != removed
         moved = sum(before[k] != after[k] for k in keys)
         assert moved == sum(v == removed for v in before.values())
+
+
+# -- cache tiers ------------------------------------------------------------------------
+
+
+def test_precise_credits_each_tier_by_its_weight():
+    idx = PrefixIndex()
+    idx.store("gpu", PROMPT[:8])
+    idx.store("host", PROMPT[:4])
+    idx.store("host", PROMPT[4:16], tier=TIER_HOST)  # evicted from its GPU, kept in host memory
+    p = make_policy("precise", index=idx, overlap_weight=1.0, delay_weight=0.0, host_tier_weight=0.9)
+    r = req()  # 259 tokens: 16.19 blocks
+    cands = [Candidate("gpu", 0, load_tokens=0), Candidate("host", 0, load_tokens=0)]
+    d = p.choose(r, cands, 0, random.Random(0))
+    # gpu: 16.19 - 8 = 8.19 uncached; host: 16.19 - 4 - 0.9 x 12 = 1.39
+    scores = {c.worker: c.score for c in d.candidates}
+    assert scores == pytest.approx({"gpu": 259 / 16 - 8, "host": 259 / 16 - 4 - 0.9 * 12})
+    assert d.worker == "host" and "overlap 4/16 blocks (+12 host)" in d.reason
+    row = next(c for c in d.candidates if c.worker == "host")
+    assert (row.overlap_blocks, row.host_blocks, row.cached_blocks) == (4, 12, 16)
+    assert "x host" in d.score_meaning and "(+12 host)" in d.explain()
+    # Worth nothing: the host copies are as good as recomputing.
+    p0 = make_policy("precise", index=idx, overlap_weight=1.0, delay_weight=0.0, host_tier_weight=0.0)
+    assert p0.choose(r, cands, 0, random.Random(0)).worker == "gpu"
+
+
+def test_precise_tier_weight_defaults_and_bounds():
+    p = make_policy("precise", index=PrefixIndex())
+    assert p.tier_weights == (1.0, 0.9, 0.5, 0.5)  # gpu, host, disk, external
+    for opt in ("host_tier_weight", "disk_tier_weight", "external_tier_weight"):
+        with pytest.raises(ValueError, match=opt):
+            make_policy("precise", index=PrefixIndex(), **{opt: 1.5})
+
+
+def test_a_route_hint_moves_the_lower_tier_blocks_it_covers_to_the_gpu():
+    idx = PrefixIndex()
+    idx.store("a", PROMPT[:2])
+    idx.store("a", PROMPT[2:10], tier=TIER_HOST)
+    idx.store("a", PROMPT[10:12], tier=TIER_DISK)
+    p = make_policy("precise", index=idx, hint_overlap=lambda hashes, now: {"a": 6})
+    d = p.choose(req(), [Candidate("a", 0, load_tokens=0)], 0, random.Random(0))
+    (row,) = d.candidates
+    # 12 cached in all; the hint puts the first 6 on the GPU, the host tier keeps 4
+    assert (row.overlap_blocks, row.host_blocks, row.disk_blocks) == (6, 4, 2)
+    d = make_policy("precise", index=idx, hint_overlap=lambda hashes, now: {"a": 14}).choose(
+        req(), [Candidate("a", 0, load_tokens=0)], 0, random.Random(0)
+    )
+    (row,) = d.candidates
+    assert (row.overlap_blocks, row.host_blocks, row.disk_blocks) == (14, 0, 0)
+
+
+def test_load_only_policies_report_the_tiers_too():
+    idx = PrefixIndex()
+    idx.store("a", PROMPT[:3])
+    idx.store("a", PROMPT[3:5], tier=TIER_HOST)
+    d = make_policy("round_robin", index=idx).choose(req(), [Candidate("a")], 0, random.Random(0))
+    assert (d.candidates[0].overlap_blocks, d.candidates[0].host_blocks) == (3, 2)

@@ -75,6 +75,16 @@ def test_bad_flags_are_value_errors_naming_the_fault(flag, words):
         config_from_args(_args(flag))
 
 
+def test_public_tls_without_a_mesh_port_is_refused():
+    # The mesh client dials plaintext: on a shared TLS port nodes would never join.
+    tls = ["--tls-cert=node.pem", "--tls-key=node.key"]
+    with pytest.raises(ValueError, match="needs the mesh on a port of its own"):
+        config_from_args(_args(*tls, "--join=seed:7946"))
+    assert config_from_args(_args(*tls, "--join=seed:7946", "--mesh-listen=127.0.0.1:0")).api_auth.tls
+    # A lone node may serve TLS on one port (the CLI warns that no node can join it).
+    assert config_from_args(_args(*tls)).mesh_shares_tls_port
+
+
 def test_listen_and_advertised_addresses():
     host, _, port = resolve_listen("127.0.0.1:0").rpartition(":")
     assert host == "127.0.0.1" and int(port) > 0

@@ -393,3 +393,118 @@ def test_the_router_maps_salted_and_adapter_blocks_to_the_hashes_it_predicts() -
         want |= set(block_hashes(p, BS, root_seed("m", t.lora_name or None, t.cache_salt or None)))
     assert m.live_router_hashes() == want == snapshot_router_hashes(c.snapshot(), "m")
     assert m.live_router_hashes().isdisjoint(block_hashes(p, BS, root_seed("m")))
+
+
+# --- the host tier ------------------------------------------------------------------------------
+
+
+def replay_tiers(events: list[KVEvent], into: dict[str, set[int]]) -> dict[str, set[int]]:
+    """Per medium, the hashes the event stream says are live (set semantics on each)."""
+    for e in events:
+        if isinstance(e, BlockStored):
+            into.setdefault(e.medium or "GPU", set()).update(e.block_hashes)  # type: ignore[arg-type]  # ints here
+        elif isinstance(e, BlockRemoved):
+            held = into.setdefault(e.medium or "GPU", set())
+            for h in e.block_hashes:
+                assert h in held, f"BlockRemoved on {e.medium} for a block never stored there"
+                held.discard(h)
+        else:
+            into.clear()
+    return into
+
+
+def test_an_evicted_block_moves_to_the_host_tier_and_is_loaded_back() -> None:
+    c = PrefixCache(4, BS, num_host_blocks=8)
+    a = toks(12)
+    _cache_and_commit(c, "a", a, Tenancy())
+    c.drain_events()
+    ha = c.chain_hashes(a)
+    c.allocate("b", toks(12, 500))  # one free block, and a's tail two are evicted (tail first)
+    ev = c.drain_events()
+    assert [(type(e).__name__, e.medium, e.block_hashes) for e in ev] == [
+        ("BlockStored", "CPU", [ha[2]]),  # copied to the host tier first
+        ("BlockRemoved", "GPU", [ha[2]]),
+        ("BlockStored", "CPU", [ha[1]]),
+        ("BlockRemoved", "GPU", [ha[1]]),
+    ]
+    stored = ev[0]
+    assert isinstance(stored, BlockStored) and stored.parent_block_hash == ha[1]
+    assert stored.token_ids == a[8:12] and stored.block_size == BS
+    assert c.host_hashes() == {ha[1], ha[2]} and c.cached_hashes() >= {ha[0]}
+    c.release("b")
+    # a again: block 0 from the GPU, blocks 1-2 loaded from the host tier, not recomputed
+    hit, new = c.allocate("a2", a + [1])
+    assert (hit, new, c.host_hit_blocks("a2")) == (1, 3, 2)
+    loaded = [e for e in c.drain_events() if isinstance(e, BlockStored) and e.medium == "GPU"]
+    assert [e.block_hashes for e in loaded] == [ha[1:]] and loaded[0].parent_block_hash == ha[0]
+    assert c.cached_hashes() >= set(ha) and c.host_hashes() >= {ha[1], ha[2]}  # the copies stay
+
+
+def test_the_host_tier_is_bounded_lru_and_cleared_with_the_pool() -> None:
+    c = PrefixCache(2, BS, num_host_blocks=2)
+    for i in range(4):  # four one-block prompts through a two-block pool
+        _cache_and_commit(c, f"r{i}", toks(4, 100 * (i + 1)) + [0], Tenancy())
+    c.allocate("x", toks(8, 9000))  # evicts the last two to the host tier
+    seen = replay_tiers(c.drain_events(), {})
+    st_ = c.stats()
+    assert st_.host_cached == 2 and st_.host_evictions == 2 and st_.host_blocks == 2
+    assert seen["CPU"] == c.host_hashes() and seen["GPU"] == c.cached_hashes()
+    c.release("x")
+    c.clear()
+    assert c.host_hashes() == set() and replay_tiers(c.drain_events(), seen) == {}
+
+
+def test_without_a_host_tier_nothing_is_offloaded() -> None:
+    c = PrefixCache(2, BS)
+    _cache_and_commit(c, "a", toks(8), Tenancy())
+    c.allocate("b", toks(8, 500))
+    assert {e.medium for e in c.drain_events() if isinstance(e, (BlockStored, BlockRemoved))} == {"GPU"}
+    assert c.host_hashes() == set() and c.stats().host_blocks == 0
+
+
+class HostTierMachine(CacheMachine):
+    """The same rules on a cache with a small host tier: every event stream
+    replays, medium by medium, to the GPU pool's and the host tier's
+    contents, and a request is never short of blocks for what it loads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache = PrefixCache(NUM_BLOCKS, BS, hash_seed=7, num_host_blocks=4)
+        self.tiers: dict[str, set[int]] = {}
+
+    @invariant()
+    def events_replay_to_cache_contents(self) -> None:
+        replay_tiers(self.cache.drain_events(), self.tiers)
+        assert self.tiers.get("GPU", set()) == self.cache.cached_hashes()
+        assert self.tiers.get("CPU", set()) == self.cache.host_hashes()
+        assert len(self.cache.host_hashes()) <= 4
+
+
+TestHostTierMachine = HostTierMachine.TestCase
+TestHostTierMachine.settings = settings(
+    max_examples=100,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def test_the_router_indexes_the_host_tier_the_engine_holds() -> None:
+    from blocks.tiers import TIER_GPU, TIER_HOST
+    from engine_adapters.block_mapper import BlockMapper
+    from engine_adapters.sim_engine.cache import snapshot_router_hashes
+
+    c = PrefixCache(4, BS, num_host_blocks=16)
+    events: list[KVEvent] = []
+    for i in range(6):
+        c.allocate(f"r{i}", toks(12, 1000 * (i + 1)) + [0], tenancy=Tenancy(cache_salt="t"))
+        c.commit_full_blocks(f"r{i}", toks(12, 1000 * (i + 1)))
+        c.release(f"r{i}")
+        events += c.drain_events()
+    m = BlockMapper("m", "w", block_size=BS)
+    m.map_batch(decode_batch(encode_batch(KVEventBatch(ts=0.0, events=events))).events, 0)
+    both = c.snapshot() + [r for r in c.host_snapshot() if r["hash"] not in c.cached_hashes()]
+    gpu = snapshot_router_hashes(c.snapshot(), "m")
+    host = snapshot_router_hashes(both, "m", of=c.host_hashes())  # parents may be on the other tier
+    assert c.host_hashes() and m.stats.unknown_parent == 0
+    assert m.live_by_tier() == {TIER_GPU: gpu, TIER_HOST: host}

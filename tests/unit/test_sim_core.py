@@ -121,3 +121,27 @@ def test_check_rejects_impossible_requests() -> None:
     assert core.check(40, 20) is None
     with pytest.raises(ValueError):
         core.add(SimRequest("x", list(range(70)), 10, seed=0), 0)
+
+
+def test_host_tier_hits_are_loaded_not_recomputed_and_cost_their_copy() -> None:
+    def ttft(host_blocks: int) -> tuple[float, EngineCore, Any]:
+        core = EngineCore(PrefixCache(48, BS, hash_seed=3, num_host_blocks=host_blocks), TimingConfig())
+        shared = list(range(5000, 5000 + 40 * BS))
+        core.add(SimRequest("a", shared + [1], 1, seed=1), 0)
+        _, t = drive(core)
+        core.add(SimRequest("evict", list(range(90000, 90000 + 40 * BS)), 1, seed=1), t)  # pushes a out
+        _, t = drive(core, t)
+        b = core.add(SimRequest("b", shared + [2], 1, seed=1), t)
+        drive(core, t)
+        assert b.first_token_at is not None
+        return b.first_token_at - b.arrival, core, b
+
+    cold, core0, b0 = ttft(0)
+    warm, core, b = ttft(64)
+    assert b0.num_cached < 10 * BS and core0.host_hit_tokens == 0  # evicted: recomputed
+    assert b.num_loaded >= 30 * BS and b.num_cached >= b.num_loaded  # loaded from the host tier
+    assert core.host_hit_tokens == b.num_loaded
+    assert core.prefix_hit_tokens == b.num_cached - b.num_loaded
+    # the copy costs host_load_ms_per_token a token, far below a recompute
+    assert warm < cold / 3
+    assert warm > TimingConfig().host_load_ms_per_token * b.num_loaded / 1000

@@ -131,3 +131,23 @@ def test_removed_request_is_skipped() -> None:
     assert s.remove("a") is not None
     assert [p.running.request_id for p in s.complete(plan, 1)] == ["b"]
     assert s.remove("zzz") is None
+
+
+def test_loaded_tokens_cost_their_copy_in_the_admitting_step() -> None:
+    cfg = TimingConfig()
+    assert cfg.step_seconds(1, 0, loaded_tokens=1000) == pytest.approx(
+        (cfg.decode_base_ms + cfg.decode_per_seq_ms + cfg.host_load_ms_per_token * 1000) / 1000
+    )
+    sched = StepScheduler(cfg)
+    req = RunningRequest("r", prompt_len=2000, max_tokens=1, arrival=0.0)
+    sched.add(req)
+
+    def admit(r: RunningRequest) -> bool:
+        r.num_loaded = r.num_cached = r.num_computed = 1600  # 100 blocks from the host tier
+        return True
+
+    plan = sched.schedule(0.0, admit)
+    assert plan is not None and plan.loaded_tokens == 1600 and plan.prefill_tokens == 400
+    assert plan.duration == pytest.approx(cfg.step_seconds(1, 400, 1600))
+    with pytest.raises(ValueError):
+        TimingConfig(host_load_ms_per_token=-1)

@@ -1,21 +1,27 @@
 """Benchmark workloads: seeded determinism, shape, Mooncake parsing and
-scaling, and the ideal (one infinite cache) hit rate."""
+scaling, load scaling, the requests planned before a run, and the splits."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 
+from kvmesh.benchmarks.ideals import infinite_hit_rate, request_blocks
 from kvmesh.workloads import (
+    SPLITS,
     agent_workload,
     chat,
     chat_workload,
-    ideal_hit_rate,
     load_mooncake,
     mooncake_workload,
     no_sharing_workload,
 )
+
+
+def ideal_hit_rate(reqs: list[tuple[list[int], list[int]]], block_size: int = 16) -> float:
+    return infinite_hit_rate(request_blocks(reqs, block_size), block_size)
 
 
 def test_chat_is_unchanged_and_seeded():
@@ -100,6 +106,39 @@ def test_mooncake_bad_record_names_the_line(tmp_path):
     with pytest.raises(ValueError, match=":2:"):
         load_mooncake(path)
     assert len(load_mooncake(path, limit=1)) == 1
+
+
+def test_scaled_divides_arrivals_and_think_time_and_keeps_sessions():
+    w = chat_workload(n_sessions=10, rate=4.0, seed=2)
+    fast = w.scaled(2.0)
+    assert [s.start_s for s in fast.sessions] == pytest.approx([s.start_s / 2 for s in w.sessions])
+    assert [s.user_turns for s in fast.sessions] == [s.user_turns for s in w.sessions]
+    assert [s.think_s for s in fast.sessions] == pytest.approx([s.think_s / 2 for s in w.sessions])
+    assert fast.params["load"] == 2.0 and fast.scaled(1.5).params["load"] == 3.0
+    assert w.sessions[3].start_s == chat_workload(n_sessions=10, rate=4.0, seed=2).sessions[3].start_s
+    with pytest.raises(ValueError):
+        w.scaled(0)
+
+
+def test_planned_requests_follow_each_session_in_order():
+    w = chat_workload(n_sessions=3, rate=100.0, seed=4, turns=(2, 3), max_tokens=5)
+    plan = w.planned_requests(latency_s=0.5)
+    assert len(plan) == w.requests
+    by_session: dict[int, list[tuple[list[int], list[int]]]] = {}
+    for prompt, answer in plan:
+        first = [s.system + s.user_turns[0] for s in w.sessions]  # every turn starts with its session's first
+        sid = next(i for i, f in enumerate(first) if prompt[: len(f)] == f)
+        by_session.setdefault(sid, []).append((prompt, answer))
+    for turns in by_session.values():
+        for (p0, a0), (p1, _) in itertools.pairwise(turns):
+            assert p1[: len(p0) + len(a0)] == p0 + a0  # the next turn carries the planned answer
+        assert all(len(a) == 5 for _, a in turns)
+    assert plan == w.planned_requests(latency_s=0.5)  # seeded
+
+
+def test_splits_keep_tuning_apart_from_what_is_reported():
+    tuning, held = SPLITS["tuning"], SPLITS["heldout"]
+    assert tuning.seed != held.seed and tuning.trace_offset != held.trace_offset
 
 
 def test_ideal_hit_rate_on_a_hand_made_trace():

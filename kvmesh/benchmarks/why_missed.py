@@ -1,0 +1,224 @@
+"""Why a missed target was missed and what would fix it: the "Missed targets"
+section of docs/benchmarks.md (pure).
+
+Each explanation is reasoning about the design, with every figure it quotes
+taken from the run's own results (``res``), so the page never carries a
+number that this run did not measure. Keyed by target-name prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["why_missed"]
+
+
+def _get(d: Any, *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def _wl(t: dict) -> str:
+    """The workload named in a target's parenthesis: "... (chat, N=3)" -> chat."""
+    inside = t["name"].rsplit("(", 1)[-1].rstrip(")")
+    return inside.split(",")[0].strip()
+
+
+def _n(t: dict) -> int:
+    name = t["name"]
+    if "N=" in name:
+        return int(name.rsplit("N=", 1)[1].rstrip(")"))
+    return 1
+
+
+def _ideal(res: dict, t: dict) -> str:
+    p = _get(res, "routing", "systems", "precise", _wl(t)) or {}
+    cache = _get(res, "routing", "workloads", _wl(t), "cache") or {}
+    figures = ""
+    if p:
+        figures = (
+            f" In this run the fleet held {cache.get('fleet_blocks', 0):,} blocks against a working set of "
+            f"{cache.get('lru_working_set_blocks', 0):,}; one pooled LRU cache of that size would hit "
+            f"{p['pooled_lru_hit_rate']:.3f}, its offline optimum {p['belady_hit_rate']:.3f}, an infinite "
+            f"cache {p['ideal_hit_rate']:.3f}, and precise failed {p['failed']} of {p['requests']} requests "
+            "(each counted as a miss)."
+        )
+    return (
+        "The pooled ideal lets every request reuse any engine's blocks and evicts the fleet's least "
+        "recently used block; the engines cannot lend each other memory, so a prefix that needs two "
+        "engines (for load) is stored twice, and each engine evicts on its own. precise also weighs a "
+        "hit against the queue in front of it (router/policies.py)." + figures + " Fix: fewer "
+        "duplicate prefixes (raise precise.overlap_weight with --policy-opt) at some cost in TTFT; more "
+        "memory per engine."
+    )
+
+
+def _vs_sglang_hits(res: dict, t: dict) -> str:
+    d = _get(res, "routing", "sglang_cache_aware_defaults") or {}
+    thr = d.get("cache_threshold")
+    rule = (
+        f"sends a request to its best match whenever more than {thr:.0%} of the prompt was routed there and "
+        f"ignores load until the fleet is imbalanced by {d.get('balance_abs_threshold', 0):g} requests"
+        if thr is not None
+        else "sends a request to its best match and ignores load until the fleet is badly imbalanced"
+    )
+    return (
+        f"sglang-router's rule {rule}; precise weighs the saving against each engine's queue, so it "
+        "gives up hits where the wait would cost more (compare the TTFT and imbalance columns), and a "
+        "request it refuses under overload counts as a miss. Fix if hits matter more than TTFT: raise "
+        "precise.overlap_weight / delay_weight with --policy-opt (trade-offs: "
+        "docs/evidence/precise_weights.md)."
+    )
+
+
+def _replicas(res: dict, t: dict) -> str:
+    return (
+        "Each node routes its share of the requests and learns the others' decisions through the "
+        "mesh: route hints and load are pushed right after a routing decision (MeshConfig."
+        "hint_push_delay), engine events through the engine's owner. Requests for one prefix that "
+        "reach two nodes before either hears of the other can still split. Fix: session-affine entry "
+        "into the mesh (the load balancer hashing on a session key), or a synchronous hint exchange for "
+        "long prompts."
+    )
+
+
+def _goodput(res: dict, t: dict) -> str:
+    wl, n = _wl(t), _n(t)
+    suffix = "" if n == 1 else f"@{n}"
+    peer = "sglang_cache_aware" if "sglang" in t["name"] else "round_robin"
+    mine = _get(res, "routing", "systems", "precise" + suffix, wl) or {}
+    other = _get(res, "routing", "systems", peer + suffix, wl) or {}
+    figures = ""
+    if mine and other:
+        um, uo = 1 - mine["hit_rate"], 1 - other["hit_rate"]
+        figures = (
+            f" At the nominal load precise left {um:.0%} of the prompt tokens to compute and {peer} "
+            f"{uo:.0%} (imbalance {mine['imbalance_inflight']:.2f} vs {other['imbalance_inflight']:.2f}); "
+            f"where prefill bounds the rate, fewer recomputed tokens lift goodput by at most "
+            f"{uo / um:.2f}x."
+            if um > 0
+            else ""
+        )
+        if mine.get("failed"):
+            figures += (
+                f" precise's nodes refused {mine['failed']} of {mine['requests']} requests at the nominal "
+                "load (admission: the estimated wait for the fleet exceeded --max-queue-wait); each counts "
+                "against its SLO."
+            )
+    return (
+        "Goodput at a TTFT SLO is set by how much prefill the fleet must do per request (the uncached "
+        "prompt), by how evenly it queues and, with caches this small, by how many requests' blocks an "
+        "engine can hold at once." + figures + " On this machine the client, the routers and the engines "
+        "also share the CPU, so at high loads every system slows together (see the steps of the search). "
+        "A longer search (`--ladder-steps`) narrows a bracket the ratio could not be read from."
+    )
+
+
+def _proxy(res: dict, t: dict) -> str:
+    px = _get(res, "proxy") or {}
+    echo, kv = px.get("echo", {}), px.get("kvmesh", {})
+    figures = ""
+    if echo.get("server_cpu_ms_per_request") and kv.get("server_cpu_ms_per_request"):
+        figures = (
+            f" This run: the router spent {kv['server_cpu_ms_per_request']:.2f} ms of CPU per request "
+            f"against the echo server's {echo['server_cpu_ms_per_request']:.2f}, with "
+            f"{kv.get('tokens_per_chunk', 0):.2f} tokens per streamed message; the client and engines' "
+            f"CPU used {kv.get('cpu', {}).get('client', 0) + kv.get('cpu', {}).get('engines', 0):.2f} cores."
+        )
+    return (
+        "A node does what the echo server does (a gRPC stream) plus routing (hashing the prompt, the "
+        "index and the mesh's route hints) and an HTTP stream from the engine (aiohttp, SSE parsing), "
+        "all in one Python event loop." + figures + " Fix: a native HTTP client for the engine stream; "
+        "more router nodes (the mesh scales the proxy out); `Route` (pick only) for clients that proxy "
+        "themselves."
+    )
+
+
+WHY_MISSED: dict[str, str | Callable[[dict, dict], str]] = {
+    "precise hit rate vs pooled-LRU ideal": _ideal,
+    "hit rate vs sglang-router cache_aware": _vs_sglang_hits,
+    "mesh hit-rate loss": _replicas,
+    "goodput vs": _goodput,
+    "index ingest vs Dynamo": (
+        "kvmesh's ingest is end to end in Python (msgspec decoding of the engine's frames, mapping "
+        "engine hashes to router hashes, the replicated log's append as the owner, the index update) "
+        "while Dynamo's Rust tree is handed pre-hashed events; a profile of `kvmesh bench index` shows "
+        "where each block's time goes. Fix: one native routine per frame (decode, chained hash, map, "
+        "index update)."
+    ),
+    "prefix match p99 vs Dynamo": (
+        "kvmesh's match is one dict probe and one bitmask test per block in Python (router/index.py); "
+        "its slowest queries are long full hits, and on a shared machine the p99 moves from run to run "
+        "around the goal. A reliable margin needs the hash -> mask table in native code."
+    ),
+    "convergence p99, 5 real nodes": (
+        "Events reach the nodes that do not own the engine through epidemic gossip rounds "
+        "(MembershipConfig.gossip_interval); the p99 is a few rounds plus the nodes' event loops on a "
+        "shared CPU. Fix: push owner deltas to every member at once (small meshes), or a shorter "
+        "gossip interval."
+    ),
+    "convergence p99, 9 real nodes": (
+        "As for 5 nodes, with more processes sharing the machine's cores: every node's event loop "
+        "handles more gossip per round. Fix: push owner deltas to every member at once (small meshes), "
+        "or a shorter gossip interval."
+    ),
+    "convergence p99, 100 simulated nodes": (
+        "Epidemic spreading needs about log_fanout(N) rounds, plus anti-entropy repair for lost pushes. "
+        "Fix: a larger fanout for state deltas, or deltas piggy-backed on every probe."
+    ),
+    "convergence p99, 200 simulated nodes": (
+        "Epidemic spreading needs about log_fanout(N) rounds; a lost push waits for the next round or "
+        "for anti-entropy, and every message costs its receiver CPU (the per-message cost measured on "
+        "the real nodes), so a busy node delays what it forwards. Fix: a larger fanout for state "
+        "deltas, or deltas piggy-backed on every probe."
+    ),
+    "Generate proxy vs bare grpcio": _proxy,
+    "overload: CANCELLED or UNKNOWN": (
+        "A node never answers CANCELLED itself (router/errors.py): a client gets it when gRPC's core "
+        "drops a call before the application has taken it (past `grpc.server.max_pending_requests`, "
+        "which router/service.py `server_options` raises) or when the client cancels. UNKNOWN is an "
+        "exception that escaped a handler. The nodes' own outcome counts (GetStats `outcomes`) tell them "
+        "apart: a CANCELLED the node did not count never reached its handler."
+    ),
+    "overload: goodput at": (
+        "Goodput at the top of the ladder falls below the fleet's when the engines run short of work: "
+        "the node's CPU goes to taking in and refusing the excess and its event loop falls behind the "
+        "streams it proxies, or admission sheds requests the engines could have started in time. The "
+        "CPU columns show which process ran out; the client, the router and the engines share this "
+        "machine's cores with whatever else runs on it (the `other` column)."
+    ),
+    "overload: shed requests answered": (
+        "Shedding costs the node little, but the answer waits for the node's event loop, behind the "
+        "tokens it is streaming for the admitted requests, the other calls arriving and the garbage "
+        "collector's full passes, and for a CPU: the router, the client and the engine processes share "
+        "the machine's cores with whatever else runs on it (the `other` CPU column). `client late` is "
+        "the client's share of the figure. Fix: router nodes on cores of their own (more nodes behind "
+        "the name only help when they do not share the same cores)."
+    ),
+    "overload: router memory flat": (
+        "RSS follows the number of calls the node holds at once: the admitted requests waiting for a "
+        "first token (up to `--max-queue-wait` x the fleet's start rate, each with its engine stream "
+        "open) and those being refused; CPython keeps freed memory for reuse rather than return it to "
+        "the system, so a level ends near its peak. The index holds as many entries at every level "
+        "(its column), so the growth is not routing state; RSS that kept rising over repeated levels at "
+        "the same load would be a leak. A shorter `--max-queue-wait` holds fewer calls at once."
+    ),
+    "overload: mesh membership stable": (
+        "SWIM probes and their acks share each node's event loop and CPU with the requests: an ack "
+        "later than `probe_timeout` (and the indirect probes' acks too) makes the prober suspect a "
+        "member that is only busy, which then refutes by raising its incarnation. Fix: answer "
+        "membership messages off the request path (their own thread or port), or longer probe timeouts."
+    ),
+}
+
+
+def why_missed(res: dict, t: dict) -> str | None:
+    """The explanation of the missed target ``t`` (an item of ``targets(res)``), if there is one."""
+    for prefix, why in WHY_MISSED.items():
+        if t["name"].startswith(prefix):
+            return why if isinstance(why, str) else why(res, t)
+    return None

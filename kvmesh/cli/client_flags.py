@@ -1,0 +1,127 @@
+"""The flags every client command shares (`kvmesh generate`, `kvmesh route`):
+where to connect and how to authenticate, and what the prompt is.
+
+Defaults come from :class:`kvmesh.client.ClientConfig`; the target and the
+token may also come from the environment (``KVMESH_TARGET``,
+``KVMESH_TOKEN``), so that neither has to be typed on every command line,
+and a token never shows in the process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from kvmesh.client import (
+    DEFAULT_TARGET,
+    Client,
+    ClientConfig,
+    ClientConfigError,
+    KvmeshError,
+    Prompt,
+    TlsConfig,
+)
+
+__all__ = ["add_connection_flags", "add_prompt_flags", "client_from_args", "explain", "prompt_from_args"]
+
+TARGET_ENV = "KVMESH_TARGET"
+TOKEN_ENV = "KVMESH_TOKEN"
+
+
+def add_connection_flags(p: argparse.ArgumentParser) -> None:
+    d = ClientConfig()
+    g = p.add_argument_group("connection")
+    g.add_argument(
+        "--target",
+        default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
+        help="HOST:PORT of any node, or of a DNS name in front of all of them (dialed as dns:///HOST:PORT, "
+        "calls spread over every address), or a gRPC target URI "
+        f"(default: ${TARGET_ENV}, else {DEFAULT_TARGET})",
+    )
+    g.add_argument("--insecure", action="store_true", help="plaintext, no TLS: for nodes run with --insecure")
+    g.add_argument(
+        "--tls-ca", default="", help="CA file (PEM) of the nodes' certificates (default: system CAs)"
+    )
+    g.add_argument("--tls-cert", default="", help="client certificate (PEM), for nodes that require one")
+    g.add_argument("--tls-key", default="", help="the client certificate's key (PEM)")
+    g.add_argument(
+        "--tls-server-name",
+        default="",
+        help="name to check the node's certificate against (default: the host)",
+    )
+    g.add_argument(
+        "--token-file",
+        default="",
+        help=f"file holding a bearer token, its first word (default: ${TOKEN_ENV}, if set)",
+    )
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=d.timeout,
+        help="deadline of the call, in seconds (default %(default)s)",
+    )
+
+
+def add_prompt_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", nargs="?", help="the prompt as text (tokenized by the node); - reads stdin")
+    p.add_argument(
+        "--tokens", nargs="+", type=int, metavar="ID", help="the prompt as token ids, used as they are"
+    )
+    p.add_argument("--model", default="", help="model name (default: the only model the fleet serves)")
+    p.add_argument("--session-key", default="", help="session key (consistent_hash; a tie-breaker hint)")
+    p.add_argument("--policy", default="", help="routing policy for this request (default: the node's)")
+    p.add_argument("--lora", default="", help="LoRA adapter name")
+    p.add_argument("--cache-salt", default="", help="cache salt (a tenant's own cache)")
+    p.add_argument("--request-id", default="", help="request id (default: the node makes one)")
+
+
+def prompt_from_args(args: argparse.Namespace) -> Prompt:
+    """The prompt; raises ValueError (a usage error) unless exactly one was given."""
+    if (args.text is None) == (args.tokens is None):
+        raise ValueError("give the prompt as TEXT or as --tokens ID ..., one of the two")
+    if args.tokens is not None:
+        return list(args.tokens)
+    text: str = sys.stdin.read() if args.text == "-" else args.text
+    return text
+
+
+def _token(args: argparse.Namespace) -> str:
+    """The token: the first word of the token file's first line that holds one
+    (so a node's --auth-token-file, ``TOKEN [ROLE]`` a line, works too), else ``$KVMESH_TOKEN``."""
+    if not args.token_file:
+        return os.environ.get(TOKEN_ENV, "")
+    try:
+        text = Path(args.token_file).read_text()
+    except OSError as e:
+        raise ClientConfigError(f"cannot read the token file {args.token_file!r}: {e}") from None
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if words:
+            return words[0]
+    raise ClientConfigError(f"the token file {args.token_file!r} holds no token")
+
+
+def explain(e: KvmeshError, args: argparse.Namespace) -> str:
+    """The error for the terminal, with a hint where the flags are the likely cause."""
+    if not args.insecure and e.status == "UNAVAILABLE" and "handshake" in e.message.lower():
+        return f"{e}\n(TLS failed: a node run --insecure speaks plaintext; add --insecure for it)"
+    return str(e)
+
+
+def client_from_args(args: argparse.Namespace) -> Client:
+    """The client the connection flags describe (ClientConfigError/ValueError if they cannot work)."""
+    tls: bool | TlsConfig = False
+    if not args.insecure:
+        tls = TlsConfig(
+            ca_file=args.tls_ca,
+            cert_file=args.tls_cert,
+            key_file=args.tls_key,
+            server_name=args.tls_server_name,
+        )
+    elif args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
+        raise ClientConfigError("--insecure turns TLS off: drop it, or the --tls-* flags")
+    # One call: nothing to re-resolve.
+    config = ClientConfig(timeout=args.timeout, reresolve_interval=0)
+    return Client(args.target, tls=tls, token=_token(args), config=config)

@@ -1,0 +1,79 @@
+"""The one exception a kvmesh client raises for a call that did not end well.
+
+A node ends every failed call with a gRPC status and, in the trailing
+metadata ``kvmesh-reason``, one word saying which case it is (README.md,
+"How a call ends"). :class:`KvmeshError` carries both, the node's message,
+and whether the call had started answering: a call that failed before any
+answer was already retried by gRPC where that is safe
+(:mod:`kvmesh.client.service_config`); one that failed after it may have
+done work (tokens generated) and was not. An empty ``reason`` means no node
+said why: the status came from gRPC on the client's side (its deadline, a
+connection that broke, no node reachable).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from kvmesh.client.results import Result
+from router.errors import REASON_KEY
+
+__all__ = ["KvmeshError", "from_rpc_error"]
+
+
+class KvmeshError(Exception):
+    """A call that ended with a non-OK status.
+
+    ``code``: the ``grpc.StatusCode``; ``status``: its name (``"UNAVAILABLE"``);
+    ``reason``: the node's ``kvmesh-reason`` ("" if none); ``message``: the
+    status details; ``started``: the call had received an answer (a stream its
+    first message) before it failed; ``request_id``: the request's id when
+    the node had said it; ``result``: for a stream that had finished with
+    ``finish_reason == "error"``, what it had produced.
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str = "",
+        *,
+        started: bool = False,
+        request_id: str = "",
+        result: Result | None = None,
+    ) -> None:
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.started = started
+        self.request_id = request_id
+        self.result = result
+        super().__init__(str(self))
+
+    @property
+    def status(self) -> str:
+        return str(self.code.name)
+
+    def __str__(self) -> str:
+        why = f" ({self.reason})" if self.reason else ""
+        return f"{self.status}{why}: {self.message}"
+
+
+def from_rpc_error(
+    e: Any, *, started: bool = False, request_id: str = "", result: Result | None = None
+) -> KvmeshError:
+    """The :class:`KvmeshError` for a ``grpc.RpcError`` (sync or ``grpc.aio``)."""
+    code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = e.details() if callable(getattr(e, "details", None)) else str(e)
+    trailing = e.trailing_metadata() if callable(getattr(e, "trailing_metadata", None)) else None
+    reason = next((str(v) for k, v in (trailing or ()) if k == REASON_KEY), "")
+    return KvmeshError(
+        code if code is not None else grpc.StatusCode.UNKNOWN,
+        details or "",
+        reason,
+        started=started,
+        request_id=request_id,
+        result=result,
+    )
