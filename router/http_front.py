@@ -224,20 +224,7 @@ class HttpFront:
     def _ended(
         self, status: str, reason: str, request_id: str, message: str, timer: RequestTimer | None
     ) -> None:
-        now = self.node.clock()
-        log_it, suppressed = self.node.outcomes.record(status, reason, now)
-        if timer is not None:
-            self.node.metrics.ended(timer, status, now)
-        if log_it:
-            self.node.log.warning(
-                "router.request_ended",
-                status=status,
-                reason=reason,
-                request_id=request_id,
-                error=message,
-                suppressed_before=suppressed,
-                api="openai",
-            )
+        self.node.request_ended(status, reason, request_id, message, timer, api="openai")
 
     # --- handlers --------------------------------------------------------------------------------
 

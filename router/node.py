@@ -60,7 +60,7 @@ from router.errors import (
 from router.health import HealthPoller
 from router.load import MeshLoad, WorkerLoads
 from router.mesh_shell import MeshShell
-from router.metrics import MetricsRecorder
+from router.metrics import MetricsRecorder, RequestTimer
 from router.native_index import new_index
 from router.outcomes import Outcomes
 from router.policies import Decision, Policy, make_policy
@@ -293,6 +293,33 @@ class RouterNode:
         if prep.model in self.config.tokenizers:  # a real tokenizer: its vocabulary is the model's
             vocab = getattr(self.tokenizer(prep.model), "vocab_size", None)
         validate(prep, params, self.engines.max_model_len(prep.model), vocab)
+
+    def request_ended(
+        self,
+        status: str,
+        reason: str,
+        request_id: str,
+        message: str,
+        timer: RequestTimer | None,
+        **where: str,
+    ) -> None:
+        """Count how a request ended (by status and reason, in the outcomes
+        and the metrics) and log it, a few a second (router/outcomes.py);
+        ``where`` adds context to the log line (the API it came by)."""
+        now = self.clock()
+        log_it, suppressed = self.outcomes.record(status, reason, now)
+        if timer is not None:
+            self.metrics.ended(timer, status, now)
+        if log_it:
+            self.log.warning(
+                "router.request_ended",
+                status=status,
+                reason=reason,
+                request_id=request_id,
+                error=message,
+                suppressed_before=suppressed,
+                **where,
+            )
 
     def in_flight(self) -> int:
         """Generate requests this node has on engines or queued for them."""

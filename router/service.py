@@ -264,19 +264,7 @@ class RouterService(pb_grpc.RouterServicer):
     def _ended(
         self, status: str, reason: str, request_id: str, message: str, timer: RequestTimer | None = None
     ) -> None:
-        now = self.node.clock()
-        log_it, suppressed = self.outcomes.record(status, reason, now)
-        if timer is not None:
-            self.node.metrics.ended(timer, status, now)
-        if log_it:
-            self.node.log.warning(
-                "router.request_ended",
-                status=status,
-                reason=reason,
-                request_id=request_id,
-                error=message,
-                suppressed_before=suppressed,
-            )
+        self.node.request_ended(status, reason, request_id, message, timer)
 
     async def _fail(
         self, context: grpc.aio.ServicerContext, e: RouterError, request_id: str, timer: RequestTimer
