@@ -21,9 +21,10 @@ NATIVE_SRC := $(wildcard native/src/*.rs) native/Cargo.toml native/Cargo.lock na
 
 $(NATIVE_STAMP): $(STAMP) $(NATIVE_SRC)
 	$(PY) -m pip install -q 'maturin>=1.9.4,<2'
-	cd native && VIRTUAL_ENV=$(CURDIR)/$(VENV) $(CURDIR)/$(VENV)/bin/maturin develop --release --locked -q
+	@start=$$(date +%s); \
+	cd native && VIRTUAL_ENV=$(CURDIR)/$(VENV) $(CURDIR)/$(VENV)/bin/maturin develop --release --locked -q && \
+	echo "kvmesh: native hot path built in $$(( $$(date +%s) - start )) s (native/, Rust; KVMESH_PURE_PYTHON=1 forces the Python path)"
 	@touch $(NATIVE_STAMP)
-	@echo "kvmesh: native hot path built (native/, Rust; KVMESH_PURE_PYTHON=1 forces the Python path)"
 
 native: $(STAMP)
 	@if command -v cargo >/dev/null; then $(MAKE) -s --no-print-directory $(NATIVE_STAMP); \

@@ -32,7 +32,9 @@ def worker_id(engine_id: str, dp_rank: int) -> str:
 def split_worker_id(worker: str) -> WorkerId:
     """``"e1#dp2"`` -> ``WorkerId("e1", 2)``; a plain engine id is rank 0."""
     engine_id, sep, rank = worker.rpartition(DP_SEPARATOR)
-    if sep and rank.isdigit():
+    # isdecimal, not isdigit: "²" is a digit that int() refuses, and a worker
+    # id arrives in replicated log entries written by any node.
+    if sep and rank.isdecimal():
         return WorkerId(engine_id, int(rank))
     return WorkerId(worker, 0)
 

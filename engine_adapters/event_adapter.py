@@ -358,9 +358,8 @@ class EventAdapter:
         st.stats.probes += 1
         before = st.stats.replayed_batches
         answered = await self._replay_rounds(st, 0, retries=1, probe=True)
-        found = st.stats.replayed_batches - before
+        found = st.stats.replayed_batches - before  # counted in probe_batches as applied
         if found:
-            st.stats.probe_batches += found
             self._log.info("adapter.probe_recovered", worker=st.worker, batches=found, seq=st.sequencer.last)
         if answered and st.probe_failing:
             self._log.info("adapter.probe_answered", worker=st.worker)
@@ -440,6 +439,10 @@ class EventAdapter:
                     self._history_lost(st, seq - 1, "replay_buffer_exceeded")
                 self._apply(st, seq, payload, hash(payload), replayed=True)
                 st.stats.replayed_batches += 1
+                if probe:
+                    # With the batch, not after the replay's end marker: the
+                    # stats never lag what the index already shows.
+                    st.stats.probe_batches += 1
             st.stats.replay_failures += 1
             if probe and st.probe_failing:
                 self._log.debug("adapter.replay_timeout", worker=st.worker, from_seq=start, probe=True)

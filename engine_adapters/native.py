@@ -20,7 +20,6 @@ Python path although the module is built; :class:`NativeBlockMapper` and
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -30,6 +29,7 @@ import structlog
 
 from blocks.block_map import BlockMap, MappedBlock
 from blocks.delta import EngineHash, KvDelta, KvOp
+from blocks.native import pure_python_forced
 from engine_adapters import kv_events
 from engine_adapters.block_mapper import BlockMapper, MapperStats, tenancy
 from engine_adapters.kv_events import (
@@ -57,8 +57,6 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-ENV_PURE_PYTHON = "KVMESH_PURE_PYTHON"
-
 
 def _load() -> tuple[ModuleType | None, str]:
     try:
@@ -71,7 +69,7 @@ def _load() -> tuple[ModuleType | None, str]:
 _native, NOT_BUILT_REASON = _load()
 NATIVE_BUILT: bool = _native is not None
 # Whether decode_batch / new_mapper / map_frame take the native path.
-NATIVE: bool = NATIVE_BUILT and os.environ.get(ENV_PURE_PYTHON, "") != "1"
+NATIVE: bool = NATIVE_BUILT and not pure_python_forced()
 IMPLEMENTATION = "native" if NATIVE else "python"
 
 

@@ -262,7 +262,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     r.add_argument("--quick", action="store_true", help="short smoke run")
     _routing_flags(r)
     for name, text in (
-        ("micro", "index ingest and match vs Dynamo's RadixTree; decision latency per policy"),
+        (
+            "micro",
+            "owner ingest, non-owner apply, match and memory per block, native and pure Python vs "
+            "Dynamo's RadixTree; decision latency per policy",
+        ),
         ("convergence", "gossip convergence vs mesh size (real processes and simulation)"),
         ("proxy", "Generate proxy throughput vs a bare grpcio server"),
     ):
@@ -437,12 +441,35 @@ def run_routing_cmd(args: argparse.Namespace) -> dict:
     )
 
 
+# Memory per indexed block: distinct blocks over MEMORY_ENGINES engines, each size in a fresh process.
+MEMORY_SIZES, QUICK_MEMORY_SIZES = [1_000_000, 10_000_000], [100_000]
+MEMORY_ENGINES = 1000
+
+
 def run_micro_cmd(args: argparse.Namespace) -> dict:
-    from kvmesh.benchmarks.micro import bench_decisions, bench_ingest_and_match
+    from kvmesh.benchmarks.index_memory import memory_table
+    from kvmesh.benchmarks.micro import (
+        bench_decisions,
+        bench_ingest_and_match,
+        dynamo_available,
+        native_missing,
+    )
 
     n = 200_000 if args.quick else 1_000_000
     return {
-        "index": bench_ingest_and_match(n, 64, 128, 1000 if args.quick else 5000, args.seed, note=_note),
+        # When and how, for a micro run merged into an earlier full run's page.
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "kvmesh bench micro" + (" --quick" if args.quick else ""),
+        "index": bench_ingest_and_match(
+            n, 64, 128, 1000 if args.quick else 5000, args.seed, note=_note, nonowner_blocks=n
+        ),
+        "memory": memory_table(
+            QUICK_MEMORY_SIZES if args.quick else MEMORY_SIZES,
+            MEMORY_ENGINES,
+            {"native": native_missing(), "python": None, "dynamo": dynamo_available()},
+            seed=args.seed,
+            note=_note,
+        ),
         "decisions": bench_decisions(n=1000 if args.quick else 5000, seed=args.seed),
     }
 

@@ -25,8 +25,9 @@ sooner), ``handle(msg, now)`` for every received message, and the local
 calls ``register_engine``/``deregister_engine``, ``engine_deltas`` (from this
 node's KV-event adapters), ``set_local_load``, ``add_hint``.
 Outputs (drain them after every input): ``take_sends()`` (messages, each
-addressed by ``dst``), ``take_index_changes()`` (``KvDelta``s for this node's
-prefix index, in order) and ``take_effects()`` (:mod:`mesh.effects`: start or
+addressed by ``dst``), ``take_index_changes()`` (``KvDelta``s, or packed
+log entries, :mod:`mesh.engine_log.packed`, for this node's prefix index, in
+order) and ``take_effects()`` (:mod:`mesh.effects`: start or
 stop an engine adapter, engine added or removed, member changed).
 
 After every input the core *settles* (:meth:`MeshCore._settle`): any input can
@@ -53,6 +54,7 @@ from mesh.counters import ConvergenceLag, Counters, decode_state_vector
 from mesh.effects import Effect, EngineAdded, EngineRemoved, MemberChanged, StartOwning, StopOwning
 from mesh.engine_log.entry import NotOwnerError
 from mesh.engine_log.owner import CompactionPolicy
+from mesh.engine_log.packed import PACKED, PACKED_BUILT, IndexChange, heads_of
 from mesh.gossip import StateGossip
 from mesh.load_publisher import LoadPublisher
 from mesh.membership import Membership, MembershipConfig
@@ -105,8 +107,15 @@ class MeshConfig:
     # gossip interval would otherwise split across engines.
     hint_push_delay: float = 0.01
     compaction: CompactionPolicy | None = None
+    # Hand the index each replicated entry as one PackedEntry, decoded in Rust
+    # (mesh/engine_log/packed.py): when the native module is built and
+    # KVMESH_PURE_PYTHON=1 is not set. A router node sets it exactly when its
+    # index is native.
+    packed_entries: bool = PACKED
 
     def __post_init__(self) -> None:
+        if self.packed_entries and not PACKED_BUILT:
+            raise ValueError("packed_entries needs the native module (native/, `make install`)")
         for name in (
             "anti_entropy_interval",
             "load_interval",
@@ -147,7 +156,12 @@ class MeshCore:
         self.membership = Membership(node_id, addr, cfg.membership, now, rng, logger=self._log)
         # A child RNG for the CRDT ids: its draws do not shift membership's.
         self.state = MeshState(
-            node_id, now, random.Random(rng.getrandbits(64)), compaction=cfg.compaction, hint_ttl=cfg.hint_ttl
+            node_id,
+            now,
+            random.Random(rng.getrandbits(64)),
+            compaction=cfg.compaction,
+            hint_ttl=cfg.hint_ttl,
+            packed=cfg.packed_entries,
         )
         self.readiness = Readiness(node_id, cfg.full_state_retry, cfg.bootstrap_wait)
         self.ownership = OwnershipTracker(node_id, cfg.retake_backoff)
@@ -173,7 +187,7 @@ class MeshCore:
         # Outputs, drained by the shell.
         self._sends: list[MeshMessage] = []
         self._effects: list[Effect] = []
-        self._index: list[KvDelta] = []
+        self._index: list[IndexChange] = []
         self._local_out: list[Delta] = []  # this node's own deltas, pushed next round
         # Views kept in step with the inputs.
         self._engines: dict[str, dict[str, Any]] = {}
@@ -399,7 +413,7 @@ class MeshCore:
         out, self._sends = self._sends, []
         return out
 
-    def take_index_changes(self) -> list[KvDelta]:
+    def take_index_changes(self) -> list[IndexChange]:
         out, self._index = self._index, []
         return out
 
@@ -529,15 +543,16 @@ class MeshCore:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _index_extend(self, deltas: Iterable[KvDelta]) -> None:
+    def _index_extend(self, changes: Iterable[IndexChange]) -> None:
         workers = self._workers
-        for d in deltas:
-            e = engine_of(d.worker)
-            ws = workers.get(e)
-            if ws is None:
-                ws = workers[e] = set()
-            ws.add(d.worker)
-            self._index.append(d)
+        for ch in changes:
+            for w, _ in heads_of(ch):
+                e = engine_of(w)
+                ws = workers.get(e)
+                if ws is None:
+                    ws = workers[e] = set()
+                ws.add(w)
+            self._index.append(ch)
 
     def _live_ids(self) -> list[str]:
         if self._members_dirty:

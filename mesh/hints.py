@@ -113,16 +113,30 @@ class HintStore:
     def overlap(self, hashes: list[int], now: float) -> dict[str, int]:
         """Per worker, how many leading blocks of ``hashes`` are hinted to it."""
         self.expire(now)
+        by_hash = self._by_hash
+        ws = by_hash.get(hashes[0]) if hashes else None
+        if not ws:
+            return {}
+        # The workers still hinted at every block so far. It changes rarely
+        # along a prompt (a hint covers a whole prefix), so a block costs one
+        # subset test in C, and a worker's depth is written once, where it
+        # drops out.
+        alive = set(ws)
         out: dict[str, int] = {}
-        alive: set[str] | None = None
-        for i, bh in enumerate(hashes):
-            ws = self._by_hash.get(bh)
+        depth = len(hashes)
+        for i in range(1, depth):
+            ws = by_hash.get(hashes[i])
             if not ws:
+                depth = i
                 break
-            cur = set(ws) if alive is None else alive & ws.keys()
-            if not cur:
-                break
-            for w in cur:
-                out[w] = i + 1
-            alive = cur
+            if alive <= ws.keys():
+                continue
+            kept = alive & ws.keys()
+            for w in alive - kept:
+                out[w] = i
+            alive = kept
+            if not alive:
+                return out
+        for w in alive:
+            out[w] = depth
         return out

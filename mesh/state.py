@@ -11,7 +11,8 @@ Everything that leaves or enters is a payload of :mod:`mesh.state_messages`
 * ``apply_remote(delta, now)`` merges anything received and says what it
   changed (:class:`Applied`): the ``KvDelta``s the local index must apply, in
   order (an epoch switch arrives as CLEARs plus the new snapshot, see
-  :mod:`mesh.engine_log.replica`), and the part of the input that was new
+  :mod:`mesh.engine_log.replica`; with ``packed``, one ``PackedEntry`` per
+  log entry, :mod:`mesh.engine_log.packed`), and the part of the input that was new
   here, measured exactly (the pycrdt diff of each document before and after),
   which is what a node forwards: duplicates and echoes never are, and an
   out-of-order update is forwarded once it becomes integrable. The registry
@@ -61,6 +62,7 @@ from blocks.workers import DP_SEPARATOR
 from mesh.engine_log.entry import LogError, NotOwnerError
 from mesh.engine_log.epoch import CLIENT_ID_BITS, Epoch, EpochDoc, empty_update
 from mesh.engine_log.owner import CompactionPolicy, EngineLogOwner
+from mesh.engine_log.packed import IndexChange
 from mesh.engine_log.replica import EngineLogReplica
 from mesh.hints import HintStore
 from mesh.load_slots import LoadSlots
@@ -86,7 +88,7 @@ class Takeover(msgspec.Struct, gc=False):
 class Applied:
     """What one received Delta changed on this node."""
 
-    index_changes: list[KvDelta] = field(default_factory=list)  # for the index, in order
+    index_changes: list[IndexChange] = field(default_factory=list)  # for the index, in order
     new: Delta | None = None  # the parts that were new here (what to forward); None: nothing
 
 
@@ -101,10 +103,12 @@ class MeshState:
         *,
         hint_ttl: float,
         compaction: CompactionPolicy | None = None,
+        packed: bool = False,  # the caller's choice: MeshConfig.packed_entries
     ) -> None:
         if not node_id:
             raise ValueError("node_id must be non-empty")
         self.node_id = node_id
+        self.packed = packed
         self.rng = rng
         self.policy = compaction or CompactionPolicy()
         self.registry = Registry(self._client_id())
@@ -121,7 +125,7 @@ class MeshState:
     def _replica(self, engine_id: str) -> EngineLogReplica:
         r = self.logs.get(engine_id)
         if r is None:
-            r = self.logs[engine_id] = EngineLogReplica(engine_id)
+            r = self.logs[engine_id] = EngineLogReplica(engine_id, packed=self.packed)
         return r
 
     # -- registry -----------------------------------------------------------------
@@ -296,7 +300,7 @@ class MeshState:
             out.new = new
         return out
 
-    def _apply_log(self, lu: LogUpdate, changes: list[KvDelta], sender: str) -> LogUpdate | None:
+    def _apply_log(self, lu: LogUpdate, changes: list[IndexChange], sender: str) -> LogUpdate | None:
         """Apply one log update; returns the part of it that was new here."""
         if not lu.engine_id or DP_SEPARATOR in lu.engine_id:
             log.warning("mesh.log_update_bad_engine", node=self.node_id, engine=lu.engine_id, member=sender)
@@ -408,9 +412,8 @@ class MeshState:
 
 def _new_since(lu: LogUpdate, doc: EpochDoc, sv: bytes) -> LogUpdate | None:
     """The part of ``doc`` added since state vector ``sv`` (None if nothing)."""
-    if doc.state_vector() == sv:
-        return None
-    return LogUpdate(lu.engine_id, lu.epoch, doc.update_since(sv))
+    upd = doc.changes_since(sv)
+    return None if upd is None else LogUpdate(lu.engine_id, lu.epoch, upd)
 
 
 def _log_diff(engine_id: str, rep: EngineLogReplica, theirs: EngineSummary | None) -> list[LogUpdate]:

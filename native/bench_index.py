@@ -2,6 +2,7 @@
 throughput, 128-block match latency, memory per indexed block.
 
     .venv/bin/python native/bench_index.py [--blocks 1000000] [--engines 1000]
+        [--memory-blocks 1000000,10000000] [--python-memory-max 1000000]
 
 The population is ``kvmesh bench index``'s shape: a few hundred shared
 "system prompt" prefixes, each extended by conversations of their own
@@ -9,24 +10,23 @@ blocks, each conversation stored on one to three engines (some only a
 leading part of it), until ``--blocks`` distinct blocks are stored. Store:
 every store call into a fresh index, the best of three runs as stored
 blocks per second of this process's CPU time (the machines it runs on are
-shared). Match: ``match(prompt, engines)`` of
+shared); again into an index bounded to half the distinct blocks (evicting
+all along). Match: ``match(prompt, engines)`` of
 128-block prompts against every engine (a quarter of them hit as deep as
 the population allows, the rest at a random depth), the answers of the two
-checked equal. Memory: in a fresh process per implementation, the growth of
-resident memory while the index is built (hashes made as Python ints at
-each store call, as a router receives them, so the ints the Python index
-keeps are counted), divided by the distinct blocks indexed.
+checked equal. Memory (at each of ``--memory-blocks``; the Python index
+only up to ``--python-memory-max``): ``kvmesh.benchmarks.index_memory``,
+which ``kvmesh bench micro`` runs too, in a fresh process per
+implementation and size: the growth of resident memory while the index is
+built, divided by the distinct blocks indexed.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
-import os
 import random
-import subprocess
 import sys
 import time
 from array import array
@@ -38,6 +38,7 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kvmesh.benchmarks.index_memory import measure_in_child
 from router import native_index
 from router.index import PrefixIndex
 
@@ -58,41 +59,26 @@ def population(
     roots = [[rand64(64) for _ in range(rng.randint(8, 32))] for _ in range(n_roots)]
     convs: list[array] = []
     stores: list[tuple[int, array]] = []
-    seen: set[int] = set()  # distinct blocks stored so far
-    while len(seen) < n_blocks:
+    # Distinct blocks stored so far, counted without a set of them (its
+    # memory, freed, would be reused by the index and hide its growth): a
+    # conversation's own blocks are random 64-bit values, distinct from all.
+    root_covered = [0] * n_roots
+    distinct = 0
+    while distinct < n_blocks:
+        r = rng.randrange(n_roots)
         own = rng.randint(PROMPT_BLOCKS // 2, 2 * PROMPT_BLOCKS)
-        chain = array("Q", rng.choice(roots) + [rand64(64) for _ in range(own)])
+        chain = array("Q", roots[r] + [rand64(64) for _ in range(own)])
         convs.append(chain)
+        deepest = 0
         for e in rng.sample(range(n_engines), min(n_engines, rng.randint(1, 3))):
             cut = len(chain) if rng.random() < 0.7 else rng.randint(1, len(chain))
             stores.append((e, chain[:cut]))
-            seen.update(chain[:cut])
+            deepest = max(deepest, cut)
+        covered = min(deepest, len(roots[r]))
+        distinct += max(0, covered - root_covered[r]) + max(0, deepest - len(roots[r]))
+        root_covered[r] = max(root_covered[r], covered)
     rng.shuffle(stores)
     return engines, stores, convs
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def memory(impl: str, n_blocks: int, n_engines: int, seed: int) -> dict[str, float]:
-    """Resident memory the index grew by, per distinct block (run in a fresh process)."""
-    engines, stores, _ = population(n_blocks, n_engines, seed)
-    gc.collect()
-    idx = IMPLS[impl]()
-    before = rss_bytes()
-    for e, hs in stores:
-        idx.store(engines[e], hs.tolist())
-    gc.collect()
-    grown = rss_bytes() - before
-    pairs = sum(idx.blocks_of(w) for w in engines)
-    return {
-        "blocks": len(idx),
-        "pairs": pairs,
-        "bytes_per_block": grown / len(idx),
-        "bytes_per_pair": grown / pairs,
-    }
 
 
 def store_rate(
@@ -143,12 +129,10 @@ def main() -> None:
     p.add_argument("--engines", type=int, default=1000)
     p.add_argument("--queries", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--memory", choices=sorted(IMPLS), help=argparse.SUPPRESS)  # the child's mode
+    p.add_argument("--memory-blocks", default="1000000,10000000", help="sizes of the memory figures")
+    p.add_argument("--python-memory-max", type=int, default=1_000_000, help="largest Python memory figure")
     a = p.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    if a.memory:
-        print(json.dumps(memory(a.memory, a.blocks, a.engines, a.seed)))
-        return
     if "native" not in IMPLS:
         sys.exit("the native module is not built (make native)")
 
@@ -164,33 +148,40 @@ def main() -> None:
 
     res: dict[str, dict[str, float]] = {}
     answers: dict[str, list[dict[str, int]]] = {}
+    bound = max(1, a.blocks // 2)
     for impl, make in IMPLS.items():
+        res.setdefault(impl, {})["store_bounded"], _ = store_rate(lambda m=make: m(bound), engines, stores)
         rate, idx = store_rate(make, engines, stores)
         lat, answers[impl] = match_latencies(idx, queries, engines)
-        res[impl] = {"store": rate, "p50": pct(lat, 50) * 1e6, "p99": pct(lat, 99) * 1e6, "blocks": len(idx)}
+        res[impl].update(store=rate, p50=pct(lat, 50) * 1e6, p99=pct(lat, 99) * 1e6, blocks=len(idx))
         del idx
         gc.collect()
     assert answers["python"] == answers["native"], "the implementations disagree"
-    for impl in IMPLS:
-        out = subprocess.run(
-            [sys.executable, __file__, "--memory", impl, "--blocks", str(a.blocks),
-             "--engines", str(a.engines), "--seed", str(a.seed)],
-            capture_output=True, text=True, check=True, timeout=1800,
-        )  # fmt: skip
-        res[impl].update(json.loads(out.stdout))
+    mem: dict[tuple[str, int], dict[str, float]] = {}
+    for size in (int(x) for x in a.memory_blocks.split(",") if x):
+        for impl in IMPLS:
+            if impl == "native" or size <= a.python_memory_max:
+                m = measure_in_child(impl, size, a.engines, a.seed, timeout_s=3600)
+                if "skipped" in m:
+                    sys.exit(f"memory of {impl} at {size:,} blocks: {m['skipped']}")
+                mem[impl, size] = m
 
     py, nat = res["python"], res["native"]
-    print(f"{int(py['blocks']):,} distinct blocks over {a.engines:,} engines "
-          f"({int(py['pairs']):,} engine-block pairs), {a.queries:,} matches of {PROMPT_BLOCKS} blocks "
-          "against every engine; answers equal")  # fmt: skip
+    print(f"{int(py['blocks']):,} distinct blocks over {a.engines:,} engines, {a.queries:,} matches of "
+          f"{PROMPT_BLOCKS} blocks against every engine; answers equal")  # fmt: skip
     print("| | Python (`PrefixIndex`) | native (`NativeIndex`) |")
     print("| --- | --- | --- |")
     x = nat["store"] / py["store"]
     print(f"| store | {py['store']:,.0f} blocks/s | {nat['store']:,.0f} blocks/s ({x:.1f}x) |")
+    x = nat["store_bounded"] / py["store_bounded"]
+    print(f"| store, bound of half the blocks (--max-index-blocks) | {py['store_bounded']:,.0f} blocks/s | "
+          f"{nat['store_bounded']:,.0f} blocks/s ({x:.1f}x) |")  # fmt: skip
     for k in ("p50", "p99"):
         print(f"| match {k} | {py[k]:.1f} µs | {nat[k]:.1f} µs ({nat[k] / py[k]:.2f}x) |")
-    for k, what in (("bytes_per_block", "distinct block"), ("bytes_per_pair", "engine-block pair")):
-        print(f"| memory per {what} | {py[k]:.0f} B | {nat[k]:.0f} B |")
+    for (impl, _), m in sorted(mem.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        per_block, per_pair = m["bytes_per_block"], m["bytes_per_pair"]
+        print(f"memory, {impl}, {int(m['blocks']):,} distinct blocks ({int(m['pairs']):,} engine-block "
+              f"pairs): {per_block:.1f} B per block, {per_pair:.1f} B per pair")  # fmt: skip
 
 
 if __name__ == "__main__":

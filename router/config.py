@@ -78,6 +78,10 @@ class RouterConfig:
     # A pick answered by the Route RPC (the caller sends the request itself)
     # counts as load on that worker for this long.
     route_load_ttl: float = 2.0
+    # Bound on the prefix index: distinct GPU blocks, and separately as many
+    # lower-tier (host, disk, external) blocks; past it the least recently
+    # matched go (routing treats them as cold; router/index.py). 0: no bound.
+    max_index_blocks: int = 0
 
     # --- requests --------------------------------------------------------------------
     retry: RetryPolicy = field(default_factory=RetryPolicy)  # attempts per request, backoff
@@ -118,6 +122,8 @@ class RouterConfig:
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"unknown policy {self.policy!r}; one of {', '.join(POLICY_NAMES)}")
         check_policy_opts(self.policy_opts)
+        if not isinstance(self.max_index_blocks, int) or self.max_index_blocks < 0:
+            raise ValueError(f"--max-index-blocks must be >= 0 (0: no bound), got {self.max_index_blocks}")
         for name in ("seed_resolve_retry", "seed_refresh_interval"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

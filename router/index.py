@@ -22,6 +22,22 @@ holds. An engine loads its GPU prefix and the lower-tier blocks that extend
 it (vLLM's offloading connector, SGLang's hierarchical cache), so that is the
 prefix it will not recompute. While no worker has a lower-tier block the walk
 is skipped, so an index without offloading pays nothing for tiers.
+
+The bound (``max_blocks``, ``--max-index-blocks``; 0: none). Distinct GPU
+blocks count against it, and so, separately, do lower-tier blocks (one per
+worker, tier and block, as :attr:`PrefixIndex.lower_blocks` counts them):
+an operation that stores past the bound ends by dropping the least recently
+used blocks of that kind down to a low-water mark (:func:`_low_water`), so
+the cost is amortised over the stores that filled the gap. A GPU block is
+used when it is stored or when a match walks over it as a hit (some
+candidate holds it); a lower-tier block when it is stored or
+:meth:`PrefixIndex.match_tiers` credits it. A dropped block leaves every
+holder; hashes are chained, so a match stops there: routing degrades to
+cold, never wrong. Recency is a generation per entry from a clock advanced
+once per block an operation uses; within one operation a prompt's first
+block gets the newest, so a chain loses its tail before its head. Ties are
+broken by hash (then slot, then tier): ``native/src/index.rs`` chooses the
+same victims. Without a bound no generation is kept.
 """
 
 from __future__ import annotations
@@ -30,11 +46,15 @@ import heapq
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from itertools import compress, repeat
+from typing import TYPE_CHECKING
 
 import structlog
 
 from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta
 from blocks.tiers import LOWER_TIERS, TIER_GPU, TIERS, tier_name
+
+if TYPE_CHECKING:
+    from mesh.engine_log.packed import PackedEntry
 
 __all__ = ["PrefixIndex", "TierBlocks"]
 
@@ -55,22 +75,38 @@ _consume: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
 _CANON_MAX = 1 << 16
 
 
+def _low_water(max_blocks: int) -> int:
+    """Past the bound, blocks are dropped down to this many."""
+    return max_blocks - max_blocks // 10
+
+
 class PrefixIndex:
     __slots__ = (
         "_all_mask",
         "_bits",
         "_canon",
+        "_clock",
+        "_evicted",
         "_free",
+        "_gen",
         "_held",
         "_lower",
         "_lower_blocks",
         "_map",
+        "_max",
         "_slot_of",
         "_wcache",
         "_worker_at",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, max_blocks: int = 0) -> None:
+        """``max_blocks``: the bound (see the module docstring); 0: none."""
+        if not isinstance(max_blocks, int) or max_blocks < 0:
+            raise ValueError(f"max_blocks must be >= 0, got {max_blocks}")
+        self._max = max_blocks
+        self._clock = 0  # next generation
+        self._gen: dict[int, int] = {}  # bounded: block hash -> last use (the keys of _map)
+        self._evicted = 0  # blocks dropped to keep the bound, every tier
         self._map: dict[int, int] = {}  # block hash -> bitmask of slots
         self._slot_of: dict[str, int] = {}
         self._worker_at: list[str | None] = []  # slot -> worker
@@ -86,8 +122,9 @@ class PrefixIndex:
         self._all_mask = 0  # bits of every registered slot
         # worker list -> _Cand; reset whenever slots change
         self._wcache: dict[tuple[str, ...] | None, _Cand] = {}
-        # slot -> tier -> hashes of that worker on that tier (tiers other than the GPU)
-        self._lower: dict[int, dict[int, set[int]]] = {}
+        # slot -> tier -> hashes of that worker on that tier (tiers other than
+        # the GPU) -> last use (bounded indexes; else 0)
+        self._lower: dict[int, dict[int, dict[int, int]]] = {}
         self._lower_blocks = 0  # blocks in all of _lower: 0 skips the tier walk
 
     # -- workers -----------------------------------------------------------
@@ -131,7 +168,12 @@ class PrefixIndex:
     def __contains__(self, worker: object) -> bool:
         return worker in self._slot_of
 
-    def _tier_set(self, worker: str, tier: int) -> set[int] | None:
+    @property
+    def max_blocks(self) -> int:
+        """The bound on distinct GPU blocks (and on lower-tier blocks); 0: none."""
+        return self._max
+
+    def _tier_set(self, worker: str, tier: int) -> set[int] | dict[int, int] | None:
         slot = self._slot_of.get(worker)
         if slot is None:
             return None
@@ -197,6 +239,12 @@ class PrefixIndex:
                     new_of[old] = intern(new, new)
             m.update(zip(hashes, map(new_of.__getitem__, olds)))
         self._held[slot].update(hashes)
+        if self._max and hashes:
+            c = self._clock
+            self._gen.update(zip(reversed(hashes), range(c, c + len(hashes))))
+            self._clock = c + len(hashes)
+            if len(m) > self._max:
+                self._evict()
 
     def _store_lower(self, slot: int, hashes: Iterable[int], tier: int) -> None:
         tier_name(tier)  # raises for an unknown tier
@@ -205,10 +253,55 @@ class PrefixIndex:
             tiers = self._lower[slot] = {}
         held = tiers.get(tier)
         if held is None:
-            held = tiers[tier] = set()
+            held = tiers[tier] = {}
         n0 = len(held)
-        held.update(hashes)
+        if self._max:
+            hs = hashes if isinstance(hashes, (list, tuple)) else list(hashes)
+            c = self._clock
+            held.update(zip(reversed(hs), range(c, c + len(hs))))
+            self._clock = c + len(hs)
+        else:
+            held.update(dict.fromkeys(hashes, 0))
         self._lower_blocks += len(held) - n0
+        if self._max and self._lower_blocks > self._max:
+            self._evict_lower()
+
+    def _evict(self) -> None:
+        """Drops the least recently used GPU blocks down to the low-water
+        mark: by generation, ties by hash (native/src/index.rs's order)."""
+        m, gen = self._map, self._gen
+        k = len(m) - _low_water(self._max)
+        cut = sorted(gen.values())[k - 1]
+        victims = [h for h, g in gen.items() if g < cut]
+        if len(victims) < k:
+            victims += sorted(h for h, g in gen.items() if g == cut)[: k - len(victims)]
+        by_mask: dict[int, list[int]] = {}
+        for h in victims:
+            del gen[h]
+            by_mask.setdefault(m.pop(h), []).append(h)
+        held = self._held
+        for mask, hs in by_mask.items():
+            while mask:
+                low = mask & -mask
+                held[low.bit_length() - 1].difference_update(hs)
+                mask ^= low
+        self._evicted += k
+
+    def _evict_lower(self) -> None:
+        """Drops the least recently used lower-tier blocks down to the
+        low-water mark, oldest first by (generation, hash, slot, tier)."""
+        k = self._lower_blocks - _low_water(self._max)
+        lower = self._lower
+        entries = [
+            (g, h, slot, t)
+            for slot, tiers in lower.items()
+            for t, held in tiers.items()
+            for h, g in held.items()
+        ]
+        for _, h, slot, t in heapq.nsmallest(k, entries):
+            del lower[slot][t][h]
+        self._lower_blocks -= k
+        self._evicted += k
 
     def remove(self, worker: str, hashes: Iterable[int], tier: int = TIER_GPU) -> None:
         """Drop ``hashes`` from ``worker`` on ``tier`` only; hashes it does
@@ -220,11 +313,12 @@ class PrefixIndex:
             held_there = self._lower.get(slot, {}).get(tier)
             if held_there:
                 n0 = len(held_there)
-                held_there.difference_update(hashes)
+                for h in hashes:
+                    held_there.pop(h, None)
                 self._lower_blocks -= n0 - len(held_there)
             return
         keep = ~(1 << slot)
-        m = self._map
+        m, gen = self._map, self._gen
         held = self._held[slot]
         intern = self._canon_setdefault()
         for h in hashes:
@@ -235,6 +329,7 @@ class PrefixIndex:
                     m[h] = intern(rest, rest)
                 else:
                     del m[h]
+                    gen.pop(h, None)
 
     def clear_worker(self, worker: str) -> int:
         """Drop every block of ``worker``, every tier (engine restart /
@@ -249,7 +344,7 @@ class PrefixIndex:
         dropped = sum(len(h) for h in lower.values()) if lower else 0
         self._lower_blocks -= dropped
         keep = ~(1 << slot)
-        m = self._map
+        m, gen = self._map, self._gen
         held = self._held[slot]
         n = len(held) + dropped
         intern = self._canon_setdefault()
@@ -259,6 +354,7 @@ class PrefixIndex:
                 m[h] = intern(rest, rest)
             else:
                 del m[h]
+                gen.pop(h, None)
         held.clear()
         return n
 
@@ -297,6 +393,12 @@ class PrefixIndex:
                 n = self.clear_worker(delta.worker)
                 log.debug("router.worker_cleared", worker=delta.worker, seq=delta.seq, blocks=n)
 
+    def apply_packed(self, entry: PackedEntry) -> None:
+        """Apply a log entry decoded natively (:mod:`mesh.engine_log.packed`):
+        each of its deltas, in order, as :meth:`apply` does."""
+        for d in entry.to_deltas():
+            self.apply(d)
+
     # -- queries -----------------------------------------------------------
 
     def _candidates(self, workers: Iterable[str] | None) -> _Cand:
@@ -320,9 +422,20 @@ class PrefixIndex:
         """For each worker, how many leading blocks of ``hashes`` it holds.
 
         ``workers=None`` means every registered worker; unknown workers get 0.
+        With a bound, the blocks some candidate held count as used.
         """
         if hashes.__class__ is not list and hashes.__class__ is not tuple:
             hashes = list(hashes)  # walked twice (see _count_each)
+        out = self._match(hashes, workers)
+        if self._max:
+            d = max(out.values(), default=0)
+            if d:
+                c = self._clock
+                self._gen.update(zip(reversed(hashes[:d]), range(c, c + d)))
+                self._clock = c + d
+        return out
+
+    def _match(self, hashes: Sequence[int], workers: Iterable[str] | None) -> dict[str, int]:
         c = self._candidates(workers)
         out = c.zeros.copy()
         active = c.mask
@@ -371,12 +484,18 @@ class PrefixIndex:
             return {w: (g, 0, 0, 0) for w, g in gpu.items()}
         slot_of, lower, held = self._slot_of, self._lower, self._held
         n = len(hashes)
+        base = self._clock  # with a bound: the walk's credited blocks count as used
+        if self._max:
+            self._clock += n
         out: dict[str, TierBlocks] = {}
         for w, g in gpu.items():
             slot = slot_of.get(w)
             tiers = lower.get(slot) if slot is not None and g < n else None
             if tiers and slot is not None:
-                out[w] = _walk(hashes, g, held[slot], tiers)
+                if self._max:
+                    out[w] = _walk_using(hashes, g, held[slot], tiers, self._gen, base)
+                else:
+                    out[w] = _walk(hashes, g, held[slot], tiers)
             else:
                 out[w] = (g, 0, 0, 0)
         return out
@@ -411,10 +530,15 @@ class PrefixIndex:
             active ^= low
 
     def stats(self) -> dict[str, int]:
-        return {"entries": len(self._map), "workers": len(self._slot_of), "lower_blocks": self._lower_blocks}
+        return {
+            "entries": len(self._map),
+            "workers": len(self._slot_of),
+            "lower_blocks": self._lower_blocks,
+            "evicted_blocks": self._evicted,
+        }
 
 
-def _walk(hashes: Sequence[int], start: int, gpu: set[int], tiers: dict[int, set[int]]) -> TierBlocks:
+def _walk(hashes: Sequence[int], start: int, gpu: set[int], tiers: dict[int, dict[int, int]]) -> TierBlocks:
     """Blocks per tier of the prefix from ``hashes[start]`` on (the GPU
     prefix before it counted as GPU blocks), each block credited to the
     fastest tier holding it, until one no tier holds."""
@@ -427,6 +551,37 @@ def _walk(hashes: Sequence[int], start: int, gpu: set[int], tiers: dict[int, set
         for t, held in order:
             if h in held:
                 counts[t] += 1
+                break
+        else:
+            break
+    return tuple(counts)
+
+
+def _walk_using(
+    hashes: Sequence[int],
+    start: int,
+    gpu: set[int],
+    tiers: dict[int, dict[int, int]],
+    gen: dict[int, int],
+    base: int,
+) -> TierBlocks:
+    """:func:`_walk` of a bounded index: each credited block counts as used,
+    block i at generation ``base + len(hashes) - 1 - i`` (the first newest)."""
+    counts = [start, 0, 0, 0]
+    order = [(t, tiers[t]) for t in LOWER_TIERS if tiers.get(t)]
+    last = base + len(hashes) - 1
+    for i in range(start, len(hashes)):
+        h, g = hashes[i], last - i
+        if h in gpu:
+            counts[TIER_GPU] += 1
+            if gen[h] < g:
+                gen[h] = g
+            continue
+        for t, held in order:
+            if h in held:
+                counts[t] += 1
+                if held[h] < g:
+                    held[h] = g
                 break
         else:
             break

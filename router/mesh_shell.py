@@ -20,6 +20,7 @@ because only the shell knows when a resolution finished.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -29,10 +30,12 @@ import structlog
 
 from mesh.core import MeshConfig, MeshCore
 from mesh.effects import Effect, MemberChanged
+from mesh.engine_log.packed import heads_of
 from mesh.transport import MeshTransport, TransportConfig
 from router.addresses import resolve_seeds_now
 from router.index import PrefixIndex
 from router.load import MeshLoad
+from router.native_index import NativeIndex, apply_change
 
 __all__ = ["MeshShell"]
 
@@ -62,6 +65,10 @@ class MeshShell:
     ) -> None:
         self.node_id = node_id
         self.clock = clock
+        # Replicated entries reach a native index packed (decoded in Rust,
+        # mesh/engine_log/packed.py), a Python index as KvDeltas.
+        native = NativeIndex is not None and isinstance(index, NativeIndex)
+        config = dataclasses.replace(config, packed_entries=native)
         # Never seeded from --seed: the mesh draws pycrdt client ids from this,
         # and two nodes (or one node before and after a restart) sharing a
         # client id would corrupt the replicated documents.
@@ -84,11 +91,13 @@ class MeshShell:
         sends = self.core.take_sends()
         if sends:
             self.transport.send(sends)
-        for delta in self.core.take_index_changes():
+        index = self._index
+        for change in self.core.take_index_changes():
             try:
-                self._index.apply(delta)
+                apply_change(index, change)
             except ValueError as e:
-                self._log.error("router.bad_delta", worker=delta.worker, seq=delta.seq, error=str(e))
+                worker, seq = next(iter(heads_of(change)), ("", -1))
+                self._log.error("router.bad_delta", worker=worker, seq=seq, error=str(e))
         for eff in self.core.take_effects():
             if isinstance(eff, MemberChanged):
                 ev = eff.event

@@ -113,6 +113,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("kvmesh_route_mispredictions_total", "counter", ("policy",),
            "of those, the requests whose engine reported fewer cached tokens than predicted"),
     Family("kvmesh_index_entries", "gauge", (), "distinct block hashes in this node's prefix index"),
+    Family("kvmesh_index_evicted_blocks_total", "counter", (),
+           "blocks the prefix index dropped to stay within --max-index-blocks, least recently matched "
+           "first (GPU blocks and lower-tier blocks; routed as cold from then on)"),
     # --- engines ----------------------------------------------------------------------------------
     Family("kvmesh_engine_healthy", "gauge", ("engine",), "1 if the engine passed its last health probe"),
     Family("kvmesh_engine_breaker_state", "gauge", ("engine", "state"),
@@ -396,6 +399,7 @@ class NodeCollector:
         yield _single("kvmesh_admission_shed_total", adm.shed_total)
         yield _single("kvmesh_admission_estimated_wait_seconds", adm.estimated_wait(n.admission.now()))
         yield _single("kvmesh_index_entries", len(n.index))
+        yield _single("kvmesh_index_evicted_blocks_total", n.index.stats()["evicted_blocks"])
 
     def _quality(self) -> Iterator[Metric]:
         s = self.node.stats

@@ -10,6 +10,7 @@ operations and compares every answer.
 
 One difference: block hashes are unsigned 64-bit ints (router hashes are);
 ``store`` refuses any other value, where ``PrefixIndex`` would keep it.
+A bound (``max_blocks``) drops the same blocks in both.
 
 :func:`new_index` makes the index of the chosen implementation: native when
 the module is built and ``KVMESH_PURE_PYTHON=1`` is not set (read at
@@ -18,15 +19,15 @@ import), else :class:`PrefixIndex`.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import structlog
 
-from engine_adapters.native import ENV_PURE_PYTHON
+from blocks.delta import KvDelta
+from blocks.native import pure_python_forced
 from router.index import PrefixIndex
 
-__all__ = ["NATIVE_INDEX", "NATIVE_INDEX_BUILT", "NativeIndex", "new_index"]
+__all__ = ["NATIVE_INDEX", "NATIVE_INDEX_BUILT", "NativeIndex", "apply_change", "new_index"]
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +41,7 @@ except ImportError:
 
 NATIVE_INDEX_BUILT: bool = _Core is not None
 # Whether new_index makes a NativeIndex.
-NATIVE_INDEX: bool = NATIVE_INDEX_BUILT and os.environ.get(ENV_PURE_PYTHON, "") != "1"
+NATIVE_INDEX: bool = NATIVE_INDEX_BUILT and not pure_python_forced()
 
 if _Core is not None:
 
@@ -54,12 +55,32 @@ if _Core is not None:
             for n in self._apply(delta):
                 log.debug("router.worker_cleared", worker=delta.worker, seq=delta.seq, blocks=n)
 
+        def apply_packed(self, entry: Any) -> None:
+            """Apply a log entry decoded natively (``mesh.engine_log.packed``):
+            each of its deltas, in order, as :meth:`apply` does, in one call
+            that makes no Python object per block."""
+            for i, n in self._apply_packed(entry):
+                worker, seq = entry.heads[i]
+                log.debug("router.worker_cleared", worker=worker, seq=seq, blocks=n)
+
 else:
     NativeIndex = None  # type: ignore[misc,assignment]  # not built: new_index serves PrefixIndex
 
 
-def new_index() -> PrefixIndex | NativeIndex:
-    """A prefix index of the chosen implementation (see the module docstring)."""
+def new_index(max_blocks: int = 0) -> PrefixIndex | NativeIndex:
+    """A prefix index of the chosen implementation (see the module docstring),
+    bounded to ``max_blocks`` distinct GPU blocks (and as many lower-tier
+    blocks; 0: no bound), least recently used dropped first."""
     if NATIVE_INDEX and NativeIndex is not None:
-        return NativeIndex()
-    return PrefixIndex()
+        return NativeIndex(max_blocks)
+    return PrefixIndex(max_blocks)
+
+
+def apply_change(index: PrefixIndex | NativeIndex, change: Any) -> None:
+    """Apply one index change of the mesh (``mesh.engine_log.packed.IndexChange``:
+    a ``KvDelta``, or a packed log entry) to either index. ValueError for a
+    change the index refuses (nothing of that delta applied)."""
+    if isinstance(change, KvDelta):
+        index.apply(change)
+    else:
+        index.apply_packed(change)

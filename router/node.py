@@ -111,7 +111,7 @@ class RouterNode:
         self.clock = clock
         self.rng = random.Random(cfg.seed)
         self.log = log.bind(node=self.node_id)
-        self.index = new_index()  # native when built (router/native_index.py)
+        self.index = new_index(cfg.max_index_blocks)  # native when built (router/native_index.py)
         self.approx_tree = ApproxTree()
         self.load = MeshLoad()
         self.engines = EngineTable(cfg.breaker)

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from blocks.hashing import xor_digest
 from blocks.tiers import TIERS, tier_name
 from engine_adapters.completion_request import SamplingParams
+from engine_adapters.native import IMPLEMENTATION as DECODE_IMPLEMENTATION
 from engine_adapters.proxy import Chunk
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
@@ -28,6 +29,7 @@ from router.config import RouterConfig
 from router.engine_registry import EngineRecord, EngineSpec, EngineSpecError
 from router.errors import REASON_KEY, Draining, RequestError, RouterError
 from router.http_front import HttpFront
+from router.index import PrefixIndex
 from router.logs import set_log_level
 from router.metrics import MetricsServer, RequestTimer, node_registry, server_ssl_context
 from router.node import RouterNode
@@ -506,6 +508,9 @@ async def serve(
         )
         http = f" http={front.addr}" if front is not None else ""
         http += f" metrics={metrics.address}" if metrics.address else ""
+        # Which hot path serves (native, or the pure-Python fallback), for whoever started the node.
+        http += f" index={'python' if isinstance(node.index, PrefixIndex) else 'native'}"
+        http += f" decode={DECODE_IMPLEMENTATION}"
         print(f"READY grpc={node.api_addr} mesh={node.addr} node={node.node_id}{http}", flush=True)
         if ready is not None and not ready.done():
             ready.set_result(node.api_addr)

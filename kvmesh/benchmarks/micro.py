@@ -1,13 +1,17 @@
-"""Microbenchmarks of the routing core, side by side with NVIDIA Dynamo's
-Rust RadixTree (``ai-dynamo-runtime``, ``from dynamo.llm import RadixTree``).
+"""Microbenchmarks of the routing core, kvmesh's native hot path and its
+pure-Python fallback side by side with NVIDIA Dynamo's Rust RadixTree
+(``ai-dynamo-runtime``, ``from dynamo.llm import RadixTree``), in one run.
 
-Index ingest, END TO END on our side: vLLM-format ``KVEventBatch`` frames
-(msgpack, as the engines publish them) are decoded
-(``engine_adapters.kv_events.decode_batch``), mapped to router hashes
-(``engine_adapters.block_mapper.BlockMapper``), appended to the replicated
-state as the engine's owner (``mesh.state.MeshState.local_deltas``: the pycrdt
-log that is gossiped) and applied to the index (``router.index.PrefixIndex``).
-Dynamo's side is timed on ``RadixTree.apply_event(worker_id, json_bytes)``
+Owner ingest, END TO END on our side: vLLM-format ``KVEventBatch`` frames
+(msgpack, as the engines publish them) are decoded and mapped to router
+hashes, appended to the replicated state as the engine's owner
+(``mesh.state.MeshState.local_deltas``: the pycrdt log that is gossiped) and
+applied to the index. Both implementations are constructed explicitly (the
+``KVMESH_PURE_PYTHON`` switch plays no part): native is
+``engine_adapters.native.NativeBlockMapper.map_frame`` (decode + hash + map
+in one call) and ``router.native_index.NativeIndex``; pure Python is
+``engine_adapters.kv_events.decode_batch``, ``BlockMapper.map_batch`` and
+``router.index.PrefixIndex``. Dynamo's side is timed on ``RadixTree.apply_event(worker_id, json_bytes)``
 alone, with its JSON ``KvCacheEvent``s (``{"event_id", "data": {"stored":
 {"parent_hash", "blocks": [{"block_hash", "tokens_hash"}]}}, "dp_rank"}``,
 lib/llm/src/kv_router/protocols.rs) serialised beforehand: the work a Dynamo
@@ -16,9 +20,13 @@ batches, in the same order; ``apply_event`` only queues to the tree's worker
 thread, so Dynamo's clock stops when a sentinel event sent last is visible
 to ``find_matches``.
 
-Prefix match: a 128-block prompt against every engine, ours on router hashes
-(``PrefixIndex.match``), Dynamo's on its local block hashes
-(``RadixTree.find_matches``); the same prompts, hits of every depth.
+Non-owner apply: what every other node does with the owners' replicated
+entries (:func:`kvmesh.benchmarks.nonowner.bench_non_owner`: the entries
+decoded and applied, and end to end through ``MeshState.apply_remote``).
+Prefix match: a 128-block prompt against
+every engine, ours on router hashes (``match`` of each index), Dynamo's on
+its local block hashes (``RadixTree.find_matches``); the same prompts, hits
+of every depth. Memory per indexed block: :mod:`kvmesh.benchmarks.index_memory`.
 """
 
 from __future__ import annotations
@@ -34,17 +42,25 @@ import structlog
 import xxhash
 
 from blocks.hashing import DEFAULT_BLOCK_SIZE, block_hashes, root_seed
+from engine_adapters import native
 from engine_adapters.block_mapper import BlockMapper
 from engine_adapters.kv_events import BlockStored, KVEventBatch, decode_batch, encode_batch
 from engine_adapters.sim_engine.config import DEFAULTS as SIM_DEFAULTS
+from kvmesh.benchmarks.nonowner import BUSY_ENGINE_EVENTS, bench_non_owner
 from kvmesh.stats import percentile
 from mesh.core import MeshConfig
 from mesh.state import MeshState
+from mesh.state_messages import Delta
 from router.index import PrefixIndex
+from router.native_index import NativeIndex
 
 MODEL = SIM_DEFAULTS.model  # seeds the router hashes; any name would do in process
 BS = DEFAULT_BLOCK_SIZE  # tokens per block
 AGREEMENT_QUERIES = 200  # queries whose best overlap is compared with Dynamo's
+IMPLS = ("native", "python")  # kvmesh's two implementations, the native one first
+# A busy engine's block events per second (stores plus evictions): how many
+# engines one node keeps up with is its non-owner apply rate over this.
+NONOWNER_ENGINES = 1000  # engines of the non-owner stream
 
 
 def _block_tokens(b: int) -> list[int]:
@@ -159,32 +175,63 @@ def dynamo_available() -> str | None:
     return None
 
 
-def _ingest_ours(frames: list[tuple[int, bytes]], workers: list[str], stored_blocks: int, seed: int):
-    """Every frame end to end (decode, map, replicated log, index); (figures, index)."""
-    _quiet()
+def native_missing() -> str | None:
+    """None if the native module is built, else why not."""
+    if not native.NATIVE_BUILT or NativeIndex is None:
+        return native.NOT_BUILT_REASON
+    return None
+
+
+def _new_index(impl: str) -> Any:
+    if impl == "native":
+        assert NativeIndex is not None
+        return NativeIndex()
+    return PrefixIndex()
+
+
+def _owner_state(workers: list[str], seed: int) -> MeshState:
     state = MeshState("bench-node", 0.0, random.Random(seed), hint_ttl=MeshConfig().hint_ttl)
     for w in workers:
         state.register_engine(w, {"endpoint": f"http://127.0.0.1:1/{w}", "model": MODEL, "block_size": BS})
         state.take_ownership(w, 0.0)
-    mappers = [BlockMapper(MODEL, w) for w in workers]
-    index = PrefixIndex()
+    return state
+
+
+def _ingest_ours(
+    impl: str, frames: list[tuple[int, bytes]], workers: list[str], stored_blocks: int, seed: int
+) -> tuple[dict[str, Any], Any]:
+    """Every frame end to end (decode, map, replicated log, index) on the
+    ``impl`` path: (figures, index)."""
+    _quiet()
+    state = _owner_state(workers, seed)
+    index = _new_index(impl)
     for w in workers:
         index.add_worker(w)
-    gossip_bytes = 0
+    gossip: list[Delta] = []  # what the owner gossips (its size is reported)
+    keep = gossip.append
+    local_deltas = state.local_deltas
+    apply = index.apply
     gc.collect()
-    t0 = time.perf_counter()
-    for seq, (e, payload) in enumerate(frames):
-        batch = decode_batch(payload)
-        delta = mappers[e].map_batch(batch.events, seq)
-        md = state.local_deltas(workers[e], [delta])
-        index.apply(delta)
-        gossip_bytes += sum(len(lu.update) for lu in md.logs)
+    if impl == "native":
+        nmappers = [native.NativeBlockMapper(MODEL, w) for w in workers]
+        t0 = time.perf_counter()
+        for seq, (e, payload) in enumerate(frames):
+            delta = nmappers[e].map_frame(payload, seq)[1]
+            keep(local_deltas(workers[e], [delta]))
+            apply(delta)
+    else:
+        mappers = [BlockMapper(MODEL, w) for w in workers]
+        t0 = time.perf_counter()
+        for seq, (e, payload) in enumerate(frames):
+            delta = mappers[e].map_batch(decode_batch(payload).events, seq)
+            keep(local_deltas(workers[e], [delta]))
+            apply(delta)
     ours_s = time.perf_counter() - t0
-    ours: dict[str, float] = {
+    ours: dict[str, Any] = {
         "blocks_per_s": stored_blocks / ours_s,
         "seconds": ours_s,
         "entries": len(index),
-        "crdt_update_bytes": gossip_bytes,
+        "crdt_update_bytes": sum(len(lu.update) for md in gossip for lu in md.logs),
     }
     return ours, index
 
@@ -205,8 +252,8 @@ def _queries(convs: list[list[int]], prompt_blocks: int, n_queries: int, seed: i
     return queries
 
 
-def _match_ours(index: PrefixIndex, q_router: list[list[int]], workers: list[str]) -> list[float]:
-    """Seconds per ``PrefixIndex.match``, gc frozen."""
+def _match_ours(index: Any, q_router: list[list[int]], workers: list[str]) -> list[float]:
+    """Seconds per ``match`` of either index, gc frozen."""
     lat = []
     gc.collect()
     gc.freeze()
@@ -291,6 +338,10 @@ def _bench_dynamo(
     return dyn
 
 
+def _match_answers(index: Any, q_router: list[list[int]], workers: list[str]) -> list[dict[str, int]]:
+    return [index.match(hs, workers) for hs in q_router]
+
+
 def bench_ingest_and_match(
     n_blocks: int = 1_000_000,
     n_engines: int = 64,
@@ -298,7 +349,13 @@ def bench_ingest_and_match(
     n_queries: int = 3000,
     seed: int = 0,
     note: Callable[[str], None] = print,
+    nonowner_blocks: int = 1_000_000,
 ) -> dict:
+    """Owner ingest, non-owner apply and match of both implementations and
+    Dynamo's tree, on the same blocks and prompts. ``res[impl]`` per
+    implementation (``{"skipped": why}`` for native when it is not built);
+    ``res["kvmesh"]`` is the implementation a node runs by default (native
+    when built), which the ratios to Dynamo are of (``*_python``: the fallback's)."""
     batches, convs = build_population(n_blocks, n_engines, seed)
     stored_blocks = sum(len(s) for _, _, s in batches)
     note(
@@ -307,30 +364,51 @@ def bench_ingest_and_match(
     )
     frames = _vllm_frames(batches)
     workers = [f"e{i}" for i in range(n_engines)]
-    ours, index = _ingest_ours(frames, workers, stored_blocks, seed)
-    del frames
-    note(f"index: ours {ours['blocks_per_s']:,.0f} blocks/s end to end")
-
     queries = _queries(convs, prompt_blocks, n_queries, seed)
     root = root_seed(MODEL)
     q_router = [block_hashes([t for b in ids for t in _block_tokens(b)], BS, root) for ids in queries]
-    lat = _match_ours(index, q_router, workers)
-    ours["match_p50_us"] = percentile(lat, 50) * 1e6
-    ours["match_p99_us"] = percentile(lat, 99) * 1e6
-    # Hashing a 2048-token prompt (done once per request before the match).
-    toks = [t for b in queries[0] for t in _block_tokens(b)]
-    t = time.perf_counter()
-    for _ in range(200):
-        block_hashes(toks, BS, root)
-    ours["hash_128_blocks_us"] = (time.perf_counter() - t) / 200 * 1e6
     res: dict = {
         "n_engines": n_engines,
         "stored_blocks": stored_blocks,
         "batches": len(batches),
         "prompt_blocks": prompt_blocks,
         "queries": n_queries,
-        "kvmesh": ours,
+        "events_per_engine_s": BUSY_ENGINE_EVENTS,
     }
+    missing = native_missing()
+    indexes: dict[str, Any] = {}
+    answers: dict[str, list[dict[str, int]]] = {}
+    for impl in IMPLS:
+        if impl == "native" and missing:
+            res[impl] = {"skipped": missing}
+            note(f"index: skip native: {missing}")
+            continue
+        figures, index = _ingest_ours(impl, frames, workers, stored_blocks, seed)
+        note(f"index: {impl} {figures['blocks_per_s']:,.0f} blocks/s owner ingest end to end")
+        lat = _match_ours(index, q_router, workers)
+        figures["match_p50_us"] = percentile(lat, 50) * 1e6
+        figures["match_p99_us"] = percentile(lat, 99) * 1e6
+        answers[impl] = _match_answers(index, q_router[:AGREEMENT_QUERIES], workers)
+        res[impl] = figures
+        indexes[impl] = index
+    del frames
+    if len(answers) == 2:
+        res["answers_equal"] = answers["native"] == answers["python"]
+    # Non-owner apply: its own stream over 1,000 engines (kvmesh.benchmarks.nonowner).
+    no = bench_non_owner(nonowner_blocks, NONOWNER_ENGINES, seed)
+    res["nonowner"] = no
+    for name, r in no["paths"].items():
+        note(f"index: non-owner {name} {r['blocks_per_s']:,} blocks/s")
+
+    default = "python" if missing else "native"
+    ours = res["kvmesh"] = {**res[default], "implementation": default}
+    index = indexes[default]
+    # Hashing a 2048-token prompt (done once per request before the match).
+    toks = [t for b in queries[0] for t in _block_tokens(b)]
+    t = time.perf_counter()
+    for _ in range(200):
+        block_hashes(toks, BS, root)
+    ours["hash_128_blocks_us"] = (time.perf_counter() - t) / 200 * 1e6
 
     why = dynamo_available()
     if why:
@@ -345,6 +423,8 @@ def bench_ingest_and_match(
     res["dynamo"] = dyn
     res["ingest_ratio"] = ours["blocks_per_s"] / dyn["blocks_per_s"]
     res["match_p99_ratio"] = ours["match_p99_us"] / dyn["match_p99_us"]
+    res["ingest_ratio_python"] = res["python"]["blocks_per_s"] / dyn["blocks_per_s"]
+    res["match_p99_ratio_python"] = res["python"]["match_p99_us"] / dyn["match_p99_us"]
     return res
 
 

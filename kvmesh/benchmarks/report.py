@@ -570,43 +570,155 @@ def _routing_section(routing: dict | None) -> list[str]:
     ]
 
 
-def _index_rows(k: dict, d: dict) -> list[list[str]]:
-    rows = [["kvmesh", f"{k['blocks_per_s']:,.0f}", f"{k['match_p50_us']:.0f}", f"{k['match_p99_us']:.0f}"]]
+_IMPL_LABELS = {"native": "kvmesh native (Rust)", "python": "kvmesh pure Python"}
+
+
+def _x(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "-"
+
+
+def _index_rows(ix: dict, d: dict) -> list[list[str]]:
+    dyn_rate, dyn_p99 = d.get("blocks_per_s"), d.get("match_p99_us")
+    rows = []
+    # Runs before the native path was measured have one "kvmesh" row (the Python path).
+    impls = [i for i in _IMPL_LABELS if i in ix] or ["kvmesh"]
+    for impl in impls:
+        k = ix["kvmesh"] if impl == "kvmesh" else ix[impl]
+        label = _IMPL_LABELS.get(impl, "kvmesh")
+        if "skipped" in k:
+            rows.append([label, f"not measured: {k['skipped']}", "-", "-", "-", "-"])
+            continue
+        rows.append(
+            [
+                label,
+                f"{k['blocks_per_s']:,.0f}",
+                _x(k["blocks_per_s"], dyn_rate),
+                f"{k['match_p50_us']:.0f}",
+                f"{k['match_p99_us']:.0f}",
+                _x(k["match_p99_us"], dyn_p99),
+            ]
+        )
     if "blocks_per_s" in d:
         rows.append(
             [
                 "Dynamo RadixTree (Rust)",
                 f"{d['blocks_per_s']:,.0f}",
+                "1x",
                 f"{d['match_p50_us']:.0f}",
                 f"{d['match_p99_us']:.0f}",
+                "1x",
             ]
         )
     elif d:
-        rows.append(["Dynamo RadixTree", d.get("skipped", "-"), "-", "-"])
+        rows.append(["Dynamo RadixTree", d.get("skipped", "-"), "-", "-", "-", "-"])
     return rows
 
 
-def _index_section(ix: dict | None) -> list[str]:
+# What each path of the non-owner benchmark covers (kvmesh/benchmarks/nonowner.py).
+_NONOWNER_PATHS = {
+    "python": "pure Python: entries decoded by msgspec and validated, `PrefixIndex.apply`",
+    "python_decode_native_index": "the same decode, `NativeIndex.apply`",
+    "native": "native: `decode_entry` + `NativeIndex.apply_packed` (no Python object per block)",
+    "native_decode_only": "native `decode_entry` alone",
+    "mesh_python": "end to end, pure Python: `MeshState.apply_remote` of the gossip (pycrdt) + index",
+    "mesh_python_decode_native_index": "end to end, Python decode + `NativeIndex`",
+    "mesh_native": "end to end, native (what a router node runs): packed entries + `NativeIndex`",
+}
+
+
+def _nonowner_section(ix: dict) -> list[str]:
+    no = ix.get("nonowner")
+    if not no or not no.get("paths"):
+        return []
+    per = no.get("busy_engine_events_per_s", 3000)
+    rows = [
+        [_NONOWNER_PATHS.get(name, name), f"{r['blocks_per_s']:,.0f}", f"{r['blocks_per_s'] / per:,.0f}"]
+        for name, r in no["paths"].items()
+        if r.get("blocks_per_s")
+    ]
+    lines = [
+        f"Non-owner apply: {no['blocks']:,} blocks in {no['entries']:,} replicated entries of "
+        f"{no['entry_blocks']} blocks over {no['engines']:,} engines (each keeps a window of entries live, "
+        "then alternates evictions and stores), as another node receives them; end to end, "
+        f"{no['entries_per_update']} entries of an engine per gossiped update. Blocks per second of CPU "
+        f"time; engines one node keeps up with = that rate / {per:,} block events per second per engine. "
+        "Every path's index is checked equal to the pure-Python one.",
+        "",
+    ]
+    lines += _table(["path", "blocks/s", f"engines at {per:,} events/s"], rows)
+    lines.append("")
+    return lines
+
+
+def _size(n: int) -> str:
+    return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000:,}k"
+
+
+def _memory_section(mem: dict | None) -> list[str]:
+    if not mem or not mem.get("rows"):
+        return []
+    labels = {**_IMPL_LABELS, "dynamo": "Dynamo RadixTree (Rust)"}
+    sizes = [str(n) for n in mem["sizes"]]
+    rows = []
+    for impl, by_size in mem["rows"].items():
+        cells = [labels.get(impl, impl)]
+        for n in sizes:
+            r = by_size.get(n, {})
+            if "bytes_per_block" in r:
+                cells.append(
+                    f"{r['bytes_per_block']:.0f} B ({r['bytes_per_pair']:.0f} B per engine-block pair)"
+                )
+            else:
+                cells.append(r.get("skipped", "-"))
+        rows.append(cells)
+    limits = mem.get("timeout_s") or {}
+    limit = (
+        f" (each run limited to {limits['python']:.0f} s for the pure-Python index)"
+        if "python" in limits
+        else ""
+    )
+    lines = [
+        f"Memory per indexed block: resident memory grown while one index is built in a fresh process, "
+        f"divided by the distinct blocks it holds, over {mem['n_engines']:,} engines (each conversation "
+        f"cached on one or two){limit}.",
+        "",
+    ]
+    lines += _table(["index", *(f"{_size(int(n))} blocks" for n in sizes)], rows)
+    lines.append("")
+    return lines
+
+
+def _index_section(ix: dict | None, mem: dict | None = None) -> list[str]:
     if not ix:
         return []
-    k, d = ix["kvmesh"], ix.get("dynamo", {})
+    d = ix.get("dynamo", {})
     lines = [
         f"Index at {ix['stored_blocks']:,} stored blocks over {ix['n_engines']} engines "
         f"({ix['batches']:,} event batches of up to 128 blocks), {ix['prompt_blocks']}-block prompts, "
-        f"{ix['queries']:,} queries (a quarter full hits, the rest random depths). kvmesh ingest is end "
-        "to end: vLLM msgpack frames decoded, mapped to router hashes, appended to the replicated "
-        "pycrdt log as the owner, applied to the index. Dynamo: `RadixTree.apply_event` on its JSON "
+        f"{ix['queries']:,} queries (a quarter full hits, the rest random depths), every implementation "
+        "in one run on the same frames and prompts. kvmesh's owner ingest is end to end: vLLM msgpack "
+        "frames decoded, mapped to router hashes, appended to the replicated pycrdt log as the owner, "
+        "applied to the index (native: `NativeBlockMapper.map_frame` and `NativeIndex`; pure Python: "
+        "`decode_batch`, `BlockMapper` and `PrefixIndex`). Dynamo: `RadixTree.apply_event` on its JSON "
         "events (serialised beforehand).",
         "",
     ]
-    lines += _table(["index", "ingest blocks/s", "match p50 µs", "match p99 µs"], _index_rows(k, d))
+    lines += _table(
+        ["index", "owner ingest blocks/s", "vs Dynamo", "match p50 µs", "match p99 µs", "p99 vs Dynamo"],
+        _index_rows(ix, d),
+    )
+    k = ix["kvmesh"]
     agreement = d.get("best_overlap_agrees_with_kvmesh", "-")
+    equal = ix.get("answers_equal")
     lines += [
         "",
         f"Hashing a 128-block prompt (chained xxh3): {k['hash_128_blocks_us']:.0f} µs. "
-        f"Best overlap agreement with Dynamo on 200 queries: {agreement}.",
+        f"Best overlap agreement with Dynamo on 200 queries: {agreement}."
+        + ("" if equal is None else f" Native and Python match answers equal: {'yes' if equal else 'NO'}."),
         "",
     ]
+    lines += _nonowner_section(ix)
+    lines += _memory_section(mem)
     return lines
 
 
@@ -628,10 +740,15 @@ def _decisions_section(dec: dict | None) -> list[str]:
 def _micro_section(micro: dict | None) -> list[str]:
     if not micro:
         return []
+    # A micro run merged into a page of an earlier full run says when it ran.
+    when = []
+    if micro.get("started"):
+        when = [f"Measured {micro['started']} (`{micro.get('command', 'kvmesh bench micro')}`).", ""]
     return [
         "## Microbenchmarks",
         "",
-        *_index_section(micro.get("index")),
+        *when,
+        *_index_section(micro.get("index"), micro.get("memory")),
         *_decisions_section(micro.get("decisions")),
     ]
 

@@ -144,16 +144,39 @@ WHY_MISSED: dict[str, str | Callable[[dict, dict], str]] = {
     "mesh hit-rate loss": _replicas,
     "goodput vs": _goodput,
     "index ingest vs Dynamo": (
-        "kvmesh's ingest is end to end in Python (msgspec decoding of the engine's frames, mapping "
+        "kvmesh's owner ingest is end to end (decoding the engine's frames, chained hashing, mapping "
         "engine hashes to router hashes, the replicated log's append as the owner, the index update) "
-        "while Dynamo's Rust tree is handed pre-hashed events; a profile of `kvmesh bench index` shows "
-        "where each block's time goes. Fix: one native routine per frame (decode, chained hash, map, "
-        "index update)."
+        "while Dynamo's Rust tree is handed pre-hashed events. On the native path decode, hash and map "
+        "are one Rust call per frame, but the frame's `KvDelta` is still built as Python objects, the "
+        "owner's live maps (kept for compaction snapshots) are Python dicts updated per block, and the "
+        "entry's encoding and pycrdt append cost a fixed share per frame. Fix (native/README.md's "
+        "plan): the mapped ops kept in Rust up to the index and the entry, the owner's live maps in "
+        "Rust, one append per burst of frames."
+    ),
+    "non-owner apply": (
+        "A non-owner merges each pycrdt update of the owner's log and applies the entries it carries; "
+        "the table's path column says which route the entries took (packed: decoded and applied in "
+        "Rust; else `KvDelta` objects). What remains per update is pycrdt's merge and the diff kept "
+        "for forwarding, per update rather than per block. Fix: larger entries (more blocks per "
+        "update), or the merge itself in native code."
+    ),
+    "engines one node keeps up with": (
+        "The figure is the non-owner apply rate over a busy engine's block events per second: every "
+        "node applies every engine's events, so it rises only with that rate (see the non-owner target)."
+    ),
+    "memory per indexed block": (
+        "Resident memory per block is the native index's hash-table entry (hash, holder-set id, "
+        "recency) at the table's load factor, which moves between doublings of the table; the "
+        "pure-Python index keeps a dict entry and a Python int per hash and a set per engine of its "
+        "blocks. Fix: a smaller native entry (native/README.md's plan); the pure-Python index is the "
+        "fallback where Rust is not."
     ),
     "prefix match p99 vs Dynamo": (
-        "kvmesh's match is one dict probe and one bitmask test per block in Python (router/index.py); "
-        "its slowest queries are long full hits, and on a shared machine the p99 moves from run to run "
-        "around the goal. A reliable margin needs the hash -> mask table in native code."
+        "kvmesh's match is one hash-table probe per block of the prompt and a look at the block's "
+        "holders (router/index.py in Python, NativeIndex natively), then a dict of every candidate "
+        "engine's overlap; its slowest queries are long full hits, and on a shared machine the p99 "
+        "moves from run to run around the goal (compare the p50s). Fix: the native index (when the "
+        "figure is the Python one), or fewer candidates per match."
     ),
     "convergence p99, 5 real nodes": (
         "Events reach the nodes that do not own the engine through epidemic gossip rounds "

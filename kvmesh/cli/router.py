@@ -196,6 +196,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         help=f"one event per line, key=value text or JSON (default $KVMESH_LOG_FORMAT, else {d.log_format})",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="seed for random policy choices")
+    p.add_argument(
+        "--max-index-blocks",
+        type=int,
+        default=d.max_index_blocks,
+        metavar="N",
+        help="bound on the prefix index: at most N distinct GPU blocks (and N lower-tier blocks); "
+        "past it the least recently matched are dropped (routed as cold, counted in "
+        "kvmesh_index_evicted_blocks_total). 0: no bound (default %(default)s)",
+    )
 
 
 def _add_discovery_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
@@ -397,6 +406,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         chat_templates=chat_templates,
         http_listen=args.http_listen,
         seed=args.seed,
+        max_index_blocks=args.max_index_blocks,
         retry=RetryPolicy(max_attempts=args.max_attempts),
         admission=AdmissionConfig(
             max_in_flight=args.max_in_flight,

@@ -1,7 +1,9 @@
 """The whole-mesh simulation world: MeshCore nodes + vLLM-like engines on SimNet (pure).
 
 Each node (:class:`MeshNode`) is a real :class:`mesh.core.MeshCore` with its
-own :class:`router.index.PrefixIndex`; the engines it owns (per the core's
+own prefix index (``World.index_factory``: :class:`router.index.PrefixIndex`
+unless the scenario picks the native index for some or all nodes, see
+:func:`index_factory`); the engines it owns (per the core's
 ``StartOwning``/``StopOwning`` effects) are consumed by a :class:`Consumer`
 (real Sequencer + BlockMapper restored from the takeover's mapping pairs) and
 fed to ``core.engine_deltas``. Engines (:class:`ModelledEngine`, the real
@@ -33,7 +35,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -46,9 +48,11 @@ from kvmesh.stats import percentile
 from mesh.core import MeshConfig, MeshCore
 from mesh.effects import StartOwning, StopOwning
 from mesh.engine_log.epoch import Epoch
+from mesh.engine_log.packed import heads_of
 from mesh.membership import MembershipConfig
 from router.config import RouterConfig
 from router.index import PrefixIndex
+from router.native_index import NativeIndex, apply_change
 
 LIVE_DELAY = 0.002  # engine -> owner; constant so batches arrive in order (ZMQ is ordered)
 SEED_RETRY = RouterConfig().seed_resolve_retry  # a node's, while it has no peer
@@ -56,6 +60,38 @@ SEED_REFRESH = RouterConfig().seed_refresh_interval  # and once it has
 
 # (node address, now) -> the addresses the seed name resolves to for it then
 SeedView = Callable[[str, float], list[str]]
+# node address -> a new prefix index for that node
+IndexFactory = Callable[[str], "PrefixIndex | NativeIndex"]
+INDEX_KINDS = ("python", "native", "mixed")
+
+
+def _python_index(_addr: str) -> PrefixIndex | NativeIndex:
+    return PrefixIndex()
+
+
+def _native_index(_addr: str) -> PrefixIndex | NativeIndex:
+    if NativeIndex is None:
+        raise RuntimeError("the native module is not built (make native)")
+    return NativeIndex()
+
+
+def _mixed_index(addr: str) -> PrefixIndex | NativeIndex:
+    # By the address's number (n0, n2, ... native; n1, n3, ... Python), so a
+    # scenario's nodes split in halves whatever order they start in.
+    digits = "".join(c for c in addr if c.isdigit())
+    even = int(digits) % 2 == 0 if digits else len(addr) % 2 == 0
+    return _native_index(addr) if even else _python_index(addr)
+
+
+def index_factory(kind: str) -> IndexFactory:
+    """The nodes' prefix index: ``python`` (``PrefixIndex``), ``native``
+    (``NativeIndex``, RuntimeError at the first node when the module is not
+    built) or ``mixed`` (native on even-numbered nodes, Python on the others:
+    one mesh of both, as the wire allows)."""
+    factories = {"python": _python_index, "native": _native_index, "mixed": _mixed_index}
+    if kind not in factories:
+        raise ValueError(f"unknown index kind {kind!r}; one of {', '.join(INDEX_KINDS)}")
+    return factories[kind]
 
 
 def quiet_logs() -> None:
@@ -94,6 +130,7 @@ class World:
         self.probe_after: float | None = None  # owners probe quiet engines (None: never)
         self.drop_next: dict[str, int] = {}  # engine -> live batches still to lose on the wire
         self.dns: SeedView | None = None  # the seed name, resolved again by every node (None: never)
+        self.index_factory: IndexFactory = _python_index  # each node's index, made when it starts
 
     # -- engines ----------------------------------------------------------------------
     def publish(self, eid: str, kind: str = "step") -> None:
@@ -135,15 +172,17 @@ class World:
 
 
 class MeshNode:
-    """SimNet node: a MeshCore, its PrefixIndex and its engine consumers."""
+    """SimNet node: a MeshCore, its prefix index and its engine consumers."""
 
     def __init__(self, addr: str, now: float, rng: random.Random, world: World, seeds: list[str]) -> None:
         self.addr = addr
         self.world = world
         self.incarnation = world.restarts.get(addr, 0)
         world.restarts[addr] = self.incarnation + 1
-        self.core = MeshCore(addr, addr, now, rng, world.config)
-        self.index = PrefixIndex()
+        self.index = world.index_factory(addr)
+        # As a router node: replicated entries reach a native index packed.
+        native = NativeIndex is not None and isinstance(self.index, NativeIndex)
+        self.core = MeshCore(addr, addr, now, rng, replace(world.config, packed_entries=native))
         self.consumers: dict[str, Consumer] = {}
         self.stints: dict[str, Stint] = {}
         self.last_batch: dict[str, float] = {}  # engine -> when its consumer last got a live batch
@@ -227,10 +266,12 @@ class MeshNode:
                 elif isinstance(ef, StopOwning):
                     self._stop(ef.engine_id, now)
         rec = self.world.recorder
-        for d in self.core.take_index_changes():
-            self.index.apply(d)
-            if rec is not None and d.seq >= 0:
-                rec(self.addr, d.worker, d.seq, now)
+        for ch in self.core.take_index_changes():
+            apply_change(self.index, ch)
+            if rec is not None:
+                for worker, seq in heads_of(ch):
+                    if seq >= 0:
+                        rec(self.addr, worker, seq, now)
         return self.core.take_sends()
 
     def crash_cleanup(self, now: float) -> None:

@@ -123,3 +123,15 @@ class EpochDoc:
 
     def update_since(self, state_vector: bytes | None = None) -> bytes:
         return self.doc.get_update(state_vector)
+
+    def changes_since(self, state_vector: bytes) -> bytes | None:
+        """What was added since ``state_vector``, None if nothing.
+
+        One transaction for both reads: pycrdt commits every transaction,
+        read-only or not, and a non-owner asks this once per log update it
+        merges.
+        """
+        with self.doc.transaction():
+            if self.doc.get_state() == state_vector:
+                return None
+            return self.doc.get_update(state_vector)

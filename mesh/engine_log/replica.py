@@ -16,6 +16,12 @@ own deltas (which start with CLEAR). So the index consumer only ever sees
 has not arrived yet is held *pending* (and already fences the lower one)
 while the index keeps the old contents.
 
+Packed mode (``packed=True``, :mod:`mesh.engine_log.packed`): each newly
+visible entry is emitted as one ``PackedEntry`` instead of its deltas
+(decoded, validated and kept in Rust up to the index); the CLEARs of an
+epoch switch stay ``KvDelta``s. Either way the consumer gets the same
+changes in the same order.
+
 Sequence resume point: the last applied engine sequence of a worker is the
 ``seq`` of its last delta in log order with ``seq >= 0`` (snapshots carry it).
 Log order, not max: an engine restart starts its sequence at 0 again.
@@ -29,6 +35,7 @@ import structlog
 from blocks.delta import OP_CLEAR, KvDelta, KvOp
 from mesh.engine_log.entry import LogError, decode_or_skip
 from mesh.engine_log.epoch import Epoch, EpochDoc
+from mesh.engine_log.packed import PACKED_BUILT, IndexChange, decode_packed, heads_of
 from mesh.engine_log.snapshot import LiveMaps, apply_delta, live_sets, live_sets_by_tier
 
 __all__ = ["EngineLogReplica"]
@@ -41,11 +48,15 @@ class EngineLogReplica:
 
     ``apply(epoch, update)`` applies a remote update with epoch fencing and
     returns every newly visible delta (and the reset CLEARs of an epoch
-    switch), in log order.
+    switch), in log order; with ``packed``, one ``PackedEntry`` per entry
+    instead of its deltas.
     """
 
-    def __init__(self, engine_id: str) -> None:
+    def __init__(self, engine_id: str, *, packed: bool = False) -> None:
+        if packed and not PACKED_BUILT:
+            raise ValueError("packed entries need the native module (native/, `make install`)")
         self.engine_id = engine_id
+        self.packed = packed
         self.current: EpochDoc | None = None
         self.pending: EpochDoc | None = None  # higher epoch, snapshot not yet visible
         self.last_seq: dict[str, int] = {}
@@ -78,14 +89,14 @@ class EngineLogReplica:
         return None
 
     # -- replica side ---------------------------------------------------------
-    def apply(self, epoch: Epoch, update: bytes) -> list[KvDelta]:
+    def apply(self, epoch: Epoch, update: bytes) -> list[IndexChange]:
         """Apply one (possibly merged) update of ``epoch``.
 
-        Returns the deltas newly visible, in order. Updates of an epoch lower
+        Returns the deltas (or packed entries) newly visible, in order. Updates of an epoch lower
         than :attr:`known_epoch` are ignored (fenced). Raises :class:`LogError`
         for a malformed update (nothing applied).
         """
-        out: list[KvDelta] = []
+        out: list[IndexChange] = []
         known = self.known_epoch
         if known is not None and epoch < known:
             log.debug("engine_log.update_fenced", engine=self.engine_id, epoch=epoch, known=known)
@@ -104,7 +115,7 @@ class EngineLogReplica:
         self._maybe_promote(out)
         return out
 
-    def _apply_current(self, update: bytes, out: list[KvDelta]) -> None:
+    def _apply_current(self, update: bytes, out: list[IndexChange]) -> None:
         assert self.current is not None
         if self._local:
             # Our own epoch: only we write it; an update from elsewhere can only be
@@ -117,7 +128,7 @@ class EngineLogReplica:
             raise LogError(f"bad update for {self.engine_id} {self.current.epoch}: {e}") from None
         self._drain_inbox(out)
 
-    def _maybe_promote(self, out: list[KvDelta]) -> None:
+    def _maybe_promote(self, out: list[IndexChange]) -> None:
         p = self.pending
         if p is None or len(p) == 0:
             return
@@ -137,7 +148,7 @@ class EngineLogReplica:
         self.pending = None
         self._install(ed, None, local=True)
 
-    def _install(self, ed: EpochDoc, out: list[KvDelta] | None, *, local: bool) -> None:
+    def _install(self, ed: EpochDoc, out: list[IndexChange] | None, *, local: bool) -> None:
         """Make ``ed`` current: reset per-worker bookkeeping, replay its entries.
 
         With ``out``, the deltas that move the index from the old epoch's
@@ -148,8 +159,8 @@ class EngineLogReplica:
         self._sub = None
         entries = ed.entries()
         # Decode entry by entry (not all at once): bounds the transient memory.
-        snap = decode_or_skip(self.engine_id, ed.epoch, entries[0]) if entries else []
-        snap_workers = {d.worker for d in snap}
+        snap = self._decode(ed.epoch, entries[0]) if entries else []
+        snap_workers = {w for ch in snap for w, _ in heads_of(ch)}
         old_workers = self.workers
         self.current = ed
         self.workers = set()
@@ -158,10 +169,10 @@ class EngineLogReplica:
         if out is not None:
             out.extend(KvDelta(w, -1, [KvOp(OP_CLEAR, [])]) for w in sorted(old_workers - snap_workers))
         for i, raw in enumerate(entries):
-            for d in snap if i == 0 else decode_or_skip(self.engine_id, ed.epoch, raw):
-                self.note(d)
-                if out is not None:
-                    out.append(d)
+            changes = snap if i == 0 else self._decode(ed.epoch, raw)
+            self._note_all(changes)
+            if out is not None:
+                out.extend(changes)
             if i == 0:
                 snap = []
         if not local:
@@ -181,20 +192,39 @@ class EngineLogReplica:
             if ins:
                 self._inbox.extend(ins)
 
-    def _drain_inbox(self, out: list[KvDelta]) -> None:
+    def _drain_inbox(self, out: list[IndexChange]) -> None:
         assert self.current is not None
         inbox, self._inbox = self._inbox, []
+        epoch = self.current.epoch
         for raw in inbox:
-            for d in decode_or_skip(self.engine_id, self.current.epoch, raw):
-                self.note(d)
-                out.append(d)
+            changes = self._decode(epoch, raw)
+            self._note_all(changes)
+            out.extend(changes)
+
+    def _decode(self, epoch: Epoch, raw: bytes) -> list[IndexChange]:
+        """One entry's index changes (nothing for an entry that is skipped)."""
+        if self.packed:
+            entry = decode_packed(self.engine_id, epoch, raw)
+            return [entry] if entry is not None and len(entry) else []
+        return list(decode_or_skip(self.engine_id, epoch, raw))
+
+    def _note_all(self, changes: list[IndexChange]) -> None:
+        for ch in changes:
+            if isinstance(ch, KvDelta):
+                self.note(ch)
+            else:
+                for w, seq in ch.heads:
+                    self._note(w, seq)
 
     def note(self, d: KvDelta) -> None:
         """Record ``d``'s worker and sequence number (the owner calls it for
         the deltas it appends, since it does not observe its own document)."""
-        self.workers.add(d.worker)
-        if d.seq >= 0:
-            self.last_seq[d.worker] = d.seq
+        self._note(d.worker, d.seq)
+
+    def _note(self, worker: str, seq: int) -> None:
+        self.workers.add(worker)
+        if seq >= 0:
+            self.last_seq[worker] = seq
 
     # -- reading --------------------------------------------------------------
     def materialise_maps(self) -> LiveMaps:

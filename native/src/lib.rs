@@ -8,6 +8,7 @@
 //! and raises it as a Python exception (ValueError from the decoder, so the
 //! frame counts as undecodable; RuntimeError from the mapper).
 
+pub mod entry;
 pub mod events;
 pub mod hashing;
 pub mod index;
@@ -525,6 +526,8 @@ fn kvmesh_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(root_seed, m)?)?;
     m.add_class::<NativeMapper>()?;
     m.add_class::<pyindex::NativeIndex>()?;
+    m.add_function(wrap_pyfunction!(entry::decode_entry, m)?)?;
+    m.add_class::<entry::PackedEntry>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

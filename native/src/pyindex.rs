@@ -9,6 +9,7 @@
 //! other value; elsewhere a value that is not one is a block no worker
 //! holds, which is what `PrefixIndex` makes of it.
 
+use crate::entry::{self, PackedEntry};
 use crate::index::{Index, N_TIERS, TIER_GPU};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -215,9 +216,13 @@ impl NativeIndex {
         let out = cand.zeros.bind(py).copy()?;
         let mut depths = Vec::new();
         self.core.match_depths(hashes, &cand.slots, &mut depths);
+        let mut hit = 0;
         for &(s, d) in &depths {
             out.set_item(self.name(py, s), d)?;
+            hit = hit.max(d);
         }
+        // the blocks some candidate held count as used (bounded indexes)
+        self.core.touch(&hashes[..hit]);
         Ok(out)
     }
 
@@ -263,17 +268,28 @@ impl NativeIndex {
 
 #[pymethods]
 impl NativeIndex {
+    /// `max_blocks`: the bound of `--max-index-blocks` (0: none; see
+    /// `index.rs`); ValueError if negative.
     #[new]
-    fn new(py: Python<'_>) -> Self {
-        NativeIndex {
-            core: Index::default(),
+    #[pyo3(signature = (max_blocks = 0))]
+    fn new(py: Python<'_>, max_blocks: i64) -> PyResult<Self> {
+        let max_blocks = usize::try_from(max_blocks)
+            .map_err(|_| PyValueError::new_err(format!("max_blocks must be >= 0, got {max_blocks}")))?;
+        Ok(NativeIndex {
+            core: Index::new(max_blocks),
             slot_of: HashMap::new(),
             names: Vec::new(),
             order: Vec::new(),
             free: BinaryHeap::new(),
             wcache: PyDict::new(py).unbind(),
             cands: Vec::new(),
-        }
+        })
+    }
+
+    /// The bound on distinct GPU blocks (and on lower-tier blocks); 0: none.
+    #[getter]
+    fn max_blocks(&self) -> usize {
+        self.core.max_blocks()
     }
 
     /// Register a worker with no blocks (it then shows up in `match`).
@@ -298,7 +314,7 @@ impl NativeIndex {
     fn blocks_of(&self, worker: &Bound<'_, PyAny>, tier: Option<&Bound<'_, PyAny>>) -> usize {
         let t = tier.map_or(Some(TIER_GPU), tier_of);
         match (self.lookup(worker), t) {
-            (Some(slot), Some(t)) => self.core.held(slot, t).map_or(0, |h| h.len()),
+            (Some(slot), Some(t)) => self.core.count(slot, t),
             _ => 0,
         }
     }
@@ -306,7 +322,7 @@ impl NativeIndex {
     /// Blocks of `worker` on each tier, in `blocks.tiers` order.
     fn tier_blocks<'py>(&self, py: Python<'py>, worker: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyTuple>> {
         let counts: Vec<usize> = match self.lookup(worker) {
-            Some(s) => (0..N_TIERS).map(|t| self.core.held(s, t).map_or(0, |h| h.len())).collect(),
+            Some(s) => (0..N_TIERS).map(|t| self.core.count(s, t)).collect(),
             None => vec![0; N_TIERS],
         };
         PyTuple::new(py, counts)
@@ -322,10 +338,7 @@ impl NativeIndex {
     ) -> PyResult<Bound<'py, PySet>> {
         let t = tier.map_or(Some(TIER_GPU), tier_of);
         match (self.lookup(worker), t) {
-            (Some(s), Some(t)) => match self.core.held(s, t) {
-                Some(h) => PySet::new(py, h.iter()),
-                None => PySet::empty(py),
-            },
+            (Some(s), Some(t)) => PySet::new(py, self.core.hashes(s, t)),
             _ => PySet::empty(py),
         }
     }
@@ -452,6 +465,34 @@ impl NativeIndex {
         })
     }
 
+    /// Apply every delta of a `PackedEntry` (decoded and validated by
+    /// `decode_entry`), in order, each as `_apply` applies a `KvDelta`.
+    /// Returns (the delta's position, blocks dropped) for each CLEAR.
+    fn _apply_packed(&mut self, entry: &Bound<'_, PackedEntry>) -> PyResult<Vec<(usize, usize)>> {
+        guarded(|| {
+            let (py, e) = (entry.py(), entry.get());
+            let mut cleared = Vec::new();
+            for i in 0..e.len() {
+                let worker = e.worker(py, i);
+                for (kind, tier, hs) in e.ops(i) {
+                    match kind {
+                        entry::OP_STORE => {
+                            let slot = self.slot(worker)?;
+                            self.core.store(slot, hs, tier);
+                        }
+                        entry::OP_REMOVE => {
+                            if let Some(slot) = self.lookup(worker) {
+                                self.core.remove(slot, hs, tier);
+                            }
+                        }
+                        _ => cleared.push((i, self.do_clear(worker))),
+                    }
+                }
+            }
+            Ok(cleared)
+        })
+    }
+
     /// For each worker (every registered one when `workers` is None; unknown
     /// ones get 0), how many leading blocks of `hashes` it holds on a GPU.
     #[pyo3(signature = (hashes, workers = None))]
@@ -481,10 +522,11 @@ impl NativeIndex {
             let hs = query_hashes(hashes)?;
             let gpu = self.match_impl(py, &hs, workers)?;
             let out = PyDict::new(py);
+            let base = self.core.begin_walk(hs.len());
             for (w, g) in gpu.iter() {
                 let g: usize = g.extract()?;
                 let counts = match self.lookup(&w) {
-                    Some(s) => self.core.walk_tiers(&hs, g, s),
+                    Some(s) => self.core.walk_tiers(&hs, g, s, base),
                     None => [g, 0, 0, 0],
                 };
                 out.set_item(w, PyTuple::new(py, counts)?)?;
@@ -498,6 +540,7 @@ impl NativeIndex {
         d.set_item("entries", self.core.len())?;
         d.set_item("workers", self.order.len())?;
         d.set_item("lower_blocks", self.core.lower_blocks())?;
+        d.set_item("evicted_blocks", self.core.evicted())?;
         Ok(d)
     }
 

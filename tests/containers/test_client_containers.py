@@ -30,66 +30,15 @@ from typing import Any
 import pytest
 
 from kvmesh.client import ONE_NODE, Client, ClientConfig
+from tests.containers import load_client
 from tests.containers.conftest import DockerScope
+from tests.containers.load_client import LOAD, load_args
 from tests.containers.test_mesh_containers import ALIAS, FAST_MESH, GRPC, MODEL, ROUTER, Mesh, start_mesh
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
 WORKERS = 6  # concurrent streams of the client
 MAX_TOKENS = 48
-
-# Runs in the client container: WORKERS loops of Generate through one AsyncClient
-# until /tmp/stop exists; one "REQ {json}" line per request, as it ends.
-LOAD = r"""
-import asyncio, json, os, random, sys, time
-from kvmesh.client import AsyncClient, Chunk, KvmeshError, Result
-
-target, workers, max_tokens, model = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-STOP = "/tmp/stop"
-
-async def worker(k, client):
-    rng = random.Random(k)
-    n = 0
-    while not os.path.exists(STOP):
-        rid = f"w{k}-{n}"
-        n += 1
-        rec = {"id": rid, "t0": time.time(), "chunks": 0, "ok": False}
-        try:
-            prompt = [rng.randrange(256, 32000) for _ in range(64)]
-            async for ev in client.generate(prompt, model=model, max_tokens=max_tokens, ignore_eos=True,
-                                            request_id=rid):
-                if isinstance(ev, Chunk):
-                    rec["chunks"] += 1
-                elif isinstance(ev, Result):
-                    rec["ok"] = ev.completion_tokens == max_tokens
-        except KvmeshError as e:
-            rec.update(status=e.status, reason=e.reason, started=e.started, message=e.message[:200])
-        rec["t1"] = time.time()
-        print("REQ " + json.dumps(rec), flush=True)
-
-async def dials(client):
-    seen = 0
-    while not os.path.exists(STOP):
-        if client.dials != seen:  # a fresh resolution of the name (printed within 50 ms)
-            seen = client.dials
-            print(f"DIAL {seen} {time.time()}", flush=True)
-        await asyncio.sleep(0.05)
-
-async def main():
-    client = AsyncClient(target, tls=False)  # every other setting: the defaults
-    print(f"READY client target={client.target} reresolve_interval={client.config.reresolve_interval}",
-          flush=True)
-    await asyncio.gather(dials(client), *(worker(k, client) for k in range(workers)))
-    print(f"DONE dials={client.dials}", flush=True)
-    await client.close()
-
-asyncio.run(main())
-"""
-
-
-def _records(container: Any) -> list[dict[str, Any]]:
-    out = container.logs(stdout=True, stderr=False).decode(errors="replace")
-    return [json.loads(line[4:]) for line in out.splitlines() if line.startswith("REQ ")]
 
 
 class Nodes:
@@ -152,7 +101,7 @@ def test_client_spreads_over_the_name_survives_a_kill_and_finds_a_new_node(
         base = nodes.requests(names)
 
         load = docker_scope.run(
-            kvmesh_image, [f"{ALIAS}:50051", str(WORKERS), str(MAX_TOKENS), MODEL],
+            kvmesh_image, load_args(f"{ALIAS}:50051", WORKERS, MAX_TOKENS, MODEL),
             name="client", network=mesh.net, entrypoint=["python", "-c", LOAD],
         )  # fmt: skip
         print(docker_scope.wait_ready(load, "READY client", timeout_s=60))
@@ -216,7 +165,7 @@ def test_client_spreads_over_the_name_survives_a_kill_and_finds_a_new_node(
         code, out, err = docker_scope.wait_exit(load, timeout_s=60)
         assert code == 0, err[-3000:]
         done = [line for line in out.splitlines() if line.startswith("DONE")]
-        records = _records(load)
+        records = load_client.records(load)
         dial_times = _dial_times(load)
         finished_on = {n: _done_ids(mesh.routers[n]) for n in [*names, "r4"]}
     finally:

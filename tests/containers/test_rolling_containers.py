@@ -34,7 +34,9 @@ from typing import Any, TypeVar
 import pytest
 
 from kvmesh.client import Chunk, Client, KvmeshError, Result
+from tests.containers import load_client
 from tests.containers.conftest import REPO, SESSION_ID, DockerScope
+from tests.containers.load_client import LOAD, load_args
 from tests.containers.test_images import MODEL, _compose_cmd
 from tests.containers.test_mesh_containers import ALIAS, FAST_MESH, GRPC, Mesh, start_mesh
 
@@ -51,48 +53,6 @@ SERVE_BOUND = 60.0  # seconds for a (re)started node to serve requests again
 LONG_TOKENS = 1500
 COMPOSE_LONG_TOKENS = 300  # the same for the compose file's engines (real time)
 T = TypeVar("T")
-
-# Runs in the client container: WORKERS loops of Generate through one AsyncClient
-# until /tmp/stop exists; one "REQ {json}" line per request, as it ends.
-LOAD = r"""
-import asyncio, json, os, random, sys, time
-from kvmesh.client import AsyncClient, Chunk, ClientConfig, KvmeshError, Result
-
-target, workers, max_tokens, model = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-config = ClientConfig(reresolve_interval=float(sys.argv[5])) if len(sys.argv) > 5 else None
-STOP = "/tmp/stop"
-
-async def worker(k, client):
-    rng = random.Random(k)
-    n = 0
-    while not os.path.exists(STOP):
-        rid = f"w{k}-{n}"
-        n += 1
-        rec = {"id": rid, "t0": time.time(), "chunks": 0, "ok": False}
-        try:
-            prompt = [rng.randrange(256, 32000) for _ in range(64)]
-            async for ev in client.generate(prompt, model=model, max_tokens=max_tokens, ignore_eos=True,
-                                            request_id=rid):
-                if isinstance(ev, Chunk):
-                    rec["chunks"] += 1
-                elif isinstance(ev, Result):
-                    rec["ok"] = ev.completion_tokens == max_tokens
-        except KvmeshError as e:
-            rec.update(status=e.status, reason=e.reason, started=e.started, message=e.message[:200])
-        rec["t1"] = time.time()
-        print("REQ " + json.dumps(rec), flush=True)
-        await asyncio.sleep(0.02)
-
-async def main():
-    client = AsyncClient(target, tls=False, config=config)
-    print(f"READY client target={client.target} reresolve_interval={client.config.reresolve_interval}",
-          flush=True)
-    await asyncio.gather(*(worker(k, client) for k in range(workers)))
-    print(f"DONE dials={client.dials}", flush=True)
-    await client.close()
-
-asyncio.run(main())
-"""
 
 
 def _eventually(pred: Callable[[], T], timeout_s: float, what: Callable[[], str] | str) -> T:
@@ -144,16 +104,14 @@ class Load:
     """The client container: steady Generate load through the routers' DNS name."""
 
     def __init__(self, scope: DockerScope, image: str, net: Any, reresolve: float | None = None) -> None:
-        args = [f"{ALIAS}:50051", str(WORKERS), str(MAX_TOKENS), MODEL]
-        if reresolve is not None:
-            args.append(str(reresolve))
+        # A short pause between requests: a steady load, not a flood.
+        args = load_args(f"{ALIAS}:50051", WORKERS, MAX_TOKENS, MODEL, reresolve, pause=0.02)
         self.scope = scope
         self.container = scope.run(image, args, name="client", network=net, entrypoint=["python", "-c", LOAD])
         print(scope.wait_ready(self.container, "READY client", timeout_s=60))
 
     def records(self) -> list[dict[str, Any]]:
-        out = self.container.logs(stdout=True, stderr=False).decode(errors="replace")
-        return [json.loads(line[4:]) for line in out.splitlines() if line.startswith("REQ ")]
+        return load_client.records(self.container)
 
     def stop(self) -> tuple[list[dict[str, Any]], str]:
         """Let every loop finish its request, then every request's record and the DONE line."""

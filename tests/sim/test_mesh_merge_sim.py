@@ -31,6 +31,10 @@ Rerun one seed (prints the plan)::
 
     KVMESH_SIM_SEED=3 .venv/bin/python -m pytest -q tests/sim/test_mesh_merge_sim.py -k single
 
+Both scenarios run with every node on the pure-Python index and on the native
+one, the split also on a mixed mesh (half the nodes native;
+``tests/sim/index_kinds.py``); ``KVMESH_SIM_INDEX`` picks a single seed's.
+
 Merge and heal times over many seeds::
 
     .venv/bin/python -m tests.sim.test_mesh_merge_sim measure [seeds]
@@ -52,6 +56,7 @@ from kvmesh.simulation.mesh_world import MeshNode, World, default_sim_config, no
 from kvmesh.simulation.simnet import NetConfig, SimNet
 from kvmesh.stats import percentile
 from mesh.ownership import owner_of
+from tests.sim import index_kinds
 from tests.sim.test_mesh_sim import Scenario, check
 
 N_SEEDS = int(os.environ.get("KVMESH_SIM_SEEDS", "40"))
@@ -256,8 +261,11 @@ def strict(world: World) -> list[str]:
     return problems
 
 
-def run_seed(kind: str, seed: int) -> tuple[list[str], Scenario, SimNet[MeshNode], World, Timeline]:
+def run_seed(
+    kind: str, seed: int, index: str = "python"
+) -> tuple[list[str], Scenario, SimNet[MeshNode], World, Timeline]:
     sim, world, sc, tl = BUILDERS[kind](seed)
+    index_kinds.use(world, index)  # before the run: nodes start (and make their index) in it
     _watch(sim, world, tl)
     sim.run_until(tl.end + QUIET)
     problems = check(sim, world, sc) + strict(world)
@@ -273,13 +281,13 @@ def _describe(kind: str, seed: int, problems: list[str], sc: Scenario) -> str:
     return "\n".join(lines)
 
 
-def _run_many(kind: str, seeds: list[int]) -> list[Timeline]:
+def _run_many(kind: str, seeds: list[int], index: str = "python") -> list[Timeline]:
     failures, timelines = [], []
     for seed in seeds:
-        problems, sc, _, _, tl = run_seed(kind, seed)
+        problems, sc, _, _, tl = run_seed(kind, seed, index)
         timelines.append(tl)
         if problems:
-            failures.append(_describe(kind, seed, problems, sc))
+            failures.append(f"[{index} index] " + _describe(kind, seed, problems, sc))
             print(failures[-1], flush=True)
     assert not failures, "\n".join(failures)
     return timelines
@@ -291,10 +299,11 @@ def _delays(timelines: list[Timeline]) -> tuple[list[float], list[float]]:
     return members, owners
 
 
-def test_two_meshes_formed_apart_merge() -> None:
+@pytest.mark.parametrize("index", index_kinds.kinds("python", "native"))
+def test_two_meshes_formed_apart_merge(index: str) -> None:
     if os.environ.get("KVMESH_SIM_SEED"):
         pytest.skip("single-seed rerun requested (see test_single_seed)")
-    members, owners = _delays(_run_many("merge", [SEED_BASE + s for s in range(N_SEEDS)]))
+    members, owners = _delays(_run_many("merge", [SEED_BASE + s for s in range(N_SEEDS)], index))
     # A node resolves the name again within SEED_RETRY (1 s) while alone and
     # within SEED_REFRESH (30 s) once it has peers: both sides have peers in
     # most seeds, so the merge waits for the next refresh of some node.
@@ -302,10 +311,11 @@ def test_two_meshes_formed_apart_merge() -> None:
     assert max(owners) < 40.0, owners
 
 
-def test_five_nodes_split_three_two_heal() -> None:
+@pytest.mark.parametrize("index", index_kinds.kinds("python", "native", "mixed"))
+def test_five_nodes_split_three_two_heal(index: str) -> None:
     if os.environ.get("KVMESH_SIM_SEED"):
         pytest.skip("single-seed rerun requested (see test_single_seed)")
-    members, owners = _delays(_run_many("split", [SEED_BASE + s for s in range(N_SEEDS)]))
+    members, owners = _delays(_run_many("split", [SEED_BASE + s for s in range(N_SEEDS)], index))
     # The halves declared each other dead; reconnect push-pulls (every
     # reconnect_interval, 5 s here) find the other side again.
     assert max(members) < 20.0, members
@@ -341,8 +351,9 @@ def test_single_seed() -> None:
     if not raw:
         pytest.skip("set KVMESH_SIM_SEED to rerun one seed")
     kind = os.environ.get("KVMESH_SIM_KIND", "merge")
+    index = os.environ.get("KVMESH_SIM_INDEX", "python")
     seed = int(raw)
-    problems, sc, sim, world, tl = run_seed(kind, seed)
+    problems, sc, sim, world, tl = run_seed(kind, seed, index)
     print(f"{kind} seed {seed}: joined at {tl.joined_at:.2f}, members {tl.members_at}, owners {tl.owners_at}")
     for s in sc.script:
         print("  plan:", s)

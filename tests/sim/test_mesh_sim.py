@@ -27,6 +27,11 @@ Rerun one seed (prints the plan)::
 
     KVMESH_SIM_SEED=17 .venv/bin/python -m pytest -q tests/sim/test_mesh_sim.py -k single
 
+Every node's index is the pure-Python ``PrefixIndex`` or the native
+``NativeIndex`` (``tests/sim/index_kinds.py``): half of the seeds run on
+each, the larger scenarios on each and on a mixed mesh (half the nodes native); a single seed
+reruns on ``KVMESH_SIM_INDEX`` (python, native or mixed; default python).
+
 Seeds: ``KVMESH_SIM_SEEDS`` (default 500 small + ``LARGE_SEEDS`` larger).
 Convergence latency and gossip bytes per event at N = 10, 50, 100, 200::
 
@@ -54,6 +59,7 @@ from kvmesh.simulation.mesh_world import (
 )
 from kvmesh.simulation.simnet import NetConfig, SimNet
 from mesh.ownership import owner_of
+from tests.sim import index_kinds
 
 FAULT_END = 30.0
 QUIET = 45.0
@@ -89,7 +95,7 @@ def _crash(sim: SimNet[MeshNode], addr: str, t: float) -> None:
     sim.crash(addr, t)
 
 
-def build(seed: int) -> tuple[SimNet[MeshNode], World, Scenario]:
+def build(seed: int, index: str = "python") -> tuple[SimNet[MeshNode], World, Scenario]:
     quiet_logs()
     large = seed >= LARGE_OFFSET
     r = random.Random(f"mesh-scenario/{seed}")
@@ -110,6 +116,7 @@ def build(seed: int) -> tuple[SimNet[MeshNode], World, Scenario]:
         reorder_extra=0.1,
     )
     world = World(seed, CFG)
+    index_kinds.use(world, index)
     world.live_loss = r.uniform(0.0, 0.05)
     sim: SimNet[MeshNode] = SimNet(seed, net)
     world.sim = sim
@@ -317,8 +324,8 @@ def check(sim: SimNet[MeshNode], world: World, sc: Scenario) -> list[str]:
     return problems
 
 
-def run_seed(seed: int) -> tuple[list[str], Scenario, SimNet[MeshNode], World]:
-    sim, world, sc = build(seed)
+def run_seed(seed: int, index: str = "python") -> tuple[list[str], Scenario, SimNet[MeshNode], World]:
+    sim, world, sc = build(seed, index)
     sim.run_until(FAULT_END + QUIET)
     return check(sim, world, sc), sc, sim, world
 
@@ -330,27 +337,45 @@ def _describe(seed: int, problems: list[str], sc: Scenario) -> str:
     return "\n".join(lines)
 
 
-def _run_many(seeds: list[int]) -> None:
+def _run_many(seeds: list[int], index: str = "python") -> list[SimNet[MeshNode]]:
     failures = []
+    sims = []
     for seed in seeds:
-        problems, sc, _, _ = run_seed(seed)
+        problems, sc, sim, _ = run_seed(seed, index)
+        sims.append(sim)
         if problems:
-            failures.append(_describe(seed, problems, sc))
+            failures.append(f"[{index} index] " + _describe(seed, problems, sc))
             print(failures[-1], flush=True)
     assert not failures, "\n".join(failures)
+    return sims
 
 
+@pytest.mark.parametrize("index", index_kinds.kinds("python", "native"))
 @pytest.mark.parametrize("chunk", range(CHUNKS))
-def test_mesh_converges_after_faults(chunk: int) -> None:
+def test_mesh_converges_after_faults(chunk: int, index: str) -> None:
     if os.environ.get("KVMESH_SIM_SEED"):
         pytest.skip("single-seed rerun requested (see test_single_seed)")
-    _run_many([SEED_BASE + s for s in range(N_SEEDS) if s % CHUNKS == chunk])
+    # Each index runs half of every chunk's seeds: every scenario runs once,
+    # on one implementation or the other.
+    half = 0 if index == "python" else 1
+    seeds = [s for s in range(N_SEEDS) if s % CHUNKS == chunk and (s // CHUNKS) % 2 == half]
+    assert seeds, "no seed for this chunk: raise KVMESH_SIM_SEEDS"
+    _run_many([SEED_BASE + s for s in seeds], index)
 
 
-def test_mesh_converges_larger_scenarios() -> None:
+@pytest.mark.parametrize("index", index_kinds.kinds("python", "native", "mixed"))
+def test_mesh_converges_larger_scenarios(index: str) -> None:
     if os.environ.get("KVMESH_SIM_SEED"):
         pytest.skip("single-seed rerun requested (see test_single_seed)")
-    _run_many([LARGE_OFFSET + SEED_BASE + s for s in range(LARGE_SEEDS)])
+    sims = _run_many([LARGE_OFFSET + SEED_BASE + s for s in range(LARGE_SEEDS)], index)
+    # Each node ran the index it was given ("mixed": native on even-numbered nodes).
+    seen = set()
+    for sim in sims:
+        for addr, n in sim.up_nodes().items():
+            want = index if index != "mixed" else ("native" if int(addr[1:]) % 2 == 0 else "python")
+            assert index_kinds.implementation(n.index) == want, (addr, want)
+            seen.add(want)
+    assert seen == ({"python", "native"} if index == "mixed" else {index}), seen
 
 
 def test_single_seed() -> None:
@@ -359,8 +384,9 @@ def test_single_seed() -> None:
     if not raw:
         pytest.skip("set KVMESH_SIM_SEED to rerun one seed")
     seed = int(raw)
-    problems, sc, sim, world = run_seed(seed)
-    print(f"seed {seed}:")
+    index = os.environ.get("KVMESH_SIM_INDEX", "python")
+    problems, sc, sim, world = run_seed(seed, index)
+    print(f"seed {seed} ({index} index):")
     for s in sc.script:
         print("  plan:", s)
     print("  net:", sim.stats)
@@ -383,9 +409,10 @@ def test_single_seed() -> None:
     assert not problems, _describe(seed, problems, sc)
 
 
-def test_simulation_is_deterministic() -> None:
+@pytest.mark.parametrize("index", index_kinds.kinds("python", "native"))
+def test_simulation_is_deterministic(index: str) -> None:
     def fingerprint(seed: int) -> tuple:
-        sim, _, _ = build(seed)
+        sim, _, _ = build(seed, index)
         sim.run_until(25.0)
         idx = tuple(
             (a, tuple(sorted((w, len(n.index.worker_hashes(w))) for w in n.index.workers())))
@@ -397,12 +424,13 @@ def test_simulation_is_deterministic() -> None:
     assert fingerprint(5) != fingerprint(6)
 
 
-def test_a_handover_happens_and_is_checked() -> None:
+@pytest.mark.parametrize("index", index_kinds.kinds("python", "native"))
+def test_a_handover_happens_and_is_checked(index: str) -> None:
     """The property is not vacuous: scenarios do hand engines over, and a
     corrupted index on one node is reported."""
     handovers = 0
     for seed in range(3):
-        problems, sc, sim, world = run_seed(seed)
+        problems, sc, sim, world = run_seed(seed, index)
         assert not problems, _describe(seed, problems, sc)
         handovers += sum(len(v) - 1 for v in world.stints.values())
         if seed == 0:

@@ -335,3 +335,110 @@ def test_bench_docs_end_with_the_evidence_pages(tmp_path):
     (docs / "benchmarks.md").unlink()
     assert rewrite_report(docs) == 0
     assert (docs / "benchmarks.md").read_text() == md
+
+
+def _micro_both() -> dict:
+    """A micro run of both implementations (native first), non-owner apply and memory."""
+    res = _results()
+    ix = res["micro"]["index"]
+    native = {"blocks_per_s": 2_400_000.0, "match_p50_us": 20.0, "match_p99_us": 50.0}
+    python = {"blocks_per_s": 400_000.0, "match_p50_us": 30.0, "match_p99_us": 60.0}
+    ix.update(
+        native=native,
+        python=python,
+        kvmesh={**native, "implementation": "native", "hash_128_blocks_us": 35.0},
+        ingest_ratio=3.0,
+        ingest_ratio_python=0.5,
+        match_p99_ratio=0.25,
+        match_p99_ratio_python=0.3,
+        answers_equal=True,
+        events_per_engine_s=3000,
+        nonowner={
+            "blocks": 1_000_000,
+            "entries": 7_813,
+            "engines": 1000,
+            "entry_blocks": 128,
+            "entries_per_update": 4,
+            "busy_engine_events_per_s": 3000,
+            "paths": {
+                "python": {"blocks_per_s": 1_200_000},
+                "native": {"blocks_per_s": 9_000_000},
+                "mesh_python": {"blocks_per_s": 900_000},
+                "mesh_native": {"blocks_per_s": 6_000_000},
+            },
+        },
+    )
+    cell = {"bytes_per_block": 38.0, "bytes_per_pair": 26.0}
+    res["micro"]["memory"] = {
+        "sizes": [1_000_000, 10_000_000],
+        "n_engines": 1000,
+        "timeout_s": {"native": 900.0, "python": 150.0, "dynamo": 900.0},
+        "rows": {
+            "native": {"1000000": cell, "10000000": {**cell, "bytes_per_block": 45.0}},
+            "python": {
+                "1000000": {"bytes_per_block": 210.0, "bytes_per_pair": 140.0},
+                "10000000": {"skipped": "not measured: over the 150 s limit"},
+            },
+            "dynamo": {"1000000": {"bytes_per_block": 110.0, "bytes_per_pair": 75.0}, "10000000": cell},
+        },
+    }
+    return res
+
+
+def test_micro_targets_native_with_python_beside():
+    t = _targets(_micro_both())
+    ingest = t["index ingest vs Dynamo RadixTree"]
+    assert ingest["met"] is True and ingest["value"] == 3.0
+    assert "native 2,400,000 / 800,000 blocks/s = 3.00x" in ingest["measured"]
+    assert "pure Python 400,000 blocks/s = 0.50x" in ingest["measured"]
+    match = t["prefix match p99 vs Dynamo RadixTree"]
+    assert match["met"] is True and "pure Python 60 µs = 0.30x" in match["measured"]
+    apply = t["non-owner apply of replicated entries"]
+    assert apply["met"] is True and apply["value"] == 9_000_000
+    assert "(end to end through the mesh state: 6,000,000)" in apply["measured"]
+    assert "pure Python 1,200,000" in apply["measured"]
+    engines = t["engines one node keeps up with (3,000 block events/s each, from the non-owner rate)"]
+    assert engines["met"] is True and engines["value"] == 2000  # from the end-to-end rate
+    assert "pure Python 300" in engines["measured"]
+    one = t["memory per indexed block, 1M blocks over 1,000 engines"]
+    assert one["met"] is True and "pure Python 210 B" in one["measured"] and "Dynamo 110 B" in one["measured"]
+    ten = t["memory per indexed block, 10M blocks over 1,000 engines"]
+    assert ten["met"] is False and "pure Python not measured: over the 150 s limit" in ten["measured"]
+
+
+def test_micro_targets_without_the_native_module_or_the_big_sizes():
+    res = _micro_both()
+    ix = res["micro"]["index"]
+    ix["native"] = {"skipped": "the native module is not built"}
+    for path in ("native", "mesh_native"):
+        del ix["nonowner"]["paths"][path]
+    ix["kvmesh"] = {**ix["python"], "implementation": "python", "hash_128_blocks_us": 35.0}
+    ix["ingest_ratio"], ix["match_p99_ratio"] = 0.5, 0.3
+    res["micro"]["memory"] = {"sizes": [100_000], "n_engines": 1000, "rows": {"python": {"100000": {}}}}
+    t = _targets(res)
+    ingest = t["index ingest vs Dynamo RadixTree"]
+    assert ingest["met"] is False and ingest["measured"].startswith("python 400,000")
+    apply = t["non-owner apply of replicated entries"]
+    assert (
+        apply["met"] is False and "native not measured (the native module is not built)" in apply["measured"]
+    )
+    mem = t["memory per indexed block, 1M blocks over 1,000 engines"]
+    assert mem["met"] is None and "1,000,000 blocks not in this run's plan" in mem["measured"]
+
+
+def test_micro_section_shows_every_implementation_side_by_side():
+    md = render_markdown(_micro_both())
+    assert "| kvmesh native (Rust) | 2,400,000 | 3.00x | 20 | 50 | 0.25x |" in md
+    assert "| kvmesh pure Python | 400,000 | 0.50x | 30 | 60 | 0.30x |" in md
+    assert "| Dynamo RadixTree (Rust) | 800,000 | 1x | 70 | 200 | 1x |" in md
+    assert (
+        "| end to end, native (what a router node runs): packed entries + `NativeIndex` | 6,000,000 | 2,000 |"
+        in md
+    )
+    assert (
+        "| kvmesh pure Python | 210 B (140 B per engine-block pair) | not measured: over the 150 s limit |"
+        in md
+    )
+    assert "Native and Python match answers equal: yes." in md
+    # A run from before the native path (one "kvmesh" row) still renders.
+    assert "| kvmesh | 400,000 | 0.50x | 30 | 60 | 0.30x |" in render_markdown(_results())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mesh.hints import Hint, HintStore
 
@@ -67,3 +69,38 @@ def test_two_hints_with_the_same_expiry_expire_cleanly() -> None:
     assert s.overlap([1, 2, 3], now=11.0) == {"e1": 3, "e2": 2}
     assert s.overlap([1, 2, 3], now=12.5) == {"e2": 2}
     assert s.overlap([1, 2, 3], now=15.5) == {}
+
+
+_hint_st = st.tuples(
+    st.sampled_from(["w0", "w1", "w2", "w3"]),
+    st.lists(st.integers(0, 7), max_size=8),
+    st.floats(0.0, 2.0),
+)
+
+
+@given(
+    hints=st.lists(_hint_st, max_size=12),
+    query=st.lists(st.integers(0, 7), max_size=10),
+    now=st.floats(0.0, 3.0),
+)
+@settings(max_examples=400, deadline=None)
+def test_overlap_equals_the_naive_definition(
+    hints: list[tuple[str, list[int], float]], query: list[int], now: float
+) -> None:
+    store = HintStore("n", ttl=1.0)
+    live: list[tuple[float, str, set[int]]] = []
+    for worker, hashes, at in sorted(hints, key=lambda h: h[2]):
+        store.add_local(worker, hashes, at)
+        live.append((at + 1.0, worker, set(hashes)))
+    held: dict[str, set[int]] = {}
+    for exp, worker, hashes in live:
+        if exp > now:
+            held.setdefault(worker, set()).update(hashes)
+    want = {}
+    for worker, hs in held.items():
+        n = 0
+        while n < len(query) and query[n] in hs:
+            n += 1
+        if n:
+            want[worker] = n
+    assert store.overlap(query, now) == want

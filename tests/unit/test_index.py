@@ -6,11 +6,24 @@ from hypothesis import strategies as st
 from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp
 from blocks.tiers import TIER_GPU, TIER_HOST, TIERS
 from router.index import PrefixIndex
+from router.native_index import NATIVE_INDEX_BUILT, NativeIndex
 
 # Two chains that share a 3-block prefix, plus values >= 2**63 (they occur on the wire).
 POOL = [11, 12, 13, 21, 22, 23, 24, 31, 32, 2**64 - 1, 2**63 + 5, 2**63]
 CHAINS = [[11, 12, 13, 21, 22, 23, 24], [11, 12, 13, 31, 32], [2**63, 2**63 + 5, 2**64 - 1]]
 WORKERS = ["e0", "e1", "e1#dp1", "e2"]
+
+
+@pytest.fixture(scope="module", params=["python", "native"])
+def make_index(request):
+    """Every test here runs against both implementations (the native one is
+    ``NativeIndex``, which ``new_index()`` serves where the module is built)."""
+    if request.param == "native":
+        if not NATIVE_INDEX_BUILT:
+            pytest.skip("NATIVE PATH NOT TESTED: the native module is not built (`make install` builds it)")
+        return NativeIndex
+    return PrefixIndex
+
 
 worker_st = st.sampled_from(WORKERS)
 hashes_st = st.lists(st.sampled_from(POOL), max_size=8)
@@ -62,8 +75,8 @@ def apply_model(model, kind, worker, arg):
 
 @given(ops=st.lists(op_st, max_size=25), queries=st.lists(query_st, min_size=1, max_size=5))
 @settings(max_examples=300, deadline=None)
-def test_index_matches_reference_model(ops, queries):
-    idx = PrefixIndex()
+def test_index_matches_reference_model(make_index, ops, queries):
+    idx = make_index()
     model: dict[str, set[int]] = {}
     for kind, w, arg in ops:
         if kind == "store":
@@ -91,8 +104,8 @@ def test_index_matches_reference_model(ops, queries):
         assert idx.match(q, ["e2", "nope"]) == naive_match(model, q, ["e2", "nope"])
 
 
-def test_match_stops_at_first_missing_block():
-    idx = PrefixIndex()
+def test_match_stops_at_first_missing_block(make_index):
+    idx = make_index()
     idx.store("a", [1, 2, 4, 5])  # holds 1,2 then a hole at 3
     idx.store("b", [1, 2, 3, 4, 5])
     idx.store("c", [2, 3])  # no first block: nothing usable
@@ -102,8 +115,8 @@ def test_match_stops_at_first_missing_block():
     assert idx.match([9, 1]) == {"a": 0, "b": 0, "c": 0}
 
 
-def test_clear_worker_leaves_others_and_keeps_registration():
-    idx = PrefixIndex()
+def test_clear_worker_leaves_others_and_keeps_registration(make_index):
+    idx = make_index()
     idx.store("a", [1, 2, 3])
     idx.store("b", [1, 2])
     assert idx.clear_worker("a") == 3
@@ -113,8 +126,8 @@ def test_clear_worker_leaves_others_and_keeps_registration():
     assert idx.clear_worker("unknown") == 0
 
 
-def test_remove_worker_frees_slot_for_reuse_and_new_worker_starts_empty():
-    idx = PrefixIndex()
+def test_remove_worker_frees_slot_for_reuse_and_new_worker_starts_empty(make_index):
+    idx = make_index()
     for i in range(5):
         idx.store(f"w{i}", [100 + i, 7])
     idx.remove_worker("w1")
@@ -122,15 +135,16 @@ def test_remove_worker_frees_slot_for_reuse_and_new_worker_starts_empty():
     idx.store("new1", [55])
     idx.store("new2", [56])
     idx.store("new3", [57])
-    # freed slots 1 and 3 were reused before growing
-    assert sorted(idx._slot_of.values()) == [0, 1, 2, 3, 4, 5]
+    if isinstance(idx, PrefixIndex):  # slots are internal: the native index keeps its own
+        # freed slots 1 and 3 were reused before growing
+        assert sorted(idx._slot_of.values()) == [0, 1, 2, 3, 4, 5]
     assert idx.worker_hashes("new1") == {55}
     assert idx.match([7]) == {"w0": 1, "w2": 1, "w4": 1, "new1": 0, "new2": 0, "new3": 0}
     assert 101 not in idx.worker_hashes("new1") and len(idx) == 7
 
 
-def test_match_cache_follows_worker_changes():
-    idx = PrefixIndex()
+def test_match_cache_follows_worker_changes(make_index):
+    idx = make_index()
     idx.store("a", [1, 2])
     assert idx.match([1, 2], ["a", "b"]) == {"a": 2, "b": 0}
     idx.store("b", [1])  # b gets a slot after the candidate list was cached
@@ -141,8 +155,8 @@ def test_match_cache_follows_worker_changes():
     assert idx.match([1, 2]) == {"b": 1, "c": 2}
 
 
-def test_apply_keeps_op_order():
-    idx = PrefixIndex()
+def test_apply_keeps_op_order(make_index):
+    idx = make_index()
     idx.apply(KvDelta("e", 0, [KvOp(OP_STORE, [1, 2]), KvOp(OP_REMOVE, [2]), KvOp(OP_STORE, [3])]))
     assert idx.worker_hashes("e") == {1, 3}
     idx.apply(KvDelta("e", 1, [KvOp(OP_CLEAR, []), KvOp(OP_STORE, [9])]))
@@ -151,8 +165,8 @@ def test_apply_keeps_op_order():
     assert idx.worker_hashes("e") == set()
 
 
-def test_bad_delta_is_rejected_whole():
-    idx = PrefixIndex()
+def test_bad_delta_is_rejected_whole(make_index):
+    idx = make_index()
     idx.store("e", [1])
     with pytest.raises(ValueError, match="unknown KvOp kind"):
         idx.apply(KvDelta("e", 3, [KvOp(OP_STORE, [2]), KvOp(7, [3])]))
@@ -162,8 +176,8 @@ def test_bad_delta_is_rejected_whole():
     assert idx.workers() == ["e"]
 
 
-def test_remove_of_hashes_not_held_is_noop():
-    idx = PrefixIndex()
+def test_remove_of_hashes_not_held_is_noop(make_index):
+    idx = make_index()
     idx.store("a", [1])
     idx.store("b", [2])
     idx.remove("a", [2, 3])
@@ -172,8 +186,8 @@ def test_remove_of_hashes_not_held_is_noop():
     assert "ghost" not in idx
 
 
-def test_many_workers_beyond_64_bits():
-    idx = PrefixIndex()
+def test_many_workers_beyond_64_bits(make_index):
+    idx = make_index()
     ws = [f"w{i}" for i in range(130)]
     for i, w in enumerate(ws):
         idx.store(w, [1, 2, 3][: 1 + i % 3])
@@ -181,14 +195,14 @@ def test_many_workers_beyond_64_bits():
     assert got == {w: 1 + i % 3 for i, w in enumerate(ws)}
 
 
-def test_match_with_many_workers_dropping_at_many_depths():
+def test_match_with_many_workers_dropping_at_many_depths(make_index):
     # Exercises both ways match hands depths out (few and many workers
     # leaving at once), holes, slots freed and reused, and unknown workers.
     import random
 
     rng = random.Random(5)
     chain = list(range(1000, 1040))
-    idx = PrefixIndex()
+    idx = make_index()
     model: dict[str, set[int]] = {}
     ws = [f"w{i}" for i in range(150)]
     for w in ws:
@@ -209,8 +223,8 @@ def test_match_with_many_workers_dropping_at_many_depths():
         assert idx.match(q) == naive_match(model, q, model)
 
 
-def test_match_accepts_any_iterable_of_hashes():
-    idx = PrefixIndex()
+def test_match_accepts_any_iterable_of_hashes(make_index):
+    idx = make_index()
     idx.store("a", [1, 2, 3])
     idx.store("b", [1, 2])
     assert idx.match(iter([1, 2, 3, 4])) == {"a": 3, "b": 2}
@@ -244,8 +258,8 @@ tier_op_st = st.one_of(
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(tier_op_st, max_size=40), st.lists(query_st, max_size=6))
-def test_tiers_match_reference_model(ops, queries):
-    idx = PrefixIndex()
+def test_tiers_match_reference_model(make_index, ops, queries):
+    idx = make_index()
     model: dict[tuple[str, int], set[int]] = {}
     for kind, w, hs, tier in ops:
         if kind == "store":
@@ -271,8 +285,8 @@ def test_tiers_match_reference_model(ops, queries):
         assert all(got[w][TIER_GPU] >= gpu[w] for w in WORKERS)
 
 
-def test_a_removal_acts_on_its_own_tier_only():
-    idx = PrefixIndex()
+def test_a_removal_acts_on_its_own_tier_only(make_index):
+    idx = make_index()
     chain = CHAINS[0]
     idx.apply(KvDelta("e0", 0, [KvOp(OP_STORE, chain), KvOp(OP_STORE, chain, [], TIER_HOST)]))
     idx.apply(KvDelta("e0", 1, [KvOp(OP_REMOVE, chain[4:])]))  # the GPU evicts the tail
@@ -283,8 +297,8 @@ def test_a_removal_acts_on_its_own_tier_only():
     assert idx.clear_worker("e0") == 4 + 5 and idx.match_tiers(chain, ["e0"]) == {"e0": (0, 0, 0, 0)}
 
 
-def test_without_lower_tier_blocks_match_tiers_is_match():
-    idx = PrefixIndex()
+def test_without_lower_tier_blocks_match_tiers_is_match(make_index):
+    idx = make_index()
     idx.store("a", CHAINS[0])
     idx.store("b", CHAINS[1][:2])
     assert idx.lower_blocks == 0
@@ -295,8 +309,8 @@ def test_without_lower_tier_blocks_match_tiers_is_match():
     }
 
 
-def test_a_delta_with_an_unknown_tier_is_rejected_whole():
-    idx = PrefixIndex()
+def test_a_delta_with_an_unknown_tier_is_rejected_whole(make_index):
+    idx = make_index()
     with pytest.raises(ValueError, match="tier"):
         idx.apply(KvDelta("e0", 0, [KvOp(OP_STORE, [1]), KvOp(OP_STORE, [2], [], 9)]))
     assert idx.workers() == [] and len(idx) == 0

@@ -14,6 +14,7 @@ from mesh.gossip import StateGossip
 from mesh.ownership import owner_of
 from mesh.state_messages import Delta, MessageError, StatePush, SyncReply, SyncRequest, encode_payload
 from router.index import PrefixIndex
+from router.native_index import apply_change
 
 SPEC = {"endpoint": "tcp://127.0.0.1:5557", "model": "m"}
 
@@ -44,7 +45,8 @@ class Net:
                 c = self.nodes[name]
                 self.effects[name] += c.take_effects()
                 for d in c.take_index_changes():
-                    self.index[name].apply(d)
+                    # Packed entries when the native module is built (MeshConfig.packed_entries).
+                    apply_change(self.index[name], d)
                 for m in c.take_sends():
                     moved = True
                     dst = self.nodes.get(m.dst)

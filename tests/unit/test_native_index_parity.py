@@ -213,3 +213,67 @@ def test_new_index_honors_pure_python() -> None:
             check=True,
         )
         assert out.stdout.strip() == want
+
+
+# --- the bound (--max-index-blocks) ----------------------------------------------------------------
+
+# Fresh chains of random hashes besides the pool: stores past a small bound,
+# so both indexes evict often; matches in between decide what is recent.
+fresh_st = st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=12)
+bounded_op_st = st.one_of(
+    op_st,
+    st.tuples(st.just("store"), worker_st, fresh_st, tier_st),
+    st.tuples(st.just("store"), worker_st, st.sampled_from(CHAINS), st.just(0)),
+    st.tuples(st.just("match"), st.sampled_from(CHAINS), workers_arg_st),
+    st.tuples(st.just("match_tiers"), st.sampled_from(CHAINS), workers_arg_st),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 14), st.lists(bounded_op_st, min_size=5, max_size=50))
+def test_bounded_indexes_evict_the_same_blocks(bound: int, ops: list[tuple[Any, ...]]) -> None:
+    """Random small bounds, matches interleaved with stores: after every
+    operation both hold the same blocks (so they evicted the same ones), the
+    same answers, and neither is past its bound."""
+    py, nat = PrefixIndex(bound), native_index.NativeIndex(bound)
+    for op in ops:
+        got_py, got_nat = call(py, op), call(nat, op)
+        assert got_py == got_nat, op
+        for ix in (py, nat):
+            assert len(ix) <= bound and ix.lower_blocks <= bound, op
+        assert {(w, t): py.worker_hashes(w, t) for w in py.workers() for t in TIERS} == {
+            (w, t): nat.worker_hashes(w, t) for w in nat.workers() for t in TIERS
+        }, op
+        assert py.stats() == nat.stats(), op
+    check_same(py, nat)  # its matches count as uses in both, alike
+
+
+def test_bounded_indexes_agree_at_scale() -> None:
+    """1,000 workers, long chains, a bound of 3,000: tens of bulk evictions,
+    the same blocks kept by both, holder sets freed with their blocks."""
+    rng = random.Random(5)
+    workers = [f"engine-{i}" for i in range(1000)]
+    roots = [[rng.getrandbits(64) for _ in range(16)] for _ in range(20)]
+    py, nat = PrefixIndex(3000), native_index.NativeIndex(3000)
+    convs: list[list[int]] = []
+    for step in range(1500):
+        conv = rng.choice(roots) + [rng.getrandbits(64) for _ in range(rng.randint(8, 64))]
+        convs.append(conv)
+        for w in rng.sample(workers, rng.randint(1, 3)):
+            tier = rng.choice([0, 0, 0, 0, 1, 2])
+            py.store(w, conv, tier)
+            nat.store(w, conv, tier)
+        q = rng.choice(convs[-200:])
+        want, got = py.match(q), nat.match(q)
+        assert want == got, step
+        assert py.match_tiers(q, workers[:50]) == nat.match_tiers(q, workers[:50]), step
+        if step % 100 == 0:
+            w = rng.choice(workers)
+            assert py.clear_worker(w) == nat.clear_worker(w)
+    assert py.stats() == nat.stats() and py.stats()["evicted_blocks"] > 20_000
+    assert {w: py.tier_blocks(w) for w in workers} == {w: nat.tier_blocks(w) for w in workers}
+    for w in workers[:100]:
+        assert py.worker_hashes(w) == nat.worker_hashes(w)
+    for w in workers:
+        assert py.remove_worker(w) == nat.remove_worker(w)
+    assert len(nat) == 0 and nat.holder_sets() == 0 and nat.lower_blocks == 0

@@ -43,6 +43,7 @@ def test_flags_set_their_fields():
             "--max-attempts=5",
             "--health-interval=0.5",
             "--seed=7",
+            "--max-index-blocks=5000",
         )
     )
     assert (cfg.listen, cfg.node_id, cfg.join, cfg.policy) == (
@@ -58,6 +59,7 @@ def test_flags_set_their_fields():
     assert [(e.engine_id, e.block_size) for e in cfg.engines] == [("e1", 32)]
     assert cfg.tokenizers == {"m": "builtin"}
     assert (cfg.retry.max_attempts, cfg.health_interval, cfg.seed) == (5, 0.5, 7)
+    assert cfg.max_index_blocks == 5000
 
 
 @pytest.mark.parametrize(
@@ -67,6 +69,7 @@ def test_flags_set_their_fields():
         ("--tokenizer=nope", "want MODEL=PATH"),
         ("--policy-opt=precise.bogus=1", "bogus"),
         ("--gossip-interval=0", "gossip_interval must be > 0"),
+        ("--max-index-blocks=-1", "max-index-blocks must be >= 0"),
     ],
 )
 def test_bad_flags_are_value_errors_naming_the_fault(flag, words):
