@@ -194,8 +194,13 @@ class BlockMap:
         old = self.to_router.get(eh)
         if old == rh:
             return None, False
-        if old is None and self._eb is not None and eh != rh:
-            self._eb += ehash_bytes(eh)
+        if self._eb is not None:
+            # What (eh, rh) costs in a snapshot minus what (eh, old) did: an
+            # identity pair costs nothing, so a rebinding can change it.
+            if eh != rh:
+                self._eb += ehash_bytes(eh)
+            if old is not None and eh != old:
+                self._eb -= ehash_bytes(eh)
         self.to_router[eh] = rh
         refs = self.refs
         if refs is None:
@@ -315,9 +320,15 @@ class BlockMap:
         # owner's hot path.
         to = self.to_router
         eb = 0
+        get = to.get
         for eh, rh in zip(ehs, op.hashes):
-            if eh not in to and eh != rh:
-                eb += 9 if eh.__class__ is int else ehash_bytes(eh)
+            old = get(eh)
+            if old != rh:  # as bind(): the new pair's cost minus the old one's
+                size = 9 if eh.__class__ is int else ehash_bytes(eh)
+                if eh != rh:
+                    eb += size
+                if old is not None and eh != old:
+                    eb -= size
             to[eh] = rh
         self._eb += eb  # type: ignore[operator]  # _eb is an int whenever refs is None
 

@@ -35,6 +35,8 @@ empty list on the wire (one byte).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import msgspec
 
 from blocks.tiers import TIER_GPU
@@ -57,3 +59,31 @@ class KvDelta(msgspec.Struct, array_like=True, gc=False):
     worker: str  # engine_id, or "engine_id#dp<rank>" for data-parallel rank > 0
     seq: int  # the engine's sequence number of the batch; -1 for a synthetic reset
     ops: list[KvOp]
+
+
+class PackedEntry(Protocol):
+    """``kvmesh_native.PackedEntry``: a list of ``KvDelta`` as one engine log
+    entry held in Rust (immutable), made by the native mapper on an engine's
+    owner or decoded from a replicated log (``mesh/engine_log/packed.py``);
+    a native index and owner take it without a Python object per block."""
+
+    @property
+    def heads(self) -> tuple[tuple[str, int], ...]:
+        """``(worker, seq)`` of each delta, in order."""
+        ...
+
+    @property
+    def blocks(self) -> int:
+        """Router hashes in all its ops."""
+        ...
+
+    @property
+    def raw(self) -> bytes:
+        """The entry's bytes (what the log holds: the msgpack of its deltas)."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def to_deltas(self) -> list[KvDelta]:
+        """The entry as the reference decoder gives it."""
+        ...

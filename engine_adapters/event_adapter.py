@@ -1,5 +1,7 @@
 """Subscribes to one engine's KV events (all data-parallel ranks) and hands a
-``KvDelta`` per batch, in router block hashes, to a sink (I/O shell).
+``KvDelta`` per batch, in router block hashes, to a sink (I/O shell); with
+``EventAdapterConfig.packed``, the native mapper's ``PackedEntry`` instead
+(the same delta as a log entry, held in Rust).
 
 Per rank: one SUB socket on ``kv_endpoint`` port + rank (connects; the engine
 binds), a ``Sequencer`` that says apply / duplicate / gap / restart, and a
@@ -61,7 +63,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from blocks.delta import OP_CLEAR, KvDelta, KvOp
+from blocks.delta import OP_CLEAR, KvDelta, KvOp, PackedEntry
 from blocks.workers import worker_id
 from engine_adapters.block_mapper import BlockMapper
 from engine_adapters.kv_endpoints import connect_endpoint
@@ -71,7 +73,7 @@ from engine_adapters.kv_events import (
     parse_live_frames,
     parse_replay_frames,
 )
-from engine_adapters.native import map_frame, new_mapper
+from engine_adapters.native import NATIVE, map_frame, map_frame_packed, new_mapper
 from engine_adapters.sequencer import Sequencer, Verdict
 
 log = structlog.get_logger(__name__)
@@ -96,10 +98,16 @@ class EventAdapterConfig:
     # Seconds without a live batch before a rank asks the replay socket for
     # anything newer (a lost last batch is applied within about this); 0: never.
     replay_probe_after: float = 2.0
+    # Emit each frame as the native mapper's packed log entry instead of a
+    # KvDelta (no Python object per block): a router node whose mesh is
+    # packed (a native index) sets it; needs the native module.
+    packed: bool = False
 
     def __post_init__(self) -> None:
         if self.replay_probe_after < 0:
             raise ValueError(f"replay_probe_after must be >= 0, got {self.replay_probe_after}")
+        if self.packed and not NATIVE:
+            raise ValueError("packed event adapters need the native module (native/, `make install`)")
 
 
 @dataclass
@@ -154,7 +162,7 @@ class EventAdapter:
         replay_endpoint: str | None,
         topic: str = "",
         data_parallel_size: int = 1,
-        sink: Callable[[KvDelta], None] | None = None,
+        sink: Callable[[KvDelta | PackedEntry], None] | None = None,
         start_seqs: dict[int, int] | None = None,
         *,
         block_size: int,
@@ -162,7 +170,7 @@ class EventAdapter:
         mappers: dict[int, BlockMapper] | None = None,
     ) -> None:
         if sink is None:
-            raise TypeError("EventAdapter needs a sink: Callable[[KvDelta], None]")
+            raise TypeError("EventAdapter needs a sink: Callable[[KvDelta | PackedEntry], None]")
         if data_parallel_size < 1:
             raise ValueError("data_parallel_size must be >= 1")
         if block_size < 1:
@@ -178,6 +186,7 @@ class EventAdapter:
         self._replay_timeout_ms = max(1, int(cfg.replay_timeout * 1000))
         self._replay_retries = max(1, cfg.replay_retries)
         self._replay_deadline = cfg.replay_deadline
+        self._packed = cfg.packed
         self._max_gap_rounds = max(1, cfg.max_gap_rounds)
         self._rcvhwm = cfg.rcvhwm
         self._probe_after_ms = int(cfg.replay_probe_after * 1000) if replay_endpoint else 0
@@ -456,7 +465,7 @@ class EventAdapter:
 
     def _apply(self, st: _RankState, seq: int, payload: bytes, digest: int, replayed: bool) -> None:
         try:
-            frame, delta = map_frame(st.mapper, payload, seq)
+            frame, delta = (map_frame_packed if self._packed else map_frame)(st.mapper, payload, seq)
         except EventDecodeError as e:
             st.stats.decode_errors += 1
             self._log.error("adapter.batch_undecodable", worker=st.worker, seq=seq, error=str(e))
@@ -508,9 +517,9 @@ class EventAdapter:
         st.mapper.clear()
         self._emit(st, KvDelta(st.worker, -1, [KvOp(OP_CLEAR, [])]))
 
-    def _emit(self, st: _RankState, delta: KvDelta) -> None:
+    def _emit(self, st: _RankState, delta: KvDelta | PackedEntry) -> None:
         try:
             self._sink(delta)
         except Exception:
             st.stats.sink_errors += 1
-            self._log.exception("adapter.sink_failed", worker=st.worker, seq=delta.seq)
+            self._log.exception("adapter.sink_failed", worker=st.worker, seq=st.stats.last_seq)

@@ -16,6 +16,11 @@ Python path raises RecursionError near Python's recursion limit.
 :func:`decode_batch`, :func:`new_mapper` and :func:`map_frame` take the
 Python path although the module is built; :class:`NativeBlockMapper` and
 :func:`decode_batch_native` stay usable (the tests compare the two).
+
+:func:`map_frame_packed` (native only) gives a frame's delta as the log
+entry that holds it, a :class:`PackedEntry` whose ``raw`` is what
+``mesh.engine_log.entry.encode_entry([delta])`` writes, byte for byte, so
+the owner appends and applies it with no Python object per block.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import msgspec
 import structlog
 
 from blocks.block_map import BlockMap, MappedBlock
-from blocks.delta import EngineHash, KvDelta, KvOp
+from blocks.delta import EngineHash, KvDelta, KvOp, PackedEntry
 from blocks.native import pure_python_forced
 from engine_adapters import kv_events
 from engine_adapters.block_mapper import BlockMapper, MapperStats, tenancy
@@ -49,9 +54,11 @@ __all__ = [
     "NATIVE_BUILT",
     "Frame",
     "NativeBlockMapper",
+    "PackedEntry",
     "decode_batch",
     "decode_batch_native",
     "map_frame",
+    "map_frame_packed",
     "new_mapper",
 ]
 
@@ -245,14 +252,28 @@ class NativeBlockMapper(BlockMapper):
     def map_frame(self, payload: bytes, seq: int) -> tuple[Frame, KvDelta]:
         """Decode ``payload`` and map its events: ``decode_batch`` then
         ``map_batch`` in one native call. EventDecodeError as decode_batch."""
+        frame, delta = self._mapped(self._core.map_frame, payload, seq)
+        return frame, delta
+
+    def map_frame_packed(self, payload: bytes, seq: int) -> tuple[Frame, PackedEntry]:
+        """:meth:`map_frame` with the delta as one log entry: a
+        :class:`PackedEntry` holding ``KvDelta(self.worker, seq, ops)``, its
+        ``raw`` equal to ``encode_entry`` of that delta. EventDecodeError as
+        decode_batch; TypeError or OverflowError for a seq no entry holds
+        (not an int in [-1, 2**64)); then nothing is applied."""
+        frame, entry = self._mapped(self._core.map_frame_packed, payload, seq)
+        return frame, entry
+
+    def _mapped(self, call: Any, payload: bytes, seq: int) -> tuple[Frame, Any]:
+        """One of the core's frame calls: (Frame, what it mapped to), its notes logged."""
         self._stats = None
         try:
-            frame, delta, notes = self._core.map_frame(payload, self.worker, seq, _any_check)
+            frame, out, notes = call(payload, self.worker, seq, _any_check)
         except ValueError as e:
             raise EventDecodeError(str(e)) from None
         if notes:
             self._log(notes, seq)
-        return frame, delta
+        return frame, out
 
     def _log(self, notes: list[tuple[str, int, str, str]], seq: int) -> None:
         """What BlockMapper logs while mapping, from the native mapper's notes."""
@@ -300,3 +321,12 @@ def map_frame(mapper: BlockMapper, payload: bytes, seq: int) -> tuple[Frame, KvD
         return mapper.map_frame(payload, seq)
     batch = kv_events.decode_batch(payload)
     return Frame(batch.ts, len(batch.events), batch.rank), mapper.map_batch(batch.events, seq)
+
+
+def map_frame_packed(mapper: BlockMapper, payload: bytes, seq: int) -> tuple[Frame, PackedEntry]:
+    """:func:`map_frame` giving the delta as one log entry (see
+    :meth:`NativeBlockMapper.map_frame_packed`). Native only: TypeError for
+    any other mapper."""
+    if not isinstance(mapper, NativeBlockMapper):
+        raise TypeError(f"packed entries need a NativeBlockMapper, got {type(mapper).__name__}")
+    return mapper.map_frame_packed(payload, seq)

@@ -41,7 +41,7 @@ them changed (or every ``ownership_check_interval``), re-plans ownership.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -112,8 +112,15 @@ class MeshConfig:
     # KVMESH_PURE_PYTHON=1 is not set. A router node sets it exactly when its
     # index is native.
     packed_entries: bool = PACKED
+    # An owner writes the frames an engine's adapter drained in one burst as
+    # one log entry, up to about this many blocks (one write and one gossip
+    # item instead of one per frame; bounded so an entry stays far below
+    # max_push_bytes).
+    max_entry_blocks: int = 4096
 
     def __post_init__(self) -> None:
+        if self.max_entry_blocks < 1:
+            raise ValueError(f"max_entry_blocks must be >= 1, got {self.max_entry_blocks}")
         if self.packed_entries and not PACKED_BUILT:
             raise ValueError("packed_entries needs the native module (native/, `make install`)")
         for name in (
@@ -369,8 +376,9 @@ class MeshCore:
             self._local_out.append(d)
         self._settle(now)
 
-    def engine_deltas(self, engine_id: str, deltas: list[KvDelta], now: float) -> bool:
-        """Append an owned engine's deltas to its log (one entry) and to our index.
+    def engine_deltas(self, engine_id: str, deltas: Sequence[IndexChange], now: float) -> bool:
+        """Append an owned engine's deltas (or packed entries) to its log (one
+        entry) and to our index.
 
         False if this node does not (or no longer) own the engine: nothing was
         written and the shell should stop that adapter. Raises ``LogError`` (a

@@ -56,8 +56,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from blocks.block_map import BlockMap, MappedBlock
-from blocks.delta import KvDelta
+from blocks.block_map import MappedBlock
 from blocks.workers import DP_SEPARATOR
 from mesh.engine_log.entry import LogError, NotOwnerError
 from mesh.engine_log.epoch import CLIENT_ID_BITS, Epoch, EpochDoc, empty_update
@@ -157,8 +156,7 @@ class MeshState:
             return None
         old = owner.epoch
         epoch = Epoch(old.term, self.node_id, old.gen + 1, owner.new_doc_id())
-        empty = {w: BlockMap(refs=False) for w in owner.live}
-        update = owner.start_epoch(epoch, empty, dict(owner.replica.last_seq))
+        update = owner.start_epoch(epoch, owner.live.emptied(), dict(owner.replica.last_seq))
         log.info("engine_log.retired", engine=engine_id, node=self.node_id, epoch=epoch)
         return Delta(sender=self.node_id, logs=[LogUpdate(engine_id, epoch, update)])
 
@@ -175,7 +173,7 @@ class MeshState:
         rep = self._replica(engine_id)
         known = rep.known_epoch
         term = known.term + 1 if known is not None else 1
-        live = rep.materialise_maps()
+        live = rep.materialise_live()
         seqs = dict(rep.last_seq)
         owner = EngineLogOwner(rep, self.node_id, self.rng, self.policy)
         epoch = Epoch(term, self.node_id, 0, owner.new_doc_id())
@@ -207,8 +205,9 @@ class MeshState:
         """Engines whose log this node writes (and has not been fenced from)."""
         return [e for e, o in self.owners.items() if o.owns()]
 
-    def local_deltas(self, engine_id: str, deltas: Iterable[KvDelta]) -> Delta:
-        """Append the deltas of an owned engine as one entry; returns what to gossip.
+    def local_deltas(self, engine_id: str, deltas: Iterable[IndexChange]) -> Delta:
+        """Append the deltas (or packed entries) of an owned engine as one
+        entry; returns what to gossip.
 
         Raises :class:`NotOwnerError` if this node does not (or no longer) own
         the engine and :class:`LogError` for an invalid delta; either way

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import structlog
 
-from blocks.delta import KvDelta
+from blocks.delta import KvDelta, PackedEntry
 from blocks.workers import split_worker_id
 from engine_adapters.block_mapper import BlockMapper
 from engine_adapters.event_adapter import EventAdapter, EventAdapterConfig
@@ -48,7 +48,7 @@ class AdapterLifecycle:
     def __init__(
         self,
         owns: Callable[[str], bool],
-        sink: Callable[[str, KvDelta], None],
+        sink: Callable[[str, KvDelta | PackedEntry], None],
         log: structlog.typing.FilteringBoundLogger,
         config: EventAdapterConfig | None = None,
     ) -> None:

@@ -76,6 +76,19 @@ def new_index(max_blocks: int = 0) -> PrefixIndex | NativeIndex:
     return PrefixIndex(max_blocks)
 
 
+def index_of(impl: str, max_blocks: int = 0) -> PrefixIndex | NativeIndex:
+    """The index of ``impl`` ("native" or "python"), whatever
+    ``KVMESH_PURE_PYTHON`` says (benchmarks and tests compare the two);
+    RuntimeError for "native" when the module is not built."""
+    if impl == "python":
+        return PrefixIndex(max_blocks)
+    if impl != "native":
+        raise ValueError(f"no index implementation {impl!r} (native, python)")
+    if NativeIndex is None:
+        raise RuntimeError("the native module is not built (make native)")
+    return NativeIndex(max_blocks)
+
+
 def apply_change(index: PrefixIndex | NativeIndex, change: Any) -> None:
     """Apply one index change of the mesh (``mesh.engine_log.packed.IndexChange``:
     a ``KvDelta``, or a packed log entry) to either index. ValueError for a

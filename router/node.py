@@ -27,7 +27,6 @@ from typing import Any
 
 import structlog
 
-from blocks.delta import KvDelta
 from engine_adapters.completion_request import SamplingParams
 from engine_adapters.proxy import (
     Chunk,
@@ -41,6 +40,7 @@ from engine_adapters.proxy import (
 )
 from engine_adapters.tokenizer import Tokenizer, get_tokenizer
 from mesh.effects import Effect, EngineAdded, EngineRemoved, StartOwning, StopOwning
+from mesh.engine_log.packed import IndexChange, change_blocks, heads_of
 from router.adapters import AdapterLifecycle
 from router.admission import AdmissionGate
 from router.approx_tree import ApproxTree
@@ -129,8 +129,17 @@ class RouterNode:
             cfg.transport,
         )
         self.core = self.mesh.core
+        # An owned engine's frames reach its log as the native mapper's packed
+        # entries when the mesh is packed (a native index), else as KvDeltas;
+        # the frames of one burst are written as one entry (_flush_owned).
+        self._owned_pending: dict[str, list[IndexChange]] = {}
+        self._owned_blocks = 0
+        self._owned_flush: asyncio.Handle | None = None
         self.adapters = AdapterLifecycle(
-            lambda e: e in self.core.owned(), self._owner_delta, self.log, cfg.event_adapter
+            lambda e: e in self.core.owned(),
+            self._owner_delta,
+            self.log,
+            dataclasses.replace(cfg.event_adapter, packed=self.mesh.packed),
         )
         self.health = HealthPoller(
             self.engines,
@@ -194,9 +203,13 @@ class RouterNode:
 
     async def leave(self) -> None:
         """Graceful leave: hand engines over and tell the mesh, then stop sending."""
+        self._flush_owned()  # what the adapters already consumed goes in before the handover
         await self.mesh.leave(self.config.leave_timeout)
 
     async def stop(self) -> None:
+        if self._owned_flush is not None:
+            self._owned_flush.cancel()  # a next owner replays what was not written from the engine
+            self._owned_flush = None
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -233,13 +246,57 @@ class RouterNode:
         elif isinstance(eff, StopOwning):
             self.adapters.stop(eff.engine_id)
 
-    def _owner_delta(self, engine_id: str, delta: KvDelta) -> None:
-        """An owned engine's adapter produced a delta: into the engine's log."""
-        if not self.core.engine_deltas(engine_id, [delta], self.clock()):
-            self.log.warning("router.ownership_lost", engine=engine_id, worker=delta.worker, seq=delta.seq)
-            self.adapters.stop(engine_id)
+    def _owner_delta(self, engine_id: str, change: IndexChange) -> None:
+        """An owned engine's adapter mapped a frame: into the engine's log.
+
+        The adapter drains a burst of queued frames without yielding, so
+        the changes wait for the end of the burst (or for
+        ``MeshConfig.max_entry_blocks``) and go in as one entry per engine:
+        one log write, one gossip item.
+        """
+        pend = self._owned_pending.get(engine_id)
+        if pend is None:
+            self._owned_pending[engine_id] = [change]
+        else:
+            pend.append(change)
+        self._owned_blocks += change_blocks(change)
+        if self._owned_blocks >= self.config.mesh.max_entry_blocks:
+            self._flush_owned()
+        elif self._owned_flush is None:
+            self._owned_flush = asyncio.get_running_loop().call_soon(self._flush_owned)
+
+    def _flush_owned(self) -> None:
+        if self._owned_flush is not None:
+            self._owned_flush.cancel()
+            self._owned_flush = None
+        pending, self._owned_pending = self._owned_pending, {}
+        self._owned_blocks = 0
+        now = self.clock()
+        for engine_id, changes in pending.items():
+            try:
+                owned = self.core.engine_deltas(engine_id, changes, now)
+            except ValueError:  # LogError: nothing of the burst was written
+                owned = self._append_one_by_one(engine_id, changes, now)
+            if not owned:
+                worker, seq = next(iter(heads_of(changes[0])))
+                self.log.warning("router.ownership_lost", engine=engine_id, worker=worker, seq=seq)
+                self.adapters.stop(engine_id)
         self.mesh.flush()
         self.mesh.wake()
+
+    def _append_one_by_one(self, engine_id: str, changes: list[IndexChange], now: float) -> bool:
+        """A burst the log refused: each frame on its own, so only the bad
+        ones are lost (logged)."""
+        for ch in changes:
+            try:
+                if not self.core.engine_deltas(engine_id, [ch], now):
+                    return False
+            except ValueError as e:
+                worker, seq = next(iter(heads_of(ch)))
+                self.log.error(
+                    "router.owner_append_failed", engine=engine_id, worker=worker, seq=seq, error=str(e)
+                )
+        return True
 
     # --- engines ---------------------------------------------------------------------------------
 

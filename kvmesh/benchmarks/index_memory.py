@@ -97,22 +97,12 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _make_index(impl: str) -> Any:
-    if impl == "python":
-        from router.index import PrefixIndex
-
-        return PrefixIndex()
-    from router.native_index import NativeIndex
-
-    if NativeIndex is None:
-        raise RuntimeError("the native module is not built (make native)")
-    return NativeIndex()
-
-
 def _ours(impl: str, n_blocks: int, n_engines: int, seed: int) -> dict[str, float]:
+    from router.native_index import index_of
+
     workers = [f"e{i}" for i in range(n_engines)]
     gc.collect()
-    idx = _make_index(impl)
+    idx = index_of(impl)
     for w in workers:
         idx.add_worker(w)
     before = rss_bytes()

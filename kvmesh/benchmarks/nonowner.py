@@ -52,7 +52,7 @@ from mesh.engine_log.packed import PACKED_BUILT, IndexChange, decode_packed
 from mesh.state import MeshState
 from mesh.state_messages import Delta, decode_payload, encode_payload, merge_deltas
 from router.index import PrefixIndex
-from router.native_index import NativeIndex, apply_change
+from router.native_index import NativeIndex, apply_change, index_of
 
 __all__ = ["BUSY_ENGINE_EVENTS", "bench_non_owner", "main"]
 
@@ -102,13 +102,6 @@ def _cpu(run: Callable[[], object]) -> float:
     return time.process_time() - t0
 
 
-def _new_index(native: bool) -> Any:
-    if native:
-        assert NativeIndex is not None
-        return NativeIndex()
-    return PrefixIndex()
-
-
 def _apply(index: Any, changes: list[IndexChange]) -> None:
     for ch in changes:
         apply_change(index, ch)
@@ -135,10 +128,10 @@ def _entry_paths(entries: list[tuple[str, bytes]], native: bool) -> dict[str, tu
     out["python"] = (_cpu(python_decode(idx)), idx)
     if not native:
         return out
-    idx = _new_index(True)
+    idx = index_of("native")
     out["python_decode_native_index"] = (_cpu(python_decode(idx)), idx)
 
-    idx = _new_index(True)
+    idx = index_of("native")
 
     def packed() -> None:
         apply = idx.apply_packed
@@ -187,7 +180,7 @@ def _mesh_path(
     setup: list[bytes], pushes: list[bytes], packed: bool, native_index: bool
 ) -> tuple[float, Any]:
     state = MeshState("bench-replica", 0.0, random.Random(1), hint_ttl=2.0, packed=packed)
-    index = _new_index(native_index)
+    index = index_of("native" if native_index else "python")
     for raw in setup:
         msg = decode_payload(raw)
         assert isinstance(msg, Delta)

@@ -14,6 +14,11 @@ The pieces, one concept each:
   ``KvDelta``) and its validation.
 * :mod:`.snapshot` -- the state a log describes (per worker, engine hash ->
   router hash) and the snapshot entry that starts every epoch.
+* :mod:`.live` -- ``LiveState``: that state as the owner keeps it (the
+  reference over ``BlockMap``, or natively in packed mode).
+* :mod:`.packed` -- entries decoded (or made by the native mapper) in Rust:
+  ``PackedEntry``, what a native index and owner take without a Python
+  object per block.
 * :mod:`.replica` -- ``EngineLogReplica``: any node's view of the log; applies
   remote updates with epoch fencing and emits every newly visible delta, in
   log order.

@@ -26,18 +26,15 @@ from dataclasses import dataclass, field
 import pycrdt
 import structlog
 
-from blocks.block_map import BlockMap, MappedBlock
+from blocks.block_map import MappedBlock
 from blocks.delta import KvDelta
-from mesh.engine_log.entry import LogError, NotOwnerError, checked_entry, encode_entry
+from blocks.workers import engine_of
+from mesh.engine_log.entry import LogError, NotOwnerError, checked_entry
 from mesh.engine_log.epoch import CLIENT_ID_BITS, Epoch, EpochDoc
+from mesh.engine_log.live import LiveState, PyLiveState
+from mesh.engine_log.packed import IndexChange, PackedEntry, join_packed
 from mesh.engine_log.replica import EngineLogReplica
-from mesh.engine_log.snapshot import (
-    HASH_BYTES,
-    SNAPSHOT_TIER_BYTES,
-    SNAPSHOT_WORKER_BYTES,
-    LiveMaps,
-    snapshot_deltas,
-)
+from mesh.engine_log.snapshot import HASH_BYTES, SNAPSHOT_TIER_BYTES, SNAPSHOT_WORKER_BYTES
 
 __all__ = ["CompactionPolicy", "EngineLogOwner"]
 
@@ -64,10 +61,8 @@ class EngineLogOwner:
     node_id: str
     rng: random.Random
     policy: CompactionPolicy = field(default_factory=CompactionPolicy)
-    live: LiveMaps = field(default_factory=dict)
+    live: LiveState = field(default_factory=PyLiveState)
     log_bytes: int = 0
-    engine_blocks: int = 0  # mapped engine blocks (snapshot pairs), all workers and tiers
-    ehash_bytes: int = 0  # encoded size of their non-identity engine hashes
     _length: int = 0  # entries in the current document
     _updates: list[bytes] = field(default_factory=list)
     _sub: pycrdt.Subscription | None = None
@@ -84,30 +79,31 @@ class EngineLogOwner:
     @property
     def live_blocks(self) -> int:
         """Live router hashes, all workers (O(live): for logs and tests)."""
-        return sum(len(m.live()) for m in self.live.values())
+        return self.live.live_blocks()
 
     def snapshot_bytes(self) -> int:
         """What a snapshot of the live mapping would take (upper bound for
         64-bit router hashes)."""
-        lower = sum(len(m.lower) for m in self.live.values() if m.lower)
+        live = self.live
         return (
-            HASH_BYTES * self.engine_blocks
-            + self.ehash_bytes
-            + SNAPSHOT_WORKER_BYTES * len(self.live)
-            + SNAPSHOT_TIER_BYTES * lower
+            HASH_BYTES * live.engine_blocks
+            + live.ehash_bytes
+            + SNAPSHOT_WORKER_BYTES * len(live)
+            + SNAPSHOT_TIER_BYTES * live.lower_maps
         )
 
     def mappings(self) -> dict[str, list[MappedBlock]]:
         """Per worker, its mapped blocks, every tier (``BlockMap.pairs``, for
         ``BlockMapper.restore``)."""
-        return {w: m.pairs() for w, m in self.live.items()}
+        live = self.live
+        return {w: live.pairs(w) for w in live.workers()}
 
-    def start_epoch(self, epoch: Epoch, live: LiveMaps, seqs: dict[str, int]) -> bytes:
+    def start_epoch(self, epoch: Epoch, live: LiveState, seqs: dict[str, int]) -> bytes:
         """Begin ``epoch`` with a snapshot of ``live``/``seqs``; returns its full update.
 
         Takes ``live`` over (no copy: a copy would double the peak memory).
         """
-        entry = encode_entry(snapshot_deltas(live, seqs))
+        entry = live.snapshot_entry(seqs)
         ed = EpochDoc.create(self.engine_id, epoch, entry)
         snap_bytes = len(entry)
         del entry
@@ -115,11 +111,8 @@ class EngineLogOwner:
         if self._sub is not None and old is not None:
             old.doc.unobserve(self._sub)
         self.replica.install_written_here(ed)
-        for m in live.values():
-            m.compact()  # as the log: drop what churn left behind
+        live.compact()  # as the log: drop what churn left behind
         self.live = live
-        self.engine_blocks = sum(len(m) for m in live.values())
-        self.ehash_bytes = sum(m.ebytes for m in live.values())
         self.log_bytes = snap_bytes
         self._length = 1
         self._sub = ed.doc.observe(self._on_txn)
@@ -136,33 +129,51 @@ class EngineLogOwner:
             cur is not None and rep.pending is None and rep.written_here and cur.epoch.owner == self.node_id
         )
 
-    def append(self, deltas: Iterable[KvDelta]) -> bytes:
-        """Append one entry holding ``deltas``; returns the pycrdt update.
+    def append(self, changes: Iterable[IndexChange]) -> bytes:
+        """Append one entry holding ``changes``; returns the pycrdt update.
 
-        Validates everything first: on error nothing is written.
+        Validates everything first: on error nothing is written. Packed
+        entries (the native mapper's, or decoded ones) are valid by
+        construction; only their workers are checked to be this engine's.
+        A mix of packed entries and deltas is written as deltas.
         """
         if not self.owns():
             raise NotOwnerError(f"{self.node_id} does not own engine {self.engine_id}")
-        batch = list(deltas)
+        batch = list(changes)
         if not batch:
             raise LogError("append of no deltas")
-        entry = checked_entry(self.engine_id, batch)
+        if all(not isinstance(c, KvDelta) for c in batch):
+            packed: list[PackedEntry] = batch  # type: ignore[assignment]  # no KvDelta among them
+            return self._append_packed(join_packed(packed))
+        deltas = [d for c in batch for d in ((c,) if isinstance(c, KvDelta) else c.to_deltas())]
+        entry = checked_entry(self.engine_id, deltas)
+        self._write(entry)
+        live, note = self.live, self.replica.note
+        for d in deltas:
+            live.apply(d)
+            note(d)
+        return self._take_update()
+
+    def _append_packed(self, entry: PackedEntry) -> bytes:
+        heads = entry.heads
+        for w, _ in heads:
+            if engine_of(w) != self.engine_id:
+                raise LogError(f"worker {w!r} is not a worker of engine {self.engine_id!r}")
+        self._write(entry.raw)
+        self.live.apply_packed(entry)
+        note = self.replica.note_head
+        for w, seq in heads:
+            note(w, seq)
+        return self._take_update()
+
+    def _write(self, entry: bytes) -> None:
         ed = self.replica.current
         assert ed is not None
         ed.append(entry, self._length)
         self._length += 1
         self.log_bytes += len(entry)
-        live = self.live
-        for d in batch:
-            m = live.get(d.worker)
-            if m is None:
-                m = live[d.worker] = BlockMap(refs=False)
-            n_eng, n_eb = len(m), m.ebytes
-            for op in d.ops:
-                m.apply(op)
-            self.engine_blocks += len(m) - n_eng
-            self.ehash_bytes += m.ebytes - n_eb
-            self.replica.note(d)
+
+    def _take_update(self) -> bytes:
         upd = self._updates
         self._updates = []
         return upd[0] if len(upd) == 1 else pycrdt.merge_updates(*upd)

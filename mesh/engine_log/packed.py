@@ -24,49 +24,40 @@ reference path, and the CLEARs of an epoch switch in either mode) or a
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Protocol, TypeAlias
+from typing import Any, TypeAlias
 
 import structlog
 
-from blocks.delta import KvDelta
+from blocks.delta import KvDelta, PackedEntry
 from blocks.native import pure_python_forced
 from mesh.engine_log.epoch import Epoch
 
-__all__ = ["PACKED", "PACKED_BUILT", "IndexChange", "PackedEntry", "decode_packed", "heads_of"]
+__all__ = [
+    "PACKED",
+    "PACKED_BUILT",
+    "IndexChange",
+    "PackedEntry",
+    "change_blocks",
+    "decode_packed",
+    "heads_of",
+    "join_packed",
+    "native_live_maps",
+]
 
 log = structlog.get_logger(__name__)
 
 # Typed as Any: the module's stub types it where it is built, and the
 # fallback must type-check where it is not.
-_decode: Any
+_native: Any
 try:
-    from kvmesh_native import decode_entry as _decode  # optional: built only where cargo is
+    import kvmesh_native as _native  # optional: built only where cargo is
 except ImportError:
-    _decode = None
+    _native = None
+_decode: Any = _native.decode_entry if _native is not None else None
 
 PACKED_BUILT: bool = _decode is not None
 # The default of MeshConfig.packed_entries.
 PACKED: bool = PACKED_BUILT and not pure_python_forced()
-
-
-class PackedEntry(Protocol):
-    """``kvmesh_native.PackedEntry``: one decoded, validated entry (immutable)."""
-
-    @property
-    def heads(self) -> tuple[tuple[str, int], ...]:
-        """``(worker, seq)`` of each delta, in order."""
-        ...
-
-    @property
-    def blocks(self) -> int:
-        """Router hashes in all its ops."""
-        ...
-
-    def __len__(self) -> int: ...
-
-    def to_deltas(self) -> list[KvDelta]:
-        """The entry as the reference decoder gives it."""
-        ...
 
 
 IndexChange: TypeAlias = KvDelta | PackedEntry
@@ -87,8 +78,35 @@ def decode_packed(engine_id: str, epoch: Epoch, raw: bytes | bytearray) -> Packe
     return entry
 
 
+def change_blocks(change: IndexChange) -> int:
+    """Router hashes in all ops of ``change``."""
+    if isinstance(change, KvDelta):
+        return sum(len(op.hashes) for op in change.ops)
+    return change.blocks
+
+
 def heads_of(change: IndexChange) -> Iterable[tuple[str, int]]:
     """``(worker, seq)`` of each delta of ``change``."""
     if isinstance(change, KvDelta):
         return ((change.worker, change.seq),)
     return change.heads
+
+
+def _need_native(what: str) -> Any:
+    if _native is None:
+        raise RuntimeError(f"{what} need the native module (native/, `make install`)")
+    return _native
+
+
+def join_packed(entries: list[PackedEntry]) -> PackedEntry:
+    """One entry holding the deltas of ``entries`` in order (what appending
+    them as one entry writes)."""
+    if len(entries) == 1:
+        return entries[0]
+    joined: PackedEntry = _need_native("joined entries").join_entries(entries)
+    return joined
+
+
+def native_live_maps() -> Any:
+    """An empty ``kvmesh_native.LiveMaps`` (:mod:`mesh.engine_log.live`)."""
+    return _need_native("native live maps").LiveMaps()

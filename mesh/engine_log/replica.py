@@ -35,8 +35,8 @@ import structlog
 from blocks.delta import OP_CLEAR, KvDelta, KvOp
 from mesh.engine_log.entry import LogError, decode_or_skip
 from mesh.engine_log.epoch import Epoch, EpochDoc
+from mesh.engine_log.live import LiveState, new_live_state
 from mesh.engine_log.packed import PACKED_BUILT, IndexChange, decode_packed, heads_of
-from mesh.engine_log.snapshot import LiveMaps, apply_delta, live_sets, live_sets_by_tier
 
 __all__ = ["EngineLogReplica"]
 
@@ -221,30 +221,41 @@ class EngineLogReplica:
         the deltas it appends, since it does not observe its own document)."""
         self._note(d.worker, d.seq)
 
+    def note_head(self, worker: str, seq: int) -> None:
+        """:meth:`note` of one delta of a packed entry the owner appends."""
+        self._note(worker, seq)
+
     def _note(self, worker: str, seq: int) -> None:
         self.workers.add(worker)
         if seq >= 0:
             self.last_seq[worker] = seq
 
     # -- reading --------------------------------------------------------------
-    def materialise_maps(self) -> LiveMaps:
-        """The live mapping per worker, replayed from the current document."""
-        live: LiveMaps = {}
-        if self.current is None:
+    def materialise_live(self) -> LiveState:
+        """The live mapping per worker, replayed from the current document
+        (natively in packed mode)."""
+        live = new_live_state(self.packed)
+        cur = self.current
+        if cur is None:
             return live
-        for raw in self.current.entries():
-            for d in decode_or_skip(self.engine_id, self.current.epoch, raw):
-                apply_delta(live, d)
+        for raw in cur.entries():
+            if self.packed:
+                entry = decode_packed(self.engine_id, cur.epoch, raw)
+                if entry is not None:
+                    live.apply_packed(entry)
+            else:
+                for d in decode_or_skip(self.engine_id, cur.epoch, raw):
+                    live.apply(d)
         return live
 
     def materialise(self) -> dict[str, set[int]]:
         """The live router hashes per worker: what this log says the engine
         holds on its GPUs."""
-        return live_sets(self.materialise_maps())
+        return self.materialise_live().live_sets()
 
     def materialise_tiers(self) -> dict[str, dict[int, set[int]]]:
         """Per worker, tier -> the live router hashes this log says it holds there."""
-        return live_sets_by_tier(self.materialise_maps())
+        return self.materialise_live().live_sets_by_tier()
 
     def resume_seqs(self) -> dict[str, int]:
         """Per worker, the first engine sequence number not yet in the log."""

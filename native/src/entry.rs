@@ -184,13 +184,31 @@ pub fn decode(raw: &[u8], engine_id: &str, is_decimal: &dyn Fn(&str) -> bool) ->
 /// A decoded, validated log entry (see the module docstring). Immutable.
 #[pyclass(frozen, module = "kvmesh_native")]
 pub struct PackedEntry {
-    entry: Entry,
-    workers: Vec<Py<PyString>>, // per delta
-    heads: Py<PyTuple>,         // ((worker, seq), ...)
-    raw: Py<PyBytes>,           // the entry, for its engine hashes
+    pub(crate) entry: Entry,
+    pub(crate) workers: Vec<Py<PyString>>, // per delta
+    pub(crate) heads: Py<PyTuple>,         // ((worker, seq), ...)
+    pub(crate) raw: Py<PyBytes>,           // the entry, for its engine hashes
 }
 
 impl PackedEntry {
+    /// An entry from its bytes and what they decode to (`workers`: one per
+    /// delta, equal to its `worker`); the caller vouches that `raw` decodes
+    /// and validates to `entry` (`decode_entry`, `entry_enc`).
+    pub fn from_parts(
+        py: Python<'_>,
+        entry: Entry,
+        workers: Vec<Py<PyString>>,
+        raw: Bound<'_, PyBytes>,
+    ) -> PyResult<PackedEntry> {
+        let heads = entry
+            .deltas
+            .iter()
+            .zip(&workers)
+            .map(|(d, w)| PyTuple::new(py, [w.bind(py).clone().into_any(), int_py(py, d.seq)?]))
+            .collect::<PyResult<Vec<_>>>()?;
+        Ok(PackedEntry { entry, workers, heads: PyTuple::new(py, heads)?.unbind(), raw: raw.unbind() })
+    }
+
     pub fn len(&self) -> usize {
         self.entry.deltas.len()
     }
@@ -210,6 +228,16 @@ impl PackedEntry {
         e.ops[e.deltas[i].ops.clone()]
             .iter()
             .map(|op| (op.kind, usize::from(op.tier), &e.hashes[op.hashes.clone()]))
+    }
+
+    /// The decoded entry (its `Op::ehashes` are ranges of `raw_bytes`).
+    pub fn decoded(&self) -> &Entry {
+        &self.entry
+    }
+
+    /// The entry's bytes.
+    pub fn raw_bytes<'a>(&'a self, py: Python<'a>) -> &'a [u8] {
+        self.raw.bind(py).as_bytes()
     }
 }
 
@@ -247,6 +275,12 @@ impl PackedEntry {
     #[getter]
     fn blocks(&self) -> usize {
         self.entry.hashes.len()
+    }
+
+    /// The entry's bytes (what the log holds).
+    #[getter]
+    fn raw(&self, py: Python<'_>) -> Py<PyBytes> {
+        self.raw.clone_ref(py)
     }
 
     fn __len__(&self) -> usize {
@@ -306,13 +340,7 @@ pub fn decode_entry(py: Python<'_>, engine_id: &str, raw: &Bound<'_, PyAny>) -> 
     })?;
     let workers: Vec<Py<PyString>> =
         entry.deltas.iter().map(|d| PyString::new(py, &d.worker).unbind()).collect();
-    let heads = entry
-        .deltas
-        .iter()
-        .zip(&workers)
-        .map(|(d, w)| PyTuple::new(py, [w.bind(py).clone().into_any(), int_py(py, d.seq)?]))
-        .collect::<PyResult<Vec<_>>>()?;
-    Ok(PackedEntry { entry, workers, heads: PyTuple::new(py, heads)?.unbind(), raw: raw.unbind() })
+    PackedEntry::from_parts(py, entry, workers, raw)
 }
 
 #[cfg(test)]

@@ -9,9 +9,11 @@
 //! frame counts as undecodable; RuntimeError from the mapper).
 
 pub mod entry;
+pub mod entry_enc;
 pub mod events;
 pub mod hashing;
 pub mod index;
+pub mod live;
 pub mod mapper;
 pub mod msgpack;
 pub mod pyindex;
@@ -369,6 +371,24 @@ impl NativeMapper {
         self.delta_cls.bind(py).call1((worker, seq, PyList::new(py, items)?))
     }
 
+    /// A frame decoded and mapped: (Frame(ts, events, rank), ops, notes);
+    /// ValueError for an unreadable envelope (then nothing is applied).
+    fn decode_and_map<'py>(
+        &mut self,
+        py: Python<'py>,
+        payload: &[u8],
+        check: Bound<'py, PyAny>,
+    ) -> PyResult<(Bound<'py, PyAny>, Vec<Op>, Vec<Note>)> {
+        let frame: Frame = guarded(value_error, || {
+            events::decode_frame(payload, &PyCheck(check)).map_err(|e| value_error(e.0))
+        })?;
+        let inner = &mut self.inner;
+        let (ops, notes) = guarded(runtime_error, || Ok(inner.map_events(&frame.events, payload)))?;
+        let rank = frame.data_parallel_rank.or(frame.attn_dp_rank).unwrap_or(0);
+        let info = self.frame_cls.bind(py).call1((frame.ts, frame.events.len(), int_py(py, rank)?))?;
+        Ok((info, ops, notes))
+    }
+
     fn notes<'py>(py: Python<'py>, notes: &[Note]) -> PyResult<Bound<'py, PyAny>> {
         if notes.is_empty() {
             Ok(py.None().into_bound(py))
@@ -408,14 +428,34 @@ impl NativeMapper {
         seq: Bound<'py, PyAny>,
         check: Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let frame: Frame = guarded(value_error, || {
-            events::decode_frame(payload, &PyCheck(check)).map_err(|e| value_error(e.0))
-        })?;
-        let inner = &mut self.inner;
-        let (ops, notes) = guarded(runtime_error, || Ok(inner.map_events(&frame.events, payload)))?;
-        let rank = frame.data_parallel_rank.or(frame.attn_dp_rank).unwrap_or(0);
-        let info = self.frame_cls.bind(py).call1((frame.ts, frame.events.len(), int_py(py, rank)?))?;
+        let (info, ops, notes) = self.decode_and_map(py, payload, check)?;
         (info, self.delta(py, &worker, &seq, &ops)?, Self::notes(py, &notes)?).into_pyobject(py)
+    }
+
+    /// `map_frame` with its delta as the log entry that holds it: (Frame,
+    /// `PackedEntry` of `KvDelta(worker, seq, ops)`, note tuples or None);
+    /// the entry's `raw` is `encode_entry([delta])` byte for byte, built
+    /// with it (`entry_enc`). ValueError for an unreadable envelope;
+    /// TypeError or OverflowError for a worker or seq no entry holds
+    /// (worker not a str, seq not an int in [-1, 2**64)); each before
+    /// anything is applied.
+    fn map_frame_packed<'py>(
+        &mut self,
+        py: Python<'py>,
+        payload: &[u8],
+        worker: Bound<'py, PyString>,
+        seq: Bound<'py, PyAny>,
+        check: Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let seq = entry_enc::seq_of(&seq)?;
+        if let Err(e) = worker.to_str() {
+            return Err(PyTypeError::new_err(format!("worker is no str a log entry holds: {e}")));
+        }
+        let (info, ops, notes) = self.decode_and_map(py, payload, check)?;
+        // An error here is a bug (a decoded frame's engine hashes fit msgpack,
+        // the mapper's ops are valid): RuntimeError, the mapper has changed.
+        let entry = guarded(runtime_error, || entry_enc::packed_delta(py, &worker, seq, &ops))?;
+        (info, Bound::new(py, entry)?, Self::notes(py, &notes)?).into_pyobject(py)
     }
 
     /// Map event tuples (see `event_rs`): (KvDelta, note tuples or None).
@@ -528,6 +568,8 @@ fn kvmesh_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pyindex::NativeIndex>()?;
     m.add_function(wrap_pyfunction!(entry::decode_entry, m)?)?;
     m.add_class::<entry::PackedEntry>()?;
+    m.add_class::<live::LiveMaps>()?;
+    m.add_function(wrap_pyfunction!(entry_enc::join_entries, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -254,49 +254,31 @@ impl<'a> Reader<'a> {
 
     /// An array's length, or the kind found instead.
     pub fn array_len(&mut self) -> std::result::Result<usize, Kind> {
-        let m = self.peek().map_err(|_| Kind::Reserved)?;
-        let save = self.pos;
-        let r = match m {
-            0x90..=0x9f => {
-                self.pos += 1;
-                Ok(usize::from(m & 0x0f))
-            }
-            0xdc => {
-                self.pos += 1;
-                self.len(2)
-            }
-            0xdd => {
-                self.pos += 1;
-                self.len(4)
-            }
-            _ => return Err(Kind::of(m)),
-        };
-        r.map_err(|_| {
-            self.pos = save;
-            Kind::Reserved
-        })
+        self.container_len(0x90, 0xdc, 0xdd)
     }
 
     /// A map's number of pairs, or the kind found instead.
     pub fn map_len(&mut self) -> std::result::Result<usize, Kind> {
+        self.container_len(0x80, 0xde, 0xdf)
+    }
+
+    /// The length of a container whose fix form is `fix..=fix + 15` and
+    /// whose 16- and 32-bit forms are the markers `m16` and `m32`; nothing
+    /// consumed when it is another kind or truncated.
+    fn container_len(&mut self, fix: u8, m16: u8, m32: u8) -> std::result::Result<usize, Kind> {
         let m = self.peek().map_err(|_| Kind::Reserved)?;
         let save = self.pos;
-        let r = match m {
-            0x80..=0x8f => {
+        let width = match m {
+            _ if (fix..=fix + 0x0f).contains(&m) => {
                 self.pos += 1;
-                Ok(usize::from(m & 0x0f))
+                return Ok(usize::from(m & 0x0f));
             }
-            0xde => {
-                self.pos += 1;
-                self.len(2)
-            }
-            0xdf => {
-                self.pos += 1;
-                self.len(4)
-            }
+            _ if m == m16 => 2,
+            _ if m == m32 => 4,
             _ => return Err(Kind::of(m)),
         };
-        r.map_err(|_| {
+        self.pos += 1;
+        self.len(width).map_err(|_| {
             self.pos = save;
             Kind::Reserved
         })

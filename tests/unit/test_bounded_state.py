@@ -171,8 +171,10 @@ def churn(ehashes: bool = EHASHES) -> dict[str, float]:
     assert replica.logs["e"].materialise() == truth
     assert replica.resume_seqs("e") == seqs
     if ehashes:
-        maps = replica.logs["e"].materialise_maps()
-        assert {w: m.to_router for w, m in maps.items()} == {w: dict(zip(elive[w], live[w])) for w in workers}
+        maps = replica.logs["e"].materialise_live()
+        assert {w: dict(maps.pairs(w)) for w in maps.workers()} == {
+            w: dict(zip(elive[w], live[w])) for w in workers
+        }
     return {"base_size": base_size, "max_size": max_size, "base_mem": base_mem, "max_mem": max_mem}
 
 

@@ -13,6 +13,7 @@ from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp
 from blocks.tiers import TIER_GPU, TIER_HOST
 from mesh.engine_log.entry import LogError, NotOwnerError, decode_entry, encode_entry
 from mesh.engine_log.epoch import Epoch, EpochDoc
+from mesh.engine_log.live import PyLiveState
 from mesh.engine_log.owner import CompactionPolicy, EngineLogOwner
 from mesh.engine_log.replica import EngineLogReplica
 from mesh.engine_log.snapshot import apply_delta, snapshot_deltas
@@ -24,7 +25,7 @@ def owner_and_replica(
 ) -> tuple[EngineLogOwner, EngineLogReplica, bytes]:
     rep = EngineLogReplica("e")
     owner = EngineLogOwner(rep, "n0", random.Random(1), policy or CompactionPolicy())
-    first = owner.start_epoch(Epoch(1, "n0", 0, owner.new_doc_id()), {}, {})
+    first = owner.start_epoch(Epoch(1, "n0", 0, owner.new_doc_id()), PyLiveState(), {})
     return owner, EngineLogReplica("e"), first
 
 
@@ -72,7 +73,7 @@ def test_append_validates_before_writing() -> None:
         with pytest.raises(LogError):
             owner.append(bad)
     assert len(owner.replica.current) == n
-    assert owner.live == {}
+    assert len(owner.live) == 0
 
 
 def test_entry_is_batch_granular() -> None:
@@ -123,16 +124,16 @@ def test_snapshot_size_estimate_is_a_tight_upper_bound() -> None:
         "e#dp1": BlockMap.from_pairs((h, h) for _, h in pairs[:50]),
     }
     owner, _, _ = owner_and_replica()
-    owner.start_epoch(Epoch(1, "n0", 1, 5), live, {"e": 9})
+    owner.start_epoch(Epoch(1, "n0", 1, 5), PyLiveState(live), {"e": 9})
     real = len(encode_entry(snapshot_deltas(live, {"e": 9})))
     assert owner.log_bytes == real
     assert real <= owner.snapshot_bytes() <= real + 100
     # ... and stays so when appends change the mapping
     owner.append([KvDelta("e", 10, [KvOp(OP_REMOVE, [], [p[0] for p in pairs[::2]])])])
     owner.append([KvDelta("e", 11, [KvOp(OP_STORE, [big + 1, big + 2], [b"y" * 32, big + 3])])])
-    real = len(encode_entry(snapshot_deltas(owner.live, {"e": 11})))
+    real = len(owner.live.snapshot_entry({"e": 11}))
     assert real <= owner.snapshot_bytes() <= real + 100
-    assert owner.live_blocks == sum(len(m.live()) for m in owner.live.values())
+    assert owner.live_blocks == sum(len(s) for s in owner.live.live_sets().values())
 
 
 def test_compaction_bumps_gen_and_replica_reset_reproduces_contents() -> None:
@@ -247,7 +248,7 @@ def test_entries_written_before_engine_hashes_still_decode_and_replay() -> None:
     assert [d.seq for d in rep.apply(ep, ed.update_since())] == [3, 4]
     assert rep.materialise() == {"e": {2, 5}}
     # without engine hashes a block is named by its router hash
-    assert rep.materialise_maps()["e"].pairs() == [(2, 2), (5, 5)]
+    assert rep.materialise_live().pairs("e") == [(2, 2), (5, 5)]
     assert rep.resume_seqs() == {"e": 5}
 
 
@@ -261,7 +262,7 @@ def test_engine_hashes_are_validated_before_writing() -> None:
     ):
         with pytest.raises(LogError):
             owner.append(bad)
-    assert owner.live == {} and len(owner.replica.current) == 1
+    assert len(owner.live) == 0 and len(owner.replica.current) == 1
     owner.append([KvDelta("e", 0, [KvOp(OP_STORE, [1, 1], [b"a", -2]), KvOp(OP_REMOVE, [], [b"a"])])])
     assert owner.mappings() == {"e": [(-2, 1)]}
 
@@ -279,7 +280,7 @@ def test_values_a_replica_would_not_decode_as_ints_are_refused() -> None:
     ):
         with pytest.raises(LogError):
             owner.append(bad)
-    assert owner.live == {} and len(owner.replica.current) == 1
+    assert len(owner.live) == 0 and len(owner.replica.current) == 1
     # A tuple is not a list but decodes to one: accepted, as it always was.
     owner.append([KvDelta("e", 0, [KvOp(OP_STORE, (5, 2**64 - 1), (7, b"x"))])])  # type: ignore[arg-type]  # tuples on purpose
     assert sorted(owner.mappings()["e"], key=str) == sorted([(7, 5), (b"x", 2**64 - 1)], key=str)
@@ -330,7 +331,7 @@ def test_tiers_survive_the_log_snapshots_and_compaction() -> None:
     pairs = owner.mappings()["e"]
     assert sorted(p for p in pairs if len(p) == 3) == [(s + 1, s + 1000, TIER_HOST) for s in range(35, 40)]
     # The size estimate still bounds the real snapshot.
-    real = len(encode_entry(snapshot_deltas(owner.live, {"e": 39})))
+    real = len(owner.live.snapshot_entry({"e": 39}))
     assert real <= owner.snapshot_bytes() <= real + 150
 
 
@@ -348,4 +349,4 @@ def test_an_unknown_tier_is_refused_before_writing() -> None:
     owner, _, _ = owner_and_replica()
     with pytest.raises(LogError, match="tier"):
         owner.append([KvDelta("e", 0, [KvOp(OP_STORE, [1], [], 4)])])
-    assert owner.live == {}
+    assert len(owner.live) == 0

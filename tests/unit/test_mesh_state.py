@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from blocks.block_map import BlockMap
 from blocks.delta import OP_CLEAR, OP_REMOVE, OP_STORE, KvDelta, KvOp
 from blocks.hashing import chain_hash, root_seed
 from engine_adapters.block_mapper import BlockMapper
@@ -321,7 +322,7 @@ def test_compaction_keeps_contents_and_resume_and_bounds_log() -> None:
         owner = a.owners["e"]
         # the log never outgrows K x a snapshot by more than one entry
         assert owner.log_bytes <= 2 * max(owner.snapshot_bytes(), 9 * 8) + 200
-        assert owner.live_blocks == sum(len(m.live()) for m in owner.live.values())
+        assert owner.live_blocks == sum(len(s) for s in owner.live.live_sets().values())
     assert len(epochs) > 3, "compaction never ran"
     assert {e.term for e in epochs} == {1}  # compaction keeps the term
     assert a.logs["e"].materialise() == truth == b.logs["e"].materialise()
@@ -586,7 +587,7 @@ def test_new_owner_resumes_the_mapping_from_the_log(seed: int) -> None:
         assert restored[w].live_router_hashes() == real
         assert restored[w].stats.unknown_removed == 0 and restored[w].stats.unknown_parent == 0
         assert b.logs["e"].materialise()[w] == real == c.logs["e"].materialise()[w]
-        assert c.logs["e"].materialise_maps()[w] == restored[w].block_map
+        assert BlockMap.from_pairs(c.logs["e"].materialise_live().pairs(w)) == restored[w].block_map
         # the control: a mapper started empty leaves stale blocks and misses new ones
         assert naive_index[w] != real
         assert naive[w].stats.unknown_removed > 0 and naive[w].stats.unknown_parent > 0
@@ -614,7 +615,8 @@ def test_compaction_snapshots_carry_the_exact_mapping() -> None:
         msg = a.local_deltas("e", [m.map_batch(events, seq)])
         b.apply_remote(decode_payload(encode_payload(msg)), 0.0)
         owner = a.owners["e"]
-        assert owner.live["e"] == m.block_map and owner.live["e"].counts() == m.block_map.refs
+        lm = BlockMap.from_pairs(owner.live.pairs("e"))
+        assert lm == m.block_map and lm.counts() == m.block_map.refs
         shared += any(n > 1 for n in m.block_map.refs.values())
         if len(msg.logs) == 2:  # compacted: the new epoch's entry 0 is the snapshot
             gens.add(msg.logs[1].epoch.gen)
@@ -622,7 +624,7 @@ def test_compaction_snapshots_carry_the_exact_mapping() -> None:
             assert len(snap) == 1 and snap[0].seq == seq
             pairs = [p for op in snap[0].ops[1:] for p in zip(op.ehashes or op.hashes, op.hashes)]
             assert dict(pairs) == m.block_map.to_router
-            assert b.logs["e"].materialise_maps()["e"] == m.block_map
+            assert BlockMap.from_pairs(b.logs["e"].materialise_live().pairs("e")) == m.block_map
     assert len(gens) >= 5 and shared > 20
-    assert b.logs["e"].materialise_maps()["e"].counts() == m.block_map.refs
+    assert BlockMap.from_pairs(b.logs["e"].materialise_live().pairs("e")).counts() == m.block_map.refs
     assert b.take_ownership("e", 1.0).mappings == {"e": m.export()}

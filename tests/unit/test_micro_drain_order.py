@@ -1,0 +1,39 @@
+"""kvmesh bench micro's ingest order (kvmesh.benchmarks.micro.drain_order):
+the order a saturated owner node takes frames in. Every batch once, each
+engine's in its order, a burst of one engine, ending once it holds the
+entry bound (so no burst but an engine's last is below it)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvmesh.benchmarks.micro import build_population, drain_order
+
+batches_st = st.lists(
+    st.tuples(st.integers(0, 4), st.none(), st.lists(st.integers(0, 9), min_size=1, max_size=6)), max_size=40
+)
+
+
+@given(batches=batches_st, bound=st.integers(1, 12))
+def test_bursts_keep_each_engines_order_and_the_bound(batches, bound) -> None:
+    bursts = drain_order(batches, bound)
+    flat = [i for b in bursts for i in b]
+    assert sorted(flat) == list(range(len(batches)))  # every batch once
+    for e in {b[0] for b in batches}:
+        mine = [i for i in flat if batches[i][0] == e]
+        assert mine == sorted(mine)  # the engine's own order
+    last_of = {batches[b[-1]][0]: n for n, b in enumerate(bursts)}
+    for n, burst in enumerate(bursts):
+        assert len({batches[i][0] for i in burst}) == 1  # one engine a burst
+        blocks = [len(batches[i][2]) for i in burst]
+        assert sum(blocks[:-1]) < bound  # it ended once it held the bound
+        if last_of[batches[burst[0]][0]] != n:
+            assert sum(blocks) >= bound  # only an engine's last burst falls short
+
+
+def test_the_benchmark_population_drains_in_bursts() -> None:
+    batches, _ = build_population(20_000, 8, seed=1)
+    bursts = drain_order(batches, 4096)
+    assert len(bursts) < len(batches) / 10  # many frames a burst at the default bound
+    assert sum(len(b) for b in bursts) == len(batches)
