@@ -69,7 +69,6 @@ class MeshShell:
         # mesh/engine_log/packed.py), a Python index as KvDeltas.
         native = NativeIndex is not None and isinstance(index, NativeIndex)
         config = dataclasses.replace(config, packed_entries=native)
-        self.packed = native
         # Never seeded from --seed: the mesh draws pycrdt client ids from this,
         # and two nodes (or one node before and after a restart) sharing a
         # client id would corrupt the replicated documents.

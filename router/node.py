@@ -139,7 +139,7 @@ class RouterNode:
             lambda e: e in self.core.owned(),
             self._owner_delta,
             self.log,
-            dataclasses.replace(cfg.event_adapter, packed=self.mesh.packed),
+            dataclasses.replace(cfg.event_adapter, packed=self.core.config.packed_entries),
         )
         self.health = HealthPoller(
             self.engines,

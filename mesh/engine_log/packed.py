@@ -53,9 +53,8 @@ try:
     import kvmesh_native as _native  # optional: built only where cargo is
 except ImportError:
     _native = None
-_decode: Any = _native.decode_entry if _native is not None else None
 
-PACKED_BUILT: bool = _decode is not None
+PACKED_BUILT: bool = _native is not None
 # The default of MeshConfig.packed_entries.
 PACKED: bool = PACKED_BUILT and not pure_python_forced()
 
@@ -66,10 +65,9 @@ IndexChange: TypeAlias = KvDelta | PackedEntry
 def decode_packed(engine_id: str, epoch: Epoch, raw: bytes | bytearray) -> PackedEntry | None:
     """:func:`mesh.engine_log.entry.decode_or_skip`, packed: None (logged) for
     an entry the reference would skip."""
-    if _decode is None:
-        raise RuntimeError("packed entries need the native module (native/, `make install`)")
+    decode = _need_native("packed entries").decode_entry
     try:
-        entry: PackedEntry = _decode(engine_id, raw)
+        entry: PackedEntry = decode(engine_id, raw)
     except (ValueError, TypeError) as e:
         # The single writer validates before writing, so this is corruption or a
         # foreign writer; skipping keeps the rest of the log usable.
@@ -100,9 +98,7 @@ def _need_native(what: str) -> Any:
 
 def join_packed(entries: list[PackedEntry]) -> PackedEntry:
     """One entry holding the deltas of ``entries`` in order (what appending
-    them as one entry writes)."""
-    if len(entries) == 1:
-        return entries[0]
+    them as one entry writes; one entry is itself)."""
     joined: PackedEntry = _need_native("joined entries").join_entries(entries)
     return joined
 

@@ -214,18 +214,16 @@ class EngineLogReplica:
                 self.note(ch)
             else:
                 for w, seq in ch.heads:
-                    self._note(w, seq)
+                    self.note_head(w, seq)
 
     def note(self, d: KvDelta) -> None:
         """Record ``d``'s worker and sequence number (the owner calls it for
         the deltas it appends, since it does not observe its own document)."""
-        self._note(d.worker, d.seq)
+        self.note_head(d.worker, d.seq)
 
     def note_head(self, worker: str, seq: int) -> None:
-        """:meth:`note` of one delta of a packed entry the owner appends."""
-        self._note(worker, seq)
-
-    def _note(self, worker: str, seq: int) -> None:
+        """Record one delta's worker and sequence number (``heads`` of a
+        packed entry the owner appends, and the deltas applied here)."""
         self.workers.add(worker)
         if seq >= 0:
             self.last_seq[worker] = seq

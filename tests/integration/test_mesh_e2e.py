@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 
 import aiohttp
 import pytest
@@ -16,6 +15,7 @@ from kvmesh.loadgen import generate_once
 from kvmesh.probes import engine_digest
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
+from tests.eventually import eventually
 
 pytestmark = pytest.mark.slow
 MODEL = "sim-model"
@@ -47,17 +47,6 @@ async def _engines(addr: str) -> dict[str, pb.EngineStatus]:
     return {e.spec.engine_id: e for e in resp.engines}
 
 
-async def _eventually(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await pred()
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}; last: {last}")
-
-
 @pytest.fixture
 def cluster():
     engines = [
@@ -84,9 +73,9 @@ async def test_continuation_on_another_node_lands_on_the_same_engine(cluster):
     a, c = nodes[0].info["grpc"], nodes[2].info["grpc"]
     # Every node learned the engines registered on node A.
     for n in nodes:
-        engs = await _eventually(lambda n=n: _engines(n.info["grpc"]), 5, "engine registry")
+        engs = await eventually(lambda n=n: _engines(n.info["grpc"]), 5, "engine registry")
         assert set(engs) == {"e0", "e1", "e2", "e3"}
-        await _eventually(lambda n=n: _all_alive(n.info["grpc"]), 10, "3 live members")
+        await eventually(lambda n=n: _all_alive(n.info["grpc"]), 10, "3 live members")
     prefix = _tokens(1, 1600)  # 100 blocks
     async with (
         aio_channel(a, tls=False, config=ONE_NODE) as ch_a,
@@ -99,9 +88,9 @@ async def test_continuation_on_another_node_lands_on_the_same_engine(cluster):
         want = await _engine_digest(url)
         assert want[0] >= 100
         # Converged: node C's index holds exactly the engine's cache.
-        await _eventually(lambda: _match(c, eid, url), 5, "node C's index")
+        await eventually(lambda: _match(c, eid, url), 5, "node C's index")
         # ... and its view of the fleet's load: A's request is over.
-        await _eventually(lambda: _idle(c), 5, "node C to see no request in flight")
+        await eventually(lambda: _idle(c), 5, "node C to see no request in flight")
         cont = prefix + _tokens(2, 40) + answer + _tokens(3, 30)
         route = await pb_grpc.RouterStub(ch_c).Route(
             pb.RouteRequest(prompt=pb.Prompt(token_ids=pb.TokenIds(ids=cont)), dry_run=True)
@@ -125,8 +114,8 @@ async def test_owner_killed_while_engine_emits_events_hands_over_without_loss(cl
     engines, nodes = cluster
     by_id = {p.info["node"]: p for p in nodes}
     a = nodes[0].info["grpc"]
-    await _eventually(lambda: _all_alive(a), 10, "3 live members")
-    status = await _eventually(lambda: _engines(a), 5, "engines")
+    await eventually(lambda: _all_alive(a), 10, "3 live members")
+    status = await eventually(lambda: _engines(a), 5, "engines")
     owner = status["e1"].owner_node
     assert owner in by_id, (owner, list(by_id))
     url = engines[1].info["url"]
@@ -149,10 +138,10 @@ async def test_owner_killed_while_engine_emits_events_hands_over_without_loss(cl
     stop.set()
     await load
     # A survivor owns e1 now, and every survivor's index equals the engine's cache.
-    new_owner = await _eventually(lambda: _new_owner(survivors[0], owner), 15, "a new owner for e1")
+    new_owner = await eventually(lambda: _new_owner(survivors[0], owner), 15, "a new owner for e1")
     assert new_owner in by_id and new_owner != owner
     for s in survivors:
-        await _eventually(lambda s=s: _match(s, "e1", url), 10, f"index of {s} to equal the engine cache")
+        await eventually(lambda s=s: _match(s, "e1", url), 10, f"index of {s} to equal the engine cache")
     async with aiohttp.ClientSession() as http, http.get(f"{url}/admin/stats") as r:
         next_seq = (await r.json())["next_seq"]
     for s in survivors:
@@ -174,7 +163,7 @@ async def test_a_joining_node_routes_correctly_once_ready(cluster):
         first, _ = await generate_once(pb_grpc.RouterStub(ch), prefix + _tokens(8, 20), 4)
     assert first.ok
     url = engines[int(first.engine_id[1])].info["url"]
-    await _eventually(lambda: _match(a, first.engine_id, url), 5, "node A converged")
+    await eventually(lambda: _match(a, first.engine_id, url), 5, "node A converged")
     d = procs.start_router("node-d", [], [*FAST_MESH, "--join", nodes[1].info["grpc"]])
     try:
         # READY is printed only after the full state arrived: route at once.

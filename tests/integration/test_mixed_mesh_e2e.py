@@ -8,10 +8,8 @@ kind of node owns the engine and whichever kind answers."""
 
 from __future__ import annotations
 
-import asyncio
 import random
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import aiohttp
@@ -24,6 +22,7 @@ from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 from mesh.ownership import owner_of
 from router.native_index import NATIVE_INDEX_BUILT
+from tests.eventually import eventually
 
 pytestmark = pytest.mark.slow
 MODEL = "sim-model"
@@ -50,17 +49,6 @@ def _engine_ids() -> list[str]:
 def _tokens(seed: int, n: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(256, 32000) for _ in range(n)]
-
-
-async def _eventually(pred: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await pred()
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}; last: {last}")
 
 
 async def _admin(addr: str, call: str, req: Any) -> Any:
@@ -126,8 +114,8 @@ async def test_native_and_python_nodes_converge_and_route_alike(mixed_mesh):
 
     want_owner = {eid: owner_of(eid, sorted(NODES)) for eid in engines}
     for p in nodes.values():
-        await _eventually(lambda p=p: alive(p.info["grpc"]), 15, f"{p.name}: 3 live members")
-        await _eventually(
+        await eventually(lambda p=p: alive(p.info["grpc"]), 15, f"{p.name}: 3 live members")
+        await eventually(
             lambda p=p: _is(owners(p.info["grpc"]), want_owner), 15, f"{p.name}: the rendezvous owners"
         )
     # Both kinds own an engine: native entries reach a Python index and the reverse.
@@ -154,7 +142,7 @@ async def test_native_and_python_nodes_converge_and_route_alike(mixed_mesh):
             async def same(addr: str = p.info["grpc"], eid: str = eid, url: str = url) -> bool:
                 return await _digest(addr, eid) == await _engine_digest(url)
 
-            await _eventually(same, 15, f"{p.name}'s index of {eid} to equal the engine's cache")
+            await eventually(same, 15, f"{p.name}'s index of {eid} to equal the engine's cache")
     stats = [await _admin(p.info["grpc"], "GetStats", pb.GetStatsRequest()) for p in nodes.values()]
     assert len({(s.index_entries, s.index_blocks) for s in stats}) == 1, [
         (s.node_id, s.index_entries, s.index_blocks) for s in stats

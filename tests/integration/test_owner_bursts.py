@@ -23,6 +23,7 @@ from router.config import RouterConfig
 from router.engine_registry import EngineSpec
 from router.native_index import NativeIndex
 from router.node import RouterNode
+from tests.eventually import eventually
 
 BS = DEFAULT_BLOCK_SIZE
 FRAMES = 60
@@ -35,14 +36,6 @@ def _frame(i: int) -> bytes:
     tokens = [(i * 7919 + t) % 50_000 for t in range(BS * BLOCKS)]
     ev = BlockStored(block_hashes=ehs, parent_block_hash=None, token_ids=tokens, block_size=BS, lora_id=None)
     return encode_batch(KVEventBatch(ts=time.time(), events=[ev], data_parallel_rank=0), "map")
-
-
-async def _wait(cond, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("max_entry_blocks", [4096, 3 * BLOCKS])
@@ -63,14 +56,14 @@ async def test_a_burst_of_frames_is_one_entry_and_nothing_is_lost(max_entry_bloc
     node = RouterNode(cfg)
     await node.start()
     try:
-        await _wait(lambda: node.ready, "the node to be ready")
+        await eventually(lambda: node.ready, 20, "the node to be ready", interval=0.02)
         await node.register_engine(spec)
 
         def send(i: int) -> None:
             pub.send_multipart([b"", i.to_bytes(8, "big"), _frame(i)])
 
         # The first frame, again until the adapter's subscription is up.
-        await _wait(lambda: "e0" in node.core.owned(), "ownership")
+        await eventually(lambda: "e0" in node.core.owned(), 20, "ownership", interval=0.02)
         deadline = time.monotonic() + 20
         while node.index.blocks_of("e0") < BLOCKS:
             assert time.monotonic() < deadline, "the adapter never received a frame"
@@ -83,7 +76,9 @@ async def test_a_burst_of_frames_is_one_entry_and_nothing_is_lost(max_entry_bloc
         for i in range(1, FRAMES):
             send(i)
         time.sleep(0.5)
-        await _wait(lambda: node.index.blocks_of("e0") == FRAMES * BLOCKS, "every block indexed")
+        await eventually(
+            lambda: node.index.blocks_of("e0") == FRAMES * BLOCKS, 20, "every block indexed", interval=0.02
+        )
         entries = log.current.entries()[before:]
         deltas = [d for raw in entries for d in decode_entry(raw)]
         # Nothing lost, nothing twice, in order.
@@ -110,10 +105,10 @@ async def test_a_bad_frame_in_a_burst_loses_only_itself() -> None:
     node = RouterNode(cfg)
     await node.start()
     try:
-        await _wait(lambda: node.ready, "the node to be ready")
+        await eventually(lambda: node.ready, 20, "the node to be ready", interval=0.02)
         # No event endpoint: owned, no adapter; the burst is handed in as an adapter would.
         await node.register_engine(EngineSpec("e0", f"http://127.0.0.1:{procs.free_port()}").validate())
-        await _wait(lambda: "e0" in node.core.owned(), "ownership")
+        await eventually(lambda: "e0" in node.core.owned(), 20, "ownership", interval=0.02)
         node._owner_delta("e0", KvDelta("e0", 1, [KvOp(OP_STORE, [11])]))
         node._owner_delta("e0", KvDelta("e0", 2, [KvOp(OP_STORE, [1 << 64])]))  # not a u64: refused
         node._owner_delta("e0", KvDelta("e0", 3, [KvOp(OP_STORE, [13])]))
