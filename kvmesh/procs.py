@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,7 +17,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from blocks.hashing import DEFAULT_BLOCK_SIZE
 from engine_adapters.sim_engine.config import DEFAULTS as SIM_DEFAULTS
@@ -26,10 +29,49 @@ from engine_adapters.sim_engine.config import DEFAULTS as SIM_DEFAULTS
 SIM_MODEL = SIM_DEFAULTS.model
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports are handed out below the kernel's ephemeral range: a port bind(0)
+# returns is in that range, and any outgoing connection on the machine may
+# take it as its source port between our probe and the child's own bind.
+# Below the range only an explicit bind can collide, and the probe rules out
+# a port in use; ``_given`` keeps this process from handing one out twice.
+_PORT_SPAN = 12000
+_given: set[int] = set()
+_port_rng = random.Random(os.getpid() ^ time.monotonic_ns())
+
+
+def _bindable(host: str, port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A TCP and UDP port free on ``host`` now and outside the ephemeral range."""
+    high = _ephemeral_low()
+    low = max(1024, high - _PORT_SPAN)
+    for _ in range(200):
+        port = _port_rng.randrange(low, high)
+        if port not in _given and _bindable(host, port):
+            _given.add(port)
+            return port
+    with socket.socket() as s:  # a crowded range: let the kernel choose
         s.bind((host, 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
+
+
+class PortClash(RuntimeError):
+    """The process exited because a port it was given was taken meanwhile."""
 
 
 @dataclass
@@ -108,17 +150,35 @@ def start(
                     proc.info[k] = v
                 ready.set()
 
-    threading.Thread(target=pump, name=f"pump-{name}", daemon=True).start()
+    pumper = threading.Thread(target=pump, name=f"pump-{name}", daemon=True)
+    pumper.start()
     deadline = time.monotonic() + ready_timeout
     while not ready.wait(0.05):
         if popen.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"{name} did not become ready (rc={popen.poll()}):\n{proc.tail()}")
+            pumper.join(2.0)  # the last lines say why it exited
+            error = PortClash if "address already in use" in proc.tail().lower() else RuntimeError
+            raise error(f"{name} did not become ready (rc={popen.poll()}):\n{proc.tail()}")
     return proc
+
+
+def _on_free_ports(launch: Callable[[], Proc], attempts: int = 3) -> Proc:
+    """``launch()`` again with fresh ports when another process took one first."""
+    for attempt in range(attempts):
+        try:
+            return launch()
+        except PortClash:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def start_sim_engine(name: str, extra: list[str] | None = None, host: str = "127.0.0.1") -> Proc:
     """A simulated engine on free loopback ports; info has http, kv, replay."""
+    return _on_free_ports(lambda: _start_sim_engine(name, extra, host))
+
+
+def _start_sim_engine(name: str, extra: list[str] | None, host: str) -> Proc:
     http, kv, replay = free_port(host), free_port(host), free_port(host)
     args = [
         "sim-engine",
@@ -160,9 +220,13 @@ def start_router(
     ``insecure``: without authentication, as on a developer's machine (the
     demo, the benchmarks, most tests); tests of authentication pass their
     credentials in ``extra`` instead."""
-    args = ["router", "--listen", f"{host}:{free_port(host)}", "--node-id", name]
-    if insecure:
-        args.append("--insecure")
-    for e in engines:
-        args += ["--engine", e]
-    return start(name, args + (extra or []))
+
+    def launch() -> Proc:
+        args = ["router", "--listen", f"{host}:{free_port(host)}", "--node-id", name]
+        if insecure:
+            args.append("--insecure")
+        for e in engines:
+            args += ["--engine", e]
+        return start(name, args + (extra or []))
+
+    return _on_free_ports(launch)

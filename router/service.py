@@ -534,7 +534,7 @@ async def serve(
 def _bind(server: grpc.aio.Server, addr: str, creds: grpc.ServerCredentials | None) -> None:
     port = server.add_secure_port(addr, creds) if creds is not None else server.add_insecure_port(addr)
     if port == 0:
-        raise OSError(f"cannot listen on {addr}")
+        raise OSError(f"cannot listen on {addr}: address already in use, or not an address of this host")
 
 
 def _refused(node: RouterNode) -> Callable[[str, str, str], None]:

@@ -1,0 +1,59 @@
+"""The ports the test and benchmark processes are given, and a start that
+meets a port another process took meanwhile (a CI run lost a test to that)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from kvmesh import procs
+
+
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [procs.free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    assert all(1024 <= p < low for p in ports)
+    for p in ports[:5]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+
+
+def test_a_sim_engine_whose_port_was_taken_starts_on_fresh_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    real = procs.free_port
+    handed: list[int] = []
+
+    def first_the_taken_one(host: str = "127.0.0.1") -> int:
+        port = taken.getsockname()[1] if not handed else real(host)
+        handed.append(port)
+        return port
+
+    monkeypatch.setattr(procs, "free_port", first_the_taken_one)
+    engine = procs.start_sim_engine("clash", ["--num-gpu-blocks", "64"])
+    try:
+        assert handed[0] == taken.getsockname()[1]
+        assert len(handed) == 6  # three ports, twice
+        assert engine.info["url"].endswith(f":{handed[3]}")
+    finally:
+        engine.stop()
+        taken.close()
+
+
+def test_a_process_failing_for_another_reason_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real_start = procs.start
+
+    def counted(name: str, args: list[str], **kw: object) -> procs.Proc:
+        calls.append(1)
+        return real_start(name, args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(procs, "start", counted)
+    with pytest.raises(RuntimeError) as err:
+        procs.start_sim_engine("bad", ["--num-gpu-blocks", "-5"])
+    assert not isinstance(err.value, procs.PortClash)
+    assert calls == [1]
