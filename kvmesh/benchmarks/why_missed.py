@@ -146,7 +146,13 @@ def _ingest(res: dict, t: dict) -> str:
         ours, theirs = k["runs_blocks_per_s"], d["runs_blocks_per_s"]
         figures = (
             f" This run's ingests from empty: kvmesh {min(ours):,.0f}-{max(ours):,.0f} blocks/s, Dynamo "
-            f"{min(theirs):,.0f}-{max(theirs):,.0f} (medians compared)."
+            f"{min(theirs):,.0f}-{max(theirs):,.0f}"
+            + (
+                f"; each of ours over the Dynamo run right after it: "
+                f"{', '.join(f'{r:.2f}x' for r in ix['ingest_ratio_runs'])}."
+                if ix.get("ingest_ratio_runs")
+                else " (medians compared)."
+            )
         )
     return (
         "kvmesh's owner ingest is end to end (decoding the engine's frames and their token ids, chained "

@@ -245,7 +245,8 @@ fn opt_str(r: &mut Reader<'_>, path: &str) -> Result<Option<String>> {
 fn tokens(r: &mut Reader<'_>, path: &str) -> Result<Tokens> {
     let n = r.array_len().map_err(|k| expected("array", k, path))?;
     let mut v: Vec<u32> = Vec::with_capacity(n.min(r.buf.len() - r.pos));
-    for i in 0..n {
+    let fast = r.small_uints(n, &mut v);
+    for i in fast..n {
         if let Some(t) = r.small_uint() {
             v.push(t);
             continue;

@@ -182,6 +182,55 @@ impl<'a> Reader<'a> {
         Some(v)
     }
 
+    /// Up to `n` token ids in a row, each as [`Reader::small_uint`] reads
+    /// one, appended to `out`; stops early at an item of another encoding
+    /// or within 5 bytes of the end (the caller reads the rest one by
+    /// one). The number read. One bounds check per item instead of one
+    /// per encoding, for arrays of thousands of ids.
+    #[inline]
+    pub fn small_uints(&mut self, n: usize, out: &mut Vec<u32>) -> usize {
+        let buf = self.buf;
+        let mut p = self.pos;
+        let mut k = 0;
+        while k < n {
+            // Four ids of one width at once where the array has runs of
+            // them: no step then waits on the width of the id before it.
+            if k + 4 <= n {
+                if let Some(w) = buf.get(p..p + 20) {
+                    if w[0] == 0xce && w[5] == 0xce && w[10] == 0xce && w[15] == 0xce {
+                        for o in [1, 6, 11, 16] {
+                            out.push(u32::from_be_bytes([w[o], w[o + 1], w[o + 2], w[o + 3]]));
+                        }
+                        p += 20;
+                        k += 4;
+                        continue;
+                    }
+                    if w[0] == 0xcd && w[3] == 0xcd && w[6] == 0xcd && w[9] == 0xcd {
+                        for o in [1, 4, 7, 10] {
+                            out.push(u32::from(u16::from_be_bytes([w[o], w[o + 1]])));
+                        }
+                        p += 12;
+                        k += 4;
+                        continue;
+                    }
+                }
+            }
+            let Some(w) = buf.get(p..p + 5) else { break };
+            let (v, len) = match w[0] {
+                m @ 0x00..=0x7f => (u32::from(m), 1),
+                0xcc => (u32::from(w[1]), 2),
+                0xcd => (u32::from(u16::from_be_bytes([w[1], w[2]])), 3),
+                0xce => (u32::from_be_bytes([w[1], w[2], w[3], w[4]]), 5),
+                _ => break,
+            };
+            out.push(v);
+            p += len;
+            k += 1;
+        }
+        self.pos = p;
+        k
+    }
+
     /// A float, or an int read as one (as the reference decoder accepts for
     /// a float field).
     pub fn float(&mut self) -> std::result::Result<f64, Kind> {
@@ -420,6 +469,55 @@ mod tests {
         }
         assert_eq!(Reader::new(&[0xc3]).int(), Err(Kind::Bool));
         assert_eq!(Reader::new(&[0xcb, 0, 0, 0, 0, 0, 0, 0, 0]).int(), Err(Kind::Float));
+    }
+
+    /// msgpack's smallest encoding of a u32, as engines write token ids.
+    fn enc_u32(x: u32, out: &mut Vec<u8>) {
+        match x {
+            0..=0x7f => out.push(x as u8),
+            0x80..=0xff => out.extend([0xcc, x as u8]),
+            0x100..=0xffff => out.push(0xcd),
+            _ => out.push(0xce),
+        }
+        if (0x100..=0xffff).contains(&x) {
+            out.extend((x as u16).to_be_bytes());
+        } else if x > 0xffff {
+            out.extend(x.to_be_bytes());
+        }
+    }
+
+    #[test]
+    fn small_uints_reads_runs_and_mixes_of_every_width_and_stops_where_int_must_go_on() {
+        // Runs of one width (the four-at-once path), mixes, and tails shorter than a run.
+        let widths: [&[u32]; 6] = [&[70_000], &[300], &[5], &[200], &[70_000, 5], &[300, 70_000, 200]];
+        let mut seed = 7u32;
+        for len in [0usize, 1, 3, 4, 5, 7, 8, 9, 17, 64] {
+            for pattern in widths {
+                let mut ids = Vec::new();
+                for i in 0..len {
+                    seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                    let base = pattern[i % pattern.len()];
+                    ids.push(base + (seed >> 28) % 16);
+                }
+                let mut buf = Vec::new();
+                ids.iter().for_each(|&x| enc_u32(x, &mut buf));
+                buf.push(0xd3); // an int small_uints leaves to Reader::int
+                buf.extend([0xff; 8]);
+                let mut r = Reader::new(&buf);
+                let mut got = Vec::new();
+                let k = r.small_uints(len + 1, &mut got);
+                // It may stop early near the end (fewer than five bytes left);
+                // what it read is exact and the rest reads one by one.
+                assert!(k <= len);
+                while got.len() < len {
+                    got.push(r.small_uint().unwrap());
+                }
+                assert_eq!(got, ids);
+                assert_eq!(r.small_uint(), None);
+                assert_eq!(r.int(), Ok(-1));
+                assert!(r.at_end());
+            }
+        }
     }
 
     #[test]

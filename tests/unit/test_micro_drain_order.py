@@ -37,3 +37,22 @@ def test_the_benchmark_population_drains_in_bursts() -> None:
     bursts = drain_order(batches, 4096)
     assert len(bursts) < len(batches) / 10  # many frames a burst at the default bound
     assert sum(len(b) for b in bursts) == len(batches)
+
+
+def test_a_small_micro_ingest_pairs_each_of_our_runs_with_a_dynamo_run() -> None:
+    """The ingest ratio is the median of paired runs' ratios when Dynamo's
+    tree is installed (make bench installs it), and absent when it is not."""
+    import statistics
+
+    from kvmesh.benchmarks.micro import INGEST_RUNS, bench_ingest_and_match, dynamo_available
+
+    res = bench_ingest_and_match(4000, 4, 16, 20, note=lambda _: None, nonowner_blocks=2000)
+    ours = res["kvmesh"]
+    assert len(ours["runs_blocks_per_s"]) == INGEST_RUNS
+    if dynamo_available():  # not installed: nothing to pair with
+        assert "ingest_ratio" not in res and "skipped" in res["dynamo"]
+        return
+    dyn = res["dynamo"]["runs_blocks_per_s"]
+    pairs = [o / d for o, d in zip(ours["runs_blocks_per_s"], dyn, strict=True)]
+    assert res["ingest_ratio_runs"] == pairs
+    assert res["ingest_ratio"] == statistics.median(pairs)
