@@ -63,6 +63,7 @@ from engine_adapters.sim_engine.config import DEFAULTS as SIM_DEFAULTS
 from kvmesh.benchmarks.nonowner import BUSY_ENGINE_EVENTS, bench_non_owner
 from kvmesh.stats import percentile
 from mesh.core import MeshConfig
+from mesh.engine_log.packed import join_packed
 from mesh.state import MeshState
 from router.index import PrefixIndex
 from router.native_index import NativeIndex, index_of
@@ -285,10 +286,13 @@ def _ingest_ours(
         if entry_per_frame:
             for ch in changes:
                 local_deltas(workers[e], [ch])
+                apply(ch)
         else:
+            if impl == "native" and len(changes) > 1:
+                changes = [join_packed(changes)]  # as MeshCore.engine_deltas: log and index
             local_deltas(workers[e], changes)
-        for ch in changes:
-            apply(ch)
+            for ch in changes:
+                apply(ch)
     ours_s = time.perf_counter() - t0
     gc.unfreeze()
     ours: dict[str, Any] = {

@@ -156,7 +156,7 @@ class EngineLogOwner:
 
     def _append_packed(self, entry: PackedEntry) -> bytes:
         heads = entry.heads
-        for w, _ in heads:
+        for w in {w for w, _ in heads}:  # a burst's frames share a worker or a few
             if engine_of(w) != self.engine_id:
                 raise LogError(f"worker {w!r} is not a worker of engine {self.engine_id!r}")
         self._write(entry.raw)
