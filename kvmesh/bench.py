@@ -448,6 +448,7 @@ MEMORY_ENGINES = 1000
 
 def run_micro_cmd(args: argparse.Namespace) -> dict:
     from kvmesh.benchmarks.index_memory import memory_table
+    from kvmesh.benchmarks.report import machine_info
     from kvmesh.benchmarks.micro import (
         bench_decisions,
         bench_ingest_and_match,
@@ -460,6 +461,7 @@ def run_micro_cmd(args: argparse.Namespace) -> dict:
         # When and how, for a micro run merged into an earlier full run's page.
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "kvmesh bench micro" + (" --quick" if args.quick else ""),
+        "machine": machine_info()["machine"],
         "index": bench_ingest_and_match(
             n, 64, 128, 1000 if args.quick else 5000, args.seed, note=_note, nonowner_blocks=n
         ),

@@ -763,7 +763,8 @@ def _micro_section(micro: dict | None) -> list[str]:
     # A micro run merged into a page of an earlier full run says when it ran.
     when = []
     if micro.get("started"):
-        when = [f"Measured {micro['started']} (`{micro.get('command', 'kvmesh bench micro')}`).", ""]
+        on = f" on {micro['machine']}" if micro.get("machine") else ""
+        when = [f"Measured {micro['started']} (`{micro.get('command', 'kvmesh bench micro')}`){on}.", ""]
     return [
         "## Microbenchmarks",
         "",
@@ -1142,16 +1143,39 @@ def render_markdown(res: dict, commands: str = "", evidence: Sequence[str] = ())
     return "\n".join(line for section in sections for line in section)
 
 
-def machine_info() -> dict:
-    model = ""
+def _cpu_model() -> str:
+    """The CPU's name with its family and model numbers and its caches: a
+    virtual machine's CPU is often named only "Intel(R) Xeon(R) Processor",
+    and runs on different hosts differ most in caches, which the index's
+    random lookups and Dynamo's tree feel unequally."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
+                k, _, v = line.partition(":")
+                k = k.strip()
+                if k in ("model name", "cpu family", "model") and k not in fields:
+                    fields[k] = v.strip()
+                if not line.strip() and fields:
                     break
     except OSError:
-        pass
+        return ""
+    model = fields.get("model name", "")
+    if "cpu family" in fields and "model" in fields:
+        model += f" (family {fields['cpu family']} model {fields['model']})"
+    caches = []
+    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((d / n).read_text().strip() for n in ("level", "type", "size"))
+        except OSError:
+            continue
+        if kind != "Instruction":
+            caches.append(f"L{level}{'d' if kind == 'Data' else ''} {size}")
+    return model + (f", caches {' '.join(caches)}" if caches else "")
+
+
+def machine_info() -> dict:
+    model = _cpu_model()
     versions = {}
     from importlib import metadata
 

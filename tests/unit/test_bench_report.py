@@ -458,3 +458,14 @@ def test_micro_section_shows_every_implementation_side_by_side():
     assert "Native and Python match answers equal: yes." in md
     # A run from before the native path (one "kvmesh" row) still renders.
     assert "| kvmesh | 400,000 | 0.50x | - | 30 | 60 | 0.30x |" in render_markdown(_results())
+
+
+def test_a_merged_micro_run_says_when_and_on_which_machine_it_ran():
+    from kvmesh.benchmarks.report import machine_info
+
+    res = _micro_both()
+    res["micro"].update(started="2026-11-30T17:00:00+00:00", machine=machine_info()["machine"])
+    md = render_markdown(res)
+    assert f"Measured 2026-11-30T17:00:00+00:00 (`kvmesh bench micro`) on {machine_info()['machine']}." in md
+    if os.path.exists("/sys/devices/system/cpu/cpu0/cache"):
+        assert " caches L" in machine_info()["machine"]
