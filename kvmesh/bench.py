@@ -448,13 +448,13 @@ MEMORY_ENGINES = 1000
 
 def run_micro_cmd(args: argparse.Namespace) -> dict:
     from kvmesh.benchmarks.index_memory import memory_table
-    from kvmesh.benchmarks.report import machine_info
     from kvmesh.benchmarks.micro import (
         bench_decisions,
         bench_ingest_and_match,
         dynamo_available,
         native_missing,
     )
+    from kvmesh.benchmarks.report import machine_info
 
     n = 200_000 if args.quick else 1_000_000
     return {

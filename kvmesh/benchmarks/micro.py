@@ -74,7 +74,7 @@ AGREEMENT_QUERIES = 200  # queries whose best overlap is compared with Dynamo's
 IMPLS = ("native", "python")  # kvmesh's two implementations, the native one first
 # Each ingest runs this many times from empty and reports its median (the
 # machine is shared: one run can land on a busy moment, for either side).
-INGEST_RUNS = 3
+INGEST_RUNS = 5
 # A busy engine's block events per second (stores plus evictions): how many
 # engines one node keeps up with is its non-owner apply rate over this.
 NONOWNER_ENGINES = 1000  # engines of the non-owner stream

@@ -160,7 +160,10 @@ def _ingest(res: dict, t: dict) -> str:
         "owner's live state, the index) while Dynamo's tree is handed pre-hashed events and applies them "
         "on its own thread. The native path keeps no Python object per block; what is left per block is "
         "the token ids' decoding and hashing and four hash tables (the mapper's engine -> router and "
-        "router -> refcount, the owner's live map, the index), memory traffic more than instructions."
+        "router -> refcount, the owner's live map, the index), memory traffic more than instructions. "
+        "The ratio therefore moves with the machine (see its CPU and caches in the run's header): "
+        "random lookups in large tables on one side, JSON parsing and a hand-off between two threads "
+        "on the other."
         + figures
         + " Fix: refcounts only for router hashes that several engine blocks name, the live map read "
         "from the mapper's table instead of a copy, and frames mapped off the event loop's thread."

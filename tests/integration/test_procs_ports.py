@@ -57,3 +57,10 @@ def test_a_process_failing_for_another_reason_is_not_retried(monkeypatch: pytest
         procs.start_sim_engine("bad", ["--num-gpu-blocks", "-5"])
     assert not isinstance(err.value, procs.PortClash)
     assert calls == [1]
+
+
+def test_with_no_room_below_the_ephemeral_range_the_kernel_chooses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(procs, "_ephemeral_low", lambda: 1024)
+    port = procs.free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
