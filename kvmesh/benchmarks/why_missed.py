@@ -161,7 +161,7 @@ def _ingest(res: dict, t: dict) -> str:
         "on its own thread. The native path keeps no Python object per block; what is left per block is "
         "the token ids' decoding and hashing and four hash tables (the mapper's engine -> router and "
         "router -> refcount, the owner's live map, the index), memory traffic more than instructions. "
-        "The ratio therefore moves with the machine (see its CPU and caches in the run's header): "
+        "The ratio therefore moves with the machine (see the CPU and caches the run names): "
         "random lookups in large tables on one side, JSON parsing and a hand-off between two threads "
         "on the other."
         + figures

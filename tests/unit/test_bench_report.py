@@ -420,6 +420,9 @@ def test_the_ingest_target_is_the_median_of_paired_runs_not_the_ratio_of_medians
     ingest = _targets(res)["index ingest vs Dynamo RadixTree"]
     assert ingest["met"] is False and ingest["value"] == 2.9
     assert "runs side by side 2.50x, 2.90x, 3.40x: median = 2.90x" in ingest["measured"]
+    md = render_markdown(res)
+    assert "| kvmesh native (Rust) | 2,400,000 | 2.90x (paired) |" in md
+    assert "| kvmesh pure Python | 400,000 | 0.50x |" in md  # not paired: the medians' ratio
 
 
 def test_micro_targets_without_the_native_module_or_the_big_sizes():
