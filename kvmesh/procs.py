@@ -44,6 +44,7 @@ def _ephemeral_low() -> int:
 _PORT_SPAN = 12000
 _given: set[int] = set()
 _port_rng = random.Random(os.getpid() ^ time.monotonic_ns())
+_port_lock = threading.Lock()
 
 
 def _bindable(host: str, port: int) -> bool:
@@ -57,15 +58,18 @@ def _bindable(host: str, port: int) -> bool:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP and UDP port free on ``host`` now and outside the ephemeral range."""
+    """A port free on ``host`` now (TCP and UDP), below the ephemeral range;
+    where there is no room below it, or none free, the kernel's choice (an
+    ephemeral TCP port, free now)."""
     high = _ephemeral_low()
     low = max(1024, high - _PORT_SPAN)
-    for _ in range(200 if high - low >= 1000 else 0):  # no room below the range: the kernel's choice
-        port = _port_rng.randrange(low, high)
-        if port not in _given and _bindable(host, port):
-            _given.add(port)
-            return port
-    with socket.socket() as s:  # a crowded range: let the kernel choose
+    with _port_lock:  # the benchmarks start processes from several threads
+        for _ in range(200 if high - low >= 1000 else 0):
+            port = _port_rng.randrange(low, high)
+            if port not in _given and _bindable(host, port):
+                _given.add(port)
+                return port
+    with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
@@ -219,7 +223,8 @@ def start_router(
 
     ``insecure``: without authentication, as on a developer's machine (the
     demo, the benchmarks, most tests); tests of authentication pass their
-    credentials in ``extra`` instead."""
+    credentials in ``extra`` instead. A router that finds its port taken
+    starts again on a fresh one (ports in ``extra`` are kept as given)."""
 
     def launch() -> Proc:
         args = ["router", "--listen", f"{host}:{free_port(host)}", "--node-id", name]

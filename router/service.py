@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
@@ -532,9 +533,27 @@ async def serve(
 
 
 def _bind(server: grpc.aio.Server, addr: str, creds: grpc.ServerCredentials | None) -> None:
-    port = server.add_secure_port(addr, creds) if creds is not None else server.add_insecure_port(addr)
+    try:
+        port = server.add_secure_port(addr, creds) if creds is not None else server.add_insecure_port(addr)
+    except RuntimeError:  # grpcio's words do not say why ("Failed to bind to address ...")
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {addr}: address already in use, or not an address of this host")
+        raise OSError(f"cannot listen on {addr}: {_why_not_bound(addr)}")
+
+
+def _why_not_bound(addr: str) -> str:
+    """Why ``addr`` cannot be bound, from the system's own error for a plain
+    socket bound to it (``Address already in use``, ...)."""
+    host, _, port = addr.rpartition(":")
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM
+        )[0]
+        with socket.socket(family, kind, proto) as s:
+            s.bind(sockaddr)
+    except (OSError, ValueError) as e:
+        return getattr(e, "strerror", None) or str(e)
+    return "gRPC refused the address"
 
 
 def _refused(node: RouterNode) -> Callable[[str, str, str], None]:

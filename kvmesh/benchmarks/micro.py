@@ -474,6 +474,8 @@ def bench_ingest_and_match(
         ]
         runs = []
         for _ in range(INGEST_RUNS):
+            if impl == default:
+                tree = None  # only the last run's tree is kept (for the matches): none lives beside ours
             figures, index = _ingest_ours(impl, frames, bursts, workers, stored_blocks, seed)
             runs.append(figures["blocks_per_s"])
             if impl == default and dyn_events:

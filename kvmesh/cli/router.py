@@ -475,7 +475,10 @@ def run(args: argparse.Namespace) -> int:
             node=cfg.node_id,
             hint="no node can join this one: give the mesh a port of its own (--mesh-listen)",
         )
-    asyncio.run(_serve(cfg))
+    try:
+        asyncio.run(_serve(cfg))
+    except OSError as e:  # a port it cannot listen on: the operator's to fix, said in one line
+        raise SystemExit(f"{_PROG}: {e}") from None
     return 0
 
 

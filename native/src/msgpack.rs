@@ -505,19 +505,23 @@ mod tests {
                 buf.extend([0xff; 8]);
                 let mut r = Reader::new(&buf);
                 let mut got = Vec::new();
-                let k = r.small_uints(len + 1, &mut got);
-                // It may stop early near the end (fewer than five bytes left);
-                // what it read is exact and the rest reads one by one.
-                assert!(k <= len);
-                while got.len() < len {
-                    got.push(r.small_uint().unwrap());
-                }
+                // Nine bytes follow the ids: it reads every one of them
+                // and stops at the int it leaves to Reader::int.
+                assert_eq!(r.small_uints(len + 1, &mut got), len);
                 assert_eq!(got, ids);
                 assert_eq!(r.small_uint(), None);
                 assert_eq!(r.int(), Ok(-1));
                 assert!(r.at_end());
             }
         }
+    }
+
+    #[test]
+    fn small_uints_stops_within_five_bytes_of_the_end_and_the_rest_reads_one_by_one() {
+        let mut r = Reader::new(&[0x01, 0xcd, 0x01, 0x00]);
+        let mut got = Vec::new();
+        assert_eq!(r.small_uints(2, &mut got), 0);
+        assert_eq!((r.small_uint(), r.small_uint(), r.at_end()), (Some(1), Some(256), true));
     }
 
     #[test]

@@ -13,6 +13,8 @@ from kvmesh import procs
 
 def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    if low - 1024 < 1000:
+        pytest.skip(f"no room below this host's ephemeral range (it starts at {low}): the kernel chooses")
     ports = [procs.free_port() for _ in range(50)]
     assert len(set(ports)) == 50
     assert all(1024 <= p < low for p in ports)
@@ -64,3 +66,40 @@ def test_with_no_room_below_the_ephemeral_range_the_kernel_chooses(monkeypatch: 
     port = procs.free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_a_router_whose_port_was_taken_starts_on_a_fresh_one_and_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    real = procs.free_port
+    handed: list[int] = []
+
+    def first_the_taken_one(host: str = "127.0.0.1") -> int:
+        port = taken.getsockname()[1] if not handed else real(host)
+        handed.append(port)
+        return port
+
+    started: list[procs.Proc] = []
+    real_start = procs.start
+
+    def kept(name: str, args: list[str], **kw: object) -> procs.Proc:
+        try:
+            p = real_start(name, args, **kw)  # type: ignore[arg-type]
+        except procs.PortClash as e:
+            assert f"cannot listen on 127.0.0.1:{handed[0]}: Address already in use" in str(e)
+            raise
+        started.append(p)
+        return p
+
+    monkeypatch.setattr(procs, "free_port", first_the_taken_one)
+    monkeypatch.setattr(procs, "start", kept)
+    router = procs.start_router("clash-r", [])
+    try:
+        assert len(handed) == 2 and started == [router]
+        assert router.info["grpc"].endswith(f":{handed[1]}")
+    finally:
+        router.stop()
+        taken.close()

@@ -161,7 +161,8 @@ def test_the_examples_stored_blocks() -> None:
     """The example test above compared owners that held something (runs after it)."""
     if not STORED:
         pytest.skip("runs after test_a_packed_owner_writes_what_the_reference_writes")
-    assert sum(1 for n in STORED if n > 0) >= len(STORED) // 4, STORED
+    # About a third of the examples hold blocks; a tenth leaves room for the draw's spread.
+    assert sum(1 for n in STORED if n > 0) >= len(STORED) // 10, STORED
 
 
 def test_a_packed_entry_of_another_engine_is_refused_and_nothing_written() -> None:
