@@ -343,8 +343,9 @@ fn root_seed(model: &str, lora_name: Option<&str>, cache_salt: Option<&str>) -> 
 
 /// One worker's engine hash -> router hash mapping (block_mapper.py's state).
 /// `types`: the Python classes its results are made of, (Frame, KvDelta,
-/// KvOp), so a frame costs no Python-level call besides this one.
-#[pyclass(module = "kvmesh_native", unsendable)]
+/// KvOp), so a frame costs no Python-level call besides this one. Sendable:
+/// a node built on a thread of its own may be collected on another.
+#[pyclass(module = "kvmesh_native")]
 struct NativeMapper {
     inner: Mapper,
     frame_cls: Py<PyAny>,

@@ -246,3 +246,25 @@ def test_join_entries_edges() -> None:
     many = kn.join_entries([one] * 17)
     assert many.raw[:3] == b"\xdc\x00\x11"
     assert many.raw == encode_entry(one.to_deltas() * 17)
+
+
+def test_a_mapper_made_on_one_thread_is_dropped_on_another_without_error() -> None:
+    """A node built on a thread of its own (an embedding, the fuzz test) may
+    be collected on another: the mapper is freed there, not refused."""
+    import gc
+    import sys
+    import threading
+
+    seen: list[Any] = []
+    old = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        box: list[Any] = []
+        t = threading.Thread(target=lambda: box.append(native.NativeBlockMapper("m", "w0")))
+        t.start()
+        t.join()
+        box.clear()
+        gc.collect()
+    finally:
+        sys.unraisablehook = old
+    assert not seen, [str(u.exc_value) for u in seen]
