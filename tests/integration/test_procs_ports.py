@@ -4,6 +4,7 @@ meets a port another process took meanwhile (a CI run lost a test to that)."""
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,27 +24,32 @@ def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> Non
             s.bind(("127.0.0.1", p))
 
 
-def test_a_sim_engine_whose_port_was_taken_starts_on_fresh_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def handed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The ports free_port hands out, the first of them one a listener holds."""
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     real = procs.free_port
-    handed: list[int] = []
+    given: list[int] = []
 
     def first_the_taken_one(host: str = "127.0.0.1") -> int:
-        port = taken.getsockname()[1] if not handed else real(host)
-        handed.append(port)
+        port = taken.getsockname()[1] if not given else real(host)
+        given.append(port)
         return port
 
     monkeypatch.setattr(procs, "free_port", first_the_taken_one)
+    yield given
+    taken.close()
+
+
+def test_a_sim_engine_whose_port_was_taken_starts_on_fresh_ports(handed: list[int]) -> None:
     engine = procs.start_sim_engine("clash", ["--num-gpu-blocks", "64"])
     try:
-        assert handed[0] == taken.getsockname()[1]
         assert len(handed) == 6  # three ports, twice
         assert engine.info["url"].endswith(f":{handed[3]}")
     finally:
         engine.stop()
-        taken.close()
 
 
 def test_a_process_failing_for_another_reason_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,19 +75,8 @@ def test_with_no_room_below_the_ephemeral_range_the_kernel_chooses(monkeypatch: 
 
 
 def test_a_router_whose_port_was_taken_starts_on_a_fresh_one_and_says_why(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, handed: list[int]
 ) -> None:
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    real = procs.free_port
-    handed: list[int] = []
-
-    def first_the_taken_one(host: str = "127.0.0.1") -> int:
-        port = taken.getsockname()[1] if not handed else real(host)
-        handed.append(port)
-        return port
-
     started: list[procs.Proc] = []
     real_start = procs.start
 
@@ -94,7 +89,6 @@ def test_a_router_whose_port_was_taken_starts_on_a_fresh_one_and_says_why(
         started.append(p)
         return p
 
-    monkeypatch.setattr(procs, "free_port", first_the_taken_one)
     monkeypatch.setattr(procs, "start", kept)
     router = procs.start_router("clash-r", [])
     try:
@@ -102,4 +96,3 @@ def test_a_router_whose_port_was_taken_starts_on_a_fresh_one_and_says_why(
         assert router.info["grpc"].endswith(f":{handed[1]}")
     finally:
         router.stop()
-        taken.close()
