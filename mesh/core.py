@@ -54,7 +54,7 @@ from mesh.counters import ConvergenceLag, Counters, decode_state_vector
 from mesh.effects import Effect, EngineAdded, EngineRemoved, MemberChanged, StartOwning, StopOwning
 from mesh.engine_log.entry import NotOwnerError
 from mesh.engine_log.owner import CompactionPolicy
-from mesh.engine_log.packed import PACKED, PACKED_BUILT, IndexChange, heads_of, join_packed
+from mesh.engine_log.packed import PACKED, PACKED_BUILT, IndexChange, as_one_entry, workers_of
 from mesh.gossip import StateGossip
 from mesh.load_publisher import LoadPublisher
 from mesh.membership import Membership, MembershipConfig
@@ -388,10 +388,7 @@ class MeshCore:
         if not deltas or not owned:
             return owned
         n = len(deltas)
-        packed = [c for c in deltas if not isinstance(c, KvDelta)] if n > 1 else []
-        if len(packed) == n > 1:
-            # The entry the log writes, made once: the index then applies it in one call.
-            deltas = [join_packed(packed)]
+        deltas = as_one_entry(deltas)  # made once: the log writes it, the index applies it
         self.lag.appending(engine_id, lambda: self._doc_clock(engine_id), now)
         epoch = self.state.epoch(engine_id)
         try:
@@ -559,7 +556,7 @@ class MeshCore:
     def _index_extend(self, changes: Iterable[IndexChange]) -> None:
         workers = self._workers
         for ch in changes:
-            for w in {w for w, _ in heads_of(ch)}:  # a joined burst: one worker, many heads
+            for w in workers_of(ch):
                 e = engine_of(w)
                 ws = workers.get(e)
                 if ws is None:

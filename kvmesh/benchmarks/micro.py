@@ -49,7 +49,7 @@ import json
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -63,7 +63,7 @@ from engine_adapters.sim_engine.config import DEFAULTS as SIM_DEFAULTS
 from kvmesh.benchmarks.nonowner import BUSY_ENGINE_EVENTS, bench_non_owner
 from kvmesh.stats import percentile
 from mesh.core import MeshConfig
-from mesh.engine_log.packed import join_packed
+from mesh.engine_log.packed import as_one_entry
 from mesh.state import MeshState
 from router.index import PrefixIndex
 from router.native_index import NativeIndex, index_of
@@ -253,7 +253,7 @@ def _ingest_ours(
         index.add_worker(w)
     sent = [0, 0]  # what the owner gossips: entries, update bytes (reported)
 
-    def local_deltas(worker: str, changes: list[Any]) -> None:
+    def local_deltas(worker: str, changes: Sequence[Any]) -> None:
         out = state.local_deltas(worker, changes)
         sent[0] += 1
         sent[1] += sum(len(lu.update) for lu in out.logs)
@@ -288,10 +288,9 @@ def _ingest_ours(
                 local_deltas(workers[e], [ch])
                 apply(ch)
         else:
-            if impl == "native" and len(changes) > 1:
-                changes = [join_packed(changes)]  # as MeshCore.engine_deltas: log and index
-            local_deltas(workers[e], changes)
-            for ch in changes:
+            one: Sequence[Any] = as_one_entry(changes)  # as MeshCore.engine_deltas: log and index
+            local_deltas(workers[e], one)
+            for ch in one:
                 apply(ch)
     ours_s = time.perf_counter() - t0
     gc.unfreeze()

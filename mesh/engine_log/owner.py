@@ -32,7 +32,7 @@ from blocks.workers import engine_of
 from mesh.engine_log.entry import LogError, NotOwnerError, checked_entry
 from mesh.engine_log.epoch import CLIENT_ID_BITS, Epoch, EpochDoc
 from mesh.engine_log.live import LiveState, PyLiveState
-from mesh.engine_log.packed import IndexChange, PackedEntry, join_packed
+from mesh.engine_log.packed import IndexChange, PackedEntry, join_packed, workers_of
 from mesh.engine_log.replica import EngineLogReplica
 from mesh.engine_log.snapshot import HASH_BYTES, SNAPSHOT_TIER_BYTES, SNAPSHOT_WORKER_BYTES
 
@@ -148,22 +148,19 @@ class EngineLogOwner:
         deltas = [d for c in batch for d in ((c,) if isinstance(c, KvDelta) else c.to_deltas())]
         entry = checked_entry(self.engine_id, deltas)
         self._write(entry)
-        live, note = self.live, self.replica.note
+        live = self.live
         for d in deltas:
             live.apply(d)
-            note(d)
+        self.replica.note_changes(deltas)
         return self._take_update()
 
     def _append_packed(self, entry: PackedEntry) -> bytes:
-        heads = entry.heads
-        for w in {w for w, _ in heads}:  # a burst's frames share a worker or a few
+        for w in workers_of(entry):
             if engine_of(w) != self.engine_id:
                 raise LogError(f"worker {w!r} is not a worker of engine {self.engine_id!r}")
         self._write(entry.raw)
         self.live.apply_packed(entry)
-        note = self.replica.note_head
-        for w, seq in heads:
-            note(w, seq)
+        self.replica.note_changes([entry])
         return self._take_update()
 
     def _write(self, entry: bytes) -> None:

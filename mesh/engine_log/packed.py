@@ -23,7 +23,7 @@ reference path, and the CLEARs of an epoch switch in either mode) or a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeAlias
 
 import structlog
@@ -88,6 +88,22 @@ def heads_of(change: IndexChange) -> Iterable[tuple[str, int]]:
     if isinstance(change, KvDelta):
         return ((change.worker, change.seq),)
     return change.heads
+
+
+def workers_of(change: IndexChange) -> set[str]:
+    """The workers ``change`` has deltas of (a burst's entry: one or a few)."""
+    if isinstance(change, KvDelta):
+        return {change.worker}
+    return {w for w, _ in change.heads}
+
+
+def as_one_entry(changes: Sequence[IndexChange]) -> Sequence[IndexChange]:
+    """Several packed entries as the one entry appending them writes (the
+    index then applies it in one call); anything else as it is."""
+    packed = [c for c in changes if not isinstance(c, KvDelta)] if len(changes) > 1 else []
+    if len(packed) == len(changes) > 1:
+        return [join_packed(packed)]
+    return changes
 
 
 def _need_native(what: str) -> Any:

@@ -29,6 +29,8 @@ Log order, not max: an engine restart starts its sequence at 0 again.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pycrdt
 import structlog
 
@@ -170,7 +172,7 @@ class EngineLogReplica:
             out.extend(KvDelta(w, -1, [KvOp(OP_CLEAR, [])]) for w in sorted(old_workers - snap_workers))
         for i, raw in enumerate(entries):
             changes = snap if i == 0 else self._decode(ed.epoch, raw)
-            self._note_all(changes)
+            self.note_changes(changes)
             if out is not None:
                 out.extend(changes)
             if i == 0:
@@ -198,7 +200,7 @@ class EngineLogReplica:
         epoch = self.current.epoch
         for raw in inbox:
             changes = self._decode(epoch, raw)
-            self._note_all(changes)
+            self.note_changes(changes)
             out.extend(changes)
 
     def _decode(self, epoch: Epoch, raw: bytes) -> list[IndexChange]:
@@ -208,25 +210,16 @@ class EngineLogReplica:
             return [entry] if entry is not None and len(entry) else []
         return list(decode_or_skip(self.engine_id, epoch, raw))
 
-    def _note_all(self, changes: list[IndexChange]) -> None:
+    def note_changes(self, changes: Sequence[IndexChange]) -> None:
+        """Record the worker and sequence number of every delta of
+        ``changes``: those applied here, and those the owner appends (it
+        does not observe its own document)."""
+        workers, last = self.workers, self.last_seq
         for ch in changes:
-            if isinstance(ch, KvDelta):
-                self.note(ch)
-            else:
-                for w, seq in ch.heads:
-                    self.note_head(w, seq)
-
-    def note(self, d: KvDelta) -> None:
-        """Record ``d``'s worker and sequence number (the owner calls it for
-        the deltas it appends, since it does not observe its own document)."""
-        self.note_head(d.worker, d.seq)
-
-    def note_head(self, worker: str, seq: int) -> None:
-        """Record one delta's worker and sequence number (``heads`` of a
-        packed entry the owner appends, and the deltas applied here)."""
-        self.workers.add(worker)
-        if seq >= 0:
-            self.last_seq[worker] = seq
+            for worker, seq in heads_of(ch):
+                workers.add(worker)
+                if seq >= 0:
+                    last[worker] = seq
 
     # -- reading --------------------------------------------------------------
     def materialise_live(self) -> LiveState:
