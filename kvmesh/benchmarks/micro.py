@@ -39,11 +39,15 @@ decoded and applied, and end to end through ``MeshState.apply_remote``).
 Prefix match: a 128-block prompt against
 every engine, ours on router hashes (``match`` of each index), Dynamo's on
 its local block hashes (``RadixTree.find_matches``); the same prompts, hits
-of every depth. Memory per indexed block: :mod:`kvmesh.benchmarks.index_memory`.
+of every depth, timed side by side (:func:`match_side_by_side`: each prompt
+asked of every index in turn, the first of them rotating), so that a busy
+moment of the shared machine falls on every index's tail alike. Memory
+per indexed block: :mod:`kvmesh.benchmarks.index_memory`.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import random
@@ -78,6 +82,10 @@ INGEST_RUNS = 5
 # A busy engine's block events per second (stores plus evictions): how many
 # engines one node keeps up with is its non-owner apply rate over this.
 NONOWNER_ENGINES = 1000  # engines of the non-owner stream
+# The owner ingest's stages, timed in each run (``stage_seconds``): the
+# engine's frames decoded, hashed and mapped to router hashes; the burst's
+# log entry appended with the owner's live maps; the index's update.
+INGEST_STAGES = ("map", "log", "index")
 
 
 def _block_tokens(b: int) -> list[int]:
@@ -279,24 +287,36 @@ def _ingest_ours(
     # so the collector's full passes do not walk it (as for the matches).
     gc.collect()
     gc.freeze()
-    t0 = time.perf_counter()
+    perf = time.perf_counter
+    # Seconds in each stage (a few clock reads per burst, next to nothing
+    # beside a burst's thousands of blocks): what the report says limits it.
+    stages = dict.fromkeys(INGEST_STAGES, 0.0)
+    t0 = perf()
     for burst in bursts:
         e = frames[burst[0]][0]
+        a = perf()
         changes = [map_frame(e, i) for i in burst]
+        b = perf()
         if entry_per_frame:
             for ch in changes:
                 local_deltas(workers[e], [ch])
                 apply(ch)
-        else:
-            one: Sequence[Any] = as_one_entry(changes)  # as MeshCore.engine_deltas: log and index
-            local_deltas(workers[e], one)
-            for ch in one:
-                apply(ch)
-    ours_s = time.perf_counter() - t0
+            stages["map"] += b - a
+            continue
+        one: Sequence[Any] = as_one_entry(changes)  # as MeshCore.engine_deltas: log and index
+        local_deltas(workers[e], one)
+        c = perf()
+        for ch in one:
+            apply(ch)
+        stages["map"] += b - a
+        stages["log"] += c - b
+        stages["index"] += perf() - c
+    ours_s = perf() - t0
     gc.unfreeze()
     ours: dict[str, Any] = {
         "blocks_per_s": stored_blocks / ours_s,
         "seconds": ours_s,
+        "stage_seconds": stages,
         "entries": len(index),
         "log_entries": sent[0],
         "crdt_update_bytes": sent[1],
@@ -320,18 +340,33 @@ def _queries(convs: list[list[int]], prompt_blocks: int, n_queries: int, seed: i
     return queries
 
 
-def _match_ours(index: Any, q_router: list[list[int]], workers: list[str]) -> list[float]:
-    """Seconds per ``match`` of either index, gc frozen."""
-    lat = []
+def match_side_by_side(asks: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]]) -> dict[str, list[float]]:
+    """Seconds per query of each matcher, ``{name: (ask, queries)}``, all
+    with as many queries, the garbage collector's view frozen.
+
+    Query ``i`` is asked of every matcher in turn before query ``i + 1``,
+    the first of them rotating with ``i``: a busy moment of the shared
+    machine lands on every matcher's tail alike, and none is always asked
+    first (cold caches) or last."""
+    names = list(asks)
+    n = len(asks[names[0]][1])
+    if any(len(q) != n for _, q in asks.values()):
+        raise ValueError("every matcher needs as many queries")
+    lat: dict[str, list[float]] = {name: [] for name in names}
+    perf = time.perf_counter
     gc.collect()
     gc.freeze()
-    match = index.match
-    perf = time.perf_counter
-    for hs in q_router:
-        t = perf()
-        match(hs, workers)
-        lat.append(perf() - t)
-    gc.unfreeze()
+    try:
+        for i in range(n):
+            for k in range(len(names)):
+                name = names[(i + k) % len(names)]
+                ask, queries = asks[name]
+                q = queries[i]
+                t = perf()
+                ask(q)
+                lat[name].append(perf() - t)
+    finally:
+        gc.unfreeze()
     return lat
 
 
@@ -366,48 +401,43 @@ def _ingest_dynamo(tree: Any, events: list[tuple[int, bytes]], stored_blocks: in
     return {"blocks_per_s": stored_blocks / dyn_s, "seconds": dyn_s}
 
 
-def _match_dynamo(tree: Any, q_local: list[list[int]], keep: int) -> tuple[list[float], list[Any]]:
-    """Seconds per ``find_matches``, timed as :func:`_match_ours`; the first
-    ``keep`` results are returned for the agreement check, done after the loop."""
-    lat = []
-    fm = tree.find_matches
-    perf = time.perf_counter
-    firsts = []
-    gc.collect()
-    gc.freeze()
-    for i, hs in enumerate(q_local):
-        t = perf()
-        r = fm(hs)
-        lat.append(perf() - t)
-        if i < keep:
-            firsts.append(r)
-    gc.unfreeze()
-    return lat, firsts
-
-
 def _new_tree() -> Any:
     from dynamo.llm import RadixTree
 
     return RadixTree()
 
 
-def _bench_dynamo(
+def _time_matches(
+    indexes: dict[str, Any],
     tree: Any,
-    runs: list[float],
-    queries: list[list[int]],
-    agrees: Callable[[int, Any], bool],
-    note: Callable[[str], None],
-) -> dict:
-    """Dynamo's figures: its ingest ``runs`` (blocks/s, run beside ours) and
-    matches on ``tree``, the last run's."""
-    dyn: dict[str, Any] = {"blocks_per_s": statistics.median(runs), "runs_blocks_per_s": runs}
-    note(f"index: Dynamo {dyn['blocks_per_s']:,.0f} blocks/s")
-    lat, firsts = _match_dynamo(tree, [[_local_hash(b) for b in ids] for ids in queries], AGREEMENT_QUERIES)
-    agree = sum(agrees(i, r) for i, r in enumerate(firsts))
-    dyn["match_p50_us"] = percentile(lat, 50) * 1e6
-    dyn["match_p99_us"] = percentile(lat, 99) * 1e6
-    dyn["best_overlap_agrees_with_kvmesh"] = f"{agree}/{AGREEMENT_QUERIES}"
-    return dyn
+    q_router: list[list[int]],
+    q_local: list[list[int]],
+    workers: list[str],
+) -> dict[str, list[float]]:
+    """Each index's (and Dynamo's ``tree``'s, if any) match latencies, timed side by side."""
+    asks: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]] = {
+        impl: (functools.partial(ix.match, workers=workers), q_router) for impl, ix in indexes.items()
+    }
+    if tree is not None:
+        asks["dynamo"] = (tree.find_matches, q_local)
+    return match_side_by_side(asks)
+
+
+def _stage_share(stage_runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each stage's share of the time the stages took, over all runs."""
+    total = {k: sum(r[k] for r in stage_runs) for k in INGEST_STAGES}
+    whole = sum(total.values())
+    return {k: v / whole if whole else 0.0 for k, v in total.items()}
+
+
+def _match_figures(lat: list[float]) -> dict[str, float]:
+    return {"match_p50_us": percentile(lat, 50) * 1e6, "match_p99_us": percentile(lat, 99) * 1e6}
+
+
+def _dynamo_figures(runs: list[float], match_lat: list[float]) -> dict[str, Any]:
+    """Dynamo's figures: its ingest ``runs`` (blocks/s, each right after one
+    of ours) and its matches' latencies (timed beside ours)."""
+    return {"blocks_per_s": statistics.median(runs), "runs_blocks_per_s": runs, **_match_figures(match_lat)}
 
 
 def _match_answers(index: Any, q_router: list[list[int]], workers: list[str]) -> list[dict[str, int]]:
@@ -472,11 +502,13 @@ def bench_ingest_and_match(
             for _ in range(INGEST_RUNS)
         ]
         runs = []
+        stage_runs: list[dict[str, float]] = []
         for _ in range(INGEST_RUNS):
             if impl == default:
                 tree = None  # only the last run's tree is kept (for the matches): none lives beside ours
             figures, index = _ingest_ours(impl, frames, bursts, workers, stored_blocks, seed)
             runs.append(figures["blocks_per_s"])
+            stage_runs.append(figures.pop("stage_seconds"))
             if impl == default and dyn_events:
                 # Dynamo's run right after ours: a busy moment of the shared
                 # machine weighs on both runs of a pair alike.
@@ -485,19 +517,21 @@ def bench_ingest_and_match(
         figures["blocks_per_s"] = statistics.median(runs)
         figures["seconds"] = stored_blocks / figures["blocks_per_s"]
         figures["runs_blocks_per_s"] = runs
+        figures["stage_share"] = _stage_share(stage_runs)
         figures["entry_per_frame_blocks_per_s"] = statistics.median(r["blocks_per_s"] for r in per_frame)
         note(
             f"index: {impl} {figures['blocks_per_s']:,.0f} blocks/s owner ingest end to end "
             f"({figures['entry_per_frame_blocks_per_s']:,.0f} with one log entry per frame; "
             f"medians of {INGEST_RUNS})"
         )
-        lat = _match_ours(index, q_router, workers)
-        figures["match_p50_us"] = percentile(lat, 50) * 1e6
-        figures["match_p99_us"] = percentile(lat, 99) * 1e6
         answers[impl] = _match_answers(index, q_router[:AGREEMENT_QUERIES], workers)
         res[impl] = figures
         indexes[impl] = index
-    del frames
+    del frames, dyn_events
+    q_local = [[_local_hash(b) for b in ids] for ids in queries]
+    lat = _time_matches(indexes, tree, q_router, q_local, workers)
+    for impl in indexes:
+        res[impl].update(_match_figures(lat[impl]))
     if len(answers) == 2:
         res["answers_equal"] = answers["native"] == answers["python"]
     # Non-owner apply: its own stream over 1,000 engines (kvmesh.benchmarks.nonowner).
@@ -520,11 +554,15 @@ def bench_ingest_and_match(
         note(f"index: skip Dynamo: {why}")
         return res
 
-    def agrees(i: int, r: Any) -> bool:
-        return bool(max(r.scores.values(), default=0) == max(index.match(q_router[i], workers).values()))
-
-    del dyn_events
-    dyn = _bench_dynamo(tree, dyn_runs, queries, agrees, note)
+    dyn = _dynamo_figures(dyn_runs, lat["dynamo"])
+    note(f"index: Dynamo {dyn['blocks_per_s']:,.0f} blocks/s")
+    checked = min(AGREEMENT_QUERIES, len(queries))
+    agree = sum(
+        max(tree.find_matches(q_local[i]).scores.values(), default=0)
+        == max(index.match(q_router[i], workers).values())
+        for i in range(checked)
+    )
+    dyn["best_overlap_agrees_with_kvmesh"] = f"{agree}/{checked}"
     res["dynamo"] = dyn
     # Each of our runs over the Dynamo run right after it; the median of those.
     pairs = [o / d for o, d in zip(ours["runs_blocks_per_s"], dyn_runs, strict=True)]

@@ -698,6 +698,22 @@ def _memory_section(mem: dict | None) -> list[str]:
     return lines
 
 
+def _stages_text(ix: dict) -> str:
+    """Where each implementation's owner ingest spent its time (runs that timed it)."""
+    parts = [
+        f"{_IMPL_LABELS[impl]}: map {sh['map']:.0%}, log and live maps {sh['log']:.0%}, "
+        f"index {sh['index']:.0%}"
+        for impl in _IMPL_LABELS
+        if (sh := ix.get(impl, {}).get("stage_share"))
+    ]
+    if not parts:
+        return ""
+    return (
+        " Owner ingest time by stage (decoding, hashing and mapping the frames; the burst's log entry "
+        "with the owner's live maps; the index), over every run: " + "; ".join(parts) + "."
+    )
+
+
 def _index_section(ix: dict | None, mem: dict | None = None) -> list[str]:
     if not ix:
         return []
@@ -716,7 +732,9 @@ def _index_section(ix: dict | None, mem: dict | None = None) -> list[str]:
         f"a burst as one log entry of up to {_n(ix.get('max_entry_blocks'))} blocks as a node does; "
         '"one entry per frame" is the same with an entry per frame (a node that is not saturated). '
         'Ingest rates are medians of runs from empty (every run in benchmarks.json); "paired": the '
-        "median over runs of ours over the Dynamo run right after it, else the ratio of the medians.",
+        "median over runs of ours over the Dynamo run right after it, else the ratio of the medians. "
+        "Matches are timed side by side: each prompt is asked of every index in turn (the first "
+        "of them rotating), so a busy moment of the machine lands on every index's tail alike.",
         "",
     ]
     lines += _table(
@@ -738,7 +756,8 @@ def _index_section(ix: dict | None, mem: dict | None = None) -> list[str]:
         "",
         f"Hashing a 128-block prompt (chained xxh3): {k['hash_128_blocks_us']:.0f} µs. "
         f"Best overlap agreement with Dynamo on 200 queries: {agreement}."
-        + ("" if equal is None else f" Native and Python match answers equal: {'yes' if equal else 'NO'}."),
+        + ("" if equal is None else f" Native and Python match answers equal: {'yes' if equal else 'NO'}.")
+        + _stages_text(ix),
         "",
     ]
     lines += _nonowner_section(ix)

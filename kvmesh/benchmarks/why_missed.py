@@ -154,6 +154,12 @@ def _ingest(res: dict, t: dict) -> str:
                 else " (medians compared)."
             )
         )
+    share = k.get("stage_share")
+    if share:
+        figures += (
+            f" Where our time went in this run: decoding, hashing and mapping the frames {share['map']:.0%}, "
+            f"the log entry and the owner's live maps {share['log']:.0%}, the index {share['index']:.0%}."
+        )
     return (
         "kvmesh's owner ingest is end to end (decoding the engine's frames and their token ids, chained "
         "hashing, mapping engine hashes to router hashes, the replicated log's entry and append, the "

@@ -425,6 +425,26 @@ def test_the_ingest_target_is_the_median_of_paired_runs_not_the_ratio_of_medians
     assert "| kvmesh pure Python | 400,000 | 0.50x |" in md  # not paired: the medians' ratio
 
 
+def test_a_missed_ingest_says_where_the_runs_time_went():
+    res = _micro_both()
+    ix = res["micro"]["index"]
+    ix["ingest_ratio_runs"], ix["ingest_ratio"] = [2.5, 2.9, 3.4], 2.9
+    ix["kvmesh"]["stage_share"] = {"map": 0.571, "log": 0.22, "index": 0.209}
+    md = render_markdown(res)
+    assert (
+        "Where our time went in this run: decoding, hashing and mapping the frames 57%, "
+        "the log entry and the owner's live maps 22%, the index 21%." in md
+    )
+    ix["native"]["stage_share"] = ix["kvmesh"]["stage_share"]
+    assert (
+        "over every run: kvmesh native (Rust): map 57%, log and live maps 22%, index 21%."
+        in render_markdown(res)
+    )
+    del ix["kvmesh"]["stage_share"], ix["native"]["stage_share"]  # a run from before the stages were timed
+    md = render_markdown(res)
+    assert "Where our time went" not in md and "time by stage" not in md
+
+
 def test_micro_targets_without_the_native_module_or_the_big_sizes():
     res = _micro_both()
     ix = res["micro"]["index"]
