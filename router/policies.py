@@ -336,6 +336,28 @@ class _Base:
             return None
         return self.index.match_tiers(req.block_hashes, [c.worker for c in candidates])
 
+    def _decide(
+        self,
+        req: RouteRequest,
+        candidates: Sequence[Candidate],
+        chosen: str,
+        reason: str,
+        score_meaning: str,
+        scores: Mapping[str, float] | None = None,
+    ) -> Decision:
+        """The decision of a policy that chose without the cache: the
+        overlaps shown are for comparison only (``_info_overlaps``)."""
+        return _decision(
+            self.name,
+            req,
+            candidates,
+            chosen,
+            reason,
+            self._info_overlaps(req, candidates),
+            scores,
+            score_meaning,
+        )
+
     def on_routed(self, req: RouteRequest, worker: str, now: float) -> None:
         return None
 
@@ -359,14 +381,11 @@ class RoundRobin(_Base):
         i = self._next % len(healthy)
         self._next = (self._next + 1) % (1 << 62)
         c = healthy[i]
-        return _decision(
-            self.name,
+        return self._decide(
             req,
             candidates,
             c.worker,
             f"turn {i + 1} of {len(healthy)} healthy workers -> {c.worker}",
-            self._info_overlaps(req, candidates),
-            None,
             "load (not used)",
         )
 
@@ -379,14 +398,11 @@ class RandomPolicy(_Base):
     ) -> Decision:
         healthy = _healthy(self.name, candidates)
         c = rng.choice(healthy)
-        return _decision(
-            self.name,
+        return self._decide(
             req,
             candidates,
             c.worker,
             f"uniform random over {len(healthy)} healthy workers -> {c.worker}",
-            self._info_overlaps(req, candidates),
-            None,
             "load (not used)",
         )
 
@@ -399,14 +415,11 @@ class LeastLoad(_Base):
     ) -> Decision:
         healthy = _healthy(self.name, candidates)
         c = _least_load(healthy, rng)
-        return _decision(
-            self.name,
+        return self._decide(
             req,
             candidates,
             c.worker,
             f"least load {_fmt(c.load)} on {c.worker}",
-            self._info_overlaps(req, candidates),
-            None,
             "in-flight requests (lowest wins)",
         )
 
@@ -432,15 +445,8 @@ class PowerOfTwo(_Base):
             )
             if c.load == other.load:
                 reason += " (tie)"
-        return _decision(
-            self.name,
-            req,
-            candidates,
-            c.worker,
-            reason,
-            self._info_overlaps(req, candidates),
-            None,
-            "in-flight requests (lower of two samples wins)",
+        return self._decide(
+            req, candidates, c.worker, reason, "in-flight requests (lower of two samples wins)"
         )
 
 
@@ -477,15 +483,13 @@ class ConsistentHash(_Base):
         # exact 64-bit ints: floats would round distinct weights into ties
         weights = {c.worker: _xxh3(c.worker.encode("utf-8"), key) for c in candidates}
         c = max(healthy, key=lambda c: (weights[c.worker], c.worker))
-        return _decision(
-            self.name,
+        return self._decide(
             req,
             candidates,
             c.worker,
             f"rendezvous hash of {what} -> {c.worker}",
-            self._info_overlaps(req, candidates),
-            weights,
             "rendezvous weight, 64-bit (highest wins)",
+            weights,
         )
 
 
