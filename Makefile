@@ -40,7 +40,7 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	PYTHON=$(PY) bash scripts/check_proto.sh
 
-demo: $(STAMP)
+demo: $(STAMP) native
 	$(VENV)/bin/kvmesh demo
 
 ## Gates: lint and format (ruff), types (mypy), the package layers (import-linter).

@@ -25,29 +25,40 @@ from kvmesh.workloads import CHAT_TURNS, Session, chat, total_requests
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engines", type=int, default=4, help="simulated engines to start")
+    p.add_argument("--engines", type=int, default=4, help="simulated engines to start (default: %(default)s)")
     p.add_argument(
         "--policies",
         default="round_robin,precise",
-        help="comma-separated policies to compare (through node 0)",
+        help="comma-separated policies to compare, through node 0 (default: %(default)s)",
     )
     p.add_argument(
-        "--nodes", type=int, default=3, help="router nodes in the mesh; >1 adds a precise run spread over all"
+        "--nodes",
+        type=int,
+        default=3,
+        help="router nodes in the mesh; >1 adds a precise run spread over all (default: %(default)s)",
     )
     p.add_argument(
-        "--sessions", type=int, default=64, help=f"chat sessions ({CHAT_TURNS[0]}-{CHAT_TURNS[1]} turns each)"
+        "--sessions",
+        type=int,
+        default=64,
+        help=f"chat sessions, {CHAT_TURNS[0]}-{CHAT_TURNS[1]} turns each (default: %(default)s)",
     )
-    p.add_argument("--concurrency", type=int, default=24, help="sessions in flight at once")
     p.add_argument(
-        "--num-gpu-blocks", type=int, default=1200, help="KV cache size of each engine, in 16-token blocks"
+        "--concurrency", type=int, default=24, help="sessions in flight at once (default: %(default)s)"
+    )
+    p.add_argument(
+        "--num-gpu-blocks",
+        type=int,
+        default=1200,
+        help="KV cache size of each engine, in 16-token blocks (default: %(default)s)",
     )
     p.add_argument(
         "--time-scale",
         type=float,
         default=TimingConfig().time_scale,
-        help="simulated engine time scale (1 = real GPU speed)",
+        help="simulated engine time scale, 1 = real GPU speed (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--seed", type=int, default=7, help="workload and engine seed (default: %(default)s)")
 
 
 async def _clear_engines(urls: list[str], routers: list[str]) -> None:
@@ -83,6 +94,43 @@ def _print_table(results: list[tuple[int, RunResult]]) -> None:
         s = r.summary()
         row = [r.policy, str(nodes)] + [f"{s[c]:.3f}" if isinstance(s[c], float) else str(s[c]) for c in cols]
         print("  ".join(f"{v:>14}" for v in row))
+    print()
+    print(_LEGEND)
+
+
+_LEGEND = """\
+nodes: router nodes the requests were spread over. hit_rate: prompt tokens the
+engines found in their KV cache / prompt tokens sent. ttft: time to first token,
+at the client. throughput_rps / output_tps: answered requests / generated tokens
+per second of the run. imbalance: requests of the busiest engine / the mean
+over engines (1 = even)."""
+
+
+def conclusion(results: list[tuple[int, dict[str, float], str]]) -> list[str]:
+    """What the runs show, from their own figures: ``(nodes, summary, policy)``
+    per run. Each policy through one node against round_robin, then precise
+    spread over the mesh against precise through one node."""
+    one = {policy: s for nodes, s, policy in results if nodes == 1}
+    lines = []
+    base = one.get("round_robin")
+    for policy, s in one.items():
+        if base is None or policy == "round_robin":
+            continue
+        ratio = base["ttft_p90_ms"] / s["ttft_p90_ms"] if s["ttft_p90_ms"] else float("inf")
+        lines.append(
+            f"{policy} vs round_robin through one node: hit rate {s['hit_rate']:.3f} vs "
+            f"{base['hit_rate']:.3f}, TTFT p90 {s['ttft_p90_ms']:.0f} vs {base['ttft_p90_ms']:.0f} ms "
+            + (f"({ratio:.1f}x lower)" if ratio >= 1 else f"({1 / ratio:.1f}x higher)")
+        )
+    single = one.get("precise")
+    for nodes, s, policy in results:
+        if nodes > 1 and policy == "precise" and single is not None:
+            lines.append(
+                f"precise spread over {nodes} nodes vs one node: hit rate {s['hit_rate']:.3f} vs "
+                f"{single['hit_rate']:.3f} ({100 * (s['hit_rate'] - single['hit_rate']):+.1f} points); "
+                "every node routes from the same replicated index"
+            )
+    return lines
 
 
 def _start_fleet(args: argparse.Namespace, engines: list[procs.Proc], routers: list[procs.Proc]) -> None:
@@ -179,6 +227,8 @@ def _print_results(results: list[tuple[int, RunResult]]) -> bool:
             f"requests={s['requests']} failed={s['failed']}",
             flush=True,
         )
+    for line in conclusion([(nodes, r.summary(), r.policy) for nodes, r in results]):
+        print(f"CONCLUSION {line}", flush=True)
     return failed
 
 

@@ -22,4 +22,7 @@ def test_the_demo_answers_every_request(capsys: pytest.CaptureFixture[str]) -> N
     results = [line for line in out.splitlines() if line.startswith("RESULT ")]
     assert len(results) == 2, out
     assert all(" failed=0" in line for line in results), out
+    (said,) = [line for line in out.splitlines() if line.startswith("CONCLUSION ")]
+    assert said.startswith("CONCLUSION precise vs round_robin through one node: hit rate "), out
+    assert "imbalance: requests of the busiest engine" in out  # the table's legend
     assert rc == 0
