@@ -17,32 +17,51 @@ import time
 
 import structlog
 
-__all__ = ["AddressError", "advertised_address", "resolve_listen", "resolve_seeds", "resolve_seeds_now"]
+__all__ = [
+    "AddressError",
+    "advertised_address",
+    "check_address",
+    "resolve_listen",
+    "resolve_seeds",
+    "resolve_seeds_now",
+]
 
 log = structlog.get_logger(__name__)
 
 _WILDCARDS = ("0.0.0.0", "[::]", "")
+MAX_PORT = 65535
 
 
 class AddressError(ValueError):
     """An address that cannot be used (bad syntax, or a name that never resolved)."""
 
 
-def _split(addr: str, what: str) -> tuple[str, str]:
+def check_address(addr: str, flag: str, *, any_port: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port), the port in 1..65535, or 0 when
+    ``any_port`` (an address to listen on: any free port). A bigger port
+    is refused, not left to the socket layer, which takes it modulo 65536
+    and would listen on another port than the one advertised."""
     host, _, port = addr.rpartition(":")
     if not host or not port.isdigit():
-        raise AddressError(f"{what} {addr!r}: want HOST:PORT")
-    return host, port
+        raise AddressError(f"{flag} {addr!r}: want HOST:PORT")
+    low = 0 if any_port else 1
+    if not low <= int(port) <= MAX_PORT:
+        allowed = f"{low}..{MAX_PORT}" + (", 0: any free port" if any_port else "")
+        raise AddressError(f"{flag} {addr!r}: port {int(port)} out of range ({allowed})")
+    return host, int(port)
 
 
-def resolve_listen(listen: str) -> str:
+def resolve_listen(listen: str, flag: str = "--listen") -> str:
     """HOST:PORT with a concrete port (0 -> a free one), so the node can
     advertise its address before the server starts."""
-    host, port = _split(listen, "--listen")
-    if port == "0":
-        with socket.socket() as s:
-            s.bind((host if host not in _WILDCARDS else "", 0))
-            port = str(s.getsockname()[1])
+    host, port = check_address(listen, flag, any_port=True)
+    if port == 0:
+        try:
+            with socket.socket() as s:
+                s.bind((host if host not in _WILDCARDS else "", 0))
+                port = s.getsockname()[1]
+        except OSError as e:  # a host that is not this machine's
+            raise AddressError(f"{flag} {listen!r}: cannot listen there: {e.strerror or e}") from None
     return f"{host}:{port}"
 
 
@@ -54,7 +73,7 @@ def advertised_address(listen: str) -> str:
     return f"{host}:{port}"
 
 
-async def _lookup(host: str, port: str) -> list[str]:
+async def _lookup(host: str, port: int | str) -> list[str]:
     """Every IPv4 address ``host`` resolves to, as HOST:PORT; ``socket.gaierror`` if none."""
     infos = await asyncio.get_running_loop().getaddrinfo(
         host, int(port), family=socket.AF_INET, type=socket.SOCK_STREAM
@@ -89,7 +108,7 @@ async def resolve_seeds(seeds: list[str], me: str, timeout: float, retry: float)
     own = await _own_addresses(me)
     out: list[str] = []
     for seed in seeds:
-        host, port = _split(seed, "--join")
+        host, port = check_address(seed, "--join")
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -110,7 +129,7 @@ async def resolve_seeds_now(seeds: list[str], me: str) -> list[str]:
     own = await _own_addresses(me)
     out: list[str] = []
     for seed in seeds:
-        host, port = _split(seed, "--join")
+        host, port = check_address(seed, "--join")
         try:
             addrs = await _lookup(host, port)
         except socket.gaierror as e:

@@ -13,14 +13,16 @@ engine discovery's in :class:`router.discovery.DiscoveryConfig`, tracing's in
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine_adapters.event_adapter import EventAdapterConfig
 from engine_adapters.proxy import EngineClientConfig
 from engine_adapters.tokenizer import BUILTIN
 from mesh.core import MeshConfig
 from mesh.transport import TransportConfig
+from router.addresses import check_address
 from router.admission import AdmissionConfig
 from router.approx_tree import ApproxTree
 from router.auth import ApiAuthConfig
@@ -34,9 +36,16 @@ from router.policies import POLICY_NAMES, make_policy
 from router.request_path import RetryPolicy
 from router.tracing import TracingConfig
 
-__all__ = ["LOG_FORMATS", "LOG_LEVELS", "RouterConfig", "check_policy_opts"]
+__all__ = ["LOG_FORMATS", "LOG_LEVELS", "OpenPort", "RouterConfig", "check_policy_opts"]
 
 LOG_FORMATS = ("console", "json")
+
+
+class OpenPort(NamedTuple):
+    """A port the config would serve without authentication."""
+
+    port: str  # which one, in the operator's words
+    fix: str  # the flags that would authenticate it
 
 
 @dataclass(slots=True)
@@ -62,6 +71,11 @@ class RouterConfig:
     # peers (until then every seed_resolve_retry): two meshes that started
     # apart behind one name find each other and merge.
     seed_refresh_interval: float = 30.0
+    # Until a seed lets this node in, it waits (NOT_SERVING, no READY line) for
+    # as long as it takes, and says so (router.join_waiting): once its first
+    # Join has gone unanswered (membership.join_retry_interval), then every
+    # this many seconds. A seed that is down or unreachable shows in the log.
+    join_warn_interval: float = 10.0
 
     # --- routing ---------------------------------------------------------------------
     policy: str = "precise"  # default routing policy (a request may name another)
@@ -124,13 +138,30 @@ class RouterConfig:
         check_policy_opts(self.policy_opts)
         if not isinstance(self.max_index_blocks, int) or self.max_index_blocks < 0:
             raise ValueError(f"--max-index-blocks must be >= 0 (0: no bound), got {self.max_index_blocks}")
-        for name in ("seed_resolve_retry", "seed_refresh_interval"):
+        for name in (
+            "seed_resolve_retry",
+            "seed_refresh_interval",
+            "join_warn_interval",
+            "health_interval",
+            "max_request_bytes",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.drain_timeout >= 0:
+            raise ValueError(
+                f"drain_timeout must be >= 0 (0: cut what is in flight), got {self.drain_timeout}"
+            )
+        # The first attempt counts: 0 would still make one.
+        if not self.retry.max_attempts >= 1:
+            raise ValueError(f"max_attempts must be >= 1 (1: no retry), got {self.retry.max_attempts}")
+        if not self.engine_client.stream_idle_timeout > 0:
+            raise ValueError(f"stream_idle_timeout must be > 0, got {self.engine_client.stream_idle_timeout}")
+        self._check_addresses()
+        # Two specs for one id: registration would keep the last without a word.
+        twice = sorted(e for e, n in Counter(s.engine_id for s in self.engines).items() if n > 1)
+        if twice:
+            raise ValueError(f"--engine id {', '.join(map(repr, twice))} given more than once")
         self.api_auth.check()
-        http_host, _, http_port = self.http_listen.rpartition(":")
-        if self.http_listen and not (http_host and http_port.isdigit() and int(http_port) < 65536):
-            raise ValueError(f"--http-listen {self.http_listen!r}: want HOST:PORT")
         if self.metrics_listen:
             split_listen(self.metrics_listen)  # ValueError names the flag
         self.discovery.check()
@@ -142,6 +173,20 @@ class RouterConfig:
             raise ValueError(
                 "TLS on the public port (--tls-cert) needs the mesh on a port of its own (--mesh-listen)"
             )
+
+    def _check_addresses(self) -> None:
+        """Each address's syntax and port (AddressError, a ValueError naming
+        the flag). Listen addresses take port 0 (any free port); addresses
+        others dial do not."""
+        check_address(self.listen, "--listen", any_port=True)
+        for flag, listen in (("--mesh-listen", self.mesh_listen), ("--http-listen", self.http_listen)):
+            if listen:
+                check_address(listen, flag, any_port=True)
+        for flag, addr in (("--advertise", self.advertise), ("--mesh-advertise", self.mesh_advertise)):
+            if addr:
+                check_address(addr, flag)
+        for seed in self.join:
+            check_address(seed, "--join")
 
     @property
     def mesh_shares_tls_port(self) -> bool:
@@ -155,13 +200,17 @@ class RouterConfig:
         """The address other nodes reach this node's mesh port at."""
         return self.mesh_advertise or (self.mesh_listen or self.advertise or self.listen)
 
-    def unauthenticated_ports(self) -> list[str]:
+    def unauthenticated_ports(self) -> list[OpenPort]:
         """The ports this config would serve without authentication."""
         out = []
         if not self.api_auth.authenticated:
-            out.append("the public API (no TLS, no tokens)")
+            out.append(
+                OpenPort("the public API (no TLS, no tokens)", "--tls-cert/--tls-key or --auth-token-file")
+            )
         if not self.transport.authenticated:
-            out.append("the mesh (no mutual TLS, no shared secret)")
+            out.append(
+                OpenPort("the mesh (no mutual TLS, no shared secret)", "--mesh-secret-file or --mesh-tls-*")
+            )
         return out
 
 

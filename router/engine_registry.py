@@ -31,6 +31,25 @@ MAX_BLOCK_SIZE = 4096
 MAX_SOURCE_LEN = 300  # "dns:" and a DNS name (at most 253 characters)
 
 
+# The keys of an ``--engine`` SPEC (:meth:`EngineSpec.parse`): the field each
+# sets and what its value looks like. The flag's help is written from this
+# table, so it lists exactly the keys the parser takes.
+SPEC_KEYS: dict[str, tuple[str, str]] = {
+    "id": ("engine_id", "ID"),
+    "url": ("endpoint", "http://HOST:PORT"),
+    "endpoint": ("endpoint", "http://HOST:PORT"),  # the field's own name, as Admin.RegisterEngine has it
+    "kv": ("kv_events_endpoint", "tcp://HOST:PORT"),
+    "replay": ("replay_endpoint", "tcp://HOST:PORT"),
+    "model": ("model", "NAME"),
+    "block_size": ("block_size", "N"),
+    "dp": ("data_parallel_size", "N"),
+    "topic": ("topic", "TOPIC"),
+    "capacity_blocks": ("capacity_blocks", "N"),
+    "kind": ("kind", "|".join(ENGINE_KINDS)),
+}
+_INT_FIELDS = ("block_size", "data_parallel_size", "capacity_blocks")
+
+
 class EngineSpecError(ValueError):
     """An engine description that cannot be used."""
 
@@ -84,27 +103,14 @@ class EngineSpec:
 
     @classmethod
     def parse(cls, text: str) -> EngineSpec:
-        """``id=e1,url=http://h:8000,kv=tcp://h:5557,replay=tcp://h:5558,model=m,block_size=16,dp=1,topic=t``"""
-        keys = {
-            "id": "engine_id",
-            "url": "endpoint",
-            "endpoint": "endpoint",
-            "model": "model",
-            "block_size": "block_size",
-            "kv": "kv_events_endpoint",
-            "replay": "replay_endpoint",
-            "dp": "data_parallel_size",
-            "topic": "topic",
-            "capacity_blocks": "capacity_blocks",
-            "kind": "kind",
-        }
+        """``id=e1,url=http://h:8000,kv=tcp://h:5557,model=m,...``: the keys of :data:`SPEC_KEYS`."""
         fields: dict[str, Any] = {}  # str or int by key, checked by the constructor and validate()
         for part in filter(None, (p.strip() for p in text.split(","))):
             k, sep, v = part.partition("=")
-            if not sep or k not in keys:
-                raise EngineSpecError(f"bad engine field {part!r} in {text!r}; keys: {', '.join(keys)}")
-            name = keys[k]
-            if name in ("block_size", "data_parallel_size", "capacity_blocks"):
+            if not sep or k not in SPEC_KEYS:
+                raise EngineSpecError(f"bad engine field {part!r} in {text!r}; keys: {', '.join(SPEC_KEYS)}")
+            name = SPEC_KEYS[k][0]
+            if name in _INT_FIELDS:
                 try:
                     fields[name] = int(v)
                 except ValueError:

@@ -446,9 +446,10 @@ async def serve(
 
     Health reports NOT_SERVING and the READY line is withheld until the node
     has joined the mesh (through the seeds ``join``) and applied a seed's
-    full state. When ``stop`` is set (SIGTERM, Admin.Drain) the node drains:
-    see :func:`drain`. With ``http_listen``, the OpenAI-compatible front
-    (router/http_front.py) serves beside gRPC, and drains with it.
+    full state (a node stopped before that never prints it). When ``stop``
+    is set (SIGTERM, Admin.Drain) the node drains: see :func:`drain`. With
+    ``http_listen``, the OpenAI-compatible front (router/http_front.py)
+    serves beside gRPC, and drains with it.
     """
     cfg = node.config
     interceptors = []
@@ -494,8 +495,9 @@ async def serve(
         await metrics.start(cfg.metrics_listen)  # from the start: a joining node is worth watching too
         if join:
             node.log.info("router.joining", seeds=join)
-        while not node.ready and not stop.is_set():
-            await asyncio.sleep(_READY_POLL)
+        await _wait_ready(node, stop, join or [])
+        if not node.ready:
+            return  # stopped while joining: it never served, so no READY line
         for spec in cfg.engines:
             await node.register_engine(spec)
         await _set_health(health_servicer, served, serving=True)
@@ -530,6 +532,28 @@ async def serve(
         await metrics.close()
         await node.stop()
         node.log.info("router.stopped")
+
+
+async def _wait_ready(node: RouterNode, stop: asyncio.Event, seeds: list[str]) -> None:
+    """Wait until the node is ready or ``stop`` is set. A node no seed lets
+    in would wait for ever with nothing in its log: it warns once its first
+    Join has gone unanswered, then every ``join_warn_interval``."""
+    t0 = node.clock()
+    warn_at = t0 + node.config.mesh.membership.join_retry_interval
+    while not node.ready and not stop.is_set():
+        await asyncio.sleep(_READY_POLL)
+        now = node.clock()
+        if now >= warn_at and not node.ready and not stop.is_set():
+            node.log.warning(
+                "router.join_waiting",
+                seeds=seeds,
+                waited=round(now - t0, 1),
+                hint="joined; a peer's full state has not arrived yet"
+                if node.core.has_peers()
+                else "no seed has answered: is one running, reachable at that mesh address, "
+                "with this node's mesh credentials?",
+            )
+            warn_at = now + node.config.join_warn_interval
 
 
 def _bind(server: grpc.aio.Server, addr: str, creds: grpc.ServerCredentials | None) -> None:

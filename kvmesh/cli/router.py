@@ -14,20 +14,24 @@ import dataclasses
 import gc
 import os
 import signal
+import sys
 
 import structlog
 
+from engine_adapters.chat_template import ChatTemplateError
 from engine_adapters.event_adapter import EventAdapterConfig
 from engine_adapters.proxy import EngineClientConfig
+from engine_adapters.tokenizer import TokenizerError
+from mesh.auth import MeshAuthError, MeshSecret
 from mesh.core import MeshConfig
 from mesh.membership import MembershipConfig
 from mesh.transport import TransportConfig
 from router.addresses import AddressError, advertised_address, resolve_listen, resolve_seeds
 from router.admission import AdmissionConfig
-from router.auth import ApiAuthConfig
+from router.auth import ApiAuthConfig, AuthError, TokenTable
 from router.config import LOG_FORMATS, LOG_LEVELS, RouterConfig, check_policy_opts
 from router.discovery import DiscoveryConfig
-from router.engine_registry import EngineSpec, EngineSpecError
+from router.engine_registry import SPEC_KEYS, EngineSpec, EngineSpecError
 from router.logs import configure_logging, toggle_debug
 from router.node import RouterNode
 from router.policies import POLICY_NAMES, policy_options
@@ -35,7 +39,14 @@ from router.request_path import RetryPolicy
 from router.service import serve
 from router.tracing import TracingConfig
 
-__all__ = ["config_from_args", "configure_parser", "parse_policy_opts", "parse_tokenizers", "run"]
+__all__ = [
+    "check_files",
+    "config_from_args",
+    "configure_parser",
+    "parse_policy_opts",
+    "parse_tokenizers",
+    "run",
+]
 
 log = structlog.get_logger(__name__)
 _PROG = "kvmesh router"
@@ -44,6 +55,24 @@ _PROG = "kvmesh router"
 def _default(cls: type, name: str) -> object:
     """The default of dataclass field ``name`` of ``cls``."""
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _engine_help() -> str:
+    """The --engine help, written from the keys the parser takes
+    (:data:`router.engine_registry.SPEC_KEYS`), with EngineSpec's defaults."""
+    shown: dict[str, str] = {}  # field -> its keys and value, as written in the help
+    for key, (name, value) in SPEC_KEYS.items():
+        if name in shown:  # another key for a field already listed
+            shown[name] += f" (or {key}=)"
+            continue
+        shown[name] = f"{key}={value}"
+        default = _default(EngineSpec, name)
+        if default not in (dataclasses.MISSING, "", 0):
+            shown[name] += f" (default {default})"
+    return (
+        "engine to route to, repeatable: comma-separated KEY=VALUE, at least id= and url=; keys: "
+        + ", ".join(shown.values())
+    )
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -114,9 +143,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SPEC",
-        help="engine to route to, repeatable: id=e1,url=http://HOST:PORT[,kv=tcp://HOST:5557]"
-        f"[,replay=tcp://HOST:5558][,model=NAME][,block_size={_default(EngineSpec, 'block_size')}]"
-        f"[,dp={_default(EngineSpec, 'data_parallel_size')}][,topic=T]",
+        help=_engine_help(),
     )
     _add_discovery_flags(p, d)
     p.add_argument(
@@ -442,33 +469,72 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     )
 
 
+def check_files(cfg: RouterConfig) -> None:
+    """Read the files the flags name (certificates, keys, the token file,
+    the mesh secret) before anything starts, so that a missing or unusable
+    one stops the node with one line naming its flag and path (ValueError),
+    not with whatever the library reading it later would say."""
+    a, t = cfg.api_auth, cfg.transport
+    files = (
+        ("--tls-cert", a.tls_cert),
+        ("--tls-key", a.tls_key),
+        ("--tls-client-ca", a.tls_client_ca),
+        ("--auth-token-file", a.token_file),
+        ("--mesh-secret-file", t.secret_file),
+        ("--mesh-tls-cert", t.tls_cert),
+        ("--mesh-tls-key", t.tls_key),
+        ("--mesh-tls-ca", t.tls_ca),
+    )
+    for flag, path in files:
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise ValueError(f"{flag} {path!r}: {e.strerror or e}") from None
+    try:
+        if a.token_file:
+            TokenTable.from_file(a.token_file)
+    except AuthError as e:
+        raise AuthError(f"--auth-token-file {a.token_file!r}: {e}") from None
+    try:
+        if t.secret_file:
+            MeshSecret.from_file(t.secret_file)
+    except MeshAuthError as e:
+        raise MeshAuthError(f"--mesh-secret-file {t.secret_file!r}: {e}") from None
+
+
+def _refuse(why: object) -> int:
+    """A start-up mistake, said in one line (the exit status of a bad flag)."""
+    print(f"{_PROG}: {why}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     try:
         cfg = config_from_args(args)
     except ValueError as e:
-        print(f"{_PROG}: {e}")
-        return 2
+        return _refuse(e)
+    open_ports = cfg.unauthenticated_ports()
+    if open_ports and not cfg.insecure:
+        return _refuse(
+            f"refusing to serve {' and '.join(p.port for p in open_ports)} without authentication; "
+            f"configure {', and '.join(p.fix for p in open_ports)}, or pass --insecure"
+        )
+    try:
+        check_files(cfg)
+        cfg = _concrete_addresses(cfg)
+    except ValueError as e:  # AddressError, AuthError, MeshAuthError among them
+        return _refuse(e)
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency
         pass
-    open_ports = cfg.unauthenticated_ports()
-    if open_ports and not cfg.insecure:
-        print(
-            f"{_PROG}: refusing to serve {' and '.join(open_ports)} without authentication; configure "
-            "--tls-cert/--tls-key or --auth-token-file, and --mesh-secret-file or --mesh-tls-*, or "
-            "pass --insecure"
-        )
-        return 2
-    try:
-        cfg = _concrete_addresses(cfg)
-    except AddressError as e:
-        raise SystemExit(f"{_PROG}: {e}") from None
     if open_ports:
-        log.warning("router.insecure", unauthenticated=open_ports, node=cfg.node_id)
+        log.warning("router.insecure", unauthenticated=[p.port for p in open_ports], node=cfg.node_id)
     if cfg.mesh_shares_tls_port:
         log.warning(
             "router.mesh_on_tls_port",
@@ -477,6 +543,10 @@ def run(args: argparse.Namespace) -> int:
         )
     try:
         asyncio.run(_serve(cfg))
+    except TokenizerError as e:  # RouterNode.start loads the tokenizers
+        return _refuse(f"--tokenizer: {e}")
+    except ChatTemplateError as e:  # the HTTP front loads the chat templates; the error names the file
+        return _refuse(e)
     except OSError as e:  # a port it cannot listen on: the operator's to fix, said in one line
         raise SystemExit(f"{_PROG}: {e}") from None
     return 0
@@ -488,7 +558,7 @@ def _concrete_addresses(cfg: RouterConfig) -> RouterConfig:
     advertise = cfg.advertise or advertised_address(listen)
     mesh_listen, mesh_advertise = cfg.mesh_listen, cfg.mesh_advertise
     if mesh_listen:
-        mesh_listen = resolve_listen(mesh_listen)
+        mesh_listen = resolve_listen(mesh_listen, "--mesh-listen")
         mesh_advertise = mesh_advertise or advertised_address(mesh_listen)
     return dataclasses.replace(
         cfg,

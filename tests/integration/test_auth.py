@@ -118,7 +118,7 @@ async def test_without_credentials_the_node_refuses_to_start() -> None:
         timeout=60,
     )
     assert out.returncode == 2
-    assert "without authentication" in out.stdout and "--insecure" in out.stdout
+    assert "without authentication" in out.stderr and "--insecure" in out.stderr
 
 
 async def test_an_intruder_without_the_mesh_secret_can_neither_join_nor_write(secrets: Path, engine) -> None:

@@ -439,7 +439,7 @@ def test_without_credentials_the_http_front_does_not_start() -> None:
         ],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert out.returncode == 2 and "without authentication" in out.stdout
+    assert out.returncode == 2 and "without authentication" in out.stderr
 
 
 async def test_past_its_bound_a_node_answers_429(slow_engine) -> None:
