@@ -40,7 +40,12 @@ def add_connection_flags(p: argparse.ArgumentParser) -> None:
         "calls spread over every address), or a gRPC target URI "
         f"(default: ${TARGET_ENV}, else {DEFAULT_TARGET})",
     )
-    g.add_argument("--insecure", action="store_true", help="plaintext, no TLS: for nodes run with --insecure")
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext, no TLS: for nodes that serve without it (run with --insecure, "
+        "or with --auth-token-file and no --tls-cert)",
+    )
     g.add_argument(
         "--tls-ca", default="", help="CA file (PEM) of the nodes' certificates (default: system CAs)"
     )
@@ -106,7 +111,11 @@ def _token(args: argparse.Namespace) -> str:
 def explain(e: KvmeshError, args: argparse.Namespace) -> str:
     """The error for the terminal, with a hint where the flags are the likely cause."""
     if not args.insecure and e.status == "UNAVAILABLE" and "handshake" in e.message.lower():
-        return f"{e}\n(TLS failed: a node run --insecure speaks plaintext; add --insecure for it)"
+        return (
+            f"{e}\n(TLS failed: a node that serves without TLS, run with --insecure or with "
+            "--auth-token-file and no --tls-cert, speaks plaintext: add --insecure for it; "
+            "a node with a private CA needs --tls-ca)"
+        )
     return str(e)
 
 

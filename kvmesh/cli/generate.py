@@ -67,34 +67,52 @@ def _route_only(client: Client, prompt: Prompt, args: argparse.Namespace) -> Non
         print_route(r, sys.stdout)
 
 
-def _show(event: Routed | Chunk | Result, args: argparse.Namespace) -> None:
-    if args.json:
-        kind = {Routed: "routed", Chunk: "chunk", Result: "result"}[type(event)]
-        print(json.dumps({kind: dataclasses.asdict(event)}), flush=True)
-        return
-    if isinstance(event, Chunk):
-        sys.stdout.write(event.text if event.text else " ".join(map(str, event.token_ids)) + " ")
-        sys.stdout.flush()
-        return
-    if args.quiet:
-        return
-    if isinstance(event, Routed):
-        again = f" (attempt {event.attempt})" if event.attempt > 1 else ""
+class _Screen:
+    """Shows the events: the answer's text on stdout, the rest on stderr
+    (``--json``: every event on stdout). The answer ends its line, so that
+    the shell's prompt (or what comes next in a file) starts on its own."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._open = False  # answer text on stdout that does not end its line yet
+
+    def show(self, event: Routed | Chunk | Result) -> None:
+        if self.args.json:
+            kind = {Routed: "routed", Chunk: "chunk", Result: "result"}[type(event)]
+            print(json.dumps({kind: dataclasses.asdict(event)}), flush=True)
+            return
+        if isinstance(event, Chunk):
+            text = event.text if event.text else " ".join(map(str, event.token_ids)) + " "
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self._open = not text.endswith("\n")
+            return
+        if isinstance(event, Result):
+            self.end_answer()
+        if self.args.quiet:
+            return
+        if isinstance(event, Routed):
+            again = f" (attempt {event.attempt})" if event.attempt > 1 else ""
+            print(
+                f"[{event.request_id} -> {event.engine_id}{again}, "
+                f"{event.predicted_cached_blocks} prompt blocks predicted cached]",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        why = f" ({event.error})" if event.error else ""
         print(
-            f"[{event.request_id} -> {event.engine_id}{again}, "
-            f"{event.predicted_cached_blocks} prompt blocks predicted cached]",
+            f"[{event.finish_reason}{why}: {event.completion_tokens} tokens from {event.engine_id}; "
+            f"prompt {event.prompt_tokens} tokens, {event.cached_prompt_tokens} cached; "
+            f"first token after {event.ttft_ms:.1f} ms on the node; {event.attempts} attempt(s)]",
             file=sys.stderr,
-            flush=True,
         )
-        return
-    print()
-    why = f" ({event.error})" if event.error else ""
-    print(
-        f"[{event.finish_reason}{why}: {event.completion_tokens} tokens from {event.engine_id}; "
-        f"prompt {event.prompt_tokens} tokens, {event.cached_prompt_tokens} cached; "
-        f"first token after {event.ttft_ms:.1f} ms on the node; {event.attempts} attempt(s)]",
-        file=sys.stderr,
-    )
+
+    def end_answer(self) -> None:
+        """End the answer's line on stdout, if it left one open."""
+        if self._open:
+            print(flush=True)
+            self._open = False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"{_PROG}: {e}", file=sys.stderr)
         return 2
+    screen = _Screen(args)
     try:
         with client:
             if args.route_only:
@@ -124,10 +143,9 @@ def run(args: argparse.Namespace) -> int:
                 cache_salt=args.cache_salt,
                 request_id=args.request_id,
             ):
-                _show(event, args)
+                screen.show(event)
     except KvmeshError as e:
-        if e.started and not args.json:
-            print()
+        screen.end_answer()
         print(f"{_PROG}: {explain(e, args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # the call is cancelled on the node as the stream is closed

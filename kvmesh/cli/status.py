@@ -10,6 +10,13 @@ the owner) and this node's routing quality (requests, hit rate, predicted
 against engine-reported cached tokens, mispredicted routes). ``--watch``
 redraws it every few seconds (with ``--json``: one JSON document a line).
 
+GetStats counts requests two ways, and the screen keeps them apart:
+``requests_total`` (``failed``, ``retries``) counts the generate requests
+this node admitted for engines (Generate calls and the HTTP API's, past the
+request's checks and admission), while ``outcomes`` counts every call that
+ended (Generate and Route, the HTTP API's, and calls refused for their
+token) by status and reason: a Route call is in the second only.
+
 Authentication as the node's API wants it: TLS unless ``--insecure``
 (``--tls-ca`` to trust a private CA, ``--tls-cert``/``--tls-key`` when the
 node asks for client certificates), and an admin bearer token from
@@ -31,6 +38,7 @@ from typing import Any
 
 import grpc
 
+from kvmesh.client.errors import from_rpc_error
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 from router.config import RouterConfig
@@ -55,7 +63,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         help="redraw every SECONDS until interrupted (with --json: one document a line)",
     )
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per call (default %(default)s)")
-    p.add_argument("--insecure", action="store_true", help="plaintext gRPC (a node started with --insecure)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC, for a node that serves without TLS (run with --insecure, "
+        "or with --auth-token-file and no --tls-cert)",
+    )
     p.add_argument("--tls-ca", default="", help="PEM CA to verify the node's certificate (default: system)")
     p.add_argument("--tls-cert", default="", help="PEM client certificate, for a node with --tls-client-ca")
     p.add_argument("--tls-key", default="", help="its PEM private key")
@@ -169,10 +182,11 @@ def snapshot(
             "mesh_messages_received": stats.mesh_messages_received,
         },
         "routing": {
-            "requests": stats.requests_total,
-            "requests_ok": outcomes.get("OK", 0),
+            "requests": stats.requests_total,  # generate requests admitted (module docstring)
             "requests_failed": stats.requests_failed,
             "retries": stats.retries_total,
+            "calls_ended": sum(outcomes.values()),  # every call, Route too (module docstring)
+            "calls_ok": outcomes.get("OK", 0),
             "outcomes": outcomes,
             "prompt_tokens": stats.prompt_tokens_total,
             "cached_prompt_tokens": stats.cached_prompt_tokens_total,
@@ -301,8 +315,9 @@ def render(snap: dict[str, Any]) -> str:
     lines += [
         "",
         "ROUTING (requests through this node)",
-        f"  requests {routing['requests']}  ok {routing['requests_ok']}  failed {routing['requests_failed']}"
-        f"  retries {routing['retries']}  ended: {ended}",
+        f"  generate requests admitted {routing['requests']}  failed {routing['requests_failed']}"
+        f"  retries {routing['retries']}",
+        f"  calls ended {routing['calls_ended']} (Generate, Route, HTTP API, refused tokens): {ended}",
         f"  prompt tokens {routing['prompt_tokens']}, cached {routing['cached_prompt_tokens']} "
         f"(hit rate {_pct(routing['hit_rate'])}); predicted cached "
         f"{routing['predicted_cached_prompt_tokens']}",
@@ -324,7 +339,7 @@ def _explain(e: grpc.RpcError, target: str) -> str:
         hint = " (the token is not an admin token)"
     elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         hint = " (is it running? plaintext nodes need --insecure, TLS ones --tls-ca)"
-    return f"{_PROG}: {target}: {code.name}: {e.details()}{hint}"
+    return f"{_PROG}: {target}: {from_rpc_error(e)}{hint}"  # as kvmesh generate says it
 
 
 def _once(channel: grpc.Channel, args: argparse.Namespace, token: str) -> str:

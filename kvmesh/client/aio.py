@@ -18,7 +18,7 @@ import grpc
 
 from kvmesh.client.channel import Dialer
 from kvmesh.client.config import ClientConfig, TlsConfig
-from kvmesh.client.errors import KvmeshError, from_rpc_error
+from kvmesh.client.errors import KvmeshError, from_rpc_error, invalid_request
 from kvmesh.client.messages import (
     Event,
     GenerateFold,
@@ -107,14 +107,18 @@ class AsyncClient:
             await c.channel.close()
 
     def _timeout(self, timeout: float | None) -> float | None:
+        """The call's deadline for gRPC (None: none); checked before any I/O."""
         t = self.config.timeout if timeout is None else timeout
+        if not t > 0:  # NaN too: gRPC would end the call at once, DEADLINE_EXCEEDED
+            raise invalid_request(f"timeout must be positive seconds (math.inf: no deadline), got {t}")
         return None if math.isinf(t) else t
 
     async def _unary(self, stub: str, method: str, request: Any, timeout: float | None) -> Any:
+        deadline = self._timeout(timeout)
         conn = await self._lease()
         try:
             call = getattr(getattr(conn, stub), method)
-            return await call(request, timeout=self._timeout(timeout), metadata=self._dialer.metadata)
+            return await call(request, timeout=deadline, metadata=self._dialer.metadata)
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e) from None
         finally:

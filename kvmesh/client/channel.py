@@ -3,10 +3,11 @@
 One :class:`Dialer` per client holds what every dial of its target needs
 (files are read once, when the client is made, so a wrong path fails
 there), and opens sync or ``grpc.aio`` channels with it. TLS is on unless
-the caller turns it off (``tls=False``), as a node's public port is
-authenticated unless it runs ``--insecure``. A bearer token travels as the
-``authorization`` metadata of each call, over TLS or not (a node accepts
-either; over plaintext anyone on the path can read it).
+the caller turns it off (``tls=False``) for a node that serves plaintext:
+one run ``--insecure``, or with bearer tokens (``--auth-token-file``) and no
+certificate. A bearer token travels as the ``authorization`` metadata of
+each call, over TLS or not (a node accepts either; over plaintext anyone on
+the path can read it).
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ class ClientConfig:
     channel_options: tuple[tuple[str, int | str], ...] = ()
 
     def check(self) -> None:
-        if self.timeout <= 0:
+        if not self.timeout > 0:  # NaN too
             raise ClientConfigError("timeout must be positive (math.inf: no deadline)")
         if self.load_balancing not in ("round_robin", "pick_first"):
             raise ClientConfigError("load_balancing must be round_robin or pick_first")

@@ -9,6 +9,13 @@ answer was already retried by gRPC where that is safe
 done work (tokens generated) and was not. An empty ``reason`` means no node
 said why: the status came from gRPC on the client's side (its deadline, a
 connection that broke, no node reachable).
+
+A request that could not even be sent (a field out of the range its wire
+type holds, such as a negative ``max_tokens``) raises the same error the
+node gives a bad field, INVALID_ARGUMENT ``invalid_request``, before any
+I/O (:func:`invalid_request`). A node that also names its reason at the
+head of its message (``bad_token: this call needs a valid token``) is
+rendered with the reason once.
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ from typing import Any
 import grpc
 
 from kvmesh.client.results import Result
-from router.errors import REASON_KEY
+from router.errors import REASON_KEY, RequestError
 
-__all__ = ["KvmeshError", "from_rpc_error"]
+__all__ = ["KvmeshError", "from_rpc_error", "invalid_request"]
 
 
 class KvmeshError(Exception):
@@ -61,6 +68,19 @@ class KvmeshError(Exception):
         return f"{self.status}{why}: {self.message}"
 
 
+def invalid_request(message: str) -> KvmeshError:
+    """What a node answers a request with a bad field (INVALID_ARGUMENT
+    ``invalid_request``), raised by the client for one it cannot send."""
+    return KvmeshError(grpc.StatusCode.INVALID_ARGUMENT, message, RequestError.reason)
+
+
+def _without_reason(details: str, reason: str) -> str:
+    """``details`` without a leading ``reason: `` (the node's auth refusals
+    say their reason there too), so the error says it once."""
+    head = f"{reason}: "
+    return details[len(head) :] if reason and details.startswith(head) else details
+
+
 def from_rpc_error(
     e: Any, *, started: bool = False, request_id: str = "", result: Result | None = None
 ) -> KvmeshError:
@@ -71,7 +91,7 @@ def from_rpc_error(
     reason = next((str(v) for k, v in (trailing or ()) if k == REASON_KEY), "")
     return KvmeshError(
         code if code is not None else grpc.StatusCode.UNKNOWN,
-        details or "",
+        _without_reason(details or "", reason),
         reason,
         started=started,
         request_id=request_id,

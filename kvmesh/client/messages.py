@@ -6,6 +6,13 @@ protobuf messages. A ``Generate`` stream is a :class:`Routed` (where the
 request went; one per attempt when the node retried on another engine
 before the first token), :class:`Chunk` s, and a final :class:`Result`,
 folded from the wire by :class:`GenerateFold`. Pure: no I/O.
+
+The sampling values and token ids are checked against their ranges before
+the request is built: protobuf would refuse some (a negative ``max_tokens``
+or token id, one past ``uint32``) with a bare ``ValueError`` and send others
+as ``inf``, and the node refuses the rest for the field alone. The error is
+the one a node gives a bad field, :class:`KvmeshError` INVALID_ARGUMENT
+``invalid_request``, raised before any I/O.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Any, TypedDict
 
 import grpc
 
-from kvmesh.client.errors import KvmeshError, from_rpc_error
+from kvmesh.client.errors import KvmeshError, from_rpc_error, invalid_request
 from kvmesh.client.results import (
     Candidate,
     Chunk,
@@ -74,10 +81,35 @@ class RouteOptions(TypedDict, total=False):
     dry_run: bool
 
 
+_UINT32_MAX = 2**32 - 1  # max_tokens, token ids
+_UINT64_MAX = 2**64 - 1  # seed
+_FLOAT32_MAX = 3.4028234663852886e38  # temperature, top_p: larger is inf on the wire
+
+
 def _prompt(prompt: Prompt) -> pb.Prompt:
     if isinstance(prompt, str):
         return pb.Prompt(text=prompt)
-    return pb.Prompt(token_ids=pb.TokenIds(ids=list(prompt)))
+    ids = list(prompt)
+    if ids:
+        for bad in (min(ids), max(ids)):
+            if not 0 <= bad <= _UINT32_MAX:
+                raise invalid_request(f"token id {bad} is out of range (0..{_UINT32_MAX})")
+    return pb.Prompt(token_ids=pb.TokenIds(ids=ids))
+
+
+def _check_sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
+    """The node's checks of each field alone (router/request_path.py ``validate``,
+    its words), where zero still means the node's default; the upper bounds are the wire's."""
+    if max_tokens < 0:
+        raise invalid_request(f"max_tokens must be >= 1, got {max_tokens} (0: the node's default)")
+    if max_tokens > _UINT32_MAX:
+        raise invalid_request(f"max_tokens must be at most {_UINT32_MAX}, got {max_tokens}")
+    if not 0 <= temperature <= _FLOAT32_MAX:  # NaN fails every comparison
+        raise invalid_request(f"temperature must be a number >= 0, got {temperature}")
+    if not 0 <= top_p <= 1:
+        raise invalid_request(f"top_p must be in (0, 1], got {top_p} (0: 1, no cut)")
+    if seed is not None and not 0 <= seed <= _UINT64_MAX:
+        raise invalid_request(f"seed must be in 0..{_UINT64_MAX}, got {seed}")
 
 
 def generate_request(
@@ -98,7 +130,9 @@ def generate_request(
 ) -> pb.GenerateRequest:
     """A Generate request. Zero/empty means the node's default (``max_tokens``
     0: the node's default; ``model`` "": the only model served; ``policy``
-    "": the node's policy); ``temperature`` 0 is greedy."""
+    "": the node's policy); ``temperature`` 0 is greedy. Raises
+    :class:`KvmeshError` (INVALID_ARGUMENT) for a value the request cannot carry."""
+    _check_sampling(max_tokens, temperature, top_p, seed)
     sampling = pb.SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=list(stop), ignore_eos=ignore_eos
     )
@@ -128,7 +162,8 @@ def route_request(
     dry_run: bool = False,
 ) -> pb.RouteRequest:
     """A Route request; ``dry_run`` False records the pick on the node (it counts
-    as load on the engine for a few seconds: the caller sends the request itself)."""
+    as load on the engine for a few seconds: the caller sends the request itself).
+    Raises :class:`KvmeshError` (INVALID_ARGUMENT) for a token id out of range."""
     return pb.RouteRequest(
         request_id=request_id,
         model=model,

@@ -19,7 +19,7 @@ import grpc
 
 from kvmesh.client.channel import Dialer
 from kvmesh.client.config import ClientConfig, TlsConfig
-from kvmesh.client.errors import KvmeshError, from_rpc_error
+from kvmesh.client.errors import KvmeshError, from_rpc_error, invalid_request
 from kvmesh.client.messages import (
     Event,
     GenerateFold,
@@ -67,7 +67,8 @@ class Client:
 
     ``target``: ``HOST:PORT`` (a DNS name in front of the nodes) or a gRPC
     target URI. ``tls``: True (the system's CAs), False (plaintext, for nodes
-    run ``--insecure``) or a :class:`TlsConfig`. ``token``: a bearer token
+    that serve without TLS: run ``--insecure``, or with ``--auth-token-file``
+    and no certificate) or a :class:`TlsConfig`. ``token``: a bearer token
     (admin calls need an admin token). ``timeout``: each call's deadline in
     seconds unless the call says (default ``config.timeout``).
     """
@@ -115,14 +116,18 @@ class Client:
             c.close()
 
     def _timeout(self, timeout: float | None) -> float | None:
+        """The call's deadline for gRPC (None: none); checked before any I/O."""
         t = self.config.timeout if timeout is None else timeout
+        if not t > 0:  # NaN too: gRPC would end the call at once, DEADLINE_EXCEEDED
+            raise invalid_request(f"timeout must be positive seconds (math.inf: no deadline), got {t}")
         return None if math.isinf(t) else t
 
     def _unary(self, stub: str, method: str, request: Any, timeout: float | None) -> Any:
+        deadline = self._timeout(timeout)
         conn = self._lease()
         try:
             call = getattr(getattr(conn, stub), method)
-            return call(request, timeout=self._timeout(timeout), metadata=self._dialer.metadata)
+            return call(request, timeout=deadline, metadata=self._dialer.metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         finally:
@@ -135,7 +140,8 @@ class Client:
     ) -> Generator[Event, None, None]:
         """Stream a completion: :class:`Routed` (per attempt), :class:`Chunk` s, then
         the :class:`Result`. Raises :class:`KvmeshError` if the call fails
-        (mid-stream too: ``started`` is then true)."""
+        (mid-stream too: ``started`` is then true), and at once, before any
+        I/O, for an option out of range (INVALID_ARGUMENT ``invalid_request``)."""
         return self._stream(generate_request(prompt, **options), self._timeout(timeout))
 
     def _stream(self, request: pb.GenerateRequest, timeout: float | None) -> Generator[Event, None, None]:

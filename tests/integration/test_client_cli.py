@@ -118,6 +118,19 @@ def test_errors_say_what_went_wrong_and_exit_nonzero(fleet) -> None:
     assert tls.returncode == 1 and "UNAVAILABLE" in tls.stderr and "add --insecure" in tls.stderr
 
 
+def test_a_value_out_of_range_is_one_line_and_no_traceback() -> None:
+    nowhere = ["--insecure", "--target", f"127.0.0.1:{procs.free_port()}"]  # refused before any call
+    for args in (
+        ("generate", "hi there", "--max-tokens", "-3"),
+        ("generate", "--tokens", "-5", "7"),
+        ("route", "--tokens", "4294967296"),
+    ):
+        out = kvmesh(*args, *nowhere)
+        assert out.returncode == 1 and out.stdout == "", out.stderr
+        assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
+        assert "INVALID_ARGUMENT (invalid_request): " in out.stderr
+
+
 def test_the_target_and_token_come_from_the_environment_or_a_file(tmp_path: Path) -> None:
     (tmp_path / "tokens").write_text(f"# the node's token file\n{TOKEN} client\n")
     (tmp_path / "secret").write_text("a-shared-mesh-secret-of-32-bytes!\n")
@@ -128,7 +141,8 @@ def test_the_target_and_token_come_from_the_environment_or_a_file(tmp_path: Path
     env = {"KVMESH_TARGET": node.info["grpc"]}
     try:
         refused = kvmesh("generate", "hi", "--insecure", env=env)
-        assert refused.returncode == 1 and "UNAUTHENTICATED (no_token)" in refused.stderr
+        assert refused.returncode == 1
+        assert "UNAUTHENTICATED (no_token): this call needs a valid token" in refused.stderr  # reason once
         by_env = kvmesh(
             "generate", "hi", "--insecure", "--max-tokens", "2", env={**env, "KVMESH_TOKEN": TOKEN}
         )

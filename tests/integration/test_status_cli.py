@@ -99,7 +99,8 @@ def test_the_screen(fleet, capsys: pytest.CaptureFixture[str]) -> None:
         assert row[4] == "-" or int(row[4]) >= 0  # no KV event yet: no sequence
         assert int(row[5]) >= 0
     assert any(row[4] != "-" and int(row[5]) > 0 and row[7].endswith("%") for row in rows)  # the busy one
-    assert f"  requests {REQUESTS}  ok {REQUESTS}  failed 0" in out
+    assert f"  generate requests admitted {REQUESTS}  failed 0  retries 0" in lines
+    assert f"  calls ended {REQUESTS} (Generate, Route, HTTP API, refused tokens): OK {REQUESTS}" in lines
     assert "mispredicted routes " in out
 
 
@@ -125,7 +126,7 @@ def test_the_json(fleet, capsys: pytest.CaptureFixture[str]) -> None:
     assert served and all(0 < e["hit_rate"] <= 1 and e["worker_seqs"][e["engine_id"]] >= 0 for e in served)
     assert sum(e["prompt_tokens"] for e in engines.values()) == REQUESTS * 56
     routing = snap["routing"]
-    assert routing["requests"] == routing["requests_ok"] == REQUESTS
+    assert routing["requests"] == routing["calls_ok"] == routing["calls_ended"] == REQUESTS
     assert routing["route_predictions"] >= REQUESTS // 2 and routing["misprediction_rate"] is not None
     assert routing["hit_rate"] == pytest.approx(routing["cached_prompt_tokens"] / routing["prompt_tokens"])
     assert snap["node"]["node_id"] == "status-r1" and snap["node"]["ready"] is True
@@ -184,7 +185,8 @@ def test_what_it_says_when_it_cannot_ask(fleet, capsys: pytest.CaptureFixture[st
     try:
         target = ["--target", guarded.info["grpc"], "--insecure"]
         rc, _, err = _status(capsys, *target)
-        assert rc == 1 and "UNAUTHENTICATED" in err and "--token-file" in err
+        assert rc == 1 and "UNAUTHENTICATED (no_token): this call needs a valid token" in err
+        assert "--token-file" in err
         (tmp_path / "client").write_text(f"# a client token\n{CLIENT_TOKEN}\n")
         rc, _, err = _status(capsys, *target, "--token-file", str(tmp_path / "client"))
         assert rc == 1 and "PERMISSION_DENIED" in err

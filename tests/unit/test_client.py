@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
 import re
 import subprocess
 import sys
@@ -14,8 +15,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from kvmesh import procs
 from kvmesh.client import (
+    ONE_NODE,
     SERVICE_CONFIG_JSON,
+    AsyncClient,
+    Client,
     ClientConfig,
     ClientConfigError,
     KvmeshError,
@@ -28,6 +33,7 @@ from kvmesh.client import (
 )
 from kvmesh.client.channel import Dialer
 from kvmesh.client.config import DEFAULT_TARGET
+from kvmesh.client.errors import from_rpc_error
 from kvmesh.client.messages import Chunk, GenerateFold, Routed, generate_request, route_request
 from kvmesh.client.redial import Redial
 from kvmesh.client.service_config import channel_options
@@ -359,6 +365,104 @@ def test_a_failed_stream_says_its_status_reason_and_whether_it_had_started() -> 
     before = GenerateFold().error(_RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", ()))
     assert not before.started and before.reason == "" and before.result is None
     assert str(before) == "DEADLINE_EXCEEDED: Deadline Exceeded"
+
+
+def test_a_reason_the_node_also_put_at_the_head_of_its_message_is_said_once() -> None:
+    trailing = ((REASON_KEY, "bad_token"),)
+    err = from_rpc_error(
+        _RpcError(grpc.StatusCode.UNAUTHENTICATED, "bad_token: this call needs a valid token", trailing)
+    )
+    assert (err.reason, err.message) == ("bad_token", "this call needs a valid token")
+    assert str(err) == "UNAUTHENTICATED (bad_token): this call needs a valid token"
+    # Only the reason the node named is taken off; other messages stay whole.
+    other = ((REASON_KEY, "no_engine"),)
+    kept = from_rpc_error(_RpcError(grpc.StatusCode.UNAVAILABLE, "e1: breaker open", other))
+    assert kept.message == "e1: breaker open"
+    bare = from_rpc_error(_RpcError(grpc.StatusCode.UNAVAILABLE, "not_admin: x", ()))
+    assert (bare.reason, bare.message) == ("", "not_admin: x")
+
+
+# --- arguments a request cannot carry -----------------------------------------------------------
+
+
+U32, U64 = 2**32 - 1, 2**64 - 1
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"max_tokens": -1}, "max_tokens must be >= 1, got -1"),
+        ({"max_tokens": U32 + 1}, f"max_tokens must be at most {U32}"),
+        ({"temperature": -0.5}, "temperature must be a number >= 0, got -0.5"),
+        ({"temperature": math.nan}, "temperature must be a number >= 0, got nan"),
+        ({"temperature": math.inf}, "temperature must be a number >= 0, got inf"),
+        ({"temperature": 1e39}, "temperature must be a number >= 0"),  # inf as a float32
+        ({"top_p": -0.1}, "top_p must be in (0, 1], got -0.1"),
+        ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
+        ({"top_p": math.nan}, "top_p must be in (0, 1]"),
+        ({"seed": -1}, f"seed must be in 0..{U64}, got -1"),
+        ({"seed": U64 + 1}, "seed must be in"),
+    ],
+)
+def test_a_sampling_value_out_of_range_is_the_nodes_invalid_request_not_a_bare_value_error(
+    options: dict, words: str
+) -> None:
+    with pytest.raises(KvmeshError) as e:
+        generate_request("hi", **options)
+    assert (e.value.status, e.value.reason, e.value.started) == ("INVALID_ARGUMENT", "invalid_request", False)
+    assert e.value.message.startswith(words), e.value.message
+
+
+@pytest.mark.parametrize("ids", [[5, -5, 6], [1, U32 + 1], [-(2**70)]])
+def test_a_token_id_out_of_range_is_refused_in_both_requests(ids: list[int]) -> None:
+    bad = min(ids) if min(ids) < 0 else max(ids)
+    for build in (generate_request, route_request):
+        with pytest.raises(KvmeshError, match=re.escape(f"token id {bad} is out of range (0..{U32})")) as e:
+            build(ids)
+        assert (e.value.status, e.value.reason) == ("INVALID_ARGUMENT", "invalid_request")
+
+
+def test_the_edges_of_every_range_are_sent_as_given() -> None:
+    req = generate_request([0, U32], max_tokens=U32, temperature=0.0, top_p=1.0, seed=U64)
+    assert list(req.prompt.token_ids.ids) == [0, U32]
+    assert (req.sampling.max_tokens, req.sampling.top_p, req.sampling.seed) == (U32, 1.0, U64)
+    zero = generate_request([], max_tokens=0, top_p=0.0, seed=0)  # 0: the node's defaults; [] the node's word
+    assert zero.sampling.max_tokens == 0 and zero.sampling.HasField("seed")
+
+
+def test_a_client_refuses_bad_arguments_and_timeouts_before_it_dials_anything() -> None:
+    client = Client(f"127.0.0.1:{procs.free_port()}", tls=False, config=ONE_NODE)
+    with client:
+        with pytest.raises(KvmeshError, match="max_tokens must be >= 1"):
+            client.generate("hi", max_tokens=-1)  # at the call, not at the stream's first next()
+        with pytest.raises(KvmeshError, match="token id -5"):
+            client.route([1, -5])
+        for bad in (0.0, -1.0, math.nan):
+            with pytest.raises(KvmeshError, match="timeout must be positive") as e:
+                client.route("hi", timeout=bad)
+            assert e.value.reason == "invalid_request"
+            with pytest.raises(KvmeshError, match="timeout must be positive"):
+                client.stats(timeout=bad)
+            with pytest.raises(KvmeshError, match="timeout must be positive"):
+                client.generate("hi", timeout=bad)
+        assert client.dials == 0
+
+
+async def test_the_async_client_refuses_them_before_it_dials_anything_too() -> None:
+    client = AsyncClient(f"127.0.0.1:{procs.free_port()}", tls=False, config=ONE_NODE)
+    async with client:
+        with pytest.raises(KvmeshError, match="seed must be in"):
+            client.generate("hi", seed=-1)
+        with pytest.raises(KvmeshError, match="token id 4294967296"):
+            await client.route([2**32])
+        with pytest.raises(KvmeshError, match="timeout must be positive"):
+            await client.list_engines(timeout=math.nan)
+        assert client.dials == 0
+
+
+def test_a_timeout_that_is_not_a_number_is_refused_when_the_client_is_made() -> None:
+    with pytest.raises(ClientConfigError, match="timeout must be positive"):
+        Client("127.0.0.1:1", tls=False, config=ClientConfig(timeout=math.nan))
 
 
 # --- what an application pulls in ---------------------------------------------------------------
