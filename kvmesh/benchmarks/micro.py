@@ -39,15 +39,16 @@ decoded and applied, and end to end through ``MeshState.apply_remote``).
 Prefix match: a 128-block prompt against
 every engine, ours on router hashes (``match`` of each index), Dynamo's on
 its local block hashes (``RadixTree.find_matches``); the same prompts, hits
-of every depth, timed side by side (:func:`match_side_by_side`: each prompt
-asked of every index in turn, the first of them rotating), so that a busy
-moment of the shared machine falls on every index's tail alike. Memory
-per indexed block: :mod:`kvmesh.benchmarks.index_memory`.
+of every depth, timed side by side (:func:`match_side_by_side`: blocks of
+``MATCH_BLOCK`` prompts asked of every index in turn, back to back within a
+block, the first index rotating from block to block), so that a busy moment
+of the shared machine falls on every index's tail alike while each index is
+asked as a router asks it, one query after another. Memory per indexed
+block: :mod:`kvmesh.benchmarks.index_memory`.
 """
 
 from __future__ import annotations
 
-import functools
 import gc
 import json
 import random
@@ -86,6 +87,11 @@ NONOWNER_ENGINES = 1000  # engines of the non-owner stream
 # engine's frames decoded, hashed and mapped to router hashes; the burst's
 # log entry appended with the owner's live maps; the index's update.
 INGEST_STAGES = ("map", "log", "index")
+# Prompts asked of one index back to back before the next index's turn: few
+# enough that every index's turns spread over the whole run, enough that
+# Dynamo's tree keeps its worker thread awake as under a stream of requests
+# (asked one prompt at a time between other work, each query would wake it).
+MATCH_BLOCK = 100
 
 
 def _block_tokens(b: int) -> list[int]:
@@ -288,8 +294,9 @@ def _ingest_ours(
     gc.collect()
     gc.freeze()
     perf = time.perf_counter
-    # Seconds in each stage (a few clock reads per burst, next to nothing
-    # beside a burst's thousands of blocks): what the report says limits it.
+    # Seconds in each stage, read per burst rather than per frame so that
+    # the clock's own cost stays out of the figures: what the report says
+    # limits the ingest.
     stages = dict.fromkeys(INGEST_STAGES, 0.0)
     t0 = perf()
     for burst in bursts:
@@ -340,31 +347,38 @@ def _queries(convs: list[list[int]], prompt_blocks: int, n_queries: int, seed: i
     return queries
 
 
-def match_side_by_side(asks: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]]) -> dict[str, list[float]]:
+def match_side_by_side(
+    asks: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]], block: int = MATCH_BLOCK
+) -> dict[str, list[float]]:
     """Seconds per query of each matcher, ``{name: (ask, queries)}``, all
     with as many queries, the garbage collector's view frozen.
 
-    Query ``i`` is asked of every matcher in turn before query ``i + 1``,
-    the first of them rotating with ``i``: a busy moment of the shared
-    machine lands on every matcher's tail alike, and none is always asked
-    first (cold caches) or last."""
+    The queries go in blocks of ``block``: each matcher in turn is asked a
+    block's queries back to back before the next matcher's turn, and the
+    matcher going first rotates from block to block. A busy moment of the
+    shared machine then lands on every matcher's tail alike, none is always
+    first (cold caches) or last, and each is timed as a router calls it, one
+    query right after another."""
     names = list(asks)
     n = len(asks[names[0]][1])
     if any(len(q) != n for _, q in asks.values()):
         raise ValueError("every matcher needs as many queries")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     lat: dict[str, list[float]] = {name: [] for name in names}
     perf = time.perf_counter
     gc.collect()
     gc.freeze()
     try:
-        for i in range(n):
+        for turn, first in enumerate(range(0, n, block)):
             for k in range(len(names)):
-                name = names[(i + k) % len(names)]
+                name = names[(turn + k) % len(names)]
                 ask, queries = asks[name]
-                q = queries[i]
-                t = perf()
-                ask(q)
-                lat[name].append(perf() - t)
+                out = lat[name]
+                for q in queries[first : first + block]:
+                    t = perf()
+                    ask(q)
+                    out.append(perf() - t)
     finally:
         gc.unfreeze()
     return lat
@@ -416,11 +430,16 @@ def _time_matches(
 ) -> dict[str, list[float]]:
     """Each index's (and Dynamo's ``tree``'s, if any) match latencies, timed side by side."""
     asks: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]] = {
-        impl: (functools.partial(ix.match, workers=workers), q_router) for impl, ix in indexes.items()
+        impl: (_asker(ix.match, workers), q_router) for impl, ix in indexes.items()
     }
     if tree is not None:
         asks["dynamo"] = (tree.find_matches, q_local)
     return match_side_by_side(asks)
+
+
+def _asker(match: Callable[[Any, list[str]], Any], workers: list[str]) -> Callable[[Any], Any]:
+    """``match`` with the workers bound, called positionally as the policies call it."""
+    return lambda hs: match(hs, workers)
 
 
 def _stage_share(stage_runs: list[dict[str, float]]) -> dict[str, float]:

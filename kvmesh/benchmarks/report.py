@@ -733,8 +733,9 @@ def _index_section(ix: dict | None, mem: dict | None = None) -> list[str]:
         '"one entry per frame" is the same with an entry per frame (a node that is not saturated). '
         'Ingest rates are medians of runs from empty (every run in benchmarks.json); "paired": the '
         "median over runs of ours over the Dynamo run right after it, else the ratio of the medians. "
-        "Matches are timed side by side: each prompt is asked of every index in turn (the first "
-        "of them rotating), so a busy moment of the machine lands on every index's tail alike.",
+        "Matches are timed side by side: blocks of prompts are asked of every index in turn, back to "
+        "back within a block (the first index rotating from block to block), so a busy moment of the "
+        "machine lands on every index's tail alike.",
         "",
     ]
     lines += _table(
@@ -755,7 +756,7 @@ def _index_section(ix: dict | None, mem: dict | None = None) -> list[str]:
     lines += [
         "",
         f"Hashing a 128-block prompt (chained xxh3): {k['hash_128_blocks_us']:.0f} µs. "
-        f"Best overlap agreement with Dynamo on 200 queries: {agreement}."
+        f"Best overlap agreement with Dynamo (queries agreeing / checked): {agreement}."
         + ("" if equal is None else f" Native and Python match answers equal: {'yes' if equal else 'NO'}.")
         + _stages_text(ix),
         "",

@@ -440,7 +440,7 @@ def test_a_missed_ingest_says_where_the_runs_time_went():
         "over every run: kvmesh native (Rust): map 57%, log and live maps 22%, index 21%."
         in render_markdown(res)
     )
-    del ix["kvmesh"]["stage_share"], ix["native"]["stage_share"]  # a run from before the stages were timed
+    del ix["kvmesh"]["stage_share"], ix["native"]["stage_share"]  # a run without the stage timings
     md = render_markdown(res)
     assert "Where our time went" not in md and "time by stage" not in md
 

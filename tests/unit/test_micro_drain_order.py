@@ -58,10 +58,11 @@ def test_a_small_micro_ingest_pairs_each_of_our_runs_with_a_dynamo_run() -> None
     assert res["ingest_ratio"] == statistics.median(pairs)
 
 
-def test_matches_are_timed_side_by_side_each_query_of_every_matcher_in_turn() -> None:
-    """Query i goes to every matcher before query i + 1, the first of them
-    rotating, so no matcher is always asked first (or last) and a busy
-    moment of the machine falls on all of them alike."""
+def test_matches_are_timed_side_by_side_in_blocks_the_first_matcher_rotating() -> None:
+    """Each matcher in turn is asked a block of queries back to back (as a
+    router asks its index), the one going first rotating from block to
+    block, so no matcher is always first (or last) and a busy moment of the
+    machine falls on all of them alike."""
     import pytest
 
     from kvmesh.benchmarks.micro import match_side_by_side
@@ -72,16 +73,24 @@ def test_matches_are_timed_side_by_side_each_query_of_every_matcher_in_turn() ->
         return lambda q: calls.append((name, q))
 
     names = ["a", "b", "c"]
-    lat = match_side_by_side({n: (asker(n), list(range(5))) for n in names})
-    assert [q for _, q in calls] == [i for i in range(5) for _ in names]  # query by query
-    firsts = [calls[3 * i][0] for i in range(5)]
-    assert firsts == ["a", "b", "c", "a", "b"]  # the first matcher rotates
-    for i in range(5):
-        assert sorted(n for n, q in calls if q == i) == names  # every matcher, every query
-    assert {n: len(v) for n, v in lat.items()} == {n: 5 for n in names}
+    lat = match_side_by_side({n: (asker(n), list(range(7))) for n in names}, block=3)
+    turns = [(calls[i][0], [q for _, q in calls[i : i + 3]]) for i in (0, 3, 6, 9, 12, 15)]
+    assert turns == [
+        ("a", [0, 1, 2]),
+        ("b", [0, 1, 2]),
+        ("c", [0, 1, 2]),
+        ("b", [3, 4, 5]),
+        ("c", [3, 4, 5]),
+        ("a", [3, 4, 5]),
+    ]
+    assert calls[18:] == [("c", 6), ("a", 6), ("b", 6)]  # the last, short block; c's turn to go first
+    assert len(calls) == 21  # every matcher, every query, once
+    assert {n: len(v) for n, v in lat.items()} == {n: 7 for n in names}
     assert all(t >= 0 for v in lat.values() for t in v)
     with pytest.raises(ValueError):
         match_side_by_side({"a": (asker("a"), [1, 2]), "b": (asker("b"), [1])})
+    with pytest.raises(ValueError):
+        match_side_by_side({"a": (asker("a"), [1])}, block=0)
 
 
 def test_a_small_micro_run_times_every_index_match() -> None:
