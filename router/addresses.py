@@ -56,11 +56,13 @@ def resolve_listen(listen: str, flag: str = "--listen") -> str:
     advertise its address before the server starts."""
     host, port = check_address(listen, flag, any_port=True)
     if port == 0:
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1] -> ::1
+        family = socket.AF_INET6 if ":" in bare else socket.AF_INET
         try:
-            with socket.socket() as s:
-                s.bind((host if host not in _WILDCARDS else "", 0))
+            with socket.socket(family) as s:
+                s.bind((bare if host not in _WILDCARDS else "", 0))
                 port = s.getsockname()[1]
-        except OSError as e:  # a host that is not this machine's
+        except OSError as e:  # not one of this machine's addresses, or a name that does not resolve
             raise AddressError(f"{flag} {listen!r}: cannot listen there: {e.strerror or e}") from None
     return f"{host}:{port}"
 

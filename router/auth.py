@@ -100,9 +100,11 @@ class TokenTable:
     @classmethod
     def from_file(cls, path: str) -> TokenTable:
         try:
-            return cls.parse(Path(path).read_text())
+            return cls.parse(Path(path).read_text(encoding="utf-8"))
         except OSError as e:
             raise AuthError(f"cannot read the token file {path!r}: {e}") from None
+        except UnicodeDecodeError as e:
+            raise AuthError(f"the token file {path!r} is not UTF-8 text (byte {e.start})") from None
 
     def role_of(self, authorization: str | None) -> str | None:
         """The role of the token in an ``authorization`` header, or None."""

@@ -48,6 +48,16 @@ class OpenPort(NamedTuple):
     fix: str  # the flags that would authenticate it
 
 
+# RouterConfig fields that no flag of `kvmesh router` sets (embedding code
+# may): a refusal names them as fields, every other one as its flag.
+_NO_FLAG = frozenset({"seed_resolve_retry", "join_warn_interval"})
+
+
+def _said(field: str) -> str:
+    """How a refusal names ``field``: its ``--flag``, or the field where no flag sets it."""
+    return field if field in _NO_FLAG else "--" + field.replace("_", "-")
+
+
 @dataclass(slots=True)
 class RouterConfig:
     # --- addresses -------------------------------------------------------------------
@@ -146,16 +156,18 @@ class RouterConfig:
             "max_request_bytes",
         ):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ValueError(f"{_said(name)} must be > 0, got {getattr(self, name)}")
         if not self.drain_timeout >= 0:
             raise ValueError(
-                f"drain_timeout must be >= 0 (0: cut what is in flight), got {self.drain_timeout}"
+                f"--drain-timeout must be >= 0 (0: cut what is in flight), got {self.drain_timeout}"
             )
         # The first attempt counts: 0 would still make one.
         if not self.retry.max_attempts >= 1:
-            raise ValueError(f"max_attempts must be >= 1 (1: no retry), got {self.retry.max_attempts}")
+            raise ValueError(f"--max-attempts must be >= 1 (1: no retry), got {self.retry.max_attempts}")
         if not self.engine_client.stream_idle_timeout > 0:
-            raise ValueError(f"stream_idle_timeout must be > 0, got {self.engine_client.stream_idle_timeout}")
+            raise ValueError(
+                f"--stream-idle-timeout must be > 0, got {self.engine_client.stream_idle_timeout}"
+            )
         self._check_addresses()
         # Two specs for one id: registration would keep the last without a word.
         twice = sorted(e for e, n in Counter(s.engine_id for s in self.engines).items() if n > 1)

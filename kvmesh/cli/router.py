@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import os
 import signal
+import ssl
 import sys
 
 import structlog
@@ -492,6 +493,8 @@ def check_files(cfg: RouterConfig) -> None:
                     pass
             except OSError as e:
                 raise ValueError(f"{flag} {path!r}: {e.strerror or e}") from None
+    _check_tls(("--tls-cert", a.tls_cert), ("--tls-key", a.tls_key), ("--tls-client-ca", a.tls_client_ca))
+    _check_tls(("--mesh-tls-cert", t.tls_cert), ("--mesh-tls-key", t.tls_key), ("--mesh-tls-ca", t.tls_ca))
     try:
         if a.token_file:
             TokenTable.from_file(a.token_file)
@@ -502,6 +505,33 @@ def check_files(cfg: RouterConfig) -> None:
             MeshSecret.from_file(t.secret_file)
     except MeshAuthError as e:
         raise MeshAuthError(f"--mesh-secret-file {t.secret_file!r}: {e}") from None
+
+
+def _no_passphrase() -> bytes:
+    # gRPC takes no passphrase: an encrypted key would fail there, and
+    # OpenSSL would otherwise ask for one on the terminal.
+    raise ValueError("the key is encrypted; give it unencrypted (gRPC takes no passphrase)")
+
+
+def _check_tls(cert: tuple[str, str], key: tuple[str, str], ca: tuple[str, str]) -> None:
+    """The certificate and key as a pair, and the CA, parsed as gRPC will
+    use them: a file that exists but holds no usable PEM is said here, by
+    flag, not later as OpenSSL's "PEM lib" with no name."""
+    (cert_flag, cert_path), (key_flag, key_path), (ca_flag, ca_path) = cert, key, ca
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if cert_path and key_path:
+        try:
+            ctx.load_cert_chain(cert_path, key_path, password=_no_passphrase)
+        except (ssl.SSLError, ValueError) as e:
+            raise ValueError(
+                f"{cert_flag} {cert_path!r} with {key_flag} {key_path!r}: not a usable PEM certificate "
+                f"and private key that match ({e})"
+            ) from None
+    if ca_path:
+        try:
+            ctx.load_verify_locations(cafile=ca_path)
+        except ssl.SSLError as e:
+            raise ValueError(f"{ca_flag} {ca_path!r}: not a usable PEM CA certificate ({e})") from None
 
 
 def _refuse(why: object) -> int:

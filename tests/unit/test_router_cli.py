@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,23 @@ def test_listen_and_advertised_addresses():
         resolve_listen("nope")
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_an_ipv6_listen_address_gets_a_free_port_in_brackets():
+    host, _, port = resolve_listen("[::1]:0").rpartition(":")
+    assert host == "[::1]" and 0 < int(port) <= 65535
+    with pytest.raises(AddressError, match="cannot listen there"):
+        resolve_listen("[::ffff:203.0.113.9]:0")  # not one of this machine's addresses
+
+
 async def test_seeds_expand_and_leave_this_node_out():
     assert await resolve_seeds(["127.0.0.1:7000", "127.0.0.1:7001"], "127.0.0.1:7001", 1.0, 0.1) == [
         "127.0.0.1:7000"
@@ -174,12 +193,12 @@ async def test_seeds_with_a_port_out_of_range_are_refused():
 @pytest.mark.parametrize(
     "flag, words",
     [
-        ("--max-attempts=0", "max_attempts must be >= 1"),  # 0 still made one attempt
-        ("--max-attempts=-1", "max_attempts must be >= 1"),
-        ("--drain-timeout=-1", "drain_timeout must be >= 0"),
-        ("--health-interval=0", "health_interval must be > 0"),
-        ("--max-request-bytes=0", "max_request_bytes must be > 0"),
-        ("--stream-idle-timeout=0", "stream_idle_timeout must be > 0"),
+        ("--max-attempts=0", "--max-attempts must be >= 1"),  # the first attempt counts
+        ("--max-attempts=-1", "--max-attempts must be >= 1"),
+        ("--drain-timeout=-1", "--drain-timeout must be >= 0"),
+        ("--health-interval=0", "--health-interval must be > 0"),
+        ("--max-request-bytes=0", "--max-request-bytes must be > 0"),
+        ("--stream-idle-timeout=0", "--stream-idle-timeout must be > 0"),
     ],
 )
 def test_out_of_range_numbers_are_refused(flag, words):
@@ -207,6 +226,8 @@ def files(tmp_path: Path) -> Path:
     (tmp_path / "empty").write_text("")
     (tmp_path / "superuser").write_text(f"{'t' * 20} superuser\n")
     (tmp_path / "short").write_text("short client\n")
+    (tmp_path / "latin").write_bytes(b"\xff" * 20 + b" client\n")
+    (tmp_path / "junk.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
     return tmp_path
 
 
@@ -225,7 +246,22 @@ _NO_FILE = "No such file or directory"
         (["--auth-token-file={d}/nope"], ValueError, f"--auth-token-file '{{d}}/nope': {_NO_FILE}"),
         (["--auth-token-file={d}/superuser"], AuthError, "--auth-token-file '{d}/superuser': unknown role"),
         (["--auth-token-file={d}/short"], AuthError, "--auth-token-file '{d}/short': line 1: a token must"),
+        (
+            ["--auth-token-file={d}/latin"],
+            AuthError,
+            "--auth-token-file '{d}/latin': the token file '{d}/latin' is not UTF-8 text (byte 0)",
+        ),
         (["--mesh-secret-file={d}/nope"], ValueError, f"--mesh-secret-file '{{d}}/nope': {_NO_FILE}"),
+        (
+            ["--tls-cert={d}/junk.pem", "--tls-key={d}/tokens"],
+            ValueError,
+            "--tls-cert '{d}/junk.pem' with --tls-key '{d}/tokens': not a usable PEM certificate",
+        ),
+        (
+            ["--tls-cert={d}/junk.pem", "--tls-key={d}/junk.pem", "--tls-client-ca={d}/junk.pem"],
+            ValueError,
+            "--tls-cert '{d}/junk.pem' with --tls-key",  # the pair is checked before the CA
+        ),
         (
             ["--mesh-secret-file={d}/empty"],
             MeshAuthError,
@@ -300,7 +336,7 @@ def _engine_help() -> str:
 def test_the_engine_help_lists_exactly_the_keys_the_parser_takes():
     listed = set(re.findall(r"\b([a-z_]+)=", _engine_help()))
     assert listed == set(SPEC_KEYS), listed ^ set(SPEC_KEYS)
-    # Among them the ones the old help left out: README's SGLang example uses kind=.
+    # Keys easy to leave out of a hand-written list: README's SGLang example uses kind=.
     assert {"kind", "capacity_blocks", "endpoint"} <= listed
 
 
@@ -371,3 +407,50 @@ async def test_a_stopped_node_stops_waiting_and_warns_no_more():
 def test_the_join_warning_interval_is_checked():
     with pytest.raises(ValueError, match="join_warn_interval must be > 0"):
         RouterConfig(join_warn_interval=0)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run(["bash", str(repo / "deploy" / "make-certs.sh"), str(d)], check=True, capture_output=True)
+    return d
+
+
+def test_a_certificate_and_key_are_checked_as_the_pair_grpc_will_load(pki: Path) -> None:
+    ok = _args(f"--tls-cert={pki}/server.pem", f"--tls-key={pki}/server.key", f"--tls-client-ca={pki}/ca.pem")
+    check_files(config_from_args(ok))  # deploy/make-certs.sh's pair and CA pass
+    mismatched = _args(f"--tls-cert={pki}/server.pem", f"--tls-key={pki}/mesh.key")
+    with pytest.raises(ValueError, match="not a usable PEM certificate and private key that match"):
+        check_files(config_from_args(mismatched))
+    encrypted = pki / "encrypted.key"
+    subprocess.run(
+        [
+            "openssl",
+            "pkey",
+            "-in",
+            str(pki / "server.key"),
+            "-aes256",
+            "-passout",
+            "pass:x",
+            "-out",
+            str(encrypted),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    # Refused without asking for a passphrase on the terminal (gRPC takes none).
+    with pytest.raises(ValueError, match="the key is encrypted"):
+        check_files(config_from_args(_args(f"--tls-cert={pki}/server.pem", f"--tls-key={encrypted}")))
+    with pytest.raises(
+        ValueError, match=re.escape(f"--tls-client-ca '{pki}/server.key': not a usable PEM CA")
+    ):
+        check_files(
+            config_from_args(
+                _args(
+                    f"--tls-cert={pki}/server.pem",
+                    f"--tls-key={pki}/server.key",
+                    f"--tls-client-ca={pki}/server.key",
+                )
+            )
+        )

@@ -37,7 +37,7 @@ def test_flags_default_to_the_config_and_set_their_fields() -> None:
     assert config_from_args(_args("--replay-probe-after=0")).event_adapter.replay_probe_after == 0
     with pytest.raises(ValueError, match="replay_probe_after"):
         config_from_args(_args("--replay-probe-after=-1"))
-    with pytest.raises(ValueError, match="seed_refresh_interval"):
+    with pytest.raises(ValueError, match="--seed-refresh-interval must be > 0"):
         config_from_args(_args("--seed-refresh-interval=0"))
 
 
