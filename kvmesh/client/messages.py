@@ -7,8 +7,8 @@ request went; one per attempt when the node retried on another engine
 before the first token), :class:`Chunk` s, and a final :class:`Result`,
 folded from the wire by :class:`GenerateFold`. Pure: no I/O.
 
-The sampling values and token ids are checked against their ranges before
-the request is built: protobuf would refuse some (a negative ``max_tokens``
+The sampling values and token ids are checked against their ranges (and
+the ids for being integers) before the request is built: protobuf would refuse some (a negative ``max_tokens``
 or token id, one past ``uint32``) with a bare ``ValueError`` and send others
 as ``inf``, and the node refuses the rest for the field alone. The error is
 the one a node gives a bad field, :class:`KvmeshError` INVALID_ARGUMENT
@@ -17,6 +17,7 @@ the one a node gives a bad field, :class:`KvmeshError` INVALID_ARGUMENT
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any, TypedDict
 
@@ -89,7 +90,11 @@ _FLOAT32_MAX = 3.4028234663852886e38  # temperature, top_p: larger is inf on the
 def _prompt(prompt: Prompt) -> pb.Prompt:
     if isinstance(prompt, str):
         return pb.Prompt(text=prompt)
-    ids = list(prompt)
+    try:
+        ids = [operator.index(i) for i in prompt]  # ints, numpy's among them; 1.5 or "7" is not an id
+    except TypeError:
+        bad = next(i for i in prompt if not hasattr(i, "__index__"))
+        raise invalid_request(f"token ids must be integers, got {bad!r}") from None
     if ids:
         for bad in (min(ids), max(ids)):
             if not 0 <= bad <= _UINT32_MAX:

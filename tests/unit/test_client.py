@@ -422,6 +422,22 @@ def test_a_token_id_out_of_range_is_refused_in_both_requests(ids: list[int]) -> 
         assert (e.value.status, e.value.reason) == ("INVALID_ARGUMENT", "invalid_request")
 
 
+@pytest.mark.parametrize("ids", [[1, 1.5], [1, "7"], [None]])
+def test_a_token_id_that_is_no_integer_is_refused_in_both_requests(ids: list) -> None:
+    for build in (generate_request, route_request):
+        with pytest.raises(KvmeshError, match="token ids must be integers") as e:
+            build(ids)
+        assert (e.value.status, e.value.reason) == ("INVALID_ARGUMENT", "invalid_request")
+
+
+def test_integer_like_token_ids_are_sent_as_ints() -> None:
+    class Id:  # what numpy's integers are to Python: __index__, not int
+        def __index__(self) -> int:
+            return 42
+
+    assert list(generate_request([Id(), 7]).prompt.token_ids.ids) == [42, 7]
+
+
 def test_the_edges_of_every_range_are_sent_as_given() -> None:
     req = generate_request([0, U32], max_tokens=U32, temperature=0.0, top_p=1.0, seed=U64)
     assert list(req.prompt.token_ids.ids) == [0, U32]
