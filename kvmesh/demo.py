@@ -101,29 +101,31 @@ def _print_table(results: list[tuple[int, RunResult]]) -> None:
 _LEGEND = """\
 nodes: router nodes the requests were spread over. hit_rate: prompt tokens the
 engines found in their KV cache / prompt tokens sent. ttft: time to first token,
-at the client. throughput_rps / output_tps: answered requests / generated tokens
-per second of the run. imbalance: requests of the busiest engine / the mean
-over engines (1 = even)."""
+at the client. latency: send to last token. throughput_rps / output_tps:
+answered requests / generated tokens per second of the run. imbalance: requests
+of the busiest engine / the mean over the engines that served (1 = even)."""
 
 
 def conclusion(results: list[tuple[int, dict[str, float], str]]) -> list[str]:
     """What the runs show, from their own figures: ``(nodes, summary, policy)``
     per run. Each policy through one node against round_robin, then precise
-    spread over the mesh against precise through one node."""
-    one = {policy: s for nodes, s, policy in results if nodes == 1}
+    spread over the mesh against precise through one node. A run with a
+    failed request is compared with none: its FAILED lines say why."""
+    usable = [(n, s, p) for n, s, p in results if not s.get("failed") and s["ttft_p90_ms"] > 0]
+    one = {policy: s for nodes, s, policy in usable if nodes == 1}
     lines = []
     base = one.get("round_robin")
     for policy, s in one.items():
         if base is None or policy == "round_robin":
             continue
-        ratio = base["ttft_p90_ms"] / s["ttft_p90_ms"] if s["ttft_p90_ms"] else float("inf")
+        ratio = base["ttft_p90_ms"] / s["ttft_p90_ms"]
         lines.append(
             f"{policy} vs round_robin through one node: hit rate {s['hit_rate']:.3f} vs "
             f"{base['hit_rate']:.3f}, TTFT p90 {s['ttft_p90_ms']:.0f} vs {base['ttft_p90_ms']:.0f} ms "
             + (f"({ratio:.1f}x lower)" if ratio >= 1 else f"({1 / ratio:.1f}x higher)")
         )
     single = one.get("precise")
-    for nodes, s, policy in results:
+    for nodes, s, policy in usable:
         if nodes > 1 and policy == "precise" and single is not None:
             lines.append(
                 f"precise spread over {nodes} nodes vs one node: hit rate {s['hit_rate']:.3f} vs "

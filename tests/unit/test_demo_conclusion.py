@@ -29,3 +29,11 @@ def test_a_slower_policy_is_called_slower_and_missing_runs_are_not_compared() ->
     (line,) = conclusion([(1, _s(0.5, 100.0), "round_robin"), (1, _s(0.6, 200.0), "least_load")])
     assert line.endswith("TTFT p90 200 vs 100 ms (2.0x higher)")
     assert conclusion([(1, _s(0.8, 100.0), "precise"), (3, _s(0.8, 100.0), "round_robin")]) == []
+
+
+def test_a_run_with_failed_requests_is_compared_with_none() -> None:
+    """Every round_robin request failed: no TTFT (p90 0), and no ratio drawn from it."""
+    failed = {"hit_rate": 0.0, "ttft_p90_ms": 0.0, "failed": 168}
+    assert conclusion([(1, failed, "round_robin"), (1, _s(0.8, 150.0), "precise")]) == []
+    partly = {**_s(0.8, 150.0), "failed": 3}
+    assert conclusion([(1, _s(0.5, 300.0), "round_robin"), (1, partly, "precise")]) == []
