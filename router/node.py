@@ -178,8 +178,7 @@ class RouterNode:
     async def start(self, join: list[str] | None = None) -> None:
         """Start the node's loops and join the mesh through ``join`` (seed
         addresses; none: the first node of a new mesh)."""
-        for model, spec in self.config.tokenizers.items():
-            self._tokenizers[model] = get_tokenizer(spec)  # fail fast on a bad path
+        self.load_tokenizers()
         self.core.join(list(join or []), self.clock())
         self._tasks += [
             asyncio.create_task(self.mesh.run(), name="mesh"),
@@ -195,6 +194,14 @@ class RouterNode:
         if self.discovery is not None:
             self._tasks.append(asyncio.create_task(self.discovery.run(), name="discovery"))
         self.mesh.flush()
+
+    def load_tokenizers(self) -> None:
+        """Load every configured tokenizer not loaded yet: a bad path raises
+        :class:`TokenizerError` here, before the node serves anything
+        (``serve`` calls this before it binds a port)."""
+        for model, spec in self.config.tokenizers.items():
+            if model not in self._tokenizers:
+                self._tokenizers[model] = get_tokenizer(spec)
 
     @property
     def ready(self) -> bool:

@@ -452,6 +452,7 @@ async def serve(
     serves beside gRPC, and drains with it.
     """
     cfg = node.config
+    node.load_tokenizers()  # a bad --tokenizer stops us before any port is bound
     interceptors = []
     tokens = TokenTable.from_file(cfg.api_auth.token_file) if cfg.api_auth.token_file else None
     if tokens is not None:

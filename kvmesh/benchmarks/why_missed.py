@@ -82,7 +82,9 @@ def _replicas(res: dict, t: dict) -> str:
         "hint_push_delay), engine events through the engine's owner. Requests for one prefix that "
         "reach two nodes before either hears of the other can still split. Fix: session-affine entry "
         "into the mesh (the load balancer hashing on a session key), or a synchronous hint exchange for "
-        "long prompts."
+        "long prompts. Under cache pressure one run's hit rate also moves by several points from one run "
+        "of the same configuration to the next, and the table compares one run of each: repeated runs "
+        "and their spread in docs/evidence/mesh_hit_rate_spread.md."
     )
 
 
@@ -172,7 +174,8 @@ def _ingest(res: dict, t: dict) -> str:
         "on the other."
         + figures
         + " Fix: refcounts only for router hashes that several engine blocks name, the live map read "
-        "from the mapper's table instead of a copy, and frames mapped off the event loop's thread."
+        "from the mapper's table instead of a copy, and whole bursts of frames mapped off the event "
+        "loop's thread (what was tried and measured without being kept: docs/evidence/owner_ingest.md)."
     )
 
 

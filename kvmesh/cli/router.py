@@ -573,7 +573,7 @@ def run(args: argparse.Namespace) -> int:
         )
     try:
         asyncio.run(_serve(cfg))
-    except TokenizerError as e:  # RouterNode.start loads the tokenizers
+    except TokenizerError as e:  # serve loads the tokenizers before it binds a port
         return _refuse(f"--tokenizer: {e}")
     except ChatTemplateError as e:  # the HTTP front loads the chat templates; the error names the file
         return _refuse(e)

@@ -1,11 +1,14 @@
 """`kvmesh router` as an operator starts it: a mistake in the flags or in a
 file they name stops it with one line on stderr and exit status 2, never a
 traceback; a node whose seed never answers says so while it waits, and
-prints no READY line when it is stopped before it ever served."""
+prints no READY line when it is stopped before it ever served; a bad
+tokenizer stops ``serve`` before it binds a port."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from engine_adapters.tokenizer import TokenizerError
 from kvmesh import procs
+from router.config import RouterConfig
+from router.node import RouterNode
+from router.service import serve
 
 pytestmark = pytest.mark.slow
 
@@ -115,3 +122,29 @@ def test_a_node_whose_seed_never_answers_warns_and_prints_no_ready_when_stopped(
     assert waiting and dead_seed in waiting[0] and "waited=" in waiting[0], log
     assert "READY" not in stdout, stdout  # it never served: no READY line on the way out
     assert p.returncode == 0 and "router.stopped" in log and "Traceback" not in log, log
+
+
+def test_a_bad_tokenizer_stops_serve_before_any_port_is_bound(tmp_path: Path) -> None:
+    """In process too (an embedding caller, a test): the error comes before
+    the gRPC server binds, so nothing is left listening behind it."""
+    port = procs.free_port()
+    cfg = RouterConfig(
+        listen=f"127.0.0.1:{port}",
+        node_id="tok",
+        insecure=True,
+        tokenizers={"m": str(tmp_path / "missing" / "tokenizer.json")},
+    )
+
+    async def main() -> None:
+        node = RouterNode(cfg)
+        try:
+            with pytest.raises(TokenizerError, match="tokenizer file not found") as raised:
+                await asyncio.wait_for(serve(node, asyncio.Event()), 30)
+            # Checked while the error (and so anything serve made) is alive.
+            with socket.socket() as s:  # free: serve never bound it
+                s.bind(("127.0.0.1", port))
+            del raised
+        finally:
+            await node.stop()
+
+    asyncio.run(main())
