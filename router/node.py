@@ -199,9 +199,8 @@ class RouterNode:
         """Load every configured tokenizer not loaded yet: a bad path raises
         :class:`TokenizerError` here, before the node serves anything
         (``serve`` calls this before it binds a port)."""
-        for model, spec in self.config.tokenizers.items():
-            if model not in self._tokenizers:
-                self._tokenizers[model] = get_tokenizer(spec)
+        for model in self.config.tokenizers:
+            self.tokenizer(model)
 
     @property
     def ready(self) -> bool:
