@@ -32,8 +32,29 @@ bound. But a start rate measured while the fleet kept up is the rate of
 demand, not of capacity: a burst after a quiet spell would look like
 overload. Hence the second condition (as CoDel drops on a standing queue,
 never on a burst): requests that the fleet starts within ``backlog_age``
-prove it is keeping up, whatever the rate says. :class:`Admission` is pure (time is an argument);
-:class:`AdmissionGate` runs it for asyncio callers.
+prove it is keeping up, whatever the rate says.
+
+That grace alone would take a whole burst: at k times the fleet's capacity,
+``backlog_age`` x the arrival rate requests arrive before the oldest has
+waited long enough, and the last of them waits that many requests' worth of
+starts, many times ``max_queue_wait``. So the node also keeps the fleet's
+*capacity*: its start rate over the latest backlog (a stretch of offers that
+each found the fleet behind, or more requests waiting than half a bound's
+worth at the capacity so far), measured once the backlog has lasted
+``max_queue_wait`` (or ``rate_window``, if shorter) and at least
+``min_starts`` requests started in it, then again over each next
+``rate_window`` of it. While
+requests wait their turn the fleet starts them as fast as it can, so that
+rate is its capacity, not the demand; the first starts after an idle spell
+(free batch slots filling) come before a backlog and do not count. A request
+that would wait past ``max_queue_wait`` even at that capacity is shed at
+once, grace or not. Before the first backlog there is no capacity to go by
+and the grace decides alone. A fleet that grew or shrank is measured again
+by its next backlog: the requests the rule admits keep the fleet busy, so
+the backlog lasts.
+
+:class:`Admission` is pure (time is an argument); :class:`AdmissionGate` runs
+it for asyncio callers.
 """
 
 from __future__ import annotations
@@ -46,7 +67,7 @@ from dataclasses import dataclass
 
 from router.errors import Overloaded
 
-__all__ = ["ADMIT", "QUEUE", "Admission", "AdmissionConfig", "AdmissionGate", "Shed"]
+__all__ = ["ADMIT", "QUEUE", "Admission", "AdmissionConfig", "AdmissionGate", "Shed", "Verdict"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +120,11 @@ class Admission:
         self._queued: OrderedDict[Hashable, float] = OrderedDict()  # waiting here
         self._starts: deque[float] = deque()  # first-token times within the window
         self.shed_total = 0
+        # First tokens per second the fleet managed over the latest backlog
+        # (0: none yet); see the module docstring.
+        self.capacity = 0.0
+        self._started_total = 0
+        self._backlog: tuple[float, int] | None = None  # (since, starts before it)
 
     @property
     def queued(self) -> int:
@@ -137,11 +163,20 @@ class Admission:
     def offer(self, key: Hashable, now: float) -> Verdict:
         """A new request: admit it, queue it (under ``key``), or shed it."""
         cfg = self.config
+        waiting = len(self._unstarted) + len(self._queued)
+        behind = self.oldest_age(now) >= min(cfg.backlog_age, cfg.max_queue_wait)
+        # Half a bound's worth waiting keeps the fleet busy: still a backlog.
+        busy = self.capacity > 0 and (waiting + 1) / self.capacity > cfg.max_queue_wait / 2
+        self._measure(now, behind or busy)
         wait = self.estimated_wait(now)
-        backlog = min(cfg.backlog_age, cfg.max_queue_wait)
-        if wait > cfg.max_queue_wait and self.oldest_age(now) >= backlog:
+        if wait > cfg.max_queue_wait and behind:
             return self._shed(
                 f"estimated wait {wait:.1f} s for the fleet to start it > {cfg.max_queue_wait:g} s"
+            )
+        if self._past_capacity(waiting):
+            return self._shed(
+                f"{waiting} requests not yet started; at the {self.capacity:.1f}/s the fleet "
+                f"starts them when behind, one more would wait > {cfg.max_queue_wait:g} s"
             )
         if self.in_flight < cfg.max_in_flight and not self._queued:
             self._admit(key, now)
@@ -150,6 +185,28 @@ class Admission:
             return self._shed(f"{self.in_flight} requests in flight and {len(self._queued)} queued here")
         self._queued[key] = now
         return QUEUE
+
+    def _past_capacity(self, waiting: int) -> bool:
+        """One more request would wait past the bound even at the fleet's capacity."""
+        return self.capacity > 0 and (waiting + 1) / self.capacity > self.config.max_queue_wait
+
+    def _measure(self, now: float, backlog: bool) -> None:
+        """Follow the backlog (requests waiting their turn), and take the
+        fleet's start rate over it as its capacity once it is long enough."""
+        if not backlog:
+            self._backlog = None
+            return
+        if self._backlog is None:
+            self._backlog = (now, self._started_total)
+            return
+        since, before = self._backlog
+        span = now - since
+        n = self._started_total - before
+        cfg = self.config
+        if span >= min(cfg.max_queue_wait, cfg.rate_window) and n >= cfg.min_starts:
+            self.capacity = n / span
+        if span >= cfg.rate_window:  # measure the next stretch afresh
+            self._backlog = (now, self._started_total)
 
     def _shed(self, why: str) -> Shed:
         self.shed_total += 1
@@ -163,6 +220,7 @@ class Admission:
         """The request's first token arrived."""
         if self._unstarted.pop(key, None) is not None:
             self._starts.append(now)
+            self._started_total += 1
 
     def leave_queue(self, key: Hashable) -> bool:
         """A queued request gave up (its wait or its client's deadline ran out)."""

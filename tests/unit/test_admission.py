@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.admission import ADMIT, QUEUE, Admission, AdmissionConfig, AdmissionGate, Shed
+from router.admission import ADMIT, QUEUE, Admission, AdmissionConfig, AdmissionGate, Shed, Verdict
 from router.errors import Overloaded
 from router.outcomes import Outcomes
 
@@ -61,6 +61,78 @@ def test_a_burst_after_a_quiet_spell_is_not_overload() -> None:
     for i in range(40):  # the fleet starts them quickly: no shedding after either
         a.started(("burst", i), now + 0.1)
     assert a.offer("next", now + 0.2) == ADMIT
+
+
+class _Fleet:
+    """A fleet that starts (and at once finishes) the oldest admitted request
+    every ``1 / rate`` seconds, with one new request offered per start."""
+
+    def __init__(self, a: Admission) -> None:
+        self.a = a
+        self.fifo: list[object] = []
+        self.t = 0.0
+        self.n = 0
+
+    def offer(self, now: float) -> Verdict:
+        self.n += 1
+        key = ("req", self.n)
+        v = self.a.offer(key, now)
+        if v == ADMIT:
+            self.fifo.append(key)
+        return v
+
+    def run(self, seconds: float, rate: float, *, offers: int) -> None:
+        end = self.t + seconds
+        while self.t + 1 / rate <= end:
+            self.t += 1 / rate
+            if self.fifo:
+                key = self.fifo.pop(0)
+                self.a.started(key, self.t)
+                self.a.finished(key, self.t)
+            for _ in range(offers):
+                self.offer(self.t)
+
+
+def test_a_surge_past_the_capacity_seen_is_shed_before_the_grace_ends() -> None:
+    a = Admission(AdmissionConfig(max_queue_wait=2.0, rate_window=5.0, backlog_age=0.5))
+    fleet = _Fleet(a)
+    # Nothing known yet: a first surge is taken whole during the grace.
+    assert all(fleet.offer(0.0) == ADMIT for _ in range(60))
+    assert a.capacity == 0
+    # The fleet falls behind (10 starts a second, as many arrivals): that
+    # rate is what it can do.
+    fleet.run(6.0, 10.0, offers=1)
+    assert a.capacity == pytest.approx(10.0, rel=0.15)
+    fleet.run(30.0, 10.0, offers=0)  # arrivals stop; the backlog drains
+    assert a.unstarted == 0
+    # A new surge: the oldest of it has not waited backlog_age, but at 10
+    # starts a second only about 2 s x 10 of it can start in time.
+    now = fleet.t + 0.01
+    verdicts = [fleet.offer(now) for _ in range(60)]
+    admitted = verdicts.count(ADMIT)
+    assert a.oldest_age(now) < a.config.backlog_age
+    assert 15 <= admitted <= 25
+    assert all(isinstance(v, Shed) and "not yet started" in v.why for v in verdicts[admitted:])
+
+
+def test_the_capacity_follows_a_fleet_that_grows_or_shrinks() -> None:
+    a = Admission(AdmissionConfig(max_queue_wait=2.0, rate_window=5.0, backlog_age=0.5))
+    fleet = _Fleet(a)
+    for _ in range(60):
+        fleet.offer(0.0)
+    fleet.run(6.0, 10.0, offers=1)
+    assert a.capacity == pytest.approx(10.0, rel=0.15)
+    # The fleet grew: it now starts 40 a second, and 80 arrive a second. The
+    # early rule holds the wait at 2 s of the old capacity, which this fleet
+    # drains in half a second, so the oldest never waits backlog_age: the
+    # capacity must rise from the starts themselves.
+    fleet.run(6.0, 40.0, offers=2)
+    assert a.capacity == pytest.approx(40.0, rel=0.15)
+    assert a.unstarted == pytest.approx(2.0 * 40.0, rel=0.15)
+    # It shrinks back to 10 a second: the backlog it was left measures that.
+    fleet.run(12.0, 10.0, offers=2)
+    assert a.capacity == pytest.approx(10.0, rel=0.15)
+    assert a.unstarted <= 2.0 * 10.0 * 1.15
 
 
 def test_an_idle_fleet_is_not_mistaken_for_a_stuck_one() -> None:
