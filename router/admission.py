@@ -38,20 +38,25 @@ That grace alone would take a whole burst: at k times the fleet's capacity,
 ``backlog_age`` x the arrival rate requests arrive before the oldest has
 waited long enough, and the last of them waits that many requests' worth of
 starts, many times ``max_queue_wait``. So the node also keeps the fleet's
-*capacity*: its start rate over the latest backlog (a stretch of offers that
-each found the fleet behind, or more requests waiting than half a bound's
-worth at the capacity so far), measured once the backlog has lasted
-``max_queue_wait`` (or ``rate_window``, if shorter) and at least
-``min_starts`` requests started in it, then again over each next
-``rate_window`` of it. While
-requests wait their turn the fleet starts them as fast as it can, so that
-rate is its capacity, not the demand; the first starts after an idle spell
-(free batch slots filling) come before a backlog and do not count. A request
-that would wait past ``max_queue_wait`` even at that capacity is shed at
-once, grace or not. Before the first backlog there is no capacity to go by
-and the grace decides alone. A fleet that grew or shrank is measured again
-by its next backlog: the requests the rule admits keep the fleet busy, so
-the backlog lasts.
+*capacity*: its start rate over the latest backlog. A backlog is a queue
+(``min_starts`` or more requests waiting, not one slow prompt) seen by offers
+no more than ``backlog_age`` apart, with the oldest behind or half a bound's
+worth waiting at the capacity so far; its rate is taken once it has lasted
+``max_queue_wait`` (or ``rate_window``, if shorter) with ``min_starts``
+starts, then over each next ``rate_window``. While a queue stands the fleet
+starts requests as fast as it can, so that rate is its capacity, not the
+demand; the first starts after an idle spell (free batch slots filling)
+come before the queue and do not count. With a queue of ``min_starts`` or
+more, a request that would wait past ``max_queue_wait`` even at that
+capacity is shed at once, grace or not. The capacity only bounds a surge:
+
+- before the first backlog, and ``capacity_ttl`` after the last, there is
+  none, and the grace decides alone;
+- a fleet that starts more than it (over the last ``max_queue_wait``: a
+  capacity measured low, a fleet that grew, requests that got shorter)
+  lifts it to that rate at once;
+- a fleet that shrank keeps the old figure until its next backlog measures
+  it again: this rule then sheds later than it could, never earlier.
 
 :class:`Admission` is pure (time is an argument); :class:`AdmissionGate` runs
 it for asyncio callers.
@@ -60,6 +65,8 @@ it for asyncio callers.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Hashable
@@ -88,14 +95,19 @@ class AdmissionConfig:
     # max_queue_wait (under overload the oldest waits about max_queue_wait;
     # a shorter max_queue_wait caps it).
     backlog_age: float = 0.5
+    # Seconds the fleet's capacity (measured over a backlog) still bounds a
+    # surge after the last backlog: long enough to span the quiet between
+    # waves of load, short enough that a fleet whose requests got shorter
+    # (more of them a second) is not held to an old figure.
+    capacity_ttl: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1 or self.max_queue < 0:
             raise ValueError("max_in_flight must be >= 1 and max_queue >= 0")
         if not self.max_queue_wait > 0 or not self.rate_window > 0 or self.min_starts < 1:
             raise ValueError("max_queue_wait and rate_window must be > 0, min_starts >= 1")
-        if not self.backlog_age >= 0:
-            raise ValueError("backlog_age must be >= 0")
+        if not self.backlog_age >= 0 or not self.capacity_ttl >= 0:
+            raise ValueError("backlog_age and capacity_ttl must be >= 0")
 
 
 ADMIT = "admit"
@@ -121,10 +133,12 @@ class Admission:
         self._starts: deque[float] = deque()  # first-token times within the window
         self.shed_total = 0
         # First tokens per second the fleet managed over the latest backlog
-        # (0: none yet); see the module docstring.
+        # (0: none, or none within capacity_ttl); see the module docstring.
         self.capacity = 0.0
+        self._capacity_seen = 0.0  # when a backlog last stood
         self._started_total = 0
         self._backlog: tuple[float, int] | None = None  # (since, starts before it)
+        self._last_offer = -math.inf
 
     @property
     def queued(self) -> int:
@@ -165,15 +179,18 @@ class Admission:
         cfg = self.config
         waiting = len(self._unstarted) + len(self._queued)
         behind = self.oldest_age(now) >= min(cfg.backlog_age, cfg.max_queue_wait)
+        # A queue, not one slow request: only then do starts pace the fleet.
+        queue = waiting >= cfg.min_starts
+        cap = self.capacity = self.capacity_at(now)
         # Half a bound's worth waiting keeps the fleet busy: still a backlog.
-        busy = self.capacity > 0 and (waiting + 1) / self.capacity > cfg.max_queue_wait / 2
-        self._measure(now, behind or busy)
+        busy = cap > 0 and (waiting + 1) / cap > cfg.max_queue_wait / 2
+        self._measure(now, queue and (behind or busy))
         wait = self.estimated_wait(now)
         if wait > cfg.max_queue_wait and behind:
             return self._shed(
                 f"estimated wait {wait:.1f} s for the fleet to start it > {cfg.max_queue_wait:g} s"
             )
-        if self._past_capacity(waiting):
+        if queue and self._past_capacity(waiting, now):
             return self._shed(
                 f"{waiting} requests not yet started; at the {self.capacity:.1f}/s the fleet "
                 f"starts them when behind, one more would wait > {cfg.max_queue_wait:g} s"
@@ -186,23 +203,47 @@ class Admission:
         self._queued[key] = now
         return QUEUE
 
-    def _past_capacity(self, waiting: int) -> bool:
-        """One more request would wait past the bound even at the fleet's capacity."""
-        return self.capacity > 0 and (waiting + 1) / self.capacity > self.config.max_queue_wait
+    def _past_capacity(self, waiting: int, now: float) -> bool:
+        """One more request would wait past the bound even at the fleet's
+        capacity, or at the rate it started requests over the last
+        ``max_queue_wait`` if that is higher (a capacity measured low, or
+        before the fleet grew, is corrected by what the fleet does)."""
+        cap = self.capacity
+        bound = self.config.max_queue_wait
+        if not cap or (waiting + 1) / cap <= bound:
+            return False
+        span = min(bound, self.config.rate_window)
+        recent = (len(self._starts) - bisect.bisect_left(self._starts, now - span)) / span
+        if recent > cap:
+            self.capacity = cap = recent
+        return (waiting + 1) / cap > bound
+
+    def capacity_at(self, now: float) -> float:
+        """The fleet's start rate over the latest backlog, if one stood within
+        ``capacity_ttl`` (else 0: forgotten). Reads only (a metrics scrape
+        calls it from another thread)."""
+        if now - self._capacity_seen > self.config.capacity_ttl:
+            return 0.0
+        return self.capacity
 
     def _measure(self, now: float, backlog: bool) -> None:
-        """Follow the backlog (requests waiting their turn), and take the
-        fleet's start rate over it as its capacity once it is long enough."""
+        """Follow the backlog (a queue of requests waiting their turn), and
+        take the fleet's start rate over it as its capacity once it is long
+        enough. Only offers see the queue: one that comes more than
+        ``backlog_age`` after the last cannot tell whether the queue stood in
+        between, so the stretch starts afresh."""
+        cfg = self.config
+        last, self._last_offer = self._last_offer, now
         if not backlog:
             self._backlog = None
             return
-        if self._backlog is None:
+        self._capacity_seen = now
+        if self._backlog is None or now - last > cfg.backlog_age:
             self._backlog = (now, self._started_total)
             return
         since, before = self._backlog
         span = now - since
         n = self._started_total - before
-        cfg = self.config
         if span >= min(cfg.max_queue_wait, cfg.rate_window) and n >= cfg.min_starts:
             self.capacity = n / span
         if span >= cfg.rate_window:  # measure the next stretch afresh

@@ -101,7 +101,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("kvmesh_admission_estimated_wait_seconds", "gauge", (),
            "estimated time until the fleet would start one more request of this node"),
     Family("kvmesh_admission_capacity_per_second", "gauge", (),
-           "first tokens per second the fleet gave this node's requests in its latest backlog (0: none)"),
+           "first tokens per second the fleet gave this node's waiting requests in its last backlog"),
     # --- routing quality --------------------------------------------------------------------------
     Family("kvmesh_prompt_tokens_total", "counter", ("policy",),
            "prompt tokens of requests the engine finished (engine-reported)"),
@@ -400,7 +400,7 @@ class NodeCollector:
         yield _single("kvmesh_admission_queued", adm.queued)
         yield _single("kvmesh_admission_shed_total", adm.shed_total)
         yield _single("kvmesh_admission_estimated_wait_seconds", adm.estimated_wait(n.admission.now()))
-        yield _single("kvmesh_admission_capacity_per_second", adm.capacity)
+        yield _single("kvmesh_admission_capacity_per_second", adm.capacity_at(n.admission.now()))
         yield _single("kvmesh_index_entries", len(n.index))
         yield _single("kvmesh_index_evicted_blocks_total", n.index.stats()["evicted_blocks"])
 

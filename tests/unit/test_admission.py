@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -133,6 +135,114 @@ def test_the_capacity_follows_a_fleet_that_grows_or_shrinks() -> None:
     fleet.run(12.0, 10.0, offers=2)
     assert a.capacity == pytest.approx(10.0, rel=0.15)
     assert a.unstarted <= 2.0 * 10.0 * 1.15
+
+
+def _simulate(
+    a: Admission, offers: list[tuple[float, object]], ttft: Callable[[object], float], decode: float = 1.0
+) -> list[tuple[float, object, Verdict]]:
+    """Offers at their times; an admitted request starts ``ttft(key)`` later
+    and ends ``decode`` after that (engines without a slot limit)."""
+    events: list[tuple[float, int, int, object]] = [(t, 1, i, k) for i, (t, k) in enumerate(offers)]
+    heapq.heapify(events)
+    seq = len(offers)
+    out = []
+    while events:
+        t, kind, _, key = heapq.heappop(events)
+        seq += 1
+        if kind == 1:
+            v = a.offer(key, t)
+            out.append((t, key, v))
+            if v == ADMIT:
+                heapq.heappush(events, (t + ttft(key), 0, seq, key))
+        elif kind == 0:
+            a.started(key, t)
+            heapq.heappush(events, (t + decode, 2, seq, key))
+        else:
+            a.finished(key, t)
+    return out
+
+
+def _shed_between(log: list[tuple[float, object, Verdict]], lo: float, hi: float) -> int:
+    return sum(1 for t, _, v in log if lo <= t < hi and isinstance(v, Shed))
+
+
+def test_one_slow_request_is_not_a_backlog() -> None:
+    # 20 a second, each started in 0.2 s, but one takes 3 s (a long prompt):
+    # the fleet is "behind" while it waits, yet nothing queues.
+    offers: list[tuple[float, object]] = [(i / 20, ("steady", i)) for i in range(20 * 50)]
+    offers += [(60.0 + j * 1e-4, ("burst", j)) for j in range(100)]
+    a = Admission(AdmissionConfig())
+    log = _simulate(a, offers, lambda k: 3.0 if k == ("steady", 200) else 0.2)
+    assert a.capacity == 0  # demand is not capacity
+    assert _shed_between(log, 0, 61) == 0  # the burst on the idle fleet is taken whole
+
+
+def test_a_pause_between_offers_is_not_measured_as_a_backlog() -> None:
+    # 20 requests queue behind a stuck one; one offer at 0.6 s, the next a
+    # minute later: nobody saw whether a queue stood in between.
+    offers: list[tuple[float, object]] = [(0.0, ("r", i)) for i in range(21)]
+    offers += [(0.6, "x"), (60.0, "y")] + [(101 + i / 5, ("s", i)) for i in range(5 * 100)]
+
+    def ttft(k: object) -> float:
+        if k == ("r", 0):
+            return 100.0
+        return 1.0 + k[1] * 0.1 if isinstance(k, tuple) and k[0] == "r" else 0.2
+
+    a = Admission(AdmissionConfig())
+    log = _simulate(a, offers, ttft)
+    assert a.capacity == 0
+    assert _shed_between(log, 101, 301) == 0
+
+
+def test_a_capacity_measured_low_never_locks_the_node() -> None:
+    cfg = AdmissionConfig(max_queue_wait=0.5)
+    a = Admission(cfg)
+    fleet = _Fleet(a)
+    for _ in range(60):  # a surge the fleet starts 3 a second
+        fleet.offer(0.0)
+    fleet.run(6.0, 3.0, offers=1)
+    assert a.capacity == pytest.approx(3.0, rel=0.2)
+    fleet.run(30.0, 3.0, offers=0)  # the backlog drains
+    assert a.unstarted == 0
+    # Then a light load, each started in 0.2 s: 1 / capacity alone exceeds
+    # max_queue_wait, yet nothing is shed.
+    t0 = fleet.t + 30.0
+    offers: list[tuple[float, object]] = [(t0 + i / 2, ("light", i)) for i in range(200)]
+    log = _simulate(a, offers, lambda k: 0.2)
+    assert _shed_between(log, t0, t0 + 100) == 0
+
+
+def test_a_fleet_faster_than_its_capacity_lifts_it_at_once() -> None:
+    a = Admission(AdmissionConfig(max_queue_wait=2.0))
+    fleet = _Fleet(a)
+    for _ in range(60):
+        fleet.offer(0.0)
+    fleet.run(6.0, 10.0, offers=1)
+    assert a.capacity == pytest.approx(10.0, rel=0.15)
+    fleet.run(10.0, 10.0, offers=0)
+    assert a.unstarted == 0
+    # The requests got short: 160 a second arrive and each starts in 0.2 s,
+    # so 32 wait at once; the old figure would shed past 2 s x 10. What the
+    # fleet starts lifts it within a fraction of a second, long before a
+    # backlog could be measured (max_queue_wait).
+    t0 = fleet.t + 5.0
+    offers: list[tuple[float, object]] = [(t0 + i / 160, ("short", i)) for i in range(160 * 20)]
+    log = _simulate(a, offers, lambda k: 0.2)
+    assert _shed_between(log, t0 + 0.5, t0 + 20) == 0
+    assert a.capacity >= 120
+
+
+def test_the_capacity_is_forgotten_after_capacity_ttl() -> None:
+    a = Admission(AdmissionConfig(capacity_ttl=30.0))
+    fleet = _Fleet(a)
+    for _ in range(60):
+        fleet.offer(0.0)
+    fleet.run(6.0, 10.0, offers=1)
+    fleet.run(30.0, 10.0, offers=0)
+    assert a.capacity > 0 and a.unstarted == 0
+    now = fleet.t + 31.0  # the last backlog is older than capacity_ttl
+    assert a.capacity_at(now) == 0
+    assert all(fleet.offer(now) == ADMIT for _ in range(60))  # the grace decides alone again
 
 
 def test_an_idle_fleet_is_not_mistaken_for_a_stuck_one() -> None:
