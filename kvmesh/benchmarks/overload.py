@@ -113,7 +113,7 @@ class OverloadConfig:
     suffix_tokens: tuple[int, int] = (50, 400)  # random tokens after the prefix (inclusive range)
     max_tokens: tuple[int, int] = (32, 64)  # output tokens (inclusive range), ignore_eos
     levels: tuple[float, ...] = (1.0, 2.0, 4.0, 16.0)  # offered load, in multiples of capacity
-    level_seconds: float = 20.0  # sending window of each level
+    level_seconds: float = 15.0  # sending window of each level
     capacity_seconds: float = 8.0  # closed-loop measurement, after the warm-up
     warmup_seconds: float = 2.0
     deadline_seconds: float = 60.0  # client deadline of every call
