@@ -95,16 +95,22 @@ class _Fleet:
                 self.offer(self.t)
 
 
-def test_a_surge_past_the_capacity_seen_is_shed_before_the_grace_ends() -> None:
-    a = Admission(AdmissionConfig(max_queue_wait=2.0, rate_window=5.0, backlog_age=0.5))
+def _learned(rate: float, config: AdmissionConfig) -> tuple[Admission, _Fleet]:
+    """An admission whose fleet fell behind at ``rate`` starts a second (a
+    surge of 60, then as many arrivals as starts for 6 s): that is its capacity."""
+    a = Admission(config)
     fleet = _Fleet(a)
-    # Nothing known yet: a first surge is taken whole during the grace.
-    assert all(fleet.offer(0.0) == ADMIT for _ in range(60))
+    assert all(fleet.offer(0.0) == ADMIT for _ in range(60))  # nothing known yet: the grace
     assert a.capacity == 0
-    # The fleet falls behind (10 starts a second, as many arrivals): that
-    # rate is what it can do.
-    fleet.run(6.0, 10.0, offers=1)
-    assert a.capacity == pytest.approx(10.0, rel=0.15)
+    fleet.run(6.0, rate, offers=1)
+    assert a.capacity == pytest.approx(rate, rel=0.2)
+    return a, fleet
+
+
+def test_a_surge_past_the_capacity_seen_is_shed_before_the_grace_ends() -> None:
+    # The first surge is taken whole (nothing known yet); the fleet falls
+    # behind at 10 starts a second: that rate is what it can do.
+    a, fleet = _learned(10.0, AdmissionConfig(max_queue_wait=2.0))
     fleet.run(30.0, 10.0, offers=0)  # arrivals stop; the backlog drains
     assert a.unstarted == 0
     # A new surge: the oldest of it has not waited backlog_age, but at 10
@@ -118,12 +124,7 @@ def test_a_surge_past_the_capacity_seen_is_shed_before_the_grace_ends() -> None:
 
 
 def test_the_capacity_follows_a_fleet_that_grows_or_shrinks() -> None:
-    a = Admission(AdmissionConfig(max_queue_wait=2.0, rate_window=5.0, backlog_age=0.5))
-    fleet = _Fleet(a)
-    for _ in range(60):
-        fleet.offer(0.0)
-    fleet.run(6.0, 10.0, offers=1)
-    assert a.capacity == pytest.approx(10.0, rel=0.15)
+    a, fleet = _learned(10.0, AdmissionConfig(max_queue_wait=2.0))
     # The fleet grew: it now starts 40 a second, and 80 arrive a second. The
     # early rule holds the wait at 2 s of the old capacity, which this fleet
     # drains in half a second, so the oldest never waits backlog_age: the
@@ -195,13 +196,7 @@ def test_a_pause_between_offers_is_not_measured_as_a_backlog() -> None:
 
 
 def test_a_capacity_measured_low_never_locks_the_node() -> None:
-    cfg = AdmissionConfig(max_queue_wait=0.5)
-    a = Admission(cfg)
-    fleet = _Fleet(a)
-    for _ in range(60):  # a surge the fleet starts 3 a second
-        fleet.offer(0.0)
-    fleet.run(6.0, 3.0, offers=1)
-    assert a.capacity == pytest.approx(3.0, rel=0.2)
+    a, fleet = _learned(3.0, AdmissionConfig(max_queue_wait=0.5))
     fleet.run(30.0, 3.0, offers=0)  # the backlog drains
     assert a.unstarted == 0
     # Then a light load, each started in 0.2 s: 1 / capacity alone exceeds
@@ -213,12 +208,7 @@ def test_a_capacity_measured_low_never_locks_the_node() -> None:
 
 
 def test_a_fleet_faster_than_its_capacity_lifts_it_at_once() -> None:
-    a = Admission(AdmissionConfig(max_queue_wait=2.0))
-    fleet = _Fleet(a)
-    for _ in range(60):
-        fleet.offer(0.0)
-    fleet.run(6.0, 10.0, offers=1)
-    assert a.capacity == pytest.approx(10.0, rel=0.15)
+    a, fleet = _learned(10.0, AdmissionConfig(max_queue_wait=2.0))
     fleet.run(10.0, 10.0, offers=0)
     assert a.unstarted == 0
     # The requests got short: 160 a second arrive and each starts in 0.2 s,
@@ -233,11 +223,7 @@ def test_a_fleet_faster_than_its_capacity_lifts_it_at_once() -> None:
 
 
 def test_the_capacity_is_forgotten_after_capacity_ttl() -> None:
-    a = Admission(AdmissionConfig(capacity_ttl=30.0))
-    fleet = _Fleet(a)
-    for _ in range(60):
-        fleet.offer(0.0)
-    fleet.run(6.0, 10.0, offers=1)
+    a, fleet = _learned(10.0, AdmissionConfig(capacity_ttl=30.0))
     fleet.run(30.0, 10.0, offers=0)
     assert a.capacity > 0 and a.unstarted == 0
     now = fleet.t + 31.0  # the last backlog is older than capacity_ttl
