@@ -186,13 +186,22 @@ class EngineClient:
                 content = resp.content
                 while not events.done:
                     # Everything buffered, in one piece (not line by line).
+                    cut: aiohttp.ClientPayloadError | None = None
                     async with clock.next_read(events.started):
-                        data = await content.readany()
-                    chunk, error = events.feed(data)
+                        try:
+                            data = await content.readany()
+                        except aiohttp.ClientPayloadError as e:
+                            # A body cut short: aiohttp raises before handing
+                            # over the bytes that arrived with the cut, and
+                            # those tokens are the client's.
+                            data, cut = _buffered(content), e
+                    chunk, error = events.feed(data) if data or cut is None else (None, "")
                     # Tokens that arrived before an error still go out first:
                     # the error is then a stream error, as it would be one by one.
                     if chunk is not None:
                         yield chunk
+                    if cut is not None:
+                        raise cut
                     if error:
                         raise _broken(events.produced, error)
                     if not data:
@@ -343,6 +352,16 @@ class _EventStream:
             d = u.prompt_tokens_details
             usage.cached_tokens = (d.cached_tokens or 0) if d is not None else 0
         return ""
+
+
+def _buffered(content: aiohttp.StreamReader) -> bytes:
+    """What a body that raised still holds: aiohttp's reader raises its error
+    before its buffer, and has no public call that returns the buffer then."""
+    read = getattr(content, "_read_nowait", None)
+    try:
+        return read(-1) if read is not None else b""
+    except Exception:  # a private call: whatever it raises, nothing is salvaged
+        return b""
 
 
 def _broken(produced: bool, msg: str) -> Exception:

@@ -320,6 +320,36 @@ async def test_errors_after_a_token_are_stream_errors_and_the_token_is_delivered
     assert await _fails_with(no_finish, EngineStreamError, "without a finish reason") == [Chunk([7], " a")]
 
 
+async def test_tokens_that_arrive_with_a_cut_reach_a_slow_reader() -> None:
+    # The caller is busy with the first token (a slow client) while the engine
+    # sends two more and dies mid-body: aiohttp then holds both the bytes and
+    # the error, and raises the error first.
+    sent = asyncio.Event()
+
+    async def two_more_then_die(reader, writer, req) -> None:
+        writer.write(SSE_HEAD + event(tok([7], " a")))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(event(tok([8], " b")) + event(tok([9], " c")) + b"ff\r\npartial")
+        await writer.drain()
+        writer.transport.abort()
+        sent.set()
+
+    got: list[Chunk | Usage] = []
+    client = EngineClient()
+    try:
+        async with Engine(two_more_then_die) as url:
+            with pytest.raises(EngineStreamError, match="talking to"):
+                async for x in client.stream_completion(url, "m", [1], SamplingParams(max_tokens=16), "r"):
+                    got.append(x)
+                    if len(got) == 1:
+                        await asyncio.wait_for(sent.wait(), 5.0)
+                        await asyncio.sleep(0.1)  # the rest and the cut reach the reader meanwhile
+    finally:
+        await client.close()
+    assert [c.token_ids for c in got if isinstance(c, Chunk)] in ([[7], [8, 9]], [[7], [8], [9]])
+
+
 async def test_idle_connection_closed_by_the_engine_is_replaced() -> None:
     async def once_then_close(reader, writer, req) -> None:
         writer.write(SSE_HEAD + event(tok([7], " a", "stop")) + END)
