@@ -200,7 +200,7 @@ class EngineClient:
                     # the error is then a stream error, as it would be one by one.
                     if chunk is not None:
                         yield chunk
-                    if cut is not None:
+                    if cut is not None and not events.done:  # cut after [DONE]: nothing was lost
                         raise cut
                     if error:
                         raise _broken(events.produced, error)

@@ -350,6 +350,34 @@ async def test_tokens_that_arrive_with_a_cut_reach_a_slow_reader() -> None:
     assert [c.token_ids for c in got if isinstance(c, Chunk)] in ([[7], [8, 9]], [[7], [8], [9]])
 
 
+async def test_a_cut_after_done_loses_nothing_even_for_a_slow_reader() -> None:
+    # Every token, the finish reason, the usage and [DONE] came; only the
+    # chunked body's terminator was lost.
+    sent = asyncio.Event()
+
+    async def done_then_die(reader, writer, req) -> None:
+        writer.write(SSE_HEAD + event(tok([7], " a")))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(event(tok([8], " b", "length")) + event(USAGE) + chunk(b"data: [DONE]\n\n") + b"0\r")
+        await writer.drain()
+        writer.transport.abort()
+        sent.set()
+
+    got: list[Chunk | Usage] = []
+    client = EngineClient()
+    try:
+        async with Engine(done_then_die) as url:
+            async for x in client.stream_completion(url, "m", [1], SamplingParams(max_tokens=16), "r"):
+                got.append(x)
+                if len(got) == 1:
+                    await asyncio.wait_for(sent.wait(), 5.0)
+                    await asyncio.sleep(0.1)
+    finally:
+        await client.close()
+    assert got == [Chunk([7], " a"), Chunk([8], " b"), Usage(5, 3, 4, "length")]
+
+
 async def test_idle_connection_closed_by_the_engine_is_replaced() -> None:
     async def once_then_close(reader, writer, req) -> None:
         writer.write(SSE_HEAD + event(tok([7], " a", "stop")) + END)
