@@ -320,61 +320,53 @@ async def test_errors_after_a_token_are_stream_errors_and_the_token_is_delivered
     assert await _fails_with(no_finish, EngineStreamError, "without a finish reason") == [Chunk([7], " a")]
 
 
-async def test_tokens_that_arrive_with_a_cut_reach_a_slow_reader() -> None:
-    # The caller is busy with the first token (a slow client) while the engine
-    # sends two more and dies mid-body: aiohttp then holds both the bytes and
-    # the error, and raises the error first.
+async def _read_slowly(tail: bytes) -> tuple[list[Chunk | Usage], Exception | None]:
+    """A caller busy with the first token (a slow client) while the engine
+    sends ``tail`` and dies mid-body: aiohttp then holds both the bytes and
+    the error, and raises the error first. What the caller got, and how the
+    stream ended (None: normally)."""
     sent = asyncio.Event()
 
-    async def two_more_then_die(reader, writer, req) -> None:
+    async def tail_then_die(reader, writer, req) -> None:
         writer.write(SSE_HEAD + event(tok([7], " a")))
         await writer.drain()
         await asyncio.sleep(0.05)
-        writer.write(event(tok([8], " b")) + event(tok([9], " c")) + b"ff\r\npartial")
+        writer.write(tail)
         await writer.drain()
         writer.transport.abort()
         sent.set()
 
     got: list[Chunk | Usage] = []
+    ended: Exception | None = None
     client = EngineClient()
     try:
-        async with Engine(two_more_then_die) as url:
-            with pytest.raises(EngineStreamError, match="talking to"):
+        async with Engine(tail_then_die) as url:
+            try:
                 async for x in client.stream_completion(url, "m", [1], SamplingParams(max_tokens=16), "r"):
                     got.append(x)
                     if len(got) == 1:
                         await asyncio.wait_for(sent.wait(), 5.0)
                         await asyncio.sleep(0.1)  # the rest and the cut reach the reader meanwhile
+            except EngineStreamError as e:
+                ended = e
     finally:
         await client.close()
+    return got, ended
+
+
+async def test_tokens_that_arrive_with_a_cut_reach_a_slow_reader() -> None:
+    got, ended = await _read_slowly(event(tok([8], " b")) + event(tok([9], " c")) + b"ff\r\npartial")
+    assert ended is not None and "talking to" in str(ended)
     assert [c.token_ids for c in got if isinstance(c, Chunk)] in ([[7], [8, 9]], [[7], [8], [9]])
 
 
 async def test_a_cut_after_done_loses_nothing_even_for_a_slow_reader() -> None:
     # Every token, the finish reason, the usage and [DONE] came; only the
     # chunked body's terminator was lost.
-    sent = asyncio.Event()
-
-    async def done_then_die(reader, writer, req) -> None:
-        writer.write(SSE_HEAD + event(tok([7], " a")))
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.write(event(tok([8], " b", "length")) + event(USAGE) + chunk(b"data: [DONE]\n\n") + b"0\r")
-        await writer.drain()
-        writer.transport.abort()
-        sent.set()
-
-    got: list[Chunk | Usage] = []
-    client = EngineClient()
-    try:
-        async with Engine(done_then_die) as url:
-            async for x in client.stream_completion(url, "m", [1], SamplingParams(max_tokens=16), "r"):
-                got.append(x)
-                if len(got) == 1:
-                    await asyncio.wait_for(sent.wait(), 5.0)
-                    await asyncio.sleep(0.1)
-    finally:
-        await client.close()
+    got, ended = await _read_slowly(
+        event(tok([8], " b", "length")) + event(USAGE) + chunk(b"data: [DONE]\n\n") + b"0\r"
+    )
+    assert ended is None
     assert got == [Chunk([7], " a"), Chunk([8], " b"), Usage(5, 3, 4, "length")]
 
 
