@@ -31,6 +31,7 @@ from router.discovery import DiscoveryConfig
 from router.engine_registry import EngineSpec
 from router.index import PrefixIndex
 from router.logs import LOG_LEVELS
+from router.loop_lag import LoopLagConfig
 from router.metrics import split_listen
 from router.policies import POLICY_NAMES, make_policy
 from router.request_path import RetryPolicy
@@ -126,6 +127,7 @@ class RouterConfig:
     metrics_listen: str = ""
     log_level: str = "info"
     log_format: str = "console"
+    loop_lag: LoopLagConfig = field(default_factory=LoopLagConfig)  # how the event loop's lag is watched
     # On SIGTERM or Admin.Drain: health goes NOT_SERVING and new requests are
     # refused at once; requests in flight get this long to finish.
     drain_timeout: float = 30.0

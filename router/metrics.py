@@ -102,6 +102,12 @@ FAMILIES: tuple[Family, ...] = (
            "estimated time until the fleet would start one more request of this node"),
     Family("kvmesh_admission_capacity_per_second", "gauge", (),
            "first tokens per second the fleet gave this node's waiting requests in its last backlog"),
+    Family("kvmesh_event_loop_lag_seconds", "histogram", (),
+           "how late the node's event loop ran its lag probe, a timer due every LoopLagConfig.interval "
+           "(router/loop_lag.py): while the loop is late, every call, stream and mesh message waits"),
+    Family("kvmesh_event_loop_stalls_total", "counter", (),
+           "lag samples later than LoopLagConfig.stall (logged as node.loop_stalled, at most one log "
+           "per LoopLagConfig.log_every)"),
     # --- routing quality --------------------------------------------------------------------------
     Family("kvmesh_prompt_tokens_total", "counter", ("policy",),
            "prompt tokens of requests the engine finished (engine-reported)"),
@@ -401,6 +407,8 @@ class NodeCollector:
         yield _single("kvmesh_admission_shed_total", adm.shed_total)
         yield _single("kvmesh_admission_estimated_wait_seconds", adm.estimated_wait(n.admission.now()))
         yield _single("kvmesh_admission_capacity_per_second", adm.capacity_at(n.admission.now()))
+        yield n.loop_lag.histogram.export("kvmesh_event_loop_lag_seconds")
+        yield _single("kvmesh_event_loop_stalls_total", n.loop_lag.stalls_total)
         yield _single("kvmesh_index_entries", len(n.index))
         yield _single("kvmesh_index_evicted_blocks_total", n.index.stats()["evicted_blocks"])
 

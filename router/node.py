@@ -59,6 +59,7 @@ from router.errors import (
 )
 from router.health import HealthPoller
 from router.load import MeshLoad, WorkerLoads
+from router.loop_lag import LoopLag, Stall, watch_loop
 from router.mesh_shell import MeshShell
 from router.metrics import MetricsRecorder, RequestTimer
 from router.native_index import new_index
@@ -152,6 +153,7 @@ class RouterNode:
         self.admission = AdmissionGate(cfg.admission)
         self.outcomes = Outcomes()
         self.metrics = MetricsRecorder()  # histograms observed on the request path (router/metrics.py)
+        self.loop_lag = LoopLag(cfg.loop_lag)  # how late the event loop runs what is due (router/loop_lag.py)
         self.tracer = make_tracer(cfg.tracing, self.node_id)  # spans only with --otlp-endpoint
         self.draining = False
         self._keys = itertools.count(1)
@@ -184,6 +186,7 @@ class RouterNode:
             asyncio.create_task(self.mesh.run(), name="mesh"),
             asyncio.create_task(self.adapters.run(), name="adapters"),
             asyncio.create_task(self.health.run(), name="health"),
+            asyncio.create_task(watch_loop(self.loop_lag, self._loop_stalled), name="loop_lag"),
             asyncio.create_task(
                 self.mesh.refresh_seeds(
                     self.config.join, self.config.seed_resolve_retry, self.config.seed_refresh_interval
@@ -194,6 +197,14 @@ class RouterNode:
         if self.discovery is not None:
             self._tasks.append(asyncio.create_task(self.discovery.run(), name="discovery"))
         self.mesh.flush()
+
+    def _loop_stalled(self, stall: Stall) -> None:
+        self.log.warning(
+            "node.loop_stalled",
+            lag_ms=round(stall.lag * 1e3, 1),
+            stalls_not_logged=stall.not_logged,
+            stall_ms=self.config.loop_lag.stall * 1e3,
+        )
 
     def load_tokenizers(self) -> None:
         """Load every configured tokenizer not loaded yet: a bad path raises

@@ -375,6 +375,8 @@ class AdminService(pb_grpc.AdminServicer):
             mesh_bytes_received=transport.bytes_received,
             mesh_messages_received=transport.messages_received,
             convergence_lag_seconds={peer: lag for peer, (lag, _) in node.core.lag.by_peer.items()},
+            event_loop_stalls_total=node.loop_lag.stalls_total,
+            event_loop_lag_max_seconds=node.loop_lag.max_lag,
         )
 
     async def Drain(  # noqa: N802 - gRPC method names are the proto's

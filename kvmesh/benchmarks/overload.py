@@ -498,6 +498,8 @@ async def _node_views(admins: list[pb_grpc.AdminStub]) -> list[dict]:
                 "requests_by_engine": dict(st.requests_by_engine),
                 "in_flight": st.in_flight,
                 "index_entries": st.index_entries,
+                "loop_stalls": st.event_loop_stalls_total,
+                "loop_lag_max_s": st.event_loop_lag_max_seconds,
                 "not_alive": sorted(f"{m.node_id}:{m.state}" for m in mem.members if m.state != "alive"),
                 "incarnations": {m.node_id: m.incarnation for m in mem.members},
             }
@@ -519,6 +521,9 @@ def node_deltas(before: list[dict], after: list[dict]) -> list[dict]:
                 "requests_by_engine": counter_delta(b["requests_by_engine"], a["requests_by_engine"]),
                 "in_flight_after": a["in_flight"],
                 "index_entries_after": a["index_entries"],
+                # The node's event loop late by more than its stall threshold (router/loop_lag.py).
+                "loop_stalls": a["loop_stalls"] - b["loop_stalls"],
+                "loop_lag_max_s_after": a["loop_lag_max_s"],  # since the node started
                 "not_alive_after": a["not_alive"],
                 "incarnation_bumps": bumps,  # refutations: a member answered a suspicion of itself
             }

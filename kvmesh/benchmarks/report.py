@@ -946,8 +946,11 @@ def _overload_intro(ov: dict) -> list[str]:
         "the last arrival does not count). Shed rate: share answered RESOURCE_EXHAUSTED. TTFT: OK calls, "
         "send -> first token, at the client. Reject: send -> RESOURCE_EXHAUSTED status, at the client. "
         "RSS: each router process' VmRSS at the level's start and end (peak sampled every "
-        f"{c.get('rss_period_seconds')} s). CPU: cores used during the level by the routers, the client, "
-        "the engines and the rest of the machine (other processes: noise). Client late: how late the "
+        f"{c.get('rss_period_seconds')} s). Router loop stalls: per node, how many times during the "
+        "level its event loop ran its lag probe later than the stall threshold (`LoopLagConfig.stall`, "
+        "`kvmesh_event_loop_stalls_total`), each a moment every call of the node waited. CPU: cores "
+        "used during the level by the routers, the client, the engines and the rest of the machine "
+        "(other processes: noise). Client late: how late the "
         "client's event loop woke a 10 ms timer (p99), the client's share of a slow answer.",
         "",
     ]
@@ -987,6 +990,7 @@ def _perf_rows(levels: list[dict]) -> list[list[str]]:
                 _ms(lv["reject_p99_ms"]),
                 _rss(lv),
                 ", ".join(str(n.get("index_entries_after", "-")) for n in lv["nodes"]),
+                ", ".join(str(n.get("loop_stalls", "-")) for n in lv["nodes"]),
                 " / ".join(f"{cpu.get(k, 0):.2f}" for k in ("routers", "client", "engines", "other")),
                 _ms((lv.get("client_loop_late") or {}).get("p99_ms")),
             ]
@@ -1042,6 +1046,7 @@ def _overload_scenario(name: str, sc: dict) -> list[str]:
             "reject p99 ms",
             "router RSS MB start -> end (peak)",
             "index entries after",
+            "router loop stalls",
             "CPU cores router / client / engines / other",
             "client late p99 ms",
         ],

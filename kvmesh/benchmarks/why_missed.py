@@ -251,8 +251,9 @@ WHY_MISSED: dict[str, str | Callable[[dict, dict], str]] = {
         "tokens it is streaming for the admitted requests, the other calls arriving and the garbage "
         "collector's full passes, and for a CPU: the router, the client and the engine processes share "
         "the machine's cores with whatever else runs on it (the `other` CPU column). `client late` is "
-        "the client's share of the figure. Fix: router nodes on cores of their own (more nodes behind "
-        "the name only help when they do not share the same cores)."
+        "the client's share of the figure; `router loop stalls` counts the moments the node's event "
+        "loop fell behind by more than its stall threshold. Fix: router nodes on cores of their own "
+        "(more nodes behind the name only help when they do not share the same cores)."
     ),
     "overload: router memory flat": (
         "RSS follows the number of calls the node holds at once: the admitted requests waiting for a "

@@ -6,7 +6,8 @@ prints) and one fixed-width screen (:func:`render`): the members (state,
 incarnation, address, owned engines, how far behind this node's logs each
 one was), the engines (owner, health, breaker, KV-event sequence, indexed
 blocks, in-flight requests, hit rate of this node's requests, event lag on
-the owner) and this node's routing quality (requests, hit rate, predicted
+the owner), how late this node's event loop ran (stalls, largest lag) and
+this node's routing quality (requests, hit rate, predicted
 against engine-reported cached tokens, mispredicted routes). ``--watch``
 redraws it every few seconds (with ``--json``: one JSON document a line).
 
@@ -180,6 +181,8 @@ def snapshot(
             "mesh_bytes_received": stats.mesh_bytes_received,
             "mesh_messages_sent": stats.mesh_messages_sent,
             "mesh_messages_received": stats.mesh_messages_received,
+            "event_loop_stalls": stats.event_loop_stalls_total,
+            "event_loop_lag_max_seconds": stats.event_loop_lag_max_seconds,
         },
         "routing": {
             "requests": stats.requests_total,  # generate requests admitted (module docstring)
@@ -277,6 +280,8 @@ def render(snap: dict[str, Any]) -> str:
         f"  in flight {node['in_flight']}  index {node['index_entries']} blocks  mesh out "
         f"{_bytes(node['mesh_bytes_sent'])} / {node['mesh_messages_sent']} msgs, in "
         f"{_bytes(node['mesh_bytes_received'])} / {node['mesh_messages_received']} msgs",
+        f"  event loop: {node['event_loop_stalls']} stalls, "
+        f"lag max {_secs(node['event_loop_lag_max_seconds'])}",
         "",
         f"MEMBERS ({node['live_members']} live)",
     ]

@@ -299,7 +299,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("node_id", "default_policy", "requests_total", "requests_failed", "retries_total", "prompt_tokens_total", "cached_prompt_tokens_total", "index_blocks", "index_entries", "requests_by_engine", "requests_by_policy", "ready", "live_members", "mesh_bytes_sent", "mesh_messages_sent", "outcomes", "in_flight", "draining", "member_events", "predicted_cached_prompt_tokens_total", "route_predictions_total", "route_mispredictions_total", "mesh_bytes_received", "mesh_messages_received", "convergence_lag_seconds")
+    __slots__ = ("node_id", "default_policy", "requests_total", "requests_failed", "retries_total", "prompt_tokens_total", "cached_prompt_tokens_total", "index_blocks", "index_entries", "requests_by_engine", "requests_by_policy", "ready", "live_members", "mesh_bytes_sent", "mesh_messages_sent", "outcomes", "in_flight", "draining", "member_events", "predicted_cached_prompt_tokens_total", "route_predictions_total", "route_mispredictions_total", "mesh_bytes_received", "mesh_messages_received", "convergence_lag_seconds", "event_loop_stalls_total", "event_loop_lag_max_seconds")
     class RequestsByEngineEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +360,8 @@ class GetStatsResponse(_message.Message):
     MESH_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     MESH_MESSAGES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     CONVERGENCE_LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_LOOP_STALLS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    EVENT_LOOP_LAG_MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     default_policy: str
     requests_total: int
@@ -385,7 +387,9 @@ class GetStatsResponse(_message.Message):
     mesh_bytes_received: int
     mesh_messages_received: int
     convergence_lag_seconds: _containers.ScalarMap[str, float]
-    def __init__(self, node_id: _Optional[str] = ..., default_policy: _Optional[str] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., retries_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., cached_prompt_tokens_total: _Optional[int] = ..., index_blocks: _Optional[int] = ..., index_entries: _Optional[int] = ..., requests_by_engine: _Optional[_Mapping[str, int]] = ..., requests_by_policy: _Optional[_Mapping[str, int]] = ..., ready: _Optional[bool] = ..., live_members: _Optional[int] = ..., mesh_bytes_sent: _Optional[int] = ..., mesh_messages_sent: _Optional[int] = ..., outcomes: _Optional[_Mapping[str, int]] = ..., in_flight: _Optional[int] = ..., draining: _Optional[bool] = ..., member_events: _Optional[_Mapping[str, int]] = ..., predicted_cached_prompt_tokens_total: _Optional[int] = ..., route_predictions_total: _Optional[int] = ..., route_mispredictions_total: _Optional[int] = ..., mesh_bytes_received: _Optional[int] = ..., mesh_messages_received: _Optional[int] = ..., convergence_lag_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    event_loop_stalls_total: int
+    event_loop_lag_max_seconds: float
+    def __init__(self, node_id: _Optional[str] = ..., default_policy: _Optional[str] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., retries_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., cached_prompt_tokens_total: _Optional[int] = ..., index_blocks: _Optional[int] = ..., index_entries: _Optional[int] = ..., requests_by_engine: _Optional[_Mapping[str, int]] = ..., requests_by_policy: _Optional[_Mapping[str, int]] = ..., ready: _Optional[bool] = ..., live_members: _Optional[int] = ..., mesh_bytes_sent: _Optional[int] = ..., mesh_messages_sent: _Optional[int] = ..., outcomes: _Optional[_Mapping[str, int]] = ..., in_flight: _Optional[int] = ..., draining: _Optional[bool] = ..., member_events: _Optional[_Mapping[str, int]] = ..., predicted_cached_prompt_tokens_total: _Optional[int] = ..., route_predictions_total: _Optional[int] = ..., route_mispredictions_total: _Optional[int] = ..., mesh_bytes_received: _Optional[int] = ..., mesh_messages_received: _Optional[int] = ..., convergence_lag_seconds: _Optional[_Mapping[str, float]] = ..., event_loop_stalls_total: _Optional[int] = ..., event_loop_lag_max_seconds: _Optional[float] = ...) -> None: ...
 
 class ListMembersRequest(_message.Message):
     __slots__ = ()

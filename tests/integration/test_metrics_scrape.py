@@ -9,6 +9,7 @@ import asyncio
 import json
 import random
 import re
+import signal
 import ssl
 import subprocess
 import time
@@ -255,3 +256,31 @@ async def test_the_metrics_port_takes_the_api_token_and_tls(tmp_path: Path) -> N
         assert refused[("UNAUTHENTICATED", "bad_token")] == 1
     finally:
         router.stop()
+
+
+async def test_a_held_event_loop_is_seen_as_a_stall(node) -> None:
+    """The node's process stopped (SIGSTOP) for 0.5 s, as a callback that
+    holds the loop would: its lag probe fires late, and the stall shows in
+    the scrape, in GetStats and in the log."""
+    url = f"http://{node.info['metrics']}/metrics"
+    before = await _scrape(url)
+    stalls_before = _value(before, "kvmesh_event_loop_stalls", "kvmesh_event_loop_stalls_total")
+    assert _value(before, "kvmesh_event_loop_lag_seconds", "kvmesh_event_loop_lag_seconds_count") > 0
+    node.popen.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(0.5)
+    finally:
+        node.popen.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while "node.loop_stalled" not in node.tail(400) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert "node.loop_stalled" in node.tail(400)
+    after = await _scrape(url)
+    assert _value(after, "kvmesh_event_loop_stalls", "kvmesh_event_loop_stalls_total") >= stalls_before + 1
+    slow = _value(after, "kvmesh_event_loop_lag_seconds", "kvmesh_event_loop_lag_seconds_bucket", le="0.25")
+    total = _value(after, "kvmesh_event_loop_lag_seconds", "kvmesh_event_loop_lag_seconds_count")
+    assert total - slow >= 1  # a sample later than 0.25 s
+    async with aio_channel(node.info["grpc"], tls=False, config=ONE_NODE) as ch:
+        st = await pb_grpc.AdminStub(ch).GetStats(pb.GetStatsRequest(), timeout=10)
+    assert st.event_loop_stalls_total >= stalls_before + 1
+    assert st.event_loop_lag_max_seconds >= 0.4

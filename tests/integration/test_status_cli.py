@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -82,6 +83,8 @@ def test_the_screen(fleet, capsys: pytest.CaptureFixture[str]) -> None:
     lines = out.splitlines()
     assert lines[0].startswith(f"kvmesh status  status-r1 at {r1.info['grpc']}  ready  policy precise")
     assert "MEMBERS (2 live)" in lines
+    loop = next(line for line in lines if line.startswith("  event loop: "))
+    assert re.fullmatch(r"  event loop: \d+ stalls, lag max \d+\.\d{3}s", loop), loop
     me = next(line for line in lines if line.lstrip().startswith("*status-r1"))
     peer = next(line for line in lines if line.lstrip().startswith("status-r2"))
     # The incarnation: 0 unless the node had to refute a suspicion (a loaded host, fast probes).
@@ -130,6 +133,8 @@ def test_the_json(fleet, capsys: pytest.CaptureFixture[str]) -> None:
     assert routing["route_predictions"] >= REQUESTS // 2 and routing["misprediction_rate"] is not None
     assert routing["hit_rate"] == pytest.approx(routing["cached_prompt_tokens"] / routing["prompt_tokens"])
     assert snap["node"]["node_id"] == "status-r1" and snap["node"]["ready"] is True
+    # A running node's lag probe has fired, never exactly on time.
+    assert snap["node"]["event_loop_lag_max_seconds"] > 0 and snap["node"]["event_loop_stalls"] >= 0
     # The other node: the same mesh, its own (empty) routing.
     rc, out, _ = _status(capsys, "--target", r2.info["grpc"], "--insecure", "--json")
     other = json.loads(out)

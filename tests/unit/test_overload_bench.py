@@ -101,7 +101,9 @@ def test_counter_delta_keeps_the_keys_that_changed():
     assert counter_delta({}, {}) == {}
 
 
-def _view(total: int, outcomes: dict, events: dict, inc: dict) -> dict:
+def _view(
+    total: int, outcomes: dict, events: dict, inc: dict, stalls: int = 0, lag_max: float = 0.01
+) -> dict:
     return {
         "node_id": "n1",
         "requests_total": total,
@@ -110,6 +112,8 @@ def _view(total: int, outcomes: dict, events: dict, inc: dict) -> dict:
         "requests_by_engine": {"e0": total},
         "in_flight": 0,
         "index_entries": 4000,
+        "loop_stalls": stalls,
+        "loop_lag_max_s": lag_max,
         "not_alive": [],
         "incarnations": inc,
     }
@@ -117,8 +121,12 @@ def _view(total: int, outcomes: dict, events: dict, inc: dict) -> dict:
 
 def test_node_deltas_count_the_level_and_refutations():
     before = _view(10, {"OK": 10}, {"suspect": 1}, {"n1": 0, "n2": 3})
-    after = _view(25, {"OK": 20, "RESOURCE_EXHAUSTED:overloaded": 40}, {"suspect": 1}, {"n1": 2, "n2": 3})
+    after = _view(
+        25, {"OK": 20, "RESOURCE_EXHAUSTED:overloaded": 40}, {"suspect": 1}, {"n1": 2, "n2": 3}, 3, 0.25
+    )
+    before["loop_stalls"] = 1
     (d,) = node_deltas([before], [after])
+    assert d["loop_stalls"] == 2 and d["loop_lag_max_s_after"] == 0.25
     assert d["requests"] == 15 and d["requests_by_engine"] == {"e0": 15}
     assert d["outcomes"] == {"OK": 10, "RESOURCE_EXHAUSTED:overloaded": 40}
     assert d["member_events"] == {} and d["incarnation_bumps"] == 2
