@@ -246,15 +246,7 @@ WHY_MISSED: dict[str, str | Callable[[dict, dict], str]] = {
         "CPU columns show which process ran out; the client, the router and the engines share this "
         "machine's cores with whatever else runs on it (the `other` column)."
     ),
-    "overload: shed requests answered": (
-        "Shedding costs the node little, but the answer waits for the node's event loop, behind the "
-        "tokens it is streaming for the admitted requests, the other calls arriving and the garbage "
-        "collector's full passes, and for a CPU: the router, the client and the engine processes share "
-        "the machine's cores with whatever else runs on it (the `other` CPU column). `client late` is "
-        "the client's share of the figure; `router loop stalls` counts the moments the node's event "
-        "loop fell behind by more than its stall threshold. Fix: router nodes on cores of their own "
-        "(more nodes behind the name only help when they do not share the same cores)."
-    ),
+    "overload: shed requests answered": lambda res, t: _shed_answers(res),
     "overload: router memory flat": (
         "RSS follows the number of calls the node holds at once: the admitted requests waiting for a "
         "first token (up to `--max-queue-wait` x the fleet's start rate, each with its engine stream "
@@ -270,6 +262,45 @@ WHY_MISSED: dict[str, str | Callable[[dict, dict], str]] = {
         "membership messages off the request path (their own thread or port), or longer probe timeouts."
     ),
 }
+
+
+def _worst_reject(res: dict) -> tuple[str, dict] | None:
+    """The overload level with the slowest p99 refusal (the target's figure)."""
+    levels = [
+        (name, lv)
+        for name, sc in (_get(res, "overload", "scenarios") or {}).items()
+        for lv in sc.get("levels", [])
+        if lv.get("reject_p99_ms") is not None
+    ]
+    return max(levels, key=lambda x: x[1]["reject_p99_ms"]) if levels else None
+
+
+def _shed_answers(res: dict) -> str:
+    text = (
+        "Shedding costs the node little, but the answer waits for the node's event loop, behind the "
+        "tokens it is streaming for the admitted requests and the other calls arriving, for the "
+        "client's event loop, which sends every call and reads every answer, and for a CPU: the "
+        "routers, the client and the engine processes share the machine's cores with whatever else "
+        "runs on it (the `other` CPU column)."
+    )
+    worst = _worst_reject(res)
+    nodes = worst[1].get("nodes", []) if worst else []
+    if worst and nodes and all("loop_stalls" in n for n in nodes):
+        name, lv = worst
+        lag_ms = max(n["loop_lag_max_s_after"] for n in nodes) * 1e3
+        late = lv.get("client_loop_late") or {}
+        cpu = sum((lv.get("cpu_cores") or {}).values())
+        text += (
+            f" This run, at {name} {lv['k']:g}x (refusals p99 {lv['reject_p99_ms']:.0f} ms): the routers' "
+            f"event loops fell behind their stall threshold {sum(n['loop_stalls'] for n in nodes)} times "
+            f"and were never more than {lag_ms:.0f} ms late over the whole run, while the client's loop "
+            f"was late by up to {late.get('max_ms') or 0:.0f} ms (p99 {late.get('p99_ms') or 0:.0f} ms) "
+            f"and the processes used {cpu:.2f} of the machine's cores."
+        )
+    return text + (
+        " Fix: router nodes on cores of their own (more nodes behind the name only help when they do "
+        "not share the same cores), and clients that are not starved of CPU by them."
+    )
 
 
 def why_missed(res: dict, t: dict) -> str | None:

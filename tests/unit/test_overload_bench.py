@@ -210,6 +210,22 @@ def test_overload_targets_missed():
     assert "overload: goodput" in missed and "overload: mesh membership" in missed
 
 
+def test_a_slow_refusal_is_explained_from_the_run_s_own_loop_figures():
+    ov = _overload()
+    missed = analysis({"overload": ov})  # no loop figures (an older run): the general text only
+    assert "overload: shed requests answered" in missed and "This run" not in missed
+    worst = ov["scenarios"]["mesh3"]["levels"][1]
+    for i, n in enumerate(worst["nodes"]):
+        n.update(loop_stalls=i, loop_lag_max_s_after=0.01 * (i + 1))
+    worst["client_loop_late"] = {"p99_ms": 12.0, "max_ms": 95.0}
+    missed = analysis({"overload": ov})
+    assert (
+        "This run, at mesh3 16x (refusals p99 70 ms): the routers' event loops fell behind their stall "
+        "threshold 3 times and were never more than 30 ms late over the whole run, while the client's "
+        "loop was late by up to 95 ms (p99 12 ms) and the processes used 0.60 of the machine's cores."
+    ) in missed
+
+
 def test_overload_targets_absent_or_partial():
     assert overload_targets({}) == []
     ov = _overload()
