@@ -8,7 +8,8 @@ breaker's in :class:`router.circuit_breaker.BreakerConfig`, the engine HTTP
 client's in :class:`engine_adapters.proxy.EngineClientConfig`, the KV-event
 subscription's in :class:`engine_adapters.event_adapter.EventAdapterConfig`,
 engine discovery's in :class:`router.discovery.DiscoveryConfig`, tracing's in
-:class:`router.tracing.TracingConfig`; this config holds one of each.
+:class:`router.tracing.TracingConfig`, the event loop's lag probe's in
+:class:`router.loop_lag.LoopLagConfig`; this config holds one of each.
 """
 
 from __future__ import annotations

@@ -10,11 +10,12 @@ A timer is set every ``interval`` seconds; how late it fires is the loop's
 lag at that moment (:func:`watch_loop`, the shell). :class:`LoopLag` (pure)
 keeps the samples: a histogram (``kvmesh_event_loop_lag_seconds``), the
 largest lag seen, and the stalls (a sample later than ``stall`` seconds,
-``kvmesh_event_loop_stalls_total``), logged as ``node.loop_stalled`` at most
-once per ``log_every`` seconds with the count of those not logged. Sampling
-sees a stall at most ``interval`` after it began; a stall shorter than the
-interval can fall between samples, which is why the interval is short and a
-timer costs one wake-up.
+``kvmesh_event_loop_stalls_total``), logged as ``router.loop_stalled`` at
+most once per ``log_every`` seconds with the count of those not logged. A
+callback that holds the loop for ``d`` seconds makes the next sample late by
+between ``d - interval`` and ``d`` (the probe may have been due at any moment
+of the hold), so a hold a little past ``stall`` may not count: the interval
+is short for that, and a timer costs one wake-up.
 """
 
 from __future__ import annotations
@@ -36,14 +37,15 @@ LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 @dataclass(frozen=True, slots=True)
 class LoopLagConfig:
     interval: float = 0.05  # seconds between samples
-    stall: float = 0.1  # a sample later than this is a stall (counted, logged)
-    log_every: float = 10.0  # seconds between two node.loop_stalled logs at most
+    stall: float = 0.1  # --loop-stall: a sample later than this is a stall (counted, logged)
+    log_every: float = 10.0  # --loop-stall-log-every: seconds between two router.loop_stalled logs at most
 
     def __post_init__(self) -> None:
-        for name in ("interval", "stall", "log_every"):
+        for name, said in (("interval", "loop_lag.interval"), ("stall", "--loop-stall"),
+                           ("log_every", "--loop-stall-log-every")):  # fmt: skip
             v = getattr(self, name)
             if not v > 0:
-                raise ValueError(f"loop lag {name} must be > 0 seconds, got {v}")
+                raise ValueError(f"{said} must be > 0 seconds, got {v}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,7 @@ class LoopLag:
     def __init__(self, config: LoopLagConfig | None = None) -> None:
         self.config = config or LoopLagConfig()
         self.histogram = Histogram(LOOP_LAG_BUCKETS)
+        self.histogram.touch(())  # exported (all zero) before the first sample
         self.samples = 0
         self.stalls_total = 0
         self.max_lag = 0.0

@@ -106,8 +106,8 @@ FAMILIES: tuple[Family, ...] = (
            "how late the node's event loop ran its lag probe, a timer due every LoopLagConfig.interval "
            "(router/loop_lag.py): while the loop is late, every call, stream and mesh message waits"),
     Family("kvmesh_event_loop_stalls_total", "counter", (),
-           "lag samples later than LoopLagConfig.stall (logged as node.loop_stalled, at most one log "
-           "per LoopLagConfig.log_every)"),
+           "lag samples later than --loop-stall (logged as router.loop_stalled, at most one log per "
+           "--loop-stall-log-every)"),
     # --- routing quality --------------------------------------------------------------------------
     Family("kvmesh_prompt_tokens_total", "counter", ("policy",),
            "prompt tokens of requests the engine finished (engine-reported)"),
@@ -273,6 +273,11 @@ class Histogram:
             s = self.series[labels] = _Series(len(self.bounds))
         s.counts[bisect_left(self.bounds, value)] += 1
         s.sum += value
+
+    def touch(self, labels: tuple[str, ...]) -> None:
+        """A series for ``labels`` with nothing observed yet (exported with zero counts)."""
+        if labels not in self.series:
+            self.series[labels] = _Series(len(self.bounds))
 
     def count(self, labels: tuple[str, ...]) -> int:
         s = self.series.get(labels)

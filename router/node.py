@@ -200,7 +200,7 @@ class RouterNode:
 
     def _loop_stalled(self, stall: Stall) -> None:
         self.log.warning(
-            "node.loop_stalled",
+            "router.loop_stalled",
             lag_ms=round(stall.lag * 1e3, 1),
             stalls_not_logged=stall.not_logged,
             stall_ms=self.config.loop_lag.stall * 1e3,

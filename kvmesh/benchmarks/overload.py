@@ -21,7 +21,8 @@ a way that can be repeated and compared:
    sampled at its start, at its end and every half second in between, the
    CPU used by the routers, the client, the engines and the rest of the
    machine is measured, and each node's ``GetStats`` and ``ListMembers``
-   are read before and after (outcomes, membership events, requests).
+   are read before and after (outcomes, membership events, requests, the
+   node's event loop stalls and its largest lag since it started).
 
 Two scenarios run on the same engines, each with fresh router nodes and
 cold engine caches: one router node (its capacity run sets the rates of both

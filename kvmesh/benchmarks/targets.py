@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from kvmesh.benchmarks.goodput import ratio_bounds
-from kvmesh.benchmarks.why_missed import why_missed
+from kvmesh.benchmarks.why_missed import why_missed, worst_reject
 
 __all__ = [
     "analysis",
@@ -440,10 +440,10 @@ def _goodput_kept(single: list[dict]) -> dict | None:
 
 
 def _reject_p99(ov: dict) -> dict | None:
-    shed = [(name, lv) for name, lv in _all_levels(ov) if lv.get("reject_p99_ms") is not None]
-    if not shed:
+    found = worst_reject(ov)
+    if found is None:
         return None
-    name, worst = max(shed, key=lambda x: x[1]["reject_p99_ms"])
+    name, worst = found
     v = worst["reject_p99_ms"]
     return _t(
         "overload: shed requests answered, p99",

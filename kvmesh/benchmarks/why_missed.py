@@ -264,11 +264,12 @@ WHY_MISSED: dict[str, str | Callable[[dict, dict], str]] = {
 }
 
 
-def _worst_reject(res: dict) -> tuple[str, dict] | None:
-    """The overload level with the slowest p99 refusal (the target's figure)."""
+def worst_reject(ov: dict) -> tuple[str, dict] | None:
+    """The overload level with the slowest p99 refusal, and its scenario:
+    the figure of the target and of its explanation."""
     levels = [
         (name, lv)
-        for name, sc in (_get(res, "overload", "scenarios") or {}).items()
+        for name, sc in (_get(ov, "scenarios") or {}).items()
         for lv in sc.get("levels", [])
         if lv.get("reject_p99_ms") is not None
     ]
@@ -283,20 +284,26 @@ def _shed_answers(res: dict) -> str:
         "routers, the client and the engine processes share the machine's cores with whatever else "
         "runs on it (the `other` CPU column)."
     )
-    worst = _worst_reject(res)
+    worst = worst_reject(_get(res, "overload") or {})
     nodes = worst[1].get("nodes", []) if worst else []
     if worst and nodes and all("loop_stalls" in n for n in nodes):
         name, lv = worst
         lag_ms = max(n["loop_lag_max_s_after"] for n in nodes) * 1e3
-        late = lv.get("client_loop_late") or {}
-        cpu = sum((lv.get("cpu_cores") or {}).values())
         text += (
             f" This run, at {name} {lv['k']:g}x (refusals p99 {lv['reject_p99_ms']:.0f} ms): the routers' "
             f"event loops fell behind their stall threshold {sum(n['loop_stalls'] for n in nodes)} times "
-            f"and were never more than {lag_ms:.0f} ms late over the whole run, while the client's loop "
-            f"was late by up to {late.get('max_ms') or 0:.0f} ms (p99 {late.get('p99_ms') or 0:.0f} ms) "
-            f"and the processes used {cpu:.2f} of the machine's cores."
+            f"during the level, and none was more than {lag_ms:.0f} ms late from its start to the end of "
+            "the level"
         )
+        late = lv.get("client_loop_late") or {}
+        if late.get("max_ms") is not None:
+            text += (
+                f"; the client's loop was late by up to {late['max_ms']:.0f} ms (p99 {late['p99_ms']:.0f} ms)"
+            )
+        cpu, cpus = lv.get("cpu_cores"), _get(res, "meta", "cpus")
+        if cpu and cpus:
+            text += f"; the processes used {sum(cpu.values()):.2f} of the machine's {cpus} cores"
+        text += "."
     return text + (
         " Fix: router nodes on cores of their own (more nodes behind the name only help when they do "
         "not share the same cores), and clients that are not starved of CPU by them."

@@ -34,6 +34,7 @@ from router.config import LOG_FORMATS, LOG_LEVELS, RouterConfig, check_policy_op
 from router.discovery import DiscoveryConfig
 from router.engine_registry import SPEC_KEYS, EngineSpec, EngineSpecError
 from router.logs import configure_logging, toggle_debug
+from router.loop_lag import LoopLagConfig
 from router.node import RouterNode
 from router.policies import POLICY_NAMES, policy_options
 from router.request_path import RetryPolicy
@@ -222,6 +223,22 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("KVMESH_LOG_FORMAT", d.log_format),
         choices=LOG_FORMATS,
         help=f"one event per line, key=value text or JSON (default $KVMESH_LOG_FORMAT, else {d.log_format})",
+    )
+    p.add_argument(
+        "--loop-stall",
+        type=float,
+        default=d.loop_lag.stall,
+        metavar="SECONDS",
+        help="the node's event loop running its lag probe later than this is a stall: counted "
+        "(kvmesh_event_loop_stalls_total) and logged as router.loop_stalled (default %(default)s)",
+    )
+    p.add_argument(
+        "--loop-stall-log-every",
+        type=float,
+        default=d.loop_lag.log_every,
+        metavar="SECONDS",
+        help="at most one router.loop_stalled log this often, with the count not logged "
+        "(default %(default)s)",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="seed for random policy choices")
     p.add_argument(
@@ -435,6 +452,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         http_listen=args.http_listen,
         seed=args.seed,
         max_index_blocks=args.max_index_blocks,
+        loop_lag=LoopLagConfig(stall=args.loop_stall, log_every=args.loop_stall_log_every),
         retry=RetryPolicy(max_attempts=args.max_attempts),
         admission=AdmissionConfig(
             max_in_flight=args.max_in_flight,

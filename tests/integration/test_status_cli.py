@@ -134,7 +134,7 @@ def test_the_json(fleet, capsys: pytest.CaptureFixture[str]) -> None:
     assert routing["hit_rate"] == pytest.approx(routing["cached_prompt_tokens"] / routing["prompt_tokens"])
     assert snap["node"]["node_id"] == "status-r1" and snap["node"]["ready"] is True
     # A running node's lag probe has fired, never exactly on time.
-    assert snap["node"]["event_loop_lag_max_seconds"] > 0 and snap["node"]["event_loop_stalls"] >= 0
+    assert snap["node"]["event_loop_lag_max_seconds"] > 0
     # The other node: the same mesh, its own (empty) routing.
     rc, out, _ = _status(capsys, "--target", r2.info["grpc"], "--insecure", "--json")
     other = json.loads(out)

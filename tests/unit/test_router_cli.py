@@ -60,6 +60,8 @@ def test_flags_set_their_fields():
             "--health-interval=0.5",
             "--seed=7",
             "--max-index-blocks=5000",
+            "--loop-stall=0.25",
+            "--loop-stall-log-every=60",
         )
     )
     assert (cfg.listen, cfg.node_id, cfg.join, cfg.policy) == (
@@ -76,6 +78,7 @@ def test_flags_set_their_fields():
     assert cfg.tokenizers == {"m": "builtin"}
     assert (cfg.retry.max_attempts, cfg.health_interval, cfg.seed) == (5, 0.5, 7)
     assert cfg.max_index_blocks == 5000
+    assert (cfg.loop_lag.stall, cfg.loop_lag.log_every) == (0.25, 60.0)
 
 
 @pytest.mark.parametrize(
@@ -199,6 +202,8 @@ async def test_seeds_with_a_port_out_of_range_are_refused():
         ("--health-interval=0", "--health-interval must be > 0"),
         ("--max-request-bytes=0", "--max-request-bytes must be > 0"),
         ("--stream-idle-timeout=0", "--stream-idle-timeout must be > 0"),
+        ("--loop-stall=0", "--loop-stall must be > 0"),
+        ("--loop-stall-log-every=-1", "--loop-stall-log-every must be > 0"),
     ],
 )
 def test_out_of_range_numbers_are_refused(flag, words):
