@@ -41,7 +41,7 @@ from engine_adapters.proxy import (
 from engine_adapters.tokenizer import Tokenizer, get_tokenizer
 from mesh.effects import Effect, EngineAdded, EngineRemoved, StartOwning, StopOwning
 from mesh.engine_log.packed import IndexChange, change_blocks, heads_of
-from router.adapters import AdapterLifecycle
+from router.adapters import AdapterLifecycle, events_source
 from router.admission import AdmissionGate
 from router.approx_tree import ApproxTree
 from router.config import RouterConfig
@@ -238,6 +238,19 @@ class RouterNode:
 
     # --- what the mesh asks for ------------------------------------------------------------------
 
+    def _respecified(self, old: EngineSpec, spec: EngineSpec) -> None:
+        """An engine registered again with another events source: its old
+        blocks are another cache's. The owner clears them through the log
+        and restarts its adapter (router/adapters.py); every node forgets the
+        workers the new spec no longer has."""
+        gone = set(old.workers) - set(spec.workers)
+        for w in sorted(gone):
+            self.index.remove_worker(w)
+            self.approx_tree.remove_worker(w)
+            self.load.local.drop_worker(w)
+        if spec.engine_id in self.core.owned():
+            self.adapters.respecify(spec.engine_id, spec, tuple(old.workers))
+
     def _effect(self, eff: Effect) -> None:
         if isinstance(eff, EngineAdded):
             try:
@@ -245,10 +258,13 @@ class RouterNode:
             except (TypeError, EngineSpecError) as e:  # from another node: never trusted blindly
                 self.log.error("router.engine_spec_refused", engine=eff.engine_id, error=str(e))
                 return
+            old = self.engines.get(eff.engine_id)
             if self.engines.put(spec):
                 self.log.info(
                     "router.engine_added", engine=eff.engine_id, endpoint=spec.endpoint, model=spec.model
                 )
+            if old is not None and events_source(old.spec) != events_source(spec):
+                self._respecified(old.spec, spec)
         elif isinstance(eff, EngineRemoved):
             rec = self.engines.pop(eff.engine_id)
             if rec is not None:

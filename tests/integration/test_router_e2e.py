@@ -17,6 +17,7 @@ from kvmesh.client import ONE_NODE, aio_channel
 from kvmesh.loadgen import generate_once
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
+from mesh.core import MeshConfig
 
 pytestmark = pytest.mark.slow
 
@@ -201,3 +202,68 @@ async def test_killing_the_chosen_engine_fails_over():
         router.stop()
         for p in ps:
             p.stop()
+
+
+async def _cached_blocks(admin: pb_grpc.AdminStub, engine_id: str) -> int:
+    listed = await admin.ListEngines(pb.ListEnginesRequest())
+    return next(e.cached_blocks for e in listed.engines if e.spec.engine_id == engine_id)
+
+
+async def _until(check, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_an_engine_registered_again_elsewhere_is_a_new_cache():
+    """e1 moves to another engine process (new URL and KV-event ports): the
+    old process' blocks leave the index, and the new one's events come in."""
+    old, new = (procs.start_sim_engine(f"moved-{i}", ["--seed", str(i)]) for i in range(2))
+    router = procs.start_router("router-moved", [procs.engine_flag("e1", old)], ["--policy", "precise"])
+    try:
+        prefix = _tokens(41, 800)  # 50 blocks
+        route = pb.RouteRequest(
+            prompt=pb.Prompt(token_ids=pb.TokenIds(ids=prefix + _tokens(9, 20))), dry_run=True
+        )
+        async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
+            stub, admin = pb_grpc.RouterStub(ch), pb_grpc.AdminStub(ch)
+            first, _ = await generate_once(stub, prefix + _tokens(42, 40), 4)
+            assert first.ok, first.error
+            await _wait_index(router.info["grpc"], 50)
+            assert (await stub.Route(route)).predicted_cached_blocks >= 50
+
+            moved = procs.engine_flag("e1", new)
+            spec = pb.EngineSpec(
+                engine_id="e1",
+                endpoint=new.info["url"],
+                kv_events_endpoint=new.info["kv_endpoint"],
+                replay_endpoint=new.info["replay_endpoint"],
+                model=moved.split("model=")[1].split(",")[0],
+                block_size=16,
+            )
+            await admin.RegisterEngine(pb.RegisterEngineRequest(spec=spec))
+
+            async def cleared() -> bool:
+                return await _cached_blocks(admin, "e1") == 0
+
+            await _until(cleared)  # the old process' blocks are gone ...
+            # ... and once the first request's route hint has expired, nothing is promised.
+            await asyncio.sleep(MeshConfig().hint_ttl)
+            assert (await stub.Route(route)).predicted_cached_blocks == 0
+
+            second, _ = await generate_once(stub, prefix + _tokens(43, 40), 4)
+            assert second.ok and second.cached_tokens == 0  # served by the new, cold process
+
+            async def indexed() -> bool:
+                return await _cached_blocks(admin, "e1") >= 50
+
+            await _until(indexed)  # the new process' KV events reach the index
+            third, _ = await generate_once(stub, prefix + _tokens(44, 40), 4)
+            assert third.ok and third.cached_tokens >= 800
+            assert (await stub.Route(route)).predicted_cached_blocks >= 50
+        assert "router.adapter_respecified" in router.tail(400)
+    finally:
+        router.stop()
+        old.stop()
+        new.stop()
