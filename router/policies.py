@@ -753,7 +753,12 @@ def make_policy(
         if index is None:
             raise ValueError("precise policy needs a PrefixIndex (index=...)")
         given["hint_overlap"] = hint_overlap
+    known = policy_options()[name]
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        takes = f"it takes: {', '.join(known)}" if known else "it takes none"
+        raise ValueError(f"policy {name!r} has no option {', '.join(unknown)}; {takes}")
     try:
         return factory(**given, **opts)
-    except TypeError as e:  # unknown option for that policy
+    except TypeError as e:  # an option of the wrong type
         raise ValueError(f"bad options for policy {name!r}: {e}") from None

@@ -24,7 +24,16 @@ from kvmesh.client import (
     TlsConfig,
 )
 
-__all__ = ["add_connection_flags", "add_prompt_flags", "client_from_args", "explain", "prompt_from_args"]
+__all__ = [
+    "TARGET_ENV",
+    "TOKEN_ENV",
+    "add_connection_flags",
+    "add_prompt_flags",
+    "client_from_args",
+    "explain",
+    "prompt_from_args",
+    "token_from_file",
+]
 
 TARGET_ENV = "KVMESH_TARGET"
 TOKEN_ENV = "KVMESH_TOKEN"
@@ -59,7 +68,8 @@ def add_connection_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--token-file",
         default="",
-        help=f"file holding a bearer token, its first word (default: ${TOKEN_ENV}, if set)",
+        help="file holding a bearer token: its first word, or a node's --auth-token-file (the first "
+        f"client token) (default: ${TOKEN_ENV}, if set)",
     )
     g.add_argument(
         "--timeout",
@@ -92,20 +102,32 @@ def prompt_from_args(args: argparse.Namespace) -> Prompt:
     return text
 
 
+def token_from_file(path: str, role: str) -> str:
+    """The token in ``path`` for ``role`` ("client" or "admin"). The file is
+    one token, or a node's --auth-token-file (``TOKEN [ROLE]`` a line, ``#``
+    comments, no role meaning client): the first token of that role, else
+    the first token. ValueError if it cannot be read or holds none."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"cannot read the token file {path!r}: {e}") from None
+    tokens = [w for line in text.splitlines() if (w := line.split("#", 1)[0].split())]
+    if not tokens:
+        raise ValueError(f"the token file {path!r} holds no token")
+    for words in tokens:
+        if (words[1] if len(words) > 1 else "client") == role:
+            return words[0]
+    return tokens[0][0]
+
+
 def _token(args: argparse.Namespace) -> str:
-    """The token: the first word of the token file's first line that holds one
-    (so a node's --auth-token-file, ``TOKEN [ROLE]`` a line, works too), else ``$KVMESH_TOKEN``."""
+    """The token: from the token file (a client token), else ``$KVMESH_TOKEN``."""
     if not args.token_file:
         return os.environ.get(TOKEN_ENV, "")
     try:
-        text = Path(args.token_file).read_text()
-    except OSError as e:
-        raise ClientConfigError(f"cannot read the token file {args.token_file!r}: {e}") from None
-    for line in text.splitlines():
-        words = line.split("#", 1)[0].split()
-        if words:
-            return words[0]
-    raise ClientConfigError(f"the token file {args.token_file!r} holds no token")
+        return token_from_file(args.token_file, "client")
+    except ValueError as e:
+        raise ClientConfigError(str(e)) from None
 
 
 def explain(e: KvmeshError, args: argparse.Namespace) -> str:

@@ -39,6 +39,7 @@ from typing import Any
 
 import grpc
 
+from kvmesh.cli.client_flags import TARGET_ENV, TOKEN_ENV, token_from_file
 from kvmesh.client.errors import from_rpc_error
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
@@ -53,7 +54,10 @@ _CLEAR = "\033[H\033[2J"
 def configure_parser(p: argparse.ArgumentParser) -> None:
     d = RouterConfig()
     p.add_argument(
-        "--target", default=d.listen, metavar="HOST:PORT", help="the node to ask (default %(default)s)"
+        "--target",
+        default=os.environ.get(TARGET_ENV, d.listen),
+        metavar="HOST:PORT",
+        help=f"the node to ask (default: ${TARGET_ENV}, else {d.listen})",
     )
     p.add_argument("--json", action="store_true", help="print the snapshot as JSON (for scripts)")
     p.add_argument(
@@ -79,7 +83,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--token-file",
         default="",
-        help="file holding an admin bearer token (its first word; a node's --auth-token-file works)",
+        help="file holding an admin bearer token: its first word, or a node's --auth-token-file (the "
+        f"first admin token) (default: ${TOKEN_ENV}, if set)",
     )
 
 
@@ -108,21 +113,8 @@ def credentials_from_args(args: argparse.Namespace) -> Credentials:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_server_name=args.tls_server_name,
-        token=read_token(args.token_file) if args.token_file else "",
+        token=token_from_file(args.token_file, "admin") if args.token_file else os.environ.get(TOKEN_ENV, ""),
     )
-
-
-def read_token(path: str) -> str:
-    """The first word of the first line that holds one (``#`` starts a comment)."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ValueError(f"cannot read the token file {path!r}: {e}") from None
-    for line in text.splitlines():
-        words = line.split("#", 1)[0].split()
-        if words:
-            return words[0]
-    raise ValueError(f"the token file {path!r} holds no token")
 
 
 def open_channel(target: str, creds: Credentials) -> grpc.Channel:
@@ -281,7 +273,7 @@ def render(snap: dict[str, Any]) -> str:
         f"{_bytes(node['mesh_bytes_sent'])} / {node['mesh_messages_sent']} msgs, in "
         f"{_bytes(node['mesh_bytes_received'])} / {node['mesh_messages_received']} msgs",
         f"  event loop: {node['event_loop_stalls']} stalls, "
-        f"lag max {_secs(node['event_loop_lag_max_seconds'])}",
+        f"largest lag since start {_secs(node['event_loop_lag_max_seconds'])}",
         "",
         f"MEMBERS ({node['live_members']} live)",
     ]
@@ -360,14 +352,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"{_PROG}: {e}", file=sys.stderr)
         return 2
-    with channel:
-        try:
-            return _print(channel, args, creds.token)
-        except BrokenPipeError:
-            # The reader went away (`| head`): done. Point stdout at /dev/null so
-            # the interpreter's own flush at exit does not fail again.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
+    with channel:  # a reader that goes away (`| head`): kvmesh.cli.main ends quietly
+        return _print(channel, args, creds.token)
 
 
 def _print(channel: grpc.Channel, args: argparse.Namespace, token: str) -> int:

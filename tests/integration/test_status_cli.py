@@ -84,7 +84,7 @@ def test_the_screen(fleet, capsys: pytest.CaptureFixture[str]) -> None:
     assert lines[0].startswith(f"kvmesh status  status-r1 at {r1.info['grpc']}  ready  policy precise")
     assert "MEMBERS (2 live)" in lines
     loop = next(line for line in lines if line.startswith("  event loop: "))
-    assert re.fullmatch(r"  event loop: \d+ stalls, lag max \d+\.\d{3}s", loop), loop
+    assert re.fullmatch(r"  event loop: \d+ stalls, largest lag since start \d+\.\d{3}s", loop), loop
     me = next(line for line in lines if line.lstrip().startswith("*status-r1"))
     peer = next(line for line in lines if line.lstrip().startswith("status-r2"))
     # The incarnation: 0 unless the node had to refute a suspicion (a loaded host, fast probes).
@@ -173,6 +173,21 @@ def test_a_reader_that_goes_away_ends_it_quietly(fleet) -> None:
     assert json.loads(p.stdout.readline())["node"]["node_id"] == "status-r1"
     p.stdout.close()  # as `| head -1` does
     assert p.wait(10) == 0
+    assert p.stderr.read() == ""
+
+
+@pytest.mark.parametrize("command", [["route", "--tokens", "5", "6", "7"], ["generate", "hello", "--json"]])
+def test_a_client_command_whose_reader_went_away_ends_quietly(fleet, command: list[str]) -> None:
+    r1, _ = fleet
+    p = subprocess.Popen(
+        [sys.executable, "-m", "kvmesh.cli", *command, "--target", r1.info["grpc"], "--insecure"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # before the answer: as `| head -0` does
+    assert p.wait(30) == 0
     assert p.stderr.read() == ""
 
 

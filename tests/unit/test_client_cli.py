@@ -178,3 +178,44 @@ def test_the_routing_lines_say_what_each_count_counts() -> None:
     assert "  generate requests admitted 1  failed 0  retries 0" in lines
     assert "  calls ended 3 (Generate, Route, HTTP API, refused tokens): OK 3" in lines
     assert not any("ok 3" in line for line in lines)
+
+
+# --- the token and the target: files and the environment -------------------------------------------
+
+
+def test_a_node_s_token_file_gives_each_command_the_token_of_its_role(tmp_path) -> None:
+    table = tmp_path / "tokens"
+    table.write_text(
+        "# the node's --auth-token-file\nclient-token-0123456789 client\nadmin-token-0123456789 admin\n"
+    )
+    assert client_flags.token_from_file(str(table), "client") == "client-token-0123456789"
+    assert client_flags.token_from_file(str(table), "admin") == "admin-token-0123456789"
+    table.write_text("admin-token-0123456789 admin\nno-role-token-0123456789\n")  # no role: a client's
+    assert client_flags.token_from_file(str(table), "client") == "no-role-token-0123456789"
+    one = tmp_path / "one"
+    one.write_text("just-a-token-0123456789\n")  # one token: whatever the role
+    assert client_flags.token_from_file(str(one), "admin") == "just-a-token-0123456789"
+    only_admin = tmp_path / "admin-only"
+    only_admin.write_text("admin-token-0123456789 admin\n")  # no token of the role: the first
+    assert client_flags.token_from_file(str(only_admin), "client") == "admin-token-0123456789"
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="holds no token"):
+        client_flags.token_from_file(str(empty), "client")
+    with pytest.raises(ValueError, match="cannot read the token file"):
+        client_flags.token_from_file(str(tmp_path / "missing"), "client")
+
+
+def test_status_takes_the_target_and_token_from_the_environment(monkeypatch, tmp_path) -> None:
+    from kvmesh.cli import status
+
+    monkeypatch.setenv("KVMESH_TARGET", "10.1.2.3:7000")
+    monkeypatch.setenv("KVMESH_TOKEN", "env-token-0123456789")
+    args = _args(status, "--insecure")
+    assert args.target == "10.1.2.3:7000"
+    assert status.credentials_from_args(args).token == "env-token-0123456789"
+    table = tmp_path / "tokens"
+    table.write_text("client-token-0123456789 client\nadmin-token-0123456789 admin\n")
+    args = _args(status, "--insecure", "--token-file", str(table), "--target", "h:1")
+    assert args.target == "h:1"  # a flag over the environment
+    assert status.credentials_from_args(args).token == "admin-token-0123456789"

@@ -6,8 +6,9 @@ import pytest
 
 from kvmesh.cli.router import parse_policy_opts
 from router.config import RouterConfig
+from router.index import PrefixIndex
 from router.node import RouterNode
-from router.policies import RouteRequest
+from router.policies import RouteRequest, make_policy
 
 
 def test_parse_policy_opts_types_and_groups() -> None:
@@ -60,3 +61,10 @@ def test_max_blocks_per_worker_bounds_the_tree_the_node_shares() -> None:
     policy = node._policy("cache_aware_approx")
     policy.on_routed(RouteRequest("r", list(range(25)), 400), "w", 0.0)
     assert node.approx_tree.blocks_of("w") == 10
+
+
+def test_an_unknown_option_is_refused_with_the_options_the_policy_takes() -> None:
+    with pytest.raises(ValueError, match=r"^policy 'precise' has no option nope; it takes: overlap_weight, "):
+        make_policy("precise", PrefixIndex(), nope=1)
+    with pytest.raises(ValueError, match=r"^policy 'round_robin' has no option x; it takes none$"):
+        make_policy("round_robin", x=1)
