@@ -231,7 +231,9 @@ class MeshState:
             del self.owners[engine_id]
             self._lost.append(engine_id)
             rep = self.logs.get(engine_id)
-            log.warning(
+            # A higher epoch fenced us: a node that rejoined or took over
+            # before our release reached it; its adapter replays from the engine.
+            log.info(
                 "engine_log.ownership_lost",
                 engine=engine_id,
                 node=self.node_id,

@@ -29,11 +29,20 @@ import grpc
 
 from router.errors import REASON_KEY
 
-__all__ = ["ADMIN", "CLIENT", "ApiAuthConfig", "AuthError", "TokenInterceptor", "TokenTable"]
+__all__ = [
+    "ADMIN",
+    "CLIENT",
+    "MIN_TOKEN_CHARS",
+    "ApiAuthConfig",
+    "AuthError",
+    "TokenInterceptor",
+    "TokenTable",
+]
 
 CLIENT = "client"
 ADMIN = "admin"
 _ROLES = (CLIENT, ADMIN)
+MIN_TOKEN_CHARS = 16  # a token short enough to guess is refused
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/kvmesh.mesh.v1.Mesh/")
 _ADMIN_PREFIX = "/kvmesh.v1.Admin/"
 
@@ -90,8 +99,8 @@ class TokenTable:
                 continue
             if len(words) > 2:
                 raise AuthError(f"line {n}: want TOKEN [client|admin]")
-            if len(words[0]) < 16:
-                raise AuthError(f"line {n}: a token must be at least 16 characters")
+            if len(words[0]) < MIN_TOKEN_CHARS:
+                raise AuthError(f"line {n}: a token must be at least {MIN_TOKEN_CHARS} characters")
             tokens[words[0]] = words[1] if len(words) == 2 else CLIENT
         if not tokens:
             raise AuthError("the token file holds no token")

@@ -138,6 +138,11 @@ def explain(e: KvmeshError, args: argparse.Namespace) -> str:
             "--auth-token-file and no --tls-cert, speaks plaintext: add --insecure for it; "
             "a node with a private CA needs --tls-ca)"
         )
+    if e.status == "UNAVAILABLE" and "unhealthy" in e.message.lower():
+        return (
+            f"{e}\n(the node answers its health check NOT_SERVING: it is joining the mesh or "
+            "draining, and the client sends calls only to serving nodes; `kvmesh status` says which)"
+        )
     return str(e)
 
 

@@ -29,7 +29,7 @@ from mesh.membership import MembershipConfig
 from mesh.transport import TransportConfig
 from router.addresses import AddressError, advertised_address, resolve_listen, resolve_seeds
 from router.admission import AdmissionConfig
-from router.auth import ApiAuthConfig, AuthError, TokenTable
+from router.auth import MIN_TOKEN_CHARS, ApiAuthConfig, AuthError, TokenTable
 from router.config import LOG_FORMATS, LOG_LEVELS, RouterConfig, check_policy_opts
 from router.discovery import DiscoveryConfig
 from router.engine_registry import SPEC_KEYS, EngineSpec, EngineSpecError
@@ -357,8 +357,8 @@ def _add_security_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
     p.add_argument(
         "--auth-token-file",
         default=d.api_auth.token_file,
-        help="bearer tokens, one a line: TOKEN [client|admin]; calls carry 'authorization: Bearer "
-        "TOKEN'; Admin calls need an admin token",
+        help=f"bearer tokens, one a line: TOKEN [client|admin], each at least {MIN_TOKEN_CHARS} "
+        "characters; calls carry 'authorization: Bearer TOKEN'; Admin calls need an admin token",
     )
     p.add_argument(
         "--mesh-listen",

@@ -103,6 +103,10 @@ class Credentials:
 
 def credentials_from_args(args: argparse.Namespace) -> Credentials:
     """ValueError (a message for the operator) when the flags do not fit together."""
+    if not args.watch >= 0:
+        raise ValueError(f"--watch must be >= 0 seconds (0: once), got {args.watch}")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.insecure and (args.tls_ca or args.tls_cert or args.tls_key):
         raise ValueError("--insecure and --tls-* exclude each other")
     if bool(args.tls_cert) != bool(args.tls_key):

@@ -163,6 +163,19 @@ def test_insecure_is_for_every_node_that_serves_without_tls() -> None:
     assert "a node run --insecure speaks plaintext" not in hint
 
 
+def test_a_node_that_is_not_serving_is_said_so() -> None:
+    args = argparse.Namespace(insecure=True)
+    unhealthy = KvmeshError(
+        grpc.StatusCode.UNAVAILABLE,
+        "connections to all backends failing; last error: ipv4:127.0.0.1:50085: backend unhealthy",
+    )
+    hint = client_flags.explain(unhealthy, args)
+    assert hint.startswith(str(unhealthy)) and "joining the mesh or draining" in hint
+    assert "kvmesh status" in hint
+    other = KvmeshError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
+    assert client_flags.explain(other, args) == str(other)  # no guess where it does not fit
+
+
 # --- the status screen: requests and calls counted apart ----------------------------------------
 
 
@@ -219,3 +232,17 @@ def test_status_takes_the_target_and_token_from_the_environment(monkeypatch, tmp
     args = _args(status, "--insecure", "--token-file", str(table), "--target", "h:1")
     assert args.target == "h:1"  # a flag over the environment
     assert status.credentials_from_args(args).token == "admin-token-0123456789"
+
+
+@pytest.mark.parametrize(
+    ("flag", "words"),
+    [
+        (["--watch", "-1"], "--watch must be >= 0 seconds"),
+        (["--timeout", "0"], "--timeout must be > 0 seconds"),
+    ],
+)
+def test_status_refuses_a_time_it_cannot_keep(flag: list[str], words: str, capsys) -> None:
+    from kvmesh.cli import status
+
+    assert status.run(_args(status, "--insecure", *flag)) == 2
+    assert capsys.readouterr().err.startswith(f"kvmesh status: {words}")
