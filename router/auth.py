@@ -117,9 +117,10 @@ class TokenTable:
 
     def role_of(self, authorization: str | None) -> str | None:
         """The role of the token in an ``authorization`` header, or None."""
-        if not authorization or not authorization.startswith("Bearer "):
+        scheme, _, given = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer":  # an auth scheme is case-insensitive (RFC 9110)
             return None
-        given = authorization[len("Bearer ") :].strip()
+        given = given.strip()
         for token, role in self._tokens.items():
             if hmac.compare_digest(given, token):
                 return role

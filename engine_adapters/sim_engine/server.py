@@ -28,6 +28,11 @@ log = structlog.get_logger(__name__)
 
 # Long token-id prompts are large JSON bodies; aiohttp's default is 1 MiB.
 _MAX_BODY_BYTES = 64 * 1024 * 1024
+# On a signal the step loop stops first, so an open stream can never finish:
+# its connection is cut after this grace (as an engine process that exits
+# cuts it), and the router retries or fails the call at once rather than
+# after its stream-idle timeout.
+_STOP_GRACE_S = 0.5
 
 
 def build_app(engine: SimEngine) -> web.Application:
@@ -42,7 +47,9 @@ def build_app(engine: SimEngine) -> web.Application:
 async def serve(config: SimEngineConfig) -> int:
     """Run the engine until a signal (0) or a step-loop crash (1)."""
     engine = SimEngine(config)
-    runner = web.AppRunner(build_app(engine), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        build_app(engine), handler_cancellation=True, access_log=None, shutdown_timeout=_STOP_GRACE_S
+    )
     steps: asyncio.Task[None] | None = None
     try:
         await runner.setup()

@@ -338,6 +338,30 @@ async def test_client_disconnect_aborts_request(engine: Engine) -> None:
     assert stats["running"] == 0 and stats["pinned_blocks"] == 0, stats
 
 
+async def test_a_stopped_engine_cuts_its_open_streams_at_once() -> None:
+    """SIGTERM during a long stream: the stream ends cut within seconds (its
+    client can go elsewhere), and the process exits."""
+    e = start_engine("--kv-events-endpoint", "")
+    body = {"prompt": prompt_with(9, 3, [2]), "max_tokens": 5000, "stream": True, "ignore_eos": True}
+    try:
+        async with aiohttp.ClientSession() as s, s.post(f"{e.http}/v1/completions", json=body) as r:
+            assert r.status == 200
+            await r.content.readline()  # first token arrived: it is running
+            e.proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with asyncio.timeout(10):
+                    while await r.content.readline():
+                        pass
+                    raise AssertionError("the stream ended as if complete")
+            assert time.monotonic() - t0 < 5
+        assert e.proc.wait(10) == 0, "".join(e.stderr)[-3000:]
+    finally:
+        if e.proc.poll() is None:
+            e.proc.kill()
+            e.proc.wait(5)
+
+
 async def test_fail_rate_gives_503_before_first_token() -> None:
     e = start_engine("--fail-rate", "1.0", "--kv-events-endpoint", "")
     try:

@@ -27,6 +27,19 @@ def test_token_roles_and_what_each_may_call() -> None:
     assert TABLE.verdict("/kvmesh.mesh.v1.Mesh/Deliver", None) is None  # the mesh proves itself
 
 
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "  Bearer"])
+def test_the_bearer_scheme_is_case_insensitive(scheme: str) -> None:
+    assert TABLE.role_of(f"{scheme} admin-token-0123456789") == "admin"
+    assert TABLE.role_of(f"{scheme}  client-token-0123456789 ") == "client"
+
+
+@pytest.mark.parametrize(
+    "header", ["Basic admin-token-0123456789", "Beareradmin-token-0123456789", "Bearer", ""]
+)
+def test_other_schemes_and_no_token_name_no_role(header: str) -> None:
+    assert TABLE.role_of(header) is None
+
+
 @pytest.mark.parametrize(
     "text",
     ["", "# nothing\n", "short admin\n", "long-enough-token-xyz root\n", "a-long-enough-token b c\n"],
