@@ -63,7 +63,6 @@ class LoopLag:
         self.config = config or LoopLagConfig()
         self.histogram = Histogram(LOOP_LAG_BUCKETS)
         self.histogram.touch(())  # exported (all zero) before the first sample
-        self.samples = 0
         self.stalls_total = 0
         self.max_lag = 0.0
         self._last_logged: float | None = None
@@ -72,7 +71,6 @@ class LoopLag:
     def observe(self, lag: float, now: float) -> Stall | None:
         """One sample, ``lag`` seconds late at ``now``: the stall to log, if any."""
         lag = max(0.0, lag)
-        self.samples += 1
         self.histogram.observe((), lag)
         self.max_lag = max(self.max_lag, lag)
         if lag <= self.config.stall:

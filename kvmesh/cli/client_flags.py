@@ -23,6 +23,7 @@ from kvmesh.client import (
     Prompt,
     TlsConfig,
 )
+from router.auth import CLIENT
 
 __all__ = [
     "TARGET_ENV",
@@ -103,7 +104,7 @@ def prompt_from_args(args: argparse.Namespace) -> Prompt:
 
 
 def token_from_file(path: str, role: str) -> str:
-    """The token in ``path`` for ``role`` ("client" or "admin"). The file is
+    """The token in ``path`` for ``role`` (``CLIENT`` or ``ADMIN``). The file is
     one token, or a node's --auth-token-file (``TOKEN [ROLE]`` a line, ``#``
     comments, no role meaning client): the first token of that role, else
     the first token. ValueError if it cannot be read or holds none."""
@@ -115,7 +116,7 @@ def token_from_file(path: str, role: str) -> str:
     if not tokens:
         raise ValueError(f"the token file {path!r} holds no token")
     for words in tokens:
-        if (words[1] if len(words) > 1 else "client") == role:
+        if (words[1] if len(words) > 1 else CLIENT) == role:
             return words[0]
     return tokens[0][0]
 
@@ -125,7 +126,7 @@ def _token(args: argparse.Namespace) -> str:
     if not args.token_file:
         return os.environ.get(TOKEN_ENV, "")
     try:
-        return token_from_file(args.token_file, "client")
+        return token_from_file(args.token_file, CLIENT)
     except ValueError as e:
         raise ClientConfigError(str(e)) from None
 

@@ -43,6 +43,7 @@ from kvmesh.cli.client_flags import TARGET_ENV, TOKEN_ENV, token_from_file
 from kvmesh.client.errors import from_rpc_error
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
+from router.auth import ADMIN
 from router.config import RouterConfig
 
 __all__ = ["configure_parser", "open_channel", "render", "run", "snapshot"]
@@ -117,7 +118,7 @@ def credentials_from_args(args: argparse.Namespace) -> Credentials:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_server_name=args.tls_server_name,
-        token=token_from_file(args.token_file, "admin") if args.token_file else os.environ.get(TOKEN_ENV, ""),
+        token=token_from_file(args.token_file, ADMIN) if args.token_file else os.environ.get(TOKEN_ENV, ""),
     )
 
 
