@@ -9,7 +9,7 @@ status              what the client does    reasons
 ==================  ======================  =========================================
 INVALID_ARGUMENT    fix the request         ``invalid_request``, ``engine_rejected``
 RESOURCE_EXHAUSTED  back off, or shorten    ``overloaded``, ``engines_busy``,
-                                            ``context_length``
+                                            ``context_length``, ``request_too_large``
 UNAVAILABLE         retry (elsewhere)       ``no_engine``, ``engine_failed``,
                                             ``draining``, ``joining``
 DEADLINE_EXCEEDED   give it more time       ``deadline``, ``stream_stalled``
@@ -27,9 +27,13 @@ Pure: no gRPC here (``router/service.py`` maps ``grpc_code`` to a status).
 from __future__ import annotations
 
 REASON_KEY = "kvmesh-reason"  # trailing metadata: why a call ended with its status
+# Trailing metadata of a failed Generate or Route: the request's id (the
+# client's, or the node's when it sent none), to quote in a report.
+REQUEST_ID_KEY = "x-request-id"
 
 __all__ = [
     "REASON_KEY",
+    "REQUEST_ID_KEY",
     "ContextTooLong",
     "DeadlineExceeded",
     "Draining",
@@ -38,6 +42,7 @@ __all__ = [
     "Overloaded",
     "RequestError",
     "RequestRejected",
+    "RequestTooLarge",
     "RouterError",
     "StreamFailed",
 ]
@@ -66,6 +71,13 @@ class RequestRejected(RequestError):
     """The engine refused the request itself (an HTTP 4xx): the client's mistake."""
 
     reason = "engine_rejected"
+
+
+class RequestTooLarge(RequestError):
+    """The request is larger than the node takes (``--max-request-bytes``)."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+    reason = "request_too_large"
 
 
 class ContextTooLong(RouterError):

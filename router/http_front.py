@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
@@ -174,7 +173,7 @@ class HttpFront:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        rid = uuid.uuid4().hex
+        rid = self.node.new_request_id()
         try:
             rid = request_id_from(request.headers.get("x-request-id")) or rid
             request[_REQUEST_ID] = rid

@@ -373,9 +373,13 @@ class RouterNode:
             self.engines,
             self.tokenizer,
             self.config.policy,
-            lambda: uuid.uuid4().hex,
+            self.new_request_id,
             key=next(self._keys),
         )
+
+    def new_request_id(self) -> str:
+        """An id for a request whose client gave none (or one it cannot use)."""
+        return uuid.uuid4().hex
 
     def validate(self, prep: Prepared, params: SamplingParams) -> None:
         """What can be checked before routing (see :func:`router.request_path.validate`)."""

@@ -64,8 +64,8 @@ from typing import Any, Literal
 import msgspec
 
 from engine_adapters.completion_request import SamplingParams
-from router.errors import RequestError, RouterError
-from router.request_path import ClientRequest, Finished
+from router.errors import RequestError, RequestTooLarge, RouterError
+from router.request_path import ClientRequest, Finished, request_id_problem
 
 __all__ = [
     "DONE",
@@ -93,7 +93,6 @@ __all__ = [
 Kind = Literal["completion", "chat"]
 DONE = b"data: [DONE]\n\n"
 OPENAI_DEFAULT_TEMPERATURE = 1.0
-MAX_REQUEST_ID_CHARS = 256
 _ROLES = frozenset(("system", "developer", "user", "assistant", "tool", "function"))
 
 
@@ -110,13 +109,6 @@ class ModelNotFound(RequestError):
 
     grpc_code = "NOT_FOUND"
     reason = "model_not_found"
-
-
-class RequestTooLarge(RequestError):
-    """The body is larger than the node takes (``--max-request-bytes``)."""
-
-    grpc_code = "RESOURCE_EXHAUSTED"
-    reason = "request_too_large"
 
 
 class Unauthenticated(RouterError):
@@ -344,10 +336,9 @@ def request_id_from(header: str | None) -> str | None:
     """The client's ``x-request-id``, if it gave a usable one (None: make one)."""
     if not header:
         return None
-    if len(header) > MAX_REQUEST_ID_CHARS or not header.isprintable():
-        raise InvalidParam(
-            f"x-request-id must be at most {MAX_REQUEST_ID_CHARS} printable characters", "x-request-id"
-        )
+    problem = request_id_problem(header)
+    if problem is not None:
+        raise InvalidParam(f"x-request-id {problem}", "x-request-id")
     return header
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "candidates",
     "predicted_cached_tokens",
     "prepare",
+    "request_id_problem",
     "resolve_model",
     "routed_to",
     "validate",
@@ -101,6 +102,21 @@ def resolve_model(served: Collection[str], model: str) -> str:
     if not served:
         raise NoEngineAvailable("no engines registered")
     raise RequestError(f"model is required: this node serves {sorted(served)}")
+
+
+# A client's request id goes to the engine as a header (X-Request-Id) and
+# back to the client in gRPC metadata and HTTP headers: printable ASCII only
+# (what both carry as is), and short.
+MAX_REQUEST_ID_CHARS = 256
+
+
+def request_id_problem(request_id: str) -> str | None:
+    """Why a client's (non-empty) request id cannot be used, or None."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        return f"must be at most {MAX_REQUEST_ID_CHARS} characters (got {len(request_id)})"
+    if not (request_id.isascii() and request_id.isprintable()):
+        return "must be printable ASCII characters (space to ~)"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,14 +28,14 @@ from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 from router.auth import TokenInterceptor, TokenTable
 from router.config import RouterConfig
 from router.engine_registry import EngineRecord, EngineSpec, EngineSpecError
-from router.errors import REASON_KEY, Draining, RequestError, RouterError
+from router.errors import REASON_KEY, REQUEST_ID_KEY, Draining, RequestError, RequestTooLarge, RouterError
 from router.http_front import HttpFront
 from router.index import PrefixIndex
 from router.logs import set_log_level
 from router.metrics import MetricsServer, RequestTimer, node_registry, server_ssl_context
 from router.node import RouterNode
 from router.policies import Decision
-from router.request_path import ClientRequest, Finished, Routed
+from router.request_path import ClientRequest, Finished, Routed, request_id_problem
 from router.tracing import trace_from_metadata
 
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(EngineSpec))
@@ -44,11 +44,20 @@ _DRAIN_POLL = 0.05  # seconds between checks that the requests in flight have fi
 
 
 async def _abort(
-    context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, reason: str | None = None
+    context: grpc.aio.ServicerContext,
+    code: grpc.StatusCode,
+    message: str,
+    reason: str | None = None,
+    request_id: str = "",
 ) -> NoReturn:
     """``context.abort`` raises; this says so to the type checker."""
+    trailing: list[tuple[str, str]] = []
     if reason is not None:
-        context.set_trailing_metadata(((REASON_KEY, reason),))
+        trailing.append((REASON_KEY, reason))
+    if request_id:
+        trailing.append((REQUEST_ID_KEY, request_id))
+    if trailing:
+        context.set_trailing_metadata(tuple(trailing))
     await context.abort(code, message)
     raise AssertionError("context.abort returned")
 
@@ -149,9 +158,24 @@ class RouterService(pb_grpc.RouterServicer):
                 await asyncio.wait(idle, timeout=timeout / 2)
         return len(tasks)
 
-    def _client_request(self, request: pb.GenerateRequest | pb.RouteRequest) -> ClientRequest:
+    def _request_id(self, request: pb.GenerateRequest | pb.RouteRequest) -> str:
+        """The client's id if it is usable, else a new one: every line logged
+        about the call, and the trailing metadata of a refusal, name an id."""
+        rid = request.request_id
+        return rid if rid and request_id_problem(rid) is None else self.node.new_request_id()
+
+    def _client_request(self, request: pb.GenerateRequest | pb.RouteRequest, rid: str) -> ClientRequest:
         if not self.node.ready:
             raise Draining("this node is still joining the mesh", reason="joining")
+        if request.request_id and rid != request.request_id:
+            problem = request_id_problem(request.request_id)
+            raise RequestError(f"request_id {problem}")
+        # gRPC bounds a message by the port's limit, which is the mesh's
+        # (larger) when the mesh shares the public port: the client's bound
+        # is then checked here.
+        bound = self.node.config.max_request_bytes
+        if not self.node.config.mesh_listen and request.ByteSize() > bound:
+            raise RequestTooLarge(f"the request is larger than max_request_bytes ({bound} bytes)")
         kind = request.prompt.WhichOneof("kind")
         text = request.prompt.text if kind == "text" else None
         # A slice copies the repeated field in C, cheaper than list() on the hot path.
@@ -160,7 +184,7 @@ class RouterService(pb_grpc.RouterServicer):
         if ids is not None and len(ids) > limit:
             raise RequestError(f"prompt of {len(ids)} tokens exceeds {limit}")
         return ClientRequest(
-            request_id=request.request_id,
+            request_id=rid,
             model=request.model,
             text=text,
             token_ids=ids,
@@ -178,13 +202,12 @@ class RouterService(pb_grpc.RouterServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         timer = self.node.metrics.request("Generate", self.node.clock())
-        rid = request.request_id  # the node's own id once prepared (the client may send none)
+        rid = self._request_id(request)
         task = asyncio.current_task()
         if task is not None:
             self._streams.add(task)
         try:
-            prep = self.node.prepare(self._client_request(request))
-            rid = prep.request_id
+            prep = self.node.prepare(self._client_request(request, rid))
             timer.policy = prep.policy
             params = sampling_from_pb(request.sampling, self.node.config.default_max_tokens)
             trace = trace_from_metadata(context.invocation_metadata())  # the client's W3C traceparent
@@ -211,10 +234,9 @@ class RouterService(pb_grpc.RouterServicer):
         self, request: pb.RouteRequest, context: grpc.aio.ServicerContext
     ) -> pb.RouteResponse:
         timer = self.node.metrics.request("Route", self.node.clock())
-        rid = request.request_id
+        rid = self._request_id(request)
         try:
-            prep = self.node.prepare(self._client_request(request))
-            rid = prep.request_id
+            prep = self.node.prepare(self._client_request(request, rid))
             timer.policy = prep.policy
             routed = self.node.route_only(
                 prep, dry_run=request.dry_run, trace=trace_from_metadata(context.invocation_metadata())
@@ -273,7 +295,7 @@ class RouterService(pb_grpc.RouterServicer):
         self, context: grpc.aio.ServicerContext, e: RouterError, request_id: str, timer: RequestTimer
     ) -> NoReturn:
         self._ended(e.grpc_code, e.reason, request_id, str(e), timer)
-        await _abort(context, getattr(grpc.StatusCode, e.grpc_code), str(e), e.reason)
+        await _abort(context, getattr(grpc.StatusCode, e.grpc_code), str(e), e.reason, request_id)
 
     async def _crashed(
         self, context: grpc.aio.ServicerContext, e: Exception, request_id: str, timer: RequestTimer
@@ -282,7 +304,7 @@ class RouterService(pb_grpc.RouterServicer):
         self.node.log.exception("router.request_crashed", request_id=request_id)
         self._ended("INTERNAL", "internal", request_id, repr(e), timer)
         message = f"internal error on node {self.node.node_id}: {e!r}"
-        await _abort(context, grpc.StatusCode.INTERNAL, message, "internal")
+        await _abort(context, grpc.StatusCode.INTERNAL, message, "internal", request_id)
 
 
 class AdminService(pb_grpc.AdminServicer):

@@ -132,19 +132,21 @@ def _token(args: argparse.Namespace) -> str:
 
 
 def explain(e: KvmeshError, args: argparse.Namespace) -> str:
-    """The error for the terminal, with a hint where the flags are the likely cause."""
+    """The error for the terminal (with the request's id when the node gave
+    one), and a hint where the flags are the likely cause."""
+    said = f"{e} (request {e.request_id})" if e.request_id else str(e)
     if not args.insecure and e.status == "UNAVAILABLE" and "handshake" in e.message.lower():
         return (
-            f"{e}\n(TLS failed: a node that serves without TLS, run with --insecure or with "
+            f"{said}\n(TLS failed: a node that serves without TLS, run with --insecure or with "
             "--auth-token-file and no --tls-cert, speaks plaintext: add --insecure for it; "
             "a node with a private CA needs --tls-ca)"
         )
     if e.status == "UNAVAILABLE" and "unhealthy" in e.message.lower():
         return (
-            f"{e}\n(the node answers its health check NOT_SERVING: it is joining the mesh or "
+            f"{said}\n(the node answers its health check NOT_SERVING: it is joining the mesh or "
             "draining, and the client sends calls only to serving nodes; `kvmesh status` says which)"
         )
-    return str(e)
+    return said
 
 
 def client_from_args(args: argparse.Namespace) -> Client:

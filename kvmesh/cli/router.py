@@ -327,8 +327,10 @@ def _add_overload_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
         "--max-request-bytes",
         type=int,
         default=d.max_request_bytes,
-        help="largest request the public port accepts, in bytes (default %(default)s; when the mesh "
-        "shares the port, its own bound applies: give the mesh --mesh-listen to keep this one small)",
+        help="largest request the public API accepts, in bytes; a larger one is refused with "
+        "RESOURCE_EXHAUSTED request_too_large (default %(default)s; when the mesh shares the port, "
+        "gRPC reads messages up to the mesh's bound before this check: --mesh-listen keeps the "
+        "port's own bound this small)",
     )
     p.add_argument(
         "--drain-timeout",

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 
 from kvmesh.client.results import Result
-from router.errors import REASON_KEY, RequestError
+from router.errors import REASON_KEY, REQUEST_ID_KEY, RequestError
 
 __all__ = ["KvmeshError", "from_rpc_error", "invalid_request"]
 
@@ -37,7 +37,8 @@ class KvmeshError(Exception):
     ``reason``: the node's ``kvmesh-reason`` ("" if none); ``message``: the
     status details; ``started``: the call had received an answer (a stream its
     first message) before it failed; ``request_id``: the request's id when
-    the node had said it; ``result``: for a stream that had finished with
+    the node had said it (in its first answer, or the trailing metadata
+    ``x-request-id`` of a refusal); ``result``: for a stream that had finished with
     ``finish_reason == "error"``, what it had produced.
     """
 
@@ -89,6 +90,7 @@ def from_rpc_error(
     details = e.details() if callable(getattr(e, "details", None)) else str(e)
     trailing = e.trailing_metadata() if callable(getattr(e, "trailing_metadata", None)) else None
     reason = next((str(v) for k, v in (trailing or ()) if k == REASON_KEY), "")
+    request_id = request_id or next((str(v) for k, v in (trailing or ()) if k == REQUEST_ID_KEY), "")
     return KvmeshError(
         code if code is not None else grpc.StatusCode.UNKNOWN,
         _without_reason(details or "", reason),

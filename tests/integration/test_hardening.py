@@ -38,15 +38,21 @@ def _req(ids: list[int], max_tokens: int = 8, **sampling: float) -> pb.GenerateR
 
 async def _call(stub: pb_grpc.RouterStub, req: pb.GenerateRequest, timeout: float = 30.0) -> tuple:
     """(status code name, reason, details, responses) of one Generate."""
+    return (await _call_ids(stub, req, timeout))[:4]
+
+
+async def _call_ids(stub: pb_grpc.RouterStub, req: pb.GenerateRequest, timeout: float = 30.0) -> tuple:
+    """As :func:`_call`, and the refusal's ``x-request-id`` ("" if none)."""
     out: list[pb.GenerateResponse] = []
     call = stub.Generate(req, timeout=timeout)
     try:
         async for r in call:
             out.append(r)
-        return "OK", "", "", out
+        return "OK", "", "", out, ""
     except grpc.aio.AioRpcError as e:
-        reason = dict(e.trailing_metadata() or ()).get("kvmesh-reason", "")
-        return e.code().name, reason, e.details(), out
+        trailing = dict(e.trailing_metadata() or ())
+        reason = trailing.get("kvmesh-reason", "")
+        return e.code().name, reason, e.details(), out, trailing.get("x-request-id", "")
 
 
 def _tokens_of(out: list[pb.GenerateResponse]) -> int:
@@ -84,6 +90,21 @@ async def test_client_mistakes_get_their_status_and_never_open_a_breaker(engines
             assert (code, reason) == ("RESOURCE_EXHAUSTED", "context_length"), details
             code, reason, _, _ = await _call(stub, _req(_tokens(3, 50), temperature=-1.0))
             assert (code, reason) == ("INVALID_ARGUMENT", "invalid_request")
+            # A request id the engine's header could not carry is the client's
+            # mistake, refused before any engine sees it (not an engine's 400,
+            # not a crash of the node); the refusal names the node's own id.
+            refused_ids = []
+            for bad in ("x" * 20_000, "a\x01b"):
+                req = _req(_tokens(4, 50))
+                req.request_id = bad
+                code, reason, details, _, rid = await _call_ids(stub, req)
+                assert (code, reason) == ("INVALID_ARGUMENT", "invalid_request"), details
+                assert details.startswith("request_id must be") and re.fullmatch("[0-9a-f]{32}", rid)
+                refused_ids.append(rid)
+            # Every refusal names its id, the client's when it gave one.
+            req = _req(_tokens(5, 50), temperature=-1.0)
+            req.request_id = "mine-1"
+            assert (await _call_ids(stub, req))[4] == "mine-1"
             for i in range(4):  # the fleet still serves
                 code, _, details, out = await _call(stub, _req(_tokens(10 + i, 64)))
                 assert code == "OK", details
@@ -93,10 +114,14 @@ async def test_client_mistakes_get_their_status_and_never_open_a_breaker(engines
             assert {e.circuit for e in engines_now} == {"closed"}
             stats = await admin.GetStats(pb.GetStatsRequest())
             assert stats.outcomes["RESOURCE_EXHAUSTED:context_length"] == 5
-            assert stats.outcomes["INVALID_ARGUMENT:invalid_request"] == 1
+            assert stats.outcomes["INVALID_ARGUMENT:invalid_request"] == 4
             assert stats.outcomes["OK"] == 4
+            assert not [k for k in stats.outcomes if "engine_rejected" in k or "INTERNAL" in k]
     finally:
         router.stop()
+    ended = [line for line in router.output if "router.request_ended" in line]
+    for rid in refused_ids:
+        assert any(f"request_id={rid}" in line for line in ended), (rid, ended)
 
 
 class _FakeEngine:
@@ -266,11 +291,13 @@ async def test_past_its_bound_a_node_sheds_at_once(engines):
         router.stop()
 
 
-async def test_an_oversized_request_is_refused_by_the_public_port(engines):
-    mesh = f"127.0.0.1:{procs.free_port()}"
-    router = _router(
-        [procs.engine_flag("e0", engines[0])], ["--mesh-listen", mesh, "--max-request-bytes", "100000"]
-    )
+@pytest.mark.parametrize("mesh_port", ["own", "shared"])
+async def test_an_oversized_request_is_refused_by_the_public_port(engines, mesh_port):
+    # On its own port the mesh's (larger) message bound is not the public
+    # port's; sharing the port, the node checks the client's bound itself.
+    mesh = f"127.0.0.1:{procs.free_port()}" if mesh_port == "own" else ""
+    flags = ["--mesh-listen", mesh] if mesh else []
+    router = _router([procs.engine_flag("e0", engines[0])], [*flags, "--max-request-bytes", "100000"])
     try:
         async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
             stub = pb_grpc.RouterStub(ch)
@@ -278,6 +305,6 @@ async def test_an_oversized_request_is_refused_by_the_public_port(engines):
             assert code == "RESOURCE_EXHAUSTED" and "larger than max" in details, details
             code, _, details, _ = await _call(stub, _req(_tokens(41, 64)))
             assert code == "OK", details
-        assert router.info["mesh"] == mesh
+        assert router.info["mesh"] == (mesh or router.info["grpc"])
     finally:
         router.stop()

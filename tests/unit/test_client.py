@@ -39,7 +39,7 @@ from kvmesh.client.redial import Redial
 from kvmesh.client.service_config import channel_options
 from kvmesh_pb.v1 import router_pb2 as pb
 from router.config import RouterConfig
-from router.errors import REASON_KEY
+from router.errors import REASON_KEY, REQUEST_ID_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -380,6 +380,15 @@ def test_a_reason_the_node_also_put_at_the_head_of_its_message_is_said_once() ->
     assert kept.message == "e1: breaker open"
     bare = from_rpc_error(_RpcError(grpc.StatusCode.UNAVAILABLE, "not_admin: x", ()))
     assert (bare.reason, bare.message) == ("", "not_admin: x")
+
+
+def test_a_refusal_names_the_request_id_the_node_gave_it() -> None:
+    trailing = ((REASON_KEY, "draining"), (REQUEST_ID_KEY, "abc123"))
+    err = from_rpc_error(_RpcError(grpc.StatusCode.UNAVAILABLE, "this node is draining", trailing))
+    assert err.request_id == "abc123"
+    # the id of the stream's first answer, when there was one, is kept
+    said = from_rpc_error(_RpcError(grpc.StatusCode.UNAVAILABLE, "x", trailing), request_id="r1")
+    assert said.request_id == "r1"
 
 
 # --- arguments a request cannot carry -----------------------------------------------------------

@@ -174,6 +174,8 @@ def test_a_node_that_is_not_serving_is_said_so() -> None:
     assert "kvmesh status" in hint
     other = KvmeshError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
     assert client_flags.explain(other, args) == str(other)  # no guess where it does not fit
+    named = KvmeshError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty", request_id="r-9")
+    assert client_flags.explain(named, args) == f"{named} (request r-9)"
 
 
 # --- the status screen: requests and calls counted apart ----------------------------------------

@@ -183,6 +183,9 @@ def test_request_ids() -> None:
         request_id_from("x" * 300)
     with pytest.raises(InvalidParam):
         request_id_from("a\nb")
+    # gRPC metadata and the engine's header carry ASCII only
+    with pytest.raises(InvalidParam, match="printable ASCII"):
+        request_id_from("r\u00e9q")
 
 
 # --- sampling and the node's request ------------------------------------------------------------

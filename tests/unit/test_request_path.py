@@ -301,3 +301,13 @@ def test_accounting_resets_ttft_per_attempt_and_refuses_calls_out_of_order():
     assert acct.ttft_ms == -1.0
     acct.token(now=2.0)
     assert acct.ttft_ms == 2000.0
+
+
+def test_a_request_id_is_short_printable_ascii() -> None:
+    from router.request_path import MAX_REQUEST_ID_CHARS, request_id_problem
+
+    assert request_id_problem("req-1 of 2 ~") is None
+    assert request_id_problem("x" * MAX_REQUEST_ID_CHARS) is None
+    assert "at most 256" in str(request_id_problem("x" * (MAX_REQUEST_ID_CHARS + 1)))
+    for bad in ("a\x01b", "a\nb", "a\x7fb", "r\u00e9q", "\u200b"):
+        assert "printable ASCII" in str(request_id_problem(bad)), repr(bad)
