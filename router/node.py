@@ -414,6 +414,12 @@ class RouterNode:
                 suppressed_before=suppressed,
                 **where,
             )
+        elif status == "CANCELLED":
+            # The client's own doing, not a warning: a line per request, as
+            # a finished one has (router.request_done).
+            self.log.info(
+                "router.request_ended", status=status, reason=reason, request_id=request_id, **where
+            )
 
     def in_flight(self) -> int:
         """Generate requests this node has on engines or queued for them."""
@@ -525,6 +531,16 @@ class RouterNode:
                 tries.no_candidate(str(e))
                 break
             routed = routed_to(prep, decision, tries.attempt, self.engines)
+            self.log.debug(
+                "router.request_routed",
+                request_id=prep.request_id,
+                engine=routed.engine_id,
+                worker=routed.worker,
+                attempt=routed.attempt,
+                policy=prep.policy,
+                reason=decision.reason,
+                predicted_blocks=routed.predicted_cached_blocks,
+            )
             route_span.set(
                 engine=routed.engine_id,
                 worker=routed.worker,

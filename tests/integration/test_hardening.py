@@ -10,6 +10,7 @@ import re
 import signal
 import time
 
+import aiohttp
 import grpc
 import pytest
 from aiohttp import web
@@ -136,7 +137,7 @@ class _FakeEngine:
         app = web.Application()
         app.router.add_post("/v1/completions", self._complete)
         app.router.add_get("/health", self._health)
-        self.runner = web.AppRunner(app)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.5)  # a stalled handler is not waited for
         await self.runner.setup()
         port = procs.free_port()
         await web.TCPSite(self.runner, "127.0.0.1", port).start()
@@ -222,6 +223,57 @@ async def test_a_client_deadline_is_counted_as_a_deadline_with_the_request_id():
     # The ended line names the node's request id (the client sent none).
     ended = [line for line in router.output if "router.request_ended" in line]
     assert ended and re.search(r"request_id=[0-9a-f]{32}\b", ended[-1]), ended
+
+
+async def test_a_client_that_goes_away_is_counted_and_logged_with_its_request_id():
+    # A client that cancels its gRPC call, or closes its HTTP stream, ends
+    # the engine's request at once, and the node says so: CANCELLED:client
+    # counted, one info line naming the request.
+    fake = _FakeEngine("stall")
+    await fake.start()
+    router = _router(
+        [f"id=fake,url={fake.url}"], ["--stream-idle-timeout", "30", "--http-listen", "127.0.0.1:0"]
+    )
+    try:
+        async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
+            stub = pb_grpc.RouterStub(ch)
+            # at debug, where each request went is logged too
+            await pb_grpc.AdminStub(ch).SetLogLevel(pb.SetLogLevelRequest(level="debug"))
+            req = _req(_tokens(6, 40), max_tokens=50)
+            req.request_id = "grpc-gone-1"
+            call = stub.Generate(req, timeout=20)
+            got = [await call.read() for _ in range(2)]  # routed, then a chunk
+            assert got[1].WhichOneof("event") == "chunk"
+            call.cancel()
+            body = {"model": "", "prompt": [100, 101, 102], "max_tokens": 50, "stream": True}
+            async with aiohttp.ClientSession() as http:
+                resp = await http.post(
+                    f"http://{router.info['http']}/v1/completions",
+                    json=body,
+                    headers={"x-request-id": "http-gone-1"},
+                )
+                assert resp.status == 200
+                await resp.content.readline()  # the first event
+                resp.close()  # the client goes away mid-stream
+            admin = pb_grpc.AdminStub(ch)
+            stats = None
+            for _ in range(50):  # each handler learns of its client's leaving soon after
+                stats = await admin.GetStats(pb.GetStatsRequest())
+                if stats.outcomes.get("CANCELLED:client", 0) >= 2 and stats.in_flight == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert stats is not None and stats.outcomes.get("CANCELLED:client") == 2, dict(stats.outcomes)
+            assert stats.in_flight == 0
+    finally:
+        router.stop()
+        await fake.stop()
+    ended = [line for line in router.output if "router.request_ended" in line and "CANCELLED" in line]
+    for rid in ("grpc-gone-1", "http-gone-1"):
+        assert any(f"request_id={rid}" in line and "[info" in line for line in ended), (rid, ended)
+        routed = [
+            line for line in router.output if "router.request_routed" in line and f"request_id={rid}" in line
+        ]
+        assert routed and "engine=fake" in routed[0] and "[debug" in routed[0], routed
 
 
 async def test_sigterm_drains_a_long_stream_to_its_last_token(engines):
