@@ -660,6 +660,8 @@ def run_all(args: argparse.Namespace) -> int:
             **machine_info(),
         }
     }
+    sections: dict[str, float] = {}  # seconds each section took (the report shows them)
+    res["meta"]["section_s"] = sections
     for name, fn in (
         ("micro", run_micro_cmd),
         ("convergence", run_convergence_cmd),
@@ -674,7 +676,8 @@ def run_all(args: argparse.Namespace) -> int:
         except Exception as e:
             res[name + "_error"] = f"{type(e).__name__}: {e}"
             _note(f"== {name} FAILED: {res[name + '_error']} ==")
-        _note(f"== {name} done in {time.time() - t:.0f}s ==")
+        sections[name] = time.time() - t
+        _note(f"== {name} done in {sections[name]:.0f}s ==")
     docs = Path(args.docs)
     # Its own page (docs/reliability.md, .json): pass/fail rows, not figures to plot or target.
     _note("== reliability ==")
@@ -684,7 +687,8 @@ def run_all(args: argparse.Namespace) -> int:
     except Exception as e:
         res["reliability_error"] = f"{type(e).__name__}: {e}"
         _note(f"== reliability FAILED: {res['reliability_error']} ==")
-    _note(f"== reliability done in {time.time() - t:.0f}s ==")
+    sections["reliability"] = time.time() - t
+    _note(f"== reliability done in {sections['reliability']:.0f}s ==")
     res["meta"]["duration_s"] = time.time() - t0
     write_docs(res, docs)
     for t in res["targets"]:

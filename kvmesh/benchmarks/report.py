@@ -68,6 +68,9 @@ def _machine_section(meta: dict) -> list[str]:
             v = meta[k]
             if k == "duration_s":
                 v = f"{v:.0f} s"
+                parts = meta.get("section_s") or {}
+                if parts:
+                    v += " (" + ", ".join(f"{name} {s:.0f} s" for name, s in parts.items()) + ")"
             lines.append(f"- {k}: {v}")
     lines.append("")
     return lines

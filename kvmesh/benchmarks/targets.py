@@ -385,6 +385,24 @@ def _proxy_targets(res: dict) -> list[dict]:
     return [_t(name, goal, px["ratio"], PROXY_SHARE, True, shown)]
 
 
+# ``kvmesh bench all`` itself: its default suite, and ``--quick``.
+SUITE_SECONDS = 25 * 60
+QUICK_SUITE_SECONDS = 4 * 60
+
+
+def _suite_targets(res: dict) -> list[dict]:
+    """How long the suite took, when the run was ``kvmesh bench all`` (its
+    meta says so: one section alone has no ``section_s``)."""
+    meta = _get(res, "meta") or {}
+    if "section_s" not in meta or "duration_s" not in meta:
+        return []
+    quick = bool(meta.get("quick"))
+    limit = QUICK_SUITE_SECONDS if quick else SUITE_SECONDS
+    name = "suite length, kvmesh bench all" + (" --quick" if quick else "")
+    took = float(meta["duration_s"])
+    return [_t(name, f"under {limit // 60} minutes", took, limit, False, f"{took:.0f} s")]
+
+
 def targets(res: dict) -> list[dict]:
     """Every target with its measured value and verdict (``met`` None: not measured)."""
     return [
@@ -393,6 +411,7 @@ def targets(res: dict) -> list[dict]:
         *_convergence_targets(res),
         *overload_targets(_get(res, "overload") or {}),
         *_proxy_targets(res),
+        *_suite_targets(res),
     ]
 
 

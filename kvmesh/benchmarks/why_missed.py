@@ -179,6 +179,16 @@ def _ingest(res: dict, t: dict) -> str:
     )
 
 
+def _suite(res: dict, t: dict) -> str:
+    parts = _get(res, "meta", "section_s") or {}
+    order = sorted(parts.items(), key=lambda kv: -kv[1])
+    text = "Where the time went in this run: " + ", ".join(f"{n} {s:.0f} s" for n, s in order) + "."
+    return text + (
+        f" The machine: {_get(res, 'meta', 'machine')}, {_get(res, 'meta', 'cpus')} cores. Fix: shorter "
+        "levels or fewer repeats in the longest sections, at the cost of noisier figures there."
+    )
+
+
 WHY_MISSED: dict[str, str | Callable[[dict, dict], str]] = {
     "precise hit rate vs pooled-LRU ideal": _ideal,
     "hit rate vs sglang-router cache_aware": _vs_sglang_hits,
@@ -232,6 +242,7 @@ WHY_MISSED: dict[str, str | Callable[[dict, dict], str]] = {
         "deltas, or deltas piggy-backed on every probe."
     ),
     "Generate proxy vs bare grpcio": _proxy,
+    "suite length": _suite,
     "overload: CANCELLED or UNKNOWN": (
         "A node never answers CANCELLED itself (router/errors.py): a client gets it when gRPC's core "
         "drops a call before the application has taken it (past `grpc.server.max_pending_requests`, "

@@ -492,3 +492,18 @@ def test_a_merged_micro_run_says_when_and_on_which_machine_it_ran():
     assert f"Measured 2026-11-30T17:00:00+00:00 (`kvmesh bench micro`) on {machine_info()['machine']}." in md
     if os.path.exists("/sys/devices/system/cpu/cpu0/cache"):
         assert " caches L" in machine_info()["machine"]
+
+
+def test_the_suite_length_is_a_target_of_bench_all_with_where_its_time_went():
+    res = _results()
+    assert not any(n.startswith("suite length") for n in _targets(res))  # one section alone: no target
+    res["meta"] = {"duration_s": 1600.0, "quick": False, "machine": "m", "cpus": 2}
+    res["meta"]["section_s"] = {"micro": 200.0, "routing": 1100.0, "reliability": 300.0}
+    t = _targets(res)["suite length, kvmesh bench all"]
+    assert (t["met"], t["target"], t["measured"]) == (False, "under 25 minutes", "1600 s")
+    md = render_markdown(res, "kvmesh bench all")
+    assert "Where the time went in this run: routing 1100 s, reliability 300 s, micro 200 s." in md
+    assert "- duration_s: 1600 s (micro 200 s, routing 1100 s, reliability 300 s)" in md
+    res["meta"].update(duration_s=230.0, quick=True)
+    t = _targets(res)["suite length, kvmesh bench all --quick"]
+    assert (t["met"], t["target"]) == (True, "under 4 minutes")
