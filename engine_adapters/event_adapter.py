@@ -84,6 +84,10 @@ log = structlog.get_logger(__name__)
 # arrives whole.
 _MAX_REPLAY_ROUNDS = 64
 _DRAIN_MAX = 512  # live batches handled per wake-up before yielding to the loop
+# A rank's reader that fails is started again after a pause that doubles
+# from the first to the last (and starts over once a reader ran this long).
+_RESTART_FIRST_S = 1.0
+_RESTART_MAX_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +131,7 @@ class RankStats:
     history_truncated: int = 0  # first sync could not reach back to seq 0
     decode_errors: int = 0  # malformed frames or payloads (nothing applied)
     sink_errors: int = 0
+    reader_failures: int = 0  # the rank's reader stopped on an error and was started again
     # Seconds from the engine stamping the last applied batch (its ``ts``) to
     # its apply here: wall clocks of two hosts, so their skew is part of it.
     event_lag: float | None = None
@@ -143,6 +148,7 @@ class _RankState:
         self.stats = RankStats(last_seq=start)
         self.ready = asyncio.Event()  # set after the first catch-up attempt
         self.probe_failing = False  # the last probe went unanswered (log the next ones quietly)
+        self.reader_error = ""  # why the reader last failed, until it applies a batch again
 
 
 class EventAdapter:
@@ -211,7 +217,7 @@ class EventAdapter:
             return
         self._ctx = zmq.asyncio.Context()
         for st in self._ranks:
-            self._tasks.append(asyncio.create_task(self._run_rank(st), name=f"kv-events-{st.worker}"))
+            self._tasks.append(asyncio.create_task(self._supervise(st), name=f"kv-events-{st.worker}"))
         self._log.info("adapter.started", endpoint=self._kv_endpoint, ranks=len(self._ranks))
 
     async def stop(self) -> None:
@@ -260,7 +266,10 @@ class EventAdapter:
 
     @property
     def events_refused(self) -> str:
-        """Why this engine's stores are refused ("" while they apply)."""
+        """Why this engine's stores are refused, or its events not read ("" while they apply)."""
+        failed = next((st for st in self._ranks if st.reader_error), None)
+        if failed is not None:
+            return f"event reader of {failed.worker} failed ({failed.reader_error}); starting it again"
         seen = self.block_size_mismatch
         if not seen:
             return ""
@@ -278,14 +287,35 @@ class EventAdapter:
 
     # --- live stream -----------------------------------------------------------------
 
+    async def _supervise(self, st: _RankState) -> None:
+        """The rank's reader, started again whenever it fails: a bug, or an
+        endpoint ZMQ refuses, must not stop the engine's events for good
+        without a word. Each failure is logged and counted, and the engine's
+        ``events_refused`` says so until a batch applies again."""
+        pause = _RESTART_FIRST_S
+        while True:
+            started = time.monotonic()
+            try:
+                await self._run_rank(st)
+                return
+            except Exception as e:
+                st.stats.reader_failures += 1
+                st.reader_error = f"{type(e).__name__}: {e}"
+                self._log.exception("adapter.reader_failed", worker=st.worker, retry_in=pause)
+                st.ready.set()  # nobody waits on a catch-up that will not come
+            if time.monotonic() - started >= _RESTART_MAX_S:
+                pause = _RESTART_FIRST_S
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, _RESTART_MAX_S)
+
     async def _run_rank(self, st: _RankState) -> None:
         assert self._ctx is not None
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.RCVHWM, self._rcvhwm)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, self._topic)
-        sub.connect(connect_endpoint(self._kv_endpoint, st.rank))
         try:
+            sub.connect(connect_endpoint(self._kv_endpoint, st.rank))
             try:
                 await self._catch_up(st)
             except Exception:
@@ -464,6 +494,7 @@ class EventAdapter:
     # --- applying --------------------------------------------------------------------
 
     def _apply(self, st: _RankState, seq: int, payload: bytes, digest: int, replayed: bool) -> None:
+        st.reader_error = ""
         try:
             frame, delta = (map_frame_packed if self._packed else map_frame)(st.mapper, payload, seq)
         except EventDecodeError as e:

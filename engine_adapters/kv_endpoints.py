@@ -11,7 +11,26 @@ from __future__ import annotations
 
 from typing import overload
 
-__all__ = ["connect_endpoint", "offset_endpoint_port", "should_bind"]
+__all__ = ["connect_endpoint", "endpoint_problem", "offset_endpoint_port", "should_bind"]
+
+MAX_PORT = 65535
+
+
+def endpoint_problem(endpoint: str, ranks: int = 1) -> str | None:
+    """Why a subscriber could not connect to ``tcp://HOST:PORT`` for each of
+    ``ranks`` ranks (ports ``PORT`` .. ``PORT + ranks - 1``), or None. ZMQ
+    refuses such an address only when the socket connects, long after the
+    engine was registered."""
+    if not endpoint.startswith("tcp://"):
+        return "must be tcp://HOST:PORT"
+    host, sep, port = endpoint[len("tcp://") :].rpartition(":")
+    if not sep or not host or any(c.isspace() for c in host):
+        return "must be tcp://HOST:PORT"
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) <= MAX_PORT:
+        return f"port must be in 1..{MAX_PORT}"
+    if int(port) + ranks - 1 > MAX_PORT:
+        return f"ports {port}..{int(port) + ranks - 1} (one per data-parallel rank) pass {MAX_PORT}"
+    return None
 
 
 @overload

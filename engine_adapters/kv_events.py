@@ -518,6 +518,11 @@ def encode_batch(batch: KVEventBatch, fmt: EventFormat = "map") -> bytes:
     return _encoder.encode(_OutBatch(batch.ts, arr_events, rank))
 
 
+# The largest sequence number taken: the next one (what a replay request
+# asks for) must still fit the signed 8-byte frame.
+MAX_SEQ = 2**63 - 2
+
+
 def encode_seq(seq: int) -> bytes:
     return seq.to_bytes(8, "big", signed=True)
 
@@ -526,7 +531,10 @@ def decode_seq(frame: bytes) -> int:
     """Sequence frame -> int; -1 is the replay end marker."""
     if len(frame) != 8:
         raise EventDecodeError(f"sequence frame of {len(frame)} bytes, want 8")
-    return int.from_bytes(frame, "big", signed=True)
+    seq = int.from_bytes(frame, "big", signed=True)
+    if seq > MAX_SEQ:
+        raise EventDecodeError(f"sequence number {seq} is out of range (at most {MAX_SEQ})")
+    return seq
 
 
 def parse_live_frames(frames: list[bytes]) -> tuple[int, bytes]:

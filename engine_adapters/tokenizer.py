@@ -13,7 +13,10 @@ Two implementations of one small protocol:
   ``decode`` uses a bounded reverse map of the pieces this process has
   encoded (most recent wins on a collision); an id it has never seen decodes
   to the placeholder ``<t123>``. So ``decode(encode(s)) == s`` for text encoded
-  in this process (barring collisions), but not across processes.
+  in this process (barring collisions), but not across processes. ``encode``
+  may run on several threads at once (a router tokenizes long prompts off
+  its event loop): the reverse map is updated under a lock, a few thousand
+  pieces at a time.
 - :class:`HFTokenizer` wraps a Hugging Face ``tokenizers`` tokenizer loaded
   from a local ``tokenizer.json``. Nothing is ever downloaded.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections import OrderedDict
 from typing import Protocol, runtime_checkable
 
@@ -40,6 +44,7 @@ _SPECIAL = {PAD_ID: "<pad>", BOS_ID: "<s>", EOS_ID: "</s>"}
 # A word with its leading whitespace, one punctuation/symbol char, or whitespace.
 _PIECE_RE = re.compile(r"\s?\w+|[^\w\s]|\s+", re.UNICODE)
 _SEED = 0x6B766D657368  # "kvmesh": fixed so ids are the same everywhere
+_REMEMBER_CHUNK = 4096  # pieces added to the reverse map per hold of its lock
 
 
 class TokenizerError(ValueError):
@@ -66,23 +71,36 @@ class BuiltinTokenizer:
         self._span = vocab_size - NUM_RESERVED
         self._reverse: OrderedDict[int, str] = OrderedDict()
         self._reverse_max = reverse_map_size
+        self._lock = threading.Lock()  # the reverse map's
 
     @property
     def name(self) -> str:
         return BUILTIN
 
+    def _id(self, piece: str) -> int:
+        return NUM_RESERVED + xxhash.xxh3_64_intdigest(piece.encode("utf-8"), _SEED) % self._span
+
     def piece_id(self, piece: str) -> int:
         """The id of one piece; also remembers it for :meth:`decode`."""
-        tid = NUM_RESERVED + xxhash.xxh3_64_intdigest(piece.encode("utf-8"), _SEED) % self._span
-        rev = self._reverse
-        rev[tid] = piece
-        rev.move_to_end(tid)
-        if len(rev) > self._reverse_max:
-            rev.popitem(last=False)
+        tid = self._id(piece)
+        self._remember([piece], [tid])
         return tid
 
     def encode(self, text: str) -> list[int]:
-        return [self.piece_id(p) for p in _PIECE_RE.findall(text)]
+        pieces = _PIECE_RE.findall(text)
+        ids = [self._id(p) for p in pieces]
+        self._remember(pieces, ids)
+        return ids
+
+    def _remember(self, pieces: list[str], ids: list[int]) -> None:
+        rev, most = self._reverse, self._reverse_max
+        for at in range(0, len(ids), _REMEMBER_CHUNK):
+            with self._lock:
+                for tid, piece in zip(ids[at : at + _REMEMBER_CHUNK], pieces[at : at + _REMEMBER_CHUNK]):
+                    rev[tid] = piece
+                    rev.move_to_end(tid)
+                while len(rev) > most:
+                    rev.popitem(last=False)
 
     def decode(self, ids: list[int]) -> str:
         out: list[str] = []

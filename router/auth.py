@@ -120,9 +120,11 @@ class TokenTable:
         scheme, _, given = (authorization or "").strip().partition(" ")
         if scheme.lower() != "bearer":  # an auth scheme is case-insensitive (RFC 9110)
             return None
-        given = given.strip()
+        # As bytes: compare_digest refuses a str that is not ASCII, which an
+        # HTTP header may hold.
+        given_b = given.strip().encode("utf-8", "surrogateescape")
         for token, role in self._tokens.items():
-            if hmac.compare_digest(given, token):
+            if hmac.compare_digest(given_b, token.encode()):
                 return role
         return None
 

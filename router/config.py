@@ -114,6 +114,9 @@ class RouterConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # what this node takes on
     default_max_tokens: int = 16  # when a request does not say (OpenAI's completions default)
     max_prompt_tokens: int = 1 << 20
+    # A text prompt longer than this (characters) is tokenized on a worker
+    # thread, one such prompt at a time, so the event loop keeps serving.
+    thread_tokenize_chars: int = 1 << 14
     max_request_bytes: int = 32 << 20  # one gRPC message on the public API
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     engine_client: EngineClientConfig = field(default_factory=EngineClientConfig)

@@ -21,6 +21,7 @@ from typing import Any
 from blocks.hashing import DEFAULT_BLOCK_SIZE
 from blocks.workers import worker_id
 from engine_adapters.completion_request import ENGINE_KINDS
+from engine_adapters.kv_endpoints import endpoint_problem
 from engine_adapters.sim_engine.config import DEFAULTS as SIM_DEFAULTS
 from router.circuit_breaker import BreakerConfig, CircuitBreaker
 
@@ -87,8 +88,9 @@ class EngineSpec:
         if not self.engine_id.isprintable() or len(self.engine_id) > 128:
             raise EngineSpecError(f"engine id {self.engine_id!r}: at most 128 printable characters")
         for ep in (self.kv_events_endpoint, self.replay_endpoint):
-            if ep and not ep.startswith("tcp://"):
-                raise EngineSpecError(f"engine {self.engine_id}: ZMQ endpoint {ep!r} must be tcp://")
+            problem = endpoint_problem(ep, self.data_parallel_size) if ep else None
+            if problem:
+                raise EngineSpecError(f"engine {self.engine_id}: ZMQ endpoint {ep!r}: {problem}")
         if self.replay_endpoint and not self.kv_events_endpoint:
             raise EngineSpecError(f"engine {self.engine_id}: replay endpoint without events endpoint")
         if not self.source.isprintable() or len(self.source) > MAX_SOURCE_LEN:

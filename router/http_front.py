@@ -44,12 +44,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from engine_adapters.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from engine_adapters.proxy import Chunk
@@ -98,6 +100,28 @@ class UnknownRoute(RequestError):
     reason = "unknown_route"
 
 
+class _ServerLog(logging.Handler):
+    """What aiohttp's server logs, for one node. A request it could not
+    parse (a bad header or request line, a line too long, a body shorter
+    than its length), which aiohttp answers 400 itself, is the client's
+    mistake: counted and logged as the node's other refusals
+    (``INVALID_ARGUMENT`` ``bad_http``, one line, no traceback). Anything
+    else it logs is kept, as a structured line with its traceback."""
+
+    def __init__(self, node: RouterNode) -> None:
+        super().__init__()
+        self.node = node
+
+    def emit(self, record: logging.LogRecord) -> None:
+        node = self.node
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+            why = f"unreadable HTTP request (answered {exc.code}): {exc.message}"
+            node.request_ended("INVALID_ARGUMENT", "bad_http", node.new_request_id(), why, None, api="openai")
+        elif record.levelno >= logging.WARNING:
+            node.log.error("router.http_server_error", error=record.getMessage(), exc_info=record.exc_info)
+
+
 class HttpFront:
     """The aiohttp application of one node (module docstring)."""
 
@@ -143,7 +167,11 @@ class HttpFront:
         host, _, port = listen.rpartition(":")
         # A client that goes away cancels its handler, which closes the engine request.
         runner = web.AppRunner(
-            self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=cfg.stop_grace
+            self.app(),
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=cfg.stop_grace,
+            logger=self._server_logger(),
         )
         await runner.setup()
         self._runner = runner
@@ -160,6 +188,15 @@ class HttpFront:
             "router.http_serving", http=self.addr, tls=tls is not None, tokens=self.tokens is not None
         )
         return self.addr
+
+    def _server_logger(self) -> logging.Logger:
+        """The logger aiohttp's server is given: its records go through
+        :class:`_ServerLog` (this front's own, not propagated)."""
+        logger = logging.getLogger(f"{__name__}.server.{id(self)}")
+        logger.propagate = False
+        logger.setLevel(logging.DEBUG)  # every record reaches the handler, which decides
+        logger.handlers = [_ServerLog(self.node)]
+        return logger
 
     async def stop(self) -> None:
         """Close the port; streams still open get ``stop_grace`` to end.
@@ -275,7 +312,7 @@ class HttpFront:
         limit = node.config.max_prompt_tokens
         if req.prompt_ids is not None and len(req.prompt_ids) > limit:
             raise InvalidParam(f"prompt of {len(req.prompt_ids)} tokens exceeds {limit}", "prompt")
-        prep = node.prepare(client_request(req, rid, model, lora_name, text))
+        prep = await node.prepare_async(client_request(req, rid, model, lora_name, text))
         timer = request[_TIMER]
         timer.policy = prep.policy
         window = node.engines.max_model_len(prep.model)

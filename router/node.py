@@ -53,6 +53,7 @@ from router.errors import (
     Draining,
     EnginesBusy,
     NoEngineAvailable,
+    RequestError,
     RequestRejected,
     RouterError,
     StreamFailed,
@@ -75,6 +76,7 @@ from router.request_path import (
     Routed,
     candidates,
     prepare,
+    resolve_model,
     routed_to,
     validate,
     work_tokens,
@@ -84,6 +86,9 @@ from router.tracing import Span, TraceContext, make_tracer
 __all__ = ["RouterNode"]
 
 log = structlog.get_logger(__name__)
+
+# What a Route call's prompt is checked with: the least a Generate asks.
+_ROUTE_ONLY_PARAMS = SamplingParams(max_tokens=1)
 
 
 def _hint_known(decision: Decision, prompt_blocks: int) -> bool:
@@ -158,6 +163,7 @@ class RouterNode:
         self.draining = False
         self._keys = itertools.count(1)
         self._tokenizers: dict[str, Tokenizer] = {}
+        self._tokenize_slot = asyncio.Semaphore(1)  # long prompts tokenized off the loop, one at a time
         self._policies: dict[str, Policy] = {}
         self._tasks: list[asyncio.Task[None]] = []
         # --engines-from-dns: engines of DNS names, registered and removed mesh-wide.
@@ -368,7 +374,7 @@ class RouterNode:
         """Check and hash a request (see :func:`router.request_path.prepare`)."""
         if self.draining:
             raise Draining("this node is draining: send the request to another node")
-        return prepare(
+        prep = prepare(
             request,
             self.engines,
             self.tokenizer,
@@ -376,6 +382,32 @@ class RouterNode:
             self.new_request_id,
             key=next(self._keys),
         )
+        limit = self.config.max_prompt_tokens
+        if len(prep.token_ids) > limit:
+            raise RequestError(f"prompt of {len(prep.token_ids)} tokens exceeds {limit}")
+        return prep
+
+    async def prepare_async(self, request: ClientRequest) -> Prepared:
+        """:meth:`prepare`, with a text prompt longer than
+        ``config.thread_tokenize_chars`` tokenized on a worker thread, one
+        such prompt at a time: tokenizing megabytes takes seconds, which the
+        event loop (other calls, KV events, the mesh's probes) cannot wait."""
+        text = request.text
+        if text is None or request.token_ids is not None or len(text) <= self.config.thread_tokenize_chars:
+            return self.prepare(request)
+        if self.draining:
+            raise Draining("this node is draining: send the request to another node")
+        tok = self.tokenizer(resolve_model(self.engines.models(), request.model))
+        await self._tokenize_slot.acquire()
+        try:
+            work = asyncio.get_running_loop().run_in_executor(None, tok.encode, text)
+        except BaseException:
+            self._tokenize_slot.release()
+            raise
+        # The slot is the thread's: a client that goes away does not stop it.
+        work.add_done_callback(lambda _: self._tokenize_slot.release())
+        ids = await asyncio.shield(work)
+        return self.prepare(dataclasses.replace(request, text=None, token_ids=ids))
 
     def new_request_id(self) -> str:
         """An id for a request whose client gave none (or one it cannot use)."""
@@ -454,9 +486,12 @@ class RouterNode:
 
     def route_only(self, prep: Prepared, dry_run: bool, trace: TraceContext | None = None) -> Routed:
         """The Route RPC: choose without sending. A real pick counts as load
-        for ``route_load_ttl``: the caller sends the request itself."""
+        for ``route_load_ttl``: the caller sends the request itself. The
+        prompt is checked as Generate checks it (with one token to generate):
+        a pick for a request no engine would take is no answer."""
         span = self.tracer.start("kvmesh.route", trace, "server", request_id=prep.request_id, dry_run=dry_run)
         try:
+            self.validate(prep, _ROUTE_ONLY_PARAMS)
             routed = routed_to(prep, self.route(prep, record=not dry_run), 1, self.engines)
         except RouterError as e:
             span.fail(e.grpc_code, e.reason, str(e))

@@ -93,6 +93,7 @@ __all__ = [
 Kind = Literal["completion", "chat"]
 DONE = b"data: [DONE]\n\n"
 OPENAI_DEFAULT_TEMPERATURE = 1.0
+TOKEN_ID_LIMIT = 2**32  # token ids are uint32 on the gRPC API and in block hashing
 _ROLES = frozenset(("system", "developer", "user", "assistant", "tool", "function"))
 
 
@@ -150,6 +151,8 @@ def _decode(body: bytes) -> dict[str, Any]:
         data = msgspec.json.decode(body)
     except msgspec.DecodeError as e:
         raise InvalidParam(f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidParam("the body nests JSON arrays or objects too deeply") from None
     if not isinstance(data, dict):
         raise InvalidParam("the body must be a JSON object")
     return data
@@ -192,9 +195,15 @@ def _number(data: Mapping[str, Any], name: str) -> float | None:
     v = data.get(name)
     if v is None:
         return None
-    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+    if not isinstance(v, int | float) or isinstance(v, bool):
         raise InvalidParam(f"{name} must be a number", name)
-    return float(v)
+    try:
+        f = float(v)  # an int literal past a double's range does not fit
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
+        raise InvalidParam(f"{name} must be a finite number", name)
+    return f
 
 
 def _stop(data: Mapping[str, Any]) -> list[str]:
@@ -209,9 +218,23 @@ def _stop(data: Mapping[str, Any]) -> list[str]:
 
 
 def _unsupported(data: Mapping[str, Any], name: str, allowed: Collection[Any], what: str) -> None:
-    """Refuse a field kvmesh cannot honour unless it has one of its no-op values."""
-    if name in data and data[name] not in allowed:
+    """Refuse a field kvmesh cannot honour unless it has one of its no-op
+    values, of the same JSON type (``true`` is not ``1``, nor ``0`` ``false``:
+    vLLM reads ``logprobs: 0`` as a request for the sampled token's)."""
+    if name not in data:
+        return
+    v = data[name]
+    if not any(_json_type(v) == _json_type(a) and v == a for a in allowed):
         raise InvalidParam(f"{name} is not supported: {what}", name)
+
+
+def _json_type(v: Any) -> str:
+    """A decoded JSON value's type, ints and floats alike (both are numbers)."""
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int | float):
+        return "number"
+    return type(v).__name__
 
 
 # Fields both endpoints accept, and those each adds. ``user`` is informational.
@@ -277,8 +300,10 @@ def parse_completions(body: bytes) -> OpenAIRequest:
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
         req.prompt_text = prompt
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) and 0 <= t < TOKEN_ID_LIMIT for t in prompt):
         req.prompt_ids = list(prompt)
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        raise InvalidParam(f"token ids must be in [0, {TOKEN_ID_LIMIT})", "prompt")
     elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
         raise InvalidParam("a batch of prompts is not supported: send one request per prompt", "prompt")
     else:
@@ -313,7 +338,7 @@ def _message(m: Any, i: int) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise InvalidParam(f"{where} must be an object", where)
     role = m.get("role")
-    if role not in _ROLES:
+    if not isinstance(role, str) or role not in _ROLES:
         raise InvalidParam(f"{where}.role must be one of {', '.join(sorted(_ROLES))}", f"{where}.role")
     content = m.get("content")
     if isinstance(content, list):

@@ -207,7 +207,7 @@ class RouterService(pb_grpc.RouterServicer):
         if task is not None:
             self._streams.add(task)
         try:
-            prep = self.node.prepare(self._client_request(request, rid))
+            prep = await self.node.prepare_async(self._client_request(request, rid))
             timer.policy = prep.policy
             params = sampling_from_pb(request.sampling, self.node.config.default_max_tokens)
             trace = trace_from_metadata(context.invocation_metadata())  # the client's W3C traceparent
@@ -236,7 +236,7 @@ class RouterService(pb_grpc.RouterServicer):
         timer = self.node.metrics.request("Route", self.node.clock())
         rid = self._request_id(request)
         try:
-            prep = self.node.prepare(self._client_request(request, rid))
+            prep = await self.node.prepare_async(self._client_request(request, rid))
             timer.policy = prep.policy
             routed = self.node.route_only(
                 prep, dry_run=request.dry_run, trace=trace_from_metadata(context.invocation_metadata())

@@ -411,9 +411,37 @@ async def test_malformed_input_is_counted_and_the_adapter_keeps_going() -> None:
         s = ad.stats()
         assert s["decode_errors"] == 4 and s["resets"] == 1
         assert sink.state["raw"] == set(block_hashes(ev5.token_ids, BS, root_seed(MODEL)))
+
+        # a sequence number whose successor no frame holds: refused, and the
+        # reader goes on (it was applied, and the next replay request's
+        # number overflowed, ending the reader without a word)
+        xpub.send_multipart([b"kv", encode_seq(2**63 - 1), encode_batch(batch(ev5))])
+        xpub.send_multipart([b"kv", encode_seq(6), encode_batch(batch(eng.store(eng.prompt())))])
+        await wait_until(lambda: ad.last_seqs()[0] == 6)
+        s = ad.stats()
+        assert s["decode_errors"] == 5 and s["reader_failures"] == 0
     finally:
         await ad.stop()
         ctx.destroy(linger=0)
+
+
+async def test_a_reader_that_fails_is_said_so_and_started_again() -> None:
+    # An endpoint ZMQ refuses when the socket connects (the node checks a
+    # registration's, but a reader may fail for any reason): logged, counted,
+    # in events_refused, and tried again after a pause, never silently gone.
+    with structlog.testing.capture_logs() as logs:
+        ad = EventAdapter(
+            "bad", MODEL, "tcp://127.0.0.1:abc", None, topic="kv", sink=DictSink(), block_size=BS
+        )
+        await ad.start()
+        try:
+            await ad.wait_ready(5)
+            await wait_until(lambda: ad.stats()["reader_failures"] >= 2, timeout=5)
+            assert ad.events_refused.startswith("event reader of bad failed (ZMQError")
+        finally:
+            await ad.stop()
+    failed = [e for e in logs if e["event"] == "adapter.reader_failed"]
+    assert len(failed) >= 2 and failed[0]["worker"] == "bad" and failed[0]["retry_in"] == 1.0
 
 
 async def test_resume_from_start_seq_replays_only_what_follows() -> None:

@@ -334,6 +334,33 @@ def test_http_requests_are_counted_as_grpc_calls_are(router) -> None:
     ), "the refused request is not counted by its reason"
 
 
+def test_unreadable_http_is_the_clients_mistake_counted_without_a_traceback(router) -> None:
+    # aiohttp answers a request it cannot parse 400 itself; the node counts
+    # and logs it as any refusal, not as an aiohttp traceback.
+    import socket
+
+    async def outcomes() -> dict[str, int]:
+        async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
+            return dict((await pb_grpc.AdminStub(ch).GetStats(pb.GetStatsRequest())).outcomes)
+
+    before = asyncio.run(outcomes()).get("INVALID_ARGUMENT:bad_http", 0)
+    host, port = router.info["http"].rsplit(":", 1)
+    for raw in (
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\ntracestate: a=b,\x01\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+    ):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(raw)
+            assert sock.recv(64).startswith(b"HTTP/1.0 400")
+    deadline = time.monotonic() + 10
+    while asyncio.run(outcomes()).get("INVALID_ARGUMENT:bad_http", 0) < before + 2:
+        assert time.monotonic() < deadline, "the unreadable requests were not counted"
+        time.sleep(0.05)
+    lines = list(router.output)
+    assert not any("Traceback" in line or "Error handling request" in line for line in lines)
+    assert any("reason=bad_http" in line and "unreadable HTTP request" in line for line in lines)
+
+
 def test_a_request_names_its_policy_as_on_grpc(router) -> None:
     client = _client(router)
     comp = client.completions.create(

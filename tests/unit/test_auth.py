@@ -68,3 +68,8 @@ def test_a_signed_batch_passes_and_any_change_fails(body: bytes) -> None:
 def test_a_short_secret_is_refused() -> None:
     with pytest.raises(MeshAuthError):
         MeshSecret(b"short")
+
+
+def test_a_token_that_is_not_ascii_is_a_bad_token_not_a_crash() -> None:
+    assert TABLE.role_of("Bearer \u00e9") is None
+    assert TABLE.role_of("Bearer admin-token-0123456789\udce9") is None  # undecodable header bytes

@@ -25,6 +25,11 @@ def test_parse_full_spec():
         "id=e1,url=http://h:1,block_size=0",
         "id=e1,url=http://h:1,bogus=1",
         "id=e1,url=http://h:1,kv=udp://x:1",
+        "id=e1,url=http://h:1,kv=tcp://127.0.0.1:abc",  # ZMQ would refuse it only on connect
+        "id=e1,url=http://h:1,kv=tcp://",
+        "id=e1,url=http://h:1,kv=tcp://h:99999",
+        "id=e1,url=http://h:1,kv=tcp://h:65535,dp=2",  # rank 1's port would be 65536
+        "id=e1,url=http://h:1,kv=tcp://h:1,replay=tcp://h:x",
         "id=e1,url=http://h:1,replay=tcp://h:2",  # replay without events
     ],
 )

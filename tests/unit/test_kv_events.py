@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 
 from blocks.tiers import TIER_DISK, TIER_EXTERNAL, TIER_GPU, TIER_HOST
 from engine_adapters import native
-from engine_adapters.kv_endpoints import connect_endpoint, offset_endpoint_port, should_bind
+from engine_adapters.kv_endpoints import connect_endpoint, endpoint_problem, offset_endpoint_port, should_bind
 from engine_adapters.kv_events import (
     END_SEQ,
+    MAX_SEQ,
     SKIP_BAD_BLOCK_SIZE,
     SKIP_BIGRAM_NOT_CHAINED,
     SKIP_TOKEN_COUNT,
@@ -372,6 +373,12 @@ def test_sequence_frames() -> None:
     for bad in (b"", b"\x00" * 7, b"\x00" * 9):
         with pytest.raises(EventDecodeError):
             decode_seq(bad)
+    # The largest taken still has a successor a replay request can ask for.
+    assert decode_seq(encode_seq(MAX_SEQ)) == MAX_SEQ and encode_seq(MAX_SEQ + 1)
+    with pytest.raises(EventDecodeError, match="out of range"):
+        decode_seq(encode_seq(2**63 - 1))
+    with pytest.raises(EventDecodeError, match="out of range"):
+        parse_live_frames([b"kv", encode_seq(2**63 - 1), b"p"])
 
 
 def test_live_frame_parsing() -> None:
@@ -413,6 +420,23 @@ def test_endpoint_rules_follow_vllm() -> None:
     assert not should_bind("tcp://127.0.0.1:5557")
     assert connect_endpoint("tcp://*:5557", 2) == "tcp://127.0.0.1:5559"
     assert connect_endpoint("tcp://engine-a:5557", 1) == "tcp://engine-a:5558"
+
+
+def test_an_endpoint_zmq_could_not_connect_to_is_named_at_once() -> None:
+    for ok in ("tcp://127.0.0.1:5557", "tcp://*:5557", "tcp://[::1]:5557", "tcp://engine-a:65535"):
+        assert endpoint_problem(ok) is None, ok
+    assert endpoint_problem("tcp://h:65534", ranks=2) is None
+    for bad, words in (
+        ("tcp://127.0.0.1:abc", "port must be"),
+        ("tcp://", "tcp://HOST:PORT"),
+        ("tcp://:5557", "tcp://HOST:PORT"),
+        ("tcp://h:99999", "port must be"),
+        ("tcp://h:0", "port must be"),
+        ("tcp://h:\u0665", "port must be"),  # a digit, but not ASCII
+        ("udp://h:1", "tcp://HOST:PORT"),
+    ):
+        assert words in str(endpoint_problem(bad)), bad
+    assert "pass 65535" in str(endpoint_problem("tcp://h:65535", ranks=2))
 
 
 # --- round trips ---------------------------------------------------------------

@@ -293,3 +293,65 @@ async def test_a_half_open_breaker_is_not_stuck_when_its_probe_is_abandoned():
 
 async def _collect(gen):
     return [x async for x in gen]
+
+
+class _SlowTokenizer:
+    """Encodes one id per character, after its test lets it go; counts the
+    encodes running at once."""
+
+    name = "slow"
+
+    def __init__(self) -> None:
+        import threading
+
+        self.go = threading.Event()
+        self.running = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def encode(self, text: str) -> list[int]:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        self.go.wait(10)
+        with self._lock:
+            self.running -= 1
+        return [300 + ord(c) % 100 for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return ""
+
+
+async def test_a_long_text_prompt_is_tokenized_off_the_event_loop_one_at_a_time():
+    node, _ = _node({"e1": "ok"}, thread_tokenize_chars=8, max_prompt_tokens=30)
+    tok = _SlowTokenizer()
+    node._tokenizers[node.engines["e1"].spec.model] = tok
+    first = asyncio.create_task(node.prepare_async(ClientRequest(request_id="a", text="x" * 20)))
+    second = asyncio.create_task(node.prepare_async(ClientRequest(request_id="b", text="y" * 20)))
+    for _ in range(20):  # the loop runs on while the first encode waits on its thread
+        await asyncio.sleep(0.01)
+    assert tok.running == 1 and not first.done() and not second.done()
+    tok.go.set()
+    a, b = await asyncio.wait_for(asyncio.gather(first, second), 10)
+    assert (a.request_id, len(a.token_ids), b.token_ids[0]) == ("a", 20, 300 + ord("y") % 100)
+    assert tok.most == 1  # never two long prompts tokenized at once
+    # short texts stay inline; a long one past the token bound is the client's mistake
+    assert len((await node.prepare_async(ClientRequest(text="short"))).token_ids) == 5
+    with pytest.raises(RequestError, match="prompt of 40 tokens exceeds 30"):
+        await node.prepare_async(ClientRequest(text="z" * 40))
+
+
+async def test_route_checks_the_prompt_as_generate_does():
+    node, _ = _node({"e1": "ok"})
+    node.engines["e1"].max_model_len = 16  # as its /v1/models says
+    salted = node.prepare(ClientRequest(token_ids=list(range(8)), cache_salt="a/b"))
+    with pytest.raises(RequestError, match="cache_salt"):
+        node.route_only(salted, dry_run=False)
+    too_long = node.prepare(ClientRequest(token_ids=list(range(16))))  # no room for one token
+    with pytest.raises(ContextTooLong, match="context window"):
+        node.route_only(too_long, dry_run=False)
+    assert node.load.local.slot() == {}  # a refused pick is no load
+    assert (
+        node.route_only(node.prepare(ClientRequest(token_ids=list(range(15)))), dry_run=True).engine_id
+        == "e1"
+    )

@@ -350,3 +350,31 @@ def test_every_error_has_its_status_and_openai_body(error: RouterError, status: 
         "param": getattr(error, "param", None),
         "code": error.reason,
     }
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        (b'{"prompt": [4294967296, 1]}', "prompt", "token ids must be in [0, 4294967296)"),
+        (b'{"prompt": "x", "temperature": 1' + b"0" * 400 + b"}", "temperature", "finite number"),
+        (b'{"prompt": "x", "top_p": -1' + b"0" * 400 + b"}", "top_p", "finite number"),
+        (b'{"prompt": "x", "user": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, "too deeply"),
+        (b'{"prompt": "x", "n": true}', "n", "not supported"),
+        (b'{"prompt": "x", "best_of": true}', "best_of", "not supported"),
+        (b'{"prompt": "x", "logprobs": 0}', "logprobs", "not supported"),  # vLLM: the sampled token's
+        (b'{"prompt": "x", "echo": 0}', "echo", "not supported"),
+    ],
+)
+def test_odd_values_are_the_clients_mistake_never_a_crash(body: bytes, param: str | None, words: str) -> None:
+    e = _refused(parse_completions, body)
+    assert e.param == param and words in str(e)
+
+
+def test_a_role_that_is_not_a_string_is_refused() -> None:
+    e = _refused(parse_chat, _body(model="m", messages=[{"role": ["user"], "content": "hi"}]))
+    assert e.param == "messages[0].role"
+
+
+def test_no_op_values_of_unsupported_fields_pass_as_numbers_or_booleans() -> None:
+    body = _body(prompt="x", n=1.0, logprobs=False, presence_penalty=0.0, frequency_penalty=0, echo=False)
+    assert parse_completions(body).prompt_text == "x"

@@ -104,3 +104,31 @@ def test_get_tokenizer_errors(tmp_path: Path) -> None:
         get_tokenizer(str(bad))
     with pytest.raises(TokenizerError):
         get_tokenizer("")
+
+
+def test_builtin_encodes_on_several_threads_at_once() -> None:
+    # A router tokenizes long prompts on a worker thread while its loop
+    # tokenizes short ones: the reverse map must stay whole.
+    import threading
+
+    tok = BuiltinTokenizer(reverse_map_size=5_000)
+    texts = [" ".join(f"w{t}x{i}" for i in range(20_000)) for t in range(4)]
+    out: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def run(t: int) -> None:
+        try:
+            out[t] = tok.encode(texts[t])
+        except BaseException as e:  # reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert not errors
+    assert all(out[t] == BuiltinTokenizer().encode(texts[t]) for t in range(4))
+    assert len(tok._reverse) == 5_000
+    last = texts[3].split(" ")[-1]
+    assert tok.decode(tok.encode(" " + last)) == " " + last
