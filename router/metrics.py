@@ -155,6 +155,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("kvmesh_engine_events_skipped_total", "counter", ("engine",),
            "KV events this node could not map while it owned the engine, each skipped alone "
            "(logged as adapter.event_skipped with its reason)"),
+    Family("kvmesh_engine_event_decode_errors_total", "counter", ("engine",),
+           "malformed KV-event frames or batches this node received while it owned the engine "
+           "(nothing of them applied; logged as adapter.bad_live_frame and the like)"),
+    Family("kvmesh_engine_event_reader_failures_total", "counter", ("engine",),
+           "times the engine's KV-event reader on this node stopped on an error and was started "
+           "again (logged as adapter.reader_failed; ListEngines events_refused says why)"),
     Family("kvmesh_engine_block_size_mismatch", "gauge", ("engine",),
            "owner only: the block size of the engine's KV-event stores while they are refused for "
            "not being its registered block_size (0: they apply; see adapter.block_size_mismatch)"),
@@ -219,6 +225,8 @@ _ADAPTER_COUNTERS = {
     "replayed_batches": "kvmesh_engine_event_replayed_batches_total",
     "resets": "kvmesh_engine_event_resets_total",
     "skipped_events": "kvmesh_engine_events_skipped_total",
+    "decode_errors": "kvmesh_engine_event_decode_errors_total",
+    "reader_failures": "kvmesh_engine_event_reader_failures_total",
 }
 _STATE_BYTES_MAX_AGE = 10.0  # seconds: the replicated state's encoded size is O(state) to compute
 
