@@ -149,14 +149,17 @@ class MeshState:
         """Owner of a deregistered engine: empty its log in a new epoch, stop owning.
 
         Every index drops the engine's blocks; the small remaining document keeps
-        fencing stale gossip of the old epochs.
+        fencing stale gossip of the old epochs. The log also forgets how far
+        it had read the engine's stream: registered again, the engine is read
+        from the start of its replay buffer, as a new one (resuming after its
+        last batch would leave the blocks it still holds unknown for good).
         """
         owner = self.owners.pop(engine_id, None)
         if owner is None or not owner.owns():
             return None
         old = owner.epoch
         epoch = Epoch(old.term, self.node_id, old.gen + 1, owner.new_doc_id())
-        update = owner.start_epoch(epoch, owner.live.emptied(), dict(owner.replica.last_seq))
+        update = owner.start_epoch(epoch, owner.live.emptied(), {})
         log.info("engine_log.retired", engine=engine_id, node=self.node_id, epoch=epoch)
         return Delta(sender=self.node_id, logs=[LogUpdate(engine_id, epoch, update)])
 

@@ -216,6 +216,37 @@ async def _until(check, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def test_an_engine_removed_and_registered_again_is_read_again():
+    """Deregistered, e1's blocks leave the index; registered again unchanged,
+    its cache (still there) is learned again from its replay buffer, not
+    resumed after the last batch read (which left it unknown for good)."""
+    eng = procs.start_sim_engine("again", ["--seed", "5"])
+    router = procs.start_router("router-again", [procs.engine_flag("e1", eng)], ["--policy", "precise"])
+    try:
+        prefix = _tokens(51, 800)  # 50 blocks
+        route = pb.RouteRequest(
+            prompt=pb.Prompt(token_ids=pb.TokenIds(ids=prefix + _tokens(9, 20))), dry_run=True
+        )
+        async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
+            stub, admin = pb_grpc.RouterStub(ch), pb_grpc.AdminStub(ch)
+            first, _ = await generate_once(stub, prefix + _tokens(52, 40), 4)
+            assert first.ok, first.error
+            await _wait_index(router.info["grpc"], 50)
+            spec = next(e.spec for e in (await admin.ListEngines(pb.ListEnginesRequest())).engines)
+            await admin.DeregisterEngine(pb.DeregisterEngineRequest(engine_id="e1"))
+            await admin.RegisterEngine(pb.RegisterEngineRequest(spec=spec))
+
+            async def indexed() -> bool:
+                return await _cached_blocks(admin, "e1") >= 50
+
+            await _until(indexed)
+            await asyncio.sleep(MeshConfig().hint_ttl)  # what is predicted is the index's, not a hint's
+            assert (await stub.Route(route)).predicted_cached_blocks >= 50
+    finally:
+        router.stop()
+        eng.stop()
+
+
 async def test_an_engine_registered_again_elsewhere_is_a_new_cache():
     """e1 moves to another engine process (new URL and KV-event ports): the
     old process' blocks leave the index, and the new one's events come in."""
