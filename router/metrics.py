@@ -125,7 +125,9 @@ FAMILIES: tuple[Family, ...] = (
            "blocks the prefix index dropped to stay within --max-index-blocks, least recently matched "
            "first (GPU blocks and lower-tier blocks; routed as cold from then on)"),
     # --- engines ----------------------------------------------------------------------------------
-    Family("kvmesh_engine_healthy", "gauge", ("engine",), "1 if the engine passed its last health probe"),
+    Family("kvmesh_engine_healthy", "gauge", ("engine",),
+           "0 once its last --health-down-after health probes failed, 1 otherwise (a newly "
+           "registered engine counts as healthy until probed)"),
     Family("kvmesh_engine_breaker_state", "gauge", ("engine", "state"),
            "the engine's circuit breaker: 1 for its state (closed, open, half_open), 0 for the others"),
     Family("kvmesh_engine_in_flight", "gauge", ("engine",),

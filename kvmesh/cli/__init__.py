@@ -12,6 +12,11 @@ import importlib
 import os
 import sys
 
+# gRPC's C core logs at info by default (a failed TLS handshake, before the
+# command's own message and hint): its errors only, unless the operator sets
+# GRPC_VERBOSITY. Set before any subcommand imports grpc.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "router": ("kvmesh.cli.router", "run a router node (gRPC API, KV-event subscribers, proxy)"),

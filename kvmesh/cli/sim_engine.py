@@ -234,10 +234,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     _configure_logging(config.log_level)
     # Imported here so that building the parser (and --help) loads neither aiohttp nor ZMQ.
+    import zmq
+
     from engine_adapters.sim_engine.server import serve
 
     try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(serve(config))
-    return uvloop.run(serve(config))
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(serve(config))
+        return uvloop.run(serve(config))
+    except (OSError, zmq.ZMQError) as e:  # a port taken, an address not of this host
+        print(f"kvmesh sim-engine: cannot listen: {e} (see --port and the --kv-* endpoints)", file=sys.stderr)
+        return 1

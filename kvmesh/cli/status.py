@@ -66,7 +66,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="redraw every SECONDS until interrupted (with --json: one document a line)",
+        help="redraw every SECONDS until interrupted (with --json: one document a line); "
+        "0, the default: once",
     )
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per call (default %(default)s)")
     p.add_argument(

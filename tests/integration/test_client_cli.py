@@ -116,6 +116,7 @@ def test_errors_say_what_went_wrong_and_exit_nonzero(fleet) -> None:
     # TLS is the default: a plaintext node does not answer it.
     tls = kvmesh("route", "hi", "--timeout", "5", "--target", fleet.info["grpc"])
     assert tls.returncode == 1 and "UNAVAILABLE" in tls.stderr and "add --insecure" in tls.stderr
+    assert tls.stderr.startswith("kvmesh route: "), tls.stderr  # no line of gRPC's own before it
 
 
 def test_a_value_out_of_range_is_one_line_and_no_traceback() -> None:

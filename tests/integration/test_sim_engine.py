@@ -522,3 +522,27 @@ async def test_a_full_waiting_queue_answers_429() -> None:
         assert 'kvmesh_sim_requests_rejected_total{model_name="sim-model",reason="queue_full"} 1.0' in text
     finally:
         assert stop_engine(e) == 0, "".join(e.stderr)[-3000:]
+
+
+@pytest.mark.parametrize("taken", ["http", "kv"])
+def test_a_port_already_taken_is_one_clear_line(taken: str) -> None:
+    import socket
+
+    from kvmesh import procs
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        free = [procs.free_port() for _ in range(3)]
+        http, kv = (port, free[0]) if taken == "http" else (free[0], port)
+        args = [
+            "--port", str(http),
+            "--kv-events-endpoint", f"tcp://127.0.0.1:{kv}",
+            "--kv-replay-endpoint", f"tcp://127.0.0.1:{free[1]}",
+        ]  # fmt: skip
+        cmd = [sys.executable, "-m", "kvmesh.cli", "sim-engine", *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "kvmesh sim-engine: cannot listen:" in r.stderr and "in use" in r.stderr
