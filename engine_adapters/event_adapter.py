@@ -149,6 +149,7 @@ class _RankState:
         self.ready = asyncio.Event()  # set after the first catch-up attempt
         self.probe_failing = False  # the last probe went unanswered (log the next ones quietly)
         self.reader_error = ""  # why the reader last failed, until it applies a batch again
+        self.last_digest: int | None = None  # of the last batch applied (is the engine the same process?)
 
 
 class EventAdapter:
@@ -393,8 +394,27 @@ class EventAdapter:
 
     async def _probe(self, st: _RankState) -> None:
         """The worker has been quiet: apply whatever the replay buffer holds
-        after its last applied batch (usually nothing)."""
+        after its last applied batch (usually nothing).
+
+        After a spell of unanswered probes the engine may be a new process
+        on the same ports (restarted: an empty cache, batches numbered from
+        0 again), which says so only with its next batch: until then every
+        node would route to blocks it no longer holds. So the first probe
+        answered again asks first whether the engine still holds the last
+        batch applied, as the same process does (a quiet engine's buffer
+        does not move); a new one is a restart, found before its first
+        batch."""
         st.stats.probes += 1
+        if st.probe_failing and await self._same_process(st) is False:
+            st.stats.restarts += 1
+            self._log.warning(
+                "adapter.publisher_restarted", worker=st.worker, last_seq=st.sequencer.last, seen_by="probe"
+            )
+            self._reset_worker(st, "restart")
+            st.sequencer.reset(None)
+            st.probe_failing = False
+            await self._catch_up(st)
+            return
         before = st.stats.replayed_batches
         answered = await self._replay_rounds(st, 0, retries=1, probe=True)
         found = st.stats.replayed_batches - before  # counted in probe_batches as applied
@@ -403,6 +423,30 @@ class EventAdapter:
         if answered and st.probe_failing:
             self._log.info("adapter.probe_answered", worker=st.worker)
         st.probe_failing = not answered
+
+    async def _same_process(self, st: _RankState) -> bool | None:
+        """Whether the engine's replay buffer still starts its answer from the
+        last applied sequence number with that very batch (True), or with
+        something else (False: a new process), or None (no answer, or
+        nothing to ask about)."""
+        last, digest = st.sequencer.last, st.last_digest
+        if self._replay_endpoint is None or last is None or last < 0 or digest is None:
+            return None
+        assert self._ctx is not None
+        dealer = self._ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(connect_endpoint(self._replay_endpoint, st.rank))
+        try:
+            await dealer.send_multipart([b"", encode_seq(last)])
+            if not await dealer.poll(self._replay_timeout_ms):
+                return None
+            item = parse_replay_frames(await dealer.recv_multipart())
+        except EventDecodeError:
+            return None
+        finally:
+            dealer.close(linger=0)
+        # The end marker first: the engine holds nothing from there on.
+        return item is not None and item[0] == last and hash(item[1]) == digest
 
     async def _fill(self, st: _RankState, gap_from: int, gap_to: int) -> None:
         if self._replay_endpoint is not None:
@@ -495,6 +539,7 @@ class EventAdapter:
 
     def _apply(self, st: _RankState, seq: int, payload: bytes, digest: int, replayed: bool) -> None:
         st.reader_error = ""
+        st.last_digest = digest
         try:
             frame, delta = (map_frame_packed if self._packed else map_frame)(st.mapper, payload, seq)
         except EventDecodeError as e:

@@ -514,6 +514,42 @@ async def test_engine_restart_resets_the_worker() -> None:
         pub.close()
 
 
+async def test_an_engine_restarted_quiet_is_found_by_its_probe() -> None:
+    # A new process on the same ports that has published nothing yet: the
+    # first probe answered after the outage finds that it does not hold the
+    # last batch applied, and the worker is cleared at once (not at the new
+    # process' first batch, meanwhile routing to blocks it no longer holds).
+    base, rbase = free_consecutive_ports(1), free_consecutive_ports(1)
+    ep, rep = f"tcp://127.0.0.1:{base}", f"tcp://127.0.0.1:{rbase}"
+    old = ToyEngine(7)
+    sink = DictSink()
+    pub = ZmqEventPublisher(ep, rep, topic="kv", bind=True)
+    cfg = EventAdapterConfig(replay_timeout=0.3, replay_probe_after=0.3)
+    ad = EventAdapter("eng-q", MODEL, ep, rep, topic="kv", sink=sink, config=cfg, block_size=BS)
+    await ad.start()
+    try:
+        await ad.wait_ready(5)
+        for _ in range(3):
+            pub.publish(batch(old.store(old.prompt())))
+        await wait_until(lambda: ad.last_seqs()[0] == 2)
+        await wait_until(lambda: ad.stats()["probes"] >= 2)  # quiet, answered: the same process
+        assert ad.stats()["restarts"] == 0 and sink.state["eng-q"] == old.expected()
+        pub.close()
+        failing = ad.stats()["replay_failures"]
+        await wait_until(lambda: ad.stats()["replay_failures"] > failing)  # the engine is gone
+        pub = ZmqEventPublisher(ep, rep, topic="kv", bind=True)  # back, as a new process, quiet
+        await wait_until(lambda: ad.stats()["restarts"] == 1, timeout=10)
+        assert not sink.state.get("eng-q")  # cleared before any batch of the new process
+        assert pub.next_seq == 0
+        new = ToyEngine(8)
+        pub.publish(batch(new.store(new.prompt())))
+        await wait_until(lambda: ad.last_seqs()[0] == 0)
+        assert sink.state["eng-q"] == new.expected() and ad.stats()["restarts"] == 1
+    finally:
+        await ad.stop()
+        pub.close()
+
+
 def test_replay_larger_than_the_default_zmq_hwm_arrives_whole() -> None:
     # A ROUTER drops messages past its send HWM (default 1000) silently; our
     # publisher lifts it so a replay of thousands of batches arrives whole.
