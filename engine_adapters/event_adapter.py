@@ -132,8 +132,9 @@ class RankStats:
     decode_errors: int = 0  # malformed frames or payloads (nothing applied)
     sink_errors: int = 0
     reader_failures: int = 0  # the rank's reader stopped on an error and was started again
-    # Seconds from the engine stamping the last applied batch (its ``ts``) to
-    # its apply here: wall clocks of two hosts, so their skew is part of it.
+    # Seconds from the engine stamping the last batch applied live (its
+    # ``ts``) to its apply here: wall clocks of two hosts, so their skew is
+    # part of it. A replayed batch is old by design and says nothing of it.
     event_lag: float | None = None
 
 
@@ -557,7 +558,7 @@ class EventAdapter:
         st.stats.batches += 1
         st.stats.events += frame.events
         st.stats.last_seq = seq
-        if frame.ts > 0:  # a batch without a time says nothing about lag
+        if frame.ts > 0 and not replayed:  # a batch without a time says nothing about lag
             st.stats.event_lag = time.time() - frame.ts
         self._emit(st, delta)
 

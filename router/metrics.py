@@ -152,8 +152,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("kvmesh_engine_event_resets_total", "counter", ("engine",),
            "times this node cleared a worker of the engine because its event history was lost"),
     Family("kvmesh_engine_event_lag_seconds", "gauge", ("engine",),
-           "owner only: wall time from the engine stamping its last applied batch to its apply "
-           "here (includes the clock skew between the two hosts)"),
+           "owner only: wall time from the engine stamping its last batch received live to its "
+           "apply here (includes the clock skew between the two hosts; replayed batches are old "
+           "by design and do not count)"),
     Family("kvmesh_engine_events_skipped_total", "counter", ("engine",),
            "KV events this node could not map while it owned the engine, each skipped alone "
            "(logged as adapter.event_skipped with its reason)"),
