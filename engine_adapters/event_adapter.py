@@ -149,7 +149,7 @@ class _RankState:
         self.stats = RankStats(last_seq=start)
         self.ready = asyncio.Event()  # set after the first catch-up attempt
         self.probe_failing = False  # the last probe went unanswered (log the next ones quietly)
-        self.reader_error = ""  # why the reader last failed, until it applies a batch again
+        self.reader_error = ""  # why the reader last failed, until it reads again
         self.last_digest: int | None = None  # of the last batch applied (is the engine the same process?)
 
 
@@ -233,7 +233,8 @@ class EventAdapter:
         self._log.info("adapter.stopped")
 
     async def wait_ready(self, timeout: float | None = None) -> None:
-        """Until every rank has made its first catch-up attempt."""
+        """Until every rank has made its first catch-up attempt (or its
+        reader has failed before it: see ``_supervise``)."""
         await asyncio.wait_for(asyncio.gather(*(st.ready.wait() for st in self._ranks)), timeout)
 
     # --- introspection -----------------------------------------------------------
@@ -301,12 +302,12 @@ class EventAdapter:
                 await self._run_rank(st)
                 return
             except Exception as e:
+                if time.monotonic() - started >= _RESTART_MAX_S:
+                    pause = _RESTART_FIRST_S  # it had been running: not a failing streak
                 st.stats.reader_failures += 1
                 st.reader_error = f"{type(e).__name__}: {e}"
                 self._log.exception("adapter.reader_failed", worker=st.worker, retry_in=pause)
                 st.ready.set()  # nobody waits on a catch-up that will not come
-            if time.monotonic() - started >= _RESTART_MAX_S:
-                pause = _RESTART_FIRST_S
             await asyncio.sleep(pause)
             pause = min(2 * pause, _RESTART_MAX_S)
 
@@ -324,6 +325,7 @@ class EventAdapter:
                 self._log.exception("adapter.catch_up_failed", worker=st.worker)
             finally:
                 st.ready.set()
+            st.reader_error = ""  # connected and reading again
             # Drain what is already queued through a plain (sync) view of the
             # same socket: one await per burst instead of one per batch.
             raw: zmq.Socket[bytes] = zmq.Socket.shadow(sub.underlying)
@@ -409,7 +411,10 @@ class EventAdapter:
         if st.probe_failing and await self._same_process(st) is False:
             st.stats.restarts += 1
             self._log.warning(
-                "adapter.publisher_restarted", worker=st.worker, last_seq=st.sequencer.last, seen_by="probe"
+                "adapter.publisher_restarted",
+                worker=st.worker,
+                last_seq=st.sequencer.last,
+                why="back after its outage, the engine no longer holds the last batch applied",
             )
             self._reset_worker(st, "restart")
             st.sequencer.reset(None)
@@ -436,8 +441,8 @@ class EventAdapter:
         assert self._ctx is not None
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
-        dealer.connect(connect_endpoint(self._replay_endpoint, st.rank))
         try:
+            dealer.connect(connect_endpoint(self._replay_endpoint, st.rank))
             await dealer.send_multipart([b"", encode_seq(last)])
             if not await dealer.poll(self._replay_timeout_ms):
                 return None
@@ -490,9 +495,9 @@ class EventAdapter:
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.RCVHWM, 0)  # a replay may be the whole buffer
         dealer.setsockopt(zmq.LINGER, 0)
-        dealer.connect(connect_endpoint(self._replay_endpoint, st.rank))
         first, holes = True, False
         try:
+            dealer.connect(connect_endpoint(self._replay_endpoint, st.rank))
             await dealer.send_multipart([b"", encode_seq(start)])
             deadline = time.monotonic() + self._replay_deadline
             while time.monotonic() < deadline:  # bounded even if replies trickle
@@ -539,8 +544,6 @@ class EventAdapter:
     # --- applying --------------------------------------------------------------------
 
     def _apply(self, st: _RankState, seq: int, payload: bytes, digest: int, replayed: bool) -> None:
-        st.reader_error = ""
-        st.last_digest = digest
         try:
             frame, delta = (map_frame_packed if self._packed else map_frame)(st.mapper, payload, seq)
         except EventDecodeError as e:
@@ -548,6 +551,7 @@ class EventAdapter:
             self._log.error("adapter.batch_undecodable", worker=st.worker, seq=seq, error=str(e))
             # Consumed: replaying it would give the same bytes. Nothing applied.
             st.sequencer.applied(seq, digest, replayed)
+            st.last_digest = digest
             st.stats.last_seq = seq
             self._emit(st, KvDelta(st.worker, seq, []))
             return
@@ -555,6 +559,7 @@ class EventAdapter:
         if seen and seen not in self._mismatches_logged:
             self._mismatch(st, seen)
         st.sequencer.applied(seq, digest, replayed)
+        st.last_digest, st.reader_error = digest, ""
         st.stats.batches += 1
         st.stats.events += frame.events
         st.stats.last_seq = seq

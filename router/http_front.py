@@ -115,10 +115,12 @@ class _ServerLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         node = self.node
         exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno < logging.WARNING:
+            return  # aiohttp's debug lines (a first request that is not HTTP at all: a port scan)
         if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
             why = f"unreadable HTTP request (answered {exc.code}): {exc.message}"
             node.request_ended("INVALID_ARGUMENT", "bad_http", node.new_request_id(), why, None, api="openai")
-        elif record.levelno >= logging.WARNING:
+        else:
             node.log.error("router.http_server_error", error=record.getMessage(), exc_info=record.exc_info)
 
 

@@ -126,8 +126,8 @@ FAMILIES: tuple[Family, ...] = (
            "first (GPU blocks and lower-tier blocks; routed as cold from then on)"),
     # --- engines ----------------------------------------------------------------------------------
     Family("kvmesh_engine_healthy", "gauge", ("engine",),
-           "0 once its last --health-down-after health probes failed, 1 otherwise (a newly "
-           "registered engine counts as healthy until probed)"),
+           "0 once its health probes failed RouterConfig.health_down_after times in a row, 1 "
+           "otherwise (a newly registered engine counts as healthy until probed)"),
     Family("kvmesh_engine_breaker_state", "gauge", ("engine", "state"),
            "the engine's circuit breaker: 1 for its state (closed, open, half_open), 0 for the others"),
     Family("kvmesh_engine_in_flight", "gauge", ("engine",),

@@ -53,6 +53,7 @@ from router.errors import (
     Draining,
     EnginesBusy,
     NoEngineAvailable,
+    Overloaded,
     RequestError,
     RequestRejected,
     RouterError,
@@ -164,6 +165,7 @@ class RouterNode:
         self._keys = itertools.count(1)
         self._tokenizers: dict[str, Tokenizer] = {}
         self._tokenize_slot = asyncio.Semaphore(1)  # long prompts tokenized off the loop, one at a time
+        self._tokenize_waiting = 0  # long prompts waiting for the slot (bounded as the admission queue)
         self._policies: dict[str, Policy] = {}
         self._tasks: list[asyncio.Task[None]] = []
         # --engines-from-dns: engines of DNS names, registered and removed mesh-wide.
@@ -390,15 +392,25 @@ class RouterNode:
     async def prepare_async(self, request: ClientRequest) -> Prepared:
         """:meth:`prepare`, with a text prompt longer than
         ``config.thread_tokenize_chars`` tokenized on a worker thread, one
-        such prompt at a time: tokenizing megabytes takes seconds, which the
-        event loop (other calls, KV events, the mesh's probes) cannot wait."""
+        such prompt at a time: a long one takes long enough to stall the
+        event loop (other calls, KV events, the mesh's probes). Those waiting
+        their turn are not yet admitted (admission needs the prompt's
+        blocks), so they are bounded as its queue is (``--max-queue``)."""
         text = request.text
         if text is None or request.token_ids is not None or len(text) <= self.config.thread_tokenize_chars:
             return self.prepare(request)
         if self.draining:
             raise Draining("this node is draining: send the request to another node")
         tok = self.tokenizer(resolve_model(self.engines.models(), request.model))
-        await self._tokenize_slot.acquire()
+        if self._tokenize_waiting >= max(self.config.admission.max_queue, 1):
+            raise Overloaded(
+                f"{self._tokenize_waiting} long prompts already wait to be tokenized on node {self.node_id}"
+            )
+        self._tokenize_waiting += 1
+        try:
+            await self._tokenize_slot.acquire()
+        finally:
+            self._tokenize_waiting -= 1
         try:
             work = asyncio.get_running_loop().run_in_executor(None, tok.encode, text)
         except BaseException:

@@ -2,8 +2,9 @@
 
 Every Generate and Route call ends in one outcome ("OK", or a gRPC status
 with a :mod:`router.errors` reason). Each is counted (``GetStats.outcomes``,
-metrics), and each one but OK and CANCELLED (the node logs those a line
-per request, at info) is logged with its request id, at most
+metrics), and each one but OK and CANCELLED (the node logs a Generate
+that finished, and any call cancelled, a line each at info) is logged
+with its request id, at most
 ``burst`` times per ``(status, reason)`` every ``period`` seconds: under
 overload thousands of requests a second end the same way, and one line a
 second that says how many were not printed tells the operator as much.

@@ -243,6 +243,9 @@ class RouterService(pb_grpc.RouterServicer):
             )
         except RouterError as e:
             await self._fail(context, e, rid, timer)
+        except asyncio.CancelledError:  # while its prompt waited to be tokenized
+            await self._cancelled(context, rid, timer)
+            raise
         except Exception as e:
             await self._crashed(context, e, rid, timer)
         self._ended("OK", "", rid, "", timer)

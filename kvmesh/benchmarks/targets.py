@@ -400,6 +400,11 @@ def _suite_targets(res: dict) -> list[dict]:
     limit = QUICK_SUITE_SECONDS if quick else SUITE_SECONDS
     name = "suite length, kvmesh bench all" + (" --quick" if quick else "")
     took = float(meta["duration_s"])
+    failed = sorted(k.removesuffix("_error") for k in res if k.endswith("_error"))
+    if failed:  # a section that failed ended early: the length says nothing
+        return [
+            _t(name, f"under {limit // 60} minutes", None, limit, False, "", f"{', '.join(failed)} failed")
+        ]
     return [_t(name, f"under {limit // 60} minutes", took, limit, False, f"{took:.0f} s")]
 
 

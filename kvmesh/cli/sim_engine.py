@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import re
 import sys
@@ -226,6 +227,10 @@ def _as_flags(message: str) -> str:
     return re.sub(r"\b([a-z]+(?:_[a-z]+)+)\b", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
+# What binding a port can fail with: taken, not an address of this host, not allowed.
+_CANNOT_LISTEN = frozenset((errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
@@ -244,6 +249,8 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             return asyncio.run(serve(config))
         return uvloop.run(serve(config))
-    except (OSError, zmq.ZMQError) as e:  # a port taken, an address not of this host
+    except (OSError, zmq.ZMQError) as e:
+        if e.errno not in _CANNOT_LISTEN:
+            raise
         print(f"kvmesh sim-engine: cannot listen: {e} (see --port and the --kv-* endpoints)", file=sys.stderr)
         return 1

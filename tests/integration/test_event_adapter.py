@@ -412,9 +412,8 @@ async def test_malformed_input_is_counted_and_the_adapter_keeps_going() -> None:
         assert s["decode_errors"] == 4 and s["resets"] == 1
         assert sink.state["raw"] == set(block_hashes(ev5.token_ids, BS, root_seed(MODEL)))
 
-        # a sequence number whose successor no frame holds: refused, and the
-        # reader goes on (it was applied, and the next replay request's
-        # number overflowed, ending the reader without a word)
+        # a sequence number whose successor no frame holds (a replay request
+        # asks for the next one): refused, and the reader goes on
         xpub.send_multipart([b"kv", encode_seq(2**63 - 1), encode_batch(batch(ev5))])
         xpub.send_multipart([b"kv", encode_seq(6), encode_batch(batch(eng.store(eng.prompt())))])
         await wait_until(lambda: ad.last_seqs()[0] == 6)
@@ -532,7 +531,11 @@ async def test_an_engine_restarted_quiet_is_found_by_its_probe() -> None:
         for _ in range(3):
             pub.publish(batch(old.store(old.prompt())))
         await wait_until(lambda: ad.last_seqs()[0] == 2)
-        await wait_until(lambda: ad.stats()["probes"] >= 2)  # quiet, answered: the same process
+        # Probes that went unanswered, the same process answering again: it
+        # still holds the last batch, so nothing is reset.
+        ad._ranks[0].probe_failing = True
+        probes = ad.stats()["probes"]
+        await wait_until(lambda: ad.stats()["probes"] >= probes + 2 and not ad._ranks[0].probe_failing)
         assert ad.stats()["restarts"] == 0 and sink.state["eng-q"] == old.expected()
         pub.close()
         failing = ad.stats()["replay_failures"]

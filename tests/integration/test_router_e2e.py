@@ -218,8 +218,8 @@ async def _until(check, timeout: float = 10.0) -> None:
 
 async def test_an_engine_removed_and_registered_again_is_read_again():
     """Deregistered, e1's blocks leave the index; registered again unchanged,
-    its cache (still there) is learned again from its replay buffer, not
-    resumed after the last batch read (which left it unknown for good)."""
+    its cache (still there) is learned again from its replay buffer: resumed
+    after the last batch read, the blocks it holds would stay unknown."""
     eng = procs.start_sim_engine("again", ["--seed", "5"])
     router = procs.start_router("router-again", [procs.engine_flag("e1", eng)], ["--policy", "precise"])
     try:

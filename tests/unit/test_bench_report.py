@@ -507,3 +507,6 @@ def test_the_suite_length_is_a_target_of_bench_all_with_where_its_time_went():
     res["meta"].update(duration_s=230.0, quick=True)
     t = _targets(res)["suite length, kvmesh bench all --quick"]
     assert (t["met"], t["target"]) == (True, "under 4 minutes")
+    res["overload_error"] = "RuntimeError: a router did not start"  # ended early: says nothing
+    t = _targets(res)["suite length, kvmesh bench all --quick"]
+    assert t["met"] is None and "overload failed" in t["measured"]

@@ -355,3 +355,18 @@ async def test_route_checks_the_prompt_as_generate_does():
         node.route_only(node.prepare(ClientRequest(token_ids=list(range(15)))), dry_run=True).engine_id
         == "e1"
     )
+
+
+async def test_long_prompts_waiting_to_be_tokenized_are_bounded_as_the_queue_is():
+    node, _ = _node({"e1": "ok"}, thread_tokenize_chars=8, admission=AdmissionConfig(max_queue=1))
+    tok = _SlowTokenizer()
+    node._tokenizers[node.engines["e1"].spec.model] = tok
+    running = asyncio.create_task(node.prepare_async(ClientRequest(text="x" * 20)))
+    waiting = asyncio.create_task(node.prepare_async(ClientRequest(text="y" * 20)))
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded, match="already wait to be tokenized"):
+        await node.prepare_async(ClientRequest(text="z" * 20))
+    tok.go.set()
+    assert len((await asyncio.wait_for(waiting, 10)).token_ids) == 20
+    await asyncio.wait_for(running, 10)

@@ -111,8 +111,10 @@ def test_builtin_encodes_on_several_threads_at_once() -> None:
     # tokenizes short ones: the reverse map must stay whole.
     import threading
 
+    # Pieces shared by the threads, more than the map holds: keys set again
+    # while another thread evicts them.
     tok = BuiltinTokenizer(reverse_map_size=5_000)
-    texts = [" ".join(f"w{t}x{i}" for i in range(20_000)) for t in range(4)]
+    texts = [" ".join(f"w{(7 * i + 13 * t) % 6_000}" for i in range(20_000)) for t in range(4)]
     out: dict[int, list[int]] = {}
     errors: list[BaseException] = []
 
@@ -129,6 +131,6 @@ def test_builtin_encodes_on_several_threads_at_once() -> None:
         th.join(30)
     assert not errors
     assert all(out[t] == BuiltinTokenizer().encode(texts[t]) for t in range(4))
-    assert len(tok._reverse) == 5_000
+    assert len(tok._reverse) <= 5_000
     last = texts[3].split(" ")[-1]
     assert tok.decode(tok.encode(" " + last)) == " " + last
