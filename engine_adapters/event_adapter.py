@@ -54,8 +54,9 @@ again, so the DEALER loop and gap handling are one piece of logic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -438,21 +439,32 @@ class EventAdapter:
         last, digest = st.sequencer.last, st.last_digest
         if self._replay_endpoint is None or last is None or last < 0 or digest is None:
             return None
-        assert self._ctx is not None
-        dealer = self._ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
         try:
-            dealer.connect(connect_endpoint(self._replay_endpoint, st.rank))
-            await dealer.send_multipart([b"", encode_seq(last)])
-            if not await dealer.poll(self._replay_timeout_ms):
-                return None
-            item = parse_replay_frames(await dealer.recv_multipart())
+            with self._replay_dealer(st) as dealer:
+                await dealer.send_multipart([b"", encode_seq(last)])
+                if not await dealer.poll(self._replay_timeout_ms):
+                    return None
+                item = parse_replay_frames(await dealer.recv_multipart())
         except EventDecodeError:
             return None
-        finally:
-            dealer.close(linger=0)
         # The end marker first: the engine holds nothing from there on.
         return item is not None and item[0] == last and hash(item[1]) == digest
+
+    @contextlib.contextmanager
+    def _replay_dealer(self, st: _RankState, rcvhwm: int | None = None) -> Iterator[zmq.asyncio.Socket]:
+        """A fresh DEALER connected to the rank's replay socket (``rcvhwm``:
+        its receive queue, set before it connects, when ZMQ applies it),
+        closed on the way out (also when the endpoint cannot be connected to)."""
+        assert self._ctx is not None and self._replay_endpoint is not None
+        dealer = self._ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        if rcvhwm is not None:
+            dealer.setsockopt(zmq.RCVHWM, rcvhwm)
+        try:
+            dealer.connect(connect_endpoint(self._replay_endpoint, st.rank))
+            yield dealer
+        finally:
+            dealer.close(linger=0)
 
     async def _fill(self, st: _RankState, gap_from: int, gap_to: int) -> None:
         if self._replay_endpoint is not None:
@@ -491,13 +503,8 @@ class EventAdapter:
         stays unanswered every ``replay_probe_after`` seconds, and its health
         probe reports that already.
         """
-        assert self._ctx is not None and self._replay_endpoint is not None
-        dealer = self._ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.RCVHWM, 0)  # a replay may be the whole buffer
-        dealer.setsockopt(zmq.LINGER, 0)
         first, holes = True, False
-        try:
-            dealer.connect(connect_endpoint(self._replay_endpoint, st.rank))
+        with self._replay_dealer(st, rcvhwm=0) as dealer:  # a replay may be the whole buffer
             await dealer.send_multipart([b"", encode_seq(start)])
             deadline = time.monotonic() + self._replay_deadline
             while time.monotonic() < deadline:  # bounded even if replies trickle
@@ -538,8 +545,6 @@ class EventAdapter:
             else:
                 self._log.warning("adapter.replay_timeout", worker=st.worker, from_seq=start, probe=probe)
             return False
-        finally:
-            dealer.close(linger=0)
 
     # --- applying --------------------------------------------------------------------
 

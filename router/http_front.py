@@ -192,12 +192,11 @@ class HttpFront:
         return self.addr
 
     def _server_logger(self) -> logging.Logger:
-        """The logger aiohttp's server is given: its records go through
-        :class:`_ServerLog` (this front's own, not propagated)."""
-        logger = logging.getLogger(f"{__name__}.server.{id(self)}")
-        logger.propagate = False
-        logger.setLevel(logging.DEBUG)  # every record reaches the handler, which decides
-        logger.handlers = [_ServerLog(self.node)]
+        """The logger aiohttp's server is given: this front's own, outside
+        logging's registry (no parent to pass records to, none kept after the
+        front), every record going to :class:`_ServerLog`, which decides."""
+        logger = logging.Logger(f"{__name__}.server")
+        logger.addHandler(_ServerLog(self.node))
         return logger
 
     async def stop(self) -> None:

@@ -54,7 +54,6 @@ from router.errors import (
     EnginesBusy,
     NoEngineAvailable,
     Overloaded,
-    RequestError,
     RequestRejected,
     RouterError,
     StreamFailed,
@@ -376,18 +375,15 @@ class RouterNode:
         """Check and hash a request (see :func:`router.request_path.prepare`)."""
         if self.draining:
             raise Draining("this node is draining: send the request to another node")
-        prep = prepare(
+        return prepare(
             request,
             self.engines,
             self.tokenizer,
             self.config.policy,
             self.new_request_id,
             key=next(self._keys),
+            max_prompt_tokens=self.config.max_prompt_tokens,
         )
-        limit = self.config.max_prompt_tokens
-        if len(prep.token_ids) > limit:
-            raise RequestError(f"prompt of {len(prep.token_ids)} tokens exceeds {limit}")
-        return prep
 
     async def prepare_async(self, request: ClientRequest) -> Prepared:
         """:meth:`prepare`, with a text prompt longer than

@@ -140,10 +140,12 @@ def prepare(
     default_policy: str,
     new_request_id: Callable[[], str],
     key: int = 0,
+    max_prompt_tokens: int | None = None,
 ) -> Prepared:
     """Check a request against the registered engines and hash its prompt.
     ``tokenizer(model)`` gives the tokenizer for a text prompt;
-    ``new_request_id()`` an id for a request that has none."""
+    ``new_request_id()`` an id for a request that has none; a prompt of
+    more than ``max_prompt_tokens`` tokens is refused before it is hashed."""
     policy = request.policy or default_policy
     if policy not in POLICY_NAMES:
         raise RequestError(f"unknown policy {policy!r}; one of {', '.join(POLICY_NAMES)}")
@@ -155,6 +157,8 @@ def prepare(
         token_ids = tokenizer(model).encode(request.text)
     if not token_ids:
         raise RequestError("prompt is empty")
+    if max_prompt_tokens is not None and len(token_ids) > max_prompt_tokens:
+        raise RequestError(f"prompt of {len(token_ids)} tokens exceeds {max_prompt_tokens}")
     block_size = engines.block_size(model)
     seed = root_seed(model, request.lora_name or None, request.cache_salt or None)
     return Prepared(
