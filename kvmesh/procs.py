@@ -17,7 +17,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,6 +211,28 @@ def engine_flag(engine_id: str, p: Proc, model: str = SIM_MODEL, block_size: int
         f"id={engine_id},url={p.info['url']},kv={p.info['kv_endpoint']},"
         f"replay={p.info['replay_endpoint']},model={model},block_size={block_size}"
     )
+
+
+def start_all(starts: Sequence[Callable[[], Proc]]) -> list[Proc]:
+    """Run process starters at once (each waits for its READY line), in
+    their order; all or none. Starting is mostly the interpreter's imports,
+    so a mesh of several nodes comes up in about the time of one or two."""
+    if not starts:
+        return []
+    with ThreadPoolExecutor(max_workers=len(starts)) as pool:
+        futures = [pool.submit(f) for f in starts]
+        done: list[Proc] = []
+        errors: list[Exception] = []
+        for fut in futures:
+            try:
+                done.append(fut.result())
+            except Exception as e:  # every starter is waited for before giving up
+                errors.append(e)
+    if errors:
+        for p in done:
+            p.stop()
+        raise errors[0]
+    return done
 
 
 def start_router(

@@ -31,6 +31,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 
 import aiohttp
 import grpc
@@ -167,11 +168,8 @@ def converge_real(n: int, events: int = 30, seed: int = 0) -> dict:
     try:
         flag = procs.engine_flag(ENGINE, engine)
         nodes.append(procs.start_router("conv-n0", [flag], ["--log-level", "warning"]))
-        seed_addr = nodes[0].info["grpc"]
-        for i in range(1, n):
-            nodes.append(
-                procs.start_router(f"conv-n{i}", [], ["--log-level", "warning", "--join", seed_addr])
-            )
+        join = ["--log-level", "warning", "--join", nodes[0].info["grpc"]]
+        nodes += procs.start_all([partial(procs.start_router, f"conv-n{i}", [], join) for i in range(1, n)])
         return asyncio.run(
             _measure_real(
                 [p.info["grpc"] for p in nodes],

@@ -57,6 +57,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -249,18 +250,12 @@ def counter_delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[s
 
 
 def _start_engines(cfg: OverloadConfig) -> list[procs.Proc]:
-    engines: list[procs.Proc] = []
-    try:
-        for i in range(cfg.engines):
-            extra = ["--max-num-seqs", str(cfg.max_num_seqs), "--time-scale", str(cfg.time_scale)]
-            extra += ["--num-gpu-blocks", str(cfg.num_gpu_blocks)]
-            extra += ["--seed", str(cfg.seed), "--log-level", "warning"]
-            engines.append(procs.start_sim_engine(f"overload-engine-{i}", extra))
-    except Exception:
-        for e in engines:
-            e.stop()
-        raise
-    return engines
+    extra = ["--max-num-seqs", str(cfg.max_num_seqs), "--time-scale", str(cfg.time_scale)]
+    extra += ["--num-gpu-blocks", str(cfg.num_gpu_blocks)]
+    extra += ["--seed", str(cfg.seed), "--log-level", "warning"]
+    return procs.start_all(
+        [partial(procs.start_sim_engine, f"overload-engine-{i}", extra) for i in range(cfg.engines)]
+    )
 
 
 def _insecure_flag(cfg: OverloadConfig) -> list[str]:
@@ -297,9 +292,10 @@ def _start_routers(cfg: OverloadConfig, engines: list[procs.Proc], n: int) -> li
     first = _start_router(cfg, "overload-a", flags, insecure)
     nodes = [first]
     try:
-        for j in range(1, n):
-            join = [*insecure, "--join", first.info["grpc"]]
-            nodes.append(_start_router(cfg, f"overload-{chr(97 + j)}", [], join))
+        join = [*insecure, "--join", first.info["grpc"]]
+        nodes += procs.start_all(
+            [partial(_start_router, cfg, f"overload-{chr(97 + j)}", [], join) for j in range(1, n)]
+        )
         asyncio.run(wait_mesh([p.info["grpc"] for p in nodes], len(engines)))
     except Exception:
         for p in nodes:

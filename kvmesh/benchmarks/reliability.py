@@ -64,6 +64,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -429,14 +430,16 @@ class _Mesh:
 def _start_mesh(cfg: ReliabilityConfig) -> _Mesh:
     mesh = _Mesh(cfg, {}, [])
     try:
-        for i in range(cfg.engines):
-            mesh.engines[f"e{i}"] = procs.start_sim_engine(f"rel-engine-{i}", mesh.engine_extra(i))
+        start = procs.start_sim_engine
+        engines = [partial(start, f"rel-engine-{i}", mesh.engine_extra(i)) for i in range(cfg.engines)]
+        mesh.engines.update((f"e{i}", p) for i, p in enumerate(procs.start_all(engines)))
         flags = [procs.engine_flag(e, p) for e, p in mesh.engines.items()]
         common = ["--log-level", "warning", "--seed", str(cfg.seed)]
         mesh.nodes.append(procs.start_router("rel-node-a", flags, common))
-        for j in range(1, cfg.nodes):
-            join = [*common, "--join", mesh.nodes[0].info["grpc"]]
-            mesh.nodes.append(procs.start_router(f"rel-node-{chr(97 + j)}", [], join))
+        join = [*common, "--join", mesh.nodes[0].info["grpc"]]
+        mesh.nodes += procs.start_all(
+            [partial(procs.start_router, f"rel-node-{chr(97 + j)}", [], join) for j in range(1, cfg.nodes)]
+        )
         asyncio.run(_formed([p.info["grpc"] for p in mesh.nodes], set(mesh.engines), cfg.settle_seconds))
     except Exception:
         mesh.stop()

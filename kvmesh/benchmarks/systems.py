@@ -25,8 +25,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -217,27 +215,7 @@ def start_engines(cfg: FleetConfig, num_gpu_blocks: int | None = None) -> list[p
         "--model-path",
         model_path,
     ]
-    return _start_all([partial(procs.start_sim_engine, f"engine-{i}", args) for i in range(cfg.engines)])
-
-
-def _start_all(starts: list[Callable[[], procs.Proc]]) -> list[procs.Proc]:
-    """Run process starters at once (each waits for its READY line); all or none."""
-    if not starts:
-        return []
-    with ThreadPoolExecutor(max_workers=len(starts)) as pool:
-        futures = [pool.submit(f) for f in starts]
-        done: list[procs.Proc] = []
-        errors: list[Exception] = []
-        for fut in futures:
-            try:
-                done.append(fut.result())
-            except Exception as e:  # every starter is waited for before giving up
-                errors.append(e)
-    if errors:
-        for p in done:
-            p.stop()
-        raise errors[0]
-    return done
+    return procs.start_all([partial(procs.start_sim_engine, f"engine-{i}", args) for i in range(cfg.engines)])
 
 
 def _engine_flags(engines: list[procs.Proc], block_size: int) -> list[str]:
@@ -256,7 +234,7 @@ def _start_kvmesh(spec: SystemSpec, engines: list[procs.Proc], cfg: FleetConfig)
         return sysm
     try:
         join = ["--join", first.info["grpc"]]
-        others = _start_all(
+        others = procs.start_all(
             [partial(procs.start_router, f"{tag}-{i}", [], [*common, *join]) for i in range(1, spec.replicas)]
         )
         sysm.procs += others
