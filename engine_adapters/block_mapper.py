@@ -48,6 +48,19 @@ owner starts from the log's mapping, one per block). vLLM's offloading
 placeholders (a store without token ids) are mapped through the engine
 hashes the mapper already knows on another tier.
 
+KV-cache groups: a hybrid model (sliding-window and full-attention layers,
+or attention and Mamba layers) has one KV-cache group per kind of layer, and
+vLLM publishes each group's stores and removals with its ``group_idx``
+under the same engine hashes (the group is not part of the published hash).
+A group with a sliding window frees the blocks that fall out of its window
+long before the full-attention group evicts them, so a block is live while
+any group that stored it on the GPU still holds it: the mapper keeps each
+GPU block's set of groups (a bit per group, only for blocks some group
+other than 0 stored), and a removal forgets the block when its last group
+removes it. A store or removal without ``group_idx`` (engines without
+groups) acts on the block as a whole. The sets are the owner's: a new owner
+starts from the log's mapping with each block held by group 0 alone.
+
 Block size: the mapper is given the size the engine is registered with (the
 size every node hashes that engine's prompts at) and refuses a store of any
 other size, as a skip with reason ``block_size_mismatch``: its blocks could
@@ -77,6 +90,7 @@ from blocks.tiers import TIER_GPU
 from engine_adapters.kv_events import (
     SKIP_BLOCK_SIZE_MISMATCH,
     SKIP_NO_TOKEN_IDS,
+    SKIP_UNDECODABLE,
     SKIP_UNKNOWN_MEDIUM,
     AllBlocksCleared,
     BatchEvent,
@@ -90,6 +104,9 @@ log = structlog.get_logger(__name__)
 
 # emit(kind, tier, router hashes, engine hashes): one op of a delta
 _Emit = Callable[[int, int, list[int], list[EngineHash]], None]
+
+MAX_GROUP = 63  # KV-cache groups 0..63: a block's groups are a 64-bit set
+_GROUP_0 = 1  # the set of a GPU block no other group stored (the default)
 
 
 @dataclass
@@ -161,6 +178,9 @@ class BlockMapper:
         self._roots: dict[tuple[str | None, str | None], int] = {}
         # (tier, engine hash) -> announcements beyond the first, tiers other than the GPU
         self._repeats: dict[tuple[int, EngineHash], int] = {}
+        # GPU engine hash -> the KV-cache groups holding it (a bit each), for
+        # the blocks held by a group other than 0 (module docstring)
+        self._groups: dict[EngineHash, int] = {}
         self.stats = MapperStats()
         self._skips_logged: set[str] = set()  # reasons already logged at warning level
 
@@ -240,6 +260,8 @@ class BlockMapper:
         t = tier_of(ev.medium, ev.locality)
         if t is None:  # the decoder skips these; a hand-built event may not be
             self._skip(SkippedEvent(index, SKIP_UNKNOWN_MEDIUM, f"medium {ev.medium!r}"), seq)
+        elif (bad := _bad_group(ev.group_idx)) is not None:
+            self._skip(SkippedEvent(index, SKIP_UNDECODABLE, bad), seq)
         elif not ev.token_ids:
             if ev.block_hashes:
                 self._placeholder(ev, t, index, seq, emit)
@@ -259,7 +281,10 @@ class BlockMapper:
         if t is None:
             self._skip(SkippedEvent(index, SKIP_UNKNOWN_MEDIUM, f"medium {ev.medium!r}"), seq)
             return
-        gone, egone = self._remove(ev.block_hashes, t)
+        if (bad := _bad_group(ev.group_idx)) is not None:
+            self._skip(SkippedEvent(index, SKIP_UNDECODABLE, bad), seq)
+            return
+        gone, egone = self._remove(ev.block_hashes, t, ev.group_idx)
         if egone:
             emit(OP_REMOVE, t, gone, egone)
 
@@ -290,18 +315,30 @@ class BlockMapper:
         self.stats.stored += n
         # Fast path, a fresh prefill: every engine hash is new, bound in bulk,
         # and the op shares the event's list (emit copies before extending).
+        g = ev.group_idx if t == TIER_GPU else None
         if len(hashes) == n and m.bind_new(ehashes, hashes):
+            if g:
+                self._groups.update(dict.fromkeys(ehashes, 1 << g))
             if n:
                 emit(OP_STORE, t, hashes, ehashes)
             return
-        self._bind_each(m, t, ehashes, hashes, emit)
+        self._bind_each(m, t, ehashes, hashes, emit, g)
 
     def _bind_each(
-        self, m: BlockMap, t: int, ehashes: Iterable[EngineHash], hashes: Iterable[int], emit: _Emit
+        self,
+        m: BlockMap,
+        t: int,
+        ehashes: Iterable[EngineHash],
+        hashes: Iterable[int],
+        emit: _Emit,
+        group: int | None = None,
     ) -> None:
-        """Bind each pair on tier ``t``'s map ``m``, emitting what changed."""
+        """Bind each pair on tier ``t``'s map ``m``, emitting what changed;
+        ``group``: the KV-cache group storing them (GPU only)."""
         to_router = m.to_router
         bind, unbind = m.bind, m.unbind
+        groups = self._groups
+        bit = 1 << group if group is not None else 0
         hs: list[int] = []
         ehs: list[EngineHash] = []
         for eh, rh in zip(ehashes, hashes):
@@ -310,6 +347,10 @@ class BlockMapper:
                 if t != TIER_GPU:  # announced again (see the module docstring)
                     key = (t, eh)
                     self._repeats[key] = self._repeats.get(key, 0) + 1
+                elif bit > _GROUP_0 or (bit and groups):  # another group holds it too
+                    held = groups.get(eh, _GROUP_0) | bit
+                    if held != _GROUP_0:
+                        groups[eh] = held
                 continue  # stored again: already live
             if old is not None:  # same engine hash, other content: engine reused it
                 if hs:
@@ -317,8 +358,11 @@ class BlockMapper:
                     hs, ehs = [], []
                 _, dropped = unbind(eh)
                 self._repeats.pop((t, eh), None)
+                groups.pop(eh, None)
                 emit(OP_REMOVE, t, [old] if dropped else [], [eh])
             bind(eh, rh)
+            if bit > _GROUP_0:
+                groups[eh] = bit
             hs.append(rh)
             ehs.append(eh)
         if hs:
@@ -341,7 +385,7 @@ class BlockMapper:
         self.stats.stored += len(hashes)
         self.stats.placeholder_blocks += len(hashes)
         m = self.block_map if t == TIER_GPU else self.block_map.tier(t)
-        self._bind_each(m, t, ev.block_hashes, hashes, emit)
+        self._bind_each(m, t, ev.block_hashes, hashes, emit, ev.group_idx if t == TIER_GPU else None)
 
     def _skip(self, ev: SkippedEvent, seq: int) -> None:
         st = self.stats
@@ -362,9 +406,12 @@ class BlockMapper:
             detail=ev.detail,
         )
 
-    def _remove(self, engine_hashes: Iterable[EngineHash], t: int) -> tuple[list[int], list[EngineHash]]:
+    def _remove(
+        self, engine_hashes: Iterable[EngineHash], t: int, group: int | None = None
+    ) -> tuple[list[int], list[EngineHash]]:
         """Forget blocks on tier ``t``: (router hashes no longer live there,
-        engine hashes forgotten)."""
+        engine hashes forgotten). ``group``: the KV-cache group removing
+        them; on the GPU a block another group holds stays."""
         if t == TIER_GPU:
             m: BlockMap | None = self.block_map
         else:
@@ -376,7 +423,15 @@ class BlockMapper:
             return out, eout
         unbind = m.unbind
         repeats = self._repeats
+        groups = self._groups if t == TIER_GPU else None
         for eh in engine_hashes:
+            if groups is not None and (groups or group):
+                held = groups.pop(eh, _GROUP_0)
+                left = held & ~(1 << group) if group is not None else 0
+                if left:  # another group still holds it
+                    if left != _GROUP_0:
+                        groups[eh] = left
+                    continue
             if repeats and t != TIER_GPU:
                 left = repeats.get((t, eh), 0)
                 if left:  # still announced by another holder of it on this tier
@@ -399,6 +454,7 @@ class BlockMapper:
         """Forget every block, every tier (engine cleared its cache, or the worker is reset)."""
         self.block_map.clear()
         self._repeats.clear()
+        self._groups.clear()
 
     # --- handover --------------------------------------------------------------
 
@@ -413,3 +469,11 @@ class BlockMapper:
         hash keeps its last router hash on its tier)."""
         self.block_map = BlockMap.from_pairs(pairs)
         self._repeats.clear()
+        self._groups.clear()
+
+
+def _bad_group(group: int | None) -> str | None:
+    """Why an event's ``group_idx`` cannot be a KV-cache group, or None."""
+    if group is None or 0 <= group <= MAX_GROUP:
+        return None
+    return f"group_idx {group} is not a KV-cache group (0..{MAX_GROUP})"

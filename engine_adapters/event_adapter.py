@@ -391,6 +391,14 @@ class EventAdapter:
     async def _catch_up(self, st: _RankState) -> None:
         if self._replay_endpoint is None:
             return
+        # Resuming a log another node wrote: the engine may have restarted
+        # since, under that node (which died before the new process' batches
+        # reached the log) or while nobody read it.
+        answered, why = await self._restart_seen(st, after_outage=False)
+        if not answered:
+            return  # not answering: anything missed shows up as a gap, or to a probe, later
+        if why:
+            self._restarted(st, why)
         self._log.info("adapter.catch_up", worker=st.worker, from_seq=st.sequencer.expected or 0)
         # One attempt: an engine that is not up yet must not delay live reads;
         # anything missed shows up as a gap later.
@@ -400,25 +408,18 @@ class EventAdapter:
         """The worker has been quiet: apply whatever the replay buffer holds
         after its last applied batch (usually nothing).
 
-        After a spell of unanswered probes the engine may be a new process
-        on the same ports (restarted: an empty cache, batches numbered from
-        0 again), which says so only with its next batch: until then every
-        node would route to blocks it no longer holds. So the first probe
-        answered again asks first whether the engine still holds the last
-        batch applied, as the same process does (a quiet engine's buffer
-        does not move); a new one is a restart, found before its first
-        batch."""
+        The engine may meanwhile be a new process on the same ports
+        (restarted: an empty cache, batches numbered from 0 again), which
+        says so only with its next batch, and not at all if that batch is
+        lost (the ZMQ slow-joiner window of a socket just connected): until
+        then every node would route to blocks it no longer holds. So the
+        probe first asks whether the engine still holds the last batch
+        applied, as the same process does (:meth:`_restart_seen`); a new
+        one is a restart, found before its first batch or after it."""
         st.stats.probes += 1
-        if st.probe_failing and await self._same_process(st) is False:
-            st.stats.restarts += 1
-            self._log.warning(
-                "adapter.publisher_restarted",
-                worker=st.worker,
-                last_seq=st.sequencer.last,
-                why="back after its outage, the engine no longer holds the last batch applied",
-            )
-            self._reset_worker(st, "restart")
-            st.sequencer.reset(None)
+        answered, why = await self._restart_seen(st, after_outage=st.probe_failing)
+        if why:
+            self._restarted(st, why)
             st.probe_failing = False
             await self._catch_up(st)
             return
@@ -431,24 +432,60 @@ class EventAdapter:
             self._log.info("adapter.probe_answered", worker=st.worker)
         st.probe_failing = not answered
 
-    async def _same_process(self, st: _RankState) -> bool | None:
-        """Whether the engine's replay buffer still starts its answer from the
-        last applied sequence number with that very batch (True), or with
-        something else (False: a new process), or None (no answer, or
-        nothing to ask about)."""
-        last, digest = st.sequencer.last, st.last_digest
-        if self._replay_endpoint is None or last is None or last < 0 or digest is None:
-            return None
+    def _restarted(self, st: _RankState, why: str) -> None:
+        """The engine is a new process: forget its old cache, start its numbering over."""
+        st.stats.restarts += 1
+        self._log.warning(
+            "adapter.publisher_restarted", worker=st.worker, last_seq=st.sequencer.last, why=why
+        )
+        self._reset_worker(st, "restart")
+        st.sequencer.reset(None)
+
+    async def _restart_seen(self, st: _RankState, after_outage: bool) -> tuple[bool, str | None]:
+        """Whether the engine answers its replay socket, and why it is a new
+        process since the last batch applied (None: the same, or unknown).
+
+        The same process still holds that batch: its buffer drops a batch
+        only for newer ones, which it would then send instead. So a new
+        process is one that sends another batch under that number (its
+        digest differs), or holds nothing from that number on but earlier
+        batches (its numbering started over). Holding nothing at all says a
+        new process only ``after_outage`` (the engine was unreachable
+        meanwhile): a new process that has published nothing yet; an engine
+        whose buffer is empty always would be reset each time."""
+        last = st.sequencer.last
+        if self._replay_endpoint is None or last is None or last < 0:
+            return True, None
+        held = await self._first_held(st, last)
+        if held is None:
+            return False, None
+        seq, digest = held
+        if seq == last:
+            if st.last_digest is not None and digest != st.last_digest:
+                return True, "the engine sends another batch under the last applied number"
+            return True, None
+        if seq != -1:
+            return True, None  # only newer batches: the same process, a gap for the replay to fill
+        if after_outage and st.last_digest is not None:
+            return True, "back after its outage, the engine no longer holds the last batch applied"
+        first = await self._first_held(st, 0)
+        if first is not None and first[0] != -1:
+            return True, "the engine holds earlier batches but none from the last applied on: numbered anew"
+        return True, None
+
+    async def _first_held(self, st: _RankState, seq: int) -> tuple[int, int] | None:
+        """The first batch the engine's replay buffer holds from ``seq`` on,
+        as (its sequence number, the digest of its payload); (-1, 0) if it
+        holds none (the end marker comes first), None if it does not answer."""
         try:
             with self._replay_dealer(st) as dealer:
-                await dealer.send_multipart([b"", encode_seq(last)])
+                await dealer.send_multipart([b"", encode_seq(seq)])
                 if not await dealer.poll(self._replay_timeout_ms):
                     return None
                 item = parse_replay_frames(await dealer.recv_multipart())
         except EventDecodeError:
             return None
-        # The end marker first: the engine holds nothing from there on.
-        return item is not None and item[0] == last and hash(item[1]) == digest
+        return (-1, 0) if item is None else (item[0], hash(item[1]))
 
     @contextlib.contextmanager
     def _replay_dealer(self, st: _RankState, rcvhwm: int | None = None) -> Iterator[zmq.asyncio.Socket]:

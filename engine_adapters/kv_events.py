@@ -5,6 +5,9 @@ Matched against ``vllm/distributed/kv_events.py``: every release sends the
 batch as a positional array ``[ts, events, data_parallel_rank]``; up to vLLM
 0.23 each event is a positional array with the tag first, from vLLM 0.24
 (vllm-project/vllm#42892) a tagged map ``{"type": "BlockStored", ...}``.
+Builds that kept positional events while adding fields append them in
+vLLM's field order (``extra_keys``, ``group_idx``, ...), read here in that
+order.
 SGLang publishes the 0.24 shape; its third batch field is called
 ``attn_dp_rank`` and its block hashes are signed int64 (a SHA-256 chain),
 opaque ids here like vLLM's. A map-encoded batch envelope is accepted too.
@@ -33,8 +36,12 @@ own code made (``tests/fixtures/golden/``, ``scripts/golden_frames.py``):
 
 - vLLM 0.33 ``BlockStored.extra_keys``: one entry per block, untagged
   (``("tenant-1",)``, ``("sql-lora", "tenant-1")``, ``None``); the block
-  mapper reads the cache salt from it. Newer optional fields (``group_idx``,
-  ``locality``, ``ownership``, ``lookahead_token_ids``, ...) are kept where
+  mapper reads the cache salt from it. ``group_idx``: the KV-cache group of
+  a hybrid model (sliding-window and full-attention layers, say) whose
+  blocks the event stores or removes; every group publishes under the same
+  engine hashes, and the block mapper keeps a block while any group holds
+  it. Other optional fields (``locality``, ``ownership``,
+  ``lookahead_token_ids``, ``kv_cache_spec_kind``, ...) are kept where
   kvmesh has a use for them and ignored otherwise.
 - Cache tiers: ``medium`` is ``GPU``, ``CPU`` or ``STORAGE`` (vLLM's KV
   offloading), ``GPU``, ``CPU_PINNED``, ``DISK`` or ``EXTERNAL`` (SGLang's
@@ -198,6 +205,9 @@ class KVEventBatch(msgspec.Struct, omit_defaults=True, gc=False):
 
 
 class _ArrBlockStored(msgspec.Struct, tag="BlockStored", array_like=True, omit_defaults=True, gc=False):
+    # vLLM's field order: builds that keep positional events with the newer
+    # fields put them after lora_name in this order (the cache salt is in
+    # extra_keys, the hybrid model's KV-cache group in group_idx).
     block_hashes: list[EngineHash]
     parent_block_hash: EngineHash | None
     token_ids: list[int]
@@ -205,11 +215,39 @@ class _ArrBlockStored(msgspec.Struct, tag="BlockStored", array_like=True, omit_d
     lora_id: int | None = None
     medium: str | None = None
     lora_name: str | None = None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: Any = None  # not used: every group's blocks are indexed (block_mapper)
+    kv_cache_spec_sliding_window: Any = None
+    locality: str | None = None
+    ownership: str | None = None
+    session_id: Any = None
+    lookahead_token_ids: list[list[int]] | None = None
 
 
 class _ArrBlockRemoved(msgspec.Struct, tag="BlockRemoved", array_like=True, omit_defaults=True, gc=False):
     block_hashes: list[EngineHash]
     medium: str | None = None
+    group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+
+
+# Encoder-side: the positional shape vLLM <= 0.23 sends (the later fields
+# of the decoder-side structs above are never on its wire).
+class _OutArrBlockStored(msgspec.Struct, tag="BlockStored", array_like=True, gc=False):
+    block_hashes: list[EngineHash]
+    parent_block_hash: EngineHash | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+
+
+class _OutArrBlockRemoved(msgspec.Struct, tag="BlockRemoved", array_like=True, gc=False):
+    block_hashes: list[EngineHash]
+    medium: str | None
 
 
 class _ArrAllBlocksCleared(
@@ -352,9 +390,20 @@ def _from_array_event(e: Any) -> KVEvent:
             lora_id=e.lora_id,
             medium=e.medium,
             lora_name=e.lora_name,
+            extra_keys=e.extra_keys,
+            group_idx=e.group_idx,
+            locality=e.locality,
+            ownership=e.ownership,
+            lookahead_token_ids=e.lookahead_token_ids,
         )
     if isinstance(e, _ArrBlockRemoved):
-        return BlockRemoved(block_hashes=e.block_hashes, medium=e.medium)
+        return BlockRemoved(
+            block_hashes=e.block_hashes,
+            medium=e.medium,
+            group_idx=e.group_idx,
+            locality=e.locality,
+            ownership=e.ownership,
+        )
     return AllBlocksCleared()
 
 
@@ -501,7 +550,7 @@ def encode_batch(batch: KVEventBatch, fmt: EventFormat = "map") -> bytes:
     for e in events:
         if isinstance(e, BlockStored):
             arr_events.append(
-                _ArrBlockStored(
+                _OutArrBlockStored(
                     e.block_hashes,
                     e.parent_block_hash,
                     e.token_ids,
@@ -512,7 +561,7 @@ def encode_batch(batch: KVEventBatch, fmt: EventFormat = "map") -> bytes:
                 )
             )
         elif isinstance(e, BlockRemoved):
-            arr_events.append(_ArrBlockRemoved(e.block_hashes, e.medium))
+            arr_events.append(_OutArrBlockRemoved(e.block_hashes, e.medium))
         else:
             arr_events.append(_ArrAllBlocksCleared())
     return _encoder.encode(_OutBatch(batch.ts, arr_events, rank))

@@ -148,9 +148,9 @@ def _event_tuple(ev: object) -> tuple[Any, ...]:
     if isinstance(ev, BlockStored):
         lora, salt = tenancy(ev) if ev.parent_block_hash is None else (None, None)
         return ("S", ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.block_size, ev.medium,
-                ev.locality, lora, salt)  # fmt: skip
+                ev.locality, lora, salt, ev.group_idx)  # fmt: skip
     if isinstance(ev, BlockRemoved):
-        return ("R", ev.block_hashes, ev.medium, ev.locality)
+        return ("R", ev.block_hashes, ev.medium, ev.locality, ev.group_idx)
     if isinstance(ev, AllBlocksCleared):
         return ("C",)
     if isinstance(ev, SkippedEvent):

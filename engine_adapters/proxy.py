@@ -103,6 +103,10 @@ class Usage:
     completion_tokens: int = 0
     cached_tokens: int = 0
     finish_reason: str = ""
+    # The engine's usage did not say how much of the prompt it had cached:
+    # vLLM says it only with --enable-prompt-tokens-details, SGLang only with
+    # --enable-cache-report.
+    cached_unreported: bool = False
 
 
 class EngineClient:
@@ -350,6 +354,7 @@ class _EventStream:
             usage.prompt_tokens = u.prompt_tokens or 0
             usage.completion_tokens = u.completion_tokens or 0
             d = u.prompt_tokens_details
+            usage.cached_unreported = d is None or d.cached_tokens is None
             usage.cached_tokens = (d.cached_tokens or 0) if d is not None else 0
         return ""
 

@@ -141,6 +141,9 @@ FAMILIES: tuple[Family, ...] = (
            "prompt tokens of this node's requests the engine finished"),
     Family("kvmesh_engine_cached_prompt_tokens_total", "counter", ("engine",),
            "of those, the tokens it reported cached (its hit rate is the ratio)"),
+    Family("kvmesh_engine_cached_tokens_unreported_total", "counter", ("engine",),
+           "requests the engine finished without reporting cached prompt tokens, left out of the hit "
+           "rates and mispredictions (vLLM: --enable-prompt-tokens-details, SGLang: --enable-cache-report)"),
     Family("kvmesh_engine_event_seq", "gauge", ("engine", "worker"),
            "last KV-event sequence number in this node's copy of the engine's log, per worker"),
     Family("kvmesh_engine_events_total", "counter", ("engine",),
@@ -452,6 +455,7 @@ class NodeCollector:
             "kvmesh_engine_failures_total",
             "kvmesh_engine_prompt_tokens_total",
             "kvmesh_engine_cached_prompt_tokens_total",
+            "kvmesh_engine_cached_tokens_unreported_total",
             "kvmesh_engine_event_seq",
             "kvmesh_engine_cached_blocks_by_tier",
         )
@@ -473,6 +477,9 @@ class NodeCollector:
             fams["kvmesh_engine_prompt_tokens_total"].add_metric([eid], n.stats.prompt_tokens_by_engine[eid])
             fams["kvmesh_engine_cached_prompt_tokens_total"].add_metric(
                 [eid], n.stats.cached_tokens_by_engine[eid]
+            )
+            fams["kvmesh_engine_cached_tokens_unreported_total"].add_metric(
+                [eid], n.stats.cached_unreported_by_engine[eid]
             )
             for worker, first in sorted(n.core.resume_seqs(eid).items()):
                 fams["kvmesh_engine_event_seq"].add_metric([eid, worker], first - 1)

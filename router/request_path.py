@@ -28,6 +28,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import cast
 
+import structlog
+
 from blocks.hashing import block_hashes, root_seed
 from blocks.workers import split_worker_id
 from engine_adapters.completion_request import EngineKind, SamplingParams, Tenancy
@@ -37,6 +39,8 @@ from router.engine_registry import EngineRecord, EngineTable
 from router.errors import ContextTooLong, NoEngineAvailable, RequestError
 from router.load import LoadTracker, WorkerLoads
 from router.policies import POLICY_NAMES, Candidate, Decision, RouteRequest, candidates_from
+
+log = structlog.get_logger(__name__)
 
 __all__ = [
     "DP_RANK_HEADER",
@@ -383,6 +387,10 @@ class NodeStats:
     mispredictions_by_policy: Counter[str] = field(default_factory=Counter)  # engine reported fewer
     prompt_tokens_by_engine: Counter[str] = field(default_factory=Counter)
     cached_tokens_by_engine: Counter[str] = field(default_factory=Counter)
+    # Requests an engine finished without saying how much of the prompt it
+    # had cached: left out of every count above (a hit rate of 0 and every
+    # route a misprediction would be the engine's silence, not the router's).
+    cached_unreported_by_engine: Counter[str] = field(default_factory=Counter)
 
 
 def predicted_cached_tokens(predicted_blocks: int, block_size: int, prompt_tokens: int) -> int:
@@ -465,10 +473,13 @@ class Accounting:
         routed, _ = self._current()
         self._engine_answered(now)
         stats = self._stats
-        stats.prompt_tokens_total += usage.prompt_tokens
-        stats.cached_prompt_tokens_total += usage.cached_tokens
         stats.requests_by_engine[routed.engine_id] += 1
-        self._quality(routed, usage)
+        if usage.cached_unreported:
+            self._unreported(routed.engine_id)
+        else:
+            stats.prompt_tokens_total += usage.prompt_tokens
+            stats.cached_prompt_tokens_total += usage.cached_tokens
+            self._quality(routed, usage)
         return Finished(
             finish_reason=usage.finish_reason,
             prompt_tokens=usage.prompt_tokens,
@@ -495,6 +506,18 @@ class Accounting:
             stats.predictions_by_policy[policy] += 1
             if usage.cached_tokens < predicted:
                 stats.mispredictions_by_policy[policy] += 1
+
+    def _unreported(self, engine: str) -> None:
+        unreported = self._stats.cached_unreported_by_engine
+        if not unreported[engine]:
+            log.warning(
+                "router.cached_tokens_unreported",
+                engine=engine,
+                hint="the engine does not report cached prompt tokens, so hit rates and mispredictions "
+                "leave it out: start vLLM with --enable-prompt-tokens-details, SGLang with "
+                "--enable-cache-report",
+            )
+        unreported[engine] += 1
 
     def _engine_answered(self, now: float) -> None:
         """The engine did its part (whatever became of the request)."""

@@ -286,6 +286,16 @@ fn int_lists(r: &mut Reader<'_>, path: &str) -> Result<Option<Vec<Vec<i128>>>> {
     Ok(Some(out))
 }
 
+/// One field the reference decodes as `Any` and kvmesh does not use: checked
+/// as the reference would build it, then dropped.
+fn any_field(r: &mut Reader<'_>, check: &dyn AnyCheck) -> Result<()> {
+    let start = r.pos;
+    if any_value(r, 1)? {
+        check.check(&r.buf[start..r.pos]).map_err(Error)?;
+    }
+    Ok(())
+}
+
 /// Checks one `Any` value as the reference decoder would build it; true if
 /// it holds something only the reference can judge (see [`AnyCheck`]).
 fn any_value(r: &mut Reader<'_>, depth: usize) -> Result<bool> {
@@ -629,8 +639,9 @@ fn pair_map(r: &mut Reader<'_>, index: usize) -> Result<Event> {
     Ok(Event::Stored(Box::new(ev)))
 }
 
-/// A positional event (vLLM <= 0.23): `[tag, fields...]`.
-fn tagged_array(r: &mut Reader<'_>) -> Result<Event> {
+/// A positional event (vLLM <= 0.23, and builds that kept the shape while
+/// adding fields): `[tag, fields...]` in vLLM's field order.
+fn tagged_array(r: &mut Reader<'_>, check: &dyn AnyCheck) -> Result<Event> {
     let n = r.array_len().map_err(|k| expected("array", k, "$"))?;
     if n == 0 {
         return Err(Error("Expected `array` of at least length 1, got 0".into()));
@@ -653,14 +664,11 @@ fn tagged_array(r: &mut Reader<'_>) -> Result<Event> {
             at_least(2)?;
             let block_hashes = ehashes(r, "$[1]")?;
             let medium = if n > 2 { opt_str(r, "$[2]")? } else { None };
-            skip_n(r, n.saturating_sub(3))?;
-            Ok(Event::Removed(Removed {
-                block_hashes,
-                medium,
-                group_idx: None,
-                locality: None,
-                ownership: None,
-            }))
+            let group_idx = if n > 3 { opt_int(r, "$[3]")? } else { None };
+            let locality = if n > 4 { opt_str(r, "$[4]")? } else { None };
+            let ownership = if n > 5 { opt_str(r, "$[5]")? } else { None };
+            skip_n(r, n.saturating_sub(6))?;
+            Ok(Event::Removed(Removed { block_hashes, medium, group_idx, locality, ownership }))
         }
         Tag::Stored => {
             at_least(5)?;
@@ -678,7 +686,30 @@ fn tagged_array(r: &mut Reader<'_>) -> Result<Event> {
             if n > 7 {
                 ev.lora_name = opt_str(r, "$[7]")?;
             }
-            skip_n(r, n.saturating_sub(8))?;
+            if n > 8 {
+                ev.extra_keys = extra_keys(r, "$[8]", check)?;
+            }
+            if n > 9 {
+                ev.group_idx = opt_int(r, "$[9]")?;
+            }
+            // kv_cache_spec_kind and its sliding window: not used (every
+            // group's blocks are indexed, see the mapper), read as `Any`.
+            for _ in 10..n.min(12) {
+                any_field(r, check)?;
+            }
+            if n > 12 {
+                ev.locality = opt_str(r, "$[12]")?;
+            }
+            if n > 13 {
+                ev.ownership = opt_str(r, "$[13]")?;
+            }
+            if n > 14 {
+                any_field(r, check)?; // session_id: not used
+            }
+            if n > 15 {
+                ev.lookahead = int_lists(r, "$[15]")?;
+            }
+            skip_n(r, n.saturating_sub(16))?;
             Ok(Event::Stored(Box::new(ev)))
         }
     }
@@ -701,7 +732,7 @@ fn decode_event(r: &mut Reader<'_>, index: usize, check: &dyn AnyCheck) -> Resul
             *r = start.clone();
             pair_map(r, index).map_err(|_| e)
         }),
-        Kind::Array => tagged_array(r),
+        Kind::Array => tagged_array(r, check),
         _ => Err(Error("neither a tagged map nor a tagged array".into())),
     };
     match result {

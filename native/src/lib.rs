@@ -239,9 +239,19 @@ fn opt_string(o: Bound<'_, PyAny>) -> PyResult<Option<String>> {
     o.extract()
 }
 
+/// An event's `group_idx`; one past i128 (or not an int) stands as a value
+/// no group has, so the mapper refuses it as the Python path does.
+fn opt_group(o: Bound<'_, PyAny>) -> Option<i128> {
+    if o.is_none() {
+        return None;
+    }
+    Some(o.extract().unwrap_or(i128::MAX))
+}
+
 /// An event tuple from `engine_adapters/native.py` (see `event_py`; a store
 /// is ("S", block_hashes, parent, token_ids, block_size, medium, locality,
-/// lora_name, salt), its tenancy already read).
+/// lora_name, salt, group_idx), its tenancy already read; a removal ("R",
+/// block_hashes, medium, locality, group_idx)).
 fn event_rs(t: &Bound<'_, PyTuple>) -> PyResult<Event> {
     let tag: String = t.get_item(0)?.extract()?;
     Ok(match tag.as_str() {
@@ -257,7 +267,7 @@ fn event_rs(t: &Bound<'_, PyTuple>) -> PyResult<Event> {
                 locality: opt_string(t.get_item(6)?)?,
                 lora_name: opt_string(t.get_item(7)?)?,
                 extra_keys: ExtraKeys::Salt(opt_string(t.get_item(8)?)?),
-                group_idx: None,
+                group_idx: opt_group(t.get_item(9)?),
                 cache_salt: None,
                 ownership: None,
                 lookahead: None,
@@ -267,7 +277,7 @@ fn event_rs(t: &Bound<'_, PyTuple>) -> PyResult<Event> {
             block_hashes: ehashes_rs(&t.get_item(1)?)?,
             medium: opt_string(t.get_item(2)?)?,
             locality: opt_string(t.get_item(3)?)?,
-            group_idx: None,
+            group_idx: opt_group(t.get_item(4)?),
             ownership: None,
         }),
         "C" => Event::Cleared,

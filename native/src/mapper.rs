@@ -7,7 +7,7 @@
 
 use crate::events::{
     tenancy, tier_of, Detail, EHash, Event, Removed, Stored, Tokens, SKIP_BLOCK_SIZE_MISMATCH,
-    SKIP_NO_TOKEN_IDS, SKIP_UNKNOWN_MEDIUM, TIER_GPU,
+    SKIP_NO_TOKEN_IDS, SKIP_UNDECODABLE, SKIP_UNKNOWN_MEDIUM, TIER_GPU,
 };
 use crate::hashing::{hash_packed, root_seed, HashError};
 use std::collections::HashMap;
@@ -252,6 +252,9 @@ pub struct Mapper {
     /// placeholder's engine hash is found first).
     lower: Vec<(u8, TierMap)>,
     repeats: FastMap<(u8, EHash), u64>,
+    /// GPU engine hash -> the KV-cache groups holding it (a bit each), for
+    /// the blocks held by a group other than 0 (`block_mapper`'s docstring).
+    groups: FastMap<EHash, u64>,
     roots: HashMap<(Option<String>, Option<String>), u64>,
     pub stats: Stats,
     packed: Vec<u8>,
@@ -265,6 +268,7 @@ impl Mapper {
             gpu: TierMap::default(),
             lower: Vec::new(),
             repeats: FastMap::default(),
+            groups: FastMap::default(),
             roots: HashMap::new(),
             stats: Stats::default(),
             packed: Vec::new(),
@@ -330,6 +334,7 @@ impl Mapper {
         self.gpu = TierMap::default();
         self.lower.clear();
         self.repeats.clear();
+        self.groups.clear();
     }
 
     /// Replaces the mapping with `pairs` (engine hash, router hash, tier).
@@ -395,6 +400,10 @@ impl Mapper {
             self.skip(notes, index, SKIP_UNKNOWN_MEDIUM, Detail::MapperMedium(s.medium.clone()));
             return;
         };
+        if let Some(bad) = bad_group(s.group_idx) {
+            self.skip(notes, index, SKIP_UNDECODABLE, Detail::Text(bad));
+            return;
+        }
         if s.tokens.is_empty() {
             if !s.block_hashes.is_empty() {
                 self.placeholder(s, t, index, ops, notes);
@@ -419,7 +428,11 @@ impl Mapper {
             self.skip(notes, index, SKIP_UNKNOWN_MEDIUM, Detail::MapperMedium(rm.medium.clone()));
             return;
         };
-        let (gone, egone) = self.remove(&rm.block_hashes, t);
+        if let Some(bad) = bad_group(rm.group_idx) {
+            self.skip(notes, index, SKIP_UNDECODABLE, Detail::Text(bad));
+            return;
+        }
+        let (gone, egone) = self.remove(&rm.block_hashes, t, group_bit(rm.group_idx));
         if !egone.is_empty() {
             ops.emit(OP_REMOVE, t, gone, egone);
         }
@@ -475,11 +488,13 @@ impl Mapper {
             }
         };
         self.stats.stored += n as u64;
-        self.bind_each(t, s.block_hashes.iter().cloned().zip(hashes), ops);
+        let bit = if t == TIER_GPU { group_bit(s.group_idx) } else { 0 };
+        self.bind_each(t, s.block_hashes.iter().cloned().zip(hashes), ops, bit);
     }
 
-    /// `_bind_each`: binds each pair on tier `t`, emitting what changed.
-    fn bind_each(&mut self, t: u8, pairs: impl Iterator<Item = (EHash, u64)>, ops: &mut Ops) {
+    /// `_bind_each`: binds each pair on tier `t`, emitting what changed;
+    /// `bit`: the storing KV-cache group's (0: none, or not the GPU).
+    fn bind_each(&mut self, t: u8, pairs: impl Iterator<Item = (EHash, u64)>, ops: &mut Ops, bit: u64) {
         let (lo, hi) = pairs.size_hint();
         let mut hs: Vec<u64> = Vec::with_capacity(hi.unwrap_or(lo));
         let mut ehs: Vec<EHash> = Vec::with_capacity(hi.unwrap_or(lo));
@@ -489,6 +504,9 @@ impl Mapper {
             let Some(old) = m.to_router.bind_vacant(&eh, rh) else {
                 // the common case, a new block: one lookup
                 *m.refs.entry(rh).or_insert(0) += 1;
+                if bit > GROUP_0 {
+                    self.groups.insert(eh.clone(), bit);
+                }
                 hs.push(rh);
                 ehs.push(eh);
                 continue;
@@ -497,6 +515,12 @@ impl Mapper {
                 if t != TIER_GPU {
                     // announced again: goes with its last removal
                     *self.repeats.entry((t, eh)).or_insert(0) += 1;
+                } else if bit > GROUP_0 || (bit != 0 && !self.groups.is_empty()) {
+                    // another group holds it too
+                    let held = self.groups.get(&eh).copied().unwrap_or(GROUP_0) | bit;
+                    if held != GROUP_0 {
+                        self.groups.insert(eh, held);
+                    }
                 }
                 continue;
             }
@@ -507,6 +531,10 @@ impl Mapper {
             let (_, dropped) = m.unbind(&eh);
             m.bind(eh.clone(), rh);
             self.repeats.remove(&(t, eh.clone()));
+            self.groups.remove(&eh);
+            if bit > GROUP_0 {
+                self.groups.insert(eh.clone(), bit);
+            }
             ops.emit(OP_REMOVE, t, if dropped { vec![old] } else { Vec::new() }, vec![eh.clone()]);
             hs.push(rh);
             ehs.push(eh);
@@ -532,11 +560,14 @@ impl Mapper {
         self.stats.stored += hashes.len() as u64;
         self.stats.placeholder_blocks += hashes.len() as u64;
         self.map_of(t);
-        self.bind_each(t, s.block_hashes.iter().cloned().zip(hashes), ops);
+        let bit = if t == TIER_GPU { group_bit(s.group_idx) } else { 0 };
+        self.bind_each(t, s.block_hashes.iter().cloned().zip(hashes), ops, bit);
     }
 
-    /// `_remove`: (router hashes no longer live on tier `t`, engine hashes forgotten).
-    fn remove(&mut self, ehs: &[EHash], t: u8) -> (Vec<u64>, Vec<EHash>) {
+    /// `_remove`: (router hashes no longer live on tier `t`, engine hashes
+    /// forgotten); `bit`: the removing KV-cache group's (0: none). On the
+    /// GPU a block another group holds stays.
+    fn remove(&mut self, ehs: &[EHash], t: u8, bit: u64) -> (Vec<u64>, Vec<EHash>) {
         let mut out = Vec::new();
         let mut eout = Vec::new();
         if self.existing(t).is_none() {
@@ -544,6 +575,17 @@ impl Mapper {
             return (out, eout);
         }
         for eh in ehs {
+            if t == TIER_GPU && (bit > GROUP_0 || !self.groups.is_empty()) {
+                let held = self.groups.remove(eh).unwrap_or(GROUP_0);
+                let left = if bit == 0 { 0 } else { held & !bit };
+                if left != 0 {
+                    // another group still holds it
+                    if left != GROUP_0 {
+                        self.groups.insert(eh.clone(), left);
+                    }
+                    continue;
+                }
+            }
             if t != TIER_GPU && !self.repeats.is_empty() {
                 let key = (t, eh.clone());
                 if let Some(left) = self.repeats.get_mut(&key) {
@@ -588,6 +630,29 @@ impl Mapper {
             out.extend(m.to_router.iter().map(|(eh, rh)| (eh, rh, *t)));
         }
         out
+    }
+}
+
+/// KV-cache groups 0..=63: a block's groups are a 64-bit set.
+const MAX_GROUP: i128 = 63;
+/// The set of a GPU block no other group stored (the default).
+const GROUP_0: u64 = 1;
+
+/// The bit of an event's `group_idx` (0: none); `bad_group` first.
+fn group_bit(g: Option<i128>) -> u64 {
+    match g {
+        Some(g) if (0..=MAX_GROUP).contains(&g) => 1u64 << g,
+        _ => 0,
+    }
+}
+
+/// `_bad_group`: why `group_idx` cannot be a KV-cache group, or None.
+fn bad_group(g: Option<i128>) -> Option<String> {
+    match g {
+        Some(g) if !(0..=MAX_GROUP).contains(&g) => {
+            Some(format!("group_idx {g} is not a KV-cache group (0..{MAX_GROUP})"))
+        }
+        _ => None,
     }
 }
 

@@ -473,6 +473,57 @@ async def test_resume_from_start_seq_replays_only_what_follows() -> None:
             await ad.stop()
 
 
+async def test_a_new_owner_finds_a_restart_the_log_does_not_show() -> None:
+    # The previous owner applied the old process' batches 0..7 and died; the
+    # engine was restarted meanwhile and its new process published 3 batches
+    # (0..2) that never reached the log. Resuming after seq 7 would skip
+    # them, and a quiet engine would leave its new cache unknown for good.
+    old_eng = ToyEngine(9)
+    prev = BlockMapper(MODEL, "eng-a")
+    sink = DictSink()
+    for seq in range(8):
+        sink(prev.map_batch(batch(old_eng.store(old_eng.prompt())).events, seq))
+    m = BlockMapper(MODEL)
+    m.restore(prev.export())
+    new_eng = ToyEngine(10)
+    with ZmqEventPublisher(LOOP, LOOP, topic="kv") as pub:  # the new process, counting from 0
+        for _ in range(3):
+            pub.publish(batch(new_eng.store(new_eng.prompt())))
+        ad = make_adapter(pub, sink, start_seqs={0: 7}, mappers={0: m})
+        await ad.start()
+        try:
+            await ad.wait_ready(5)
+            assert ad.stats()["restarts"] == 1 and ad.last_seqs()[0] == 2
+            assert sink.state["eng-a"] == new_eng.expected()  # the old cache cleared, the new one known
+        finally:
+            await ad.stop()
+
+
+async def test_a_probe_finds_a_restart_whose_batches_were_missed_live() -> None:
+    # The new owner resumed after the old process' seq 7 while the new one
+    # had published nothing; its first batches then never arrive live (here:
+    # on a topic the adapter does not subscribe to, as batches published in
+    # ZMQ's slow-joiner window are lost) and the engine goes quiet. A probe
+    # asking for what follows seq 7 gets nothing; asking for seq 7 itself
+    # shows the engine's numbering started over.
+    with ZmqEventPublisher(LOOP, LOOP, topic="elsewhere") as pub:
+        sink = DictSink()
+        cfg = EventAdapterConfig(replay_timeout=0.3, replay_probe_after=0.3)
+        ad = make_adapter(pub, sink, start_seqs={0: 7}, config=cfg)
+        await ad.start()
+        try:
+            await ad.wait_ready(5)
+            assert ad.stats()["restarts"] == 0  # nothing published yet: nothing to tell
+            new_eng = ToyEngine(11)
+            for _ in range(2):
+                pub.publish(batch(new_eng.store(new_eng.prompt())))
+            await wait_until(lambda: ad.stats()["restarts"] == 1, what="restart found by a probe")
+            await wait_until(lambda: ad.last_seqs()[0] == 1)
+            assert sink.state["eng-a"] == new_eng.expected()
+        finally:
+            await ad.stop()
+
+
 async def test_engine_restart_resets_the_worker() -> None:
     base, rbase = free_consecutive_ports(1), free_consecutive_ports(1)
     ep, rep = f"tcp://127.0.0.1:{base}", f"tcp://127.0.0.1:{rbase}"

@@ -405,6 +405,47 @@ def test_a_lower_tier_block_announced_twice_goes_with_its_second_removal() -> No
     assert m.live_by_tier() == {}
 
 
+def test_a_hybrid_models_block_stays_while_any_kv_cache_group_holds_it() -> None:
+    # vLLM publishes each KV-cache group's stores and removals under the same
+    # engine hashes (group_idx apart): a sliding-window group (1 here) frees
+    # blocks long before the full-attention group (0) evicts them.
+    tokens = list(range(12))
+    rhs = block_hashes(tokens, BS, root_seed(MODEL))
+    m = BlockMapper(MODEL, "w")
+    d = m.map_batch([_stored([1, 2, 3], None, tokens, group_idx=g) for g in (0, 1)], seq=0)
+    assert d.ops == [KvOp(OP_STORE, rhs, [1, 2, 3])]  # the second group's store adds no block
+    assert m.map_batch([BlockRemoved([1, 2], group_idx=1)], seq=1).ops == []
+    assert m.live_router_hashes() == set(rhs)
+    assert m.map_batch([BlockRemoved([1], group_idx=0)], seq=2).ops == [KvOp(OP_REMOVE, [rhs[0]], [1])]
+    # block 3: the full-attention group goes first, the window's group last
+    assert m.map_batch([BlockRemoved([3], group_idx=0)], seq=3).ops == []
+    assert m.map_batch([BlockRemoved([3], group_idx=1)], seq=4).ops == [KvOp(OP_REMOVE, [rhs[2]], [3])]
+    # a group that stores again (a reused prefix) or removes twice changes nothing
+    m.map_batch([_stored([2], 1, tokens[4:8], group_idx=0)] * 2, seq=5)
+    assert m.map_batch([BlockRemoved([2], group_idx=1)], seq=6).ops == []
+    assert m.map_batch([BlockRemoved([2], group_idx=0)], seq=7).ops == [KvOp(OP_REMOVE, [rhs[1]], [2])]
+    assert len(m) == 0 and m.stats.unknown_removed == 0
+
+
+def test_kv_cache_groups_come_and_go_with_the_block_and_engines_without_groups_are_unchanged() -> None:
+    tokens = list(range(8))
+    rhs = block_hashes(tokens, BS, root_seed(MODEL))
+    m = BlockMapper(MODEL, "w")
+    # only group 2 stored block 1: group 0's removal of it leaves it to group 2
+    m.map_batch([_stored([1, 2], None, tokens, group_idx=2)], seq=0)
+    assert m.map_batch([BlockRemoved([1], group_idx=0)], seq=1).ops == []
+    assert m.map_batch([BlockRemoved([1], group_idx=2)], seq=2).ops == [KvOp(OP_REMOVE, [rhs[0]], [1])]
+    # a removal without group_idx (an engine without groups) forgets the block
+    assert m.map_batch([BlockRemoved([2])], seq=3).ops == [KvOp(OP_REMOVE, [rhs[1]], [2])]
+    # AllBlocksCleared forgets the groups too: a later group-0 block goes with group 0
+    m.map_batch([_stored([1], None, tokens[:4], group_idx=1), AllBlocksCleared()], seq=4)
+    m.map_batch([_stored([1], None, tokens[:4], group_idx=0)], seq=5)
+    assert m.map_batch([BlockRemoved([1], group_idx=0)], seq=6).ops == [KvOp(OP_REMOVE, [rhs[0]], [1])]
+    # a group_idx that is no group is refused, the rest of the batch applies
+    d = m.map_batch([_stored([1], None, tokens[:4], group_idx=64), BlockRemoved([9], group_idx=-1)], seq=7)
+    assert d.ops == [] and m.stats.skipped_by_reason == {"undecodable": 2}
+
+
 def test_a_store_of_another_block_size_is_refused_and_the_rest_applies() -> None:
     m = BlockMapper(MODEL, "w", block_size=16)
     page1 = BlockStored([1, 2, 3], None, [7, 8, 9], 1)  # SGLang's default page size

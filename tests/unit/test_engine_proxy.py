@@ -189,6 +189,24 @@ async def test_stream_tokens_usage_request_body_and_coalescing() -> None:
     }
 
 
+async def test_usage_without_cached_tokens_is_marked_unreported() -> None:
+    # vLLM without --enable-prompt-tokens-details (SGLang without
+    # --enable-cache-report) leaves prompt_tokens_details out of the usage.
+    bare = {**USAGE, "usage": {"prompt_tokens": 5, "completion_tokens": 3}}
+
+    async def handler(reader, writer, req) -> None:
+        writer.write(SSE_HEAD + event(tok([7], " a", "length")) + event(bare) + END)
+        await writer.drain()
+
+    client = EngineClient()
+    try:
+        async with Engine(handler) as url:
+            out = await collect(client, url)
+    finally:
+        await client.close()
+    assert out[-1] == Usage(5, 3, 0, "length", cached_unreported=True)
+
+
 async def _fails_with(handler: Handler, exc: type[Exception], match: str, **kw: float) -> list[Chunk | Usage]:
     got: list[Chunk | Usage] = []
     client = EngineClient(EngineClientConfig(**kw))

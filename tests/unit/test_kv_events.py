@@ -225,14 +225,37 @@ def test_unknown_extra_fields_are_ignored_in_every_shape() -> None:
         "ownership": None,
         "some_future_field": {"nested": [1, 2]},
     }
-    newer_array_event = ["BlockRemoved", [1], "GPU", 0, "LOCAL", "future"]
+    newer_array_event = ["BlockRemoved", [1], "GPU", 0, "LOCAL", None, "future"]
     payload = _plain([1.0, [newer_map_event, newer_array_event], 0, "future batch field"])
     b = decode_batch(payload)
     stored = b.events[0]
     assert isinstance(stored, BlockStored)
     assert stored.token_ids == [5, 6]
     assert stored.extra_keys == [[{"type": "cache_salt", "salt": "s"}]]
-    assert b.events[1] == BlockRemoved([1], medium="GPU")
+    # a positional removal's later fields are read in vLLM's order
+    assert b.events[1] == BlockRemoved([1], medium="GPU", group_idx=0, locality="LOCAL")
+
+
+def test_positional_events_read_vllms_later_fields_in_its_order() -> None:
+    # A build that keeps positional events with the newer fields: the cache
+    # salt is in extra_keys ($[8]), the KV-cache group in group_idx ($[9]);
+    # dropping them indexed a salted tenant's blocks under the unsalted root.
+    stored = ["BlockStored", [11, 12], None, [1, 2, 3, 4], 2, None, "GPU", None, [["tenant-1"], None], 1,
+              "sliding_window", 128, "LOCAL", None, "session-7", [[5], [6]], "future"]  # fmt: skip
+    removed = ["BlockRemoved", [12], "GPU", 1, "LOCAL", None]
+    b = decode_batch(_plain([1.0, [stored, removed], 0]))
+    ev = b.events[0]
+    assert isinstance(ev, BlockStored)
+    assert (ev.extra_keys, ev.group_idx, ev.locality, ev.lookahead_token_ids) == (
+        [["tenant-1"], None],
+        1,
+        "LOCAL",
+        [[5], [6]],
+    )
+    assert b.events[1] == BlockRemoved([12], medium="GPU", group_idx=1, locality="LOCAL")
+    # a later field of the wrong type makes the event unusable, as in a map
+    bad = decode_batch(_plain([1.0, [[*stored[:9], "one"]], 0]))
+    assert isinstance(bad.events[0], SkippedEvent) and bad.events[0].reason == SKIP_UNDECODABLE
 
 
 _GOOD_EVENT = {

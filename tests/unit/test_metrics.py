@@ -154,7 +154,7 @@ def test_predicted_tokens_are_whole_blocks_short_of_the_last_token() -> None:
     assert predicted_cached_tokens(3, 16, 0) == 0
 
 
-def _finish(stats: NodeStats, predicted_blocks: int, cached: int) -> None:
+def _finish(stats: NodeStats, predicted_blocks: int, cached: int, unreported: bool = False) -> None:
     engines = EngineTable()
     engines.put(EngineSpec("e1", "http://e1:80", model="m", block_size=4).validate())
     prep = prepare(ClientRequest(token_ids=list(range(40))), engines, get_tokenizer, "precise", lambda: "r")
@@ -163,7 +163,9 @@ def _finish(stats: NodeStats, predicted_blocks: int, cached: int) -> None:
     routed = routed_to(prep, decision, 1, engines)
     acct.attempt(routed, engines["e1"], 0.0)
     acct.sent()
-    acct.finished(Usage(prompt_tokens=40, completion_tokens=1, cached_tokens=cached), 1.0)
+    acct.finished(
+        Usage(prompt_tokens=40, completion_tokens=1, cached_tokens=cached, cached_unreported=unreported), 1.0
+    )
     acct.attempt_over()
 
 
@@ -179,6 +181,17 @@ def test_a_route_is_mispredicted_when_the_engine_held_less_than_predicted() -> N
     assert stats.cached_tokens_by_policy["precise"] == 24 + 28 + 8 + 8
     assert stats.prompt_tokens_by_engine == {"e1": 160}
     assert stats.cached_tokens_by_engine == {"e1": 68}
+
+
+def test_an_engine_that_reports_no_cached_tokens_is_left_out_of_hit_rates_and_mispredictions() -> None:
+    stats = NodeStats()
+    _finish(stats, predicted_blocks=6, cached=24)
+    for _ in range(3):  # usage without prompt_tokens_details: not a miss, not a misprediction
+        _finish(stats, predicted_blocks=6, cached=0, unreported=True)
+    assert stats.predictions_by_policy == {"precise": 1} and stats.mispredictions_by_policy == {}
+    assert stats.prompt_tokens_by_engine == {"e1": 40} and stats.cached_tokens_by_engine == {"e1": 24}
+    assert (stats.prompt_tokens_total, stats.cached_prompt_tokens_total) == (40, 24)
+    assert stats.cached_unreported_by_engine == {"e1": 3} and stats.requests_by_engine == {"e1": 4}
 
 
 # --- convergence lag -------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ LORAS = [None, "", "a", "sql"]
 SALTS = [None, "", "s", "t"]
 
 ehash = st.sampled_from(HASHES)
+# KV-cache groups of a hybrid model; -1 and 64 are not groups (refused)
+GROUPS = st.one_of(st.none(), st.integers(0, 3), st.sampled_from([0, 1, -1, 64]))
 token = st.integers(0, 60).flatmap(
     lambda r: st.integers(0, 3) if r < 58 else st.sampled_from([-1, 2**32, 2**32 - 1, 2**64 - 1])
 )
@@ -89,7 +91,7 @@ def stored_map(draw: st.DrawFn) -> dict[str, Any]:
         ("cache_salt", st.sampled_from(SALTS)),
         ("extra_keys", extra_keys),
         ("lora_id", st.one_of(st.none(), st.integers(0, 3))),
-        ("group_idx", st.one_of(st.none(), st.integers(0, 3))),
+        ("group_idx", GROUPS),
         ("ownership", st.sampled_from([None, "PRIMARY"])),
         ("lookahead_token_ids", st.one_of(st.none(), st.lists(st.lists(token, max_size=2), max_size=2))),
         ("future_field", st.sampled_from([1, "x", [1, {"a": None}]])),
@@ -116,28 +118,51 @@ def bigram_map(draw: st.DrawFn) -> dict[str, Any]:
 @st.composite
 def removed_map(draw: st.DrawFn) -> dict[str, Any]:
     ev: dict[str, Any] = {"type": "BlockRemoved", "block_hashes": draw(st.lists(ehash, max_size=4))}
-    for field, values in (("medium", st.sampled_from(MEDIUMS)), ("locality", st.sampled_from(LOCALITIES))):
+    for field, values in (
+        ("medium", st.sampled_from(MEDIUMS)),
+        ("locality", st.sampled_from(LOCALITIES)),
+        ("group_idx", GROUPS),
+    ):
         if draw(st.booleans()):
             ev[field] = draw(values)
     return ev
 
 
-def _as_array(ev: dict[str, Any], extra: list[Any]) -> list[Any]:
-    """The positional form (vLLM <= 0.23) of a map event."""
+# vLLM's field order, which positional events follow (vLLM <= 0.23 sent the
+# first seven; builds that kept the shape append the later ones in order).
+_STORED_FIELDS = [
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "lora_id",
+    "medium",
+    "lora_name",
+    "extra_keys",
+    "group_idx",
+    "kv_cache_spec_kind",
+    "kv_cache_spec_sliding_window",
+    "locality",
+    "ownership",
+    "session_id",
+    "lookahead_token_ids",
+]
+_REMOVED_FIELDS = ["block_hashes", "medium", "group_idx", "locality", "ownership"]
+
+
+def _as_array(ev: dict[str, Any], extra: list[Any], cut: int) -> list[Any]:
+    """The positional form of a map event: its first ``cut`` fields (at
+    least the required ones; all of them, then ``extra`` values past vLLM's
+    last field, when ``cut`` is larger)."""
     if ev["type"] == "BlockStored":
-        fields = [
-            "block_hashes",
-            "parent_block_hash",
-            "token_ids",
-            "block_size",
-            "lora_id",
-            "medium",
-            "lora_name",
-        ]
-        n = 5 + len(extra) % 4
-        return [ev["type"], *[ev.get(f) for f in fields[: n - 1]]]
+        n = min(max(cut, 4), len(_STORED_FIELDS))
+        spec = {"kv_cache_spec_kind": "mamba", "kv_cache_spec_sliding_window": 128, "session_id": "s"}
+        tail = extra if cut > n else []
+        return [ev["type"], *[ev.get(f, spec.get(f)) for f in _STORED_FIELDS[:n]], *tail]
     if ev["type"] == "BlockRemoved":
-        return [ev["type"], ev["block_hashes"], *([ev.get("medium")] if extra else [])]
+        n = min(max(cut, 1), len(_REMOVED_FIELDS))
+        tail = extra if cut > n else []
+        return [ev["type"], *[ev.get(f) for f in _REMOVED_FIELDS[:n]], *tail]
     return [ev["type"], *extra]
 
 
@@ -183,7 +208,7 @@ def event(draw: st.DrawFn) -> Any:
     else:
         ev = draw(st.one_of(stored_map(), removed_map()))
     if kind >= 8:  # the positional form
-        return _as_array(ev, draw(st.lists(junk, max_size=3)))
+        return _as_array(ev, draw(st.lists(junk, max_size=3)), draw(st.integers(0, 16)))
     return ev
 
 
