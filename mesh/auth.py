@@ -18,13 +18,26 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import stat
 from pathlib import Path
 
-__all__ = ["MAC_KEY", "TIME_KEY", "MeshAuthError", "MeshSecret"]
+__all__ = ["MAC_KEY", "TIME_KEY", "MeshAuthError", "MeshSecret", "readable_by_others"]
 
 TIME_KEY = "kvmesh-mesh-time"  # metadata: the sender's clock (seconds since the epoch)
 MAC_KEY = "kvmesh-mesh-mac"  # metadata: hex HMAC-SHA256(secret, time + batch)
 MIN_SECRET_BYTES = 16
+
+
+def readable_by_others(path: str) -> str | None:
+    """The mode of a secret file (a key, tokens, the mesh secret) that its
+    group or other users may read, as ``ls`` shows it; None if only its
+    owner may (or it cannot be read: its reader says so)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return stat.filemode(mode) if mode & 0o044 else None
 
 
 class MeshAuthError(ValueError):

@@ -88,10 +88,26 @@ Join and leave
     record as ``left`` (never mistaken for a failure). Dead and left members
     are forgotten ``dead_reclaim_time`` after their last state change.
 
+Node ids
+    A record of our own id at another address, at our incarnation or above,
+    is a *claim*. The first claim from an address is taken for our previous
+    life (a restart on a new address: a rescheduled pod) and refuted, so the
+    mesh learns where we are now. A second claim from the same address means
+    a live member there refuted us in turn: two running nodes have one id,
+    and each would take the other's engines for as long as both run. The one
+    whose id was claimed within ``id_claim_window`` of starting came second:
+    it stops refuting (``yielded``; the shell stops the node without a
+    ``Leave``, which would be the other's) and the event ``id_conflict`` is
+    queued; the other keeps refuting. A member that probes us from an
+    address other than the one we know for it gets a push-pull at once (a
+    differing view), so a node that took a live member's id learns of the
+    owner within one of its probe cycles.
+
 Outputs
     ``tick``/``handle``/``join``/``leave`` return messages to send. Membership
     changes are queued as :class:`~mesh.swim_messages.MemberEvent` (``joined``,
-    ``suspect``, ``alive`` (suspicion refuted), ``dead``, ``left``) and drained
+    ``suspect``, ``alive`` (suspicion refuted), ``dead``, ``left``,
+    ``id_conflict``: our own id, the other member's address) and drained
     with :meth:`Membership.events`.
 
 :class:`MembershipError` is defined with the checks that raise it and is part
@@ -169,6 +185,9 @@ class MembershipConfig:
     max_message_bytes: int = 1400  # memberlist's UDP buffer: piggyback budget per message
     max_queued_broadcasts: int = 4096
     max_pending_events: int = 10_000
+    # Seconds from joining during which a claim on our node id from another
+    # address makes us the one that came second ("Node ids" in the docstring).
+    id_claim_window: float = 10.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -264,6 +283,11 @@ class Membership:
         self._next_join = math.inf
         self._reconnect_tried: dict[str, float] = {}  # dead node id -> last reconnect push-pull
         self._differing_push_pull: dict[str, float] = {}  # addr -> last push-pull on differing views
+        self._started = now
+        self._claims: dict[str, int] = {}  # another address -> times it claimed our node id
+        self._came_second = False  # our id was claimed from elsewhere soon after we started
+        self.id_conflict = ""  # the address of a live member that uses our node id too
+        self.yielded = False  # we came second: we stopped answering for our id (the node must stop)
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -639,9 +663,15 @@ class Membership:
         view that differs from ours: push-pull with it right away instead of
         waiting for periodic anti-entropy. This repairs a joiner that missed
         the gossip about the rest of the cluster, and a node that missed its
-        own death certificate, within one probe cycle."""
+        own death certificate, within one probe cycle. A member that probes
+        us from another address than the one we know has a differing view
+        too: the member list it gets back tells a node that took a live
+        member's id (its probes come from its own address) that the id's
+        owner is elsewhere, within one of its probe cycles."""
         m = self._members.get(ping.source)
-        if (m is None or m.state == DEAD) and ping.source != self.node_id:
+        if ping.source == self.node_id:
+            return
+        if m is None or m.state == DEAD or m.addr != ping.src:
             self._push_pull_with_differing_view(ping.src, now, out)
 
     def _push_pull_with_differing_view(self, addr: str, now: float, out: list[SwimMessage]) -> None:
@@ -717,8 +747,13 @@ class Membership:
 
     def _on_alive(self, a: Alive, now: float) -> None:
         if a.node == self.node_id:
-            # Someone knows a newer incarnation of us: we restarted and lost it.
-            if a.incarnation > self._self.incarnation and not self._leaving:
+            if self._leaving or self.yielded:
+                return
+            if a.addr != self.addr and a.incarnation >= self._self.incarnation:
+                if self._claimed(a.addr, now):
+                    self._refute(a.incarnation)
+            elif a.incarnation > self._self.incarnation:
+                # Someone knows a newer incarnation of us: we restarted and lost it.
                 self._refute(a.incarnation)
             return
         m = self._members.get(a.node)
@@ -738,6 +773,35 @@ class Membership:
             self._event("alive", m, now)
         self._broadcast(a)
 
+    def _claimed(self, addr: str, now: float) -> bool:
+        """Another address claims our node id: whether to refute.
+
+        The first claim from an address is our own previous life (a restart
+        on another address): refuted, the mesh learns our address. A second
+        one means it refuted us in turn: a live member uses our id. Of the
+        two, the one whose id was claimed soon after it started came second
+        and yields: it stops refuting, and the node stops (without a Leave,
+        which would be taken as the other's). The other keeps refuting."""
+        n = self._claims[addr] = self._claims.get(addr, 0) + 1
+        if n == 1:
+            if len(self._claims) == 1:
+                self._came_second = now - self._started <= self.config.id_claim_window
+            self._log.warning("membership.node_id_claimed", other_addr=addr, came_second=self._came_second)
+            return True
+        if not self.id_conflict:
+            self.id_conflict = addr
+            self._log.error(
+                "membership.node_id_conflict",
+                other_addr=addr,
+                yielding=self._came_second,
+                hint="two running nodes have this --node-id; give each its own",
+            )
+            self._events.append(MemberEvent("id_conflict", self.node_id, addr, self._self.incarnation, now))
+        if self._came_second:
+            self.yielded = True
+            return False
+        return True
+
     def _add_member(self, a: Alive, now: float) -> None:
         m = _Member(a.node, a.addr, a.incarnation, DEAD, now)  # DEAD, so that _set_state counts it live
         self._members[a.node] = m
@@ -750,7 +814,7 @@ class Membership:
     def _on_suspect(self, s: Suspect, now: float) -> bool:
         """Apply a suspicion; True when it names a member we do not know."""
         if s.node == self.node_id:
-            if s.incarnation >= self._self.incarnation and not self._leaving:
+            if s.incarnation >= self._self.incarnation and not self._leaving and not self.yielded:
                 self._refute(s.incarnation)
                 self._awareness.apply_delta(1)  # Lifeguard: being suspected hints that we are slow
             return False
@@ -781,7 +845,7 @@ class Membership:
     def _on_dead(self, d: Dead, now: float) -> bool:
         """Apply a death; True when it names a member we do not know."""
         if d.node == self.node_id:
-            if d.incarnation >= self._self.incarnation and not self._leaving:
+            if d.incarnation >= self._self.incarnation and not self._leaving and not self.yielded:
                 self._refute(d.incarnation)
             return False
         m = self._members.get(d.node)
@@ -798,7 +862,7 @@ class Membership:
 
     def _on_leave(self, lv: Leave, now: float) -> None:
         if lv.node == self.node_id:
-            if lv.incarnation >= self._self.incarnation and not self._leaving:
+            if lv.incarnation >= self._self.incarnation and not self._leaving and not self.yielded:
                 self._refute(lv.incarnation)
             return
         m = self._members.get(lv.node)

@@ -204,7 +204,7 @@ SwimMessage = Ping | Ack | PingReq | Nack | Gossip | Join | JoinReply | PushPull
 
 @dataclass(frozen=True, slots=True)
 class MemberEvent:
-    kind: str  # joined | suspect | alive | dead | left
+    kind: str  # joined | suspect | alive | dead | left | id_conflict (node: ours, addr: the other's)
     node: str
     addr: str
     incarnation: int

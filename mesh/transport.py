@@ -118,6 +118,20 @@ class TransportStats:
     refused: int = 0  # batches without a valid proof of membership, or that do not parse
 
 
+def _not_a_member(auth: dict[str, list[bytes]] | None, name: str) -> str | None:
+    """Why a caller's certificate is not a member's, or None. The mesh's CA
+    may sign other certificates too (make-certs.sh signs the API's server and
+    client ones with it): a member's carries the mesh's name, as the callers
+    check of the servers they dial (``ssl_target_name_override``)."""
+    auth = auth or {}
+    names = [v.decode(errors="replace") for k in ("x509_subject_alternative_name", "x509_common_name")
+             for v in auth.get(k, ())]  # fmt: skip
+    if name in names:
+        return None
+    shown = ", ".join(names) or "none"
+    return f"the caller's certificate does not name the mesh ({name!r}; it names: {shown})"
+
+
 class _Servicer:
     def __init__(self, transport: MeshTransport) -> None:
         self.t = transport
@@ -133,6 +147,11 @@ class _Servicer:
     async def deliver(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
         self.t.stats.batches_received += 1
         self.t.stats.bytes_received += len(body)
+        if self.t.config.tls:
+            why = _not_a_member(context.auth_context(), self.t.config.tls_server_name)
+            if why is not None:
+                self._refused(context, why)
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
         secret = self.t.secret
         if secret is not None:
             meta = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}

@@ -161,6 +161,7 @@ class RouterNode:
         self.loop_lag = LoopLag(cfg.loop_lag)  # how late the event loop runs what is due (router/loop_lag.py)
         self.tracer = make_tracer(cfg.tracing, self.node_id)  # spans only with --otlp-endpoint
         self.draining = False
+        self.stopped_for = ""  # why the node stopped on its own (its node id is another live member's)
         self._keys = itertools.count(1)
         self._tokenizers: dict[str, Tokenizer] = {}
         self._tokenize_slot = asyncio.Semaphore(1)  # long prompts tokenized off the loop, one at a time

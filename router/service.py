@@ -25,6 +25,7 @@ from engine_adapters.native import IMPLEMENTATION as DECODE_IMPLEMENTATION
 from engine_adapters.proxy import Chunk
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
+from mesh.auth import readable_by_others
 from router.auth import TokenInterceptor, TokenTable
 from router.config import RouterConfig
 from router.engine_registry import EngineRecord, EngineSpec, EngineSpecError
@@ -319,7 +320,10 @@ class AdminService(pb_grpc.AdminServicer):
         node, spec = self.node, rec.spec
         adapter = node.adapters.get(spec.engine_id)
         st = adapter.stats() if adapter is not None else {}
+        seqs = node.core.resume_seqs(spec.engine_id)
         last = (st.get("last_seq") or {}).get(0)
+        if last is None and spec.workers and spec.workers[0] in seqs:  # not the owner: the log's
+            last = seqs[spec.workers[0]] - 1
         loads = node.loads()
         return pb.EngineStatus(
             spec=spec_pb(spec),
@@ -335,7 +339,7 @@ class AdminService(pb_grpc.AdminServicer):
             probe_batches=int(st.get("probe_batches", 0)),
             skipped_events=int(st.get("skipped_events", 0)),
             owner_node=node.core.owner_of(spec.engine_id) or "",
-            worker_seqs={w: s - 1 for w, s in node.core.resume_seqs(spec.engine_id).items()},
+            worker_seqs={w: s - 1 for w, s in seqs.items()},
             prompt_tokens=node.stats.prompt_tokens_by_engine[spec.engine_id],
             cached_prompt_tokens=node.stats.cached_tokens_by_engine[spec.engine_id],
             event_lag_seconds=-1.0 if st.get("event_lag") is None else st["event_lag"],
@@ -480,6 +484,7 @@ async def serve(
     """
     cfg = node.config
     node.load_tokenizers()  # a bad --tokenizer stops us before any port is bound
+    _warn_readable_secrets(node)
     interceptors = []
     tokens = TokenTable.from_file(cfg.api_auth.token_file) if cfg.api_auth.token_file else None
     if tokens is not None:
@@ -517,6 +522,7 @@ async def serve(
     if mesh_server is not None:
         await mesh_server.start()
     await node.start(join or [])
+    watch = asyncio.create_task(_watch_node_id(node, stop), name="node_id")
     try:
         if front is not None:
             await front.start(cfg.http_listen)  # /health says 503 until the node serves
@@ -547,6 +553,7 @@ async def serve(
             ready.set_result(node.api_addr)
         await stop.wait()
     finally:
+        watch.cancel()
         await _set_health(health_servicer, served, serving=False)
         await drain(node)
         cut = await service.cut_streams(cfg.stop_grace)
@@ -560,6 +567,39 @@ async def serve(
         await metrics.close()
         await node.stop()
         node.log.info("router.stopped")
+
+
+def _warn_readable_secrets(node: RouterNode) -> None:
+    """A secret file others on the host may read is logged once, with the fix
+    (the node still starts: a container's mounted secret may be shared by
+    design)."""
+    cfg = node.config
+    files = (
+        ("--auth-token-file", cfg.api_auth.token_file),
+        ("--tls-key", cfg.api_auth.tls_key),
+        ("--mesh-secret-file", cfg.transport.secret_file),
+        ("--mesh-tls-key", cfg.transport.tls_key),
+    )
+    for flag, path in files:
+        if path and (mode := readable_by_others(path)) is not None:
+            node.log.warning(
+                "router.secret_file_readable", flag=flag, path=path, mode=mode, hint=f"chmod 600 {path}"
+            )
+
+
+async def _watch_node_id(node: RouterNode, stop: asyncio.Event) -> None:
+    """Stop the node when another live member has its node id and this one
+    came second (mesh/membership.py): the two would take each other's
+    engines for as long as both run."""
+    membership = node.core.membership
+    while not membership.yielded:
+        await asyncio.sleep(_READY_POLL)
+    node.stopped_for = (
+        f"node id {node.node_id!r} is in use by a live member at {membership.id_conflict}: "
+        "give this node another --node-id"
+    )
+    node.log.error("router.node_id_in_use", other_addr=membership.id_conflict, hint=node.stopped_for)
+    stop.set()
 
 
 async def _wait_ready(node: RouterNode, stop: asyncio.Event, seeds: list[str]) -> None:
@@ -664,7 +704,7 @@ async def drain(node: RouterNode) -> None:
         waited=round(node.clock() - t0, 3),
         unfinished=node.in_flight(),
     )
-    if node.ready:
+    if node.ready and not node.stopped_for:  # a Leave under a taken id would be the other node's
         await node.leave()
 
 

@@ -131,16 +131,38 @@ def _token(args: argparse.Namespace) -> str:
         raise ClientConfigError(str(e)) from None
 
 
+def connection_hint(message: str, insecure: bool) -> str | None:
+    """What the flags likely got wrong, from gRPC's words on a connection
+    that failed (None when they say nothing of TLS)."""
+    m = message.lower()
+    if insecure:
+        if "socket closed" in m or "connection reset" in m:
+            return "a node that serves TLS closes plaintext connections: drop --insecure (and give --tls-ca)"
+        return None
+    if "hostname verification" in m or "no match found for server name" in m:
+        return (
+            "the node's certificate does not carry the name dialled: dial a name it carries, "
+            "or give that name with --tls-server-name"
+        )
+    if "expired" in m or "not yet valid" in m:
+        return "the node's certificate has expired or is not yet valid: the node needs a new one"
+    if "certificate" in m and "verif" in m:
+        return "the node's certificate is not signed by a CA this client trusts: give its CA with --tls-ca"
+    if "handshake" in m:
+        return (
+            "TLS failed: a node that serves without TLS, run with --insecure or with "
+            "--auth-token-file and no --tls-cert, speaks plaintext: add --insecure for it; "
+            "a node with a private CA needs --tls-ca"
+        )
+    return None
+
+
 def explain(e: KvmeshError, args: argparse.Namespace) -> str:
     """The error for the terminal (with the request's id when the node gave
     one), and a hint where the flags are the likely cause."""
     said = f"{e} (request {e.request_id})" if e.request_id else str(e)
-    if not args.insecure and e.status == "UNAVAILABLE" and "handshake" in e.message.lower():
-        return (
-            f"{said}\n(TLS failed: a node that serves without TLS, run with --insecure or with "
-            "--auth-token-file and no --tls-cert, speaks plaintext: add --insecure for it; "
-            "a node with a private CA needs --tls-ca)"
-        )
+    if e.status == "UNAVAILABLE" and (hint := connection_hint(e.message, args.insecure)) is not None:
+        return f"{said}\n({hint})"
     if e.status == "UNAVAILABLE" and "unhealthy" in e.message.lower():
         return (
             f"{said}\n(the node answers its health check NOT_SERVING: it is joining the mesh or "

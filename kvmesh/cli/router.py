@@ -92,7 +92,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "listen address; with 0.0.0.0, this host's address)",
     )
     p.add_argument(
-        "--node-id", default=d.node_id, help="unique node name in the mesh (default: the advertised address)"
+        "--node-id",
+        default=d.node_id,
+        help="unique node name in the mesh (default: the advertised address); a node started with the "
+        "id of a live member stops with an error",
     )
     p.add_argument(
         "--join",
@@ -381,7 +384,8 @@ def _add_security_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
     p.add_argument(
         "--mesh-tls-server-name",
         default=t.tls_server_name,
-        help="the name every member's mesh certificate carries (default %(default)s)",
+        help="the name every member's mesh certificate carries, checked on the nodes it dials and on "
+        "those that call it (default %(default)s)",
     )
 
 
@@ -638,6 +642,8 @@ async def _serve(cfg: RouterConfig) -> None:
     loop.add_signal_handler(signal.SIGHUP, _toggle_debug, node)
     _freeze_startup_heap()
     await serve(node, stop, join=seeds)
+    if node.stopped_for:
+        raise SystemExit(f"{_PROG}: {node.stopped_for}")
 
 
 def _freeze_startup_heap() -> None:

@@ -39,7 +39,7 @@ from typing import Any
 
 import grpc
 
-from kvmesh.cli.client_flags import TARGET_ENV, TOKEN_ENV, token_from_file
+from kvmesh.cli.client_flags import TARGET_ENV, TOKEN_ENV, connection_hint, token_from_file
 from kvmesh.client.errors import from_rpc_error
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
@@ -333,7 +333,7 @@ def render(snap: dict[str, Any]) -> str:
 # --- the command -----------------------------------------------------------------------------------
 
 
-def _explain(e: grpc.RpcError, target: str) -> str:
+def _explain(e: grpc.RpcError, target: str, insecure: bool) -> str:
     code = e.code()
     hint = ""
     if code == grpc.StatusCode.UNAUTHENTICATED:
@@ -341,7 +341,9 @@ def _explain(e: grpc.RpcError, target: str) -> str:
     elif code == grpc.StatusCode.PERMISSION_DENIED:
         hint = " (the token is not an admin token)"
     elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        hint = " (is it running? plaintext nodes need --insecure, TLS ones --tls-ca)"
+        said = connection_hint(e.details() or "", insecure)
+        said = said or "is it running? plaintext nodes need --insecure, TLS ones --tls-ca"
+        hint = f" ({said})"
     return f"{_PROG}: {target}: {from_rpc_error(e)}{hint}"  # as kvmesh generate says it
 
 
@@ -367,7 +369,7 @@ def _print(channel: grpc.Channel, args: argparse.Namespace, token: str) -> int:
         try:
             print(_once(channel, args, token), flush=True)
         except grpc.RpcError as e:
-            print(_explain(e, args.target), file=sys.stderr)
+            print(_explain(e, args.target, args.insecure), file=sys.stderr)
             return 1
         return 0
     try:
@@ -375,7 +377,7 @@ def _print(channel: grpc.Channel, args: argparse.Namespace, token: str) -> int:
             try:
                 out = _once(channel, args, token)
             except grpc.RpcError as e:
-                out = _explain(e, args.target)
+                out = _explain(e, args.target, args.insecure)
             print(out if args.json else _CLEAR + out, flush=True)
             time.sleep(args.watch)
     except KeyboardInterrupt:

@@ -84,9 +84,13 @@ def _router(name: str, engines: list[str], flags: list[str]) -> procs.Proc:
 
 
 async def test_tokens_guard_the_api_and_admin_needs_an_admin_token(secrets: Path, engine) -> None:
+    (secrets / "tokens").chmod(0o600)
+    (secrets / "mesh-secret").chmod(0o644)  # others on the host may read it: said at start
     flags = ["--auth-token-file", str(secrets / "tokens"), "--mesh-secret-file", str(secrets / "mesh-secret")]
     router = _router("tok-a", [procs.engine_flag("e0", engine)], flags)
     try:
+        readable = [line for line in router.tail(200).splitlines() if "router.secret_file_readable" in line]
+        assert len(readable) == 1 and "--mesh-secret-file" in readable[0] and "chmod 600" in readable[0]
         async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
             stub, admin = pb_grpc.RouterStub(ch), pb_grpc.AdminStub(ch)
             assert await _generate(stub) == "UNAUTHENTICATED"
@@ -208,6 +212,13 @@ async def test_mutual_tls_between_nodes_and_tls_for_clients(secrets: Path, engin
         async with grpc.aio.insecure_channel(a.info["mesh"]) as intruder:  # no client certificate
             deliver = mpb_grpc.MeshStub(intruder).Deliver(mpb.Batch(), timeout=3)
             assert await _code(deliver) == "UNAVAILABLE"
+        # The CA signs the API's client certificate too: it is not a member's.
+        ca, key, cert = ((pki / f).read_bytes() for f in ("ca.pem", "client.key", "client.pem"))
+        creds = grpc.ssl_channel_credentials(ca, key, cert)
+        name = (("grpc.ssl_target_name_override", "kvmesh-mesh"),)
+        async with grpc.aio.secure_channel(a.info["mesh"], creds, options=name) as client_cert:
+            deliver = mpb_grpc.MeshStub(client_cert).Deliver(mpb.Batch(), timeout=3)
+            assert await _code(deliver) == "UNAUTHENTICATED"
     finally:
         b.stop()
         a.stop()

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
+import time
 
 import aiohttp
 import pytest
@@ -177,3 +180,27 @@ async def test_a_joining_node_routes_correctly_once_ready(cluster):
         assert route.predicted_cached_blocks >= 60
     finally:
         d.kill()
+
+
+async def test_a_second_node_with_a_taken_node_id_stops_and_the_mesh_keeps_the_first(cluster):
+    _, nodes = cluster
+    a, b = nodes[0].info["grpc"], nodes[1].info["grpc"]
+    await eventually(lambda: _all_alive(a), 10, "the mesh formed")
+    args = ["router", "--insecure", "--listen", f"127.0.0.1:{procs.free_port()}", "--node-id", "node-b",
+            "--join", a, *FAST_MESH]  # fmt: skip
+    t0 = time.monotonic()
+    dup = subprocess.run(
+        [sys.executable, "-m", "kvmesh.cli", *args], capture_output=True, text=True, timeout=60
+    )
+    # it stops within a few of its probe cycles (it may have served meanwhile)
+    assert dup.returncode != 0 and time.monotonic() - t0 < 30
+    assert "node id 'node-b' is in use by a live member at" in dup.stderr
+
+    # node-b is node-b again, at its own address, for every node
+    async def b_is_b() -> bool:
+        async with aio_channel(a, tls=False, config=ONE_NODE) as ch:
+            resp = await pb_grpc.AdminStub(ch).ListMembers(pb.ListMembersRequest())
+        return any(m.node_id == "node-b" and m.addr == b and m.state == "alive" for m in resp.members)
+
+    await eventually(b_is_b, 10, "node-b back at its address")
+    assert await _all_alive(a) and await _all_alive(b)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.auth import MAC_KEY, TIME_KEY, MeshAuthError, MeshSecret
+from mesh.auth import MAC_KEY, TIME_KEY, MeshAuthError, MeshSecret, readable_by_others
 from router.auth import AuthError, TokenTable
 
 TABLE = TokenTable.parse("# clients\nclient-token-0123456789\nadmin-token-0123456789 admin\n")
@@ -73,3 +75,13 @@ def test_a_short_secret_is_refused() -> None:
 def test_a_token_that_is_not_ascii_is_a_bad_token_not_a_crash() -> None:
     assert TABLE.role_of("Bearer \u00e9") is None
     assert TABLE.role_of("Bearer admin-token-0123456789\udce9") is None  # undecodable header bytes
+
+
+def test_a_secret_file_others_may_read_is_named_with_its_mode(tmp_path: Path) -> None:
+    f = tmp_path / "secret"
+    f.write_text("x" * 32)
+    f.chmod(0o600)
+    assert readable_by_others(str(f)) is None
+    f.chmod(0o640)
+    assert readable_by_others(str(f)) == "-rw-r-----"
+    assert readable_by_others(str(tmp_path / "missing")) is None  # its reader says why

@@ -163,6 +163,25 @@ def test_insecure_is_for_every_node_that_serves_without_tls() -> None:
     assert "a node run --insecure speaks plaintext" not in hint
 
 
+_HOST = "ipv4:127.0.0.1:1: Peer name localhost is not in peer certificate: Hostname Verification Check failed"
+_SSL = "ipv4:127.0.0.1:1: Ssl handshake failed: SSL_ERROR_SSL: CERTIFICATE_VERIFY_FAILED: "
+
+
+@pytest.mark.parametrize(
+    "words,insecure,want",
+    [
+        (_HOST, False, "--tls-server-name"),  # a certificate for another host, --tls-ca given
+        (_SSL + "certificate has expired", False, "needs a new one"),
+        (_SSL + "self signed certificate in certificate chain", False, "--tls-ca"),
+        ("ipv4:127.0.0.1:1: Socket closed", True, "drop --insecure"),  # plaintext to a TLS port
+    ],
+)
+def test_tls_failures_say_which_flag_to_change(words: str, insecure: bool, want: str) -> None:
+    e = KvmeshError(grpc.StatusCode.UNAVAILABLE, words)
+    hint = client_flags.explain(e, argparse.Namespace(insecure=insecure))
+    assert hint.splitlines()[-1].startswith("(") and want in hint
+
+
 def test_a_node_that_is_not_serving_is_said_so() -> None:
     args = argparse.Namespace(insecure=True)
     unhealthy = KvmeshError(

@@ -343,6 +343,41 @@ def test_quickly_restarted_node_adopts_newer_incarnation_it_hears_about() -> Non
     assert b.incarnation == 6
 
 
+def _named(name: str, addr: str, now: float = 0.0, seed: int = 0) -> Membership:
+    return Membership(name, addr, CFG, now, random.Random(f"{seed}/{addr}"), logger=QUIET)
+
+
+def test_a_second_live_node_with_a_taken_id_yields_and_the_first_keeps_it() -> None:
+    net, (a, b, c) = joined_cluster("abc")
+    t = net.run(2.0, 60.0)  # b has long been a member
+    dup = _named("b", "elsewhere:7946", now=t)  # an operator starts another node named b
+    net.nodes[dup.addr] = dup
+    net.events["b"] = []
+    net.deliver(dup.join([a.addr], t), t)
+    t = net.run(t, t + 5.0)
+    assert dup.yielded and dup.id_conflict == b.addr  # it came second: it stops (the shell exits)
+    assert not b.yielded and not b.id_conflict  # the first one only refuted a claim
+    net.down.add(dup.addr)  # the node stopped
+    net.run(t, t + 5.0)
+    for n in (a, c):  # b is b again, where it was, for everyone
+        assert n.member("b").addr == b.addr and n.member("b").state == ALIVE
+    # the event the shell logs (both nodes' events land in net.events["b"]: same id)
+    assert ("id_conflict", b.addr) in [(e.kind, e.addr) for e in net.events["b"]]
+
+
+def test_a_restart_on_another_address_takes_the_id_back_without_a_conflict() -> None:
+    net, (a, b, c) = joined_cluster("abc")
+    t = net.run(2.0, 5.0)
+    net.down.add(b.addr)  # b's process is gone (a pod rescheduled: a new address)
+    b2 = _named("b", "moved:7946", now=t, seed=7)
+    net.nodes[b2.addr] = b2
+    net.deliver(b2.join([a.addr], t), t)
+    net.run(t, t + 40.0)
+    assert not b2.yielded and not b2.id_conflict
+    for n in (a, c):
+        assert n.member("b").addr == b2.addr and n.member("b").state == ALIVE
+
+
 def test_push_pull_merges_and_treats_remote_dead_as_suspect() -> None:
     a, b = node("a"), node("b")
     a.handle(Gossip("x:1", a.addr, (Alive("b", b.addr, 0), Alive("c", "c:1", 0))), 0.0)
