@@ -59,7 +59,9 @@ GPU block's set of groups (a bit per group, only for blocks some group
 other than 0 stored), and a removal forgets the block when its last group
 removes it. A store or removal without ``group_idx`` (engines without
 groups) acts on the block as a whole. The sets are the owner's: a new owner
-starts from the log's mapping with each block held by group 0 alone.
+starts from the log's mapping without them, and a block it restored goes
+with the first removal by any group (a block another group still holds is
+then routed as cold, never predicted where the engine no longer has it).
 
 Block size: the mapper is given the size the engine is registered with (the
 size every node hashes that engine's prompts at) and refuses a store of any
@@ -181,6 +183,7 @@ class BlockMapper:
         # GPU engine hash -> the KV-cache groups holding it (a bit each), for
         # the blocks held by a group other than 0 (module docstring)
         self._groups: dict[EngineHash, int] = {}
+        self._restored = False  # the mapping came from a handover: its blocks' groups are unknown
         self.stats = MapperStats()
         self._skips_logged: set[str] = set()  # reasons already logged at warning level
 
@@ -358,7 +361,8 @@ class BlockMapper:
                     hs, ehs = [], []
                 _, dropped = unbind(eh)
                 self._repeats.pop((t, eh), None)
-                groups.pop(eh, None)
+                if t == TIER_GPU:
+                    groups.pop(eh, None)
                 emit(OP_REMOVE, t, [old] if dropped else [], [eh])
             bind(eh, rh)
             if bit > _GROUP_0:
@@ -425,13 +429,8 @@ class BlockMapper:
         repeats = self._repeats
         groups = self._groups if t == TIER_GPU else None
         for eh in engine_hashes:
-            if groups is not None and (groups or group):
-                held = groups.pop(eh, _GROUP_0)
-                left = held & ~(1 << group) if group is not None else 0
-                if left:  # another group still holds it
-                    if left != _GROUP_0:
-                        groups[eh] = left
-                    continue
+            if groups is not None and (groups or group) and self._held_by_another(eh, group):
+                continue
             if repeats and t != TIER_GPU:
                 left = repeats.get((t, eh), 0)
                 if left:  # still announced by another holder of it on this tier
@@ -450,11 +449,24 @@ class BlockMapper:
                 out.append(rh)
         return out, eout
 
+    def _held_by_another(self, eh: EngineHash, group: int | None) -> bool:
+        """``group`` removes GPU block ``eh``: whether another group still holds
+        it (its set loses ``group``), else it goes (its set with it)."""
+        groups = self._groups
+        known = groups.pop(eh, None)
+        if known is None:  # group 0's alone, or unknown since a handover: this group's
+            known = 1 << group if self._restored and group is not None else _GROUP_0
+        left = known & ~(1 << group) if group is not None else 0
+        if left and left != _GROUP_0:
+            groups[eh] = left
+        return bool(left)
+
     def clear(self) -> None:
         """Forget every block, every tier (engine cleared its cache, or the worker is reset)."""
         self.block_map.clear()
         self._repeats.clear()
         self._groups.clear()
+        self._restored = False
 
     # --- handover --------------------------------------------------------------
 
@@ -470,6 +482,7 @@ class BlockMapper:
         self.block_map = BlockMap.from_pairs(pairs)
         self._repeats.clear()
         self._groups.clear()
+        self._restored = True
 
 
 def _bad_group(group: int | None) -> str | None:

@@ -28,10 +28,19 @@ only noticed when the next one arrives, and an engine that goes quiet right
 after a loss (a lost final ``AllBlocksCleared`` is the costly case: every block
 it cleared stays indexed) would leave the index wrong for as long as it stays
 quiet. After ``replay_probe_after`` seconds without a live batch a rank asks
-the replay socket for everything after its last applied batch; the usual
-answer is just the end marker, which costs one round trip. The probe runs in
-the rank's own task, like gap fills, so it can never overlap a replay of the
+the replay socket first for its last applied batch (is the engine still the
+process that sent it?) and then for everything after it; the usual answers
+are that batch and the end marker, two round trips. The probe runs in the
+rank's own task, like gap fills, so it can never overlap a replay of the
 same rank, and a rank that keeps receiving batches is never probed.
+
+Restarts. An engine restarted on the same ports is a new process: an empty
+cache, batches numbered from 0 again. The sequencer sees it on the first
+live batch numbered at or below the last applied one; a probe or a new
+owner's catch-up sees it sooner, or when that batch was lost
+(:meth:`EventAdapter._restart_seen`). A new owner does not have the digest
+of the last batch the log holds, so a restarted engine whose numbering has
+already passed that batch's is found only by its next live batch.
 
 Block size. Every node hashes an engine's prompts in blocks of the size the
 engine is registered with, so events of any other size could never match a

@@ -104,8 +104,8 @@ class Usage:
     cached_tokens: int = 0
     finish_reason: str = ""
     # The engine's usage did not say how much of the prompt it had cached:
-    # vLLM says it only with --enable-prompt-tokens-details, SGLang only with
-    # --enable-cache-report.
+    # vLLM says it only with --enable-prompt-tokens-details and a hit (with
+    # none cached it says nothing either), SGLang only with --enable-cache-report.
     cached_unreported: bool = False
 
 

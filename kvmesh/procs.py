@@ -216,7 +216,7 @@ def engine_flag(engine_id: str, p: Proc, model: str = SIM_MODEL, block_size: int
 def start_all(starts: Sequence[Callable[[], Proc]]) -> list[Proc]:
     """Run process starters at once (each waits for its READY line), in
     their order; all or none. Starting is mostly the interpreter's imports,
-    so a mesh of several nodes comes up in about the time of one or two."""
+    which the processes then do side by side."""
     if not starts:
         return []
     with ThreadPoolExecutor(max_workers=len(starts)) as pool:

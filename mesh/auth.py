@@ -30,14 +30,15 @@ MIN_SECRET_BYTES = 16
 
 
 def readable_by_others(path: str) -> str | None:
-    """The mode of a secret file (a key, tokens, the mesh secret) that its
-    group or other users may read, as ``ls`` shows it; None if only its
-    owner may (or it cannot be read: its reader says so)."""
+    """The mode of a secret file (a key, tokens, the mesh secret) that users
+    other than its owner and group may read, as ``ls`` shows it; None if they
+    may not (or it cannot be read: its reader says so). A group may be meant
+    to read it (a Kubernetes secret volume with ``defaultMode: 0440``)."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return None
-    return stat.filemode(mode) if mode & 0o044 else None
+    return stat.filemode(mode) if mode & 0o004 else None
 
 
 class MeshAuthError(ValueError):

@@ -89,19 +89,23 @@ Join and leave
     are forgotten ``dead_reclaim_time`` after their last state change.
 
 Node ids
-    A record of our own id at another address, at our incarnation or above,
-    is a *claim*. The first claim from an address is taken for our previous
+    A record of our own id at another address above our incarnation is a
+    *claim* (one at our incarnation is refuted again: members keep the first
+    of equal incarnations, a stale record of our previous life maybe). The
+    first claim from an address is taken for our previous
     life (a restart on a new address: a rescheduled pod) and refuted, so the
     mesh learns where we are now. A second claim from the same address means
     a live member there refuted us in turn: two running nodes have one id,
     and each would take the other's engines for as long as both run. The one
-    whose id was claimed within ``id_claim_window`` of starting came second:
+    that found the other in the member list its join got back came second:
     it stops refuting (``yielded``; the shell stops the node without a
     ``Leave``, which would be the other's) and the event ``id_conflict`` is
     queued; the other keeps refuting. A member that probes us from an
     address other than the one we know for it gets a push-pull at once (a
     differing view), so a node that took a live member's id learns of the
-    owner within one of its probe cycles.
+    owner within one of its probe cycles. Two nodes started with one id at
+    the same moment, neither in the other's join reply, both keep refuting
+    and both log the conflict.
 
 Outputs
     ``tick``/``handle``/``join``/``leave`` return messages to send. Membership
@@ -185,9 +189,6 @@ class MembershipConfig:
     max_message_bytes: int = 1400  # memberlist's UDP buffer: piggyback budget per message
     max_queued_broadcasts: int = 4096
     max_pending_events: int = 10_000
-    # Seconds from joining during which a claim on our node id from another
-    # address makes us the one that came second ("Node ids" in the docstring).
-    id_claim_window: float = 10.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -283,9 +284,9 @@ class Membership:
         self._next_join = math.inf
         self._reconnect_tried: dict[str, float] = {}  # dead node id -> last reconnect push-pull
         self._differing_push_pull: dict[str, float] = {}  # addr -> last push-pull on differing views
-        self._started = now
-        self._claims: dict[str, int] = {}  # another address -> times it claimed our node id
-        self._came_second = False  # our id was claimed from elsewhere soon after we started
+        self._claims: dict[str, int] = {}  # another address -> times it claimed our id above us
+        # addresses a live record of our id had in the member list our join got back
+        self._taken_at_join: set[str] = set()
         self.id_conflict = ""  # the address of a live member that uses our node id too
         self.yielded = False  # we came second: we stopped answering for our id (the node must stop)
 
@@ -525,6 +526,11 @@ class Membership:
         out.append(JoinReply(self.addr, msg.src, self.node_id, self._records()))
 
     def _handle_join_reply(self, msg: JoinReply, now: float, out: list[SwimMessage]) -> None:
+        if self._join_pending:  # our id already had a live holder when we came ("Node ids")
+            me, here = self.node_id, self.addr
+            self._taken_at_join.update(
+                r.addr for r in msg.members if r.node == me and r.addr != here and r.state == ALIVE
+            )
         self._merge(msg.members, msg.node, now)
         if not self._join_pending or msg.node == self.node_id:
             return
@@ -750,7 +756,10 @@ class Membership:
             if self._leaving or self.yielded:
                 return
             if a.addr != self.addr and a.incarnation >= self._self.incarnation:
-                if self._claimed(a.addr, now):
+                # Equal: our refutation has not replaced a stale record there
+                # yet (members keep the first of equal incarnations): again,
+                # above it. Above: a claim.
+                if a.incarnation == self._self.incarnation or self._claimed(a.addr, now):
                     self._refute(a.incarnation)
             elif a.incarnation > self._self.incarnation:
                 # Someone knows a newer incarnation of us: we restarted and lost it.
@@ -779,25 +788,25 @@ class Membership:
         The first claim from an address is our own previous life (a restart
         on another address): refuted, the mesh learns our address. A second
         one means it refuted us in turn: a live member uses our id. Of the
-        two, the one whose id was claimed soon after it started came second
-        and yields: it stops refuting, and the node stops (without a Leave,
-        which would be taken as the other's). The other keeps refuting."""
+        two, the one that found the other in the member list its join got
+        back came second and yields: it stops refuting, and the node stops
+        (without a Leave, which would be taken as the other's). The other
+        keeps refuting."""
         n = self._claims[addr] = self._claims.get(addr, 0) + 1
+        second = addr in self._taken_at_join
         if n == 1:
-            if len(self._claims) == 1:
-                self._came_second = now - self._started <= self.config.id_claim_window
-            self._log.warning("membership.node_id_claimed", other_addr=addr, came_second=self._came_second)
+            self._log.warning("membership.node_id_claimed", other_addr=addr, came_second=second)
             return True
         if not self.id_conflict:
             self.id_conflict = addr
             self._log.error(
                 "membership.node_id_conflict",
                 other_addr=addr,
-                yielding=self._came_second,
+                yielding=second,
                 hint="two running nodes have this --node-id; give each its own",
             )
             self._events.append(MemberEvent("id_conflict", self.node_id, addr, self._self.incarnation, now))
-        if self._came_second:
+        if second:
             self.yielded = True
             return False
         return True

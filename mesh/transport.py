@@ -126,10 +126,19 @@ def _not_a_member(auth: dict[str, list[bytes]] | None, name: str) -> str | None:
     auth = auth or {}
     names = [v.decode(errors="replace") for k in ("x509_subject_alternative_name", "x509_common_name")
              for v in auth.get(k, ())]  # fmt: skip
-    if name in names:
+    if any(_name_matches(n, name) for n in names):
         return None
     shown = ", ".join(names) or "none"
     return f"the caller's certificate does not name the mesh ({name!r}; it names: {shown})"
+
+
+def _name_matches(pattern: str, name: str) -> bool:
+    """A certificate name against the mesh's, as hostname verification takes
+    it: exactly, or a wildcard for the whole first label (``*.mesh.example``)."""
+    if pattern.lower() == name.lower():
+        return True
+    head, dot, rest = name.partition(".")
+    return pattern.startswith("*.") and bool(dot and head) and pattern[2:].lower() == rest.lower()
 
 
 class _Servicer:

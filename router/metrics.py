@@ -142,8 +142,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("kvmesh_engine_cached_prompt_tokens_total", "counter", ("engine",),
            "of those, the tokens it reported cached (its hit rate is the ratio)"),
     Family("kvmesh_engine_cached_tokens_unreported_total", "counter", ("engine",),
-           "requests the engine finished without reporting cached prompt tokens, left out of the hit "
-           "rates and mispredictions (vLLM: --enable-prompt-tokens-details, SGLang: --enable-cache-report)"),
+           "requests this node's engine finished before it ever reported cached prompt tokens, left out "
+           "of the hit rates and mispredictions (vLLM: --enable-prompt-tokens-details, SGLang: "
+           "--enable-cache-report)"),
     Family("kvmesh_engine_event_seq", "gauge", ("engine", "worker"),
            "last KV-event sequence number in this node's copy of the engine's log, per worker"),
     Family("kvmesh_engine_events_total", "counter", ("engine",),

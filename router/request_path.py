@@ -42,6 +42,12 @@ from router.policies import POLICY_NAMES, Candidate, Decision, RouteRequest, can
 
 log = structlog.get_logger(__name__)
 
+# Requests an engine finishes without ever reporting cached tokens before
+# router.cached_tokens_unreported is logged: vLLM reports none for a request
+# without a hit, so the first few of an engine started with the flag say
+# nothing either.
+UNREPORTED_WARN_AFTER = 20
+
 __all__ = [
     "DP_RANK_HEADER",
     "Accounting",
@@ -387,10 +393,13 @@ class NodeStats:
     mispredictions_by_policy: Counter[str] = field(default_factory=Counter)  # engine reported fewer
     prompt_tokens_by_engine: Counter[str] = field(default_factory=Counter)
     cached_tokens_by_engine: Counter[str] = field(default_factory=Counter)
-    # Requests an engine finished without saying how much of the prompt it
-    # had cached: left out of every count above (a hit rate of 0 and every
-    # route a misprediction would be the engine's silence, not the router's).
+    # Requests finished by an engine that has never said how much of the
+    # prompt it had cached: left out of every count above (a hit rate of 0
+    # and every route a misprediction would be the engine's silence, not the
+    # router's). Once it has said so, its silence is none cached (vLLM says
+    # nothing of a request without a hit).
     cached_unreported_by_engine: Counter[str] = field(default_factory=Counter)
+    cached_reporting_engines: set[str] = field(default_factory=set)
 
 
 def predicted_cached_tokens(predicted_blocks: int, block_size: int, prompt_tokens: int) -> int:
@@ -474,8 +483,11 @@ class Accounting:
         self._engine_answered(now)
         stats = self._stats
         stats.requests_by_engine[routed.engine_id] += 1
-        if usage.cached_unreported:
-            self._unreported(routed.engine_id)
+        engine = routed.engine_id
+        if not usage.cached_unreported:
+            stats.cached_reporting_engines.add(engine)
+        if usage.cached_unreported and engine not in stats.cached_reporting_engines:
+            self._unreported(engine)
         else:
             stats.prompt_tokens_total += usage.prompt_tokens
             stats.cached_prompt_tokens_total += usage.cached_tokens
@@ -509,15 +521,17 @@ class Accounting:
 
     def _unreported(self, engine: str) -> None:
         unreported = self._stats.cached_unreported_by_engine
-        if not unreported[engine]:
+        unreported[engine] += 1
+        # not at once: a reporting engine's cold requests say nothing either
+        if unreported[engine] == UNREPORTED_WARN_AFTER:
             log.warning(
                 "router.cached_tokens_unreported",
                 engine=engine,
                 hint="the engine does not report cached prompt tokens, so hit rates and mispredictions "
                 "leave it out: start vLLM with --enable-prompt-tokens-details, SGLang with "
                 "--enable-cache-report",
+                requests=UNREPORTED_WARN_AFTER,
             )
-        unreported[engine] += 1
 
     def _engine_answered(self, now: float) -> None:
         """The engine did its part (whatever became of the request)."""

@@ -42,6 +42,7 @@ from router.tracing import trace_from_metadata
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(EngineSpec))
 _READY_POLL = 0.02  # seconds between checks that the node has joined the mesh
 _DRAIN_POLL = 0.05  # seconds between checks that the requests in flight have finished
+_ID_CONFLICT_POLL = 0.25  # seconds between checks that another live node has taken this node's id
 
 
 async def _abort(
@@ -593,7 +594,7 @@ async def _watch_node_id(node: RouterNode, stop: asyncio.Event) -> None:
     engines for as long as both run."""
     membership = node.core.membership
     while not membership.yielded:
-        await asyncio.sleep(_READY_POLL)
+        await asyncio.sleep(_ID_CONFLICT_POLL)
     node.stopped_for = (
         f"node id {node.node_id!r} is in use by a live member at {membership.id_conflict}: "
         "give this node another --node-id"

@@ -137,7 +137,10 @@ def connection_hint(message: str, insecure: bool) -> str | None:
     m = message.lower()
     if insecure:
         if "socket closed" in m or "connection reset" in m:
-            return "a node that serves TLS closes plaintext connections: drop --insecure (and give --tls-ca)"
+            return (
+                "the node closed the connection: if it serves TLS (it closes plaintext ones), "
+                "drop --insecure (and give --tls-ca)"
+            )
         return None
     if "hostname verification" in m or "no match found for server name" in m:
         return (
@@ -145,8 +148,11 @@ def connection_hint(message: str, insecure: bool) -> str | None:
             "or give that name with --tls-server-name"
         )
     if "expired" in m or "not yet valid" in m:
-        return "the node's certificate has expired or is not yet valid: the node needs a new one"
-    if "certificate" in m and "verif" in m:
+        return (
+            "a certificate has expired or is not yet valid: the node's (it needs a new one), "
+            "or this client's --tls-cert"
+        )
+    if "certificate_verify_failed" in m or "certificate verify failed" in m:
         return "the node's certificate is not signed by a CA this client trusts: give its CA with --tls-ca"
     if "handshake" in m:
         return (

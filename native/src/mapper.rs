@@ -255,6 +255,8 @@ pub struct Mapper {
     /// GPU engine hash -> the KV-cache groups holding it (a bit each), for
     /// the blocks held by a group other than 0 (`block_mapper`'s docstring).
     groups: FastMap<EHash, u64>,
+    /// The mapping came from a handover (`restore`): its blocks' groups are unknown.
+    restored: bool,
     roots: HashMap<(Option<String>, Option<String>), u64>,
     pub stats: Stats,
     packed: Vec<u8>,
@@ -269,6 +271,7 @@ impl Mapper {
             lower: Vec::new(),
             repeats: FastMap::default(),
             groups: FastMap::default(),
+            restored: false,
             roots: HashMap::new(),
             stats: Stats::default(),
             packed: Vec::new(),
@@ -335,11 +338,13 @@ impl Mapper {
         self.lower.clear();
         self.repeats.clear();
         self.groups.clear();
+        self.restored = false;
     }
 
     /// Replaces the mapping with `pairs` (engine hash, router hash, tier).
     pub fn restore(&mut self, pairs: impl IntoIterator<Item = (EHash, u64, u8)>) {
         self.clear();
+        self.restored = true;
         for (eh, rh, t) in pairs {
             let m = self.map_of(t);
             if m.to_router.get(&eh) != Some(&rh) {
@@ -531,7 +536,9 @@ impl Mapper {
             let (_, dropped) = m.unbind(&eh);
             m.bind(eh.clone(), rh);
             self.repeats.remove(&(t, eh.clone()));
-            self.groups.remove(&eh);
+            if t == TIER_GPU {
+                self.groups.remove(&eh);
+            }
             if bit > GROUP_0 {
                 self.groups.insert(eh.clone(), bit);
             }
@@ -576,7 +583,9 @@ impl Mapper {
         }
         for eh in ehs {
             if t == TIER_GPU && (bit > GROUP_0 || !self.groups.is_empty()) {
-                let held = self.groups.remove(eh).unwrap_or(GROUP_0);
+                // group 0's alone, or unknown since a handover: this group's
+                let unknown = if self.restored { bit } else { GROUP_0 };
+                let held = self.groups.remove(eh).unwrap_or(unknown);
                 let left = if bit == 0 { 0 } else { held & !bit };
                 if left != 0 {
                     // another group still holds it

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh.auth import MAC_KEY, TIME_KEY, MeshAuthError, MeshSecret, readable_by_others
+from mesh.transport import _name_matches
 from router.auth import AuthError, TokenTable
 
 TABLE = TokenTable.parse("# clients\nclient-token-0123456789\nadmin-token-0123456789 admin\n")
@@ -77,11 +78,21 @@ def test_a_token_that_is_not_ascii_is_a_bad_token_not_a_crash() -> None:
     assert TABLE.role_of("Bearer admin-token-0123456789\udce9") is None  # undecodable header bytes
 
 
+@pytest.mark.parametrize(
+    "pattern,ok",
+    [("kvmesh-mesh", True), ("KVMESH-MESH", True), ("kvmesh-client", False), ("*.mesh.example", False)],
+)
+def test_a_mesh_callers_certificate_must_carry_the_mesh_name(pattern: str, ok: bool) -> None:
+    assert _name_matches(pattern, "kvmesh-mesh") is ok
+    assert _name_matches("*.example", "mesh.example") and not _name_matches("*.example", "a.b.example")
+    assert not _name_matches("*.example", "example")
+
+
 def test_a_secret_file_others_may_read_is_named_with_its_mode(tmp_path: Path) -> None:
     f = tmp_path / "secret"
     f.write_text("x" * 32)
-    f.chmod(0o600)
+    f.chmod(0o640)  # its group may read it (a secret volume's defaultMode 0440)
     assert readable_by_others(str(f)) is None
-    f.chmod(0o640)
-    assert readable_by_others(str(f)) == "-rw-r-----"
+    f.chmod(0o644)
+    assert readable_by_others(str(f)) == "-rw-r--r--"
     assert readable_by_others(str(tmp_path / "missing")) is None  # its reader says why

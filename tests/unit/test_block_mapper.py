@@ -446,6 +446,31 @@ def test_kv_cache_groups_come_and_go_with_the_block_and_engines_without_groups_a
     assert d.ops == [] and m.stats.skipped_by_reason == {"undecodable": 2}
 
 
+def test_after_a_handover_any_kv_cache_groups_removal_forgets_a_block() -> None:
+    # The groups holding a block are the old owner's; a new owner does not
+    # know them: a block goes with the first removal of any group (routed as
+    # cold if another group still held it, never predicted once gone).
+    tokens = list(range(8))
+    rhs = block_hashes(tokens, BS, root_seed(MODEL))
+    old = BlockMapper(MODEL, "w")
+    old.map_batch([_stored([1, 2], None, tokens, group_idx=g) for g in (0, 1)], seq=0)
+    old.map_batch([BlockRemoved([1], group_idx=0)], seq=1)  # block 1: group 1's alone now
+    new = BlockMapper(MODEL, "w")
+    new.restore(old.export())
+    assert new.map_batch([BlockRemoved([1], group_idx=1)], seq=2).ops == [KvOp(OP_REMOVE, [rhs[0]], [1])]
+    assert new.map_batch([BlockRemoved([2], group_idx=1)], seq=3).ops == [KvOp(OP_REMOVE, [rhs[1]], [2])]
+
+
+def test_a_lower_tier_copy_leaves_the_gpu_blocks_groups_alone() -> None:
+    tokens, other = list(range(4)), list(range(10, 14))
+    (rh,) = block_hashes(tokens, BS, root_seed(MODEL))
+    m = BlockMapper(MODEL, "w")
+    m.map_batch([_stored([1], None, tokens, group_idx=2)], seq=0)
+    m.map_batch([_stored([1], None, other, medium="CPU"), _stored([1], None, tokens, medium="CPU")], seq=1)
+    assert m.map_batch([BlockRemoved([1], group_idx=0)], seq=2).ops == []  # group 2 still holds it
+    assert m.map_batch([BlockRemoved([1], group_idx=2)], seq=3).ops == [KvOp(OP_REMOVE, [rh], [1])]
+
+
 def test_a_store_of_another_block_size_is_refused_and_the_rest_applies() -> None:
     m = BlockMapper(MODEL, "w", block_size=16)
     page1 = BlockStored([1, 2, 3], None, [7, 8, 9], 1)  # SGLang's default page size

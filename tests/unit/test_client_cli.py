@@ -171,7 +171,7 @@ _SSL = "ipv4:127.0.0.1:1: Ssl handshake failed: SSL_ERROR_SSL: CERTIFICATE_VERIF
     "words,insecure,want",
     [
         (_HOST, False, "--tls-server-name"),  # a certificate for another host, --tls-ca given
-        (_SSL + "certificate has expired", False, "needs a new one"),
+        (_SSL + "certificate has expired", False, "the node's (it needs a new one)"),
         (_SSL + "self signed certificate in certificate chain", False, "--tls-ca"),
         ("ipv4:127.0.0.1:1: Socket closed", True, "drop --insecure"),  # plaintext to a TLS port
     ],

@@ -238,8 +238,8 @@ def test_unknown_extra_fields_are_ignored_in_every_shape() -> None:
 
 def test_positional_events_read_vllms_later_fields_in_its_order() -> None:
     # A build that keeps positional events with the newer fields: the cache
-    # salt is in extra_keys ($[8]), the KV-cache group in group_idx ($[9]);
-    # dropping them indexed a salted tenant's blocks under the unsalted root.
+    # salt is in extra_keys ($[8]) (without it a salted tenant's blocks would
+    # be indexed under the unsalted root), the KV-cache group in group_idx ($[9]).
     stored = ["BlockStored", [11, 12], None, [1, 2, 3, 4], 2, None, "GPU", None, [["tenant-1"], None], 1,
               "sliding_window", 128, "LOCAL", None, "session-7", [[5], [6]], "future"]  # fmt: skip
     removed = ["BlockRemoved", [12], "GPU", 1, "LOCAL", None]

@@ -347,16 +347,17 @@ def _named(name: str, addr: str, now: float = 0.0, seed: int = 0) -> Membership:
     return Membership(name, addr, CFG, now, random.Random(f"{seed}/{addr}"), logger=QUIET)
 
 
-def test_a_second_live_node_with_a_taken_id_yields_and_the_first_keeps_it() -> None:
+@pytest.mark.parametrize("after", [3.0, 60.0])  # b joined moments ago, or long ago
+def test_a_second_live_node_with_a_taken_id_yields_and_the_first_keeps_it(after: float) -> None:
     net, (a, b, c) = joined_cluster("abc")
-    t = net.run(2.0, 60.0)  # b has long been a member
+    t = net.run(2.0, after)
     dup = _named("b", "elsewhere:7946", now=t)  # an operator starts another node named b
     net.nodes[dup.addr] = dup
     net.events["b"] = []
     net.deliver(dup.join([a.addr], t), t)
     t = net.run(t, t + 5.0)
     assert dup.yielded and dup.id_conflict == b.addr  # it came second: it stops (the shell exits)
-    assert not b.yielded and not b.id_conflict  # the first one only refuted a claim
+    assert not b.yielded  # the first one keeps its id (it may have logged the conflict too)
     net.down.add(dup.addr)  # the node stopped
     net.run(t, t + 5.0)
     for n in (a, c):  # b is b again, where it was, for everyone
@@ -376,6 +377,19 @@ def test_a_restart_on_another_address_takes_the_id_back_without_a_conflict() -> 
     assert not b2.yielded and not b2.id_conflict
     for n in (a, c):
         assert n.member("b").addr == b2.addr and n.member("b").state == ALIVE
+
+
+def test_a_stale_record_of_a_previous_life_at_our_incarnation_is_refuted_not_taken_for_a_live_node() -> None:
+    # A restart on a new address: the seed knew incarnation 3 of the old
+    # process, another member a later 4 (members keep the first of equal
+    # incarnations, so our refutation to 4 did not replace it there).
+    b2 = _named("b", "moved:7946", now=100.0)
+    b2.join(["a:7946"], 100.0)
+    seed_view = (MemberRecord("a", "a:7946", 0, ALIVE), MemberRecord("b", "b:7946", 3, ALIVE))
+    b2.handle(JoinReply("a:7946", b2.addr, "a", seed_view), 100.0)
+    assert b2.incarnation == 4
+    b2.handle(PushPull("c:7946", b2.addr, "c", (MemberRecord("b", "b:7946", 4, ALIVE),)), 101.0)
+    assert b2.incarnation == 5 and not b2.yielded and not b2.id_conflict
 
 
 def test_push_pull_merges_and_treats_remote_dead_as_suspect() -> None:

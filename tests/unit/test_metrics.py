@@ -185,13 +185,22 @@ def test_a_route_is_mispredicted_when_the_engine_held_less_than_predicted() -> N
 
 def test_an_engine_that_reports_no_cached_tokens_is_left_out_of_hit_rates_and_mispredictions() -> None:
     stats = NodeStats()
-    _finish(stats, predicted_blocks=6, cached=24)
     for _ in range(3):  # usage without prompt_tokens_details: not a miss, not a misprediction
         _finish(stats, predicted_blocks=6, cached=0, unreported=True)
-    assert stats.predictions_by_policy == {"precise": 1} and stats.mispredictions_by_policy == {}
-    assert stats.prompt_tokens_by_engine == {"e1": 40} and stats.cached_tokens_by_engine == {"e1": 24}
-    assert (stats.prompt_tokens_total, stats.cached_prompt_tokens_total) == (40, 24)
-    assert stats.cached_unreported_by_engine == {"e1": 3} and stats.requests_by_engine == {"e1": 4}
+    assert stats.predictions_by_policy == {} and stats.mispredictions_by_policy == {}
+    assert stats.prompt_tokens_by_engine == {} and stats.cached_tokens_by_engine == {}
+    assert (stats.prompt_tokens_total, stats.cached_prompt_tokens_total) == (0, 0)
+    assert stats.cached_unreported_by_engine == {"e1": 3} and stats.requests_by_engine == {"e1": 3}
+
+
+def test_once_an_engine_has_reported_cached_tokens_its_silence_is_none_cached() -> None:
+    # vLLM with --enable-prompt-tokens-details says nothing of a request without a hit
+    stats = NodeStats()
+    _finish(stats, predicted_blocks=6, cached=0, unreported=True)  # before any report: left out
+    _finish(stats, predicted_blocks=6, cached=24)
+    _finish(stats, predicted_blocks=6, cached=0, unreported=True)  # a miss: mispredicted
+    assert stats.predictions_by_policy == {"precise": 2} and stats.mispredictions_by_policy == {"precise": 1}
+    assert stats.prompt_tokens_by_engine == {"e1": 80} and stats.cached_unreported_by_engine == {"e1": 1}
 
 
 # --- convergence lag -------------------------------------------------------------------------------
