@@ -40,11 +40,11 @@ from typing import Any
 import grpc
 
 from kvmesh.cli.client_flags import TARGET_ENV, TOKEN_ENV, connection_hint, token_from_file
+from kvmesh.client.config import DEFAULT_TARGET
 from kvmesh.client.errors import from_rpc_error
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 from router.auth import ADMIN
-from router.config import RouterConfig
 
 __all__ = ["configure_parser", "open_channel", "render", "run", "snapshot"]
 
@@ -53,12 +53,11 @@ _CLEAR = "\033[H\033[2J"
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    d = RouterConfig()
     p.add_argument(
         "--target",
-        default=os.environ.get(TARGET_ENV, d.listen),
+        default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
         metavar="HOST:PORT",
-        help=f"the node to ask (default: ${TARGET_ENV}, else {d.listen})",
+        help=f"the node to ask (default: ${TARGET_ENV}, else {DEFAULT_TARGET})",
     )
     p.add_argument("--json", action="store_true", help="print the snapshot as JSON (for scripts)")
     p.add_argument(

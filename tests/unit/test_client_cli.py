@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -267,3 +269,12 @@ def test_status_refuses_a_time_it_cannot_keep(flag: list[str], words: str, capsy
 
     assert status.run(_args(status, "--insecure", *flag)) == 2
     assert capsys.readouterr().err.startswith(f"kvmesh status: {words}")
+
+
+def test_status_loads_no_router_modules() -> None:
+    # The router's config pulls in aiohttp, the mesh and the engine adapters:
+    # seconds of imports for every `kvmesh status` an operator types.
+    heavy = "('router.config', 'mesh.', 'aiohttp')"
+    code = f"import sys, kvmesh.cli.status; print(sorted(m for m in sys.modules if m.startswith({heavy})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
