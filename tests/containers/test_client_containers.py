@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -68,12 +69,13 @@ def _dial_times(container: Any) -> list[float]:
     return [float(line.split()[2]) for line in out.splitlines() if line.startswith("DIAL ")]
 
 
-def _done_ids(container: Any) -> set[str]:
-    """The request ids a router logged as finished (``router.request_done``)."""
-    ids = set()
+def _done_ids(container: Any) -> dict[str, float]:
+    """The request ids a router logged as finished (``router.request_done``), with when."""
+    ids = {}
     for line in container.logs(stdout=True, stderr=True).decode(errors="replace").splitlines():
         if '"router.request_done"' in line and line.startswith("{"):
-            ids.add(json.loads(line)["request_id"])
+            rec = json.loads(line)
+            ids[rec["request_id"]] = datetime.fromisoformat(rec["timestamp"]).timestamp()  # UTC, "Z"
     return ids
 
 
@@ -194,10 +196,17 @@ def test_client_spreads_over_the_name_survives_a_kill_and_finds_a_new_node(
     )
 
     # Each request the client saw end well was served by exactly one node (none ran
-    # twice); each that failed was finished by none: it died with the node it ran on.
+    # twice); each that failed was finished by no survivor: it died with the node it
+    # ran on. The victim may have logged one as done at the instant of the kill: its
+    # handler had handed the last tokens to gRPC, whose send buffer died with it.
     where = Counter(n for ids in finished_on.values() for n in ids)
     assert all(where[r["id"]] == 1 for r in records if r["ok"]), "a request served twice, or by no node"
-    assert all(where[r["id"]] == 0 for r in failed), "a failed request was finished by a node"
+    for r in failed:
+        finished_by = [n for n, ids in finished_on.items() if r["id"] in ids]
+        assert finished_by in ([], [victim]), (r, finished_by, "a failed request was finished by a survivor")
+        if finished_by:
+            at = finished_on[victim][r["id"]]
+            assert t_kill - 1.0 < at < t_killed + 0.5, (r, at - t_kill, "logged done long before the kill")
     print(f"requests finished per node (their logs): { {n: len(ids) for n, ids in finished_on.items()} }")
 
     # No request that had not started streaming failed.
