@@ -30,7 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "kvmesh.cli.status",
         "one node's view of the mesh on one screen: members, engines, routing quality",
     ),
-    "demo": ("kvmesh.demo", "start engines and a router on this machine and compare policies"),
+    "demo": (
+        "kvmesh.demo",
+        "start simulated engines and a mesh of router nodes on this machine and compare policies",
+    ),
     "bench": (
         "kvmesh.bench",
         "benchmarks: routing vs peers, index, convergence, proxy, overload, reliability (docs/)",

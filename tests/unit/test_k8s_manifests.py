@@ -555,8 +555,9 @@ def check_router_ports_and_probes(objs: list[dict[str, Any]]) -> list[str]:
 
 
 def check_drain(objs: list[dict[str, Any]]) -> list[str]:
-    """preStop + the drain + leaving the mesh + stopping each server fit in
-    the termination grace period (router/service.py, serve's finally)."""
+    """preStop + the drain + leaving the mesh + cutting the streams left +
+    stopping each server fit in the termination grace period
+    (router/service.py, serve's finally)."""
     problems = []
     defaults = RouterConfig()
     for r in routers(objs):
@@ -567,11 +568,12 @@ def check_drain(objs: list[dict[str, Any]]) -> list[str]:
             problems.append(f"preStop {pre} is not a sleep")
             continue
         servers = 1 + bool(cfg.http_listen) + bool(cfg.mesh_listen)
-        need = float(command[1]) + cfg.drain_timeout + defaults.leave_timeout + servers * defaults.stop_grace
+        stops = 1 + servers  # service.cut_streams, then each server
+        need = float(command[1]) + cfg.drain_timeout + defaults.leave_timeout + stops * defaults.stop_grace
         grace = r.deployment["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
         if need > grace:
             problems.append(
-                f"preStop + drain + leave + stop = {need} s > terminationGracePeriodSeconds {grace}"
+                f"preStop + drain + leave + cut + stop = {need} s > terminationGracePeriodSeconds {grace}"
             )
     return problems
 
