@@ -381,12 +381,7 @@ class EventAdapter:
             if round_ == self._max_gap_rounds:
                 break
             if d.verdict is Verdict.RESTART:
-                st.stats.restarts += 1
-                self._log.warning(
-                    "adapter.publisher_restarted", worker=st.worker, seq=seq, last_seq=sequencer.last
-                )
-                self._reset_worker(st, "restart")
-                sequencer.reset(None)
+                self._restarted(st, "numbering_started_over", seq=seq)
                 continue
             st.stats.gaps += 1
             self._log.info("adapter.gap", worker=st.worker, seq=seq, gap_from=d.gap_from, gap_to=d.gap_to)
@@ -441,11 +436,12 @@ class EventAdapter:
             self._log.info("adapter.probe_answered", worker=st.worker)
         st.probe_failing = not answered
 
-    def _restarted(self, st: _RankState, why: str) -> None:
-        """The engine is a new process: forget its old cache, start its numbering over."""
+    def _restarted(self, st: _RankState, why: str, seq: int | None = None) -> None:
+        """The engine is a new process: forget its old cache, start its numbering over
+        (``seq``: the live batch that showed it, if one did)."""
         st.stats.restarts += 1
         self._log.warning(
-            "adapter.publisher_restarted", worker=st.worker, last_seq=st.sequencer.last, why=why
+            "adapter.publisher_restarted", worker=st.worker, seq=seq, last_seq=st.sequencer.last, why=why
         )
         self._reset_worker(st, "restart")
         st.sequencer.reset(None)
