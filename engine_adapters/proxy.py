@@ -138,9 +138,10 @@ class EngineClient:
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
 
-    async def context_window(self, endpoint: str, model: str) -> int | None:
-        """``max_model_len`` of ``model`` from the engine's ``GET /v1/models``
-        (vLLM and SGLang report it; None if the engine does not)."""
+    async def served_models(self, endpoint: str) -> dict[str, int | None] | None:
+        """The models the engine serves (its ``GET /v1/models``), each with its
+        ``max_model_len`` (vLLM and SGLang report it; None where the engine
+        does not); None if the engine gave no usable answer."""
         try:
             async with self._get_session().get(
                 f"{endpoint}/v1/models", timeout=aiohttp.ClientTimeout(total=self.config.health_timeout)
@@ -150,10 +151,7 @@ class EngineClient:
                 cards = _MODELS(await resp.read()).data
         except (aiohttp.ClientError, TimeoutError, OSError, msgspec.DecodeError):
             return None
-        for card in cards:
-            if card.id == model and card.max_model_len:
-                return card.max_model_len
-        return None
+        return {card.id: card.max_model_len or None for card in cards if card.id}
 
     async def stream_completion(
         self,

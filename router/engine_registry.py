@@ -131,6 +131,7 @@ class EngineRecord:
     healthy: bool = True  # from the last health probes (see router/health.py)
     failed_probes: int = 0  # health probes failed in a row
     max_model_len: int | None = None  # the engine's context window, from its /v1/models
+    model_missing: bool = False  # its /v1/models did not list spec.model (warned once)
     attempts: int = 0  # requests sent to it (one per attempt)
     failures: int = 0  # attempts it failed (before or after the first token)
 

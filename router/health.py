@@ -27,15 +27,16 @@ class HealthPoller:
         probe: Callable[[str], Awaitable[bool]],
         interval: float,
         log: structlog.typing.FilteringBoundLogger,
-        context_window: Callable[[str, str], Awaitable[int | None]] | None = None,
+        served_models: Callable[[str], Awaitable[dict[str, int | None] | None]] | None = None,
         down_after: int = 2,
     ) -> None:
         """``probe(endpoint)`` answers whether the engine at ``endpoint`` is
-        healthy; ``context_window(endpoint, model)`` its ``max_model_len``
-        (asked once per engine, when it is healthy)."""
+        healthy; ``served_models(endpoint)`` the models it serves, each with
+        its ``max_model_len`` (asked of a healthy engine until its context
+        window is known)."""
         self._engines = engines
         self._probe = probe
-        self._context_window = context_window
+        self._served_models = served_models
         self.interval = interval
         self.down_after = max(1, down_after)
         self._log = log
@@ -60,13 +61,33 @@ class HealthPoller:
         await self._learn_context_windows()
 
     async def _learn_context_windows(self) -> None:
-        if self._context_window is None:
+        """Each engine's context window, and a warning for an engine that
+        does not serve the model it was registered with (``model=`` left out
+        or misspelt): vLLM answers a request for another model with a 404."""
+        if self._served_models is None:
             return
         todo = [r for r in self._engines.values() if r.healthy and r.max_model_len is None]
         answers = await asyncio.gather(
-            *(self._context_window(r.spec.endpoint, r.spec.model) for r in todo), return_exceptions=True
+            *(self._served_models(r.spec.endpoint) for r in todo), return_exceptions=True
         )
-        for rec, n in zip(todo, answers):
-            if isinstance(n, int) and n > 0:
+        for rec, served in zip(todo, answers):
+            if not isinstance(served, dict) or not served:
+                continue  # no answer, or an engine that lists nothing: nothing to judge
+            model = rec.spec.model
+            if model not in served:
+                if not rec.model_missing:
+                    rec.model_missing = True
+                    self._log.warning(
+                        "router.engine_model_not_served",
+                        engine=rec.spec.engine_id,
+                        model=model,
+                        served=sorted(served),
+                    )
+                continue
+            if rec.model_missing:
+                rec.model_missing = False
+                self._log.info("router.engine_model_served", engine=rec.spec.engine_id, model=model)
+            n = served[model]
+            if n is not None and n > 0:
                 rec.max_model_len = n
                 self._log.info("router.engine_context_window", engine=rec.spec.engine_id, max_model_len=n)

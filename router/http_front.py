@@ -275,10 +275,12 @@ class HttpFront:
 
     async def model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        for card in await self._cards():
+        cards = await self._cards()
+        for card in cards:
             if card["id"] == name:
                 return web.json_response(card)
-        raise ModelNotFound(f"The model `{name}` does not exist.")
+        served = ", ".join(sorted(card["id"] for card in cards)) or "none"
+        raise ModelNotFound(f"The model `{name}` does not exist; served: {served}.")
 
     async def _cards(self) -> list[dict[str, Any]]:
         await self._learn_adapters()

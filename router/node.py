@@ -152,7 +152,7 @@ class RouterNode:
             self.client.health,
             cfg.health_interval,
             self.log,
-            self.client.context_window,
+            self.client.served_models,
             cfg.health_down_after,
         )
         self.admission = AdmissionGate(cfg.admission)
@@ -161,6 +161,8 @@ class RouterNode:
         self.loop_lag = LoopLag(cfg.loop_lag)  # how late the event loop runs what is due (router/loop_lag.py)
         self.tracer = make_tracer(cfg.tracing, self.node_id)  # spans only with --otlp-endpoint
         self.draining = False
+        # A second stop signal while draining: stop waiting for the requests in flight.
+        self.drain_cut_short = False
         self.stopped_for = ""  # why the node stopped on its own (its node id is another live member's)
         self._keys = itertools.count(1)
         self._tokenizers: dict[str, Tokenizer] = {}
@@ -269,8 +271,20 @@ class RouterNode:
             old = self.engines.get(eff.engine_id)
             if self.engines.put(spec):
                 self.log.info(
-                    "router.engine_added", engine=eff.engine_id, endpoint=spec.endpoint, model=spec.model
+                    "router.engine_added",
+                    engine=eff.engine_id,
+                    endpoint=spec.endpoint,
+                    model=spec.model,
+                    kv_events=spec.kv_events_endpoint or None,
                 )
+                if not spec.kv_events_endpoint:
+                    # Allowed (an engine that publishes no KV events is routed by load),
+                    # but precise routing cannot see its cache: say so where it starts.
+                    self.log.warning(
+                        "router.engine_without_kv_events",
+                        engine=eff.engine_id,
+                        hint="give it kv=tcp://HOST:PORT (and replay=) for cache-aware routing",
+                    )
             if old is not None and events_source(old.spec) != events_source(spec):
                 self._respecified(old.spec, spec)
         elif isinstance(eff, EngineRemoved):

@@ -426,7 +426,9 @@ class ModelCatalog:
             return requested, lora_name
         base = self.adapters.get(requested)
         if base is None or base not in served:
-            raise ModelNotFound(f"The model `{requested}` does not exist.")
+            names = sorted({*served, *(a for a, b in self.adapters.items() if b in served)})
+            said = ", ".join(names) or "none"
+            raise ModelNotFound(f"The model `{requested}` does not exist; served: {said}.")
         if lora_name and lora_name != requested:
             raise InvalidParam(
                 f"model {requested!r} is a LoRA adapter; lora_name {lora_name!r} names another", "lora_name"

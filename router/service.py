@@ -270,10 +270,13 @@ class RouterService(pb_grpc.RouterServicer):
         return pb.GenerateResponse(finished=_finished_pb(item))
 
     def _cut_error(self) -> Draining:
-        timeout = self.node.config.drain_timeout
+        if self.node.drain_cut_short:
+            why = "its operator cut the drain short"
+        else:
+            why = f"drain timeout {self.node.config.drain_timeout:g} s"
         return Draining(
-            f"node {self.node.node_id} stopped before this stream ended "
-            f"(drain timeout {timeout:g} s); send the request to another node"
+            f"node {self.node.node_id} stopped before this stream ended ({why}); "
+            "send the request to another node"
         )
 
     async def _cancelled(self, context: grpc.aio.ServicerContext, rid: str, timer: RequestTimer) -> None:
@@ -698,12 +701,13 @@ async def drain(node: RouterNode) -> None:
     left = node.in_flight()
     if left:
         node.log.info("router.draining", in_flight=left, timeout=node.config.drain_timeout)
-    while node.in_flight() and node.clock() < deadline:
+    while node.in_flight() and node.clock() < deadline and not node.drain_cut_short:
         await asyncio.sleep(_DRAIN_POLL)
     node.log.info(
         "router.drained",
         waited=round(node.clock() - t0, 3),
         unfinished=node.in_flight(),
+        cut_short=node.drain_cut_short,
     )
     if node.ready and not node.stopped_for:  # a Leave under a taken id would be the other node's
         await node.leave()

@@ -166,9 +166,11 @@ def connection_hint(message: str, insecure: bool) -> str | None:
 def explain(e: KvmeshError, args: argparse.Namespace) -> str:
     """The error for the terminal (with the request's id when the node gave
     one), and a hint where the flags are the likely cause."""
-    said = f"{e} (request {e.request_id})" if e.request_id else str(e)
     if e.status == "UNAVAILABLE" and (hint := connection_hint(e.message, args.insecure)) is not None:
+        said = e.without_hint()  # the hint in the CLI's flags instead of the library's arguments
+        said = f"{said} (request {e.request_id})" if e.request_id else said
         return f"{said}\n({hint})"
+    said = f"{e} (request {e.request_id})" if e.request_id else str(e)
     if e.status == "UNAVAILABLE" and "unhealthy" in e.message.lower():
         return (
             f"{said}\n(the node answers its health check NOT_SERVING: it is joining the mesh or "

@@ -339,8 +339,8 @@ def _add_overload_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
         "--drain-timeout",
         type=float,
         default=d.drain_timeout,
-        help="seconds requests in flight get to finish on SIGTERM or Admin.Drain, while new ones "
-        "are refused (default %(default)s)",
+        help="seconds requests in flight get to finish on SIGTERM, SIGINT or Admin.Drain, while new "
+        "ones are refused; a second SIGTERM or SIGINT ends the wait (default %(default)s)",
     )
 
 
@@ -624,6 +624,19 @@ def _concrete_addresses(cfg: RouterConfig) -> RouterConfig:
     )
 
 
+def _on_stop_signal(node: RouterNode, stop: asyncio.Event, sig: signal.Signals) -> None:
+    """The first SIGTERM or SIGINT drains (requests in flight get
+    --drain-timeout); another one cuts the drain short: the streams still
+    running end with UNAVAILABLE ``draining`` at once, and the node still
+    hands its engines over and leaves the mesh."""
+    if not stop.is_set():
+        stop.set()
+        return
+    if not node.drain_cut_short:
+        node.drain_cut_short = True
+        node.log.warning("router.drain_cut_short", signal=sig.name, in_flight=node.in_flight())
+
+
 def _toggle_debug(node: RouterNode) -> None:
     level = toggle_debug()
     node.log.warning("router.log_level_changed", log_level=level, by="SIGHUP")
@@ -638,7 +651,7 @@ async def _serve(cfg: RouterConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _on_stop_signal, node, stop, sig)
     loop.add_signal_handler(signal.SIGHUP, _toggle_debug, node)
     _freeze_startup_heap()
     await serve(node, stop, join=seeds)

@@ -343,7 +343,9 @@ def _explain(e: grpc.RpcError, target: str, insecure: bool) -> str:
         said = connection_hint(e.details() or "", insecure)
         said = said or "is it running? plaintext nodes need --insecure, TLS ones --tls-ca"
         hint = f" ({said})"
-    return f"{_PROG}: {target}: {from_rpc_error(e)}{hint}"  # as kvmesh generate says it
+    err = from_rpc_error(e)
+    said = err.without_hint() if hint else str(err)  # the hint in the CLI's flags, not the library's
+    return f"{_PROG}: {target}: {said}{hint}"  # as kvmesh generate says it
 
 
 def _once(channel: grpc.Channel, args: argparse.Namespace, token: str) -> str:

@@ -16,6 +16,10 @@ node gives a bad field, INVALID_ARGUMENT ``invalid_request``, before any
 I/O (:func:`invalid_request`). A node that also names its reason at the
 head of its message (``bad_token: this call needs a valid token``) is
 rendered with the reason once.
+
+A connection whose TLS handshake failed says, in ``hint`` and in the
+error's text, which argument of the client is the likely cause (the CLI
+words its own hints in its flags).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class KvmeshError(Exception):
         self.started = started
         self.request_id = request_id
         self.result = result
+        self.hint = _tls_hint(message) if code == grpc.StatusCode.UNAVAILABLE else ""
         super().__init__(str(self))
 
     @property
@@ -65,8 +70,29 @@ class KvmeshError(Exception):
         return str(self.code.name)
 
     def __str__(self) -> str:
+        hint = f" ({self.hint})" if self.hint else ""
+        return f"{self.without_hint()}{hint}"
+
+    def without_hint(self) -> str:
+        """The status, the node's reason and its message."""
         why = f" ({self.reason})" if self.reason else ""
         return f"{self.status}{why}: {self.message}"
+
+
+def _tls_hint(message: str) -> str:
+    """Which client argument a failed TLS handshake likely points at, from
+    gRPC's words ("" when they say nothing of TLS)."""
+    m = message.lower()
+    if "wrong_version_number" in m or "wrong version number" in m:
+        return (
+            "the node answered the TLS handshake in plaintext: a node run with --insecure, or with "
+            "tokens and no --tls-cert, takes tls=False"
+        )
+    if "hostname verification" in m or "no match found for server name" in m:
+        return "the node's certificate does not carry the name dialled: TlsConfig(server_name=...)"
+    if "certificate verify failed" in m or "certificate_verify_failed" in m:
+        return "the node's certificate is not signed by a CA this client trusts: TlsConfig(ca_file=...)"
+    return ""
 
 
 def invalid_request(message: str) -> KvmeshError:

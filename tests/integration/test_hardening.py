@@ -321,6 +321,33 @@ async def test_a_stream_longer_than_the_drain_timeout_ends_with_a_reason(engines
         router.stop()
 
 
+async def test_a_second_stop_signal_cuts_the_drain_short(engines):
+    flags = [procs.engine_flag(f"e{i}", p) for i, p in enumerate(engines)]
+    router = _router(flags, ["--drain-timeout", "60"])
+    try:
+        async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
+            stub = pb_grpc.RouterStub(ch)
+            long = asyncio.create_task(_call(stub, _req(_tokens(8, 100), max_tokens=2000), timeout=60))
+            await asyncio.sleep(1.0)  # streaming by now; 2000 tokens take far longer than this test
+            assert not long.done()
+            router.popen.send_signal(signal.SIGINT)  # Ctrl-C: drains
+            await asyncio.sleep(1.0)
+            assert not long.done()  # the drain waits for it
+            t0 = time.monotonic()
+            router.popen.send_signal(signal.SIGINT)  # again: stop waiting
+            code, reason, details, out = await long
+            assert (code, reason) == ("UNAVAILABLE", "draining"), details
+            assert "cut the drain short" in details
+            assert 0 < _tokens_of(out) < 2000
+            router.popen.wait(30)
+            assert router.popen.returncode == 0
+            assert time.monotonic() - t0 < 15  # not the 60 s drain timeout
+    finally:
+        router.stop()
+    assert any("router.drain_cut_short" in line and "signal=SIGINT" in line for line in router.output)
+    assert any("router.drained" in line and "cut_short=True" in line for line in router.output)
+
+
 async def test_past_its_bound_a_node_sheds_at_once(engines):
     router = _router(
         [procs.engine_flag(f"e{i}", p) for i, p in enumerate(engines)],

@@ -278,3 +278,25 @@ def test_status_loads_no_router_modules() -> None:
     code = f"import sys, kvmesh.cli.status; print(sorted(m for m in sys.modules if m.startswith({heavy})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+_PLAIN = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:50051: Tls handshake failed "
+    "(TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER"
+)
+
+
+@pytest.mark.parametrize(
+    "words,want",
+    [
+        (_PLAIN, "tls=False"),  # TLS (the library's default) to a plaintext node
+        (_HOST, "TlsConfig(server_name=...)"),
+        (_SSL + "self signed certificate in certificate chain", "TlsConfig(ca_file=...)"),
+    ],
+)
+def test_the_library_error_names_the_argument_and_the_cli_its_flag_once(words: str, want: str) -> None:
+    e = KvmeshError(grpc.StatusCode.UNAVAILABLE, words)
+    assert want in e.hint and str(e).endswith(f"({e.hint})")  # what a Python caller's traceback shows
+    said = client_flags.explain(e, argparse.Namespace(insecure=False))
+    assert e.hint not in said and said.startswith(e.without_hint())  # the CLI says it in its flags
+    assert KvmeshError(grpc.StatusCode.INVALID_ARGUMENT, words).hint == ""  # only a connection's failure

@@ -1,9 +1,11 @@
 """The engine health poller: down after failed probes in a row, up at the
-first good one; each engine's context window learned once."""
+first good one; each engine's context window learned once; an engine that
+does not serve its registered model is warned of once."""
 
 from __future__ import annotations
 
 import structlog
+from structlog.testing import capture_logs
 
 from router.engine_registry import EngineSpec, EngineTable
 from router.health import HealthPoller
@@ -18,9 +20,9 @@ async def test_one_late_answer_does_not_take_an_engine_out() -> None:
     async def probe(endpoint: str) -> bool:
         return answers.pop(0)
 
-    async def window(endpoint: str, model: str) -> int | None:
+    async def window(endpoint: str) -> dict[str, int | None]:
         asked.append(endpoint)
-        return 8192
+        return {"sim-model": 8192}
 
     poller = HealthPoller(table, probe, 1.0, structlog.get_logger(), window, down_after=2)
     seen = []
@@ -30,3 +32,27 @@ async def test_one_late_answer_does_not_take_an_engine_out() -> None:
         seen.append(table["e1"].healthy)
     assert seen == [True, True, True, True, False, False, True]
     assert table["e1"].max_model_len == 8192 and asked == ["http://e1:80"]  # asked once
+
+
+async def test_an_engine_that_does_not_serve_its_model_is_warned_of_once() -> None:
+    table = EngineTable()
+    table.put(EngineSpec("e1", "http://e1:80", model="llama").validate())
+    served: list[dict[str, int | None]] = [{"qwen": 4096}, {"qwen": 4096}, {"llama": None}, {"llama": 2048}]
+
+    async def probe(endpoint: str) -> bool:
+        return True
+
+    async def models(endpoint: str) -> dict[str, int | None]:
+        return served.pop(0)
+
+    poller = HealthPoller(table, probe, 1.0, structlog.get_logger(), models)
+    with capture_logs() as logs:
+        for _ in range(4):
+            await poller.poll()
+    missing = [e for e in logs if e["event"] == "router.engine_model_not_served"]
+    assert len(missing) == 1, logs  # once, not every poll
+    assert (missing[0]["engine"], missing[0]["model"], missing[0]["served"]) == ("e1", "llama", ["qwen"])
+    assert len([e for e in logs if e["event"] == "router.engine_model_served"]) == 1  # once it serves it
+    # served without a context window, then with one: learned then, and not asked again
+    assert table["e1"].max_model_len == 2048 and not table["e1"].model_missing
+    await poller.poll()  # would pop an empty list if it asked again

@@ -370,3 +370,21 @@ async def test_long_prompts_waiting_to_be_tokenized_are_bounded_as_the_queue_is(
     tok.go.set()
     assert len((await asyncio.wait_for(waiting, 10)).token_ids) == 20
     await asyncio.wait_for(running, 10)
+
+
+def test_an_engine_added_without_kv_events_is_warned_of() -> None:
+    from structlog.testing import capture_logs
+
+    from mesh.effects import EngineAdded
+
+    node = RouterNode(RouterConfig(node_id="n1", insecure=True))
+    with capture_logs() as logs:
+        node._effect(EngineAdded("quiet", {"engine_id": "quiet", "endpoint": "http://q:80"}))
+        node._effect(
+            EngineAdded(
+                "loud", {"engine_id": "loud", "endpoint": "http://l:80", "kv_events_endpoint": "tcp://l:5557"}
+            )
+        )
+    warned = [e["engine"] for e in logs if e["event"] == "router.engine_without_kv_events"]
+    assert warned == ["quiet"], logs  # precise routing cannot see its cache; the other publishes events
+    assert {e["engine"] for e in logs if e["event"] == "router.engine_added"} == {"quiet", "loud"}

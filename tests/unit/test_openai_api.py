@@ -226,8 +226,8 @@ def test_catalog_resolves_models_and_adapters() -> None:
     assert cat.resolve("base", served, "sql-lora") == ("base", "sql-lora")  # the explicit extension
     assert cat.resolve("sql-lora", served, "") == ("base", "sql-lora")
     assert cat.resolve("", served, "") == ("", "")  # the node picks its only model
-    with pytest.raises(ModelNotFound, match="`nope` does not exist"):
-        cat.resolve("nope", served, "")
+    with pytest.raises(ModelNotFound, match=r"`nope` does not exist; served: base, sql-lora\.$"):
+        cat.resolve("nope", served, "")  # says what a client may ask for instead
     with pytest.raises(ModelNotFound):
         cat.resolve("sql-lora", {"other"}, "")  # the adapter's base model is not served
     with pytest.raises(InvalidParam, match="names another"):
