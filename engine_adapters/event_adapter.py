@@ -381,7 +381,7 @@ class EventAdapter:
             if round_ == self._max_gap_rounds:
                 break
             if d.verdict is Verdict.RESTART:
-                self._restarted(st, "numbering_started_over", seq=seq)
+                self._restarted(st, "a live batch numbered as a new process numbers its first", seq=seq)
                 continue
             st.stats.gaps += 1
             self._log.info("adapter.gap", worker=st.worker, seq=seq, gap_from=d.gap_from, gap_to=d.gap_to)

@@ -279,11 +279,13 @@ class RouterNode:
                 )
                 if not spec.kv_events_endpoint:
                     # Allowed (an engine that publishes no KV events is routed by load),
-                    # but precise routing cannot see its cache: say so where it starts.
-                    self.log.warning(
+                    # but precise routing cannot see its cache: a warning where it is the
+                    # node's policy, else a note.
+                    say = self.log.warning if self.config.policy == "precise" else self.log.info
+                    say(
                         "router.engine_without_kv_events",
                         engine=eff.engine_id,
-                        hint="give it kv=tcp://HOST:PORT (and replay=) for cache-aware routing",
+                        hint="give it kv=tcp://HOST:PORT (and replay=) for precise routing",
                     )
             if old is not None and events_source(old.spec) != events_source(spec):
                 self._respecified(old.spec, spec)

@@ -562,7 +562,12 @@ async def serve(
         await drain(node)
         cut = await service.cut_streams(cfg.stop_grace)
         if cut:
-            node.log.warning("router.streams_cut", streams=cut, drain_timeout=cfg.drain_timeout)
+            node.log.warning(
+                "router.streams_cut",
+                streams=cut,
+                drain_timeout=cfg.drain_timeout,
+                cut_short=node.drain_cut_short,
+            )
         if front is not None:
             await front.stop()
         await server.stop(grace=cfg.stop_grace)

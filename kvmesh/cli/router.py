@@ -624,17 +624,26 @@ def _concrete_addresses(cfg: RouterConfig) -> RouterConfig:
     )
 
 
-def _on_stop_signal(node: RouterNode, stop: asyncio.Event, sig: signal.Signals) -> None:
-    """The first SIGTERM or SIGINT drains (requests in flight get
-    --drain-timeout); another one cuts the drain short: the streams still
-    running end with UNAVAILABLE ``draining`` at once, and the node still
-    hands its engines over and leaves the mesh."""
-    if not stop.is_set():
-        stop.set()
-        return
-    if not node.drain_cut_short:
-        node.drain_cut_short = True
-        node.log.warning("router.drain_cut_short", signal=sig.name, in_flight=node.in_flight())
+class StopSignals:
+    """SIGTERM and SIGINT: the first drains (requests in flight get
+    --drain-timeout), the second cuts the drain's wait short (the streams
+    still running are ended; the node still hands its engines over and
+    leaves the mesh). Counted apart from ``stop``, which Admin.Drain sets
+    too: a drain an admin call started is cut short by a second signal
+    only, as one started by a signal is."""
+
+    def __init__(self, node: RouterNode, stop: asyncio.Event) -> None:
+        self.node = node
+        self.stop = stop
+        self.seen = 0
+
+    def __call__(self, sig: signal.Signals) -> None:
+        self.seen += 1
+        self.stop.set()
+        node = self.node
+        if self.seen >= 2 and not node.drain_cut_short:
+            node.drain_cut_short = True
+            node.log.warning("router.drain_cut_short", signal=sig.name, in_flight=node.in_flight())
 
 
 def _toggle_debug(node: RouterNode) -> None:
@@ -650,8 +659,9 @@ async def _serve(cfg: RouterConfig) -> None:
     node = RouterNode(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    on_signal = StopSignals(node, stop)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_stop_signal, node, stop, sig)
+        loop.add_signal_handler(sig, on_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, _toggle_debug, node)
     _freeze_startup_heap()
     await serve(node, stop, join=seeds)

@@ -90,6 +90,11 @@ def _tls_hint(message: str) -> str:
         )
     if "hostname verification" in m or "no match found for server name" in m:
         return "the node's certificate does not carry the name dialled: TlsConfig(server_name=...)"
+    if "expired" in m or "not yet valid" in m:
+        return (
+            "a certificate has expired or is not yet valid: the node's (it needs a new one), "
+            "or this client's TlsConfig(cert_file=...)"
+        )
     if "certificate verify failed" in m or "certificate_verify_failed" in m:
         return "the node's certificate is not signed by a CA this client trusts: TlsConfig(ca_file=...)"
     return ""

@@ -291,6 +291,7 @@ _PLAIN = (
     [
         (_PLAIN, "tls=False"),  # TLS (the library's default) to a plaintext node
         (_HOST, "TlsConfig(server_name=...)"),
+        (_SSL + "certificate has expired", "the node's (it needs a new one)"),  # not a CA to give
         (_SSL + "self signed certificate in certificate chain", "TlsConfig(ca_file=...)"),
     ],
 )

@@ -388,3 +388,8 @@ def test_an_engine_added_without_kv_events_is_warned_of() -> None:
     warned = [e["engine"] for e in logs if e["event"] == "router.engine_without_kv_events"]
     assert warned == ["quiet"], logs  # precise routing cannot see its cache; the other publishes events
     assert {e["engine"] for e in logs if e["event"] == "router.engine_added"} == {"quiet", "loud"}
+    assert [e["log_level"] for e in logs if e["event"] == "router.engine_without_kv_events"] == ["warning"]
+    node = RouterNode(RouterConfig(node_id="n2", insecure=True, policy="round_robin"))  # never reads events
+    with capture_logs() as logs:
+        node._effect(EngineAdded("quiet", {"engine_id": "quiet", "endpoint": "http://q:80"}))
+    assert [e["log_level"] for e in logs if e["event"] == "router.engine_without_kv_events"] == ["info"]

@@ -459,3 +459,20 @@ def test_a_certificate_and_key_are_checked_as_the_pair_grpc_will_load(pki: Path)
                 )
             )
         )
+
+
+def test_the_second_stop_signal_cuts_the_drain_short_even_after_an_admin_drain() -> None:
+    import signal
+
+    from router.node import RouterNode
+
+    for admin_first in (False, True):
+        node = RouterNode(RouterConfig(node_id="n1", insecure=True))
+        stop = asyncio.Event()
+        on_signal = router_cli.StopSignals(node, stop)
+        if admin_first:
+            stop.set()  # Admin.Drain (or a node-id clash) started the drain
+        on_signal(signal.SIGTERM)  # kubectl delete / docker stop: one signal
+        assert stop.is_set() and not node.drain_cut_short, admin_first  # drains, waits for the streams
+        on_signal(signal.SIGINT)
+        assert node.drain_cut_short, admin_first
