@@ -30,7 +30,8 @@ it cleared stays indexed) would leave the index wrong for as long as it stays
 quiet. After ``replay_probe_after`` seconds without a live batch a rank asks
 the replay socket first for its last applied batch (is the engine still the
 process that sent it?) and then for everything after it; the usual answers
-are that batch and the end marker, two round trips. The probe runs in the
+are that batch and the end marker, two round trips (one, ending the probe,
+when the first goes unanswered: an engine that is down). The probe runs in the
 rank's own task, like gap fills, so it can never overlap a replay of the
 same rank, and a rank that keeps receiving batches is never probed.
 
@@ -426,6 +427,14 @@ class EventAdapter:
             self._restarted(st, why)
             st.probe_failing = False
             await self._catch_up(st)
+            return
+        if not answered:
+            # The replay socket did not answer the restart check: asking it for
+            # a replay now would wait as long again for nothing.
+            st.stats.replay_failures += 1
+            if not st.probe_failing:
+                self._log.warning("adapter.replay_timeout", worker=st.worker, probe=True)
+            st.probe_failing = True
             return
         before = st.stats.replayed_batches
         answered = await self._replay_rounds(st, 0, retries=1, probe=True)

@@ -604,6 +604,53 @@ async def test_an_engine_restarted_quiet_is_found_by_its_probe() -> None:
         pub.close()
 
 
+async def test_a_probe_of_an_engine_that_does_not_answer_asks_once() -> None:
+    # An engine that is down leaves its replay socket unanswered: the probe's
+    # restart check waits one timeout, and the probe ends there rather than
+    # asking for a replay and waiting as long again.
+    import zmq.asyncio
+
+    base, rbase = free_consecutive_ports(1), free_consecutive_ports(1)
+    ep, rep = f"tcp://127.0.0.1:{base}", f"tcp://127.0.0.1:{rbase}"
+    eng = ToyEngine(9)
+    sink = DictSink()
+    pub = ZmqEventPublisher(ep, rep, topic="kv", bind=True)
+    cfg = EventAdapterConfig(replay_timeout=0.2, replay_probe_after=0.2)
+    ad = EventAdapter("eng-d", MODEL, ep, rep, topic="kv", sink=sink, config=cfg, block_size=BS)
+    await ad.start()
+    silent = None
+    try:
+        await ad.wait_ready(5)
+        for _ in range(3):
+            pub.publish(batch(eng.store(eng.prompt())))
+        await wait_until(lambda: ad.last_seqs()[0] == 2)
+        pub.close()
+        ctx = zmq.asyncio.Context.instance()
+        silent = ctx.socket(zmq.ROUTER)  # takes requests on the replay port, never answers
+        silent.bind(rep)
+        asked = 0
+
+        async def count() -> None:
+            nonlocal asked
+            while True:
+                await silent.recv_multipart()
+                asked += 1
+
+        counter = asyncio.create_task(count())
+        await wait_until(lambda: asked >= 1, what="a probe's request")
+        probes = ad.stats()["probes"]
+        await wait_until(lambda: ad.stats()["probes"] >= probes + 4, timeout=10)
+        done = ad.stats()["probes"] - probes
+        counter.cancel()
+        assert asked <= done + 2, (asked, done)  # one request a probe (two were asked before)
+        assert ad.stats()["replay_failures"] >= done and ad._ranks[0].probe_failing
+        assert sink.state["eng-d"] == eng.expected()  # an engine that is down keeps its index
+    finally:
+        await ad.stop()
+        if silent is not None:
+            silent.close(linger=0)
+
+
 def test_replay_larger_than_the_default_zmq_hwm_arrives_whole() -> None:
     # A ROUTER drops messages past its send HWM (default 1000) silently; our
     # publisher lifts it so a replay of thousands of batches arrives whole.
