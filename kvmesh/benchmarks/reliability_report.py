@@ -473,8 +473,8 @@ def render_markdown(res: Mapping[str, Any]) -> str:
         "trailing metadata, `-` when no node sent one (the connection to the node failed). "
         "How each scenario runs: `kvmesh/benchmarks/reliability.py`.",
         "",
-        f"Regenerate: `{meta.get('command', 'kvmesh bench reliability')}` (`kvmesh bench reliability "
-        "--quick` is a shorter run of the same code; `kvmesh bench all` runs it too).",
+        "Regenerate: `kvmesh bench reliability` (`kvmesh bench reliability --quick` is a shorter run "
+        "of the same code; `kvmesh bench all` runs it too; the command of this run is below).",
         "",
         "| fault or input | promised behaviour | held by | measured (this run) | as promised |",
         "| --- | --- | --- | --- | --- |",
