@@ -115,6 +115,21 @@ class EngineClient:
     def __init__(self, config: EngineClientConfig | None = None) -> None:
         self.config = config or EngineClientConfig()
         self._session: aiohttp.ClientSession | None = None
+        # endpoint -> the streams to it still waiting for their first event
+        self._waiting: dict[str, set[_Clock]] = {}
+
+    def abort_waiting(self, endpoint: str, why: str) -> int:
+        """End every stream to ``endpoint`` that has had no event yet as its
+        first-token timeout would, with :class:`EngineUnavailable` (retried
+        elsewhere: nothing was produced). For an engine this node's health
+        checks marked down: requests stuck on a hung engine would otherwise
+        wait out ``first_token_timeout``. Returns how many."""
+        return sum(clock.abort(why) for clock in list(self._waiting.get(endpoint, ())))
+
+    def _stopped_waiting(self, endpoint: str, clock: _Clock) -> None:
+        clock.started()
+        if not self._waiting.get(endpoint, True):
+            del self._waiting[endpoint]
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -176,7 +191,7 @@ class EngineClient:
             **(headers or {}),
         }
         events = _EventStream(endpoint)
-        clock = _Clock(self.config, deadline)
+        clock = _Clock(self.config, deadline, self._waiting.setdefault(endpoint, set()), events)
         try:
             # One deadline for everything up to the first event: connect, send,
             # response head, first token.
@@ -212,6 +227,8 @@ class EngineClient:
             raise clock.expired(events, endpoint) from None
         except (aiohttp.ClientError, OSError) as e:
             raise _broken(events.produced, f"{type(e).__name__} talking to {endpoint}: {e}") from None
+        finally:
+            self._stopped_waiting(endpoint, clock)
         if not events.usage.finish_reason:
             raise _broken(events.produced, f"stream from {endpoint} ended without a finish reason")
         yield events.usage
@@ -219,23 +236,55 @@ class EngineClient:
 
 class _Clock:
     """The timeouts of one stream: the first token's, then the idle gap
-    between tokens, never past the caller's deadline."""
+    between tokens, never past the caller's deadline; :meth:`abort` ends the
+    wait for the first token at once (its engine was marked down)."""
 
-    __slots__ = ("_cfg", "_deadline", "_first", "_which")
+    __slots__ = ("_aborted", "_cfg", "_deadline", "_events", "_first", "_timeout", "_waiting", "_which")
 
-    def __init__(self, cfg: EngineClientConfig, deadline: float | None) -> None:
+    def __init__(
+        self, cfg: EngineClientConfig, deadline: float | None, waiting: set[_Clock], events: _EventStream
+    ) -> None:
         now = asyncio.get_running_loop().time()
         self._cfg = cfg
         self._deadline = deadline
         self._first = now + cfg.first_token_timeout
         self._which = ""  # what the running wait is bounded by
+        self._timeout: asyncio.Timeout | None = None
+        self._aborted = ""  # why the first token's wait was ended
+        # The streams to this engine still waiting for a first event (the
+        # engine client's), which this one is in until its first event.
+        self._waiting: set[_Clock] | None = waiting
+        waiting.add(self)
+        self._events = events
+
+    def started(self) -> None:
+        """The first event came (or the stream ended): no longer a first token's wait."""
+        if self._waiting is not None:
+            self._waiting.discard(self)
+            self._waiting = None
 
     def _at(self, own: float, which: str) -> asyncio.Timeout:
         if self._deadline is not None and self._deadline <= own:
             self._which = "deadline"
-            return asyncio.timeout_at(self._deadline)
-        self._which = which
-        return asyncio.timeout_at(own)
+            self._timeout = asyncio.timeout_at(self._deadline)
+        else:
+            self._which = which
+            self._timeout = asyncio.timeout_at(own)
+        return self._timeout
+
+    def abort(self, why: str) -> bool:
+        """End the wait for the first token now; False if it had come."""
+        if self._events.started:
+            self.started()
+            return False
+        self._aborted = why
+        self._first = asyncio.get_running_loop().time()  # a wait not yet begun ends at once too
+        if self._timeout is not None and self._which in ("first_token", "deadline"):
+            try:
+                self._timeout.reschedule(self._first)
+            except RuntimeError:
+                pass  # between two waits: the next one starts already expired
+        return True
 
     def first_token(self) -> asyncio.Timeout:
         return self._at(self._first, "first_token")
@@ -243,9 +292,12 @@ class _Clock:
     def next_read(self, started: bool) -> asyncio.Timeout:
         if not started:
             return self.first_token()
+        self.started()
         return self._at(asyncio.get_running_loop().time() + self._cfg.stream_idle_timeout, "idle")
 
     def expired(self, events: _EventStream, endpoint: str) -> Exception:
+        if self._aborted and not events.started:
+            return EngineUnavailable(f"{endpoint} before its first token: {self._aborted}")
         if self._which == "deadline":
             return DeadlineReached(f"the request's deadline passed waiting for {endpoint}")
         if self._which == "idle":

@@ -18,7 +18,9 @@ per second over the last ``rate_window`` seconds (over the time since the
 oldest of them, while the window is not yet full). While fewer than
 ``min_starts`` requests started in the window (an idle fleet, one warming
 up, or one that is stuck), a rate says little: the wait is then the age of
-the oldest request not yet started. A request whose estimated wait exceeds
+the oldest request not yet started, and it sheds only with ``min_starts``
+or more requests waiting (a fleet that is stuck; not one request stuck on a
+hung engine while the others start at once). A request whose estimated wait exceeds
 ``max_queue_wait`` is shed, once the fleet is seen falling behind: the
 oldest request not yet started has waited ``backlog_age`` or more.
 Otherwise it goes to an engine if this node has fewer than
@@ -186,7 +188,11 @@ class Admission:
         busy = cap > 0 and (waiting + 1) / cap > cfg.max_queue_wait / 2
         self._measure(now, queue and (behind or busy))
         wait = self.estimated_wait(now)
-        if wait > cfg.max_queue_wait and behind:
+        # Without a start rate the estimate is the oldest request's age, which
+        # says the fleet is stuck only when a queue waits behind it: a few
+        # requests stuck on one hung engine are not the fleet falling behind.
+        trusted = queue or self.start_rate(now) > 0
+        if wait > cfg.max_queue_wait and behind and trusted:
             return self._shed(
                 f"estimated wait {wait:.1f} s for the fleet to start it > {cfg.max_queue_wait:g} s"
             )

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from router.engine_registry import EngineTable
+from router.engine_registry import EngineRecord, EngineTable
 
 __all__ = ["HealthPoller"]
 
@@ -29,17 +29,20 @@ class HealthPoller:
         log: structlog.typing.FilteringBoundLogger,
         served_models: Callable[[str], Awaitable[dict[str, int | None] | None]] | None = None,
         down_after: int = 2,
+        on_down: Callable[[EngineRecord], None] | None = None,
     ) -> None:
         """``probe(endpoint)`` answers whether the engine at ``endpoint`` is
         healthy; ``served_models(endpoint)`` the models it serves, each with
         its ``max_model_len`` (asked of a healthy engine until its context
-        window is known)."""
+        window is known); ``on_down(record)`` is called when an engine is
+        marked down."""
         self._engines = engines
         self._probe = probe
         self._served_models = served_models
         self.interval = interval
         self.down_after = max(1, down_after)
         self._log = log
+        self._on_down = on_down
 
     async def run(self) -> None:
         while True:
@@ -55,9 +58,12 @@ class HealthPoller:
         for rec, ok in zip(records, results):
             rec.failed_probes = 0 if ok is True else rec.failed_probes + 1
             healthy = rec.failed_probes < self.down_after
-            if healthy != rec.healthy:
+            changed = healthy != rec.healthy
+            if changed:
                 self._log.warning("router.engine_health_changed", engine=rec.spec.engine_id, healthy=healthy)
             rec.healthy = healthy
+            if changed and not healthy and self._on_down is not None:
+                self._on_down(rec)
         await self._learn_context_windows()
 
     async def _learn_context_windows(self) -> None:

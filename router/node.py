@@ -154,6 +154,7 @@ class RouterNode:
             self.log,
             self.client.served_models,
             cfg.health_down_after,
+            self._engine_went_down,
         )
         self.admission = AdmissionGate(cfg.admission)
         self.outcomes = Outcomes()
@@ -260,6 +261,15 @@ class RouterNode:
             self.load.local.drop_worker(w)
         if spec.engine_id in self.core.owned():
             self.adapters.respecify(spec.engine_id, spec, tuple(old.workers))
+
+    def _engine_went_down(self, rec: EngineRecord) -> None:
+        """This node's health checks marked an engine down: its requests that
+        have had no token yet (queued, or stuck on a hung engine) are ended as
+        unavailable there and tried on another engine, rather than waiting
+        out the first-token timeout (nothing was produced: safe to retry)."""
+        moved = self.client.abort_waiting(rec.spec.endpoint, "marked down by this node's health checks")
+        if moved:
+            self.log.warning("router.engine_down_requests_moved", engine=rec.spec.engine_id, requests=moved)
 
     def _effect(self, eff: Effect) -> None:
         if isinstance(eff, EngineAdded):

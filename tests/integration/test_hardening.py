@@ -348,6 +348,36 @@ async def test_a_second_stop_signal_cuts_the_drain_short(engines):
     assert any("router.drained" in line and "cut_short=True" in line for line in router.output)
 
 
+async def test_requests_on_a_hung_engine_move_to_another_once_it_is_marked_down():
+    # A hung engine (SIGSTOP: it takes connections and answers nothing). A
+    # trickle of requests, some routed to it before the health checks mark it
+    # down: those are then tried on the other engine, and nothing is shed as
+    # overload while the other engine is idle.
+    own = [procs.start_sim_engine(f"h{i}", ["--seed", str(i)]) for i in range(2)]
+    router = _router([procs.engine_flag(f"h{i}", p) for i, p in enumerate(own)])
+    try:
+        async with aio_channel(router.info["grpc"], tls=False, config=ONE_NODE) as ch:
+            stub = pb_grpc.RouterStub(ch)
+            assert (await _call(stub, _req(_tokens(40, 32))))[0] == "OK"
+            own[1].popen.send_signal(signal.SIGSTOP)
+            t0 = time.monotonic()
+            calls = []
+            for i in range(8):  # round robin: about half go to the hung engine first
+                calls.append(asyncio.create_task(_call(stub, _req(_tokens(41 + i, 32)), timeout=30)))
+                await asyncio.sleep(0.4)
+            results = await asyncio.gather(*calls)
+            elapsed = time.monotonic() - t0
+            assert [r[0] for r in results] == ["OK"] * 8, [(r[0], r[1], r[2]) for r in results]
+            assert elapsed < 20, elapsed  # moved once marked down, not after the 120 s first-token timeout
+    finally:
+        own[1].popen.send_signal(signal.SIGCONT)
+        router.stop()
+        for p in own:
+            p.stop()
+    moved = [line for line in router.output if "router.engine_down_requests_moved" in line]
+    assert moved and "engine=h1" in moved[0], router.output[-30:]
+
+
 async def test_past_its_bound_a_node_sheds_at_once(engines):
     router = _router(
         [procs.engine_flag(f"e{i}", p) for i, p in enumerate(engines)],

@@ -307,3 +307,18 @@ def test_outcomes_count_everything_and_log_a_few_per_second() -> None:
     assert o.record("RESOURCE_EXHAUSTED", "overloaded", 1.5) == (True, 48)  # the next window says so
     assert o.record("OK", "", 1.5) == (False, 0)
     assert o.counts["RESOURCE_EXHAUSTED:overloaded"] == 51 and o.counts["OK"] == 1
+
+
+def test_requests_stuck_on_one_hung_engine_are_not_a_stuck_fleet() -> None:
+    # A trickle (one a second: too few starts for a rate), each started in
+    # 0.2 s, but the three sent to a hung engine never start: the fleet keeps
+    # up with everything else, so nothing is shed.
+    stuck = {("t", 3), ("t", 6), ("t", 9)}
+    offers: list[tuple[float, object]] = [(float(i), ("t", i)) for i in range(60)]
+    a = Admission(AdmissionConfig(max_queue_wait=2.0))
+    log = _simulate(a, offers, lambda k: 1e9 if k in stuck else 0.2)
+    assert _shed_between(log, 0, 61) == 0  # the oldest waited from t=3 on: the old rule shed from t=5.5
+    # A fleet that starts nothing at all is stuck: past min_starts waiting, it sheds.
+    b = Admission(AdmissionConfig(max_queue_wait=2.0))
+    verdicts = [b.offer(("s", i), float(i) / 2) for i in range(30)]
+    assert any(isinstance(v, Shed) for v in verdicts[b.config.min_starts :])

@@ -457,3 +457,42 @@ def test_sse_event_that_never_ends_is_refused_not_buffered_forever() -> None:
     assert d.feed(b"data: " + b"x" * 40) == []
     with pytest.raises(ValueError, match="longer than 64"):
         d.feed(b"y" * 40)
+
+
+async def test_streams_waiting_for_a_first_token_end_when_their_engine_is_marked_down() -> None:
+    # A hung engine: one request has no answer at all, one has the response
+    # head and no event; a third (to another engine) streams. Marking the
+    # hung engine down ends the first two at once as unavailable (retried
+    # elsewhere by the node), and leaves the other engine's stream alone.
+    async def hung_head(reader, writer, req) -> None:
+        if req["headers"]["x-request-id"] == "head":
+            writer.write(SSE_HEAD)
+        await asyncio.sleep(30)
+
+    async def slow_tokens(reader, writer, req) -> None:
+        writer.write(SSE_HEAD + event(tok([7], " a")))
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.write(event(tok([8], " b", "length")) + event(USAGE) + END)
+
+    async def run(url: str, rid: str) -> list[Chunk | Usage]:
+        return [x async for x in client.stream_completion(url, "m", [1], SamplingParams(max_tokens=2), rid)]
+
+    client = EngineClient(EngineClientConfig(first_token_timeout=60))
+    try:
+        async with Engine(hung_head) as hung, Engine(slow_tokens) as fine:
+            tasks = [asyncio.create_task(run(hung, rid)) for rid in ("none", "head")]
+            other = asyncio.create_task(run(fine, "other"))
+            await asyncio.sleep(0.3)  # both sent, the head arrived; the other stream has its first token
+            assert client.abort_waiting(fine, "x") == 0  # started: not a first token's wait
+            t0 = asyncio.get_running_loop().time()
+            assert client.abort_waiting(hung, "marked down") == 2
+            for t in tasks:
+                with pytest.raises(EngineUnavailable, match="before its first token: marked down"):
+                    await t
+            assert asyncio.get_running_loop().time() - t0 < 1.0  # not the 60 s first-token timeout
+            out = await other
+            assert [x.token_ids for x in out if isinstance(x, Chunk)] == [[7], [8]]
+            assert client.abort_waiting(hung, "again") == 0 and not client._waiting  # nothing left behind
+    finally:
+        await client.close()
