@@ -158,6 +158,9 @@ class RouterNode:
         )
         self.admission = AdmissionGate(cfg.admission)
         self.outcomes = Outcomes()
+        # Per-attempt lines (an engine's failure or full queue), a few a second
+        # per event and engine: under overload every attempt would log one.
+        self._attempt_logs = Outcomes()
         self.metrics = MetricsRecorder()  # histograms observed on the request path (router/metrics.py)
         self.loop_lag = LoopLag(cfg.loop_lag)  # how late the event loop runs what is due (router/loop_lag.py)
         self.tracer = make_tracer(cfg.tracing, self.node_id)  # spans only with --otlp-endpoint
@@ -261,6 +264,13 @@ class RouterNode:
             self.load.local.drop_worker(w)
         if spec.engine_id in self.core.owned():
             self.adapters.respecify(spec.engine_id, spec, tuple(old.workers))
+
+    def _log_attempt(self, say: Any, event: str, where: dict[str, Any], error: str) -> None:
+        """One attempt's failure, a few lines a second per event and engine at
+        most, the next one saying how many were not printed."""
+        log_it, suppressed = self._attempt_logs.record(event, where["engine"], self.clock())
+        if log_it:
+            say(event, **where, error=error, suppressed_before=suppressed)
 
     def _engine_went_down(self, rec: EngineRecord) -> None:
         """This node's health checks marked an engine down: its requests that
@@ -705,12 +715,12 @@ class RouterNode:
             proxy.fail("UNAVAILABLE", "engine_unavailable", str(e))
             acct.unavailable(self.clock())
             tries.failed_before_first_token(routed.worker, str(e))
-            self.log.warning("router.attempt_failed", **where, error=str(e))
+            self._log_attempt(self.log.warning, "router.attempt_failed", where, str(e))
         except EngineBusy as e:
             proxy.fail("RESOURCE_EXHAUSTED", "engines_busy", str(e))
             acct.busy(self.clock())
             tries.engine_busy(routed.worker, str(e))
-            self.log.info("router.engine_busy", **where, error=str(e))
+            self._log_attempt(self.log.info, "router.engine_busy", where, str(e))
         except EngineRejected as e:
             acct.rejected(self.clock())
             cls = ContextTooLong if e.context_length else RequestRejected

@@ -464,6 +464,8 @@ class Accounting:
         self._resolved = False
         record.breaker.on_attempt(now)
         record.attempts += 1
+        if routed.attempt > 1:  # tried elsewhere after a failure: a retry (the last failure is none)
+            self._stats.retries_total += 1
 
     def sent(self) -> None:
         routed, _ = self._current()
@@ -546,14 +548,12 @@ class Accounting:
         self._resolved = True
 
     def unavailable(self, now: float) -> None:
-        """The engine failed before the first token; the request will be retried."""
+        """The engine failed before the first token; the request may be retried."""
         self._engine_failed(now)
-        self._stats.retries_total += 1
 
     def busy(self, now: float) -> None:
-        """The engine's queue was full; another engine will be tried."""
+        """The engine's queue was full; another engine may be tried."""
         self._engine_answered(now)
-        self._stats.retries_total += 1
 
     def rejected(self, now: float) -> None:
         """The engine refused the request itself: the client's mistake, not the engine's."""

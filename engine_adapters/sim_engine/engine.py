@@ -142,6 +142,11 @@ class SimEngine:
             return error_response(e.status, str(e), e.param)
         try:
             return await respond(request, pend)
+        except ConnectionResetError:
+            # The client left before the answer could start (a router that gave
+            # up on this engine while it hung): nothing to answer, no traceback.
+            log.info("sim.client_disconnected", request_id=pend.request_id)
+            return web.Response(status=499)
         finally:
             self.release(pend)
 

@@ -37,7 +37,7 @@ from router.request_path import ClientRequest, Finished, RetryPolicy, Routed
 
 
 class ScriptedClient:
-    """Per endpoint: "ok", "refuse" (before any token) or "break" (after one)."""
+    """Per endpoint: "ok", "refuse" (before any token), "busy" (a full queue) or "break" (after one)."""
 
     def __init__(self, script: dict[str, str]) -> None:
         self.script = script
@@ -59,6 +59,8 @@ class ScriptedClient:
         what = self.script[endpoint]
         if what == "refuse":
             raise EngineUnavailable(f"{endpoint} refused")
+        if what == "busy":
+            raise EngineBusy(f"{endpoint} is busy (HTTP 429)")
         yield Chunk([7], " a")
         if what == "break":
             raise EngineStreamError(f"{endpoint} cut")
@@ -104,7 +106,7 @@ async def test_every_worker_refusing_spends_the_attempt_budget_then_fails():
     with pytest.raises(NoEngineAvailable, match=r"no engine could serve the request: .* refused"):
         await _run(node)
     assert len(client.calls) == 2 and len({c[0] for c in client.calls}) == 2
-    assert (node.stats.retries_total, node.stats.requests_failed) == (2, 1)
+    assert (node.stats.retries_total, node.stats.requests_failed) == (1, 1)  # 2 attempts: 1 retry
     assert node.load.local.slot() == {}
 
 
@@ -393,3 +395,18 @@ def test_an_engine_added_without_kv_events_is_warned_of() -> None:
     with capture_logs() as logs:
         node._effect(EngineAdded("quiet", {"engine_id": "quiet", "endpoint": "http://q:80"}))
     assert [e["log_level"] for e in logs if e["event"] == "router.engine_without_kv_events"] == ["info"]
+
+
+async def test_attempt_failures_are_logged_a_few_a_second_not_one_each() -> None:
+    from structlog.testing import capture_logs
+
+    node, client = _node({"e1": "busy", "e2": "ok"})  # a full queue opens no breaker: e1 is tried each time
+    with capture_logs() as logs:
+        for i in range(40):
+            prep = node.prepare(ClientRequest(request_id=f"r{i}", token_ids=list(range(20))))
+            out = [x async for x in node.generate(prep, SamplingParams(max_tokens=3))]
+            assert isinstance(out[-1], Finished) and out[-1].engine_id == "e2"
+    busy = [e for e in logs if e["event"] == "router.engine_busy"]
+    refused = sum(1 for c in client.calls if c[0] == "http://e1:80")
+    assert refused >= 10 and node.stats.retries_total == refused  # every refusal was retried on e2
+    assert 1 <= len(busy) <= 5 < refused, (len(busy), refused)  # a few lines, not one a refusal
