@@ -23,11 +23,11 @@ import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
-from router.errors import REASON_KEY
+from router.errors import REASON_KEY, REQUEST_ID_KEY
 
 __all__ = [
     "ADMIN",
@@ -140,7 +140,15 @@ class TokenTable:
         return None
 
 
-Refused = Callable[[str, str, str], None]  # (status, reason, method): counted and logged by the node
+class Refused(Protocol):
+    """Counts and logs a call refused for its credentials; returns the id the
+    refusal names the request by: the client's ``request_id`` if it gave a
+    usable one, else one the node makes (README: every call that ends badly
+    is named in ``x-request-id``)."""
+
+    def __call__(
+        self, status: str, reason: str, method: str, request_id: str = "", peer: str = ""
+    ) -> str: ...
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
@@ -161,23 +169,31 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         if verdict is None or handler is None:
             return handler
         code, reason = verdict
-        self.on_refused(code, reason, details.method)
         need = "an admin token" if reason == "not_admin" else "a valid token"
-        return _refusal(handler, getattr(grpc.StatusCode, code), reason, f"{reason}: this call needs {need}")
+        message = f"{reason}: this call needs {need}"
+        return _refusal(handler, (code, reason, details.method), message, self.on_refused)
 
 
 def _refusal(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, reason: str, message: str
+    handler: grpc.RpcMethodHandler, what: tuple[str, str, str], message: str, on_refused: Refused
 ) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that only refuses."""
+    """A handler of the same shape as ``handler`` that only refuses (``what``:
+    status, reason, method), counted and logged with the request's id (from
+    the request message, where the call has one) and the caller's address."""
+    code, reason, method = what
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        client_id = getattr(request, "request_id", "")
+        client_id = client_id if isinstance(client_id, str) else ""
+        rid = on_refused(code, reason, method, client_id, context.peer())
+        context.set_trailing_metadata(((REASON_KEY, reason), (REQUEST_ID_KEY, rid)))
+        await context.abort(getattr(grpc.StatusCode, code), message)
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        context.set_trailing_metadata(((REASON_KEY, reason),))
-        await context.abort(code, message)
+        await refuse(request, context)
 
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        context.set_trailing_metadata(((REASON_KEY, reason),))
-        await context.abort(code, message)
+        await refuse(request, context)
         yield  # pragma: no cover - makes this an async generator
 
     kw = {

@@ -246,7 +246,8 @@ class HttpFront:
         if self.tokens.role_of(given) is not None:
             return None
         reason = "bad_token" if given else "no_token"
-        self._on_refused("UNAUTHENTICATED", reason, f"{request.method} {request.path}")
+        where = f"{request.method} {request.path}"
+        self._on_refused("UNAUTHENTICATED", reason, where, request[_REQUEST_ID], request.remote or "")
         return Unauthenticated(f"{reason}: this call needs a valid token", reason=reason)
 
     def _error(self, e: RouterError, rid: str, extra: dict[str, str] | None = None) -> web.Response:

@@ -52,7 +52,7 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from blocks.tiers import TIERS, tier_name
-from router.auth import ApiAuthConfig, TokenTable
+from router.auth import ApiAuthConfig, Refused, TokenTable
 from router.circuit_breaker import CLOSED, HALF_OPEN, OPEN
 
 __all__ = [
@@ -608,9 +608,6 @@ def server_ssl_context(auth: ApiAuthConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-Refused = Callable[[str, str, str], None]  # (status, reason, what): counted and logged by the node
-
-
 class MetricsServer:
     """``GET /metrics`` (Prometheus text format) on the running event loop."""
 
@@ -655,7 +652,7 @@ class MetricsServer:
             if self.tokens.role_of(auth) is None:
                 reason = "bad_token" if auth else "no_token"
                 if self.on_refused is not None:
-                    self.on_refused("UNAUTHENTICATED", reason, "GET /metrics")
+                    self.on_refused("UNAUTHENTICATED", reason, "GET /metrics", peer=request.remote or "")
                 return web.Response(
                     status=401,
                     text=f"{reason}: /metrics needs 'Authorization: Bearer TOKEN'\n",

@@ -26,7 +26,7 @@ from engine_adapters.proxy import Chunk
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
 from mesh.auth import readable_by_others
-from router.auth import TokenInterceptor, TokenTable
+from router.auth import Refused, TokenInterceptor, TokenTable
 from router.config import RouterConfig
 from router.engine_registry import EngineRecord, EngineSpec, EngineSpecError
 from router.errors import REASON_KEY, REQUEST_ID_KEY, Draining, RequestError, RequestTooLarge, RouterError
@@ -657,15 +657,24 @@ def _why_not_bound(addr: str) -> str:
     return "gRPC refused the address"
 
 
-def _refused(node: RouterNode) -> Callable[[str, str, str], None]:
-    """Counts and logs (a few a second) calls refused for their credentials."""
+def _refused(node: RouterNode) -> Refused:
+    """Counts and logs (a few a second) calls refused for their credentials,
+    with the request's id (the client's, else the node's) and the caller."""
 
-    def refused(code: str, reason: str, method: str) -> None:
-        log_it, suppressed = node.outcomes.record(code, reason, node.clock())
+    def refused(status: str, reason: str, method: str, request_id: str = "", peer: str = "") -> str:
+        rid = request_id if request_id and request_id_problem(request_id) is None else node.new_request_id()
+        log_it, suppressed = node.outcomes.record(status, reason, node.clock())
         if log_it:
             node.log.warning(
-                "router.call_refused", status=code, reason=reason, method=method, suppressed_before=suppressed
+                "router.call_refused",
+                status=status,
+                reason=reason,
+                method=method,
+                request_id=rid,
+                peer=peer or None,
+                suppressed_before=suppressed,
             )
+        return rid
 
     return refused
 

@@ -105,12 +105,24 @@ async def test_tokens_guard_the_api_and_admin_needs_an_admin_token(secrets: Path
             health = health_pb2_grpc.HealthStub(ch)  # probes need no token
             resp = await health.Check(health_pb2.HealthCheckRequest(service="kvmesh.v1.Router"))
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            # A refusal names the request: the client's id, or the node's when it gave none.
+            named = _generate_req()
+            named.request_id = "mine-42"
+            ids = []
+            for req in (named, _generate_req()):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    async for _ in stub.Generate(req, metadata=_tok("not-a-token-at-all-yyyy"), timeout=20):
+                        pass
+                ids.append(dict(e.value.trailing_metadata() or ()).get("x-request-id", ""))
+            assert ids[0] == "mine-42" and len(ids[1]) == 32, ids
             stats = await admin.GetStats(pb.GetStatsRequest(), metadata=_tok(ADMIN_TOKEN))
             assert stats.outcomes["UNAUTHENTICATED:no_token"] == 1
-            assert stats.outcomes["UNAUTHENTICATED:bad_token"] == 1
+            assert stats.outcomes["UNAUTHENTICATED:bad_token"] == 3
             assert stats.outcomes["PERMISSION_DENIED:not_admin"] == 1
     finally:
         router.stop()
+    refused = [line for line in router.output if "router.call_refused" in line and "mine-42" in line]
+    assert refused and "peer=" in refused[0] and "127.0.0.1" in refused[0], refused  # who was refused
 
 
 async def test_without_credentials_the_node_refuses_to_start() -> None:

@@ -68,8 +68,13 @@ class Front:
             self.node.engines.put(EngineSpec(eid, f"http://{eid}:80", model=MODEL, block_size=4).validate())
         self.client = ScriptedClient({f"http://{eid}:80": what for eid, what in script.items()})
         self.node.client = self.client  # duck-typed: the methods the node calls
-        self.refused: list[tuple[str, str, str]] = []
-        self.front = HttpFront(self.node, tokens, lambda *a: self.refused.append(a))
+        self.refused: list[tuple[str, ...]] = []
+
+        def refused(*a: str) -> str:
+            self.refused.append(a)
+            return a[3]  # the front's request id
+
+        self.front = HttpFront(self.node, tokens, refused)
         self.server = TestServer(self.front.app())
 
     async def __aenter__(self) -> Front:
@@ -180,10 +185,13 @@ async def test_tokens_are_checked_and_refusals_reported() -> None:
             assert r.status == 401 and (await r.json())["error"]["code"] == "no_token"
         async with http.get(f.url("/health")) as r:
             assert r.status == 200
-        assert [(code, reason) for code, reason, _ in f.refused] == [
+        assert [(code, reason) for code, reason, *_ in f.refused] == [
             ("UNAUTHENTICATED", "bad_token"),
             ("UNAUTHENTICATED", "no_token"),
         ]
+        assert all(
+            len(a[3]) == 32 and a[4] == "127.0.0.1" for a in f.refused
+        )  # the request's id and its caller
 
 
 async def test_a_model_without_a_chat_template_refuses_chat_but_serves_completions(tmp_path) -> None:
