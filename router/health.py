@@ -55,14 +55,17 @@ class HealthPoller:
         results = await asyncio.gather(
             *(self._probe(r.spec.endpoint) for r in records), return_exceptions=True
         )
+        went_down = []
         for rec, ok in zip(records, results):
             rec.failed_probes = 0 if ok is True else rec.failed_probes + 1
             healthy = rec.failed_probes < self.down_after
-            changed = healthy != rec.healthy
-            if changed:
+            if healthy != rec.healthy:
                 self._log.warning("router.engine_health_changed", engine=rec.spec.engine_id, healthy=healthy)
+                if not healthy:
+                    went_down.append(rec)
             rec.healthy = healthy
-            if changed and not healthy and self._on_down is not None:
+        if self._on_down is not None:
+            for rec in went_down:  # once every engine's health is this poll's
                 self._on_down(rec)
         await self._learn_context_windows()
 

@@ -276,7 +276,13 @@ class RouterNode:
         """This node's health checks marked an engine down: its requests that
         have had no token yet (queued, or stuck on a hung engine) are ended as
         unavailable there and tried on another engine, rather than waiting
-        out the first-token timeout (nothing was produced: safe to retry)."""
+        out the first-token timeout (nothing was produced: safe to retry).
+        Only where another healthy engine serves the model: with none (one
+        engine a model; every probe late because this node's own loop
+        stalled) they would only fail sooner, and may yet be served."""
+        others = [r for r in self.engines.of_model(rec.spec.model) if r is not rec and r.healthy]
+        if not others:
+            return
         moved = self.client.abort_waiting(rec.spec.endpoint, "marked down by this node's health checks")
         if moved:
             self.log.warning("router.engine_down_requests_moved", engine=rec.spec.engine_id, requests=moved)

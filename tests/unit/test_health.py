@@ -56,3 +56,34 @@ async def test_an_engine_that_does_not_serve_its_model_is_warned_of_once() -> No
     # served without a context window, then with one: learned then, and not asked again
     assert table["e1"].max_model_len == 2048 and not table["e1"].model_missing
     await poller.poll()  # would pop an empty list if it asked again
+
+
+async def test_requests_move_off_an_engine_marked_down_only_to_a_healthy_one() -> None:
+    from router.config import RouterConfig
+    from router.node import RouterNode
+
+    node = RouterNode(RouterConfig(node_id="n1", insecure=True))
+    for eid in ("a", "b", "solo"):
+        model = "solo-model" if eid == "solo" else "m"
+        node.engines.put(EngineSpec(eid, f"http://{eid}:80", model=model).validate())
+    aborted: list[str] = []
+
+    def abort_waiting(endpoint: str, why: str) -> int:
+        aborted.append(endpoint)
+        return 1
+
+    node.client.abort_waiting = abort_waiting  # type: ignore[method-assign]
+    up = {"http://a:80": True, "http://b:80": True, "http://solo:80": True}
+
+    async def probe(endpoint: str) -> bool:
+        return up[endpoint]
+
+    poller = HealthPoller(
+        node.engines, probe, 1.0, structlog.get_logger(), down_after=1, on_down=node._engine_went_down
+    )
+    up["http://a:80"] = up["http://solo:80"] = False
+    await poller.poll()
+    assert aborted == ["http://a:80"]  # b serves its model; nothing else serves solo's: its requests wait
+    up["http://b:80"] = False
+    await poller.poll()
+    assert aborted == ["http://a:80"]  # b went down with no healthy engine left for m

@@ -400,7 +400,9 @@ def test_an_engine_added_without_kv_events_is_warned_of() -> None:
 async def test_attempt_failures_are_logged_a_few_a_second_not_one_each() -> None:
     from structlog.testing import capture_logs
 
-    node, client = _node({"e1": "busy", "e2": "ok"})  # a full queue opens no breaker: e1 is tried each time
+    # A full queue opens no breaker: e1 is tried each time; no backoff, so the
+    # 40 requests run well within one second's window of log lines.
+    node, client = _node({"e1": "busy", "e2": "ok"}, retry=RetryPolicy(backoff=0.0))
     with capture_logs() as logs:
         for i in range(40):
             prep = node.prepare(ClientRequest(request_id=f"r{i}", token_ids=list(range(20))))
