@@ -213,11 +213,19 @@ class HttpFront:
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         rid = self.node.new_request_id()
         try:
-            rid = request_id_from(request.headers.get("x-request-id")) or rid
+            # The token first: a caller without one learns nothing of how its
+            # request would be read (a bad x-request-id is a 400 after it).
+            try:
+                given, bad_id = request_id_from(request.headers.get("x-request-id")), None
+            except RouterError as e:
+                given, bad_id = None, e
+            rid = given or rid
             request[_REQUEST_ID] = rid
             refused = self._authenticate(request)
             if refused is not None:
                 return self._error(refused, rid, {"www-authenticate": "Bearer"})
+            if bad_id is not None:
+                raise bad_id
             resp = await handler(request)
         except RouterError as e:
             self._ended(e.grpc_code, e.reason, rid, str(e), request.get(_TIMER))

@@ -651,12 +651,15 @@ class MetricsServer:
             auth = request.headers.get("Authorization")
             if self.tokens.role_of(auth) is None:
                 reason = "bad_token" if auth else "no_token"
+                named: dict[str, str] = {}
                 if self.on_refused is not None:
-                    self.on_refused("UNAUTHENTICATED", reason, "GET /metrics", peer=request.remote or "")
+                    peer = request.remote or ""
+                    rid = self.on_refused("UNAUTHENTICATED", reason, "GET /metrics", peer=peer)
+                    named = {"x-request-id": rid}  # as the node's log line names it
                 return web.Response(
                     status=401,
                     text=f"{reason}: /metrics needs 'Authorization: Bearer TOKEN'\n",
-                    headers={"WWW-Authenticate": 'Bearer realm="kvmesh"'},
+                    headers={"WWW-Authenticate": 'Bearer realm="kvmesh"', **named},
                 )
         body = generate_latest(self.registry)
         resp = web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

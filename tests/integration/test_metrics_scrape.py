@@ -246,6 +246,8 @@ async def test_the_metrics_port_takes_the_api_token_and_tls(tmp_path: Path) -> N
                 url, ssl=ctx, headers={"Authorization": "Bearer wrong-token-0123456789"}
             ) as r:
                 assert r.status == 401 and "bad_token" in await r.text()
+                rid = r.headers.get("x-request-id", "")  # the id the node's log line names it by
+                assert len(rid) == 32, dict(r.headers)
             with pytest.raises(aiohttp.ClientError):  # plaintext is not served
                 async with http.get(f"http://localhost:{port}/metrics") as r:
                     await r.read()
@@ -257,6 +259,7 @@ async def test_the_metrics_port_takes_the_api_token_and_tls(tmp_path: Path) -> N
         assert refused[("UNAUTHENTICATED", "bad_token")] == 1
     finally:
         router.stop()
+    assert any("router.call_refused" in line and rid in line for line in router.output)
 
 
 def _stalls_logged(node: procs.Proc, at_least: float) -> bool:

@@ -185,8 +185,14 @@ async def test_tokens_are_checked_and_refusals_reported() -> None:
             assert r.status == 401 and (await r.json())["error"]["code"] == "no_token"
         async with http.get(f.url("/health")) as r:
             assert r.status == 200
+        bad_id = {"x-request-id": "x" * 300}  # the token is checked first: no 400 for a caller without one
+        async with http.get(f.url("/v1/models"), headers=bad_id) as r:
+            assert r.status == 401 and (await r.json())["error"]["code"] == "no_token"
+        async with http.get(f.url("/v1/models"), headers={**bad_id, "authorization": f"Bearer {TOKEN}"}) as r:
+            assert r.status == 400 and "x-request-id" in (await r.json())["error"]["message"]
         assert [(code, reason) for code, reason, *_ in f.refused] == [
             ("UNAUTHENTICATED", "bad_token"),
+            ("UNAUTHENTICATED", "no_token"),
             ("UNAUTHENTICATED", "no_token"),
         ]
         assert all(
