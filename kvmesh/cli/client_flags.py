@@ -23,6 +23,7 @@ from kvmesh.client import (
     Prompt,
     TlsConfig,
 )
+from kvmesh.client.errors import tls_failure
 from router.auth import CLIENT
 
 __all__ = [
@@ -142,25 +143,24 @@ def connection_hint(message: str, insecure: bool) -> str | None:
                 "drop --insecure (and give --tls-ca)"
             )
         return None
-    if "hostname verification" in m or "no match found for server name" in m:
-        return (
-            "the node's certificate does not carry the name dialled: dial a name it carries, "
-            "or give that name with --tls-server-name"
-        )
-    if "expired" in m or "not yet valid" in m:
-        return (
-            "a certificate has expired or is not yet valid: the node's (it needs a new one), "
-            "or this client's --tls-cert"
-        )
-    if "certificate_verify_failed" in m or "certificate verify failed" in m:
-        return "the node's certificate is not signed by a CA this client trusts: give its CA with --tls-ca"
-    if "handshake" in m:
-        return (
-            "TLS failed: a node that serves without TLS, run with --insecure or with "
-            "--auth-token-file and no --tls-cert, speaks plaintext: add --insecure for it; "
-            "a node with a private CA needs --tls-ca"
-        )
-    return None
+    return _FLAG_HINTS.get(tls_failure(message))
+
+
+# connection_hint's words for each kind of TLS failure (kvmesh.client.errors.tls_failure).
+_PLAINTEXT = (
+    "TLS failed: a node that serves without TLS, run with --insecure or with "
+    "--auth-token-file and no --tls-cert, speaks plaintext: add --insecure for it; "
+    "a node with a private CA needs --tls-ca"
+)
+_FLAG_HINTS = {
+    "name": "the node's certificate does not carry the name dialled: dial a name it carries, "
+    "or give that name with --tls-server-name",
+    "expired": "a certificate has expired or is not yet valid: the node's (it needs a new one), "
+    "or this client's --tls-cert",
+    "ca": "the node's certificate is not signed by a CA this client trusts: give its CA with --tls-ca",
+    "plaintext": _PLAINTEXT,
+    "handshake": _PLAINTEXT,
+}
 
 
 def explain(e: KvmeshError, args: argparse.Namespace) -> str:

@@ -31,7 +31,7 @@ import grpc
 from kvmesh.client.results import Result
 from router.errors import REASON_KEY, REQUEST_ID_KEY, RequestError
 
-__all__ = ["KvmeshError", "from_rpc_error", "invalid_request"]
+__all__ = ["KvmeshError", "from_rpc_error", "invalid_request", "tls_failure"]
 
 
 class KvmeshError(Exception):
@@ -79,25 +79,38 @@ class KvmeshError(Exception):
         return f"{self.status}{why}: {self.message}"
 
 
-def _tls_hint(message: str) -> str:
-    """Which client argument a failed TLS handshake likely points at, from
-    gRPC's words ("" when they say nothing of TLS)."""
+# gRPC's words for each way a TLS connection fails, first match wins:
+# (kind, any of these in the lowercased details).
+_TLS_FAILURES = (
+    ("name", ("hostname verification", "no match found for server name")),
+    ("expired", ("expired", "not yet valid")),
+    ("ca", ("certificate verify failed", "certificate_verify_failed")),
+    ("plaintext", ("wrong_version_number", "wrong version number")),
+    ("handshake", ("handshake",)),
+)
+
+# What the library's caller changes for each (the CLI words them in its flags).
+_TLS_HINTS = {
+    "name": "the node's certificate does not carry the name dialled: TlsConfig(server_name=...)",
+    "expired": "a certificate has expired or is not yet valid: the node's (it needs a new one), "
+    "or this client's TlsConfig(cert_file=...)",
+    "ca": "the node's certificate is not signed by a CA this client trusts: TlsConfig(ca_file=...)",
+    "plaintext": "the node answered the TLS handshake in plaintext: a node run with --insecure, or with "
+    "tokens and no --tls-cert, takes tls=False",
+}
+
+
+def tls_failure(message: str) -> str:
+    """How a connection's TLS failed, from gRPC's words: "name", "expired",
+    "ca", "plaintext", "handshake" (another handshake failure), or ""."""
     m = message.lower()
-    if "wrong_version_number" in m or "wrong version number" in m:
-        return (
-            "the node answered the TLS handshake in plaintext: a node run with --insecure, or with "
-            "tokens and no --tls-cert, takes tls=False"
-        )
-    if "hostname verification" in m or "no match found for server name" in m:
-        return "the node's certificate does not carry the name dialled: TlsConfig(server_name=...)"
-    if "expired" in m or "not yet valid" in m:
-        return (
-            "a certificate has expired or is not yet valid: the node's (it needs a new one), "
-            "or this client's TlsConfig(cert_file=...)"
-        )
-    if "certificate verify failed" in m or "certificate_verify_failed" in m:
-        return "the node's certificate is not signed by a CA this client trusts: TlsConfig(ca_file=...)"
-    return ""
+    return next((kind for kind, words in _TLS_FAILURES if any(w in m for w in words)), "")
+
+
+def _tls_hint(message: str) -> str:
+    """Which client argument a failed TLS handshake likely points at ("" when
+    gRPC's words say nothing of it)."""
+    return _TLS_HINTS.get(tls_failure(message), "")
 
 
 def invalid_request(message: str) -> KvmeshError:
