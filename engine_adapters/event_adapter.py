@@ -431,9 +431,7 @@ class EventAdapter:
         if not answered:
             # The replay socket did not answer the restart check: asking it for
             # a replay now would wait as long again for nothing.
-            st.stats.replay_failures += 1
-            if not st.probe_failing:
-                self._log.warning("adapter.replay_timeout", worker=st.worker, probe=True)
+            self._replay_unanswered(st, st.sequencer.last, probe=True)
             st.probe_failing = True
             return
         before = st.stats.replayed_batches
@@ -549,10 +547,8 @@ class EventAdapter:
     async def _replay_once(self, st: _RankState, start: int, probe: bool = False) -> bool:
         """Ask for every buffered batch >= start and apply them in order.
 
-        True if the end marker came and nothing was missing in between. An
-        unanswered probe is logged once per streak: an engine that is down
-        stays unanswered every ``replay_probe_after`` seconds, and its health
-        probe reports that already.
+        True if the end marker came and nothing was missing in between (an
+        unanswered one: :meth:`_replay_unanswered`).
         """
         first, holes = True, False
         with self._replay_dealer(st, rcvhwm=0) as dealer:  # a replay may be the whole buffer
@@ -590,12 +586,18 @@ class EventAdapter:
                     # With the batch, not after the replay's end marker: the
                     # stats never lag what the index already shows.
                     st.stats.probe_batches += 1
-            st.stats.replay_failures += 1
-            if probe and st.probe_failing:
-                self._log.debug("adapter.replay_timeout", worker=st.worker, from_seq=start, probe=True)
-            else:
-                self._log.warning("adapter.replay_timeout", worker=st.worker, from_seq=start, probe=probe)
+            self._replay_unanswered(st, start, probe)
             return False
+
+    def _replay_unanswered(self, st: _RankState, from_seq: int | None, probe: bool) -> None:
+        """The replay socket did not answer: counted; logged at warning once
+        per streak of unanswered probes (an engine that is down stays so every
+        ``replay_probe_after`` seconds, and its health probe says so already)."""
+        st.stats.replay_failures += 1
+        if probe and st.probe_failing:
+            self._log.debug("adapter.replay_timeout", worker=st.worker, from_seq=from_seq, probe=True)
+        else:
+            self._log.warning("adapter.replay_timeout", worker=st.worker, from_seq=from_seq, probe=probe)
 
     # --- applying --------------------------------------------------------------------
 

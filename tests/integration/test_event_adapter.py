@@ -161,6 +161,20 @@ def make_adapter(pub: ZmqEventPublisher, sink, **kw) -> EventAdapter:
     return EventAdapter("eng-a", MODEL, pub.endpoint, pub.replay_endpoint, topic="kv", sink=sink, **kw)
 
 
+def on_fixed_ports(
+    engine_id: str, config: EventAdapterConfig
+) -> tuple[str, str, ZmqEventPublisher, DictSink, EventAdapter]:
+    """An engine on ports of its own (so another process, or a stand-in, can
+    take them after it) and an adapter reading it: (event endpoint, replay
+    endpoint, publisher, sink, adapter), the adapter not yet started."""
+    base, rbase = free_consecutive_ports(1), free_consecutive_ports(1)
+    ep, rep = f"tcp://127.0.0.1:{base}", f"tcp://127.0.0.1:{rbase}"
+    sink = DictSink()
+    pub = ZmqEventPublisher(ep, rep, topic="kv", bind=True)
+    ad = EventAdapter(engine_id, MODEL, ep, rep, topic="kv", sink=sink, config=config, block_size=BS)
+    return ep, rep, pub, sink, ad
+
+
 # --- publisher wire ---------------------------------------------------------------
 
 
@@ -525,21 +539,8 @@ async def test_a_probe_finds_a_restart_whose_batches_were_missed_live() -> None:
 
 
 async def test_engine_restart_resets_the_worker() -> None:
-    base, rbase = free_consecutive_ports(1), free_consecutive_ports(1)
-    ep, rep = f"tcp://127.0.0.1:{base}", f"tcp://127.0.0.1:{rbase}"
     old = ToyEngine(5)
-    sink = DictSink()
-    pub = ZmqEventPublisher(ep, rep, topic="kv", bind=True)
-    ad = EventAdapter(
-        "eng-r",
-        MODEL,
-        ep,
-        rep,
-        topic="kv",
-        sink=sink,
-        config=EventAdapterConfig(replay_timeout=0.5),
-        block_size=BS,
-    )
+    ep, rep, pub, sink, ad = on_fixed_ports("eng-r", EventAdapterConfig(replay_timeout=0.5))
     await ad.start()
     try:
         await ad.wait_ready(5)
@@ -569,13 +570,9 @@ async def test_an_engine_restarted_quiet_is_found_by_its_probe() -> None:
     # first probe answered after the outage finds that it does not hold the
     # last batch applied, and the worker is cleared at once (not at the new
     # process' first batch, meanwhile routing to blocks it no longer holds).
-    base, rbase = free_consecutive_ports(1), free_consecutive_ports(1)
-    ep, rep = f"tcp://127.0.0.1:{base}", f"tcp://127.0.0.1:{rbase}"
     old = ToyEngine(7)
-    sink = DictSink()
-    pub = ZmqEventPublisher(ep, rep, topic="kv", bind=True)
     cfg = EventAdapterConfig(replay_timeout=0.3, replay_probe_after=0.3)
-    ad = EventAdapter("eng-q", MODEL, ep, rep, topic="kv", sink=sink, config=cfg, block_size=BS)
+    ep, rep, pub, sink, ad = on_fixed_ports("eng-q", cfg)
     await ad.start()
     try:
         await ad.wait_ready(5)
@@ -610,13 +607,10 @@ async def test_a_probe_of_an_engine_that_does_not_answer_asks_once() -> None:
     # asking for a replay and waiting as long again.
     import zmq.asyncio
 
-    base, rbase = free_consecutive_ports(1), free_consecutive_ports(1)
-    ep, rep = f"tcp://127.0.0.1:{base}", f"tcp://127.0.0.1:{rbase}"
     eng = ToyEngine(9)
-    sink = DictSink()
-    pub = ZmqEventPublisher(ep, rep, topic="kv", bind=True)
-    cfg = EventAdapterConfig(replay_timeout=0.2, replay_probe_after=0.2)
-    ad = EventAdapter("eng-d", MODEL, ep, rep, topic="kv", sink=sink, config=cfg, block_size=BS)
+    _, rep, pub, sink, ad = on_fixed_ports(
+        "eng-d", EventAdapterConfig(replay_timeout=0.2, replay_probe_after=0.2)
+    )
     await ad.start()
     silent = None
     try:
