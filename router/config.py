@@ -43,6 +43,13 @@ __all__ = ["LOG_FORMATS", "LOG_LEVELS", "OpenPort", "RouterConfig", "check_polic
 LOG_FORMATS = ("console", "json")
 
 
+class CertFile(NamedTuple):
+    label: str  # the ``cert`` label of kvmesh_tls_cert_expiry_timestamp_seconds
+    flag: str
+    path: str
+    ca: bool  # a file of authorities that are trusted, not a certificate served
+
+
 class OpenPort(NamedTuple):
     """A port the config would serve without authentication."""
 
@@ -217,6 +224,17 @@ class RouterConfig:
     def mesh_addr(self) -> str:
         """The address other nodes reach this node's mesh port at."""
         return self.mesh_advertise or (self.mesh_listen or self.advertise or self.listen)
+
+    def certificates(self) -> list[CertFile]:
+        """The certificate files this config serves and trusts (those set)."""
+        a, t = self.api_auth, self.transport
+        files = (
+            CertFile("api", "--tls-cert", a.tls_cert, False),
+            CertFile("api_client_ca", "--tls-client-ca", a.tls_client_ca, True),
+            CertFile("mesh", "--mesh-tls-cert", t.tls_cert, False),
+            CertFile("mesh_ca", "--mesh-tls-ca", t.tls_ca, True),
+        )
+        return [f for f in files if f.path]
 
     def unauthenticated_ports(self) -> list[OpenPort]:
         """The ports this config would serve without authentication."""

@@ -203,6 +203,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("kvmesh_mesh_owned_engines", "gauge", (), "engines whose KV events this node consumes"),
     Family("kvmesh_mesh_gossip_queue_bytes", "gauge", (),
            "state deltas waiting to be forwarded by push gossip, in bytes"),
+    Family("kvmesh_tls_cert_expiry_timestamp_seconds", "gauge", ("cert",),
+           "when a certificate file this node loaded at start ends (Unix seconds), by file: api "
+           "(--tls-cert), api_client_ca, mesh (--mesh-tls-cert), mesh_ca; a CA file's last authority "
+           "to end. Files are read only at start: a renewed file takes a restart"),
     # --- engine discovery (--engines-from-dns) -----------------------------------------------------
     Family("kvmesh_discovery_failures_total", "counter", ("name",),
            "resolutions of the DNS name that failed (nothing was changed)"),
@@ -543,6 +547,9 @@ class NodeCollector:
         )
         yield _single("kvmesh_mesh_owned_engines", len(core.owned()))
         yield _single("kvmesh_mesh_gossip_queue_bytes", core.gossip.queued_bytes)
+        yield _labelled(
+            "kvmesh_tls_cert_expiry_timestamp_seconds", (((k,), v) for k, v in sorted(n.cert_expiry.items()))
+        )
 
     def _replicated_bytes(self) -> int:
         size, at = self._state_bytes

@@ -41,6 +41,7 @@ from engine_adapters.proxy import (
 from engine_adapters.tokenizer import Tokenizer, get_tokenizer
 from mesh.effects import Effect, EngineAdded, EngineRemoved, StartOwning, StopOwning
 from mesh.engine_log.packed import IndexChange, change_blocks, heads_of
+from router import cert_validity
 from router.adapters import AdapterLifecycle, events_source
 from router.admission import AdmissionGate
 from router.approx_tree import ApproxTree
@@ -103,6 +104,22 @@ def _hint_known(decision: Decision, prompt_blocks: int) -> bool:
     return chosen is not None and chosen.overlap_blocks >= prompt_blocks
 
 
+def cert_expiry(cfg: RouterConfig) -> dict[str, float]:
+    """When each certificate file of ``cfg`` ends, by its metric label (a
+    served certificate's leaf; a CA file's last authority). The files were
+    checked before the node was made (``check_files``): one that cannot be
+    read now has no sample rather than stopping the node."""
+    out = {}
+    for f in cfg.certificates():
+        try:
+            certs = cert_validity.read_dates(f.path)
+        except (OSError, ValueError):
+            continue
+        if certs:
+            out[f.label] = max(c.not_after for c in certs) if f.ca else certs[0].not_after
+    return out
+
+
 class RouterNode:
     def __init__(
         self,
@@ -122,6 +139,7 @@ class RouterNode:
         self.load = MeshLoad()
         self.engines = EngineTable(cfg.breaker)
         self.stats = NodeStats()
+        self.cert_expiry = cert_expiry(cfg)
         self.client = EngineClient(cfg.engine_client)
         self.mesh = MeshShell(
             self.node_id,

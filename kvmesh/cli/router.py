@@ -16,6 +16,7 @@ import os
 import signal
 import ssl
 import sys
+import time
 
 import structlog
 
@@ -27,6 +28,7 @@ from mesh.auth import MeshAuthError, MeshSecret
 from mesh.core import MeshConfig
 from mesh.membership import MembershipConfig
 from mesh.transport import TransportConfig
+from router import cert_validity
 from router.addresses import AddressError, advertised_address, resolve_listen, resolve_seeds
 from router.admission import AdmissionConfig
 from router.auth import MIN_TOKEN_CHARS, ApiAuthConfig, AuthError, TokenTable
@@ -494,11 +496,13 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     )
 
 
-def check_files(cfg: RouterConfig) -> None:
+def check_files(cfg: RouterConfig, now: float | None = None) -> None:
     """Read the files the flags name (certificates, keys, the token file,
     the mesh secret) before anything starts, so that a missing or unusable
     one stops the node with one line naming its flag and path (ValueError),
-    not with whatever the library reading it later would say."""
+    not with whatever the library reading it later would say. A certificate
+    outside its validity at ``now`` (default: the clock) is unusable too:
+    gRPC would serve it, and every client's handshake would fail."""
     a, t = cfg.api_auth, cfg.transport
     files = (
         ("--tls-cert", a.tls_cert),
@@ -519,6 +523,7 @@ def check_files(cfg: RouterConfig) -> None:
                 raise ValueError(f"{flag} {path!r}: {e.strerror or e}") from None
     _check_tls(("--tls-cert", a.tls_cert), ("--tls-key", a.tls_key), ("--tls-client-ca", a.tls_client_ca))
     _check_tls(("--mesh-tls-cert", t.tls_cert), ("--mesh-tls-key", t.tls_key), ("--mesh-tls-ca", t.tls_ca))
+    _check_dates(cfg, time.time() if now is None else now)
     try:
         if a.token_file:
             TokenTable.from_file(a.token_file)
@@ -558,6 +563,28 @@ def _check_tls(cert: tuple[str, str], key: tuple[str, str], ca: tuple[str, str])
             raise ValueError(f"{ca_flag} {ca_path!r}: not a usable PEM CA certificate ({e})") from None
 
 
+def _check_dates(cfg: RouterConfig, now: float) -> None:
+    """Each certificate file valid at ``now``; one close to its end is logged."""
+    for f in cfg.certificates():
+        try:
+            certs = cert_validity.read_dates(f.path)
+        except ValueError as e:
+            raise ValueError(f"{f.flag} {f.path!r}: {e}") from None
+        problem = cert_validity.file_problem(certs, now, f.ca)
+        if problem:
+            raise ValueError(f"{f.flag} {f.path!r}: {problem}")
+        soon = cert_validity.expiring_soon(certs, now)
+        if soon is not None:
+            log.warning(
+                "router.tls_cert_expiring",
+                node=cfg.node_id,
+                flag=f.flag,
+                path=f.path,
+                subject=soon.subject,
+                days_left=round((soon.not_after - now) / 86400, 1),
+            )
+
+
 def _refuse(why: object) -> int:
     """A start-up mistake, said in one line (the exit status of a bad flag)."""
     print(f"{_PROG}: {why}", file=sys.stderr)
@@ -577,8 +604,8 @@ def run(args: argparse.Namespace) -> int:
             f"configure {', and '.join(p.fix for p in open_ports)}, or pass --insecure"
         )
     try:
-        check_files(cfg)
         cfg = _concrete_addresses(cfg)
+        check_files(cfg)
     except ValueError as e:  # AddressError, AuthError, MeshAuthError among them
         return _refuse(e)
     try:

@@ -24,6 +24,7 @@ from kvmesh import procs
 from kvmesh.client import ONE_NODE, aio_channel
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
+from router.cert_validity import read_dates
 from router.metrics import FAMILIES
 
 pytestmark = pytest.mark.slow
@@ -257,6 +258,10 @@ async def test_the_metrics_port_takes_the_api_token_and_tls(tmp_path: Path) -> N
         }
         assert refused[("UNAUTHENTICATED", "no_token")] == 1
         assert refused[("UNAUTHENTICATED", "bad_token")] == 1
+        # When the served certificate ends, for an alert before it does (no mesh TLS: no mesh sample).
+        expiry = {s.labels["cert"]: s.value for s in fams["kvmesh_tls_cert_expiry_timestamp_seconds"].samples}
+        assert expiry == {"api": read_dates(str(pki / "server.pem"))[0].not_after}
+        assert expiry["api"] > time.time() + 365 * 86400  # make-certs.sh's 825 days
     finally:
         router.stop()
     assert any("router.call_refused" in line and rid in line for line in router.output)
