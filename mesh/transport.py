@@ -176,6 +176,7 @@ class _Servicer:
                 grpc.StatusCode.INVALID_ARGUMENT, f"undecodable mesh batch ({len(body)} bytes)"
             )
         accepted = rejected = 0
+        heard: set[str] = set()
         for env in batch.messages:
             try:
                 msg = from_envelope(env)
@@ -184,6 +185,9 @@ class _Servicer:
                 log.warning("transport.message_rejected", addr=self.t.addr, error=str(e))
                 continue
             accepted += 1
+            if msg.src not in heard:
+                heard.add(msg.src)
+                self.t.heard_from(msg.src)
             try:
                 self.t.deliver(msg)
             except Exception:  # a bug in the core must not kill the server
@@ -298,6 +302,17 @@ class MeshTransport:
             why=details,
             hint="the peer does not accept this node's mesh credentials (--mesh-secret-file, --mesh-tls-*)",
         )
+
+    def heard_from(self, src: str) -> None:
+        """A peer's batch just arrived, so it is up. A channel to it that is
+        still waiting out its reconnect backoff (the peer was down: a node
+        restarted at the same address) would fail every reply until the
+        backoff ends, a restarted node's Join answer among them: start it
+        afresh, as a channel to a new peer would."""
+        ch = self._channels.get(src)
+        if ch is not None and ch.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            log.debug("transport.channel_renewed", addr=self.addr, peer_addr=src)
+            self.forget(src)
 
     def forget(self, dst: str) -> None:
         """Close the channel to a peer that left for good."""
