@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 import pycrdt
 import structlog
+import xxhash
 
 log = structlog.get_logger(__name__)
 
@@ -52,12 +53,21 @@ def validate_spec(engine_id: str, spec: dict[str, Any]) -> dict[str, Any]:
 class Registry:
     """The replicated engine registry of one node."""
 
-    def __init__(self, client_id: int) -> None:
+    def __init__(self, client_id: int, node_id: str = "") -> None:
+        self._log = log.bind(node=node_id) if node_id else log
         self.doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=client_id)
         self._map: pycrdt.Map[str] = self.doc.get("engines", type=pycrdt.Map)
         self._updates: list[bytes] = []
         self.doc.observe(self._on_txn)
         self.version = 0  # bumped on every visible change (for pollers)
+        # The map as last read (JSON strings) and its readable specs decoded.
+        # Reading the pycrdt Map key by key costs a transaction per key, and a
+        # fleet registering a thousand engines one by one would make every
+        # node read the whole map per registration: the map is read in one
+        # call (as JSON) and only the values that changed are decoded.
+        self._raw: dict[str, str] = {}
+        self._specs: dict[str, dict[str, Any]] = {}
+        self._digest: bytes | None = None  # of _raw; None: to compute again
 
     def _on_txn(self, event: pycrdt.TransactionEvent) -> None:
         self._updates.append(event.update)
@@ -72,9 +82,12 @@ class Registry:
         """Add or replace ``engine_id``; returns the update to gossip."""
         clean = validate_spec(engine_id, spec)
         self._updates.clear()
-        self._map[engine_id] = msgspec.json.encode(clean).decode()
+        raw = msgspec.json.encode(clean).decode()
+        self._map[engine_id] = raw
+        self._raw[engine_id], self._specs[engine_id] = raw, clean
+        self._digest = None
         self.version += 1
-        log.info("mesh.engine_registered", engine=engine_id)
+        self._log.info("mesh.engine_registered", engine=engine_id)
         return self._take_update()
 
     def deregister(self, engine_id: str) -> bytes | None:
@@ -83,37 +96,67 @@ class Registry:
             return None
         self._updates.clear()
         del self._map[engine_id]
+        self._raw.pop(engine_id, None)
+        self._specs.pop(engine_id, None)
+        self._digest = None
         self.version += 1
-        log.info("mesh.engine_deregistered", engine=engine_id)
+        self._log.info("mesh.engine_deregistered", engine=engine_id)
         return self._take_update()
 
     def apply(self, update: bytes) -> tuple[set[str], set[str]]:
         """Apply a remote update; returns (added or changed, removed) engine ids."""
-        before = self.engines()
         try:
             self.doc.apply_update(update)
         except ValueError as e:
             raise RegistryError(f"bad registry update: {e}") from None
         finally:
             self._updates.clear()
-        after = self.engines()
-        changed = {e for e, s in after.items() if before.get(e) != s}
-        removed = set(before) - set(after)
+        # Reread even when the state vector did not move: a deregistration
+        # is a delete, which state vectors do not count.
+        changed, removed = self._reread()
         if changed or removed:
             self.version += 1
         return changed, removed
 
+    def _reread(self) -> tuple[set[str], set[str]]:
+        """Bring the decoded specs up to the map: (added or changed, removed)."""
+        raw_now: dict[str, Any] = msgspec.json.decode(str(self._map))  # the map as JSON, in one call
+        if raw_now != self._raw:
+            self._digest = None
+        changed: set[str] = set()
+        removed = {e for e in self._raw if e not in raw_now}
+        for e in removed:
+            del self._raw[e]
+            self._specs.pop(e, None)
+        for e, raw in raw_now.items():
+            if self._raw.get(e) == raw:
+                continue
+            self._raw[e] = raw
+            spec = self._decode(e, raw)
+            if spec is None:  # unreadable: not an engine (any more)
+                if self._specs.pop(e, None) is not None:
+                    removed.add(e)
+            elif self._specs.get(e) != spec:
+                self._specs[e] = spec
+                changed.add(e)
+        return changed, removed
+
+    def digest(self) -> bytes:
+        """A digest of the map's content. Two registries with the same state
+        vector differ only when one missed a deregistration (a delete, which
+        the state vector does not count): anti-entropy compares this too."""
+        if self._digest is None:
+            self._digest = xxhash.xxh3_64_digest(msgspec.json.encode(sorted(self._raw.items())))
+        return self._digest
+
     def get(self, engine_id: str) -> dict[str, Any] | None:
-        raw = self._map.get(engine_id)
+        raw = self._raw.get(engine_id)
         return None if raw is None else self._decode(engine_id, raw)
 
     def engines(self) -> dict[str, dict[str, Any]]:
-        out = {}
-        for k, raw in self._map.items():
-            spec = self._decode(k, raw)
-            if spec is not None:
-                out[k] = spec
-        return out
+        """Every readable spec by engine id. A new dict; the specs in it are
+        shared with the registry: read them, never change them."""
+        return dict(self._specs)
 
     @staticmethod
     def _decode(engine_id: str, raw: Any) -> dict[str, Any] | None:

@@ -110,7 +110,7 @@ class MeshState:
         self.packed = packed
         self.rng = rng
         self.policy = compaction or CompactionPolicy()
-        self.registry = Registry(self._client_id())
+        self.registry = Registry(self._client_id(), node_id)
         self.logs: dict[str, EngineLogReplica] = {}
         self.owners: dict[str, EngineLogOwner] = {}
         self.slots = LoadSlots(node_id, now)
@@ -124,7 +124,7 @@ class MeshState:
     def _replica(self, engine_id: str) -> EngineLogReplica:
         r = self.logs.get(engine_id)
         if r is None:
-            r = self.logs[engine_id] = EngineLogReplica(engine_id, packed=self.packed)
+            r = self.logs[engine_id] = EngineLogReplica(engine_id, packed=self.packed, node_id=self.node_id)
         return r
 
     # -- registry -----------------------------------------------------------------
@@ -348,7 +348,7 @@ class MeshState:
         """
         sv = self.registry.state_vector()
         try:
-            _, removed = self.registry.apply(update)
+            changed, removed = self.registry.apply(update)
         except RegistryError as e:
             log.warning("mesh.registry_update_rejected", node=self.node_id, member=sender, error=str(e))
             return None
@@ -356,7 +356,9 @@ class MeshState:
             retired = self._retire(engine_id)
             if retired is not None:
                 self._outbox.append(retired)
-        if self.registry.state_vector() == sv:
+        # New here: new items, or engines it added or removed (a delete does
+        # not move the state vector, and a relay must forward it too).
+        if self.registry.state_vector() == sv and not changed and not removed:
             return None
         return self.registry.update_since()
 
@@ -371,6 +373,7 @@ class MeshState:
             sender=self.node_id,
             engines=engines,
             registry_sv=self.registry.state_vector(),
+            registry_digest=self.registry.digest(),
             slots=self.slots.versions(),
         )
 
@@ -390,6 +393,11 @@ class MeshState:
                 upd = self.registry.update_since()
             if not empty_update(upd):
                 rest.registry = upd
+        elif remote.registry_digest and remote.registry_digest != self.registry.digest():
+            # Same items, other content: one of us missed a deregistration
+            # (deletes travel in the whole update, not in a state-vector diff
+            # of equal vectors). Ours whole; theirs whole comes back if we are the one.
+            rest.registry = self.registry.update_since()
         if not rest.is_empty():
             out.append(rest)
         return out

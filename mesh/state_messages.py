@@ -77,6 +77,8 @@ class Summary(msgspec.Struct, tag="summary", kw_only=True, gc=False):
     sender: str
     engines: list[EngineSummary] = []
     registry_sv: bytes = b"\x00"
+    # Registry.digest(); empty from a node that does not send one (compared only when both do).
+    registry_digest: bytes = b""
     slots: dict[str, int] = {}
 
 

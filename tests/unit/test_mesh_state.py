@@ -14,6 +14,7 @@ from engine_adapters.kv_events import BlockRemoved, BlockStored
 from engine_adapters.sim_engine.cache import NotEnoughBlocks, PrefixCache
 from mesh.engine_log.entry import NotOwnerError, decode_entry
 from mesh.engine_log.owner import CompactionPolicy
+from mesh.registry import Registry
 from mesh.state import MeshState
 from mesh.state_messages import (
     Delta,
@@ -413,6 +414,57 @@ def test_registry_register_deregister_replicates_and_retires_owned_log() -> None
         a.register_engine("bad#dp1", {"endpoint": "x"})
     with pytest.raises(ValueError):
         a.register_engine("e2", {"endpoint": "x", "block_size": 0})
+
+
+def test_a_deregistration_is_forwarded_by_the_nodes_it_reaches() -> None:
+    """A relay forwards what changed its registry, deregistrations included,
+    though a delete does not move the registry's state vector."""
+    a, b, c = _mk(3)
+    reg = a.register_engine("e", {"endpoint": "http://e"})
+    for s in (b, c):
+        s.apply_remote(reg, 0.0)
+    relayed = b.apply_remote(a.deregister_engine("e"), 0.0).new  # c hears of it only through b
+    assert relayed is not None and relayed.registry
+    c.apply_remote(relayed, 0.0)
+    assert b.engines() == {} and c.engines() == {}
+    assert b.apply_remote(relayed, 0.0).new is None  # heard twice: nothing to forward
+
+
+def test_anti_entropy_repairs_a_missed_deregistration() -> None:
+    """The deregistration's push lost on the way to b: the registries' state
+    vectors are equal (a delete does not move them), so their content's
+    digest tells anti-entropy, which sends it whole."""
+    a, b = _mk(2)
+    b.apply_remote(a.register_engine("e", {"endpoint": "http://e"}), 0.0)
+    a.register_engine("f", {"endpoint": "http://f"})
+    b.apply_remote(a.diff(b.summary())[0], 0.0)
+    a.deregister_engine("e")  # lost
+    assert a.registry.state_vector() == b.registry.state_vector()
+    assert a.registry.digest() != b.registry.digest()
+    fix = [d for d in a.diff(b.summary()) if d.registry]
+    assert len(fix) == 1
+    b.apply_remote(fix[0], 0.0)
+    assert b.engines() == a.engines() == {"f": {"endpoint": "http://f"}}
+    assert a.registry.digest() == b.registry.digest()
+    assert not [d for d in a.diff(b.summary()) if d.registry]  # repaired: nothing more to send
+    assert not [d for d in b.diff(a.summary()) if d.registry]
+
+
+def test_an_update_decodes_only_the_specs_it_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fleet registering engines one by one costs each node one decode per
+    registration, not one per engine known (which made a thousand engines
+    cost every node tens of seconds)."""
+    a, b = _mk(2)
+    decoded: list[str] = []
+    real = Registry._decode
+    monkeypatch.setattr(Registry, "_decode", staticmethod(lambda e, raw: decoded.append(e) or real(e, raw)))
+    for i in range(50):
+        b.apply_remote(a.register_engine(f"e{i}", {"endpoint": f"http://e{i}"}), 0.0)
+    assert sorted(decoded) == sorted(f"e{i}" for i in range(50))
+    assert b.engines() == a.engines() and len(b.engines()) == 50
+    b.apply_remote(a.register_engine("e7", {"endpoint": "http://e7-moved"}), 0.0)
+    assert decoded[-1] == "e7" and len(decoded) == 51
+    assert b.engines()["e7"] == {"endpoint": "http://e7-moved"}
 
 
 def test_bad_input_is_rejected_and_nothing_is_lost() -> None:
