@@ -187,6 +187,7 @@ class EventAdapter:
         block_size: int,
         config: EventAdapterConfig | None = None,
         mappers: dict[int, BlockMapper] | None = None,
+        node_id: str = "",
     ) -> None:
         if sink is None:
             raise TypeError("EventAdapter needs a sink: Callable[[KvDelta | PackedEntry], None]")
@@ -221,7 +222,9 @@ class EventAdapter:
         self._mismatches_logged: set[int] = set()  # block sizes already logged as mismatches
         self._ctx: zmq.asyncio.Context | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._log = log.bind(engine=engine_id)
+        # The node's id on every line: aggregated, the logs of several nodes
+        # must say which one lost an engine's events or reset its blocks.
+        self._log = log.bind(engine=engine_id, node=node_id) if node_id else log.bind(engine=engine_id)
 
     # --- lifecycle ---------------------------------------------------------------
 

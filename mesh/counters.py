@@ -111,8 +111,11 @@ class ConvergenceLag:
         self._logs[engine_id] = _OwnedLog(epoch, now)
 
     def stopped(self, engine_id: str) -> None:
-        """This node no longer writes ``engine_id``'s log."""
+        """This node no longer writes ``engine_id``'s log. Writing none, it
+        has no lag to report: the last one measured would stay on show."""
         self._logs.pop(engine_id, None)
+        if not self._logs:
+            self.by_peer.clear()
 
     def appending(self, engine_id: str, clock: Callable[[], int], now: float) -> None:
         """A write to ``engine_id``'s log is about to happen; ``clock()``

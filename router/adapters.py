@@ -83,6 +83,7 @@ class AdapterLifecycle:
         sink: Callable[[str, KvDelta | PackedEntry], None],
         log: structlog.typing.FilteringBoundLogger,
         config: EventAdapterConfig | None = None,
+        node_id: str = "",
     ) -> None:
         """``owns(engine_id)``: whether this node still owns the engine when
         its start command comes up; ``sink(engine_id, delta)`` takes every
@@ -90,6 +91,7 @@ class AdapterLifecycle:
         self._owns = owns
         self._sink = sink
         self._log = log
+        self._node_id = node_id  # bound on each adapter's log lines
         self._config = config or EventAdapterConfig()
         self._running: dict[str, EventAdapter] = {}
         self._commands: asyncio.Queue[StartOwning | StopOwning | Respecify] = asyncio.Queue()
@@ -176,6 +178,7 @@ class AdapterLifecycle:
             mappers=mappers,
             config=self._config,
             block_size=spec.block_size,
+            node_id=self._node_id,
         )
         self._running[engine_id] = adapter
         await adapter.start()

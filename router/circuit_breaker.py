@@ -4,10 +4,14 @@ closed --N consecutive failures--> open --cooldown--> half_open
 half_open lets one probe request through: success closes, failure reopens
 with a doubled cooldown (capped), so a dead engine costs one failed attempt
 per cooldown instead of one per request.
+
+Each node keeps its own breaker per engine, from its own attempts: an
+engine open on one node may be closed on another.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 CLOSED = "closed"
@@ -23,9 +27,15 @@ class BreakerConfig:
 
 
 class CircuitBreaker:
-    def __init__(self, config: BreakerConfig | None = None) -> None:
+    def __init__(
+        self, config: BreakerConfig | None = None, on_change: Callable[[str, str, int], None] | None = None
+    ) -> None:
+        """``on_change(old, new, failures)`` is told of every change of state
+        (the node logs them: an open breaker takes the engine out of this
+        node's rotation)."""
         self.config = config or BreakerConfig()
         self.state = CLOSED
+        self._on_change = on_change
         self.failures = 0
         self._cooldown = self.config.cooldown_s
         self._opened_at = 0.0
@@ -36,7 +46,7 @@ class CircuitBreaker:
         if self.state == CLOSED:
             return True
         if self.state == OPEN and now - self._opened_at >= self._cooldown:
-            self.state = HALF_OPEN
+            self._set(HALF_OPEN)
             self._probe_in_flight = False
         return self.state == HALF_OPEN and not self._probe_in_flight
 
@@ -49,8 +59,8 @@ class CircuitBreaker:
         self._probe_in_flight = False
 
     def on_success(self, now: float) -> None:
-        self.state = CLOSED
         self.failures = 0
+        self._set(CLOSED)
         self._cooldown = self.config.cooldown_s
         self._probe_in_flight = False
 
@@ -63,6 +73,11 @@ class CircuitBreaker:
             self._open(now)
 
     def _open(self, now: float) -> None:
-        self.state = OPEN
         self._opened_at = now
         self._probe_in_flight = False
+        self._set(OPEN)
+
+    def _set(self, state: str) -> None:
+        old, self.state = self.state, state
+        if old != state and self._on_change is not None:
+            self._on_change(old, state, self.failures)

@@ -14,7 +14,7 @@ path needs (models served, block size of a model, engines of a model).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,22 +132,38 @@ class EngineRecord:
     failed_probes: int = 0  # health probes failed in a row
     max_model_len: int | None = None  # the engine's context window, from its /v1/models
     model_missing: bool = False  # its /v1/models did not list spec.model (warned once)
-    attempts: int = 0  # requests sent to it (one per attempt)
-    failures: int = 0  # attempts it failed (before or after the first token)
 
     @classmethod
-    def new(cls, spec: EngineSpec, breaker: BreakerConfig | None = None) -> EngineRecord:
-        return cls(spec=spec, breaker=CircuitBreaker(breaker))
+    def new(
+        cls,
+        spec: EngineSpec,
+        breaker: BreakerConfig | None = None,
+        on_breaker_change: Callable[[str, str, str, int], None] | None = None,
+    ) -> EngineRecord:
+        """``on_breaker_change(engine_id, old, new, failures)``: see CircuitBreaker."""
+        hook = None
+        if on_breaker_change is not None:
+            eid = spec.engine_id
+
+            def hook(old: str, new: str, failures: int) -> None:
+                on_breaker_change(eid, old, new, failures)
+
+        return cls(spec=spec, breaker=CircuitBreaker(breaker, hook))
 
 
 class EngineTable:
     """This node's records of the registered engines, by engine id, in
     registration order (the order candidates are listed in)."""
 
-    __slots__ = ("_breaker", "_records")
+    __slots__ = ("_breaker", "_on_breaker_change", "_records")
 
-    def __init__(self, breaker: BreakerConfig | None = None) -> None:
+    def __init__(
+        self,
+        breaker: BreakerConfig | None = None,
+        on_breaker_change: Callable[[str, str, str, int], None] | None = None,
+    ) -> None:
         self._breaker = breaker
+        self._on_breaker_change = on_breaker_change  # (engine_id, old, new, failures)
         self._records: dict[str, EngineRecord] = {}
 
     def __len__(self) -> int:
@@ -174,7 +190,7 @@ class EngineTable:
         old = self._records.get(spec.engine_id)
         if old is not None and old.spec == spec:
             return False
-        self._records[spec.engine_id] = EngineRecord.new(spec, self._breaker)
+        self._records[spec.engine_id] = EngineRecord.new(spec, self._breaker, self._on_breaker_change)
         return True
 
     def pop(self, engine_id: str) -> EngineRecord | None:

@@ -129,7 +129,8 @@ FAMILIES: tuple[Family, ...] = (
            "0 once its health probes failed RouterConfig.health_down_after times in a row, 1 "
            "otherwise (a newly registered engine counts as healthy until probed)"),
     Family("kvmesh_engine_breaker_state", "gauge", ("engine", "state"),
-           "the engine's circuit breaker: 1 for its state (closed, open, half_open), 0 for the others"),
+           "this node's circuit breaker for the engine (each node keeps its own, from its own attempts): "
+           "1 for its state (closed, open, half_open), 0 for the others"),
     Family("kvmesh_engine_in_flight", "gauge", ("engine",),
            "this node's requests on the engine (sum over nodes: the mesh's)"),
     Family("kvmesh_engine_cached_blocks", "gauge", ("engine",), "blocks this node's index holds for it"),
@@ -148,7 +149,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("kvmesh_engine_event_seq", "gauge", ("engine", "worker"),
            "last KV-event sequence number in this node's copy of the engine's log, per worker"),
     Family("kvmesh_engine_events_total", "counter", ("engine",),
-           "KV events applied by this node while it owned the engine"),
+           "KV events this node received from the engine while it owned it, applied or skipped (see "
+           "kvmesh_engine_events_skipped_total)"),
     Family("kvmesh_engine_event_gaps_total", "counter", ("engine",),
            "gaps in the engine's KV-event sequence seen by this node as owner"),
     Family("kvmesh_engine_event_replayed_batches_total", "counter", ("engine",),
@@ -161,7 +163,8 @@ FAMILIES: tuple[Family, ...] = (
            "by design and do not count)"),
     Family("kvmesh_engine_events_skipped_total", "counter", ("engine",),
            "KV events this node could not map while it owned the engine, each skipped alone "
-           "(logged as adapter.event_skipped with its reason)"),
+           "(logged as adapter.event_skipped with its reason; stores of another block size once per "
+           "size as adapter.block_size_mismatch)"),
     Family("kvmesh_engine_event_decode_errors_total", "counter", ("engine",),
            "malformed KV-event frames or batches this node received while it owned the engine "
            "(nothing of them applied; logged as adapter.bad_live_frame and the like)"),
@@ -199,7 +202,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("kvmesh_mesh_log_compactions_total", "counter", (),
            "engine logs this node compacted as their owner (a new epoch from a snapshot)"),
     Family("kvmesh_mesh_ownership_changes_total", "counter", ("change",),
-           "engines this node took, released or was fenced from"),
+           "engines this node took, released or was fenced from (fenced: another node began a newer "
+           "epoch of the engine's log, as a member that joins or comes back may: the new owner "
+           "resumes the engine's events)"),
     Family("kvmesh_mesh_owned_engines", "gauge", (), "engines whose KV events this node consumes"),
     Family("kvmesh_mesh_gossip_queue_bytes", "gauge", (),
            "state deltas waiting to be forwarded by push gossip, in bytes"),
@@ -477,8 +482,8 @@ class NodeCollector:
                 fams["kvmesh_engine_cached_blocks_by_tier"].add_metric(
                     [eid, tier_name(tier)], sum(n.index.blocks_of(w, tier) for w in workers)
                 )
-            fams["kvmesh_engine_attempts_total"].add_metric([eid], rec.attempts)
-            fams["kvmesh_engine_failures_total"].add_metric([eid], rec.failures)
+            fams["kvmesh_engine_attempts_total"].add_metric([eid], n.stats.attempts_by_engine[eid])
+            fams["kvmesh_engine_failures_total"].add_metric([eid], n.stats.failures_by_engine[eid])
             fams["kvmesh_engine_prompt_tokens_total"].add_metric([eid], n.stats.prompt_tokens_by_engine[eid])
             fams["kvmesh_engine_cached_prompt_tokens_total"].add_metric(
                 [eid], n.stats.cached_tokens_by_engine[eid]

@@ -45,6 +45,7 @@ from router import cert_validity
 from router.adapters import AdapterLifecycle, events_source
 from router.admission import AdmissionGate
 from router.approx_tree import ApproxTree
+from router.circuit_breaker import CLOSED, OPEN
 from router.config import RouterConfig
 from router.discovery_shell import EngineDiscovery, Resolver, resolve_ipv4
 from router.engine_registry import EngineRecord, EngineSpec, EngineSpecError, EngineTable
@@ -137,7 +138,7 @@ class RouterNode:
         self.index = new_index(cfg.max_index_blocks)  # native when built (router/native_index.py)
         self.approx_tree = ApproxTree()
         self.load = MeshLoad()
-        self.engines = EngineTable(cfg.breaker)
+        self.engines = EngineTable(cfg.breaker, self._breaker_changed)
         self.stats = NodeStats()
         self.cert_expiry = cert_expiry(cfg)
         self.client = EngineClient(cfg.engine_client)
@@ -164,6 +165,7 @@ class RouterNode:
             self._owner_delta,
             self.log,
             dataclasses.replace(cfg.event_adapter, packed=self.core.config.packed_entries),
+            self.node_id,
         )
         self.health = HealthPoller(
             self.engines,
@@ -304,6 +306,22 @@ class RouterNode:
         moved = self.client.abort_waiting(rec.spec.endpoint, "marked down by this node's health checks")
         if moved:
             self.log.warning("router.engine_down_requests_moved", engine=rec.spec.engine_id, requests=moved)
+
+    def _breaker_changed(self, engine_id: str, old: str, new: str, failures: int) -> None:
+        """An engine's breaker on this node changed state: open takes it out
+        of this node's rotation (other nodes keep breakers of their own)."""
+        if new == OPEN:
+            self.log.warning(
+                "router.engine_breaker_opened",
+                engine=engine_id,
+                was=old,
+                failures=failures,
+                hint="this node sends it no request until a probe after the cooldown succeeds",
+            )
+        elif new == CLOSED:
+            self.log.info("router.engine_breaker_closed", engine=engine_id, was=old)
+        else:
+            self.log.info("router.engine_breaker_half_open", engine=engine_id, was=old)
 
     def _effect(self, eff: Effect) -> None:
         if isinstance(eff, EngineAdded):

@@ -393,6 +393,11 @@ class NodeStats:
     mispredictions_by_policy: Counter[str] = field(default_factory=Counter)  # engine reported fewer
     prompt_tokens_by_engine: Counter[str] = field(default_factory=Counter)
     cached_tokens_by_engine: Counter[str] = field(default_factory=Counter)
+    # Attempts sent to each engine and those it failed: here, by engine id, as
+    # the counts above, so that an engine registered again keeps counting
+    # them all alike (its EngineRecord is made afresh).
+    attempts_by_engine: Counter[str] = field(default_factory=Counter)
+    failures_by_engine: Counter[str] = field(default_factory=Counter)
     # Requests finished by an engine that has never said how much of the
     # prompt it had cached: left out of every count above (a hit rate of 0
     # and every route a misprediction would be the engine's silence, not the
@@ -463,7 +468,7 @@ class Accounting:
         self.streamed = 0
         self._resolved = False
         record.breaker.on_attempt(now)
-        record.attempts += 1
+        self._stats.attempts_by_engine[record.spec.engine_id] += 1
         if routed.attempt > 1:  # tried elsewhere after a failure: a retry (the last failure is none)
             self._stats.retries_total += 1
 
@@ -543,7 +548,7 @@ class Accounting:
 
     def _engine_failed(self, now: float) -> None:
         _, record = self._current()
-        record.failures += 1
+        self._stats.failures_by_engine[record.spec.engine_id] += 1
         record.breaker.on_failure(now)
         self._resolved = True
 

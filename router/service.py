@@ -361,6 +361,14 @@ class AdminService(pb_grpc.AdminServicer):
             rec = await self.node.register_engine(spec_from_pb(request.spec))
         except EngineSpecError as e:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid_request")
+        # Every node logs the change; the one asked says who asked.
+        self.node.log.info(
+            "router.engine_register_requested",
+            by="Admin.RegisterEngine",
+            peer=context.peer(),
+            engine=rec.spec.engine_id,
+            endpoint=rec.spec.endpoint,
+        )
         return pb.RegisterEngineResponse(status=self._status(rec))
 
     async def DeregisterEngine(  # noqa: N802 - gRPC method names are the proto's
@@ -370,6 +378,12 @@ class AdminService(pb_grpc.AdminServicer):
             await _abort(
                 context, grpc.StatusCode.NOT_FOUND, f"unknown engine {request.engine_id!r}", "unknown_engine"
             )
+        self.node.log.warning(
+            "router.engine_deregister_requested",
+            by="Admin.DeregisterEngine",
+            peer=context.peer(),
+            engine=request.engine_id,
+        )
         return pb.DeregisterEngineResponse(removed=True)
 
     async def ListEngines(  # noqa: N802 - gRPC method names are the proto's

@@ -4,11 +4,12 @@ Three Admin calls to the node at ``--target`` (ListMembers, ListEngines,
 GetStats) become one snapshot (:func:`snapshot`, plain data, what ``--json``
 prints) and one fixed-width screen (:func:`render`): the members (state,
 incarnation, address, owned engines, how far behind this node's logs each
-one was), the engines (owner, health, breaker, KV-event sequence, indexed
-blocks, in-flight requests, hit rate of this node's requests, event lag on
-the owner), how late this node's event loop ran (stalls, largest lag) and
-this node's routing quality (requests, hit rate, predicted
-against engine-reported cached tokens, mispredicted routes). ``--watch``
+one was), the engines (owner, health, this node's breaker, KV-event
+sequence, indexed blocks, in-flight requests of the whole mesh, hit rate of
+this node's requests, event lag on the owner while the engine is up), how
+late this node's event loop ran (stalls, largest lag) and this node's
+routing quality (requests, hit rate, predicted against engine-reported
+cached tokens, mispredicted routes). ``--watch``
 redraws it every few seconds (with ``--json``: one JSON document a line).
 
 GetStats counts requests two ways, and the screen keeps them apart:
@@ -274,7 +275,7 @@ def render(snap: dict[str, Any]) -> str:
     lines = [
         f"kvmesh status  {node['node_id']} at {snap['target']}  {state}  policy {node['default_policy']}"
         f"  {snap['time']}",
-        f"  in flight {node['in_flight']}  index {node['index_entries']} blocks  mesh out "
+        f"  in flight here {node['in_flight']}  index {node['index_entries']} blocks  mesh out "
         f"{_bytes(node['mesh_bytes_sent'])} / {node['mesh_messages_sent']} msgs, in "
         f"{_bytes(node['mesh_bytes_received'])} / {node['mesh_messages_received']} msgs",
         f"  event loop: {node['event_loop_stalls']} stalls, "
@@ -305,11 +306,22 @@ def render(snap: dict[str, Any]) -> str:
             str(e["cached_blocks"]),
             f"{e['in_flight']:g}",
             _pct(e["hit_rate"]),
-            _secs(e["event_lag_seconds"]),
+            # A down engine sends no events: the lag of its last batch says nothing of now.
+            _secs(e["event_lag_seconds"] if e["healthy"] else None),
         )
         for e in snap["engines"]
     ]
-    header = ("ENGINE", "OWNER", "HEALTH", "BREAKER", "SEQ", "BLOCKS", "IN-FLIGHT", "HIT RATE", "EVENT LAG")
+    header = (
+        "ENGINE",
+        "OWNER",
+        "HEALTH",
+        "BREAKER",
+        "SEQ",
+        "BLOCKS",
+        "MESH IN-FLIGHT",
+        "HIT RATE",
+        "EVENT LAG",
+    )
     lines += _table(header, engines, {4, 5, 6, 7, 8})
     refused = [e for e in snap["engines"] if e.get("events_refused")]
     lines += [f"  ! {e['engine_id']}: {e['events_refused']}" for e in refused]

@@ -54,10 +54,11 @@ class EngineLogReplica:
     instead of its deltas.
     """
 
-    def __init__(self, engine_id: str, *, packed: bool = False) -> None:
+    def __init__(self, engine_id: str, *, packed: bool = False, node_id: str = "") -> None:
         if packed and not PACKED_BUILT:
             raise ValueError("packed entries need the native module (native/, `make install`)")
         self.engine_id = engine_id
+        self._log = log.bind(node=node_id) if node_id else log  # which node's copy a line is about
         self.packed = packed
         self.current: EpochDoc | None = None
         self.pending: EpochDoc | None = None  # higher epoch, snapshot not yet visible
@@ -101,7 +102,7 @@ class EngineLogReplica:
         out: list[IndexChange] = []
         known = self.known_epoch
         if known is not None and epoch < known:
-            log.debug("engine_log.update_fenced", engine=self.engine_id, epoch=epoch, known=known)
+            self._log.debug("engine_log.update_fenced", engine=self.engine_id, epoch=epoch, known=known)
             return out
         if self.current is not None and epoch == self.current.epoch:
             if self.pending is not None:  # superseded, already fenced
@@ -135,7 +136,7 @@ class EngineLogReplica:
         if p is None or len(p) == 0:
             return
         if not p.meta_matches():
-            log.error("engine_log.epoch_meta_mismatch", engine=self.engine_id, epoch=p.epoch)
+            self._log.error("engine_log.epoch_meta_mismatch", engine=self.engine_id, epoch=p.epoch)
             self.pending = None
             return
         self.pending = None
@@ -179,7 +180,7 @@ class EngineLogReplica:
                 snap = []
         if not local:
             self._sub = ed.log.observe(self._on_log_event)
-        log.info(
+        self._log.info(
             "engine_log.epoch_installed",
             engine=self.engine_id,
             epoch=ed.epoch,

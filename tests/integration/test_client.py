@@ -104,6 +104,16 @@ def test_every_call_against_a_real_node(node, engine) -> None:
         with pytest.raises(KvmeshError) as e:
             client.deregister_engine("e-extra")
         assert (e.value.status, e.value.reason) == ("NOT_FOUND", "unknown_engine")
+
+        # The node asked says who asked for the mesh-wide change, and which node it is.
+        def admin_lines() -> list[str] | None:
+            kinds = ("router.engine_register_requested", "router.engine_deregister_requested")
+            lines = [line for line in node.output if any(k in line for k in kinds)]
+            return lines if len(lines) >= 2 else None
+
+        said = _eventually(admin_lines, 5, "the admin calls' log lines")
+        assert len(said) == 2 and all("engine=e-extra" in line and "node=cl-a" in line for line in said)
+        assert all("peer=ipv4:127.0.0.1:" in line for line in said), said
         previous = client.set_log_level("debug")
         assert client.set_log_level(previous) == "debug"
         with pytest.raises(KvmeshError) as e:

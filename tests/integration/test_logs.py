@@ -53,8 +53,17 @@ def test_json_lines_and_a_level_changed_at_run_time() -> None:
             removed = _wait_for(node, lambda e: e.get("event") == "router.engine_removed")
             assert removed["engine"] == "loud" and removed["node"] == "logs" and removed["level"] == "info"
             assert "timestamp" in removed
-            # At warning, only quiet's warnings were logged (it has no kv endpoint), none of its info.
-            assert [e["level"] for e in _events(node) if e.get("engine") == "quiet"] == ["warning"]
+            # At warning, only quiet's warnings were logged (it has no kv endpoint; it was
+            # deregistered), none of its info.
+            quiet = [(e["event"], e["level"]) for e in _events(node) if e.get("engine") == "quiet"]
+            assert quiet == [
+                ("router.engine_without_kv_events", "warning"),
+                ("router.engine_deregister_requested", "warning"),
+            ]
+            # Every line about an engine says which node wrote it (the registry's, the node's).
+            about = [e for e in _events(node) if e.get("engine") == "loud"]
+            assert {e["event"] for e in about} >= {"mesh.engine_registered", "mesh.engine_deregistered"}
+            assert all(e.get("node") == "logs" for e in about), about
             with pytest.raises(grpc.RpcError) as bad:
                 admin.SetLogLevel(pb.SetLogLevelRequest(level="loud"))
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -65,3 +74,18 @@ def test_json_lines_and_a_level_changed_at_run_time() -> None:
             _wait_for(node, lambda e: e.get("by") == "SIGHUP" and e.get("log_level") == "warning")
     finally:
         node.stop()
+
+
+def test_an_engines_event_adapter_says_which_node_it_runs_on() -> None:
+    """Aggregated, the logs of several nodes must say which one lost an
+    engine's events or reset its blocks: the adapter's lines carry the node."""
+    engine = procs.start_sim_engine("logs-e", ["--seed", "1"])
+    node = procs.start_router("logs-a", [procs.engine_flag("e", engine)], ["--log-format", "json"])
+    try:
+        started = _wait_for(node, lambda e: e.get("event") == "adapter.started")
+        assert started["engine"] == "e" and started["node"] == "logs-a"
+        installed = _wait_for(node, lambda e: e.get("event") == "engine_log.epoch_installed")
+        assert installed["node"] == "logs-a"
+    finally:
+        node.stop()
+        engine.stop()

@@ -93,7 +93,20 @@ def test_the_screen(fleet, capsys: pytest.CaptureFixture[str]) -> None:
     assert "ENGINES (2)" in lines
     header = next(line for line in lines if line.lstrip().startswith("ENGINE "))
     assert header.split() == (
-        ["ENGINE", "OWNER", "HEALTH", "BREAKER", "SEQ", "BLOCKS", "IN-FLIGHT", "HIT", "RATE", "EVENT", "LAG"]
+        [
+            "ENGINE",
+            "OWNER",
+            "HEALTH",
+            "BREAKER",
+            "SEQ",
+            "BLOCKS",
+            "MESH",
+            "IN-FLIGHT",
+            "HIT",
+            "RATE",
+            "EVENT",
+            "LAG",
+        ]
     )
     rows = [line.split() for line in lines if line.lstrip().startswith(("e0 ", "e1 "))]
     assert len(rows) == 2

@@ -46,3 +46,51 @@ def test_cooldown_never_exceeds_cap_and_open_blocks(ops):
         assert b._cooldown <= cfg.max_cooldown_s
         if b.state == OPEN:
             assert not b.allows(b._opened_at + b._cooldown - 1e-6) or b._cooldown == 0
+
+
+def test_every_change_of_state_is_told_once_with_the_failures() -> None:
+    seen: list[tuple[str, str, int]] = []
+    b = CircuitBreaker(
+        BreakerConfig(failure_threshold=2, cooldown_s=1.0), on_change=lambda *c: seen.append(c)
+    )
+    b.on_failure(0.0)
+    b.on_failure(0.1)  # opens
+    b.on_failure(0.2)  # already open: no change
+    assert not b.allows(0.5) and b.allows(1.2)  # half-open once
+    assert b.allows(1.3)
+    b.on_attempt(1.3)
+    b.on_failure(1.4)  # the probe failed: open again
+    b.allows(3.5)
+    b.on_attempt(3.5)
+    b.on_success(3.6)
+    b.on_success(3.7)  # closed already: no change
+    assert seen == [
+        (CLOSED, OPEN, 2),
+        (OPEN, HALF_OPEN, 3),
+        (HALF_OPEN, OPEN, 4),
+        (OPEN, HALF_OPEN, 4),
+        (HALF_OPEN, CLOSED, 0),
+    ]
+
+
+def test_a_node_logs_its_breakers_opening_and_closing() -> None:
+    from structlog.testing import capture_logs
+
+    from router.config import RouterConfig
+    from router.engine_registry import EngineSpec
+    from router.node import RouterNode
+
+    node = RouterNode(RouterConfig(node_id="n1", insecure=True))
+    node.engines.put(EngineSpec(engine_id="e1", endpoint="http://127.0.0.1:1"))
+    breaker = node.engines["e1"].breaker
+    with capture_logs() as logs:
+        for t in range(breaker.config.failure_threshold):
+            breaker.on_failure(float(t))
+        breaker.on_success(99.0)
+    events = [
+        (e["event"], e["log_level"], e.get("engine"), e.get("node")) for e in logs if "breaker" in e["event"]
+    ]
+    assert events == [
+        ("router.engine_breaker_opened", "warning", "e1", "n1"),
+        ("router.engine_breaker_closed", "info", "e1", "n1"),
+    ]

@@ -252,8 +252,12 @@ def test_lag_is_the_age_of_the_oldest_write_the_peer_lacks() -> None:
     assert lag.by_peer == {"b": (0.0, 10.0)}
     lag.forget("b")
     assert lag.by_peer == {}
+    lag.started("e2", Epoch(1, "a", 0, 43), now=11.0)
+    assert lag.observe("c", [], current, 12.0) == 11.0  # lacks e1 from t=1
     lag.stopped("e1")
-    assert not lag
+    assert lag.by_peer == {"c": (11.0, 12.0)}  # still writes e2's log
+    lag.stopped("e2")  # writes none: the last lags measured would be shown forever
+    assert not lag and lag.by_peer == {}
 
 
 def test_marks_closer_than_the_resolution_are_one() -> None:

@@ -97,7 +97,7 @@ async def test_a_refusal_is_retried_on_the_next_worker_and_counted():
     assert [c[0] for c in client.calls] == ["http://e1:80", "http://e2:80"]
     s = node.stats
     assert (s.requests_total, s.retries_total, s.requests_failed) == (1, 1, 0)
-    assert node.engines["e1"].failures == 1 and node.engines["e2"].attempts == 1
+    assert node.stats.failures_by_engine["e1"] == 1 and node.stats.attempts_by_engine["e2"] == 1
     assert node.load.local.slot() == {}
 
 
@@ -194,7 +194,9 @@ async def test_a_client_mistake_is_not_an_engine_failure_and_is_not_retried():
             await _run(node)
         assert e.value.grpc_code == "INVALID_ARGUMENT"
     assert len(client.calls) == 5  # one engine per request: no retry
-    assert all(r.breaker.state == "closed" and r.failures == 0 for r in node.engines.values())
+    assert (
+        all(r.breaker.state == "closed" for r in node.engines.values()) and not +node.stats.failures_by_engine
+    )
     too_long = EngineRejected(400, "maximum context length is 100 tokens", context_length=True)
     node, _ = _refusing({"e1": too_long})
     with pytest.raises(ContextTooLong) as e2:
@@ -207,7 +209,7 @@ async def test_full_engine_queues_are_tried_elsewhere_then_reported_busy():
     node, client = _refusing({"e1": busy, "e2": None})
     out = await _run(node)
     assert isinstance(out[-1], Finished) and out[-1].engine_id == "e2"
-    assert node.engines["e1"].failures == 0 and node.engines["e1"].breaker.state == "closed"
+    assert node.stats.failures_by_engine["e1"] == 0 and node.engines["e1"].breaker.state == "closed"
     node, client = _refusing({"e1": busy, "e2": busy})
     with pytest.raises(EnginesBusy) as e:
         await _run(node)

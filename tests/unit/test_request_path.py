@@ -229,7 +229,7 @@ def test_accounting_of_a_request_that_succeeds():
     routed = routed_to(p, d, 1, engines)
     routed.predicted_cached_blocks = 6  # 6 of 10 blocks cached: 16 tokens to prefill
     acct.attempt(routed, engines["e1"], now=10.0)
-    assert engines["e1"].attempts == 1
+    assert stats.attempts_by_engine["e1"] == 1
     acct.sent()
     assert load.slot() == {"e1": (1, 16 + BS)} == {"e1": (1, work_tokens(p, 6))}
     acct.token(now=10.25)
@@ -262,7 +262,7 @@ def test_accounting_of_failures_feeds_the_breaker_and_the_counters():
         acct.sent()
         acct.unavailable(now=0.0)
         acct.attempt_over()
-    assert engines["e1"].failures == 2 and engines["e1"].breaker.state == OPEN
+    assert stats.failures_by_engine["e1"] == 2 and engines["e1"].breaker.state == OPEN
     assert stats.retries_total == 1 and load.slot() == {}  # the second attempt; the last failure is no retry
     acct.gave_up()
     assert stats.requests_failed == 1
@@ -286,7 +286,7 @@ def test_accounting_of_a_stream_broken_after_the_first_token():
     )
     assert fin.ttft_ms == pytest.approx(100.0)
     assert stats.requests_failed == 1 and stats.retries_total == 1  # its attempt 2 was a retry
-    assert engines["e1"].failures == 1
+    assert stats.failures_by_engine["e1"] == 1
     assert load.slot() == {} and stats.requests_by_engine == {}
 
 
