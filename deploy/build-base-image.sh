@@ -128,7 +128,8 @@ if ! command -v debootstrap >/dev/null; then
 fi
 
 # Stage 1: the OS tree (Debian + Python), cached across dependency changes.
-OS_KEY="$(echo "$SUITE $PACKAGES $DEB_ARCH $MIRROR $SECURITY" | sha256sum | cut -c1-12)"
+OS_LAYOUT=4  # bumped when the tree's preparation below changes: a cached tree is rebuilt
+OS_KEY="$(echo "$OS_LAYOUT $SUITE $PACKAGES $DEB_ARCH $MIRROR $SECURITY" | sha256sum | cut -c1-12)"
 OS="$BUILD/os"
 if [[ "$(cat "$BUILD/os.stamp" 2>/dev/null)" != "$OS_KEY" ]]; then
     safe_rm "$OS"
@@ -166,7 +167,13 @@ EOF
         chroot "$OS" sh -c 'apt-get update -q && apt-get -y -q upgrade && apt-get clean' \
         >"$BUILD/apt-upgrade.log" 2>&1 \
         || { tail -n 30 "$BUILD/apt-upgrade.log" >&2; die "apt upgrade in rootfs failed"; }
-    rm -rf "$OS"/usr/share/doc/* "$OS"/usr/share/man/* "$OS"/usr/share/info/* \
+    # Docs go, each package's copyright file stays (its licence asks for it).
+    # (A package's doc directory may be a link to another's: those links stay.)
+    find "$OS/usr/share/doc" -mindepth 1 ! -type d ! -type l ! -name copyright -delete 2>/dev/null || true
+    find "$OS/usr/share/doc" -mindepth 2 -type l ! -name copyright -delete 2>/dev/null || true
+    find "$OS/usr/share/doc" -mindepth 3 -delete 2>/dev/null || true  # examples' own copyright files
+    find "$OS/usr/share/doc" -mindepth 1 -type d -empty -delete 2>/dev/null || true
+    rm -rf "$OS"/usr/share/man/* "$OS"/usr/share/info/* \
         "$OS"/var/lib/apt/lists/* "$OS"/var/cache/apt/* "$OS"/var/cache/debconf/*-old \
         "$OS"/var/log/*.log "$OS"/var/log/apt/* "$OS"/tmp/* 2>/dev/null || true
     find "$OS/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} + 2>/dev/null || true

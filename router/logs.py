@@ -100,18 +100,19 @@ def toggle_debug() -> str:
 
 def configure_logging(level: str = "info", fmt: str = "console") -> None:
     _Level.current = _Level.configured = _check(level)
-    renderer: structlog.typing.Processor
+    renderer: list[structlog.typing.Processor]
     if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
+        # The traceback of log.exception as a string field: JSON has no exc_info.
+        renderer = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        renderer = [structlog.dev.ConsoleRenderer(colors=False)]
     structlog.configure(
         processors=[
             _drop_below_level,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
+            *renderer,
         ],
         wrapper_class=_LevelFilteringLogger,
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),

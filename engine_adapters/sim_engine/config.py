@@ -18,6 +18,7 @@ from engine_adapters.sim_engine.timing import TimingConfig
 EventFormat = Literal["map", "array"]
 EVENT_FORMATS: tuple[EventFormat, ...] = ("map", "array")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("console", "json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,7 @@ class SimEngineConfig:
 
     # --- process ---
     log_level: str = "info"  # read by the CLI, which configures logging for the process
+    log_format: str = "console"  # console (key=value text) or json (one object a line)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.num_gpu_blocks < 1:
@@ -86,6 +88,8 @@ class SimEngineConfig:
             raise ValueError(f"kv_event_format must be one of {EVENT_FORMATS}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {LOG_FORMATS}")
 
 
 DEFAULTS = SimEngineConfig()

@@ -12,12 +12,13 @@ import argparse
 import asyncio
 import errno
 import logging
+import os
 import re
 import sys
 
 import structlog
 
-from engine_adapters.sim_engine.config import EVENT_FORMATS, LOG_LEVELS, SimEngineConfig
+from engine_adapters.sim_engine.config import EVENT_FORMATS, LOG_FORMATS, LOG_LEVELS, SimEngineConfig
 from engine_adapters.sim_engine.timing import TimingConfig
 
 
@@ -168,6 +169,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help=f"probability that a request gets HTTP 503 before its first token (default {d.fail_rate:g})",
     )
     a("--log-level", default=d.log_level, choices=LOG_LEVELS, help=f"(default {d.log_level})")
+    a(
+        "--log-format",
+        # The image sets KVMESH_LOG_FORMAT=json: a container's logs go to a pipeline.
+        default=os.environ.get("KVMESH_LOG_FORMAT", d.log_format),
+        choices=LOG_FORMATS,
+        help=f"one event per line, key=value text or JSON (default $KVMESH_LOG_FORMAT, else {d.log_format})",
+    )
 
 
 def _lora_names(values: list[str] | None) -> tuple[str, ...]:
@@ -211,12 +219,24 @@ def config_from_args(args: argparse.Namespace) -> SimEngineConfig:
         hash_seed=args.hash_seed,
         fail_rate=args.fail_rate,
         log_level=args.log_level,
+        log_format=args.log_format,
     )
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, fmt: str) -> None:
     if not structlog.is_configured():
+        renderer: list[structlog.typing.Processor] = (
+            [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+            if fmt == "json"
+            else [structlog.dev.ConsoleRenderer(colors=False)]
+        )
         structlog.configure(
+            processors=[
+                structlog.contextvars.merge_contextvars,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                *renderer,
+            ],
             wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
             logger_factory=structlog.PrintLoggerFactory(sys.stderr),  # stdout is for READY
         )
@@ -237,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"kvmesh sim-engine: {_as_flags(str(e))}", file=sys.stderr)
         return 2
-    _configure_logging(config.log_level)
+    _configure_logging(config.log_level, config.log_format)
     # Imported here so that building the parser (and --help) loads neither aiohttp nor ZMQ.
     import zmq
 

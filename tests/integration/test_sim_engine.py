@@ -438,6 +438,27 @@ def test_flag_defaults_are_the_config_defaults() -> None:
         assert run(parser.parse_args(bad)) == 2, bad
 
 
+def test_json_logs_as_the_image_asks_for_them() -> None:
+    """The image sets KVMESH_LOG_FORMAT=json (--log-format's default): the
+    engine's lines (all but READY, which is for whoever started it) are then
+    JSON objects."""
+    import json
+
+    from kvmesh import procs
+
+    e = procs.start_sim_engine("sim-json", ["--log-format", "json"])
+    try:
+        deadline = time.monotonic() + 10
+        while not any("sim.engine_ready" in line for line in e.output) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lines = [line for line in list(e.output) if line.strip() and not line.startswith("READY")]
+        events = [json.loads(line) for line in lines]  # every one parses
+        ready = [x for x in events if x["event"] == "sim.engine_ready"]
+        assert ready and ready[0]["level"] == "info" and "timestamp" in ready[0]
+    finally:
+        e.stop()
+
+
 # --- tenancy (LoRA adapters, cache salts) and the bounded waiting queue ---------------------
 
 

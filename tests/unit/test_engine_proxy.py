@@ -251,6 +251,46 @@ async def test_errors_before_the_first_token_are_retryable() -> None:
     await refused.close()
 
 
+async def test_a_connection_that_is_never_accepted_is_the_engines_failure() -> None:
+    """A SYN never answered (here: a listener whose accept queue is full)
+    ends in aiohttp's connect timeout, a TimeoutError: it is the engine's
+    failure, retried elsewhere, not the caller's deadline (which it was
+    whenever that deadline came before the first token's)."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fill = []
+    for _ in range(4):  # fill the accept queue: later SYNs are dropped
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fill.append(s)
+    await asyncio.sleep(0.2)
+    c = EngineClient(EngineClientConfig(connect_timeout=0.3))
+    loop = asyncio.get_running_loop()
+    try:
+        for deadline_in in (None, 60.0):  # 60 s: before the first token's 120 s
+            t0 = loop.time()
+            deadline = None if deadline_in is None else t0 + deadline_in
+            with pytest.raises(EngineUnavailable, match=r"no connection to .* in 0\.3 s"):
+                async for _ in c.stream_completion(
+                    f"http://127.0.0.1:{port}", "m", [1], SamplingParams(max_tokens=2), "r", deadline=deadline
+                ):
+                    pass
+            assert loop.time() - t0 < 5.0
+    finally:
+        await c.close()
+        for s in fill:
+            s.close()
+        srv.close()
+
+
 def _http(status: str, body: dict) -> bytes:
     raw = json.dumps(body).encode()
     return (

@@ -65,3 +65,14 @@ def test_an_event_below_the_level_reaches_no_processor(captured: io.StringIO) ->
     log.error("t.error")
     assert seen == ["warning", "error"]
     assert [json.loads(x)["event"] for x in captured.getvalue().splitlines()] == ["t.warning", "t.error"]
+
+
+def test_a_json_line_carries_the_traceback_of_log_exception(captured: io.StringIO) -> None:
+    log = structlog.get_logger("t").bind(node="n1")
+    try:
+        raise ZeroDivisionError("boom")
+    except ZeroDivisionError:
+        log.exception("t.crashed")
+    (line,) = [json.loads(x) for x in captured.getvalue().splitlines()]
+    assert line["event"] == "t.crashed" and line["level"] == "error" and line["node"] == "n1"
+    assert "Traceback" in line["exception"] and "ZeroDivisionError: boom" in line["exception"]
