@@ -223,10 +223,10 @@ class EngineClient:
                         raise _broken(events.produced, error)
                     if not data:
                         break
-        except aiohttp.ServerTimeoutError as e:
-            # aiohttp's connect timeout (no read timeout is set): a TimeoutError
-            # too, but the engine's failure, to try elsewhere, never the
-            # caller's deadline nor the first token's.
+        except aiohttp.ConnectionTimeoutError as e:
+            # aiohttp's connect timeout: a TimeoutError too, but the engine's
+            # failure, to try elsewhere, never the caller's deadline nor the
+            # first token's.
             raise _broken(
                 events.produced, f"no connection to {endpoint} in {self.config.connect_timeout:g} s ({e})"
             ) from None

@@ -132,7 +132,10 @@ class Registry:
             if self._raw.get(e) == raw:
                 continue
             self._raw[e] = raw
-            spec = self._decode(e, raw)
+            # As JSON, a nested CRDT text would read as a string: a spec is a
+            # plain string value only (what register writes), asked of the map.
+            value = self._map.get(e)
+            spec = self._decode(e, value if isinstance(value, str) else None)
             if spec is None:  # unreadable: not an engine (any more)
                 if self._specs.pop(e, None) is not None:
                     removed.add(e)
@@ -158,12 +161,11 @@ class Registry:
         shared with the registry: read them, never change them."""
         return dict(self._specs)
 
-    @staticmethod
-    def _decode(engine_id: str, raw: Any) -> dict[str, Any] | None:
+    def _decode(self, engine_id: str, raw: Any) -> dict[str, Any] | None:
         try:
             spec = msgspec.json.decode(raw)
         except (TypeError, msgspec.DecodeError):
-            log.error("mesh.registry_value_unreadable", engine=engine_id)
+            self._log.error("mesh.registry_value_unreadable", engine=engine_id)
             return None
         return spec if isinstance(spec, dict) else None
 

@@ -15,6 +15,7 @@ get INVALID_ARGUMENT rather than grpcio's bare UNKNOWN.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -217,6 +218,7 @@ class MeshTransport:
         self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
         self._inflight: dict[str, int] = defaultdict(int)
         self._refusal_logged: dict[str, float] = {}  # peer -> when its refusal was last logged
+        self._renewed: dict[str, float] = {}  # peer -> when heard_from last renewed its channel
         self._tasks: set[asyncio.Task[None]] = set()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -310,16 +312,26 @@ class MeshTransport:
         backoff ends, a restarted node's Join answer among them: start it
         afresh, as a channel to a new peer would."""
         ch = self._channels.get(src)
-        if ch is not None and ch.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-            log.debug("transport.channel_renewed", addr=self.addr, peer_addr=src)
-            self.forget(src)
+        if ch is None or ch.get_state() != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return
+        # At most once per longest backoff: a peer that reaches this node but
+        # that this node cannot reach (its address NAT-ed, a one-way firewall)
+        # must not turn the backoff into a dial per batch it sends.
+        now = time.monotonic()
+        if now - self._renewed.get(src, -math.inf) < self.config.reconnect_backoff_ms[1] / 1000:
+            return
+        self._renewed[src] = now
+        log.debug("transport.channel_renewed", addr=self.addr, peer_addr=src)
+        self.forget(src)
 
     def forget(self, dst: str) -> None:
         """Close the channel to a peer that left for good."""
         ch = self._channels.pop(dst, None)
         self._calls.pop(dst, None)
         if ch is not None:
-            asyncio.get_running_loop().create_task(ch.close())
+            task = asyncio.get_running_loop().create_task(ch.close())
+            self._tasks.add(task)  # held until done: a task only the loop refers to may be collected
+            task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         for t in list(self._tasks):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-__all__ = ["EXPIRY_WARNING_S", "CertDates", "expiring_soon", "file_problem", "read_dates"]
+__all__ = ["EXPIRY_WARNING_S", "CertDates", "expired_in_chain", "expiring_soon", "file_problem", "read_dates"]
 
 # A certificate this close to its end is logged at start (router.tls_cert_expiring):
 # long enough for a renewal through a change process, short enough not to cry wolf.
@@ -87,9 +87,23 @@ def file_problem(certs: list[CertDates], now: float, ca: bool) -> str | None:
     return None
 
 
-def expiring_soon(certs: list[CertDates], now: float, within: float = EXPIRY_WARNING_S) -> CertDates | None:
-    """The first certificate that is valid now but ends within ``within`` seconds, or None."""
-    for c in certs:
-        if c.not_before <= now < c.not_after <= now + within:
-            return c
-    return None
+def expiring_soon(
+    certs: list[CertDates], now: float, within: float = EXPIRY_WARNING_S, ca: bool = False
+) -> CertDates | None:
+    """The certificate to warn of, valid now but ending within ``within``
+    seconds, or None: a served chain's first such; in a CA file, the last of
+    its valid authorities to end (a bundle with one ending soon beside others
+    that stay valid still trusts what they signed)."""
+    valid = [c for c in certs if c.not_before <= now < c.not_after]
+    if ca:
+        last = max(valid, key=lambda c: c.not_after, default=None)
+        return last if last is not None and last.not_after <= now + within else None
+    return next((c for c in valid if c.not_after <= now + within), None)
+
+
+def expired_in_chain(certs: list[CertDates], now: float) -> list[CertDates]:
+    """The certificates after a served chain's leaf that are outside their
+    validity: clients that build the chain through them fail, though the
+    node serves (a chain may carry an expired cross-signature on purpose, so
+    this is a warning, not a refusal)."""
+    return [c for c in certs[1:] if _problem(c, now)]

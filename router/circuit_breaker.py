@@ -46,8 +46,8 @@ class CircuitBreaker:
         if self.state == CLOSED:
             return True
         if self.state == OPEN and now - self._opened_at >= self._cooldown:
-            self._set(HALF_OPEN)
             self._probe_in_flight = False
+            self._set(HALF_OPEN)
         return self.state == HALF_OPEN and not self._probe_in_flight
 
     def on_attempt(self, now: float) -> None:
@@ -60,9 +60,9 @@ class CircuitBreaker:
 
     def on_success(self, now: float) -> None:
         self.failures = 0
-        self._set(CLOSED)
         self._cooldown = self.config.cooldown_s
         self._probe_in_flight = False
+        self._set(CLOSED)
 
     def on_failure(self, now: float) -> None:
         self.failures += 1
@@ -78,6 +78,10 @@ class CircuitBreaker:
         self._set(OPEN)
 
     def _set(self, state: str) -> None:
+        """The last step of every change (the breaker is whole when it is told)."""
         old, self.state = self.state, state
         if old != state and self._on_change is not None:
-            self._on_change(old, state, self.failures)
+            try:
+                self._on_change(old, state, self.failures)
+            except Exception:  # telling (a log line) must never fail the request that changed it
+                pass

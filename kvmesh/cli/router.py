@@ -569,11 +569,29 @@ def _check_dates(cfg: RouterConfig, now: float) -> None:
         try:
             certs = cert_validity.read_dates(f.path)
         except ValueError as e:
-            raise ValueError(f"{f.flag} {f.path!r}: {e}") from None
+            if not f.ca:
+                raise ValueError(f"{f.flag} {f.path!r}: {e}") from None
+            # OpenSSL took the bundle (_check_tls); a stricter parser's verdict on
+            # one legacy authority in it is no reason to stop.
+            log.warning(
+                "router.tls_ca_dates_unread", node=cfg.node_id, flag=f.flag, path=f.path, error=str(e)
+            )
+            continue
         problem = cert_validity.file_problem(certs, now, f.ca)
         if problem:
             raise ValueError(f"{f.flag} {f.path!r}: {problem}")
-        soon = cert_validity.expiring_soon(certs, now)
+        if not f.ca:
+            for c in cert_validity.expired_in_chain(certs, now):
+                log.warning(
+                    "router.tls_chain_cert_expired",
+                    node=cfg.node_id,
+                    flag=f.flag,
+                    path=f.path,
+                    subject=c.subject,
+                    not_after=c.not_after,
+                    hint="clients that build the chain through it will refuse the node: renew the chain",
+                )
+        soon = cert_validity.expiring_soon(certs, now, ca=f.ca)
         if soon is not None:
             log.warning(
                 "router.tls_cert_expiring",

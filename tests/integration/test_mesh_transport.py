@@ -70,3 +70,28 @@ async def test_a_peer_restarted_at_its_address_is_answered_at_once(
         await b.close()
         await sa.stop(0)
         await sb.stop(0)
+
+
+class _Backing:
+    """A channel that stays in its reconnect backoff (the peer cannot be reached)."""
+
+    closed = 0
+
+    def get_state(self) -> grpc.ChannelConnectivity:
+        return grpc.ChannelConnectivity.TRANSIENT_FAILURE
+
+    async def close(self) -> None:
+        _Backing.closed += 1
+
+
+async def test_a_peer_that_cannot_be_reached_is_not_dialled_per_batch() -> None:
+    """One that reaches this node, which cannot reach it (NAT, a one-way
+    firewall): its channel is renewed at most once per longest backoff."""
+    t = MeshTransport("127.0.0.1:1", lambda m: None, TransportConfig(reconnect_backoff_ms=(100, 60_000)))
+    _Backing.closed = 0
+    for _ in range(5):
+        t._channels["peer:1"] = _Backing()  # type: ignore[assignment]  # what the next send would dial again
+        t.heard_from("peer:1")
+    await asyncio.sleep(0)
+    assert _Backing.closed == 1
+    await t.close()

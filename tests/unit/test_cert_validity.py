@@ -16,7 +16,14 @@ from cryptography.x509.oid import NameOID
 from structlog.testing import capture_logs
 
 from kvmesh.cli.router import check_files, config_from_args, configure_parser
-from router.cert_validity import EXPIRY_WARNING_S, CertDates, expiring_soon, file_problem, read_dates
+from router.cert_validity import (
+    EXPIRY_WARNING_S,
+    CertDates,
+    expired_in_chain,
+    expiring_soon,
+    file_problem,
+    read_dates,
+)
 from router.node import cert_expiry
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
@@ -125,6 +132,29 @@ def test_expiring_soon_is_a_valid_certificate_near_its_end() -> None:
     assert expiring_soon([later, soon], now) == soon
     assert expiring_soon([later], now) is None
     assert expiring_soon([gone], now) is None  # refused, not warned of
+    # A CA bundle: only when its last valid authority ends soon.
+    assert expiring_soon([soon, later], now, ca=True) is None
+    assert expiring_soon([soon, gone], now, ca=True) == soon
+
+
+def test_an_expired_certificate_after_the_leaf_is_named() -> None:
+    now = NOW.timestamp()
+    leaf, good, old = (
+        CertDates("CN=l", 0, now + 9),
+        CertDates("CN=i", 0, now + 9),
+        CertDates("CN=x", 0, now - 1),
+    )
+    assert expired_in_chain([leaf, good, old], now) == [old]
+    assert expired_in_chain([old], now) == []  # the leaf is file_problem's
+
+
+def test_a_chain_with_an_expired_intermediate_starts_with_a_warning(pki: Path) -> None:
+    (pki / "chain.pem").write_bytes((pki / "good.pem").read_bytes() + (pki / "old-ca.pem").read_bytes())
+    (pki / "chain.key").write_bytes((pki / "good.key").read_bytes())
+    with capture_logs() as logs:
+        check_files(config_from_args(_tls(pki, "chain", "--node-id=n1")), now=NOW.timestamp())
+    [line] = [e for e in logs if e["event"] == "router.tls_chain_cert_expired"]
+    assert line["subject"] == "CN=old CA" and line["node"] == "n1" and line["log_level"] == "warning"
 
 
 def test_the_node_refuses_an_expired_or_future_certificate_by_flag(pki: Path) -> None:

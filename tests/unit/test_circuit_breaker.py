@@ -94,3 +94,22 @@ def test_a_node_logs_its_breakers_opening_and_closing() -> None:
         ("router.engine_breaker_opened", "warning", "e1", "n1"),
         ("router.engine_breaker_closed", "info", "e1", "n1"),
     ]
+
+
+def test_a_callback_that_fails_changes_nothing_of_the_breaker() -> None:
+    def broken(old: str, new: str, failures: int) -> None:
+        raise BrokenPipeError("the log's pipe closed")
+
+    b = CircuitBreaker(
+        BreakerConfig(failure_threshold=1, cooldown_s=1.0, max_cooldown_s=8.0), on_change=broken
+    )
+    b.on_failure(0.0)
+    assert b.state == OPEN and b.allows(1.0) and b.state == HALF_OPEN
+    b.on_attempt(1.0)
+    b.on_failure(1.1)  # the probe failed: cooldown 2 s
+    assert b.allows(3.1)
+    b.on_attempt(3.1)
+    b.on_success(3.2)
+    assert b.state == CLOSED and b.failures == 0
+    b.on_failure(4.0)
+    assert not b.allows(4.9) and b.allows(5.0)  # the cooldown is back to 1 s

@@ -430,6 +430,18 @@ def test_a_deregistration_is_forwarded_by_the_nodes_it_reaches() -> None:
     assert b.apply_remote(relayed, 0.0).new is None  # heard twice: nothing to forward
 
 
+def test_a_value_that_is_not_a_plain_string_is_no_engine() -> None:
+    """A nested CRDT text holding a spec (a foreign or buggy writer) reads as
+    a string in the map's JSON; it is refused, as a spec read value by value is."""
+    import pycrdt
+
+    a, b = _mk(2)
+    b.apply_remote(a.register_engine("good", {"endpoint": "http://good"}), 0.0)
+    a.registry._map["text"] = pycrdt.Text('{"endpoint": "http://evil"}')
+    b.apply_remote(Delta(sender="n0", registry=a.registry.update_since()), 0.0)
+    assert set(b.engines()) == {"good"}
+
+
 def test_anti_entropy_repairs_a_missed_deregistration() -> None:
     """The deregistration's push lost on the way to b: the registries' state
     vectors are equal (a delete does not move them), so their content's
@@ -457,7 +469,7 @@ def test_an_update_decodes_only_the_specs_it_changed(monkeypatch: pytest.MonkeyP
     a, b = _mk(2)
     decoded: list[str] = []
     real = Registry._decode
-    monkeypatch.setattr(Registry, "_decode", staticmethod(lambda e, raw: decoded.append(e) or real(e, raw)))
+    monkeypatch.setattr(Registry, "_decode", lambda self, e, raw: decoded.append(e) or real(self, e, raw))
     for i in range(50):
         b.apply_remote(a.register_engine(f"e{i}", {"endpoint": f"http://e{i}"}), 0.0)
     assert sorted(decoded) == sorted(f"e{i}" for i in range(50))
