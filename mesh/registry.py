@@ -153,8 +153,9 @@ class Registry:
         return self._digest
 
     def get(self, engine_id: str) -> dict[str, Any] | None:
-        raw = self._raw.get(engine_id)
-        return None if raw is None else self._decode(engine_id, raw)
+        """A copy of one readable spec, or None."""
+        spec = self._specs.get(engine_id)
+        return None if spec is None else msgspec.json.decode(msgspec.json.encode(spec))
 
     def engines(self) -> dict[str, dict[str, Any]]:
         """Every readable spec by engine id. A new dict; the specs in it are

@@ -692,3 +692,16 @@ def test_compaction_snapshots_carry_the_exact_mapping() -> None:
     assert len(gens) >= 5 and shared > 20
     assert BlockMap.from_pairs(b.logs["e"].materialise_live().pairs("e")).counts() == m.block_map.refs
     assert b.take_ownership("e", 1.0).mappings == {"e": m.export()}
+
+
+def test_a_registry_get_is_a_readable_spec_and_a_copy() -> None:
+    import pycrdt
+
+    a = _mk(1)[0]
+    a.register_engine("e", {"endpoint": "http://e", "block_size": 16})
+    a.registry._map["text"] = pycrdt.Text('{"endpoint": "http://evil"}')
+    a.registry.apply(b"\x00\x00")  # the registry reads the map again
+    got = a.registry.get("e")
+    assert got == {"endpoint": "http://e", "block_size": 16} and a.registry.get("text") is None
+    got["endpoint"] = "changed"
+    assert a.registry.get("e") == {"endpoint": "http://e", "block_size": 16}
