@@ -77,6 +77,11 @@ class CircuitBreaker:
         self._probe_in_flight = False
         self._set(OPEN)
 
+    def detach(self) -> None:
+        """Tell nothing more: the breaker was replaced (its engine registered
+        again); attempts still in flight may go on changing it unheard."""
+        self._on_change = None
+
     def _set(self, state: str) -> None:
         """The last step of every change (the breaker is whole when it is told)."""
         old, self.state = self.state, state

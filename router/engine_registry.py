@@ -23,7 +23,7 @@ from blocks.workers import worker_id
 from engine_adapters.completion_request import ENGINE_KINDS
 from engine_adapters.kv_endpoints import endpoint_problem
 from engine_adapters.sim_engine.config import DEFAULTS as SIM_DEFAULTS
-from router.circuit_breaker import BreakerConfig, CircuitBreaker
+from router.circuit_breaker import CLOSED, BreakerConfig, CircuitBreaker
 
 # Bounds on what a registration may ask of every node: each data-parallel
 # rank is a worker every node tracks, and a block size is a hashing unit.
@@ -190,6 +190,11 @@ class EngineTable:
         old = self._records.get(spec.engine_id)
         if old is not None and old.spec == spec:
             return False
+        if old is not None:
+            old.breaker.detach()
+            if old.breaker.state != CLOSED and self._on_breaker_change is not None:
+                # Its breaker starts afresh, closed: said, as an opened one was.
+                self._on_breaker_change(spec.engine_id, old.breaker.state, CLOSED, 0)
         self._records[spec.engine_id] = EngineRecord.new(spec, self._breaker, self._on_breaker_change)
         return True
 

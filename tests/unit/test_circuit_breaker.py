@@ -94,6 +94,16 @@ def test_a_node_logs_its_breakers_opening_and_closing() -> None:
         ("router.engine_breaker_opened", "warning", "e1", "n1"),
         ("router.engine_breaker_closed", "info", "e1", "n1"),
     ]
+    # Registered again with another spec while open: the new breaker starts
+    # closed, and that is said; the old one, still held by attempts in flight, says nothing more.
+    for t in range(breaker.config.failure_threshold):
+        breaker.on_failure(100.0 + t)
+    with capture_logs() as logs:
+        node.engines.put(EngineSpec(engine_id="e1", endpoint="http://127.0.0.1:2"))
+        breaker.on_success(200.0)
+    said = [(e["event"], e.get("was")) for e in logs if "breaker" in e["event"]]
+    assert said == [("router.engine_breaker_closed", "open")]
+    assert node.engines["e1"].breaker.state == "closed"
 
 
 def test_a_callback_that_fails_changes_nothing_of_the_breaker() -> None:
