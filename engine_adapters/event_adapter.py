@@ -241,9 +241,14 @@ class EventAdapter:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._ctx is not None:
-            self._ctx.destroy(linger=0)
-            self._ctx = None
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            # The tasks closed their sockets. Ending the context waits for
+            # ZMQ's I/O thread, which resolves an engine's host name inline
+            # (getaddrinfo) while it reconnects: with that name unreachable
+            # (a partitioned node) the wait lasts a resolver timeout, which on
+            # the event loop would stall every call and probe of the node.
+            await asyncio.to_thread(ctx.term)
         self._log.info("adapter.stopped")
 
     async def wait_ready(self, timeout: float | None = None) -> None:

@@ -259,6 +259,38 @@ def test_publish_is_thread_safe_and_wire_order_follows_seq() -> None:
 # --- adapter ----------------------------------------------------------------------
 
 
+async def test_stopping_an_adapter_does_not_hold_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ending the ZMQ context waits for its I/O thread, which may be inside a
+    slow name lookup for the engine (a partitioned node): the loop goes on."""
+    import zmq.asyncio
+
+    real_term = zmq.asyncio.Context.term
+
+    def slow_term(self) -> None:
+        time.sleep(1.0)  # the I/O thread in a resolver timeout
+        real_term(self)
+
+    monkeypatch.setattr(zmq.asyncio.Context, "term", slow_term)
+    with ZmqEventPublisher(LOOP, LOOP, topic="kv", fmt="array") as pub:
+        ad = make_adapter(pub, PrefixIndex().apply)
+        await ad.start()
+        await ad.wait_ready(5)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.05)
+                ticks += 1
+
+        ticker = asyncio.get_running_loop().create_task(tick())
+        try:
+            await ad.stop()
+        finally:
+            ticker.cancel()
+        assert ticks >= 10, ticks  # the loop ran all through the second the context took to end
+
+
 async def test_history_then_live_then_dropped_batches_are_replayed() -> None:
     eng = ToyEngine(1)
     index = PrefixIndex()
