@@ -24,7 +24,14 @@ from typing import Any
 
 import structlog
 
-__all__ = ["LOG_LEVELS", "configure_logging", "get_log_level", "set_log_level", "toggle_debug"]
+__all__ = [
+    "LOG_LEVELS",
+    "configure_logging",
+    "get_log_level",
+    "line_processors",
+    "set_log_level",
+    "toggle_debug",
+]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _NUMERIC = {name: getattr(logging, name.upper()) for name in LOG_LEVELS}
@@ -98,22 +105,28 @@ def toggle_debug() -> str:
     return get_log_level()
 
 
-def configure_logging(level: str = "info", fmt: str = "console") -> None:
-    _Level.current = _Level.configured = _check(level)
+def line_processors(fmt: str) -> list[structlog.typing.Processor]:
+    """What makes an event one line of ``fmt`` (console or json): the
+    context, the level, a UTC timestamp, the renderer. Every kvmesh process
+    writes its lines with these (the router, the simulated engine)."""
     renderer: list[structlog.typing.Processor]
     if fmt == "json":
         # The traceback of log.exception as a string field: JSON has no exc_info.
         renderer = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
         renderer = [structlog.dev.ConsoleRenderer(colors=False)]
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        *renderer,
+    ]
+
+
+def configure_logging(level: str = "info", fmt: str = "console") -> None:
+    _Level.current = _Level.configured = _check(level)
     structlog.configure(
-        processors=[
-            _drop_below_level,
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            *renderer,
-        ],
+        processors=[_drop_below_level, *line_processors(fmt)],
         wrapper_class=_LevelFilteringLogger,
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,

@@ -20,6 +20,7 @@ import structlog
 
 from engine_adapters.sim_engine.config import EVENT_FORMATS, LOG_FORMATS, LOG_LEVELS, SimEngineConfig
 from engine_adapters.sim_engine.timing import TimingConfig
+from router.logs import line_processors
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -225,18 +226,8 @@ def config_from_args(args: argparse.Namespace) -> SimEngineConfig:
 
 def _configure_logging(level: str, fmt: str) -> None:
     if not structlog.is_configured():
-        renderer: list[structlog.typing.Processor] = (
-            [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
-            if fmt == "json"
-            else [structlog.dev.ConsoleRenderer(colors=False)]
-        )
         structlog.configure(
-            processors=[
-                structlog.contextvars.merge_contextvars,
-                structlog.processors.add_log_level,
-                structlog.processors.TimeStamper(fmt="iso", utc=True),
-                *renderer,
-            ],
+            processors=line_processors(fmt),  # the router's lines, without its run-time level
             wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
             logger_factory=structlog.PrintLoggerFactory(sys.stderr),  # stdout is for READY
         )
