@@ -268,6 +268,14 @@ def _seq(seqs: dict[str, int]) -> str:
     return "/".join(str(s) for s in seqs.values())
 
 
+def _live(live: int, members: list[dict[str, Any]]) -> str:
+    """The live count (alive and suspect members: a suspect is a member
+    until it is declared dead), with the suspects said apart, as
+    ``kvmesh_mesh_members{state}`` counts them."""
+    suspect = sum(m["state"] == "suspect" for m in members)
+    return f"{live} live, {suspect} of them suspect" if suspect else f"{live} live"
+
+
 def render(snap: dict[str, Any]) -> str:
     """The screen: a header, members, engines, routing quality."""
     node, routing = snap["node"], snap["routing"]
@@ -281,7 +289,7 @@ def render(snap: dict[str, Any]) -> str:
         f"  event loop: {node['event_loop_stalls']} stalls, "
         f"largest lag since start {_secs(node['event_loop_lag_max_seconds'])}",
         "",
-        f"MEMBERS ({node['live_members']} live)",
+        f"MEMBERS ({_live(node['live_members'], snap['members'])})",
     ]
     members = [
         (

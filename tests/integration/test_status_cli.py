@@ -245,3 +245,17 @@ def test_an_empty_node_renders_without_ratios() -> None:
     row = next(line for line in screen.splitlines() if line.startswith("  *n1"))
     assert row.split() == ["*n1", "alive", "3", "10.0.0.1:50051", "-", "-"]
     assert json.loads(json.dumps(snap)) == snap  # plain data
+
+
+def test_suspect_members_are_counted_apart_in_the_header() -> None:
+    stats = pb.GetStatsResponse(node_id="n1", default_policy="precise", ready=True, live_members=3)
+    members = pb.ListMembersResponse(
+        members=[
+            pb.Member(node_id="n1", addr="10.0.0.1:50051", state="alive", incarnation=3, is_self=True),
+            pb.Member(node_id="n2", addr="10.0.0.2:50051", state="suspect", incarnation=1),
+            pb.Member(node_id="n3", addr="10.0.0.3:50051", state="alive", incarnation=1),
+            pb.Member(node_id="n4", addr="10.0.0.4:50051", state="dead", incarnation=2),
+        ]
+    )
+    screen = render(snapshot("10.0.0.1:50051", members, pb.ListEnginesResponse(), stats, 0.0))
+    assert "MEMBERS (3 live, 1 of them suspect)" in screen.splitlines()
