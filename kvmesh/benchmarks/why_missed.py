@@ -175,8 +175,8 @@ def _ingest(res: dict, t: dict) -> str:
         + figures
         + " Fix: refcounts only for router hashes that several engine blocks name, the live map read "
         "from the mapper's table instead of a copy, and a native event path from the socket to the log "
-        "and the index with no Python call per frame; a mapping thread beside the event loop gains here "
-        "and not in a node (what was tried and measured without being kept: "
+        "and the index with no Python call per frame; a mapping thread beside the event loop gained in "
+        "this benchmark and not in a node (what was tried and measured without being kept: "
         "docs/evidence/owner_ingest.md)."
     )
 

@@ -45,6 +45,7 @@ from kvmesh.client.config import DEFAULT_TARGET
 from kvmesh.client.errors import from_rpc_error
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
+from mesh.swim_messages import ALIVE, SUSPECT
 from router.auth import ADMIN
 
 __all__ = ["configure_parser", "open_channel", "render", "run", "snapshot"]
@@ -268,11 +269,12 @@ def _seq(seqs: dict[str, int]) -> str:
     return "/".join(str(s) for s in seqs.values())
 
 
-def _live(live: int, members: list[dict[str, Any]]) -> str:
-    """The live count (alive and suspect members: a suspect is a member
-    until it is declared dead), with the suspects said apart, as
-    ``kvmesh_mesh_members{state}`` counts them."""
-    suspect = sum(m["state"] == "suspect" for m in members)
+def _live(members: list[dict[str, Any]]) -> str:
+    """The live members (alive and suspect: a suspect is a member until it
+    is declared dead), the suspects said apart as
+    ``kvmesh_mesh_members{state}`` counts them; both from the one list."""
+    suspect = sum(m["state"] == SUSPECT for m in members)
+    live = suspect + sum(m["state"] == ALIVE for m in members)
     return f"{live} live, {suspect} of them suspect" if suspect else f"{live} live"
 
 
@@ -289,7 +291,7 @@ def render(snap: dict[str, Any]) -> str:
         f"  event loop: {node['event_loop_stalls']} stalls, "
         f"largest lag since start {_secs(node['event_loop_lag_max_seconds'])}",
         "",
-        f"MEMBERS ({_live(node['live_members'], snap['members'])})",
+        f"MEMBERS ({_live(snap['members'])})",
     ]
     members = [
         (
