@@ -91,6 +91,10 @@ log = structlog.get_logger(__name__)
 
 # What a Route call's prompt is checked with: the least a Generate asks.
 _ROUTE_ONLY_PARAMS = SamplingParams(max_tokens=1)
+# How long a removed engine's counters (attempts, failures, tokens) are kept
+# for it to be registered again: an engine restarted or briefly gone from
+# DNS keeps counting; one gone for good is forgotten.
+ENGINE_COUNTERS_KEPT_S = 3600.0
 
 
 def _hint_known(decision: Decision, prompt_blocks: int) -> bool:
@@ -140,6 +144,7 @@ class RouterNode:
         self.load = MeshLoad()
         self.engines = EngineTable(cfg.breaker, self._breaker_changed)
         self.stats = NodeStats()
+        self._removed_at: dict[str, float] = {}  # engine id -> when it was removed (self.clock)
         self.cert_expiry = cert_expiry(cfg)
         self.client = EngineClient(cfg.engine_client)
         self.mesh = MeshShell(
@@ -324,6 +329,27 @@ class RouterNode:
             self.log.info("router.engine_breaker_half_open", engine=engine_id, was=old)
 
     def _effect(self, eff: Effect) -> None:
+        self._engine_effect(eff)
+        if isinstance(eff, EngineAdded):
+            self._removed_at.pop(eff.engine_id, None)
+        elif isinstance(eff, EngineRemoved):
+            self._removed_at[eff.engine_id] = self.clock()
+        if isinstance(eff, EngineAdded | EngineRemoved):
+            self._forget_removed(self.clock())
+
+    def _forget_removed(self, now: float) -> None:
+        """Drop the per-engine counters of engines removed at least
+        ``ENGINE_COUNTERS_KEPT_S`` ago and not registered since: with DNS
+        discovery every address an engine ever had is an engine id, and
+        their counters would grow for as long as the node runs. Within that
+        time, an engine registered again keeps counting where it stopped."""
+        for engine_id, at in list(self._removed_at.items()):
+            if now - at >= ENGINE_COUNTERS_KEPT_S:
+                del self._removed_at[engine_id]
+                if self.engines.get(engine_id) is None:
+                    self.stats.forget_engine(engine_id)
+
+    def _engine_effect(self, eff: Effect) -> None:
         if isinstance(eff, EngineAdded):
             try:
                 spec = EngineSpec(**eff.spec).validate()

@@ -406,6 +406,20 @@ class NodeStats:
     cached_unreported_by_engine: Counter[str] = field(default_factory=Counter)
     cached_reporting_engines: set[str] = field(default_factory=set)
 
+    def forget_engine(self, engine_id: str) -> None:
+        """Drop every count kept for ``engine_id`` (the node's totals keep
+        what it added to them)."""
+        for counts in (
+            self.requests_by_engine,
+            self.prompt_tokens_by_engine,
+            self.cached_tokens_by_engine,
+            self.attempts_by_engine,
+            self.failures_by_engine,
+            self.cached_unreported_by_engine,
+        ):
+            counts.pop(engine_id, None)
+        self.cached_reporting_engines.discard(engine_id)
+
 
 def predicted_cached_tokens(predicted_blocks: int, block_size: int, prompt_tokens: int) -> int:
     """The prompt tokens a route predicted cached, as an engine can report

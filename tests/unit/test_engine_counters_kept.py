@@ -1,0 +1,66 @@
+"""A removed engine's per-engine counters are kept for
+``ENGINE_COUNTERS_KEPT_S`` (registered again within it, the engine keeps
+counting), then forgotten: with DNS discovery every address an engine ever
+had is an engine id, and the node must not keep counters for all of them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+from blocks.hashing import DEFAULT_BLOCK_SIZE
+from mesh.effects import EngineAdded, EngineRemoved
+from router.config import RouterConfig
+from router.engine_registry import EngineSpec
+from router.node import ENGINE_COUNTERS_KEPT_S, RouterNode
+
+
+def _spec(eid: str) -> dict:
+    return dataclasses.asdict(EngineSpec(eid, f"http://{eid}:80", block_size=DEFAULT_BLOCK_SIZE).validate())
+
+
+def _per_engine(node: RouterNode) -> list[Counter[str]]:
+    s = node.stats
+    return [
+        s.requests_by_engine,
+        s.prompt_tokens_by_engine,
+        s.cached_tokens_by_engine,
+        s.attempts_by_engine,
+        s.failures_by_engine,
+        s.cached_unreported_by_engine,
+    ]
+
+
+def _count(node: RouterNode, eid: str) -> None:
+    s = node.stats
+    for counts in _per_engine(node):
+        counts[eid] += 3
+    s.cached_reporting_engines.add(eid)
+    s.requests_total += 3
+
+
+def _kept(node: RouterNode, eid: str) -> bool:
+    held = [eid in c for c in _per_engine(node)]
+    held.append(eid in node.stats.cached_reporting_engines)
+    assert all(held) or not any(held), held  # all of an engine's counts go together
+    return all(held)
+
+
+def test_a_removed_engines_counters_go_after_the_retention_and_not_before() -> None:
+    now = [1000.0]
+    node = RouterNode(RouterConfig(node_id="n1", insecure=True), clock=lambda: now[0])
+    for eid in ("gone", "back", "stays"):
+        node._effect(EngineAdded(eid, _spec(eid)))
+        _count(node, eid)
+    node._effect(EngineRemoved("gone"))
+    node._effect(EngineRemoved("back"))
+    now[0] += ENGINE_COUNTERS_KEPT_S / 2
+    node._effect(EngineAdded("back", _spec("back")))  # registered again within the time: keeps counting
+    assert _kept(node, "gone") and _kept(node, "back")
+    now[0] += ENGINE_COUNTERS_KEPT_S / 2
+    node._effect(EngineAdded("new", _spec("new")))  # any engine change sweeps
+    assert not _kept(node, "gone")
+    assert _kept(node, "back") and node.stats.attempts_by_engine["back"] == 3
+    assert _kept(node, "stays")
+    assert node.stats.requests_total == 9  # the node's totals keep what the engines added
+    assert node._removed_at == {}
