@@ -226,6 +226,7 @@ class RouterNode:
             asyncio.create_task(self.adapters.run(), name="adapters"),
             asyncio.create_task(self.health.run(), name="health"),
             asyncio.create_task(watch_loop(self.loop_lag, self._loop_stalled), name="loop_lag"),
+            asyncio.create_task(self._say_unlogged(), name="unlogged"),
             asyncio.create_task(
                 self.mesh.refresh_seeds(
                     self.config.join, self.config.seed_resolve_retry, self.config.seed_refresh_interval
@@ -296,6 +297,19 @@ class RouterNode:
         log_it, suppressed = self._attempt_logs.record(event, where["engine"], self.clock())
         if log_it:
             say(event, **where, error=error, suppressed_before=suppressed)
+
+    async def _say_unlogged(self) -> None:
+        """Every logging window, how many lines of each kind were left out of
+        the last one and not said by a later line of that kind (a burst of
+        failed calls or attempts that does not recur): see router/outcomes.py."""
+        period = min(self.outcomes.period, self._attempt_logs.period)
+        while True:
+            await asyncio.sleep(period)
+            now = self.clock()
+            for status, reason, lines in self.outcomes.unlogged(now):
+                self.log.warning("router.calls_unlogged", status=status, reason=reason, lines=lines)
+            for event, engine, lines in self._attempt_logs.unlogged(now):
+                self.log.warning("router.attempts_unlogged", kind=event, engine=engine, lines=lines)
 
     def _engine_went_down(self, rec: EngineRecord) -> None:
         """This node's health checks marked an engine down: its requests that

@@ -8,6 +8,9 @@ with its request id, at most
 ``burst`` times per ``(status, reason)`` every ``period`` seconds: under
 overload thousands of requests a second end the same way, and one line a
 second that says how many were not printed tells the operator as much.
+That count goes with the next line of the same kind or, when none follows,
+to :meth:`Outcomes.unlogged` once the window is over (the node asks every
+window), so a burst that does not recur still says how big it was.
 Pure: time is an argument.
 """
 
@@ -22,8 +25,10 @@ __all__ = ["Outcomes"]
 @dataclass(slots=True)
 class _Window:
     start: float
+    status: str
+    reason: str
     logged: int = 0
-    suppressed: int = 0
+    suppressed: int = 0  # not logged, and not yet said so
 
 
 @dataclass
@@ -44,9 +49,20 @@ class Outcomes:
         suppressed = 0
         if w is None or now - w.start >= self.period:
             suppressed = w.suppressed if w is not None else 0
-            w = self._windows[key] = _Window(now)
+            w = self._windows[key] = _Window(now, status, reason)
         if w.logged < self.burst:
             w.logged += 1
             return True, suppressed
         w.suppressed += 1
         return False, 0
+
+    def unlogged(self, now: float) -> list[tuple[str, str, int]]:
+        """(status, reason, lines) of every window over by ``now`` whose
+        suppressed lines no later line has reported yet; reported once."""
+        out = []
+        for key, w in list(self._windows.items()):
+            if now - w.start >= self.period:
+                if w.suppressed:
+                    out.append((w.status, w.reason, w.suppressed))
+                del self._windows[key]  # the next outcome of its kind opens a new window
+        return out

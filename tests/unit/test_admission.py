@@ -309,6 +309,17 @@ def test_outcomes_count_everything_and_log_a_few_per_second() -> None:
     assert o.counts["RESOURCE_EXHAUSTED:overloaded"] == 51 and o.counts["OK"] == 1
 
 
+def test_a_burst_that_does_not_recur_still_says_how_many_lines_it_left_out() -> None:
+    o = Outcomes(period=1.0, burst=2)
+    for t in range(50):
+        o.record("RESOURCE_EXHAUSTED", "overloaded", t / 100)
+    o.record("UNAVAILABLE", "no_engine", 0.2)  # logged: nothing left out of its window
+    assert o.unlogged(0.9) == []  # the window is not over
+    assert o.unlogged(1.2) == [("RESOURCE_EXHAUSTED", "overloaded", 48)]
+    assert o.unlogged(5.0) == []  # said once
+    assert o.record("RESOURCE_EXHAUSTED", "overloaded", 5.0) == (True, 0)  # and not again by the next line
+
+
 def test_requests_stuck_on_one_hung_engine_are_not_a_stuck_fleet() -> None:
     # A trickle (one a second: too few starts for a rate), each started in
     # 0.2 s, but the three sent to a hung engine never start: the fleet keeps

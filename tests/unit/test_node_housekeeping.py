@@ -1,7 +1,9 @@
-"""A removed engine's per-engine counters are kept for
-``ENGINE_COUNTERS_KEPT_S`` (registered again within it, the engine keeps
-counting), then forgotten: with DNS discovery every address an engine ever
-had is an engine id, and the node must not keep counters for all of them."""
+"""What a node keeps about engines and failures over time: a removed
+engine's per-engine counters are kept for ``ENGINE_COUNTERS_KEPT_S``
+(registered again within it, the engine keeps counting), then forgotten, so
+that DNS discovery's every old address is not kept for the node's life; and
+the lines its log rate limits leave out are counted in the log even when no
+later line of their kind would say so."""
 
 from __future__ import annotations
 
@@ -64,3 +66,37 @@ def test_a_removed_engines_counters_go_after_the_retention_and_not_before() -> N
     assert _kept(node, "stays")
     assert node.stats.requests_total == 9  # the node's totals keep what the engines added
     assert node._removed_at == {}
+
+
+async def test_a_burst_of_failed_calls_that_does_not_recur_is_counted_in_the_log() -> None:
+    """The node says how many lines a window left out even when no later
+    line of that kind would (router.calls_unlogged, router.attempts_unlogged)."""
+    import asyncio
+
+    from structlog.testing import capture_logs
+
+    now = [0.0]
+    node = RouterNode(RouterConfig(node_id="n1", insecure=True), clock=lambda: now[0])
+    with capture_logs() as logs:
+        for i in range(20):
+            node.request_ended("UNAVAILABLE", "no_engine", f"r{i}", "no engine serves it", None)
+            node._log_attempt(node.log.warning, "router.attempt_failed", {"engine": "e1"}, "refused")
+        task = asyncio.create_task(node._say_unlogged())
+        now[0] = 1.5
+        try:
+            for _ in range(300):
+                await asyncio.sleep(0.01)
+                if any(e["event"] == "router.attempts_unlogged" for e in logs):
+                    break
+        finally:
+            task.cancel()
+    ended = [e for e in logs if e["event"] == "router.request_ended"]
+    calls = [e for e in logs if e["event"] == "router.calls_unlogged"]
+    attempts = [e for e in logs if e["event"] == "router.attempts_unlogged"]
+    assert len(ended) == node.outcomes.burst
+    assert [(c["status"], c["reason"], c["lines"]) for c in calls] == [
+        ("UNAVAILABLE", "no_engine", 20 - node.outcomes.burst)
+    ]
+    assert [(a["kind"], a["engine"], a["lines"]) for a in attempts] == [
+        ("router.attempt_failed", "e1", 20 - node._attempt_logs.burst)
+    ]
