@@ -386,6 +386,12 @@ class _AdapterTotals:
         self._base: dict[str, Counter[str]] = {}
         self._last: dict[str, tuple[weakref.ref[Any], dict[str, int]]] = {}
 
+    def keep_only(self, engine_ids: set[str]) -> None:
+        """Forget the engines not in ``engine_ids`` (the node forgot them)."""
+        for d in (self._base, self._last):
+            for eid in [e for e in d if e not in engine_ids]:
+                del d[eid]
+
     def totals(self, engine_id: str, adapter: Any | None) -> Counter[str]:
         base = self._base.setdefault(engine_id, Counter())
         last = self._last.get(engine_id)
@@ -501,6 +507,7 @@ class NodeCollector:
         fams = {name: family(name) for name in _ADAPTER_COUNTERS.values()}
         lag = family("kvmesh_engine_event_lag_seconds")
         mismatch = family("kvmesh_engine_block_size_mismatch")
+        self._adapters.keep_only(n.engines_remembered())
         for eid in sorted(n.engines):
             adapter = n.adapters.get(eid)
             totals = self._adapters.totals(eid, adapter)

@@ -186,6 +186,7 @@ class RouterNode:
         # Per-attempt lines (an engine's failure or full queue), a few a second
         # per event and engine: under overload every attempt would log one.
         self._attempt_logs = Outcomes()
+        self._attempt_levels: dict[str, Any] = {}  # event -> the log method its lines go to
         self.metrics = MetricsRecorder()  # histograms observed on the request path (router/metrics.py)
         self.loop_lag = LoopLag(cfg.loop_lag)  # how late the event loop runs what is due (router/loop_lag.py)
         self.tracer = make_tracer(cfg.tracing, self.node_id)  # spans only with --otlp-endpoint
@@ -226,7 +227,7 @@ class RouterNode:
             asyncio.create_task(self.adapters.run(), name="adapters"),
             asyncio.create_task(self.health.run(), name="health"),
             asyncio.create_task(watch_loop(self.loop_lag, self._loop_stalled), name="loop_lag"),
-            asyncio.create_task(self._say_unlogged(), name="unlogged"),
+            asyncio.create_task(self._housekeeping(), name="housekeeping"),
             asyncio.create_task(
                 self.mesh.refresh_seeds(
                     self.config.join, self.config.seed_resolve_retry, self.config.seed_refresh_interval
@@ -294,22 +295,31 @@ class RouterNode:
     def _log_attempt(self, say: Any, event: str, where: dict[str, Any], error: str) -> None:
         """One attempt's failure, a few lines a second per event and engine at
         most, the next one saying how many were not printed."""
+        self._attempt_levels[event] = say  # a few kinds: what their unlogged count is said at
         log_it, suppressed = self._attempt_logs.record(event, where["engine"], self.clock())
         if log_it:
             say(event, **where, error=error, suppressed_before=suppressed)
 
-    async def _say_unlogged(self) -> None:
-        """Every logging window, how many lines of each kind were left out of
-        the last one and not said by a later line of that kind (a burst of
-        failed calls or attempts that does not recur): see router/outcomes.py."""
+    async def _housekeeping(self) -> None:
+        """Every logging window: :meth:`say_unlogged`, and the counters of
+        engines removed long enough ago forgotten (:meth:`_forget_removed`)."""
         period = min(self.outcomes.period, self._attempt_logs.period)
         while True:
             await asyncio.sleep(period)
             now = self.clock()
-            for status, reason, lines in self.outcomes.unlogged(now):
-                self.log.warning("router.calls_unlogged", status=status, reason=reason, lines=lines)
-            for event, engine, lines in self._attempt_logs.unlogged(now):
-                self.log.warning("router.attempts_unlogged", kind=event, engine=engine, lines=lines)
+            self.say_unlogged(now)
+            self._forget_removed(now)
+
+    def say_unlogged(self, now: float) -> None:
+        """How many lines of each kind the windows over by ``now`` left out
+        and no later line of that kind said (a burst of failed calls or
+        attempts that does not recur: router/outcomes.py), at the level
+        its own lines have."""
+        for status, reason, lines in self.outcomes.unlogged(now):
+            self.log.warning("router.calls_unlogged", status=status, reason=reason, lines=lines)
+        for event, engine, lines in self._attempt_logs.unlogged(now):
+            say = self._attempt_levels.get(event, self.log.warning)
+            say("router.attempts_unlogged", kind=event, engine=engine, lines=lines)
 
     def _engine_went_down(self, rec: EngineRecord) -> None:
         """This node's health checks marked an engine down: its requests that
@@ -343,25 +353,32 @@ class RouterNode:
             self.log.info("router.engine_breaker_half_open", engine=engine_id, was=old)
 
     def _effect(self, eff: Effect) -> None:
-        self._engine_effect(eff)
-        if isinstance(eff, EngineAdded):
-            self._removed_at.pop(eff.engine_id, None)
-        elif isinstance(eff, EngineRemoved):
-            self._removed_at[eff.engine_id] = self.clock()
         if isinstance(eff, EngineAdded | EngineRemoved):
-            self._forget_removed(self.clock())
+            self._forget_removed(self.clock())  # first: one back after the time starts from zero
+        self._engine_effect(eff)
+        if isinstance(eff, EngineRemoved):
+            self._removed_at[eff.engine_id] = self.clock()
+        elif isinstance(eff, EngineAdded) and self.engines.get(eff.engine_id) is not None:
+            self._removed_at.pop(eff.engine_id, None)  # back in time (a refused spec is not back)
 
     def _forget_removed(self, now: float) -> None:
         """Drop the per-engine counters of engines removed at least
         ``ENGINE_COUNTERS_KEPT_S`` ago and not registered since: with DNS
         discovery every address an engine ever had is an engine id, and
         their counters would grow for as long as the node runs. Within that
-        time, an engine registered again keeps counting where it stopped."""
+        time, an engine registered again keeps counting where it stopped.
+        Run on every engine change and every second (``_housekeeping``)."""
         for engine_id, at in list(self._removed_at.items()):
             if now - at >= ENGINE_COUNTERS_KEPT_S:
                 del self._removed_at[engine_id]
                 if self.engines.get(engine_id) is None:
                     self.stats.forget_engine(engine_id)
+                    self._attempt_logs.forget_reason(engine_id)
+
+    def engines_remembered(self) -> set[str]:
+        """Engines whose counters this node keeps: those registered, and those
+        removed less than ``ENGINE_COUNTERS_KEPT_S`` ago."""
+        return set(self.engines) | set(self._removed_at)
 
     def _engine_effect(self, eff: Effect) -> None:
         if isinstance(eff, EngineAdded):

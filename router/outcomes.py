@@ -66,3 +66,11 @@ class Outcomes:
                     out.append((w.status, w.reason, w.suppressed))
                 del self._windows[key]  # the next outcome of its kind opens a new window
         return out
+
+    def forget_reason(self, reason: str) -> None:
+        """Drop every count and window of ``reason`` (an engine gone for good,
+        where the reason is its id)."""
+        for key in [k for k in self.counts if k.partition(":")[2] == reason]:
+            del self.counts[key]
+        for key in [k for k, w in self._windows.items() if w.reason == reason]:
+            del self._windows[key]

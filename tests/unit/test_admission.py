@@ -320,6 +320,18 @@ def test_a_burst_that_does_not_recur_still_says_how_many_lines_it_left_out() -> 
     assert o.record("RESOURCE_EXHAUSTED", "overloaded", 5.0) == (True, 0)  # and not again by the next line
 
 
+def test_a_count_taken_by_the_next_line_is_not_said_again_and_a_reason_can_be_forgotten() -> None:
+    o = Outcomes(period=1.0, burst=1)
+    for t in range(5):
+        o.record("router.attempt_failed", "e1", t / 10)
+        o.record("router.attempt_failed", "x:e1", t / 10)
+    assert o.record("router.attempt_failed", "e1", 1.2) == (True, 4)  # the next line took it
+    assert o.unlogged(1.3) == [("router.attempt_failed", "x:e1", 4)]  # only the other's
+    o.forget_reason("e1")
+    assert "router.attempt_failed:e1" not in o.counts and o.counts["router.attempt_failed:x:e1"] == 5
+    assert o.unlogged(9.0) == []
+
+
 def test_requests_stuck_on_one_hung_engine_are_not_a_stuck_fleet() -> None:
     # A trickle (one a second: too few starts for a rate), each started in
     # 0.2 s, but the three sent to a hung engine never start: the fleet keeps
