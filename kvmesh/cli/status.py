@@ -45,10 +45,13 @@ from kvmesh.client.config import DEFAULT_TARGET
 from kvmesh.client.errors import from_rpc_error
 from kvmesh_pb.v1 import router_pb2 as pb
 from kvmesh_pb.v1 import router_pb2_grpc as pb_grpc
-from mesh.swim_messages import ALIVE, SUSPECT
 from router.auth import ADMIN
 
 __all__ = ["configure_parser", "open_channel", "render", "run", "snapshot"]
+
+# A member's states as ListMembers sends them (mesh/swim_messages.py's ALIVE
+# and SUSPECT; not imported: `kvmesh status` loads no mesh module).
+_ALIVE, _SUSPECT = "alive", "suspect"
 
 _PROG = "kvmesh status"
 _CLEAR = "\033[H\033[2J"
@@ -273,8 +276,8 @@ def _live(members: list[dict[str, Any]]) -> str:
     """The live members (alive and suspect: a suspect is a member until it
     is declared dead), the suspects said apart as
     ``kvmesh_mesh_members{state}`` counts them; both from the one list."""
-    suspect = sum(m["state"] == SUSPECT for m in members)
-    live = suspect + sum(m["state"] == ALIVE for m in members)
+    suspect = sum(m["state"] == _SUSPECT for m in members)
+    live = suspect + sum(m["state"] == _ALIVE for m in members)
     return f"{live} live, {suspect} of them suspect" if suspect else f"{live} live"
 
 

@@ -259,3 +259,7 @@ def test_suspect_members_are_counted_apart_in_the_header() -> None:
     )
     screen = render(snapshot("10.0.0.1:50051", members, pb.ListEnginesResponse(), stats, 0.0))
     assert "MEMBERS (3 live, 1 of them suspect)" in screen.splitlines()
+    from kvmesh.cli import status
+    from mesh.swim_messages import ALIVE, SUSPECT
+
+    assert (status._ALIVE, status._SUSPECT) == (ALIVE, SUSPECT)  # the names the mesh sends
