@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import cast
 
 import structlog
@@ -406,17 +406,15 @@ class NodeStats:
     cached_unreported_by_engine: Counter[str] = field(default_factory=Counter)
     cached_reporting_engines: set[str] = field(default_factory=set)
 
+    def per_engine_counts(self) -> list[Counter[str]]:
+        """Every count kept by engine id: the ``*_by_engine`` fields, so a
+        count added to them is forgotten with the others."""
+        return [getattr(self, f.name) for f in fields(self) if f.name.endswith("_by_engine")]
+
     def forget_engine(self, engine_id: str) -> None:
         """Drop every count kept for ``engine_id`` (the node's totals keep
         what it added to them)."""
-        for counts in (
-            self.requests_by_engine,
-            self.prompt_tokens_by_engine,
-            self.cached_tokens_by_engine,
-            self.attempts_by_engine,
-            self.failures_by_engine,
-            self.cached_unreported_by_engine,
-        ):
+        for counts in self.per_engine_counts():
             counts.pop(engine_id, None)
         self.cached_reporting_engines.discard(engine_id)
 

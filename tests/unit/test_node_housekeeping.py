@@ -23,15 +23,9 @@ def _spec(eid: str) -> dict:
 
 
 def _per_engine(node: RouterNode) -> list[Counter[str]]:
-    s = node.stats
-    return [
-        s.requests_by_engine,
-        s.prompt_tokens_by_engine,
-        s.cached_tokens_by_engine,
-        s.attempts_by_engine,
-        s.failures_by_engine,
-        s.cached_unreported_by_engine,
-    ]
+    counts = node.stats.per_engine_counts()
+    assert len(counts) == 6  # requests, prompt and cached tokens, attempts, failures, unreported
+    return counts
 
 
 def _count(node: RouterNode, eid: str) -> None:
